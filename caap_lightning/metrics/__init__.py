@@ -1,0 +1,1 @@
+"""caap_lightning.metrics"""
