@@ -1,0 +1,65 @@
+"""Blank images ``b``: the context every patch is attributed against."""
+
+from __future__ import annotations
+
+from typing import Sequence, Tuple, Union
+
+import torch
+
+from caap_lightning.utils import gaussian_blur, normalize
+
+BLANK_KINDS = ("white", "black", "mean", "noise", "blur_noise")
+
+BlankSpec = Union[str, torch.Tensor]
+
+
+def check_blank(blank: BlankSpec) -> None:
+    if isinstance(blank, torch.Tensor):
+        if blank.dim() != 4 or blank.shape[0] != 1 or blank.shape[1] != 3:
+            raise ValueError(
+                f"a custom blank must be a normalised image tensor of shape (1, 3, H, W), "
+                f"got {tuple(blank.shape)}"
+            )
+        if not torch.isfinite(blank).all():
+            raise ValueError("the custom blank image contains NaN or inf")
+    elif blank not in BLANK_KINDS:
+        raise ValueError(f"blank={blank!r} is not one of {BLANK_KINDS} or a (1, 3, H, W) tensor")
+
+
+def make_blank(
+    blank: BlankSpec,
+    size: Tuple[int, int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    seed: int = 0,
+) -> torch.Tensor:
+    """The blank image ``(1, 3, H, W)`` in the model's normalised input space.
+
+    Built in pixel space [0, 1] and normalised, except ``mean`` (the dataset mean is zero
+    after normalisation) and a user's tensor, which is taken as already normalised.
+    """
+    h, w = size
+    if isinstance(blank, torch.Tensor):
+        if tuple(blank.shape[-2:]) != (h, w):
+            raise ValueError(
+                f"the custom blank is {tuple(blank.shape[-2:])} but the images are {(h, w)}; "
+                "pass a blank of the images' size"
+            )
+        return blank.detach().float().cpu()
+    if blank == "mean":
+        return torch.zeros(1, 3, h, w)
+    if blank in ("white", "black"):
+        pixels = torch.full((1, 3, h, w), 1.0 if blank == "white" else 0.0)
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        pixels = (0.5 + 0.25 * torch.randn(1, 3, h, w, generator=gen)).clamp(0, 1)
+        if blank == "blur_noise":
+            pixels = gaussian_blur(pixels, kernel_size=11, sigma=5.0)
+    return normalize(pixels, mean, std)
+
+
+def blank_key(blank: BlankSpec, seed: int) -> tuple:
+    """What identifies a blank in the cache (a custom tensor by identity and version)."""
+    if isinstance(blank, torch.Tensor):
+        return ("tensor", id(blank), blank._version)
+    return (blank, seed if blank in ("noise", "blur_noise") else None)

@@ -1,0 +1,421 @@
+"""CAAP: Causal Attribution via Activation Patching, for timm Vision Transformers.
+
+The semantics are fixed by ``SPEC-CAAP.md``: for each patch ``p`` the tokens in the
+selection ``S(p)`` carry the source image's residual stream up to block ``k``, every other
+patch token is frozen at the blank image's state, and the prefix tokens (CLS, registers)
+are computed by every block. ``A[p]`` is the target's score read from the result.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from caap_lightning.attribution import vit
+from caap_lightning.attribution.blanks import BlankSpec, blank_key, check_blank, make_blank
+from caap_lightning.attribution.selection import neighbourhoods, selection_members
+from caap_lightning.utils import model_normalization, upsample_maps
+
+METHODS = ("parallel", "efficient", "windowed", "standard")
+SCORES = ("probability", "logit")
+TargetLike = Union[None, int, Sequence[int], torch.Tensor]
+
+# Bytes the chunk's largest temporary (the blank-score tensor) may take when chunk_size=None.
+_CHUNK_BUDGET_BYTES = 256 * 2**20
+
+
+@dataclass
+class _BlankCache:
+    key: tuple
+    states: vit.TokenStates  # h^b_l and the blank keys/values, batch dim 1
+    logits: torch.Tensor  # (1, num_classes)
+    final_normed: torch.Tensor  # norm(h^b_L) at the patch positions, (N, D): for avg pooling
+    stats: Optional[List[Tuple[torch.Tensor, ...]]] = None  # E-CAAP's per-layer blank statistics
+
+
+class CAAP:
+    """Causal Attribution via Activation Patching for a timm ``VisionTransformer``.
+
+    Args:
+        model: a timm ``VisionTransformer`` (plain blocks, ``token`` or ``avg`` pooling).
+        layer_cutoff: ``k``, the number of leading blocks in which ``S(p)`` keeps the source's
+            states; ``0..L``, default ``L // 2``.
+        selection: ``S(p)``: ``"point"``, ``"box1"`` (3x3, default), ``"box2"`` (5x5) or
+            ``"cross1"``. Border patches have fewer members, which biases their scores
+            towards the blank's.
+        blank: the context image: ``"white"``, ``"black"``, ``"mean"``, ``"noise"``,
+            ``"blur_noise"`` or a normalised ``(1, 3, H, W)`` tensor.
+        method: ``"parallel"`` (exact, batched), ``"efficient"`` (E-CAAP, approximate),
+            ``"windowed"`` (also recomputes blank tokens within ``window`` patches of ``p``)
+            or ``"standard"`` (textbook activation patching, ``N`` forwards).
+        score: ``"probability"`` (softmax of the target) or ``"logit"``.
+        chunk_size: patches per batched pass; ``None`` picks one that bounds memory.
+        window: radius ``w`` of the recomputed window for ``method="windowed"``.
+        mean, std: the model's input normalisation, when ``pretrained_cfg`` lacks it.
+        blank_seed: seed of the ``noise`` and ``blur_noise`` blanks.
+
+    Example::
+
+        caap = CAAP(model)
+        maps = caap.attribute(images, target=labels)        # (B, gh, gw)
+        rel = caap.attribute(images, target=labels, relative=True)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer_cutoff: Optional[int] = None,
+        selection: str = "box1",
+        blank: BlankSpec = "white",
+        method: str = "parallel",
+        score: str = "probability",
+        chunk_size: Optional[int] = None,
+        window: int = 2,
+        mean: Optional[Sequence[float]] = None,
+        std: Optional[Sequence[float]] = None,
+        blank_seed: int = 0,
+    ) -> None:
+        vit.check_supported_vit(model)
+        depth = len(model.blocks)
+        if layer_cutoff is None:
+            layer_cutoff = depth // 2
+        if isinstance(layer_cutoff, bool) or not isinstance(layer_cutoff, int) or not 0 <= layer_cutoff <= depth:
+            raise ValueError(f"layer_cutoff must be an int in 0..{depth} (the model has {depth} blocks), got {layer_cutoff!r}")
+        selection_members(selection, (1, 1))  # validates the name
+        check_blank(blank)
+        if method not in METHODS:
+            raise ValueError(f"method={method!r} is not one of {METHODS}")
+        if score not in SCORES:
+            raise ValueError(f"score={score!r} is not one of {SCORES}")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        if not isinstance(window, int) or window < 0:
+            raise ValueError(f"window must be a non-negative int, got {window!r}")
+        self.model = model
+        self.layer_cutoff = layer_cutoff
+        self.selection = selection
+        self.blank = blank
+        self.method = method
+        self.score = score
+        self.chunk_size = chunk_size
+        self.window = window
+        self.mean, self.std = model_normalization(model, mean, std)
+        self.blank_seed = blank_seed
+        self._blank: Optional[_BlankCache] = None
+        self._last_size: Optional[Tuple[int, int]] = None
+        self._warned_classes: set = set()
+
+    @property
+    def depth(self) -> int:
+        return len(self.model.blocks)
+
+    # ------------------------------------------------------------------ public API
+    @torch.no_grad()
+    def attribute(
+        self,
+        images: torch.Tensor,
+        target: TargetLike = None,
+        upsample: bool = False,
+        relative: bool = False,
+    ) -> torch.Tensor:
+        """CAAP maps for a batch of normalised images ``(B, 3, H, W)``.
+
+        Args:
+            target: class per image (int, list or tensor); ``None`` = the predicted class.
+            upsample: return pixel maps ``(B, H, W)`` (bilinear) instead of ``(B, gh, gw)``.
+            relative: return ``A - A_blank``, the evidence for the class relative to the blank.
+        """
+        vit.check_images(self.model, images)
+        device, dtype = vit.model_device_dtype(self.model)
+        images = images.to(device=device, dtype=dtype)
+        size = tuple(images.shape[-2:])
+        with vit.eval_mode(self.model):
+            source = vit.forward_states(self.model, images)
+            if target is None:
+                logits = vit.head_logits(self.model, vit.pool_final(self.model, source.states[-1]))
+                targets = logits.argmax(-1)
+            else:
+                targets = self._targets(target, images.shape[0], device)
+            blank = self._blank_cache(size, device, dtype)
+            self._warn_saturated(blank, targets)
+            if self.method == "standard":
+                scores = self._standard(source, blank, size, targets)
+            else:
+                scores = self._grouped(source, blank, size, targets)
+        maps = scores.float().unflatten(1, vit.grid_size(self.model, *size))
+        if relative:
+            maps = maps - self._score(blank.logits.float().expand(len(targets), -1), targets)[:, None, None]
+        if upsample:
+            maps = upsample_maps(maps, size)
+        return maps
+
+    @torch.no_grad()
+    def blank_score(self, target: TargetLike, image_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """``A_blank``: the blank image's own score for each target, ``(B,)``.
+
+        ``image_size`` defaults to the size last attributed, else the model's ``img_size``.
+        """
+        device, dtype = vit.model_device_dtype(self.model)
+        size = tuple(image_size or self._last_size or self.model.patch_embed.img_size)
+        targets = self._targets(target, None, device)
+        with vit.eval_mode(self.model):
+            blank = self._blank_cache(size, device, dtype)
+        return self._score(blank.logits.float().expand(len(targets), -1), targets)
+
+    # ------------------------------------------------------------------ set-up pieces
+    def _targets(self, target: TargetLike, batch: Optional[int], device) -> torch.Tensor:
+        n_cls = self.model.num_classes
+        targets = torch.as_tensor(target, device=device).long().reshape(-1)
+        if batch is not None and targets.numel() == 1 and batch > 1:
+            targets = targets.expand(batch)
+        if batch is not None and targets.numel() != batch:
+            raise ValueError(f"target has {targets.numel()} entries for a batch of {batch} images")
+        if targets.numel() and (targets.min() < 0 or targets.max() >= n_cls):
+            raise ValueError(f"target {targets.tolist()} is out of range for a model with {n_cls} classes")
+        return targets
+
+    def _score(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.score == "probability":
+            logits = logits.float().softmax(-1)
+        return logits.gather(-1, targets[:, None])[:, 0]
+
+    def _blank_cache(self, size, device, dtype) -> _BlankCache:
+        key = (blank_key(self.blank, self.blank_seed), size, device, dtype, vit.weights_version(self.model))
+        self._last_size = size
+        if self._blank is not None and self._blank.key == key:
+            return self._blank
+        image = make_blank(self.blank, size, self.mean, self.std, self.blank_seed).to(device, dtype)
+        states = vit.forward_states(self.model, image)
+        logits = vit.head_logits(self.model, vit.pool_final(self.model, states.states[-1]))
+        final_normed = self.model.norm(states.states[-1][0, self.model.num_prefix_tokens:])
+        self._blank = _BlankCache(key, states, logits, final_normed)
+        return self._blank
+
+    def _warn_saturated(self, blank: _BlankCache, targets: torch.Tensor) -> None:
+        probs = blank.logits.float().softmax(-1)[0]
+        for cls in sorted(set(targets.tolist()) - self._warned_classes):
+            if probs[cls] > 0.5:
+                self._warned_classes.add(cls)
+                warnings.warn(
+                    f"CAAP: the {self.blank!r} blank is itself classified as class {cls} with "
+                    f"probability {probs[cls]:.3f} > 0.5, so maps for this class are saturated "
+                    "(patches can only lower the score). Try another blank (e.g. blank='noise') "
+                    "or score='logit', and read the relative map (relative=True).",
+                    stacklevel=4,  # past the no_grad wrapper, to the caller
+                )
+
+    def _chunk(self, batch: int, rows: int, per_patch_elems: int) -> int:
+        if self.chunk_size is not None:
+            return self.chunk_size
+        heads = self.model.blocks[0].attn.num_heads if len(self.model.blocks) else 1
+        per_patch = 4 * 3 * batch * max(heads * rows * per_patch_elems, 1)
+        return max(1, _CHUNK_BUDGET_BYTES // per_patch)
+
+    # ------------------------------------------------------------------ constructions
+    def _groups(self, grid):
+        """Per patch: the patched members ``S(p)`` and the recomputed blank members ``R(p)``."""
+        device = vit.model_device_dtype(self.model)[0]
+        s_idx, s_valid = selection_members(self.selection, grid, device)
+        if self.method != "windowed":
+            return s_idx, s_valid, s_idx[:, :0], s_valid[:, :0]
+        w_idx, w_valid = neighbourhoods(grid, self.window, "chebyshev", device)
+        n = grid[0] * grid[1]
+        # Padding slots repeat p, itself a member, so scattering True everywhere is exact.
+        in_s = torch.zeros(n, n, dtype=torch.bool, device=device).scatter_(1, s_idx, True)
+        r_valid = w_valid & ~torch.gather(in_s, 1, w_idx)
+        # Compact R(p): real members first, padded with p (harmless, masked everywhere).
+        order = torch.argsort((~r_valid).to(torch.int8), dim=1, stable=True)
+        m = max(int(r_valid.sum(1).max()), 1)
+        r_idx, r_valid = torch.gather(w_idx, 1, order)[:, :m], torch.gather(r_valid, 1, order)[:, :m]
+        r_idx = torch.where(r_valid, r_idx, torch.arange(n, device=device)[:, None])
+        return s_idx, s_valid, r_idx, r_valid
+
+    def _grouped(self, source: vit.TokenStates, blank: _BlankCache, size, targets) -> torch.Tensor:
+        """``parallel``, ``windowed`` and ``efficient``: per-patch groups over a frozen blank."""
+        model, k = self.model, self.layer_cutoff
+        P, L = model.num_prefix_tokens, self.depth
+        grid = vit.grid_size(model, *size)
+        n = grid[0] * grid[1]
+        s_idx, s_valid, r_idx, r_valid = self._groups(grid)
+        rows = P + r_idx.shape[1] + s_idx.shape[1]
+        if self.method == "efficient" and blank.stats is None:
+            blank.stats = [_blank_statistics(q, kk, v, P) for q, kk, v in _blank_qkv(model, blank)]
+        chunk = self._chunk(len(targets), rows, n if self.method != "efficient" else rows)
+        out = []
+        for start in range(0, n, chunk):
+            patches = torch.arange(start, min(start + chunk, n), device=targets.device)
+            out.append(self._grouped_chunk(source, blank, patches, s_idx[patches], s_valid[patches],
+                                           r_idx[patches], r_valid[patches], targets))
+        return torch.cat(out, dim=1)
+
+    def _grouped_chunk(self, source, blank, patches, s_idx, s_valid, r_idx, r_valid, targets):
+        model, k = self.model, self.layer_cutoff
+        P, L = model.num_prefix_tokens, self.depth
+        B, c = source.states[0].shape[0], len(patches)
+        ms, mr = s_idx.shape[1], r_idx.shape[1]
+        n = blank.final_normed.shape[0]
+        # Blank keys j inside the group's window W(p) = S(p) + R(p) are not frozen context.
+        # Padding slots repeat p (a member of S(p)), so scattering True everywhere is exact.
+        in_window = torch.zeros(c, n, dtype=torch.bool, device=patches.device)
+        in_window.scatter_(1, s_idx, True).scatter_(1, r_idx, True)
+        member_valid = torch.cat([s_valid.new_ones(c, P), r_valid, s_valid], 1)
+        # Token positions of each group row in the full sequence (for E-CAAP's statistics).
+        positions = torch.cat([torch.arange(P, device=patches.device).expand(c, P), P + r_idx, P + s_idx], 1)
+
+        def take(states, idx):  # (B, T, ...) gathered at patch indices idx (c, m) -> (B, c, m, ...)
+            return states[:, P + idx]
+
+        prefix = source.states[0][:, :P].unsqueeze(1).expand(B, c, P, -1)
+        recomputed = blank.states.states[0].expand(B, -1, -1)[:, P + r_idx]
+        patched = None
+        token_pool = model.global_pool == "token"
+        for layer, block in enumerate(model.blocks):
+            kb = blank.states.keys[layer][0, :, P:]  # (H, N, hd)
+            vb = blank.states.values[layer][0, :, P:]
+            last = layer == L - 1
+            if layer < k:
+                # S(p) holds the source's states: only prefix and R rows are computed; the
+                # S(p) keys/values are the source's own.
+                computed = torch.cat([prefix, recomputed], 2)
+                q, kc, vc = vit.qkv(block, computed)
+                ks = source.keys[layer].transpose(1, 2)[:, P + s_idx].permute(0, 1, 3, 2, 4)
+                vs = source.values[layer].transpose(1, 2)[:, P + s_idx].permute(0, 1, 3, 2, 4)
+                keys, values = torch.cat([kc, ks], 3), torch.cat([vc, vs], 3)
+                q_rows = slice(0, P + mr)
+            else:
+                if patched is None:
+                    patched = take(source.states[layer], s_idx)
+                computed = torch.cat([prefix, recomputed, patched], 2)
+                q, keys, values = vit.qkv(block, computed)
+                q_rows = slice(0, P + mr + ms)
+            if computed.shape[2] == 0:
+                continue
+            if last and token_pool:
+                # Only the class token is read after the last block.
+                q, computed, q_rows = q[..., :1, :], computed[:, :, :1], slice(0, 1)
+            if self.method == "efficient":
+                attended = _efficient_attention(q, keys, values, member_valid, blank.stats[layer], positions[:, q_rows], s_idx, s_valid)
+            else:
+                attended = _merged_attention(q, keys, values, member_valid, kb, vb, in_window)
+            computed = vit.finish_block(block, computed, attended)
+            if last and token_pool:
+                prefix = computed
+                break
+            prefix, recomputed = computed[:, :, :P], computed[:, :, P:P + mr]
+            if layer >= k:
+                patched = computed[:, :, P + mr:]
+        if token_pool:
+            pooled = model.norm(prefix[:, :, 0])
+        else:
+            if patched is None:  # k = L: S(p) is pinned at the input of the final norm
+                patched = take(source.states[L], s_idx)
+            pooled = _hybrid_mean(model, blank.final_normed, patched, s_idx, s_valid, recomputed, r_idx, r_valid)
+        logits = vit.head_logits(model, pooled)  # (B, c, classes)
+        return self._score(logits.flatten(0, 1), targets.repeat_interleave(c)).view(B, c)
+
+    def _standard(self, source: vit.TokenStates, blank: _BlankCache, size, targets) -> torch.Tensor:
+        """Textbook activation patching: only S(p) is overwritten, everything else recomputed."""
+        model, k = self.model, self.layer_cutoff
+        P, L = model.num_prefix_tokens, self.depth
+        grid = vit.grid_size(model, *size)
+        n = grid[0] * grid[1]
+        s_idx, _ = selection_members(self.selection, grid, targets.device)
+        B, T, D = source.states[0].shape
+        chunk = self.chunk_size or max(1, _CHUNK_BUDGET_BYTES // (4 * 4 * B * T * 4 * D))
+        out = []
+        for start in range(0, n, chunk):
+            idx = s_idx[start:start + chunk]  # padding repeats p, so duplicate writes agree
+            c = len(idx)
+            pos = (P + idx).view(1, c, -1, 1).expand(B, c, -1, D)
+
+            def pin(x, layer):  # overwrite S(p) with the source's h_layer
+                src = source.states[layer][:, P + idx]
+                return x.view(B, c, T, D).scatter(2, pos, src).flatten(0, 1)
+
+            x = blank.states.states[0].expand(B * c, T, D)
+            for layer, block in enumerate(model.blocks):
+                if layer <= k:
+                    x = pin(x, layer)
+                x = block(x)
+            if k == L:
+                x = pin(x, L)
+            logits = vit.head_logits(model, vit.pool_final(model, x))
+            out.append(self._score(logits, targets.repeat_interleave(c)).view(B, c))
+        return torch.cat(out, dim=1)
+
+
+def _merged_attention(q, keys, values, member_valid, kb, vb, excluded):
+    """Attention of group queries over (group members) + (frozen blank tokens outside W(p)).
+
+    The two parts are merged by log-sum-exp with one common max, so no ``T x T`` mask is
+    built per patch. q (B, c, H, R, d); keys/values (B, c, H, G, d); member_valid (c, G);
+    kb/vb (H, N, d) the blank's patch keys/values; excluded (c, N) the blank keys in W(p).
+    """
+    neg = torch.finfo(torch.float32).min
+    s_in = (q @ keys.transpose(-1, -2)).float().masked_fill(~member_valid[:, None, None, :], neg)
+    s_bl = (q @ kb.transpose(-1, -2)).float().masked_fill(excluded[:, None, None, :], neg)
+    m = torch.maximum(s_in.amax(-1, keepdim=True), s_bl.amax(-1, keepdim=True))
+    e_in, e_bl = (s_in - m).exp(), (s_bl - m).exp()
+    denom = e_in.sum(-1, keepdim=True) + e_bl.sum(-1, keepdim=True)
+    num = e_in.to(values.dtype) @ values + e_bl.to(vb.dtype) @ vb
+    return (num.float() / denom).to(values.dtype)
+
+
+def _blank_qkv(model, blank: _BlankCache):
+    """The blank context's queries, keys and values per block (batch dim dropped)."""
+    for layer, block in enumerate(model.blocks):
+        q, k, v = vit.qkv(block, blank.states.states[layer])
+        yield q[0], k[0], v[0]
+
+
+def _blank_statistics(q, k, v, num_prefix: int):
+    """E-CAAP's per-layer blank statistics over the blank's patch keys.
+
+    For every query position ``i`` of the blank context: the max score ``m_i``, the
+    exponentials ``E[i, j] = exp(q_i k_j - m_i)``, their sum ``Z_i`` and ``V_i = E_i @ v``.
+    """
+    kp, vp = k[:, num_prefix:].float(), v[:, num_prefix:].float()
+    s = q.float() @ kp.transpose(-1, -2)  # (H, T, N)
+    m = s.amax(-1)
+    e = (s - m[..., None]).exp()
+    return m, e, e.sum(-1), e @ vp, vp
+
+
+def _efficient_attention(q, keys, values, member_valid, stats, positions, s_idx, s_valid):
+    """E-CAAP: in-group scores are exact; the blank part is the blank context's own
+    attention statistics at the row's position with the S(p) terms subtracted."""
+    m_b, e_b, z_b, v_b, vp = stats  # (H, T), (H, T, N), (H, T), (H, T, d), (H, N, d)
+    neg = torch.finfo(torch.float32).min
+    s_in = (q @ keys.transpose(-1, -2)).float().masked_fill(~member_valid[:, None, None, :], neg)
+    h = e_b.shape[0]
+    c, rows = positions.shape
+    e_rows = e_b[:, positions]  # (H, c, R, N)
+    sel = s_idx[:, None, :].expand(c, rows, -1)
+    e_sel = torch.gather(e_rows, 3, sel.expand(h, c, rows, -1)) * s_valid[None, :, None, :]  # (H, c, R, ms)
+    z = (z_b[:, positions] - e_sel.sum(-1)).clamp_min(0)  # (H, c, R)
+    v_sel = vp[:, s_idx]  # (H, c, ms, d)
+    v_sum = v_b[:, positions] - e_sel @ v_sel  # (H, c, R, d)
+    m_bl = m_b[:, positions]
+    z, v_sum, m_bl = z.transpose(0, 1), v_sum.transpose(0, 1), m_bl.transpose(0, 1)  # (c, H, R, ...)
+    m = torch.maximum(s_in.amax(-1), m_bl)[..., None]  # (B, c, H, R, 1)
+    e_in = (s_in - m).exp()
+    w_bl = (m_bl[..., None] - m).exp()
+    denom = e_in.sum(-1, keepdim=True) + w_bl * z[..., None]
+    num = (e_in.to(values.dtype) @ values).float() + w_bl * v_sum
+    return (num / denom).to(values.dtype)
+
+
+def _hybrid_mean(model, blank_normed, patched, s_idx, s_valid, recomputed, r_idx, r_valid):
+    """``avg`` pooling of the hybrid final states: group rows at W(p), the blank elsewhere."""
+    n = blank_normed.shape[0]
+    total = blank_normed.sum(0)
+    s_w = s_valid[None, :, :, None].to(patched.dtype)
+    r_w = r_valid[None, :, :, None].to(patched.dtype)
+    own = (model.norm(patched) * s_w).sum(2) + (model.norm(recomputed) * r_w).sum(2)
+    replaced = (blank_normed[s_idx] * s_w[0]).sum(1) + (blank_normed[r_idx] * r_w[0]).sum(1)
+    return (total - replaced + own) / n

@@ -1,0 +1,257 @@
+"""CAAP invariants, input checks, model hygiene, the blank cache and E-CAAP's fidelity."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import timm
+import torch
+from scipy.stats import spearmanr
+
+from caap_lightning import CAAP
+
+
+@pytest.fixture
+def model(vit_factory):
+    return vit_factory(scale=8.0, seed=0, reg_tokens=1)
+
+
+def _images(n, size=32, seed=1):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_source_equal_to_blank_gives_the_blank_score_everywhere(model):
+    caap = CAAP(model, blank="black")
+    black = caap_blank_image(caap)
+    maps = caap.attribute(black, target=[2])
+    expected = caap.blank_score(target=[2])
+    assert expected.item() > 0  # a real probability
+    torch.testing.assert_close(maps, expected.view(1, 1, 1).expand(1, 4, 4), atol=1e-5, rtol=0)
+
+
+def caap_blank_image(caap):
+    from caap_lightning.attribution.blanks import make_blank
+
+    return make_blank(caap.blank, (32, 32), caap.mean, caap.std)
+
+
+@pytest.mark.parametrize("pool", [dict(), dict(global_pool="avg", class_token=False, fc_norm=True)])
+def test_all_patches_selected_at_full_cutoff_reproduce_the_models_score(vit_factory, pool):
+    model = vit_factory(scale=8.0, **pool)
+    images = _images(2)
+    # On the 4x4 grid, box2 around patch (1, 1) covers every patch.
+    maps = CAAP(model, layer_cutoff=4, selection="box2").attribute(images, target=[0, 1])
+    probs = model(images).softmax(-1)[[0, 1], [0, 1]]
+    torch.testing.assert_close(maps[:, 1, 1], probs.detach(), atol=1e-5, rtol=0)
+    assert (maps[:, 0, 0] - maps[:, 1, 1]).abs().max() > 1e-3  # other patches do differ
+
+
+@pytest.mark.parametrize("method", ["parallel", "efficient", "standard", "windowed"])
+def test_batch_equals_single_images_and_chunking_changes_nothing(model, method):
+    images = _images(3)
+    caap = CAAP(model, method=method, layer_cutoff=2)
+    batch = caap.attribute(images, target=[0, 1, 2])
+    singles = torch.cat([caap.attribute(images[i:i + 1], target=i) for i in range(3)])
+    torch.testing.assert_close(batch, singles, atol=1e-5, rtol=0)
+    for chunk in (1, 3, 7, 100):
+        chunked = CAAP(model, method=method, layer_cutoff=2, chunk_size=chunk).attribute(images, target=[0, 1, 2])
+        torch.testing.assert_close(chunked, batch, atol=1e-5, rtol=0)
+
+
+def test_target_none_uses_the_predicted_class(model):
+    images = _images(2)
+    caap = CAAP(model)
+    predicted = model(images).argmax(-1)
+    torch.testing.assert_close(caap.attribute(images), caap.attribute(images, target=predicted))
+
+
+def test_upsample_and_relative(model):
+    images = _images(2)
+    caap = CAAP(model)
+    maps = caap.attribute(images, target=[1, 2])
+    pixels = caap.attribute(images, target=[1, 2], upsample=True)
+    assert pixels.shape == (2, 32, 32)
+    # The centre of each 8x8 patch is close to its patch value; bilinear keeps the range.
+    assert pixels.min() >= maps.min() - 1e-6 and pixels.max() <= maps.max() + 1e-6
+    relative = caap.attribute(images, target=[1, 2], relative=True)
+    torch.testing.assert_close(relative, maps - caap.blank_score(target=[1, 2])[:, None, None])
+
+
+def _snapshot(model):
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [m.training for m in model.modules()],
+        [getattr(m, "fused_attn", None) for m in model.modules()],
+        [p.requires_grad for p in model.parameters()],
+    )
+
+
+@pytest.mark.parametrize("method", ["parallel", "efficient", "standard"])
+def test_model_is_left_exactly_as_found(model, method):
+    model.train()
+    model.blocks[1].eval()  # a mixed state must survive too
+    before = _snapshot(model)
+    CAAP(model, method=method).attribute(_images(2), target=[0, 1])
+    after = _snapshot(model)
+    for k in before[0]:
+        assert torch.equal(before[0][k], after[0][k]), k
+    assert before[1:] == after[1:]
+    for m in model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_blank_cache_is_reused_and_rebuilt_when_weights_change(model):
+    images = _images(2)
+    caap = CAAP(model)
+    first = caap.attribute(images, target=[0, 1])
+    cache = caap._blank
+    caap.attribute(images, target=[0, 1])
+    assert caap._blank is cache  # no rebuild without a change
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(images).logsumexp(-1).sum().backward()
+    opt.step()
+    model.eval()
+    after_step = caap.attribute(images, target=[0, 1])
+    assert caap._blank is not cache
+    fresh = CAAP(model).attribute(images, target=[0, 1])
+    torch.testing.assert_close(after_step, fresh)
+    assert (after_step - first).abs().max() > 1e-4
+
+
+def test_saturated_blank_warns_once_per_class(vit_factory):
+    model = vit_factory(scale=1.0)
+    with torch.no_grad():
+        model.head.bias.zero_()
+        model.head.bias[0] = 20.0  # every input, the white blank included, reads as class 0
+    caap = CAAP(model)
+    images = _images(2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        caap.attribute(images, target=[0, 0])
+        caap.attribute(images, target=[0, 1])
+        caap.attribute(images, target=[1, 1])
+    saturated = [w for w in caught if "saturated" in str(w.message)]
+    assert len(saturated) == 1
+    assert "class 0" in str(saturated[0].message) and "score='logit'" in str(saturated[0].message)
+    assert saturated[0].filename == __file__  # points at the caller, not at CAAP
+
+
+def test_efficient_ranks_patches_like_parallel(vit_factory):
+    # E-CAAP's blank part uses the blank's queries instead of the group's. Scale 8 makes
+    # attention sharp, where the two differ most: measured rho 0.957..0.997 over 4 seeds
+    # (1.0 at timm's init scale). 0.9 leaves room across seeds and still fails a broken
+    # subtraction of the S(p) terms, which scrambles the ranking.
+    rhos = []
+    for seed in range(3):
+        model = vit_factory(scale=8.0, seed=seed, img_size=48)
+        images = _images(2, size=48, seed=seed)
+        parallel = CAAP(model, layer_cutoff=2).attribute(images, target=[0, 1])
+        efficient = CAAP(model, layer_cutoff=2, method="efficient").attribute(images, target=[0, 1])
+        for a, b in zip(parallel, efficient):
+            rhos.append(spearmanr(a.flatten().numpy(), b.flatten().numpy()).statistic)
+    assert min(rhos) > 0.9, rhos
+
+
+@pytest.mark.parametrize(
+    "images, target, match",
+    [
+        (torch.zeros(1, 1, 32, 32), None, "channels"),
+        (torch.zeros(1, 3, 30, 32), None, "not divisible by the patch size"),
+        (torch.zeros(1, 3, 40, 40), None, "dynamic_img_size=True"),
+        (torch.zeros(0, 3, 32, 32), None, "empty batch"),
+        (torch.zeros(1, 3, 32, 32), [5], "out of range"),
+        (torch.zeros(2, 3, 32, 32), [0, 1, 2], "3 entries for a batch of 2"),
+        (torch.zeros(3, 32, 32), None, r"\(B, C, H, W\)"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(model, images, target, match):
+    with pytest.raises(ValueError, match=match):
+        CAAP(model).attribute(images, target=target)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(layer_cutoff=5), r"0\.\.4"),
+        (dict(layer_cutoff=-1), r"0\.\.4"),
+        (dict(selection="box3"), "selection"),
+        (dict(blank="grey"), "blank"),
+        (dict(blank=torch.zeros(3, 32, 32)), r"\(1, 3, H, W\)"),
+        (dict(method="fast"), "method"),
+        (dict(score="softmax"), "score"),
+        (dict(chunk_size=0), "chunk_size"),
+    ],
+)
+def test_bad_settings_fail_at_construction(model, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CAAP(model, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: timm.create_model("resnet18", num_classes=3), "VisionTransformer"),
+        (lambda: timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, global_pool="map"), "attention-pool"),
+        (lambda: timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, global_pool="max"), "global_pool='max'"),
+        (lambda: timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, block_fn=timm.models.vision_transformer.ResPostBlock), "ResPostBlock"),
+        (lambda: timm.create_model("deit_tiny_distilled_patch16_224", img_size=32, patch_size=8, depth=2), "distillation"),
+        (lambda: timm.create_model("eva02_tiny_patch14_224", img_size=28, depth=2), "VisionTransformer"),
+    ],
+)
+def test_unsupported_models_are_named_at_construction(build, match):
+    with pytest.raises(ValueError, match=match):
+        CAAP(build())
+
+
+@pytest.mark.parametrize("name", ["deit3_small_patch16_224", "vit_small_patch14_dinov2", "vit_small_patch14_reg4_dinov2",
+                                  "vit_base_patch16_clip_224"])
+def test_timm_families_are_supported(name):
+    kwargs = dict(img_size=28 if "patch14" in name else 32, depth=2, num_classes=4)
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    patch = model.patch_embed.patch_size[0]
+    images = _images(1, size=2 * patch)
+    if getattr(model, "dynamic_img_size", False) is False:
+        images = _images(1, size=kwargs["img_size"])
+    maps = CAAP(model).attribute(images, target=[1])
+    assert torch.isfinite(maps).all() and maps.shape[0] == 1
+
+
+def test_dynamic_img_size_accepts_any_patch_multiple(vit_factory):
+    model = vit_factory(scale=4.0, dynamic_img_size=True)
+    caap = CAAP(model)
+    assert caap.attribute(_images(1, size=48)).shape == (1, 6, 6)
+    assert caap.attribute(torch.randn(1, 3, 16, 40)).shape == (1, 2, 5)
+
+
+def test_custom_blank_tensor(model):
+    blank = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    caap = CAAP(model, blank=blank)
+    maps = caap.attribute(blank, target=[1])
+    torch.testing.assert_close(maps, caap.blank_score(target=[1]).view(1, 1, 1).expand(1, 4, 4), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="images' size"):
+        CAAP(model, blank=torch.zeros(1, 3, 16, 16)).attribute(_images(1))
+
+
+@pytest.mark.parametrize("kind", ["noise", "blur_noise"])
+def test_noise_blanks_are_seeded(kind):
+    from caap_lightning.attribution.blanks import make_blank
+
+    a = make_blank(kind, (32, 32), (0.5,) * 3, (0.5,) * 3, seed=0)
+    b = make_blank(kind, (32, 32), (0.5,) * 3, (0.5,) * 3, seed=0)
+    c = make_blank(kind, (32, 32), (0.5,) * 3, (0.5,) * 3, seed=1)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.std() > 0.01
+
+
+def test_bf16_autocast_is_close_to_fp32(model):
+    images = _images(2)
+    caap = CAAP(model, score="logit")
+    fp32 = caap.attribute(images, target=[0, 1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = caap.attribute(images, target=[0, 1])
+    assert bf16.dtype == torch.float32
+    scale = (fp32.max() - fp32.min()).item()
+    assert (bf16 - fp32).abs().max().item() < 0.1 * scale
