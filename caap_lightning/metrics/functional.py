@@ -1,0 +1,289 @@
+"""The maths of the attribution metrics, one function per metric, per image.
+
+Each function returns per-image values; an image the metric cannot score (an empty
+region, a map with no positive part) gets NaN, and the ``Metric`` classes count it as
+skipped. Maps may be patch-level ``(B, gh, gw)`` or pixel-level ``(B, H, W)``; patch maps
+are upsampled bilinearly to the mask or image size with :func:`~caap_lightning.utils.upsample_maps`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from caap_lightning.utils import gaussian_blur, upsample_maps
+
+# Pixels within this share of the map's scale of its maximum count as tied maxima:
+# bilinear interpolation of equal patch values is equal only up to float rounding.
+_TIE_TOLERANCE = 1e-6
+AUPR_REGIONS = ("foreground", "background")
+MASS_REGIONS = ("mask", "outside")
+
+
+class InsertionDeletionResult(NamedTuple):
+    """Per-image insertion and deletion results; curves hold the ``n + 1`` scores."""
+
+    insertion: Tensor
+    deletion: Tensor
+    insertion_curve: Tensor
+    deletion_curve: Tensor
+    target: Tensor
+    substrate_is_target: Tensor
+
+
+class AUPRResult(NamedTuple):
+    """Per-image average precision and its lift over chance (AP / positive share)."""
+
+    aupr: Tensor
+    lift: Tensor
+
+
+def default_step(model: nn.Module) -> int:
+    """One patch of pixels, ``patch_size ** 2``, read from a timm ViT's ``patch_embed``."""
+    patch_size = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if patch_size is None:
+        raise ValueError(
+            f"cannot infer the step of {type(model).__name__}: it has no timm "
+            "`patch_embed.patch_size`; pass `step` (pixels per step) explicitly"
+        )
+    if isinstance(patch_size, int):
+        return patch_size * patch_size
+    return int(math.prod(patch_size))
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    """Raise unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_protocol(step: int, blur_kernel: int, blur_sigma: float, batch_size: int) -> None:
+    """Raise on insertion/deletion settings the protocol cannot run with."""
+    if step < 1:
+        raise ValueError(f"step must be a positive number of pixels, got {step}")
+    if blur_kernel < 1 or blur_kernel % 2 == 0:
+        raise ValueError(f"blur_kernel must be a positive odd size, got {blur_kernel}")
+    if blur_sigma <= 0:
+        raise ValueError(f"blur_sigma must be > 0, got {blur_sigma}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
+def check_tolerance(tolerance: int) -> None:
+    """Raise on a negative pointing-game tolerance."""
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0 pixels, got {tolerance}")
+
+
+def auc(curve: Tensor) -> Tensor:
+    """RISE's normalised area under ``n + 1`` equally spaced scores (trapezoid rule)."""
+    curve = curve.double()
+    n = curve.shape[-1] - 1
+    return (curve.sum(-1) - curve[..., 0] / 2 - curve[..., -1] / 2) / n
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no grad for the duration; every module's training flag is restored."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+def check_finite(maps: Tensor) -> None:
+    """Raise naming the first image (index in the batch) whose map has NaN or inf."""
+    bad = ~torch.isfinite(maps.flatten(1)).all(1)
+    if bad.any():
+        index = int(bad.nonzero()[0, 0])
+        raise ValueError(f"the map of image {index} in the batch contains NaN or inf")
+
+
+def insertion_deletion(
+    model: nn.Module,
+    images: Tensor,
+    maps: Tensor,
+    target: Optional[Tensor] = None,
+    step: Optional[int] = None,
+    blur_kernel: int = 11,
+    blur_sigma: float = 5.0,
+    batch_size: int = 64,
+) -> InsertionDeletionResult:
+    """Insertion and deletion AUCs of the RISE protocol (Petsiuk et al., 2018).
+
+    Pixels are ranked by the map (upsampled to the image size; ties go to the lower
+    flat pixel index). Deletion replaces the next ``step`` pixels, all channels, of the
+    image with the normalised zero; insertion replaces those of the RISE-blurred image
+    with the image's. ``n = ceil(H * W / step)`` steps give ``n + 1`` softmax
+    probabilities of the target class (``target``, or the clean image's top-1 when
+    None); the AUC is ``(sum - first / 2 - last / 2) / n``.
+
+    Args:
+        model: classifier returning logits for ``images``, which are in its input
+            (normalised) space; evaluated in eval mode without grad.
+        images: ``(B, C, H, W)``.
+        maps: ``(B, gh, gw)`` patch maps or ``(B, H, W)`` pixel maps.
+        target: ``(B,)`` class indices, or None for the clean top-1 prediction.
+        step: pixels per step; default one patch (``patch_size ** 2``) of a timm ViT.
+        blur_kernel, blur_sigma: RISE's blur for the insertion substrate.
+        batch_size: perturbed images per forward pass.
+
+    Returns:
+        Per-image AUCs, curves ``(B, n + 1)``, the targets used, and whether the
+        deletion substrate (the all-zero image) is itself classified as the target.
+    """
+    if images.dim() != 4:
+        raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
+    if maps.dim() != 3 or maps.shape[0] != images.shape[0]:
+        raise ValueError(
+            f"maps must be (B, h, w) for the {images.shape[0]} images, got shape {tuple(maps.shape)}"
+        )
+    step = default_step(model) if step is None else int(step)
+    check_protocol(step, blur_kernel, blur_sigma, batch_size)
+    check_finite(maps)
+    b, _, h, w = images.shape
+    n = math.ceil(h * w / step)
+    device = images.device
+
+    pixel_maps = upsample_maps(maps.to(device), (h, w)).reshape(b, h * w)
+    order = torch.argsort(pixel_maps, dim=1, descending=True, stable=True)
+    positions = torch.arange(h * w, device=device).expand(b, -1)
+    rank = torch.empty_like(order).scatter_(1, order, positions)
+
+    # Sources 0..B-1 are the deletion games, B..2B-1 the insertion games; each image of
+    # a game is ``where(rank < replaced, finish, start)``.
+    start = torch.cat([images, gaussian_blur(images, blur_kernel, blur_sigma)])
+    finish = torch.cat([torch.zeros_like(images), images])
+    steps = torch.arange(n + 1, device=device)
+    # Deletion step 0 and insertion step n are the clean image, scored once below.
+    source = torch.cat([torch.arange(b, device=device), torch.arange(b, 2 * b, device=device)])
+    source = source.repeat_interleave(n)
+    replaced = torch.cat([steps[1:].repeat(b), steps[:-1].repeat(b)]) * step
+
+    with evaluating(model):
+        clean = torch.cat([model(chunk).float() for chunk in images.split(batch_size)])
+        target = clean.argmax(1) if target is None else target.to(device).long()
+        clean_scores = clean.softmax(1).gather(1, target[:, None])[:, 0]
+        scores = torch.empty(source.numel(), device=device)
+        predicted = torch.empty(source.numel(), dtype=torch.long, device=device)
+        for lo in range(0, source.numel(), batch_size):
+            s, k = source[lo : lo + batch_size], replaced[lo : lo + batch_size]
+            mask = (rank[s % b] < k[:, None]).view(-1, 1, h, w)
+            logits = model(torch.where(mask, finish[s], start[s])).float()
+            scores[lo : lo + batch_size] = logits.softmax(1).gather(1, target[s % b, None])[:, 0]
+            predicted[lo : lo + batch_size] = logits.argmax(1)
+
+    deletion_curve = torch.cat([clean_scores[:, None], scores[: b * n].view(b, n)], 1)
+    insertion_curve = torch.cat([scores[b * n :].view(b, n), clean_scores[:, None]], 1)
+    # The last deletion step is the all-zero substrate.
+    substrate_is_target = predicted[: b * n].view(b, n)[:, -1] == target
+    return InsertionDeletionResult(
+        insertion=auc(insertion_curve),
+        deletion=auc(deletion_curve),
+        insertion_curve=insertion_curve,
+        deletion_curve=deletion_curve,
+        target=target,
+        substrate_is_target=substrate_is_target,
+    )
+
+
+def _pixel_maps(maps: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
+    """Validated float64 pixel maps ``(B, H, W)`` and boolean masks of the same shape."""
+    if masks.dim() != 3:
+        raise ValueError(f"masks must be (B, H, W), got shape {tuple(masks.shape)}")
+    if maps.dim() != 3 or maps.shape[0] != masks.shape[0]:
+        raise ValueError(
+            f"maps must be (B, h, w) for the {masks.shape[0]} masks, got shape {tuple(maps.shape)}"
+        )
+    check_finite(maps)
+    pixel_maps = upsample_maps(maps.to(masks.device), masks.shape[-2:]).double()
+    return pixel_maps, masks.bool()
+
+
+def _average_precision(scores: Tensor, labels: Tensor) -> Tensor:
+    """Per-row average precision, with tied scores as one threshold (as sklearn does)."""
+    n = scores.shape[1]
+    order = torch.argsort(scores, dim=1, descending=True, stable=True)
+    sorted_scores = scores.gather(1, order)
+    hits = labels.gather(1, order).double()
+    positions = torch.arange(n, device=scores.device).expand_as(sorted_scores)
+    precision = hits.cumsum(1) / (positions + 1)
+    # Each pixel takes the precision at the last pixel of its tie group.
+    group_end = torch.ones_like(hits, dtype=torch.bool)
+    group_end[:, :-1] = sorted_scores[:, 1:] != sorted_scores[:, :-1]
+    end_index = torch.where(group_end, positions, n).flip(1).cummin(1).values.flip(1)
+    return (hits * precision.gather(1, end_index)).sum(1) / hits.sum(1)
+
+
+def aupr(maps: Tensor, masks: Tensor, region: str = "foreground") -> AUPRResult:
+    """Average precision of the min-max normalised map as a pixel score for the mask.
+
+    ``region="foreground"`` scores the map against the mask (AUPR1); ``"background"``
+    scores ``1 - map`` against the inverted mask (AUPR0). The lift divides AP by the
+    region's share of the image, the AP of a random map. NaN where the region is empty.
+    """
+    check_choice("region", region, AUPR_REGIONS)
+    pixel_maps, masks = _pixel_maps(maps, masks)
+    scores = pixel_maps.flatten(1)
+    low, high = scores.aminmax(dim=1, keepdim=True)
+    # A constant map normalises to zeros: every pixel ties.
+    scores = (scores - low) / torch.where(high > low, high - low, 1.0)
+    labels = masks.flatten(1)
+    if region == "background":
+        scores, labels = 1 - scores, ~labels
+    share = labels.double().mean(1)
+    ap = torch.where(share > 0, _average_precision(scores, labels), math.nan)
+    return AUPRResult(aupr=ap, lift=ap / share)
+
+
+def pointing_game(maps: Tensor, masks: Tensor, tolerance: int = 0) -> Tensor:
+    """1 if the map's arg-max pixel lies in the mask (or within ``tolerance`` pixels of it).
+
+    With tied maxima the score is the share of tied pixels that hit: the expected hit
+    under random tie-breaking. NaN where the mask is empty.
+    """
+    check_tolerance(tolerance)
+    pixel_maps, masks = _pixel_maps(maps, masks)
+    hit_region = masks
+    if tolerance > 0:
+        offsets = torch.arange(-tolerance, tolerance + 1, device=masks.device)
+        disk = (offsets[:, None] ** 2 + offsets[None, :] ** 2 <= tolerance**2).float()
+        near = F.conv2d(masks[:, None].float(), disk[None, None], padding=tolerance)
+        hit_region = near[:, 0] > 0
+    flat = pixel_maps.flatten(1)
+    low, high = flat.aminmax(dim=1, keepdim=True)
+    tied = flat >= high - _TIE_TOLERANCE * (high - low + high.abs())
+    score = (tied & hit_region.flatten(1)).sum(1) / tied.sum(1)
+    return torch.where(masks.flatten(1).any(1), score.double(), math.nan)
+
+
+def attribution_mass(
+    maps: Tensor, masks: Tensor, region: str = "mask", normalize_by_area: bool = False
+) -> Tensor:
+    """Share of the map's positive part inside the mask (``"mask"``) or outside it.
+
+    ``maps`` are relative maps (``A - A_blank``). ``normalize_by_area`` divides the
+    share by the region's share of the image, so a uniform map scores 1. NaN where the
+    region is empty or the map has no positive part.
+    """
+    check_choice("region", region, MASS_REGIONS)
+    pixel_maps, masks = _pixel_maps(maps, masks)
+    positive = pixel_maps.clamp_min(0).flatten(1)
+    inside = masks.flatten(1)
+    if region == "outside":
+        inside = ~inside
+    total = positive.sum(1)
+    area = inside.double().mean(1)
+    mass = (positive * inside).sum(1) / total
+    if normalize_by_area:
+        mass = mass / area
+    return torch.where((area > 0) & (total > 0), mass, math.nan)
