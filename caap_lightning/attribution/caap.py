@@ -355,15 +355,24 @@ def _merged_attention(q, keys, values, member_valid, kb, vb, excluded):
     The two parts are merged by log-sum-exp with one common max, so no ``T x T`` mask is
     built per patch. q (B, c, H, R, d); keys/values (B, c, H, G, d); member_valid (c, G);
     kb/vb (H, N, d) the blank's patch keys/values; excluded (c, N) the blank keys in W(p).
+    The blank part runs heads-first as one (H, B*c*R, d) x (H, d, N) product: a broadcast
+    matmul against the shared blank keys would copy them B*c times.
     """
+    B, c, H, R, d = q.shape
     neg = torch.finfo(torch.float32).min
-    s_in = (q @ keys.transpose(-1, -2)).float().masked_fill(~member_valid[:, None, None, :], neg)
-    s_bl = (q @ kb.transpose(-1, -2)).float().masked_fill(excluded[:, None, None, :], neg)
-    m = torch.maximum(s_in.amax(-1, keepdim=True), s_bl.amax(-1, keepdim=True))
-    e_in, e_bl = (s_in - m).exp(), (s_bl - m).exp()
-    denom = e_in.sum(-1, keepdim=True) + e_bl.sum(-1, keepdim=True)
-    num = e_in.to(values.dtype) @ values + e_bl.to(vb.dtype) @ vb
-    return (num.float() / denom).to(values.dtype)
+    s_in = (q @ keys.transpose(-1, -2)).float().masked_fill_(~member_valid[:, None, None, :], neg)
+    q_heads = q.permute(2, 0, 1, 3, 4).reshape(H, B * c * R, d)
+    s_bl = torch.bmm(q_heads, kb.transpose(1, 2)).float().view(H, B, c, R, -1)
+    s_bl.masked_fill_(excluded[None, None, :, None, :], neg)
+    m = torch.maximum(s_in.amax(-1).permute(2, 0, 1, 3), s_bl.amax(-1))  # (H, B, c, R)
+    e_bl = s_bl.sub_(m[..., None]).exp_()
+    denom_bl = e_bl.sum(-1)
+    num_bl = torch.bmm(e_bl.view(H, B * c * R, -1).to(vb.dtype), vb).view(H, B, c, R, d)
+    m = m.permute(1, 2, 0, 3)[..., None]  # (B, c, H, R, 1)
+    e_in = s_in.sub_(m).exp_()
+    denom = e_in.sum(-1, keepdim=True) + denom_bl.permute(1, 2, 0, 3)[..., None]
+    num = (e_in.to(values.dtype) @ values).float() + num_bl.permute(1, 2, 0, 3, 4).float()
+    return (num / denom).to(values.dtype)
 
 
 def _blank_qkv(model, blank: _BlankCache):

@@ -1,0 +1,187 @@
+"""CAAP's cost against a plain forward, on timm ViT-B/16 with random weights.
+
+Prints a table and one JSON line (``--json PATH`` also writes it). Measures median
+seconds of: a plain forward, CAAP ``parallel``, ``efficient`` and ``standard``, a
+Grad-CAM-like forward+backward and, when captum is installed, captum ``Occlusion`` at
+patch stride; each as a ratio to the plain forward, with the analytic FLOP ratio of
+``parallel`` beside its measured ratio, and the peak resident memory.
+
+    python benchmarks/speed.py                 # 224 px, batch 8
+    python benchmarks/speed.py --img-size 448 --batch 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import time
+from typing import Callable, Dict
+
+import timm
+import torch
+
+from caap_lightning import CAAP
+from caap_lightning.attribution.selection import selection_members
+
+
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def forward_flops(model, n_tokens: int) -> float:
+    """Multiply-adds of a plain forward per image (linear layers + attention products)."""
+    d = model.embed_dim
+    hidden = model.blocks[0].mlp.fc1.out_features
+    per_block = n_tokens * (4 * d * d + 2 * d * hidden) + 2 * n_tokens * n_tokens * d
+    patches = n_tokens - model.num_prefix_tokens
+    embed = patches * d * model.patch_embed.proj.in_channels * model.patch_embed.patch_size[0] ** 2
+    return len(model.blocks) * per_block + embed
+
+
+def parallel_flops(model, grid, k: int, selection: str) -> float:
+    """Multiply-adds of CAAP ``parallel`` per image, counted the way it computes.
+
+    One source forward; per patch, blocks 1..k compute the prefix rows only, blocks k+1..L
+    the whole group (P + |S| rows, padded to the largest selection), the last block only
+    the class token's query (token pooling); every query row scores all N blank keys.
+    """
+    d = model.embed_dim
+    hidden = model.blocks[0].mlp.fc1.out_features
+    n = grid[0] * grid[1]
+    p = model.num_prefix_tokens
+    m = selection_members(selection, grid)[0].shape[1]
+    L = len(model.blocks)
+    linear = 4 * d * d + 2 * d * hidden  # per computed row
+    qkv = 3 * d * d
+
+    def attention(rows, keys):
+        return 2 * rows * keys * d
+
+    total = 0.0
+    for layer in range(L):
+        if layer < k:
+            total += p * linear + attention(p, p + m + n)
+        elif layer == L - 1 and model.global_pool == "token":
+            total += (p + m) * qkv + (linear - qkv) + attention(1, p + m + n)
+        else:
+            total += (p + m) * linear + attention(p + m, p + m + n)
+    return forward_flops(model, p + n) + n * total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="vit_base_patch16_224")
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--layer-cutoff", type=int, default=6)
+    parser.add_argument("--selection", default="box1")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--standard-images", type=int, default=1,
+                        help="images for 'standard' (N forwards each); its time is scaled to --batch")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default=None, help="also write the JSON line to this path")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    model = timm.create_model(args.model, pretrained=False, img_size=args.img_size).eval().to(device)
+    images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
+    target = torch.arange(args.batch, device=device) % model.num_classes
+    grid = model.patch_embed.grid_size
+    n_tokens = model.num_prefix_tokens + grid[0] * grid[1]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def timed(fn, repeats=args.repeats):
+        def run():
+            fn()
+            sync()
+        run()  # warm-up (and the blank cache for CAAP)
+        return median_seconds(run, repeats)
+
+    results: Dict[str, float] = {}
+    with torch.no_grad():
+        results["forward_s"] = timed(lambda: model(images))
+    for method in ("parallel", "efficient"):
+        caap = CAAP(model, layer_cutoff=args.layer_cutoff, selection=args.selection, method=method)
+        results[f"{method}_s"] = timed(lambda: caap.attribute(images, target=target))
+
+    # Textbook patching is N full forwards per image: time a few images, scale to the batch.
+    few = images[: args.standard_images]
+    standard = CAAP(model, layer_cutoff=args.layer_cutoff, selection=args.selection, method="standard")
+    results["standard_s"] = timed(lambda: standard.attribute(few, target=target[: len(few)]), repeats=1) * (
+        args.batch / len(few)
+    )
+
+    def gradcam_like():
+        x = images.clone()
+        tokens = {}
+        hook = model.blocks[-1].register_forward_pre_hook(lambda m, a: tokens.setdefault("x", a[0]))
+        try:
+            logits = model(x)
+        finally:
+            hook.remove()
+        grad = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), tokens["x"])[0]
+        return (grad.mean(1, keepdim=True) * tokens["x"]).sum(-1).relu()
+
+    results["gradcam_s"] = timed(gradcam_like)
+
+    try:
+        from captum.attr import Occlusion
+    except ImportError:
+        occlusion_note = "captum not installed"
+    else:
+        patch = model.patch_embed.patch_size[0]
+        occ = Occlusion(model)
+        one = images[:1]
+        with torch.no_grad():
+            results["occlusion_s"] = timed(
+                lambda: occ.attribute(one, target=int(target[0]), sliding_window_shapes=(3, patch, patch),
+                                      strides=(3, patch, patch), perturbations_per_eval=16),
+                repeats=1,
+            ) * args.batch
+        occlusion_note = "captum Occlusion at patch stride on 1 image, scaled to the batch"
+
+    fwd = results["forward_s"]
+    out = {
+        "model": args.model,
+        "img_size": args.img_size,
+        "batch": args.batch,
+        "patches": grid[0] * grid[1],
+        "layer_cutoff": args.layer_cutoff,
+        "selection": args.selection,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({args.threads} threads, {platform.processor() or platform.machine()})",
+        **{k: round(v, 4) for k, v in results.items()},
+        **{f"{k[:-2]}_ratio": round(v / fwd, 2) for k, v in results.items() if k != "forward_s"},
+        "parallel_flop_ratio": round(parallel_flops(model, grid, args.layer_cutoff, args.selection) / forward_flops(model, n_tokens), 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "notes": f"standard timed on {len(few)} image(s) and scaled to the batch; {occlusion_note}",
+    }
+    if device.type == "cuda":
+        out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    out["standard_over_parallel"] = round(out["standard_ratio"] / out["parallel_ratio"], 1)
+    out["parallel_over_flop_ratio"] = round(out["parallel_ratio"] / out["parallel_flop_ratio"], 2)
+
+    print(f"{'what':<12}{'seconds':>10}{'x forward':>11}")
+    for key in results:
+        name = key[:-2]
+        ratio = 1.0 if key == "forward_s" else out[f"{name}_ratio"]
+        print(f"{name:<12}{results[key]:>10.3f}{ratio:>11.2f}")
+    print(f"parallel analytic FLOP ratio {out['parallel_flop_ratio']}, peak RSS {out['peak_rss_mb']} MB")
+    line = json.dumps(out)
+    print(line)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
