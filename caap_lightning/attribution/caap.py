@@ -167,6 +167,62 @@ class CAAP:
             blank = self._blank_cache(size, device, dtype)
         return self._score(blank.logits.float().expand(len(targets), -1), targets)
 
+    def calibrate(
+        self,
+        probe,
+        target: TargetLike = None,
+        masks: Optional[torch.Tensor] = None,
+        layer_cutoffs: Optional[Sequence[int]] = None,
+        progress: bool = False,
+    ) -> List[dict]:
+        """Pick ``layer_cutoff`` on a probe set by Insertion minus Deletion, and set it.
+
+        The cumulative cutoff sweep of the paper's Fig. 7 on the user's own images: for
+        each ``k`` (default ``0..L``) the maps are scored with the RISE protocol (and
+        AUPR1 where object masks are given). The ``k`` with the best mean InsDel wins.
+
+        Args:
+            probe: normalised images ``(B, 3, H, W)``, or a ``ProbeBatch`` (its labels and
+                masks are used unless ``target``/``masks`` are given).
+            target: classes (default: the probe's labels, else the predicted class).
+            masks: object masks ``(B, H, W)`` for AUPR1 (optional).
+
+        Returns:
+            One row per cutoff: ``{"layer_cutoff", "insertion", "deletion", "insdel"
+            [, "aupr_fg"]}`` (means over the probe images).
+        """
+        from tqdm.auto import tqdm
+
+        from caap_lightning.metrics.functional import aupr, insertion_deletion
+
+        images = getattr(probe, "images", probe)
+        target = getattr(probe, "labels", None) if target is None else target
+        masks = getattr(probe, "masks", None) if masks is None else masks
+        cutoffs = list(range(self.depth + 1)) if layer_cutoffs is None else list(layer_cutoffs)
+        bad = [k for k in cutoffs if not 0 <= k <= self.depth]
+        if not cutoffs or bad:
+            raise ValueError(f"layer_cutoffs must be ints in 0..{self.depth}, got {cutoffs}")
+        original, rows = self.layer_cutoff, []
+        try:
+            for k in tqdm(cutoffs, desc="CAAP layer-cutoff sweep", disable=not progress):
+                self.layer_cutoff = k
+                maps = self.attribute(images, target=target)
+                targets = None if target is None else self._targets(target, len(images), maps.device)
+                scores = insertion_deletion(self.model, images.to(maps.device), maps, target=targets)
+                row = {
+                    "layer_cutoff": k,
+                    "insertion": scores.insertion.mean().item(),
+                    "deletion": scores.deletion.mean().item(),
+                }
+                row["insdel"] = row["insertion"] - row["deletion"]
+                if masks is not None:
+                    row["aupr_fg"] = aupr(maps, masks.to(maps.device)).aupr.nanmean().item()
+                rows.append(row)
+        finally:
+            self.layer_cutoff = original
+        self.layer_cutoff = max(rows, key=lambda r: r["insdel"])["layer_cutoff"]
+        return rows
+
     # ------------------------------------------------------------------ set-up pieces
     def _targets(self, target: TargetLike, batch: Optional[int], device) -> torch.Tensor:
         n_cls = self.model.num_classes

@@ -255,3 +255,27 @@ def test_bf16_autocast_is_close_to_fp32(model):
     assert bf16.dtype == torch.float32
     scale = (fp32.max() - fp32.min()).item()
     assert (bf16 - fp32).abs().max().item() < 0.1 * scale
+
+
+def test_calibrate_sweeps_every_cutoff_and_keeps_the_best_insdel(model):
+    from types import SimpleNamespace
+
+    from caap_lightning.metrics.functional import insertion_deletion
+
+    images = _images(2)
+    masks = torch.zeros(2, 32, 32, dtype=torch.bool)
+    masks[:, 8:24, 8:24] = True
+    probe = SimpleNamespace(images=images, labels=torch.tensor([0, 3]), masks=masks)
+    caap = CAAP(model, layer_cutoff=1)
+    rows = caap.calibrate(probe)
+    assert [r["layer_cutoff"] for r in rows] == [0, 1, 2, 3, 4]
+    best = max(rows, key=lambda r: r["insdel"])
+    assert caap.layer_cutoff == best["layer_cutoff"]
+    # Each row is the metric of that cutoff's maps, not a copy of one another.
+    k2 = insertion_deletion(model, images, CAAP(model, layer_cutoff=2).attribute(images, target=[0, 3]),
+                            target=torch.tensor([0, 3]))
+    assert abs(rows[2]["insdel"] - (k2.insertion - k2.deletion).mean().item()) < 1e-6
+    assert len({round(r["insdel"], 6) for r in rows}) > 1
+    assert all(0 <= r["aupr_fg"] <= 1 for r in rows)
+    with pytest.raises(ValueError, match="0..4"):
+        caap.calibrate(probe, layer_cutoffs=[7])
