@@ -331,16 +331,16 @@ class CAAP:
         patched = None
         token_pool = model.global_pool == "token"
         for layer, block in enumerate(model.blocks):
-            kb = blank.states.keys[layer][0, :, P:]  # (H, N, hd)
-            vb = blank.states.values[layer][0, :, P:]
+            kb = blank.states.keys[layer][:, 0, P:]  # (H, N, hd)
+            vb = blank.states.values[layer][:, 0, P:]
             last = layer == L - 1
             if layer < k:
                 # S(p) holds the source's states: only prefix and R rows are computed; the
                 # S(p) keys/values are the source's own.
                 computed = torch.cat([prefix, recomputed], 2)
                 q, kc, vc = vit.qkv(block, computed)
-                ks = source.keys[layer].transpose(1, 2)[:, P + s_idx].permute(0, 1, 3, 2, 4)
-                vs = source.values[layer].transpose(1, 2)[:, P + s_idx].permute(0, 1, 3, 2, 4)
+                ks = source.keys[layer][:, :, P + s_idx]  # (H, B, c, ms, hd)
+                vs = source.values[layer][:, :, P + s_idx]
                 keys, values = torch.cat([kc, ks], 3), torch.cat([vc, vs], 3)
                 q_rows = slice(0, P + mr)
             else:
@@ -409,25 +409,21 @@ def _merged_attention(q, keys, values, member_valid, kb, vb, excluded):
     """Attention of group queries over (group members) + (frozen blank tokens outside W(p)).
 
     The two parts are merged by log-sum-exp with one common max, so no ``T x T`` mask is
-    built per patch. q (B, c, H, R, d); keys/values (B, c, H, G, d); member_valid (c, G);
-    kb/vb (H, N, d) the blank's patch keys/values; excluded (c, N) the blank keys in W(p).
-    The blank part runs heads-first as one (H, B*c*R, d) x (H, d, N) product: a broadcast
-    matmul against the shared blank keys would copy them B*c times.
+    built per patch. Heads first: q (H, B, c, R, d); keys/values (H, B, c, G, d);
+    member_valid (c, G); kb/vb (H, N, d) the blank's patch keys/values; excluded (c, N)
+    the blank keys inside W(p). The blank part is one (H, B*c*R, d) x (H, d, N) product:
+    a broadcast matmul against the shared blank keys would copy them B*c times.
     """
-    B, c, H, R, d = q.shape
+    H, B, c, R, d = q.shape
     neg = torch.finfo(torch.float32).min
-    s_in = (q @ keys.transpose(-1, -2)).float().masked_fill_(~member_valid[:, None, None, :], neg)
-    q_heads = q.permute(2, 0, 1, 3, 4).reshape(H, B * c * R, d)
-    s_bl = torch.bmm(q_heads, kb.transpose(1, 2)).float().view(H, B, c, R, -1)
-    s_bl.masked_fill_(excluded[None, None, :, None, :], neg)
-    m = torch.maximum(s_in.amax(-1).permute(2, 0, 1, 3), s_bl.amax(-1))  # (H, B, c, R)
-    e_bl = s_bl.sub_(m[..., None]).exp_()
-    denom_bl = e_bl.sum(-1)
+    s_in = (q @ keys.transpose(-1, -2)).float().masked_fill_(~member_valid[:, None, :], neg)
+    s_bl = torch.bmm(q.reshape(H, B * c * R, d), kb.transpose(1, 2)).float().view(H, B, c, R, -1)
+    s_bl.masked_fill_(excluded[:, None, :], neg)
+    m = torch.maximum(s_in.amax(-1, keepdim=True), s_bl.amax(-1, keepdim=True))
+    e_in, e_bl = s_in.sub_(m).exp_(), s_bl.sub_(m).exp_()
+    denom = e_in.sum(-1, keepdim=True) + e_bl.sum(-1, keepdim=True)
     num_bl = torch.bmm(e_bl.view(H, B * c * R, -1).to(vb.dtype), vb).view(H, B, c, R, d)
-    m = m.permute(1, 2, 0, 3)[..., None]  # (B, c, H, R, 1)
-    e_in = s_in.sub_(m).exp_()
-    denom = e_in.sum(-1, keepdim=True) + denom_bl.permute(1, 2, 0, 3)[..., None]
-    num = (e_in.to(values.dtype) @ values).float() + num_bl.permute(1, 2, 0, 3, 4).float()
+    num = (e_in.to(values.dtype) @ values).float() + num_bl.float()
     return (num / denom).to(values.dtype)
 
 
@@ -435,7 +431,7 @@ def _blank_qkv(model, blank: _BlankCache):
     """The blank context's queries, keys and values per block (batch dim dropped)."""
     for layer, block in enumerate(model.blocks):
         q, k, v = vit.qkv(block, blank.states.states[layer])
-        yield q[0], k[0], v[0]
+        yield q[:, 0], k[:, 0], v[:, 0]
 
 
 def _blank_statistics(q, k, v, num_prefix: int):
@@ -453,24 +449,24 @@ def _blank_statistics(q, k, v, num_prefix: int):
 
 def _efficient_attention(q, keys, values, member_valid, stats, positions, s_idx, s_valid):
     """E-CAAP: in-group scores are exact; the blank part is the blank context's own
-    attention statistics at the row's position with the S(p) terms subtracted."""
+    attention statistics at the row's position with the S(p) terms subtracted.
+
+    Shapes as in :func:`_merged_attention`; positions (c, R) are the rows' token positions.
+    """
     m_b, e_b, z_b, v_b, vp = stats  # (H, T), (H, T, N), (H, T), (H, T, d), (H, N, d)
     neg = torch.finfo(torch.float32).min
-    s_in = (q @ keys.transpose(-1, -2)).float().masked_fill(~member_valid[:, None, None, :], neg)
+    s_in = (q @ keys.transpose(-1, -2)).float().masked_fill_(~member_valid[:, None, :], neg)
     h = e_b.shape[0]
     c, rows = positions.shape
-    e_rows = e_b[:, positions]  # (H, c, R, N)
-    sel = s_idx[:, None, :].expand(c, rows, -1)
-    e_sel = torch.gather(e_rows, 3, sel.expand(h, c, rows, -1)) * s_valid[None, :, None, :]  # (H, c, R, ms)
-    z = (z_b[:, positions] - e_sel.sum(-1)).clamp_min(0)  # (H, c, R)
-    v_sel = vp[:, s_idx]  # (H, c, ms, d)
-    v_sum = v_b[:, positions] - e_sel @ v_sel  # (H, c, R, d)
-    m_bl = m_b[:, positions]
-    z, v_sum, m_bl = z.transpose(0, 1), v_sum.transpose(0, 1), m_bl.transpose(0, 1)  # (c, H, R, ...)
-    m = torch.maximum(s_in.amax(-1), m_bl)[..., None]  # (B, c, H, R, 1)
-    e_in = (s_in - m).exp()
-    w_bl = (m_bl[..., None] - m).exp()
-    denom = e_in.sum(-1, keepdim=True) + w_bl * z[..., None]
+    sel = s_idx[None, :, None, :].expand(h, c, rows, -1)
+    e_sel = torch.gather(e_b[:, positions], 3, sel) * s_valid[None, :, None, :]  # (H, c, R, ms)
+    z = (z_b[:, positions] - e_sel.sum(-1)).clamp_min(0)[:, None, ..., None]  # (H, 1, c, R, 1)
+    v_sum = (v_b[:, positions] - e_sel @ vp[:, s_idx])[:, None]  # (H, 1, c, R, d)
+    m_bl = m_b[:, positions][:, None, ..., None]
+    m = torch.maximum(s_in.amax(-1, keepdim=True), m_bl)
+    e_in = s_in.sub_(m).exp_()
+    w_bl = (m_bl - m).exp()
+    denom = e_in.sum(-1, keepdim=True) + w_bl * z
     num = (e_in.to(values.dtype) @ values).float() + w_bl * v_sum
     return (num / denom).to(values.dtype)
 

@@ -136,29 +136,35 @@ def embed(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 def qkv(block: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Queries (already scaled), keys and values of ``block`` for states ``x`` (..., R, D).
 
-    Returns tensors of shape (..., heads, R, head_dim).
+    Returns contiguous tensors of shape (heads, ..., R, head_dim): heads first, so that
+    attention against keys shared by every patch group is one batched product per head.
     """
     attn = block.attn
-    q, k, v = attn.qkv(block.norm1(x)).unflatten(-1, (3, attn.num_heads, attn.head_dim)).unbind(-3)
-    q, k, v = q.transpose(-3, -2), k.transpose(-3, -2), v.transpose(-3, -2)
+    q, k, v = (
+        attn.qkv(block.norm1(x))
+        .unflatten(-1, (3, attn.num_heads, attn.head_dim))
+        .movedim((-3, -2), (0, 1))
+        .contiguous()
+        .unbind(0)
+    )
     return attn.q_norm(q) * attn.scale, attn.k_norm(k), v
 
 
 def finish_block(block: nn.Module, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
     """The rest of ``block`` after the attention product: projection, residuals, MLP.
 
-    ``x`` (..., R, D) are the block's input states, ``attended`` (..., heads, R, head_dim).
+    ``x`` (..., R, D) are the block's input states, ``attended`` (heads, ..., R, head_dim).
     """
     attn = block.attn
-    o = attn.proj(attn.norm(attended.transpose(-3, -2).flatten(-2)))
+    o = attn.proj(attn.norm(attended.movedim(0, -2).flatten(-2)))
     x = x + block.ls1(o)
     return x + block.ls2(block.mlp(block.norm2(x)))
 
 
 @dataclass
 class TokenStates:
-    """Residual stream of one forward: ``states[l]`` is ``h_l`` (l = 0..L), and the
-    keys/values of block ``l+1`` computed from ``h_l`` (l = 0..L-1)."""
+    """Residual stream of one forward: ``states[l]`` is ``h_l`` (l = 0..L), (B, T, D), and
+    the keys/values of block ``l+1`` computed from ``h_l`` (l = 0..L-1), (H, B, T, d)."""
 
     states: List[torch.Tensor]
     keys: List[torch.Tensor]
