@@ -279,3 +279,13 @@ def test_calibrate_sweeps_every_cutoff_and_keeps_the_best_insdel(model):
     assert all(0 <= r["aupr_fg"] <= 1 for r in rows)
     with pytest.raises(ValueError, match="0..4"):
         caap.calibrate(probe, layer_cutoffs=[7])
+
+
+@pytest.mark.parametrize("method", ["parallel", "efficient", "standard"])
+def test_bf16_weights_run_in_their_dtype_and_stay_close(vit_factory, method):
+    images = _images(2)
+    fp32 = CAAP(vit_factory(scale=4.0), score="logit", method=method).attribute(images, target=[0, 1])
+    model = vit_factory(scale=4.0).to(torch.bfloat16)
+    bf16 = CAAP(model, score="logit", method=method).attribute(images, target=[0, 1])
+    assert bf16.dtype == torch.float32 and next(model.parameters()).dtype == torch.bfloat16
+    assert (bf16 - fp32).abs().max().item() < 0.1 * (fp32.max() - fp32.min()).item()
