@@ -1,0 +1,98 @@
+"""Insertion + deletion cost per image: the batched metric against the naive RISE loop.
+
+timm ViT-B/16 at 224 px with random weights, one-patch steps (256 pixels, 196 steps),
+two threads. The naive loop (RISE's ``single_run``: one image, one step, one forward at
+a time) runs only ``--naive-steps`` steps of each game, timed before and after the
+batched run, and is extrapolated to the full ``2 (n + 1) + 1`` forwards (clean image
+for the target, then ``n + 1`` scores per game). Prints one JSON line.
+
+    python benchmarks/metrics_speed.py
+    python benchmarks/metrics_speed.py --images 2 --batch-size 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+
+import timm
+import torch
+
+from caap_lightning.metrics import insertion_deletion
+from caap_lightning.utils import gaussian_blur
+
+
+def naive_seconds_per_forward(model, image, pixel_map, step: int, steps: int) -> float:
+    """Seconds per forward of RISE's loop, over its first ``steps`` steps of each game."""
+    c = image.shape[0]
+    order = torch.argsort(pixel_map.flatten(), descending=True, stable=True)
+    blurred = gaussian_blur(image[None])[0]
+    start_time = time.perf_counter()
+    with torch.no_grad():
+        target = int(model(image[None]).argmax(1))
+        for start, finish in ((image.clone(), torch.zeros_like(image)), (blurred, image)):
+            for i in range(steps):
+                float(model(start[None]).softmax(1)[0, target])
+                coords = order[step * i : step * (i + 1)]
+                start.view(c, -1)[:, coords] = finish.reshape(c, -1)[:, coords]
+    return (time.perf_counter() - start_time) / (1 + 2 * steps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--naive-steps", type=int, default=6, help="steps per game the naive loop runs")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
+    images = torch.randn(args.images, 3, 224, 224)
+    maps = torch.rand(args.images, 14, 14)
+    step = 16 * 16
+    n = math.ceil(224 * 224 / step)
+    pixel_map = torch.nn.functional.interpolate(maps[:1, None], size=(224, 224), mode="bilinear")[0, 0]
+
+    naive_before = naive_seconds_per_forward(model, images[0], pixel_map, step, args.naive_steps)
+    start_time = time.perf_counter()
+    insertion_deletion(model, images, maps, step=step, batch_size=args.batch_size)
+    batched = (time.perf_counter() - start_time) / args.images
+    naive_after = naive_seconds_per_forward(model, images[0], pixel_map, step, args.naive_steps)
+    naive = (naive_before + naive_after) / 2 * (2 * (n + 1) + 1)
+
+    print(
+        json.dumps(
+            {
+                "benchmark": "insertion+deletion seconds per image",
+                "model": "vit_base_patch16_224, random weights",
+                "image_size": 224,
+                "step_pixels": step,
+                "steps": n,
+                "threads": args.threads,
+                "cpu": platform.processor() or platform.machine(),
+                "cpu_count": os.cpu_count(),
+                "torch": torch.__version__,
+                "batched_images": args.images,
+                "batch_size": args.batch_size,
+                "batched_s_per_image": round(batched, 2),
+                "naive_s_per_image": round(naive, 2),
+                "naive_extrapolated": (
+                    f"{args.naive_steps} of {n + 1} steps per game, timed before and after the "
+                    f"batched run, scaled to {2 * (n + 1) + 1} forwards"
+                ),
+                "naive_s_per_forward": [round(naive_before, 4), round(naive_after, 4)],
+                "speedup": round(naive / batched, 2),
+                "target_speedup": 10,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
