@@ -8,14 +8,14 @@ are upsampled bilinearly to the mask or image size with :func:`~caap_lightning.u
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Iterator, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from caap_lightning.attribution.vit import eval_mode
 from caap_lightning.utils import gaussian_blur, upsample_maps
 
 # Pixels within this share of the map's scale of its maximum count as tied maxima:
@@ -87,21 +87,10 @@ def auc(curve: Tensor) -> Tensor:
     return (curve.sum(-1) - curve[..., 0] / 2 - curve[..., -1] / 2) / n
 
 
-@contextlib.contextmanager
-def evaluating(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no grad for the duration; every module's training flag is restored."""
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for module, training in flags:
-            module.training = training
-
-
-def check_finite(maps: Tensor) -> None:
-    """Raise naming the first image (index in the batch) whose map has NaN or inf."""
+def check_maps(maps: Tensor, batch: int, of: str) -> None:
+    """Raise unless ``maps`` are ``(batch, h, w)`` and finite, naming the first bad image."""
+    if maps.dim() != 3 or maps.shape[0] != batch:
+        raise ValueError(f"maps must be (B, h, w) for the {batch} {of}, got shape {tuple(maps.shape)}")
     bad = ~torch.isfinite(maps.flatten(1)).all(1)
     if bad.any():
         index = int(bad.nonzero()[0, 0])
@@ -143,13 +132,9 @@ def insertion_deletion(
     """
     if images.dim() != 4:
         raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
-    if maps.dim() != 3 or maps.shape[0] != images.shape[0]:
-        raise ValueError(
-            f"maps must be (B, h, w) for the {images.shape[0]} images, got shape {tuple(maps.shape)}"
-        )
+    check_maps(maps, images.shape[0], "images")
     step = default_step(model) if step is None else int(step)
     check_protocol(step, blur_kernel, blur_sigma, batch_size)
-    check_finite(maps)
     b, _, h, w = images.shape
     n = math.ceil(h * w / step)
     device = images.device
@@ -169,7 +154,7 @@ def insertion_deletion(
     source = source.repeat_interleave(n)
     replaced = torch.cat([steps[1:].repeat(b), steps[:-1].repeat(b)]) * step
 
-    with evaluating(model):
+    with eval_mode(model), torch.no_grad():
         clean = torch.cat([model(chunk).float() for chunk in images.split(batch_size)])
         target = clean.argmax(1) if target is None else target.to(device).long()
         clean_scores = clean.softmax(1).gather(1, target[:, None])[:, 0]
@@ -200,11 +185,7 @@ def _pixel_maps(maps: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
     """Validated float64 pixel maps ``(B, H, W)`` and boolean masks of the same shape."""
     if masks.dim() != 3:
         raise ValueError(f"masks must be (B, H, W), got shape {tuple(masks.shape)}")
-    if maps.dim() != 3 or maps.shape[0] != masks.shape[0]:
-        raise ValueError(
-            f"maps must be (B, h, w) for the {masks.shape[0]} masks, got shape {tuple(maps.shape)}"
-        )
-    check_finite(maps)
+    check_maps(maps, masks.shape[0], "masks")
     pixel_maps = upsample_maps(maps.to(masks.device), masks.shape[-2:]).double()
     return pixel_maps, masks.bool()
 

@@ -115,13 +115,13 @@ def test_blur_is_rise_substrate():
 def test_vit_matches_naive_reference(vit_factory, step):
     model = vit_factory(scale=3.0, seed=1)
     torch.manual_seed(2)
-    images = torch.randn(2, 3, 32, 32)
-    maps = torch.rand(2, 32, 32)
+    images = torch.randn(1, 3, 32, 32)
+    maps = torch.rand(1, 32, 32)
     result = assert_matches_naive(model, images, maps, step)
-    assert result.deletion_curve.shape == (2, math.ceil(32 * 32 / step) + 1)
+    assert result.deletion_curve.shape == (1, math.ceil(32 * 32 / step) + 1)
 
 
-@pytest.mark.parametrize("size,step", [((13, 17), 7), ((13, 17), 20), ((9, 11), 98), ((10, 10), 1)])
+@pytest.mark.parametrize("size,step", [((13, 17), 7), ((13, 17), 20), ((9, 11), 98), ((5, 7), 1)])
 def test_non_dividing_sizes_match_naive_reference(size, step):
     model = TinyConvNet().eval()
     torch.manual_seed(3)
@@ -134,8 +134,8 @@ def test_non_dividing_sizes_match_naive_reference(size, step):
 def test_patch_maps_are_upsampled_bilinearly(vit_factory):
     model = vit_factory(scale=3.0, seed=4)
     torch.manual_seed(5)
-    images = torch.randn(2, 3, 32, 32)
-    patch_maps = torch.rand(2, 4, 4)
+    images = torch.randn(1, 3, 32, 32)
+    patch_maps = torch.rand(1, 4, 4)
     pixel_maps = nn.functional.interpolate(patch_maps[:, None], size=(32, 32), mode="bilinear")[:, 0]
     assert_matches_naive(model, images, pixel_maps, 64)
     from_patches = insertion_deletion(model, images, patch_maps)
