@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+import contextlib
+from typing import Iterator, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -80,3 +82,15 @@ def rise_blur_kernel(kernel_size: int = 11, sigma: float = 5.0) -> torch.Tensor:
     impulse = np.zeros((kernel_size, kernel_size))
     impulse[kernel_size // 2, kernel_size // 2] = 1.0
     return torch.from_numpy(gaussian_filter(impulse, sigma)).float()
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run in eval mode and restore every module's own ``training`` flag afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag

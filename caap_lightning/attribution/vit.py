@@ -7,12 +7,13 @@ construction instead of producing a wrong map.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
+
+from caap_lightning.utils import eval_mode  # noqa: F401  (re-exported for the attribution code)
 
 _SUPPORTED_POOLS = ("token", "avg")
 
@@ -62,18 +63,6 @@ def check_supported_vit(model: nn.Module) -> None:
             )
         if getattr(block.attn, "gate", None) is not None:
             raise ValueError(f"blocks[{i}].attn is gated; gated attention is not supported by CAAP.")
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run in eval mode and restore every module's own ``training`` flag afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 def model_device_dtype(model: nn.Module) -> Tuple[torch.device, torch.dtype]:

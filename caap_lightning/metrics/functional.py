@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from caap_lightning.attribution.vit import eval_mode
-from caap_lightning.utils import gaussian_blur, upsample_maps
+from caap_lightning.utils import eval_mode, gaussian_blur, upsample_maps
 
 # Pixels within this share of the map's scale of its maximum count as tied maxima:
 # bilinear interpolation of equal patch values is equal only up to float rounding.
