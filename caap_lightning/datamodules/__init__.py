@@ -1,1 +1,17 @@
-"""caap_lightning.datamodules"""
+"""caap_lightning.datamodules: loaders with object masks and a fixed probe batch."""
+
+from caap_lightning.datamodules.base import MaskedImageDataModule, ProbeBatch, collate_samples
+from caap_lightning.datamodules.coco import CocoMaskDataModule
+from caap_lightning.datamodules.food101 import Food101DataModule
+from caap_lightning.datamodules.pets import OxfordPetDataModule
+from caap_lightning.datamodules.synthetic import SyntheticSpuriousDataModule
+
+__all__ = [
+    "CocoMaskDataModule",
+    "Food101DataModule",
+    "MaskedImageDataModule",
+    "OxfordPetDataModule",
+    "ProbeBatch",
+    "SyntheticSpuriousDataModule",
+    "collate_samples",
+]

@@ -1,0 +1,230 @@
+"""Synthetic shapes with a spurious cue: generated in memory, seeded, with exact object and cue masks."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torchvision.transforms.v2 as v2
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+
+from caap_lightning.datamodules.base import MaskedImageDataModule, as_mask
+from caap_lightning.utils import IMAGENET_MEAN, IMAGENET_STD
+
+SHAPES = ("disc", "square", "triangle", "cross", "ring", "diamond")
+# One saturated marker colour per class; the cue says "class k" by its colour.
+CUE_COLOURS = (
+    (1.0, 0.0, 0.0),
+    (0.0, 1.0, 0.0),
+    (0.0, 0.0, 1.0),
+    (1.0, 1.0, 0.0),
+    (1.0, 0.0, 1.0),
+    (0.0, 1.0, 1.0),
+)
+_SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
+
+
+def shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, size: float) -> np.ndarray:
+    """Pixels of ``shape`` (bounding box ``size``) at offsets ``dx``, ``dy`` from its centre."""
+    r = size / 2
+    if shape == "disc":
+        return dx**2 + dy**2 <= r**2
+    if shape == "square":
+        return (np.abs(dx) <= 0.85 * r) & (np.abs(dy) <= 0.85 * r)
+    if shape == "triangle":  # upright, apex at the top
+        return (dy >= -r) & (dy <= r) & (np.abs(dx) <= (dy + r) / 2)
+    if shape == "cross":
+        arm = r / 3
+        return ((np.abs(dx) <= arm) & (np.abs(dy) <= r)) | ((np.abs(dy) <= arm) & (np.abs(dx) <= r))
+    if shape == "ring":
+        d2 = dx**2 + dy**2
+        return (d2 <= r**2) & (d2 >= (0.55 * r) ** 2)
+    if shape == "diamond":
+        return np.abs(dx) + np.abs(dy) <= r
+    raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
+
+
+class SyntheticShapes(Dataset):
+    """One split of the synthetic set; sample ``i`` is drawn from its own seeded generator.
+
+    ``cue_correlation`` is the probability that the cue's class equals the label; ``None``
+    draws no cue. The label of sample ``i`` is ``i % num_classes`` (balanced classes).
+    """
+
+    def __init__(
+        self,
+        length: int,
+        num_classes: int,
+        img_size: int,
+        cue_correlation: Optional[float],
+        shape_contrast: float,
+        object_size: Tuple[float, float],
+        cue_size: int,
+        seed: int,
+        split: str,
+    ):
+        self.length = length
+        self.num_classes = num_classes
+        self.img_size = img_size
+        self.cue_correlation = cue_correlation
+        self.shape_contrast = shape_contrast
+        self.object_size = object_size
+        self.cue_size = cue_size
+        self.seed = seed
+        self.split_id = _SPLIT_IDS[split]
+        self.yy, self.xx = np.mgrid[0:img_size, 0:img_size].astype(np.float32) + 0.5
+        # Drawing costs about as much as a tiny ViT's step on it, so each sample is drawn once.
+        self._drawn: Dict[int, Dict[str, object]] = {}
+
+    def __len__(self) -> int:
+        return self.length
+
+    def cue_label(self, rng: np.random.Generator, label: int) -> int:
+        if rng.random() < self.cue_correlation:
+            return label
+        others = [k for k in range(self.num_classes) if k != label]
+        return int(others[rng.integers(len(others))])
+
+    def background(self, rng: np.random.Generator) -> Tuple[np.ndarray, float]:
+        """A grey, softly textured background (random oriented gratings plus pixel noise)."""
+        s = self.img_size
+        base = rng.uniform(0.3, 0.7)
+        texture = np.zeros((s, s), np.float32)
+        for _ in range(3):
+            freq = rng.uniform(1.0, 4.0) * 2 * np.pi / s
+            angle = rng.uniform(0, np.pi)
+            texture += np.sin(freq * (np.cos(angle) * self.xx + np.sin(angle) * self.yy) + rng.uniform(0, 2 * np.pi))
+        texture = 0.04 * texture + rng.normal(0.0, 0.02, (s, s)).astype(np.float32)
+        tint = rng.uniform(-0.04, 0.04, 3).astype(np.float32)
+        return base + tint[:, None, None] + texture[None], base
+
+    def cue_box(self, rng: np.random.Generator, obj: np.ndarray) -> Tuple[int, int]:
+        """Top-left corner of the marker: a random image corner that the object leaves free."""
+        s, c = self.img_size, self.cue_size
+        margin = max(1, c // 4)
+        corners = [(margin, margin), (margin, s - margin - c), (s - margin - c, margin), (s - margin - c, s - margin - c)]
+        overlap = [obj[max(0, y - 1) : y + c + 1, max(0, x - 1) : x + c + 1].sum() for y, x in corners]
+        free = [k for k, o in enumerate(overlap) if o == 0] or [int(np.argmin(overlap))]
+        return corners[free[rng.integers(len(free))]]
+
+    def __getitem__(self, i: int) -> Dict[str, object]:
+        if not 0 <= i < self.length:
+            raise IndexError(i)
+        if i not in self._drawn:
+            self._drawn[i] = self.draw(i)
+        return dict(self._drawn[i])
+
+    def draw(self, i: int) -> Dict[str, object]:
+        rng = np.random.default_rng([self.seed, self.split_id, i])
+        label = i % self.num_classes
+        image, base = self.background(rng)
+
+        s = self.img_size
+        size = rng.uniform(*self.object_size) * s
+        cx, cy = rng.uniform(size / 2, s - size / 2, 2)
+        obj = shape_mask(SHAPES[label], self.xx - cx, self.yy - cy, size)
+        # Brightness sets the contrast to the background; hue is random, so only the shape tells the class.
+        sign = 1.0 if rng.random() < 0.5 else -1.0
+        colour = base + sign * self.shape_contrast + rng.uniform(-0.15, 0.15, 3)
+        image = np.where(obj[None], colour[:, None, None].astype(np.float32), image)
+
+        sample: Dict[str, object] = {"label": label}
+        if self.cue_correlation is not None:
+            cue_label = self.cue_label(rng, label)
+            y, x = self.cue_box(rng, obj)
+            cue = np.zeros((s, s), bool)
+            cue[y : y + self.cue_size, x : x + self.cue_size] = True
+            image = np.where(cue[None], np.asarray(CUE_COLOURS[cue_label], np.float32)[:, None, None], image)
+            obj = obj & ~cue
+            sample["cue_mask"] = as_mask(cue)
+            sample["cue_label"] = cue_label
+        pixels = np.rint(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)
+        sample["image"] = tv_tensors.Image(torch.from_numpy(pixels))
+        sample["mask"] = as_mask(obj)
+        return sample
+
+
+class SyntheticSpuriousDataModule(MaskedImageDataModule):
+    """Coloured shapes on a textured background, with an optional spurious colour marker.
+
+    Class ``k`` is the shape ``SHAPES[k]`` (disc, square, triangle, cross, ring, diamond) with
+    random colour, size and position; ``masks`` are its exact pixels. The cue is a small
+    square in a free image corner whose colour (``CUE_COLOURS[k]``) names a class: in training it
+    matches the label with probability ``cue_correlation``; in validation (and so the probe
+    batch) it is drawn independently of the label, so ``cue_labels != labels`` marks the
+    cue-conflicting images. ``cue_correlation=None`` draws no cue anywhere. A low
+    ``shape_contrast`` (brightness step between shape and background) makes the shape harder
+    to see than the cue. Nothing is stored: sample ``i`` of a split is regenerated from
+    ``(seed, split, i)``.
+
+    Tuning (no cue, tiny ViT from scratch via ``ViTClassifier``, 2 CPU cores): see
+    ``benchmarks/train_synthetic.py``.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 4,
+        img_size: int = 64,
+        cue_correlation: Optional[float] = 0.9,
+        shape_contrast: float = 0.4,
+        object_size: Tuple[float, float] = (0.45, 0.8),
+        cue_size: int = 8,
+        num_train: int = 8000,
+        num_val: int = 1000,
+        num_test: int = 1000,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        mean: Tuple[float, float, float] = IMAGENET_MEAN,
+        std: Tuple[float, float, float] = IMAGENET_STD,
+        seed: int = 0,
+    ):
+        super().__init__(img_size=img_size, batch_size=batch_size, num_workers=num_workers, mean=mean, std=std, seed=seed)
+        if not 2 <= num_classes <= len(SHAPES):
+            raise ValueError(f"num_classes must be in [2, {len(SHAPES)}] (one shape per class), got {num_classes}")
+        if cue_correlation is not None and not 0.0 <= cue_correlation <= 1.0:
+            raise ValueError(f"cue_correlation must be in [0, 1] or None (no cue), got {cue_correlation}")
+        if not 0.0 < object_size[0] <= object_size[1] <= 1.0:
+            raise ValueError(f"object_size must be 0 < min <= max <= 1 (fraction of img_size), got {object_size}")
+        if not 1 <= cue_size <= img_size // 3:
+            raise ValueError(f"cue_size must be in [1, img_size // 3 = {img_size // 3}], got {cue_size}")
+        if min(num_train, num_val, num_test) < 1:
+            raise ValueError("num_train, num_val and num_test must be positive")
+        self.num_classes = num_classes
+        self.cue_correlation = cue_correlation
+        self.shape_contrast = float(shape_contrast)
+        self.object_size = (float(object_size[0]), float(object_size[1]))
+        self.cue_size = int(cue_size)
+        self.num_train, self.num_val, self.num_test = num_train, num_val, num_test
+
+    @property
+    def class_names(self) -> List[str]:
+        return list(SHAPES[: self.num_classes])
+
+    def split(self, split: str, length: int) -> SyntheticShapes:
+        # Outside training the cue is independent of the label: correlation 1/num_classes.
+        correlation = self.cue_correlation
+        if correlation is not None and split != "train":
+            correlation = 1.0 / self.num_classes
+        return SyntheticShapes(
+            length=length,
+            num_classes=self.num_classes,
+            img_size=self.img_size,
+            cue_correlation=correlation,
+            shape_contrast=self.shape_contrast,
+            object_size=self.object_size,
+            cue_size=self.cue_size,
+            seed=self.seed,
+            split=split,
+        )
+
+    def build_sources(self) -> Tuple[SyntheticShapes, SyntheticShapes, SyntheticShapes]:
+        return self.split("train", self.num_train), self.split("val", self.num_val), self.split("test", self.num_test)
+
+    def train_transform(self) -> v2.Transform:
+        # Shapes are already drawn at img_size and at random positions; a flip is all they need.
+        return v2.Compose([v2.RandomHorizontalFlip(), *self.normalize_transform()])
+
+    def eval_transform(self) -> v2.Transform:
+        return v2.Compose(self.normalize_transform())

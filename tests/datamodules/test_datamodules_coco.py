@@ -1,0 +1,85 @@
+"""CocoMaskDataModule on a COCO JSON fixture with polygon and RLE instances."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from caap_lightning.datamodules import CocoMaskDataModule
+
+W, H = 40, 30
+
+
+def uncompressed_rle(mask: np.ndarray) -> dict:
+    """COCO's uncompressed RLE: column-major run lengths, starting with a run of zeros."""
+    flat = mask.flatten(order="F").astype(np.uint8)
+    changes = np.flatnonzero(np.diff(np.concatenate([[0], flat, [1 - flat[-1]]])))
+    return {"counts": np.diff(np.concatenate([[0], changes])).tolist(), "size": [H, W]}
+
+
+def polygon(x0, y0, x1, y1):
+    return [[x0, y0, x1, y0, x1, y1, x0, y1]]
+
+
+@pytest.fixture
+def coco_files(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        Image.fromarray(np.full((H, W, 3), 128, np.uint8)).save(images / name)
+    dog = np.zeros((H, W), bool)
+    dog[:, 25:35] = True
+    anns = [
+        dict(id=1, image_id=1, category_id=1, segmentation=polygon(10, 5, 20, 25), area=200.0, bbox=[10, 5, 10, 20], iscrowd=0),
+        dict(id=2, image_id=2, category_id=2, segmentation=uncompressed_rle(dog), area=300.0, bbox=[25, 0, 10, 30], iscrowd=1),
+        dict(id=3, image_id=2, category_id=2, segmentation=polygon(5, 5, 10, 10), area=25.0, bbox=[5, 5, 5, 5], iscrowd=0),
+        dict(id=4, image_id=2, category_id=1, segmentation=polygon(12, 20, 16, 24), area=16.0, bbox=[12, 20, 4, 4], iscrowd=0),
+        dict(id=5, image_id=3, category_id=7, segmentation=polygon(1, 1, 5, 5), area=16.0, bbox=[1, 1, 4, 4], iscrowd=0),
+    ]
+    coco = {
+        "images": [dict(id=i, file_name=n, width=W, height=H) for i, n in enumerate(("a.png", "b.png", "c.png"), start=1)],
+        "annotations": anns,
+        "categories": [dict(id=1, name="cat"), dict(id=2, name="dog"), dict(id=7, name="bird")],
+    }
+    annotations = tmp_path / "instances.json"
+    annotations.write_text(json.dumps(coco))
+    return str(images), str(annotations)
+
+
+def make(coco_files, **kwargs):
+    images, annotations = coco_files
+    return CocoMaskDataModule(images, annotations, images, annotations, img_size=H, batch_size=2, **kwargs)
+
+
+def test_labels_masks_and_skipped_images(coco_files):
+    dm = make(coco_files, categories=["dog", "cat"])
+    with pytest.warns(UserWarning, match=r"1 of 3 images.*c\.png"):
+        dm.setup("fit")
+    assert dm.num_classes == 2 and dm.class_names == ["dog", "cat"]
+    assert dm.skipped_images == {"train": ["c.png"], "val": ["c.png"]}
+    batch = next(iter(dm.val_dataloader()))
+    assert batch.labels.tolist() == [1, 0]  # a.png: cat; b.png: dog (largest area beats the small cat)
+    # Resize keeps 40x30; the centre crop 30 starts at x = 5.
+    cat, dog = batch.masks
+    assert cat[15, 15 - 5] and not cat[15, 30 - 5] and not cat[2, 15 - 5]
+    assert dog[:, 26 - 5 : 34 - 5].all() and dog[7, 7 - 5]  # RLE instance and polygon instance
+    assert not dog[22, 14 - 5]  # the cat instance on the dog image is not in the dog mask
+    assert int(cat.sum()) == pytest.approx(200, abs=40)
+
+
+def test_all_categories_by_id(coco_files):
+    dm = make(coco_files)
+    dm.setup("fit")
+    assert dm.class_names == ["cat", "dog", "bird"] and dm.skipped_images["train"] == []
+    assert sorted(dm.probe_batch(3).labels.tolist()) == [0, 1, 2]
+
+
+def test_unknown_category_and_missing_files(coco_files, tmp_path):
+    with pytest.raises(ValueError, match="horse"):
+        make(coco_files, categories=["horse"]).setup("fit")
+    images, _ = coco_files
+    missing = str(tmp_path / "none.json")
+    with pytest.raises(FileNotFoundError, match="none.json"):
+        CocoMaskDataModule(images, missing, images, missing).setup("fit")
