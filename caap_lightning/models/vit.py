@@ -1,0 +1,219 @@
+"""``ViTClassifier``: a timm model fine-tuned (or trained from scratch) as a LightningModule."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import lightning as L
+import timm
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
+from timm.models import load_state_dict as timm_load_state_dict
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from torchmetrics.classification import MulticlassAccuracy
+
+from caap_lightning.utils import model_normalization
+
+# A Lightning checkpoint of this module stores the timm model's weights under this prefix.
+_LIGHTNING_PREFIX = "model."
+
+
+def load_checkpoint_weights(model: torch.nn.Module, checkpoint_path: str) -> None:
+    """Load a timm/safetensors/torch state dict (or a Lightning checkpoint) into ``model``.
+
+    A classifier head of another size is dropped and left at its fresh initialisation, as timm
+    does for a pretrained model with a new ``num_classes``; every other key must match.
+    """
+    path = Path(checkpoint_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint_path {str(path)!r} does not exist or is not a file")
+    state_dict = timm_load_state_dict(str(path), use_ema=False, weights_only=True)
+    if any(k.startswith(_LIGHTNING_PREFIX) for k in state_dict):
+        state_dict = {k[len(_LIGHTNING_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(_LIGHTNING_PREFIX)}
+    if isinstance(model, VisionTransformer):
+        # Resamples position embeddings (and patch embeddings) saved at another image/patch size.
+        state_dict = checkpoint_filter_fn(state_dict, model)
+
+    own = model.state_dict()
+    head = (getattr(model, "pretrained_cfg", None) or {}).get("classifier", "head")
+    head_keys = {k for k in own if k == head or k.startswith(head + ".")}
+    resized_head = {k for k in head_keys if k in state_dict and state_dict[k].shape != own[k].shape}
+    if resized_head:
+        state_dict = {k: v for k, v in state_dict.items() if k not in head_keys}
+    result = model.load_state_dict(state_dict, strict=False)
+    missing = set(result.missing_keys) - (head_keys if resized_head else set())
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"checkpoint {str(path)!r} does not fit {type(model).__name__}: "
+            f"missing keys {sorted(missing)}, unexpected keys {sorted(result.unexpected_keys)}"
+        )
+
+
+class ViTClassifier(L.LightningModule):
+    """An image classifier around any timm model, with AdamW, warmup + cosine and accuracy logging.
+
+    ``pretrained`` downloads timm's weights; ``checkpoint_path`` loads local ones instead (a
+    head of another size is re-initialised). ``patch_size``, ``embed_dim``, ``depth`` and
+    ``num_heads`` override the named architecture, for tiny models trained from scratch.
+    ``mean``/``std`` (the input normalisation) come from timm's ``pretrained_cfg`` unless given.
+    Batches are :class:`~caap_lightning.datamodules.ProbeBatch` or ``(images, labels)`` pairs.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "vit_tiny_patch16_224",
+        num_classes: int = 1000,
+        img_size: Optional[int] = 224,
+        patch_size: Optional[int] = None,
+        embed_dim: Optional[int] = None,
+        depth: Optional[int] = None,
+        num_heads: Optional[int] = None,
+        drop_path_rate: float = 0.0,
+        pretrained: bool = False,
+        checkpoint_path: Optional[str] = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        warmup_epochs: float = 1.0,
+        min_lr_ratio: float = 0.0,
+        label_smoothing: float = 0.0,
+        freeze_backbone: bool = False,
+        mean: Optional[Tuple[float, float, float]] = None,
+        std: Optional[Tuple[float, float, float]] = None,
+    ):
+        super().__init__()
+        if pretrained and checkpoint_path is not None:
+            raise ValueError("set either pretrained=True (timm's weights) or checkpoint_path (local weights), not both")
+        if num_classes < 1 or lr <= 0 or weight_decay < 0 or warmup_epochs < 0:
+            raise ValueError(
+                f"need num_classes >= 1, lr > 0, weight_decay >= 0, warmup_epochs >= 0; got num_classes={num_classes}, "
+                f"lr={lr}, weight_decay={weight_decay}, warmup_epochs={warmup_epochs}"
+            )
+        if not 0.0 <= label_smoothing < 1.0 or not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1) and min_lr_ratio in [0, 1], got {label_smoothing}, {min_lr_ratio}")
+        self.save_hyperparameters()
+
+        overrides: Dict[str, Any] = {
+            "img_size": img_size,
+            "patch_size": patch_size,
+            "embed_dim": embed_dim,
+            "depth": depth,
+            "num_heads": num_heads,
+        }
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if drop_path_rate:
+            overrides["drop_path_rate"] = drop_path_rate
+        self.model = timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes, **overrides)
+        if checkpoint_path is not None:
+            load_checkpoint_weights(self.model, checkpoint_path)
+        if freeze_backbone:
+            head = self.model.get_classifier()
+            head_params = {id(p) for p in head.parameters()}
+            for p in self.model.parameters():
+                p.requires_grad_(id(p) in head_params)
+
+        self._mean, self._std = model_normalization(self.model, mean, std)
+        self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+
+    @property
+    def mean(self) -> Tuple[float, ...]:
+        return self._mean
+
+    @property
+    def std(self) -> Tuple[float, ...]:
+        return self._std
+
+    @property
+    def patch_size(self) -> Optional[int]:
+        """The (square) patch side in pixels; ``None`` for a model without a patch embedding."""
+        patch_embed = getattr(self.model, "patch_embed", None)
+        if patch_embed is None:
+            return None
+        size = patch_embed.patch_size
+        return int(size[0]) if isinstance(size, (tuple, list)) else int(size)
+
+    def get_attribution_model(self) -> torch.nn.Module:
+        return self.model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data_mean, data_std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
+        if data_mean is not None and data_std is not None:
+            if not (_close(data_mean, self.mean) and _close(data_std, self.std)):
+                rank_zero_warn(
+                    f"the datamodule normalises with mean={tuple(data_mean)}, std={tuple(data_std)} but the model "
+                    f"expects mean={self.mean}, std={self.std}; set the datamodule's mean/std (or the model's) to match"
+                )
+
+    @staticmethod
+    def unpack(batch: Any) -> Tuple[torch.Tensor, torch.Tensor]:
+        if hasattr(batch, "images") and hasattr(batch, "labels"):
+            return batch.images, batch.labels
+        if isinstance(batch, dict):
+            return batch["images"], batch["labels"]
+        return batch[0], batch[1]
+
+    def _step(self, batch: Any, stage: str, accuracy: MulticlassAccuracy) -> torch.Tensor:
+        images, labels = self.unpack(batch)
+        logits = self(images)
+        smoothing = self.hparams.label_smoothing if stage == "train" else 0.0
+        loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
+        accuracy(logits, labels)
+        n = labels.shape[0]
+        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=n)
+        self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train", self.train_acc)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "val", self.val_acc)
+
+    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "test", self.test_acc)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self(self.unpack(batch)[0]).softmax(-1)
+
+    def configure_optimizers(self) -> Dict[str, Any]:
+        # timm's convention: no weight decay on biases, norms, tokens and position embeddings.
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "reg_token")) else decay).append(p)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.lr,
+        )
+        total = self.trainer.estimated_stepping_batches
+        per_epoch = total / self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else total
+        warmup = int(self.hparams.warmup_epochs * per_epoch) if math.isfinite(per_epoch) else 0
+        schedule = warmup_cosine(warmup, total, self.hparams.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def warmup_cosine(warmup_steps: int, total_steps: float, min_ratio: float = 0.0):
+    """Linear warmup to 1, then cosine decay to ``min_ratio`` at ``total_steps`` (flat if unbounded)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if not math.isfinite(total_steps) or total_steps <= warmup_steps:
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _close(a: Any, b: Any) -> bool:
+    return len(a) == len(b) and all(abs(float(x) - float(y)) < 1e-6 for x, y in zip(a, b))

@@ -1,0 +1,158 @@
+import lightning as L
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from caap_lightning.datamodules import SyntheticSpuriousDataModule
+from caap_lightning.models import ViTClassifier
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+
+
+def tiny(**kwargs) -> ViTClassifier:
+    cfg = dict(num_classes=4, **TINY)
+    cfg.update(kwargs)
+    return ViTClassifier(**cfg)
+
+
+def trainer(**kwargs) -> L.Trainer:
+    cfg = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    cfg.update(kwargs)
+    return L.Trainer(**cfg)
+
+
+def test_trains_on_synthetic_set_and_logs():
+    L.seed_everything(0)
+    model = tiny(lr=3e-3, warmup_epochs=0.0)
+    data = SyntheticSpuriousDataModule(
+        num_classes=4, img_size=32, cue_size=6, cue_correlation=1.0, num_train=64, num_val=32,
+        batch_size=32, mean=model.mean, std=model.std,
+    )
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+
+    def loss() -> float:
+        with torch.no_grad():
+            return float(torch.nn.functional.cross_entropy(model.eval()(batch.images), batch.labels))
+
+    before = loss()
+    model.train()
+    t = trainer(max_epochs=10)
+    t.fit(model, datamodule=data)
+    assert loss() < 0.95 * before
+    for key in ("train/loss", "train/acc", "val/loss", "val/acc"):
+        assert key in t.callback_metrics
+
+
+def test_normalisation_patch_size_and_attribution_model():
+    model = tiny()
+    assert model.mean == (0.5, 0.5, 0.5) and model.std == (0.5, 0.5, 0.5)  # vit_tiny's pretrained_cfg
+    assert model.patch_size == 8 and model.get_attribution_model() is model.model
+    custom = tiny(mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6))
+    assert custom.mean == (0.1, 0.2, 0.3) and custom.std == (0.4, 0.5, 0.6)
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 4)
+
+
+def test_warns_when_datamodule_normalises_differently():
+    model = tiny()
+    data = SyntheticSpuriousDataModule(num_classes=4, img_size=32, cue_size=4, num_train=32, num_val=32, batch_size=32)
+    with pytest.warns(UserWarning, match="normalises with mean"):
+        trainer(max_steps=1, limit_val_batches=0).fit(model, datamodule=data)
+
+
+def test_freeze_backbone_trains_only_the_head():
+    model = tiny(freeze_backbone=True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"model.head.weight", "model.head.bias"}
+
+
+@pytest.mark.parametrize("fmt", ["pth", "safetensors", "lightning"])
+def test_loads_checkpoint_formats(tmp_path, fmt):
+    source = tiny()
+    if fmt == "pth":
+        path = tmp_path / "weights.pth"
+        torch.save(source.model.state_dict(), path)
+    elif fmt == "safetensors":
+        path = tmp_path / "weights.safetensors"
+        save_file({k: v.contiguous() for k, v in source.model.state_dict().items()}, str(path))
+    else:
+        path = tmp_path / "run.ckpt"
+        t = trainer(max_steps=0)
+        t.strategy.connect(source)
+        t.save_checkpoint(path, weights_only=True)
+    loaded = tiny(checkpoint_path=str(path))
+    for (name, a), b in zip(source.model.state_dict().items(), loaded.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_head_of_another_size_is_reinitialised(tmp_path):
+    source = tiny(num_classes=10)
+    path = tmp_path / "weights.pth"
+    torch.save({"state_dict": source.model.state_dict()}, path)
+    torch.manual_seed(1)
+    loaded = tiny(num_classes=3, checkpoint_path=str(path))
+    assert loaded.model.head.weight.shape == (3, 32)
+    assert torch.equal(loaded.model.blocks[1].mlp.fc1.weight, source.model.blocks[1].mlp.fc1.weight)
+    assert torch.equal(loaded.model.pos_embed, source.model.pos_embed)
+
+
+def test_position_embeddings_are_resampled_for_another_image_size(tmp_path):
+    source = tiny()
+    path = tmp_path / "weights.pth"
+    torch.save(source.model.state_dict(), path)
+    loaded = tiny(img_size=48, checkpoint_path=str(path))
+    assert loaded.model.pos_embed.shape == (1, 1 + 36, 32)
+    assert torch.equal(loaded.model.cls_token, source.model.cls_token)
+
+
+def test_checkpoint_errors(tmp_path):
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        tiny(checkpoint_path=str(missing))
+    path = tmp_path / "deeper.pth"
+    torch.save(tiny(depth=3).model.state_dict(), path)
+    with pytest.raises(RuntimeError, match="blocks.2"):
+        tiny(checkpoint_path=str(path))
+    with pytest.raises(ValueError, match="not both"):
+        tiny(pretrained=True, checkpoint_path=str(path))
+
+
+def test_warmup_then_cosine_schedule():
+    model = tiny(lr=1e-3, warmup_epochs=1.0, min_lr_ratio=0.1)
+    data = SyntheticSpuriousDataModule(num_classes=4, img_size=32, cue_size=4, num_train=40, num_val=8, batch_size=10,
+                                       mean=model.mean, std=model.std)
+    lrs = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    trainer(max_epochs=3, limit_val_batches=0, callbacks=[Record()]).fit(model, datamodule=data)
+    assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert all(a > b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] > 1e-4
+
+
+def test_lightning_cli_exposes_every_argument(tmp_path):
+    from lightning.pytorch.cli import LightningCLI
+
+    cli = LightningCLI(
+        ViTClassifier,
+        SyntheticSpuriousDataModule,
+        run=False,
+        args=[
+            "--model.num_classes=3", "--model.img_size=32", "--model.patch_size=8", "--model.embed_dim=32",
+            "--model.depth=1", "--model.num_heads=2", "--model.mean=[0.5,0.5,0.5]", "--data.num_classes=3",
+            "--data.img_size=32", "--data.cue_correlation=null", "--data.mean=[0.5,0.5,0.5]",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+    )
+    assert cli.model.patch_size == 8 and cli.model.mean == (0.5, 0.5, 0.5)
+    assert cli.datamodule.cue_correlation is None and cli.datamodule.mean == (0.5, 0.5, 0.5)
