@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import lightning as L
 import torch
@@ -196,15 +197,27 @@ class MaskedImageDataModule(L.LightningDataModule):
         return collate_samples([dataset[i] for i in range(n)])
 
 
-def raise_if_missing(missing: Sequence[Any], dataset: str, root: str, layout: str, download_size: str) -> None:
-    """Fail naming the first missing files, the expected on-disk layout and the download switch."""
-    if not missing:
-        return
-    shown = ", ".join(str(p) for p in missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-    raise FileNotFoundError(
-        f"{dataset} is missing or incomplete under {str(root)!r}: no {shown}. Expected layout:\n"
-        f"{layout}\nPass download=True to fetch it ({download_size})."
-    )
+def check_layout(
+    dataset: str,
+    root: str,
+    listings: Sequence[Path],
+    files_of: Callable[[Path], Iterable[Path]],
+    layout: str,
+    download_size: str,
+) -> None:
+    """Fail if a split listing or a file it lists is missing, naming them, the layout and ``download=True``."""
+    missing: List[Path] = []
+    for listing in listings:
+        if listing.is_file():
+            missing.extend(path for path in files_of(listing) if not path.is_file())
+        else:
+            missing.append(listing)
+    if missing:
+        shown = ", ".join(str(p) for p in missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise FileNotFoundError(
+            f"{dataset} is missing or incomplete under {str(root)!r}: no {shown}. Expected layout:\n"
+            f"{layout}\nPass download=True to fetch it ({download_size})."
+        )
 
 
 def as_mask(array: Any) -> tv_tensors.Mask:

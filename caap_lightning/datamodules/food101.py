@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 from torch.utils.data import Dataset
 from torchvision.datasets import Food101
 
-from caap_lightning.datamodules.base import MaskedImageDataModule, raise_if_missing
+from caap_lightning.datamodules.base import MaskedImageDataModule, check_layout
 from caap_lightning.utils import IMAGENET_MEAN, IMAGENET_STD
 
 FOOD101_LAYOUT = """<root>/food-101/
@@ -20,15 +20,13 @@ FOOD101_LAYOUT = """<root>/food-101/
 def check_food101_layout(root: str) -> None:
     """Fail with the expected layout if ``root`` lacks a split list or a listed image."""
     base = Path(root) / "food-101"
-    missing: List[Path] = []
-    for split in ("train", "test"):
-        listing = base / "meta" / f"{split}.json"
-        if not listing.is_file():
-            missing.append(listing)
-            continue
+
+    def files_of(listing: Path) -> Iterator[Path]:
         for names in json.loads(listing.read_text()).values():
-            missing.extend(p for p in (base / "images" / f"{name}.jpg" for name in names) if not p.is_file())
-    raise_if_missing(missing, "Food-101", root, FOOD101_LAYOUT, "about 5 GB")
+            yield from (base / "images" / f"{name}.jpg" for name in names)
+
+    listings = [base / "meta" / f"{split}.json" for split in ("train", "test")]
+    check_layout("Food-101", root, listings, files_of, FOOD101_LAYOUT, "about 5 GB")
 
 
 class Food101Source(Dataset):

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Literal, Tuple
+from typing import Dict, Iterator, List, Literal, Tuple
 
 import numpy as np
 from torch.utils.data import Dataset
 from torchvision.datasets import OxfordIIITPet
 
-from caap_lightning.datamodules.base import MaskedImageDataModule, as_mask, raise_if_missing
+from caap_lightning.datamodules.base import MaskedImageDataModule, as_mask, check_layout
 from caap_lightning.utils import IMAGENET_MEAN, IMAGENET_STD
 
 PET_LAYOUT = """<root>/oxford-iiit-pet/
@@ -24,19 +24,14 @@ _TRIMAP_BACKGROUND = 2
 def check_pet_layout(root: str) -> None:
     """Fail with the expected layout if ``root`` lacks a split list, an image or a trimap."""
     base = Path(root) / "oxford-iiit-pet"
-    missing: List[Path] = []
-    for split in ("trainval", "test"):
-        listing = base / "annotations" / f"{split}.txt"
-        if not listing.is_file():
-            missing.append(listing)
-            continue
-        for line in listing.read_text().split("\n"):
-            if line.strip():
-                image_id = line.split()[0]
-                for path in (base / "images" / f"{image_id}.jpg", base / "annotations" / "trimaps" / f"{image_id}.png"):
-                    if not path.is_file():
-                        missing.append(path)
-    raise_if_missing(missing, "Oxford-IIIT Pet", root, PET_LAYOUT, "about 800 MB")
+
+    def files_of(listing: Path) -> Iterator[Path]:
+        for image_id in (line.split()[0] for line in listing.read_text().splitlines() if line.strip()):
+            yield base / "images" / f"{image_id}.jpg"
+            yield base / "annotations" / "trimaps" / f"{image_id}.png"
+
+    listings = [base / "annotations" / f"{split}.txt" for split in ("trainval", "test")]
+    check_layout("Oxford-IIIT Pet", root, listings, files_of, PET_LAYOUT, "about 800 MB")
 
 
 class PetSource(Dataset):

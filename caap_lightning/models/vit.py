@@ -143,7 +143,7 @@ class ViTClassifier(L.LightningModule):
         return self.model(images)
 
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = self.trainer.datamodule
         data_mean, data_std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
         if data_mean is not None and data_std is not None:
             if not (_close(data_mean, self.mean) and _close(data_std, self.std)):
