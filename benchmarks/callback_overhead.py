@@ -1,0 +1,119 @@
+"""What CAAPCallback adds to a training epoch of the demo, with its default settings; one JSON line.
+
+Runs ``configs/demo.yaml`` through the CLI (CPU, 2 threads) and times, in the same run, each
+epoch (training + validation + the check) and each ``CAAPCallback`` check, in wall-clock and
+process CPU seconds. The overhead is check / (epoch - check): the share the check adds to an
+epoch without it. CPU seconds are the steadier figure on a shared machine. The first epoch also
+draws the synthetic images (cached afterwards) and builds CAAP's blank, so the steady state is
+the mean over the later epochs.
+
+    python benchmarks/callback_overhead.py                # 3 epochs of the demo
+    python benchmarks/callback_overhead.py --epochs 2 --trainer.logger=false
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+import lightning as L
+import torch
+
+from caap_lightning.callbacks import CAAPCallback
+from caap_lightning.cli import cli
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+class EpochClock(L.Callback):
+    """Wall and CPU seconds of every epoch (train start to validation end) and of every CAAP check."""
+
+    def __init__(self) -> None:
+        self.rows: List[Dict[str, float]] = []
+        self._start = (0.0, 0.0)
+        self._check = (0.0, 0.0)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        caap = next(cb for cb in trainer.callbacks if isinstance(cb, CAAPCallback))
+        run_check = caap.run_check
+
+        def timed(*args: Any, **kwargs: Any):
+            wall, cpu = time.perf_counter(), time.process_time()
+            try:
+                return run_check(*args, **kwargs)
+            finally:
+                self._check = (time.perf_counter() - wall, time.process_time() - cpu)
+
+        caap.run_check = timed
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = (time.perf_counter(), time.process_time())
+        self._check = (0.0, 0.0)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        epoch_wall = time.perf_counter() - self._start[0]
+        epoch_cpu = time.process_time() - self._start[1]
+        check_wall, check_cpu = self._check
+        self.rows.append(
+            {
+                "epoch": trainer.current_epoch,
+                "epoch_wall_s": round(epoch_wall, 2),
+                "epoch_cpu_s": round(epoch_cpu, 2),
+                "check_wall_s": round(check_wall, 2),
+                "check_cpu_s": round(check_cpu, 2),
+                "overhead_wall": round(check_wall / (epoch_wall - check_wall), 4),
+                "overhead_cpu": round(check_cpu / (epoch_cpu - check_cpu), 4),
+            }
+        )
+
+
+def main() -> Dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args, extra = parser.parse_known_args()
+    torch.set_num_threads(args.threads)
+    clock = EpochClock()
+    with tempfile.TemporaryDirectory() as tmp:
+        run = cli(
+            [
+                "--config", str(CONFIG),
+                f"--trainer.max_epochs={args.epochs}",
+                f"--trainer.logger.init_args.save_dir={tmp}",
+                f"--trainer.default_root_dir={tmp}",
+                *extra,
+            ],
+            run=False,
+        )
+        run.trainer.callbacks.insert(0, clock)
+        run.trainer.fit(run.model, datamodule=run.datamodule)
+    caap = next(cb for cb in run.trainer.callbacks if isinstance(cb, CAAPCallback))
+    later = clock.rows[1:] or clock.rows
+    result = {
+        "benchmark": "callback_overhead",
+        "config": "configs/demo.yaml",
+        "callback": {k: getattr(caap, k) for k in ("num_images", "method", "selection", "insertion_deletion_steps")},
+        "metrics": caap.active_metrics,
+        "epochs": clock.rows,
+        "steady_overhead_wall": round(sum(r["overhead_wall"] for r in later) / len(later), 4),
+        "steady_overhead_cpu": round(sum(r["overhead_cpu"] for r in later) / len(later), 4),
+        "threads": args.threads,
+        "cpus": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+        "torch": torch.__version__,
+    }
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""CAAPCallback end to end on tiny synthetic data: TensorBoard output, errors, resume."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import timm
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from caap_lightning import CAAP
+from caap_lightning.callbacks import CAAPCallback, SpuriousCueMonitor
+
+
+def test_fit_logs_heatmaps_and_finite_scalars_at_the_validation_steps(
+    tmp_path, data_factory, classifier_factory, trainer_factory, events_reader
+):
+    caap = CAAPCallback(num_images=6, max_images_logged=3)
+    trainer = trainer_factory(tmp_path, [caap, SpuriousCueMonitor()], max_epochs=2)
+    trainer.fit(classifier_factory(), datamodule=data_factory())
+
+    events = events_reader(trainer.logger.log_dir)
+    scalars = events["scalars"]
+    val_steps = sorted(scalars["val/acc"])
+    assert len(val_steps) == 2
+    expected = {
+        "caap/aupr_fg", "caap/aupr_fg_lift", "caap/aupr_bg", "caap/aupr_bg_lift", "caap/pointing_game",
+        "caap/insertion", "caap/deletion", "caap/insdel", "caap/background_mass",
+        "caap/background_mass_ratio", "caap/cue_mass", "caap/cue_mass_ratio", "caap/seconds",
+    }
+    assert expected <= set(scalars)
+    for name in expected:
+        assert sorted(scalars[name]) == val_steps, name
+    # insdel_informative is NaN, so not logged, when every probe image's substrate is the target.
+    for name in [n for n in scalars if n.startswith("caap/")]:
+        assert set(scalars[name]) <= set(val_steps), name
+        assert all(math.isfinite(v) for v in scalars[name].values()), name
+    assert sorted(scalars["spurious/score"]) == val_steps
+    assert events["images"]["caap/heatmaps"] == val_steps
+    assert events["images"]["caap/insertion_deletion"] == val_steps
+
+    assert [row["epoch"] for row in caap.history] == [0, 1]
+    last = caap.last
+    assert last.maps.shape == (6, 4, 4) and last.targets.shape == (6,)
+    assert set(last.per_image) == {"background_mass", "background_mass_ratio", "cue_mass", "cue_mass_ratio"}
+    # The logged values are the history's.
+    assert scalars["caap/cue_mass_ratio"][val_steps[-1]] == pytest.approx(caap.history[-1]["caap/cue_mass_ratio"], rel=1e-5)
+
+
+def test_every_n_epochs_and_validate_and_test_runs(tmp_path, data_factory, classifier_factory, trainer_factory):
+    caap = CAAPCallback(every_n_epochs=2, num_images=4, metrics=["pointing_game"], log_images=False)
+    trainer = trainer_factory(tmp_path, [caap], max_epochs=3, limit_train_batches=1)
+    model, data = classifier_factory(), data_factory()
+    trainer.fit(model, datamodule=data)
+    assert [row["epoch"] for row in caap.history] == [1]
+    trainer.validate(model, datamodule=data, verbose=False)
+    trainer.test(model, datamodule=data, verbose=False)
+    assert len(caap.history) == 3
+    assert set(caap.history[-1]) == {"epoch", "step", "caap/pointing_game", "caap/seconds"}
+
+
+def test_maps_are_the_engines_relative_maps(tmp_path, data_factory, classifier_factory, trainer_factory):
+    caap = CAAPCallback(num_images=4, metrics=["insertion_deletion"], target="label", log_images=False)
+    model, data = classifier_factory(), data_factory()
+    trainer_factory(tmp_path, [caap]).validate(model, datamodule=data, verbose=False)
+    probe = data.probe_batch(4)
+    expected = CAAP(model.model, mean=data.mean, std=data.std).attribute(probe.images, target=probe.labels, relative=True)
+    torch.testing.assert_close(caap.last.maps, expected, atol=1e-5, rtol=1e-4)
+    assert torch.equal(caap.last.targets, probe.labels)
+
+
+def test_metric_that_needs_missing_masks_fails_in_setup(tmp_path, data_factory, classifier_factory, trainer_factory):
+    trainer = trainer_factory(tmp_path, [CAAPCallback(metrics=["pointing_game", "cue_mass_ratio"])])
+    with pytest.raises(ValueError, match=r"\['cue_mass_ratio'\] need cue_masks.*remove them from `metrics`"):
+        trainer.fit(classifier_factory(), datamodule=data_factory(cue_correlation=None))
+    assert trainer.global_step == 0
+
+
+def test_default_metrics_are_those_the_probe_allows(tmp_path, data_factory, classifier_factory, trainer_factory):
+    caap = CAAPCallback(num_images=4)
+    trainer_factory(tmp_path, [caap]).validate(classifier_factory(), datamodule=data_factory(cue_correlation=None), verbose=False)
+    assert caap.active_metrics == [
+        "aupr_fg", "aupr_bg", "pointing_game", "insertion_deletion", "background_mass", "background_mass_ratio"
+    ]
+
+
+class ConvClassifier(L.LightningModule):
+    """A CNN: nothing CAAP can attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self.model(batch.images), batch.labels)
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_unsupported_model_fails_in_setup(tmp_path, data_factory, trainer_factory):
+    trainer = trainer_factory(tmp_path, [CAAPCallback()])
+    with pytest.raises(ValueError, match=r"cannot attribute ConvClassifier \(attribution model: Sequential\).*get_attribution_model"):
+        trainer.fit(ConvClassifier(), datamodule=data_factory())
+    assert trainer.global_step == 0
+
+
+def test_image_size_mismatch_fails_in_setup(tmp_path, data_factory, classifier_factory, trainer_factory):
+    trainer = trainer_factory(tmp_path, [CAAPCallback()])
+    with pytest.raises(ValueError, match="differs from the model's img_size"):
+        trainer.fit(classifier_factory(), datamodule=data_factory(img_size=48))
+
+
+def test_needs_a_datamodule_with_a_probe_batch(tmp_path, data_factory, classifier_factory, trainer_factory):
+    data = data_factory()
+    data.setup()
+    trainer = trainer_factory(tmp_path, [CAAPCallback()])
+    with pytest.raises(ValueError, match="needs a datamodule with probe_batch"):
+        trainer.validate(classifier_factory(), dataloaders=data.val_dataloader(), verbose=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"every_n_epochs": 0}, "every_n_epochs >= 1"),
+        ({"metrics": ["aupr"]}, "unknown: \\['aupr'\\]"),
+        ({"selection": "box3"}, "selection='box3'"),
+        ({"blank": "grey"}, "blank='grey'"),
+        ({"method": "fast"}, "method='fast'"),
+        ({"target": "true"}, "target='true'"),
+        ({"on_error": "ignore"}, "on_error='ignore'"),
+        ({"insertion_deletion_steps": 0}, "insertion_deletion_steps"),
+    ],
+)
+def test_arguments_are_validated_in_init(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CAAPCallback(**kwargs)
+
+
+def test_error_with_on_error_warn_leaves_training_running(
+    tmp_path, monkeypatch, data_factory, classifier_factory, trainer_factory
+):
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(CAAP, "attribute", broken)
+    caap = CAAPCallback(num_images=4)
+    trainer = trainer_factory(tmp_path, [caap], max_epochs=2, limit_train_batches=1)
+    with pytest.warns(UserWarning, match=r"computing the CAAP maps and metric updates failed at epoch \d \(RuntimeError: boom\)"):
+        trainer.fit(classifier_factory(), datamodule=data_factory())
+    assert trainer.current_epoch == 2 and trainer.global_step == 2
+    assert caap.history == [] and caap.last is None
+
+
+def test_error_with_on_error_raise_stops(tmp_path, monkeypatch, data_factory, classifier_factory, trainer_factory):
+    monkeypatch.setattr(CAAP, "attribute", lambda self, *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    trainer = trainer_factory(tmp_path, [CAAPCallback(num_images=4, on_error="raise")], limit_train_batches=1)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(classifier_factory(), datamodule=data_factory())
+
+
+@pytest.mark.filterwarnings("ignore:SpuriousCueMonitor")
+def test_resume_restores_both_histories(tmp_path, data_factory, classifier_factory, trainer_factory):
+    runs = []
+
+    def callbacks():
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / f"ckpt{len(runs)}", save_last=True)
+        runs.append(checkpoint)
+        caap = CAAPCallback(num_images=4, metrics=["cue_mass_ratio"], log_images=False)
+        monitor = SpuriousCueMonitor(threshold=None, min_delta=0.0)
+        return [caap, monitor, checkpoint]
+
+    first = callbacks()
+    trainer = trainer_factory(tmp_path, first, max_epochs=2, limit_train_batches=1, enable_checkpointing=True)
+    trainer.fit(classifier_factory(), datamodule=data_factory())
+    assert len(first[0].history) == 2 and len(first[1].history) == 2
+
+    second = callbacks()
+    trainer = trainer_factory(tmp_path, second, max_epochs=3, limit_train_batches=1, enable_checkpointing=True)
+    trainer.fit(classifier_factory(seed=1), datamodule=data_factory(), ckpt_path=str(tmp_path / "ckpt0" / "last.ckpt"))
+    assert second[0].history[:2] == first[0].history
+    assert [row["epoch"] for row in second[0].history] == [0, 1, 2]
+    assert second[1].history[:2] == first[1].history and len(second[1].history) == 3
+    state = {k: v for k, v in first[1].state_dict().items() if k != "history"}
+    assert state["best"] == min(row["score"] for row in first[1].history)
+    assert second[1].best <= state["best"]
+
+
+class LitViT(VisionTransformer, L.LightningModule):
+    """A LightningModule that is itself a timm ViT (no ``model``, no hook)."""
+
+    def __init__(self) -> None:
+        super().__init__(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3)
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+
+def test_attribution_model_resolution(tmp_path, data_factory, trainer_factory, classifier_factory):
+    classifier = classifier_factory()
+    assert CAAPCallback.attribution_model(classifier) is classifier.model  # the hook
+
+    class Wrapped(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=3)
+
+    wrapped = Wrapped()
+    assert CAAPCallback.attribution_model(wrapped) is wrapped.model
+
+    lit = LitViT()
+    assert CAAPCallback.attribution_model(lit) is lit
+    caap = CAAPCallback(num_images=4, metrics=["pointing_game"], log_images=False)
+    trainer_factory(tmp_path, [caap]).validate(lit, datamodule=data_factory(), verbose=False)
+    assert len(caap.history) == 1

@@ -1,0 +1,114 @@
+"""SpuriousCueMonitor: alarms on a rising series, quiet on a flat one, in a Trainer and alone."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+from caap_lightning.callbacks import CAAPCallback, SpuriousCueMonitor
+
+RISING = [0.8, 1.0, 1.6, 2.4, 3.0]
+FLAT = [2.0, 2.02, 1.98, 2.0, 2.01]
+
+
+def alarms(monitor: SpuriousCueMonitor, series):
+    return [i for i, score in enumerate(series) if monitor.update(score)]
+
+
+def test_rises_alarm_after_patience_bad_checks_and_flat_series_stay_quiet():
+    assert alarms(SpuriousCueMonitor(threshold=1.5, patience=2), RISING) == [3]  # 1.6 and 2.4 are past 1.5
+    assert alarms(SpuriousCueMonitor(threshold=None, patience=2), RISING) == [2]
+    assert alarms(SpuriousCueMonitor(threshold=1.5, patience=2), FLAT) == []  # a level, however high, is no rise
+    assert alarms(SpuriousCueMonitor(threshold=None, patience=1, min_delta=0.5), [1.0, 1.4, 1.2, 1.6]) == [3]
+    # mode="min": a falling score (e.g. pointing game) is the bad direction.
+    assert alarms(SpuriousCueMonitor(threshold=0.5, patience=2, mode="min"), [0.9, 0.6, 0.4, 0.3]) == [3]
+
+
+def test_a_good_check_resets_the_count():
+    monitor = SpuriousCueMonitor(threshold=None, patience=2)
+    assert alarms(monitor, [1.0, 1.5, 0.9, 1.5, 1.6]) == [4]
+    assert monitor.best == 0.9 and monitor.alarmed
+
+
+@pytest.mark.parametrize("kwargs", [{"mode": "up"}, {"patience": 0}, {"min_delta": -1}, {"monitor": "val/acc"}])
+def test_arguments_are_validated_in_init(kwargs):
+    with pytest.raises(ValueError):
+        SpuriousCueMonitor(**kwargs)
+
+
+def scripted(caap: CAAPCallback, series, key="caap/cue_mass_ratio"):
+    """Make the callback report ``series[epoch]`` for ``key`` instead of the measured value."""
+    finish = caap._finish
+
+    def fake(trainer, shard, epoch, step):
+        result = finish(trainer, shard, epoch, step)
+        result.metrics[key] = series[epoch]
+        return result
+
+    caap._finish = fake
+    return caap
+
+
+def fit(tmp_path, data_factory, classifier_factory, trainer_factory, series, **monitor_kwargs):
+    caap = scripted(CAAPCallback(num_images=4, metrics=["cue_mass_ratio", "background_mass"], log_images=False), series)
+    monitor = SpuriousCueMonitor(num_images=2, **monitor_kwargs)
+    trainer = trainer_factory(tmp_path, [caap, monitor], max_epochs=len(series), limit_train_batches=1)
+    trainer.fit(classifier_factory(), datamodule=data_factory())
+    return trainer, monitor
+
+
+def test_in_a_fit_rising_series_alarms_with_warning_scalar_and_text(
+    tmp_path, data_factory, classifier_factory, trainer_factory, events_reader
+):
+    with pytest.warns(UserWarning, match=r"SpuriousCueMonitor: alarm at epoch 3 \(step \d+\): caap/cue_mass_ratio = 2\.400"):
+        trainer, monitor = fit(tmp_path, data_factory, classifier_factory, trainer_factory, RISING)
+    assert monitor.monitor_key == "caap/cue_mass_ratio"
+    assert [a["epoch"] for a in monitor.alarms] == [3]
+
+    events = events_reader(trainer.logger.log_dir)
+    score, alarm = events["scalars"]["spurious/score"], events["scalars"]["spurious/alarm"]
+    steps = sorted(score)
+    assert [round(score[s], 4) for s in steps] == RISING
+    assert [alarm[s] for s in steps] == [0, 0, 0, 1, 1]
+    text = events["texts"]["spurious/alarm/text_summary"]
+    assert list(text) == [steps[3]]
+    assert "epoch 3" in text[steps[3]] and "rely most on the cue" in text[steps[3]] and "| #" in text[steps[3]]
+    assert events["images"]["spurious/alarm_images"] == [steps[3]]
+
+
+def test_in_a_fit_flat_series_stays_quiet(tmp_path, data_factory, classifier_factory, trainer_factory, events_reader):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="SpuriousCueMonitor")
+        trainer, monitor = fit(tmp_path, data_factory, classifier_factory, trainer_factory, FLAT)
+    assert monitor.alarms == [] and not monitor.alarmed
+    events = events_reader(trainer.logger.log_dir)
+    assert set(events["scalars"]["spurious/alarm"].values()) == {0.0}
+    assert "spurious/alarm/text_summary" not in events["texts"]
+
+
+@pytest.mark.filterwarnings("ignore:SpuriousCueMonitor")
+def test_stop_training_ends_the_fit_at_the_alarm(tmp_path, data_factory, classifier_factory, trainer_factory):
+    trainer, monitor = fit(tmp_path, data_factory, classifier_factory, trainer_factory, RISING, stop_training=True)
+    assert monitor.alarms[0]["epoch"] == 3 and trainer.current_epoch == 4 and len(monitor.history) == 4
+
+
+def test_setup_errors_say_what_to_change(tmp_path, data_factory, classifier_factory, trainer_factory):
+    trainer = trainer_factory(tmp_path, [SpuriousCueMonitor()])
+    with pytest.raises(ValueError, match="add exactly one CAAPCallback"):
+        trainer.fit(classifier_factory(), datamodule=data_factory())
+    caap = CAAPCallback(metrics=["pointing_game"])
+    trainer = trainer_factory(tmp_path, [caap, SpuriousCueMonitor(monitor="caap/cue_mass_ratio")])
+    with pytest.raises(ValueError, match=r"monitor='caap/cue_mass_ratio' is not among the metrics CAAPCallback logs"):
+        trainer.fit(classifier_factory(), datamodule=data_factory())
+    trainer = trainer_factory(tmp_path, [CAAPCallback(metrics=["insertion_deletion"]), SpuriousCueMonitor()])
+    with pytest.raises(ValueError, match="need cue or object masks"):
+        trainer.fit(classifier_factory(), datamodule=data_factory())
+
+
+def test_default_monitor_follows_the_masks(tmp_path, data_factory, classifier_factory, trainer_factory):
+    for cue, expected in ((0.9, "caap/cue_mass_ratio"), (None, "caap/background_mass_ratio")):
+        monitor = SpuriousCueMonitor()
+        trainer = trainer_factory(tmp_path, [CAAPCallback(num_images=4, log_images=False), monitor])
+        trainer.validate(classifier_factory(), datamodule=data_factory(cue_correlation=cue), verbose=False)
+        assert monitor.monitor_key == expected and len(monitor.history) == 1
