@@ -20,7 +20,7 @@ from torch import nn
 from caap_lightning.attribution import vit
 from caap_lightning.attribution.blanks import BlankSpec, check_blank, make_blank
 from caap_lightning.attribution.selection import selection_members
-from caap_lightning.utils import model_normalization, upsample_maps
+from caap_lightning.utils import eval_mode, model_normalization, upsample_maps
 
 TargetLike = Union[None, int, Sequence[int], torch.Tensor]
 SCORES = ("probability", "logit")
@@ -58,7 +58,7 @@ class PatchAttribution:
         vit.check_images(self.model, images)
         device, dtype = vit.model_device_dtype(self.model)
         images = images.to(device=device, dtype=dtype)
-        with vit.eval_mode(self.model):
+        with eval_mode(self.model):
             maps = self._attribute(images, target).detach().float()
         if upsample:
             maps = upsample_maps(maps, tuple(images.shape[-2:]))
@@ -184,7 +184,7 @@ class AttentionRollout(PatchAttribution):
         """The rolled-out token-to-token matrix ``(B, T, T)`` before pooling (rows sum to one)."""
         vit.check_images(self.model, images)
         device, dtype = vit.model_device_dtype(self.model)
-        with vit.eval_mode(self.model):
+        with eval_mode(self.model):
             return self._rollout(images.to(device=device, dtype=dtype))[1]
 
     @torch.no_grad()
