@@ -142,8 +142,8 @@ def test_saturated_blank_warns_once_per_class(vit_factory):
 def test_efficient_ranks_patches_like_parallel(vit_factory):
     # E-CAAP's blank part uses the blank's queries instead of the group's. Scale 8 makes
     # attention sharp, where the two differ most: measured rho 0.957..0.997 over 4 seeds
-    # (1.0 at timm's init scale). 0.9 leaves room across seeds and still fails a broken
-    # subtraction of the S(p) terms, which scrambles the ranking.
+    # (1.0 at timm's init scale). 0.9 leaves room across seeds; the exactness test below
+    # is what catches a broken subtraction of the S(p) terms.
     rhos = []
     for seed in range(3):
         model = vit_factory(scale=8.0, seed=seed, img_size=48)
@@ -153,6 +153,18 @@ def test_efficient_ranks_patches_like_parallel(vit_factory):
         for a, b in zip(parallel, efficient):
             rhos.append(spearmanr(a.flatten().numpy(), b.flatten().numpy()).statistic)
     assert min(rhos) > 0.9, rhos
+
+
+def test_efficient_is_exact_where_the_group_query_is_the_blanks(vit_factory):
+    # In block 1 the class token's state is the image-independent h_0, so its query equals
+    # the blank context's: with one block and k = 1, E-CAAP's only approximation vanishes
+    # and it must equal parallel. Not subtracting the S(p) blank terms breaks this.
+    model = vit_factory(scale=8.0, depth=1)
+    images = _images(2)
+    parallel = CAAP(model, layer_cutoff=1).attribute(images, target=[0, 1])
+    efficient = CAAP(model, layer_cutoff=1, method="efficient").attribute(images, target=[0, 1])
+    assert (parallel.amax((1, 2)) - parallel.amin((1, 2))).min() > 0.02
+    torch.testing.assert_close(efficient, parallel, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize(
