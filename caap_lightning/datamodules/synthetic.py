@@ -156,8 +156,8 @@ class SyntheticSpuriousDataModule(MaskedImageDataModule):
     batch) it is drawn independently of the label, so ``cue_labels != labels`` marks the
     cue-conflicting images. ``cue_correlation=None`` draws no cue anywhere. A low
     ``shape_contrast`` (brightness step between shape and background) makes the shape harder
-    to see than the cue. Nothing is stored: sample ``i`` of a split is regenerated from
-    ``(seed, split, i)``.
+    to see than the cue. No files: sample ``i`` of a split is drawn from ``(seed, split, i)`` on
+    first use and kept in memory.
 
     Tuning (no cue, tiny ViT from scratch via ``ViTClassifier``, 2 CPU cores): see
     ``benchmarks/train_synthetic.py``.

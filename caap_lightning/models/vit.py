@@ -25,7 +25,8 @@ def load_checkpoint_weights(model: torch.nn.Module, checkpoint_path: str) -> Non
     """Load a timm/safetensors/torch state dict (or a Lightning checkpoint) into ``model``.
 
     A classifier head of another size is dropped and left at its fresh initialisation, as timm
-    does for a pretrained model with a new ``num_classes``; every other key must match.
+    does for a pretrained model with a new ``num_classes``; every other key must match. Position
+    embeddings saved at another image size are resampled (timm's ViT checkpoint filter).
     """
     path = Path(checkpoint_path)
     if not path.is_file():
@@ -40,11 +41,13 @@ def load_checkpoint_weights(model: torch.nn.Module, checkpoint_path: str) -> Non
     own = model.state_dict()
     head = (getattr(model, "pretrained_cfg", None) or {}).get("classifier", "head")
     head_keys = {k for k in own if k == head or k.startswith(head + ".")}
-    resized_head = {k for k in head_keys if k in state_dict and state_dict[k].shape != own[k].shape}
-    if resized_head:
-        state_dict = {k: v for k, v in state_dict.items() if k not in head_keys}
-    result = model.load_state_dict(state_dict, strict=False)
-    missing = set(result.missing_keys) - (head_keys if resized_head else set())
+    # A head of another size (or none, for a headless backbone) stays at its fresh initialisation.
+    state_dict = {k: v for k, v in state_dict.items() if k not in head_keys or v.shape == own[k].shape}
+    try:
+        result = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as error:
+        raise RuntimeError(f"checkpoint {str(path)!r} does not fit {type(model).__name__}: {error}") from error
+    missing = set(result.missing_keys) - head_keys
     if missing or result.unexpected_keys:
         raise RuntimeError(
             f"checkpoint {str(path)!r} does not fit {type(model).__name__}: "
@@ -183,21 +186,25 @@ class ViTClassifier(L.LightningModule):
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return self(self.unpack(batch)[0]).softmax(-1)
 
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        # The checkpoint holds the weights: reloading it must not need timm's download or the original file.
+        hparams = checkpoint.get("hyper_parameters")
+        if hparams is not None:
+            hparams["pretrained"] = False
+            hparams["checkpoint_path"] = None
+
     def configure_optimizers(self) -> Dict[str, Any]:
         # timm's convention: no weight decay on biases, norms, tokens and position embeddings.
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
             if p.requires_grad:
                 (no_decay if p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "reg_token")) else decay).append(p)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.hparams.lr,
-        )
-        total = self.trainer.estimated_stepping_batches
-        per_epoch = total / self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else total
+        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.hparams.lr)
+        total = self.trainer.estimated_stepping_batches  # also sets up the train loader, for the line below
+        per_epoch = self.trainer.num_training_batches / self.trainer.accumulate_grad_batches
         warmup = int(self.hparams.warmup_epochs * per_epoch) if math.isfinite(per_epoch) else 0
-        schedule = warmup_cosine(warmup, total, self.hparams.min_lr_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, total, self.hparams.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 

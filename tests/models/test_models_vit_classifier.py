@@ -85,12 +85,27 @@ def test_loads_checkpoint_formats(tmp_path, fmt):
         save_file({k: v.contiguous() for k, v in source.model.state_dict().items()}, str(path))
     else:
         path = tmp_path / "run.ckpt"
-        t = trainer(max_steps=0)
-        t.strategy.connect(source)
-        t.save_checkpoint(path, weights_only=True)
+        save_lightning_checkpoint(source, path)
     loaded = tiny(checkpoint_path=str(path))
     for (name, a), b in zip(source.model.state_dict().items(), loaded.model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def save_lightning_checkpoint(model: ViTClassifier, path) -> None:
+    t = trainer(max_steps=0)
+    t.strategy.connect(model)
+    t.save_checkpoint(path, weights_only=True)
+
+
+def test_lightning_checkpoint_reloads_without_the_original_weights(tmp_path):
+    weights = tmp_path / "weights.pth"
+    torch.save(tiny().model.state_dict(), weights)
+    model = tiny(checkpoint_path=str(weights))
+    save_lightning_checkpoint(model, tmp_path / "run.ckpt")
+    weights.unlink()
+    reloaded = ViTClassifier.load_from_checkpoint(tmp_path / "run.ckpt")
+    assert reloaded.hparams.checkpoint_path is None and reloaded.patch_size == 8
+    assert torch.equal(reloaded.model.pos_embed, model.model.pos_embed)
 
 
 def test_head_of_another_size_is_reinitialised(tmp_path):
@@ -102,6 +117,9 @@ def test_head_of_another_size_is_reinitialised(tmp_path):
     assert loaded.model.head.weight.shape == (3, 32)
     assert torch.equal(loaded.model.blocks[1].mlp.fc1.weight, source.model.blocks[1].mlp.fc1.weight)
     assert torch.equal(loaded.model.pos_embed, source.model.pos_embed)
+    headless = {k: v for k, v in source.model.state_dict().items() if not k.startswith("head.")}
+    torch.save(headless, path)
+    assert torch.equal(tiny(checkpoint_path=str(path)).model.cls_token, source.model.cls_token)
 
 
 def test_position_embeddings_are_resampled_for_another_image_size(tmp_path):
@@ -120,6 +138,9 @@ def test_checkpoint_errors(tmp_path):
     path = tmp_path / "deeper.pth"
     torch.save(tiny(depth=3).model.state_dict(), path)
     with pytest.raises(RuntimeError, match="blocks.2"):
+        tiny(checkpoint_path=str(path))
+    torch.save(tiny(embed_dim=64).model.state_dict(), path)
+    with pytest.raises(RuntimeError, match=r"(?s)deeper.pth.*size mismatch"):
         tiny(checkpoint_path=str(path))
     with pytest.raises(ValueError, match="not both"):
         tiny(pretrained=True, checkpoint_path=str(path))
