@@ -108,7 +108,15 @@ class ViTClassifier(L.LightningModule):
         overrides = {k: v for k, v in overrides.items() if v is not None}
         if drop_path_rate:
             overrides["drop_path_rate"] = drop_path_rate
-        self.model = timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes, **overrides)
+        try:
+            self.model = timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes, **overrides)
+        except OSError as error:
+            if not pretrained:
+                raise
+            raise OSError(
+                f"pretrained=True could not fetch timm's weights for {model_name!r} ({error}); offline, "
+                "download them once elsewhere and pass the file as checkpoint_path (with pretrained=False)"
+            ) from error
         if checkpoint_path is not None:
             load_checkpoint_weights(self.model, checkpoint_path)
         if freeze_backbone:

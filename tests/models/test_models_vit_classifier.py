@@ -177,3 +177,12 @@ def test_lightning_cli_exposes_every_argument(tmp_path):
     )
     assert cli.model.patch_size == 8 and cli.model.mean == (0.5, 0.5, 0.5)
     assert cli.datamodule.cue_correlation is None and cli.datamodule.mean == (0.5, 0.5, 0.5)
+
+
+def test_pretrained_without_network_says_to_use_checkpoint_path(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no download attempts
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # and nothing cached
+    with pytest.raises(OSError, match="checkpoint_path"):
+        tiny(pretrained=True)
