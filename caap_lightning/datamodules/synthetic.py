@@ -159,8 +159,15 @@ class SyntheticSpuriousDataModule(MaskedImageDataModule):
     to see than the cue. No files: sample ``i`` of a split is drawn from ``(seed, split, i)`` on
     first use and kept in memory.
 
-    Tuning (no cue, tiny ViT from scratch via ``ViTClassifier``, 2 CPU cores): see
-    ``benchmarks/train_synthetic.py``.
+    Tuning (``benchmarks/train_synthetic.py``, whose defaults are this recipe): without a cue,
+    these defaults (4 classes, 64 px, ``shape_contrast`` 0.4, shapes 0.45-0.8 of the image side,
+    i.e. 4-6 patches of 8 px across, 8000 training images, horizontal flips) and a ViT trained
+    from scratch by ``ViTClassifier`` (``vit_tiny_patch16_224`` with patch 8, dim 64, depth 4,
+    4 heads; AdamW lr 1e-3, weight decay 0.05, 0.5 warmup epochs then cosine; batch 64; 10
+    epochs) reached 96.1%, 94.9% and 93.2% validation accuracy (seeds 0, 1, 2; 90% by epoch 6-7).
+    On 2 CPU threads the 10 epochs cost 235 s of CPU time (seed 2); an epoch took 12.8 s of wall
+    time on a quiet machine, about 2.5 minutes in all. With ``cue_correlation=1.0`` the same model
+    follows the cue on 95.7% of the (cue-independent) probe images after a one-epoch run (59.6% at 0.95).
     """
 
     def __init__(
