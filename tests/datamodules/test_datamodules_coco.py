@@ -1,11 +1,11 @@
-"""CocoMaskDataModule on a COCO JSON fixture with polygon and RLE instances."""
+"""CocoMaskDataModule on a COCO JSON fixture with polygon, uncompressed and compressed RLE instances."""
 
 import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 from caap_lightning.datamodules import CocoMaskDataModule
 
@@ -17,6 +17,11 @@ def uncompressed_rle(mask: np.ndarray) -> dict:
     flat = mask.flatten(order="F").astype(np.uint8)
     changes = np.flatnonzero(np.diff(np.concatenate([[0], flat, [1 - flat[-1]]])))
     return {"counts": np.diff(np.concatenate([[0], changes])).tolist(), "size": [H, W]}
+
+
+def compressed_rle(mask: np.ndarray) -> dict:
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"counts": rle["counts"].decode("ascii"), "size": rle["size"]}
 
 
 def polygon(x0, y0, x1, y1):
@@ -31,12 +36,14 @@ def coco_files(tmp_path):
         Image.fromarray(np.full((H, W, 3), 128, np.uint8)).save(images / name)
     dog = np.zeros((H, W), bool)
     dog[:, 25:35] = True
+    bird = np.zeros((H, W), bool)
+    bird[10:20, 15:25] = True
     anns = [
         dict(id=1, image_id=1, category_id=1, segmentation=polygon(10, 5, 20, 25), area=200.0, bbox=[10, 5, 10, 20], iscrowd=0),
         dict(id=2, image_id=2, category_id=2, segmentation=uncompressed_rle(dog), area=300.0, bbox=[25, 0, 10, 30], iscrowd=1),
         dict(id=3, image_id=2, category_id=2, segmentation=polygon(5, 5, 10, 10), area=25.0, bbox=[5, 5, 5, 5], iscrowd=0),
         dict(id=4, image_id=2, category_id=1, segmentation=polygon(12, 20, 16, 24), area=16.0, bbox=[12, 20, 4, 4], iscrowd=0),
-        dict(id=5, image_id=3, category_id=7, segmentation=polygon(1, 1, 5, 5), area=16.0, bbox=[1, 1, 4, 4], iscrowd=0),
+        dict(id=5, image_id=3, category_id=7, segmentation=compressed_rle(bird), area=100.0, bbox=[15, 10, 10, 10], iscrowd=1),
     ]
     coco = {
         "images": [dict(id=i, file_name=n, width=W, height=H) for i, n in enumerate(("a.png", "b.png", "c.png"), start=1)],
@@ -73,7 +80,10 @@ def test_all_categories_by_id(coco_files):
     dm = make(coco_files)
     dm.setup("fit")
     assert dm.class_names == ["cat", "dog", "bird"] and dm.skipped_images["train"] == []
-    assert sorted(dm.probe_batch(3).labels.tolist()) == [0, 1, 2]
+    batch = next(iter(dm.val_dataloader()))
+    assert batch.labels.tolist() == [0, 1] and sorted(dm.probe_batch(3).labels.tolist()) == [0, 1, 2]
+    bird = dm.val_dataloader().dataset[2]
+    assert bird["label"] == 2 and int(bird["mask"].sum()) == 100 and bird["mask"][15, 20 - 5]
 
 
 def test_unknown_category_and_missing_files(coco_files, tmp_path):
