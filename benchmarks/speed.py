@@ -13,6 +13,7 @@ patch stride; each as a ratio to the plain forward, with the analytic FLOP ratio
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import resource
@@ -86,6 +87,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--standard-images", type=int, default=1,
                         help="images for 'standard' (N forwards each); its time is scaled to --batch")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["standard", "occlusion"],
+                        help="leave out the slow N-forward methods (e.g. at 448 px)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None, help="also write the JSON line to this path")
     args = parser.parse_args()
@@ -116,10 +119,11 @@ def main() -> None:
 
     # Textbook patching is N full forwards per image: time a few images, scale to the batch.
     few = images[: args.standard_images]
-    standard = CAAP(model, layer_cutoff=args.layer_cutoff, selection=args.selection, method="standard")
-    results["standard_s"] = timed(lambda: standard.attribute(few, target=target[: len(few)]), repeats=1) * (
-        args.batch / len(few)
-    )
+    if "standard" not in args.skip:
+        standard = CAAP(model, layer_cutoff=args.layer_cutoff, selection=args.selection, method="standard")
+        results["standard_s"] = timed(lambda: standard.attribute(few, target=target[: len(few)]), repeats=1) * (
+            args.batch / len(few)
+        )
 
     def gradcam_like():
         x = images.clone()
@@ -134,11 +138,13 @@ def main() -> None:
 
     results["gradcam_s"] = timed(gradcam_like)
 
-    try:
-        from captum.attr import Occlusion
-    except ImportError:
-        occlusion_note = "captum not installed"
+    if "occlusion" in args.skip:
+        occlusion_note = "occlusion skipped"
+    elif importlib.util.find_spec("captum") is None:
+        occlusion_note = "captum not installed (pip install 'caap-lightning[baselines]')"
     else:
+        from captum.attr import Occlusion
+
         patch = model.patch_embed.patch_size[0]
         occ = Occlusion(model)
         one = images[:1]
@@ -163,11 +169,13 @@ def main() -> None:
         **{f"{k[:-2]}_ratio": round(v / fwd, 2) for k, v in results.items() if k != "forward_s"},
         "parallel_flop_ratio": round(parallel_flops(model, grid, args.layer_cutoff, args.selection) / forward_flops(model, n_tokens), 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "notes": f"standard timed on {len(few)} image(s) and scaled to the batch; {occlusion_note}",
+        "notes": f"standard timed on {len(few)} image(s) and scaled to the batch; {occlusion_note}"
+        + ("; standard skipped" if "standard" in args.skip else ""),
     }
     if device.type == "cuda":
         out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    out["standard_over_parallel"] = round(out["standard_ratio"] / out["parallel_ratio"], 1)
+    if "standard_ratio" in out:
+        out["standard_over_parallel"] = round(out["standard_ratio"] / out["parallel_ratio"], 1)
     out["parallel_over_flop_ratio"] = round(out["parallel_ratio"] / out["parallel_flop_ratio"], 2)
 
     print(f"{'what':<12}{'seconds':>10}{'x forward':>11}")
