@@ -18,7 +18,7 @@ from caap_lightning.attribution.caap import CAAP, METHODS
 from caap_lightning.attribution.selection import SELECTIONS
 from caap_lightning.attribution.vit import check_images, eval_mode
 from caap_lightning.callbacks import figures
-from caap_lightning.metrics import AUPR, AttributionMass, InsertionDeletion, PointingGame, attribution_mass
+from caap_lightning.metrics import AUPR, AttributionMass, InsertionDeletion, PointingGame
 from caap_lightning.utils import unnormalize, upsample_maps
 
 # Each metric and the probe field it needs (None: no mask).
@@ -52,8 +52,8 @@ ON_ERROR = ("warn", "raise")
 PREFIX = "caap/"
 
 
-class _Failed(Exception):
-    """A step of the check failed and was reported; the check is skipped."""
+class CheckFailed(Exception):
+    """A step of a check failed and was reported (``on_error="warn"``); the step is skipped."""
 
 
 @dataclass
@@ -67,7 +67,6 @@ class ProbeResult:
     targets: torch.Tensor  # the class each map explains, (n,)
     predictions: torch.Tensor  # (n,)
     scores: torch.Tensor  # the model's probability of the target, (n,)
-    per_image: Dict[str, torch.Tensor] = field(default_factory=dict)  # mass metrics per image, (n,)
     curves: Dict[str, torch.Tensor] = field(default_factory=dict)  # mean insertion/deletion curves
 
 
@@ -278,8 +277,8 @@ class CAAPCallback(Callback):
         epoch, step = trainer.current_epoch, log_step(trainer)
         failed = False
         try:
-            shard = self._guard("computing the CAAP maps and metric updates", epoch, self._attribute_shard, pl_module)
-        except _Failed:
+            shard = self.guard("CAAPCallback: computing the CAAP maps and metric updates", epoch, self._attribute_shard, pl_module)
+        except CheckFailed:
             failed = True
         # Every rank learns whether any failed, so none waits in a collective the others skip.
         if trainer.world_size > 1:
@@ -290,16 +289,16 @@ class CAAPCallback(Callback):
                 meter.reset()
             return None
         try:
-            result = self._guard("computing the metrics", epoch, self._finish, trainer, shard, epoch, step)
-        except _Failed:
+            result = self.guard("CAAPCallback: computing the metrics", epoch, self._finish, trainer, shard, epoch, step)
+        except CheckFailed:
             return None
         finally:
             for meter in self._meters.values():
                 meter.reset()
         if self.log_images and trainer.is_global_zero:
             try:
-                self._guard("logging the heatmaps", epoch, self._log_images, trainer, result)
-            except _Failed:
+                self.guard("CAAPCallback: logging the heatmaps", epoch, self._log_images, trainer, result)
+            except CheckFailed:
                 pass
         result.metrics[PREFIX + "seconds"] = time.perf_counter() - start
         for name, value in result.metrics.items():
@@ -309,17 +308,18 @@ class CAAPCallback(Callback):
         self.history.append({"epoch": epoch, "step": step, **result.metrics})
         return result
 
-    def _guard(self, what: str, epoch: int, fn: Callable, *args: Any) -> Any:
+    def guard(self, what: str, epoch: int, fn: Callable, *args: Any) -> Any:
+        """``fn(*args)``; with ``on_error="warn"`` a failure is reported and raised as :class:`CheckFailed`."""
         if self.on_error == "raise":
             return fn(*args)
         try:
             return fn(*args)
         except Exception as exc:  # a monitor must not end the training it watches
             rank_zero_warn(
-                f"CAAPCallback: {what} failed at epoch {epoch} ({type(exc).__name__}: {exc}); this check is "
+                f"{what} failed at epoch {epoch} ({type(exc).__name__}: {exc}); this check is "
                 "skipped and training continues. Set on_error='raise' to stop on it instead."
             )
-            raise _Failed from exc
+            raise CheckFailed from exc
 
     def _attribute_shard(self, pl_module: L.LightningModule) -> Dict[str, torch.Tensor]:
         """This rank's share of the probe: maps, targets, scores; updates the metric states."""
@@ -338,23 +338,17 @@ class CAAPCallback(Callback):
             targets = predictions if self.target == "predicted" else probe.labels[index].to(device)
             maps = self._caap.attribute(images, target=targets, relative=True)
             pixel_maps = upsample_maps(maps, tuple(images.shape[-2:]))
-            per_image = {}
             for name, meter in self._meters.items():
                 meter.to(device)
                 if name == "insertion_deletion":
                     meter.update(images, pixel_maps, target=targets)
-                elif name in MASS_METRICS:
-                    region, field_name, by_area = MASS_METRICS[name]
-                    meter.update(pixel_maps, masks[field_name])
-                    per_image[name] = attribution_mass(pixel_maps, masks[field_name], region, by_area).float()
                 else:
-                    meter.update(pixel_maps, masks["masks"])
+                    meter.update(pixel_maps, masks[METRIC_MASKS[name]])
         return {
             "maps": maps,
             "targets": targets,
             "predictions": predictions,
             "scores": probs.gather(1, targets[:, None])[:, 0],
-            **{f"per_image/{k}": v for k, v in per_image.items()},
         }
 
     def _finish(self, trainer: L.Trainer, shard: Dict[str, torch.Tensor], epoch: int, step: int) -> ProbeResult:
@@ -369,7 +363,6 @@ class CAAPCallback(Callback):
         # A metric with no scorable image (e.g. every mask empty) gives NaN: nothing to log.
         metrics = {PREFIX + k: v for k, v in values.items() if math.isfinite(v)}
         full = {k: _gather_shards(trainer, v, len(self.probe)) for k, v in shard.items()}
-        per_image = {k.split("/", 1)[1]: v for k, v in full.items() if k.startswith("per_image/")}
         result = ProbeResult(
             epoch=epoch,
             step=step,
@@ -378,7 +371,6 @@ class CAAPCallback(Callback):
             targets=full["targets"].long(),
             predictions=full["predictions"].long(),
             scores=full["scores"],
-            per_image=per_image,
             curves=curves,
         )
         return result

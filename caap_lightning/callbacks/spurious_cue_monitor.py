@@ -11,7 +11,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from caap_lightning.callbacks import figures
-from caap_lightning.callbacks.caap_callback import PREFIX, CAAPCallback, ProbeResult
+from caap_lightning.callbacks.caap_callback import MASS_METRICS, PREFIX, CAAPCallback, CheckFailed, ProbeResult
+from caap_lightning.metrics import attribution_mass
 
 MODES = ("max", "min")
 
@@ -130,7 +131,10 @@ class SpuriousCueMonitor(Callback):
         figures.log_scalars(trainer, {"spurious/score": score, "spurious/alarm": float(self.alarmed)}, result.step)
         if raised:
             self.alarms.append({"epoch": result.epoch, "step": result.step, "score": score})
-            self._report(trainer, result, score)
+            try:  # with the CAAPCallback's on_error: a failing report must not end the fit
+                self._caap.guard("SpuriousCueMonitor: reporting the alarm", result.epoch, self._report, trainer, result, score)
+            except CheckFailed:
+                pass
         if self.stop_training and self.alarmed:
             trainer.should_stop = trainer.strategy.reduce_boolean_decision(True, all=False)
 
@@ -140,11 +144,13 @@ class SpuriousCueMonitor(Callback):
         rank_zero_warn(
             f"SpuriousCueMonitor: alarm at epoch {result.epoch} (step {result.step}): {self.monitor_key} = {score:.3f} "
             f"has been more than {self.min_delta} worse than its best {self.best:.3f} for {self.patience} checks in a row"
-            f"{threshold}; the model relies on the {self.region} more and more. See '{self.monitor_key}' and the 'spurious/alarm' text in TensorBoard."
+            f"{threshold}; the model relies on the {self.region} more and more. See '{self.monitor_key}' and the "
+            "'spurious/alarm' text in TensorBoard."
         )
         if not trainer.is_global_zero or self.num_images == 0:
             return
-        rows = self.top_images(result)
+        per_image = self._per_image(result)
+        rows = self.top_images(per_image, len(result.targets))
         lines = [
             f"**Alarm at epoch {result.epoch}, step {result.step}**: `{self.monitor_key}` = {score:.3f} "
             f"(best {self.best:.3f}; {self.patience} checks in a row more than {self.min_delta} worse than it{threshold}).",
@@ -154,7 +160,6 @@ class SpuriousCueMonitor(Callback):
             f"| probe image | label | explained class | p | {self.region} score |",
             "|---|---|---|---|---|",
         ]
-        per_image = self._per_image(result)
         for i in rows:
             value = "n/a" if per_image is None else f"{float(per_image[i]):.3f}"
             cue = "" if caap.probe.cue_labels is None else f" (cue: {caap.class_name(int(caap.probe.cue_labels[i]))})"
@@ -173,12 +178,16 @@ class SpuriousCueMonitor(Callback):
         return "cue" if "cue" in key else "background" if "background" in key else "monitored region"
 
     def _per_image(self, result: ProbeResult) -> Optional[torch.Tensor]:
-        return result.per_image.get((self.monitor_key or "")[len(PREFIX):])
+        """The monitored mass metric per probe image (only mass metrics have one)."""
+        name = (self.monitor_key or "")[len(PREFIX):]
+        if name not in MASS_METRICS:
+            return None
+        region, mask_field, by_area = MASS_METRICS[name]
+        masks = getattr(self._caap.probe, mask_field)
+        return attribution_mass(result.maps, masks, region=region, normalize_by_area=by_area).float()
 
-    def top_images(self, result: ProbeResult) -> List[int]:
+    def top_images(self, per_image: Optional[torch.Tensor], n: int) -> List[int]:
         """Probe indices whose maps score worst on the monitored region (most reliance first)."""
-        per_image = self._per_image(result)
-        n = len(result.targets)
         if per_image is None:
             return list(range(min(self.num_images, n)))
         worst = per_image.nan_to_num(-math.inf if self.mode == "max" else math.inf)
@@ -188,7 +197,6 @@ class SpuriousCueMonitor(Callback):
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
         return {
-            "monitor_key": self.monitor_key,
             "best": self.best,
             "wait": self.wait,
             "alarms": [dict(a) for a in self.alarms],

@@ -112,3 +112,18 @@ def test_default_monitor_follows_the_masks(tmp_path, data_factory, classifier_fa
         trainer = trainer_factory(tmp_path, [CAAPCallback(num_images=4, log_images=False), monitor])
         trainer.validate(classifier_factory(), datamodule=data_factory(cue_correlation=cue), verbose=False)
         assert monitor.monitor_key == expected and len(monitor.history) == 1
+
+
+def test_a_failing_alarm_report_warns_and_training_goes_on(
+    tmp_path, monkeypatch, data_factory, classifier_factory, trainer_factory
+):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no canvas")
+
+    monkeypatch.setattr(CAAPCallback, "draw_rows", broken)
+    with pytest.warns(UserWarning) as record:
+        trainer, monitor = fit(tmp_path, data_factory, classifier_factory, trainer_factory, [0.8, 2.0, 3.0], patience=1)
+    messages = [str(w.message) for w in record]
+    assert any("SpuriousCueMonitor: alarm at epoch 1" in m for m in messages)
+    assert any("SpuriousCueMonitor: reporting the alarm failed at epoch 1 (RuntimeError: no canvas)" in m for m in messages)
+    assert trainer.current_epoch == 3 and len(monitor.history) == 3
