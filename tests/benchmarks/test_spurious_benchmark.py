@@ -1,0 +1,68 @@
+"""The spurious-cue benchmark's bookkeeping on scripted histories (no training)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "spurious.py"
+
+
+@pytest.fixture(scope="module")
+def spurious():
+    spec = importlib.util.spec_from_file_location("spurious_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def history(consistent, conflicting, scores, alarms=None):
+    alarms = alarms or [False] * len(scores)
+    return [
+        {"epoch": e, "acc_consistent": a, "acc_conflicting": b, "score": s, "alarm": al}
+        for e, (a, b, s, al) in enumerate(zip(consistent, conflicting, scores, alarms), start=1)
+    ]
+
+
+def test_gap_epoch_is_the_first_epoch_ten_points_apart(spurious):
+    rows = history([50, 70, 90, 95], [45, 61, 80, 20], [1, 1, 1, 1])
+    assert spurious.gap_epoch(rows) == 3  # 9 points at epoch 2 is not yet a gap; exactly 10 is
+    assert spurious.gap_epoch(history([50, 60], [50, 59], [1, 1])) is None
+    assert spurious.gap_epoch(rows, points=50) == 4
+
+
+def test_alarm_epoch_and_lead_time(spurious):
+    rows = history([1] * 4, [1] * 4, [1] * 4, alarms=[False, False, True, True])
+    assert spurious.alarm_epoch(rows) == 3
+    assert spurious.alarm_epoch(history([1], [1], [1])) is None
+    assert spurious.lead_time(alarm=2, gap=5) == 3
+    assert spurious.lead_time(alarm=5, gap=2) == -3
+    assert spurious.lead_time(alarm=None, gap=2) is None
+
+
+def test_replay_goes_through_the_monitor(spurious):
+    rising = history([1] * 5, [1] * 5, [1.0, 2.0, 3.0, 4.0, 5.0])
+    assert spurious.replay_alarm_epoch(rising, threshold=1.5, patience=2, min_delta=0.0) == 3
+    assert spurious.replay_alarm_epoch(rising, threshold=3.5, patience=2, min_delta=0.0) == 5
+    flat = history([1] * 5, [1] * 5, [1.0] * 5)
+    assert spurious.replay_alarm_epoch(flat, threshold=1.5, patience=1, min_delta=0.0) is None
+    # An epoch without a score (a failed check) is no check at all.
+    gappy = history([1] * 4, [1] * 4, [1.0, None, 2.0, 3.0])
+    assert spurious.replay_alarm_epoch(gappy, threshold=1.5, patience=2, min_delta=0.0) == 4
+
+
+def test_summary_counts_detections_false_alarms_and_leads(spurious):
+    def run(cue, seed, alarm, gap):
+        return {"method": "caap", "cue_correlation": cue, "seed": seed, "alarm_epoch": alarm, "gap_epoch": gap}
+
+    runs = [run(0.25, 0, None, None), run(0.25, 1, 4, None), run(0.95, 0, 2, 3), run(0.95, 1, None, 2), run(1.0, 0, 3, 1)]
+    by_cue = spurious.detection(runs, control=0.25)
+    assert by_cue["0.25"]["control"] and by_cue["0.25"]["alarmed"] == 1
+    assert by_cue["0.95"]["detection_rate"] == 0.5
+    assert by_cue["0.95"]["lead_epochs"] == [1, None]
+    assert by_cue["1.0"]["median_lead_epochs"] == -2
+    targets = spurious.target_check(runs, control=0.25)
+    assert not targets["all_strong_alarmed"] and targets["missed_runs"] == ["0.95/seed 1"]
+    assert not targets["no_control_alarm"] and targets["false_alarm_runs"] == ["seed 1 (epoch 4)"]
