@@ -13,8 +13,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Passive OpenMP waits: the DDP tests run several torch processes on few cores.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q
 
 demo: $(STAMP)
 	$(PY) -m caap_lightning.demo
