@@ -17,7 +17,8 @@ first). The recorded monitor scores are replayed through ``SpuriousCueMonitor.up
 grid of (threshold, patience, min_delta), which is where the monitor's defaults come from.
 
     python benchmarks/spurious.py --quick                 # one seed, prints the summary
-    python benchmarks/spurious.py                         # 5 seeds; writes benchmarks/results/spurious.*
+    python benchmarks/spurious.py                         # 3 seeds; writes benchmarks/results/spurious.*
+    python benchmarks/spurious.py --seeds 0 1 2 3 4       # the recorded result
     python benchmarks/spurious.py --threshold 2 --patience 2   # other live monitor settings
 
 Epochs are counted from 1 (epoch ``e`` = the checks after ``e`` epochs of training).
@@ -26,6 +27,7 @@ Epochs are counted from 1 (epoch ``e`` = the checks after ``e`` epochs of traini
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -109,6 +111,8 @@ class EpochRecorder(L.Callback):
 
     def __init__(self, accuracy_batch: Any, caap: CAAPCallback, monitor: SpuriousCueMonitor) -> None:
         self.accuracy_batch = accuracy_batch
+        # Label and cue swapped: the same images conflict, and their "accuracy" is how often the prediction follows the cue.
+        self.cue_batch = dataclasses.replace(accuracy_batch, labels=accuracy_batch.cue_labels, cue_labels=accuracy_batch.labels)
         self.caap = caap
         self.monitor = monitor
         self.history: List[Dict[str, Any]] = []
@@ -119,6 +123,7 @@ class EpochRecorder(L.Callback):
         if trainer.sanity_checking:
             return
         counts = cue_accuracy(pl_module, self.accuracy_batch)
+        follows = cue_accuracy(pl_module, self.cue_batch)["cue-conflicting"]
         metrics = self.caap.last.metrics if self.caap.last is not None else {}
         # A failed check adds no row to the monitor's history: then this epoch has no score.
         latest = self.monitor.history[-1] if self.monitor.history else {}
@@ -127,6 +132,7 @@ class EpochRecorder(L.Callback):
             "epoch": trainer.current_epoch + 1,
             "acc_consistent": percent(*counts["cue-consistent"]),
             "acc_conflicting": percent(*counts["cue-conflicting"]),
+            "follows_cue": percent(*follows),
         }
         row.update({name: rounded(metrics.get("caap/" + name)) for name in METRICS})
         row["score"] = rounded(check.get("score"))
@@ -153,6 +159,13 @@ def gap_epoch(history: Sequence[Dict[str, Any]], points: float = GAP_POINTS) -> 
             if row["acc_consistent"] - row["acc_conflicting"] >= points:
                 return row["epoch"]
     return None
+
+
+def signal_epoch(history: Sequence[Dict[str, Any]], threshold: Optional[float]) -> Optional[int]:
+    """The first epoch whose monitored score is past ``threshold``: when the maps show the cue, before any patience."""
+    if threshold is None:
+        return None
+    return next((row["epoch"] for row in history if row["score"] is not None and row["score"] > threshold), None)
 
 
 def alarm_epoch(history: Sequence[Dict[str, Any]]) -> Optional[int]:
@@ -204,6 +217,7 @@ def detection(runs: Sequence[Dict[str, Any]], control: float) -> Dict[str, Any]:
             "alarmed": len(alarmed),
             "detection_rate": len(alarmed) / len(group),
             "alarm_epochs": [r["alarm_epoch"] for r in group],
+            "signal_epochs": [r.get("signal_epoch") for r in group],
             "gap_epochs": [r["gap_epoch"] for r in group],
             "lead_epochs": leads,
             "median_lead_epochs": median(leads),
@@ -311,6 +325,7 @@ def fit_run(
         "seed": seed,
         "alarm_epoch": alarm_epoch(history),
         "gap_epoch": gap_epoch(history),
+        "signal_epoch": signal_epoch(history, monitor.threshold),
         "monitor": monitor.monitor_key,
         "model": "trained" if snapshots is None else "replayed from the CAAP run's weights",
         "wall_s": round(time.perf_counter() - start, 1),
@@ -349,7 +364,7 @@ def plot(runs: Sequence[Dict[str, Any]], path: Path, threshold: Optional[float],
         bottom.axhline(GAP_POINTS, color="black", ls=":", lw=1, label=f"{GAP_POINTS:g}-point gap")
         top.set_yscale("log")
         top.set_title(f"{display(method)}: cue mass (area-normalised; v = alarm)", fontsize=10)
-        top.set_ylabel("caap/cue_mass_ratio (uniform map = 1)")
+        top.set_ylabel("cue_mass_ratio (uniform map = 1)")
         bottom.set_title("accuracy: cue-consistent minus cue-conflicting", fontsize=10)
         bottom.set_ylabel("points")
         bottom.set_xlabel("epoch")
@@ -377,7 +392,7 @@ def markdown(result: Dict[str, Any]) -> str:
     lines = [
         "# Spurious-cue detection benchmark",
         "",
-        f"`python benchmarks/spurious.py{' --quick' if setup['quick'] else ''}`: the demo's setup "
+        f"`{setup['command']}`: the demo's setup "
         f"(`configs/demo.yaml`: {setup['model_summary']}, {setup['data_summary']}), "
         f"{setup['max_epochs']} epochs (the demo trains {setup['demo_max_epochs']}), seeds {setup['seeds']}, on {setup['threads']} CPU threads "
         f"({setup['machine']}). `CAAPCallback` (probe of {setup['num_images']} images, "
@@ -394,20 +409,25 @@ def markdown(result: Dict[str, Any]) -> str:
         f"Accuracies are on all {setup['num_val']} validation images, where the cue is independent of the label; "
         f"the *gap epoch* is the first epoch at which cue-conflicting accuracy is {GAP_POINTS:g} points below "
         "cue-consistent accuracy (a shortcut a user with labelled conflicting data would see). "
-        "Lead = gap epoch - alarm epoch (positive: the alarm came first). Epochs count from 1.",
+        "*Signal epoch*: the first epoch whose score is past the threshold (what the maps show, before the "
+        "monitor's patience; the monitor cannot alarm before check patience + 1, since the first check sets its "
+        "best). Lead = gap epoch - alarm epoch (positive: the alarm came first). *Follows cue*: the share of "
+        "cue-conflicting images predicted as the cue's class (25% for a model blind to the cue and to the shape, "
+        "0% for one that reads the shape only). Epochs count from 1.",
         "",
         "## Detection with the live settings",
         "",
-        "| method | cue_correlation | runs | runs with a gap | alarmed | detection rate | alarm epochs | gap epochs | lead (epochs) | median lead |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | cue_correlation | runs | runs with a gap | alarmed | detection rate | gap epochs | signal epochs | alarm epochs | lead (epochs) | median lead |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method, part in summary.items():
         for cue, row in part["by_cue_correlation"].items():
             name = f"{cue} (control)" if row["control"] else cue
             lines.append(
                 f"| {display(method)} | {name} | {row['runs']} | {row['gap_runs']} | {row['alarmed']} "
-                f"| {row['detection_rate']:.0%} | {', '.join(fmt(e) for e in row['alarm_epochs'])} "
-                f"| {', '.join(fmt(e) for e in row['gap_epochs'])} | {', '.join(fmt(e) for e in row['lead_epochs'])} "
+                f"| {row['detection_rate']:.0%} | {', '.join(fmt(e) for e in row['gap_epochs'])} "
+                f"| {', '.join(fmt(e) for e in row['signal_epochs'])} | {', '.join(fmt(e) for e in row['alarm_epochs'])} "
+                f"| {', '.join(fmt(e) for e in row['lead_epochs'])} "
                 f"| {fmt(row['median_lead_epochs'])} |"
             )
     lines += ["", "Targets (every run with cue_correlation >= 0.95 alarmed; no alarm on a control):", ""]
@@ -421,15 +441,15 @@ def markdown(result: Dict[str, Any]) -> str:
         "",
         "## Per run: final epoch",
         "",
-        "| method | cue | seed | acc consistent | acc conflicting | cue mass | cue mass ratio (max) | background mass ratio | AUPR1 | PG | gap | alarm |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | cue | seed | acc consistent | acc conflicting | follows cue | cue mass | cue mass ratio (max) | background mass ratio | AUPR1 | PG | gap | alarm |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         last = r["history"][-1]
         peak = max((row["cue_mass_ratio"] for row in r["history"] if row["cue_mass_ratio"] is not None), default=None)
         lines.append(
             f"| {display(r['method'])} | {r['cue_correlation']} | {r['seed']} | {fmt(last['acc_consistent'], 1)} "
-            f"| {fmt(last['acc_conflicting'], 1)} | {fmt(last['cue_mass'], 3)} | {fmt(last['cue_mass_ratio'])} ({fmt(peak)}) "
+            f"| {fmt(last['acc_conflicting'], 1)} | {fmt(last['follows_cue'], 1)} | {fmt(last['cue_mass'], 3)} | {fmt(last['cue_mass_ratio'])} ({fmt(peak)}) "
             f"| {fmt(last['background_mass_ratio'])} | {fmt(last['aupr_fg'], 3)} | {fmt(last['pointing_game'], 2)} "
             f"| {fmt(r['gap_epoch'])} | {fmt(r['alarm_epoch'])} |"
         )
@@ -493,7 +513,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one seed; writes nothing unless --output-dir is given")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="the demo's LightningCLI YAML")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--cue-correlations", type=float, nargs="+", default=None, help="default: control, 0.8, 0.95, 1.0")
     parser.add_argument(
         "--baselines", nargs="*", default=["gradcam"], choices=[m for m in available_methods() if m != "caap"],
@@ -565,6 +585,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     plot_name = "spurious_cue_mass.png"
     result = {
         "setup": {
+            "command": " ".join(["python benchmarks/spurious.py", *(argv if argv is not None else sys.argv[1:])]),
             "quick": args.quick,
             "config": str(args.config.name),
             "model_summary": f"ViT patch {model['patch_size']}, dim {model['embed_dim']}, depth {model['depth']}, from scratch",

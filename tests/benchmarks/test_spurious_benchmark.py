@@ -42,6 +42,13 @@ def test_alarm_epoch_and_lead_time(spurious):
     assert spurious.lead_time(alarm=None, gap=2) is None
 
 
+def test_signal_epoch_is_the_first_score_past_the_threshold(spurious):
+    rows = history([1] * 4, [1] * 4, [0.5, None, 4.5, 3.0])
+    assert spurious.signal_epoch(rows, threshold=4.0) == 3
+    assert spurious.signal_epoch(rows, threshold=5.0) is None
+    assert spurious.signal_epoch(rows, threshold=None) is None
+
+
 def test_replay_goes_through_the_monitor(spurious):
     rising = history([1] * 5, [1] * 5, [1.0, 2.0, 3.0, 4.0, 5.0])
     assert spurious.replay_alarm_epoch(rising, threshold=1.5, patience=2, min_delta=0.0) == 3
