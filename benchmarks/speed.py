@@ -18,6 +18,7 @@ import json
 import platform
 import resource
 import statistics
+import sys
 import time
 from typing import Callable, Dict
 
@@ -108,7 +109,9 @@ def main() -> None:
             fn()
             sync()
         run()  # warm-up (and the blank cache for CAAP)
-        return median_seconds(run, repeats)
+        seconds = median_seconds(run, repeats)
+        print(f"  timed {getattr(fn, '__name__', 'step')}: {seconds:.3f} s", file=sys.stderr, flush=True)
+        return seconds
 
     results: Dict[str, float] = {}
     with torch.no_grad():
