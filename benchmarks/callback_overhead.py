@@ -7,6 +7,11 @@ adds to an epoch without it. The summary is the median over the epochs: on a sha
 single check can take several times its usual time. The first epoch also draws the synthetic
 images (cached afterwards) and the first check pays one-off costs (imports, CAAP's blank).
 
+Then, on the trained model, it alternates ``--rounds`` times four training steps (one batch of
+the demo, forward + backward + AdamW) with one check (run through ``trainer.validate``, only the
+check timed): ``overhead_interleaved`` = median check / (training steps per epoch x median
+step), which contention on a shared machine biases least (both are timed in the same minute).
+
     python benchmarks/callback_overhead.py
     python benchmarks/callback_overhead.py --epochs 2
 """
@@ -41,6 +46,8 @@ class EpochClock(L.Callback):
         self._check = (0.0, 0.0)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return  # the check stays wrapped for the validate runs after the fit
         caap = next(cb for cb in trainer.callbacks if isinstance(cb, CAAPCallback))
         run_check = caap.run_check
 
@@ -58,7 +65,7 @@ class EpochClock(L.Callback):
         self._check = (0.0, 0.0)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
             return
         epoch_wall = time.perf_counter() - self._start[0]
         epoch_cpu = time.process_time() - self._start[1]
@@ -76,10 +83,37 @@ class EpochClock(L.Callback):
         )
 
 
+def interleave(run: Any, clock: EpochClock, rounds: int) -> Dict[str, Any]:
+    """Median check and training-step times, measured alternately on the trained model."""
+    trainer, model, data = run.trainer, run.model, run.datamodule
+    batch = next(iter(data.train_dataloader()))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    steps, checks = [], []
+    for _ in range(rounds):
+        model.train()
+        start = time.perf_counter()
+        for _ in range(4):
+            loss = torch.nn.functional.cross_entropy(model(batch.images), batch.labels)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        steps.append((time.perf_counter() - start) / 4)
+        trainer.validate(model, datamodule=data, verbose=False)
+        checks.append(clock._check[0])
+    steps_per_epoch = len(data.train_dataloader())
+    check, step = statistics.median(checks), statistics.median(steps)
+    return {
+        "interleaved": {"check_wall_s": [round(c, 2) for c in checks], "step_wall_s": [round(s, 3) for s in steps]},
+        "steps_per_epoch": steps_per_epoch,
+        "overhead_interleaved": round(check / (steps_per_epoch * step), 4),
+    }
+
+
 def main() -> Dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds after the fit (0: none)")
     args, extra = parser.parse_known_args()
     torch.set_num_threads(args.threads)
     clock = EpochClock()
@@ -96,6 +130,7 @@ def main() -> Dict[str, Any]:
         )
         run.trainer.callbacks.insert(0, clock)
         run.trainer.fit(run.model, datamodule=run.datamodule)
+        interleaved = interleave(run, clock, args.rounds) if args.rounds else {}
     caap = next(cb for cb in run.trainer.callbacks if isinstance(cb, CAAPCallback))
     result = {
         "benchmark": "callback_overhead",
@@ -108,6 +143,7 @@ def main() -> Dict[str, Any]:
         "overhead_wall_total": round(
             sum(r["check_wall_s"] for r in clock.rows) / sum(r["epoch_wall_s"] - r["check_wall_s"] for r in clock.rows), 4
         ),
+        **interleaved,
         "threads": args.threads,
         "cpus": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),

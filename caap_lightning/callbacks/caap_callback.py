@@ -65,7 +65,6 @@ class ProbeResult:
     metrics: Dict[str, float]
     maps: torch.Tensor  # relative patch maps A - A_blank, (n, gh, gw)
     targets: torch.Tensor  # the class each map explains, (n,)
-    predictions: torch.Tensor  # (n,)
     scores: torch.Tensor  # the model's probability of the target, (n,)
     curves: Dict[str, torch.Tensor] = field(default_factory=dict)  # mean insertion/deletion curves
 
@@ -335,8 +334,7 @@ class CAAPCallback(Callback):
         with torch.no_grad():
             with eval_mode(model):
                 probs = model(images).float().softmax(-1)
-            predictions = probs.argmax(-1)
-            targets = predictions if self.target == "predicted" else probe.labels[index].to(device)
+            targets = probs.argmax(-1) if self.target == "predicted" else probe.labels[index].to(device)
             maps = self._caap.attribute(images, target=targets, relative=True)
             pixel_maps = upsample_maps(maps, tuple(images.shape[-2:]))
             for name, meter in self._meters.items():
@@ -345,12 +343,7 @@ class CAAPCallback(Callback):
                     meter.update(images, pixel_maps, target=targets)
                 else:
                     meter.update(pixel_maps, masks[METRIC_MASKS[name]])
-        return {
-            "maps": maps,
-            "targets": targets,
-            "predictions": predictions,
-            "scores": probs.gather(1, targets[:, None])[:, 0],
-        }
+        return {"maps": maps, "targets": targets, "scores": probs.gather(1, targets[:, None])[:, 0]}
 
     def _finish(self, trainer: L.Trainer, shard: Dict[str, torch.Tensor], epoch: int, step: int) -> ProbeResult:
         """Synced metric values and the shards gathered into one result for the whole probe."""
@@ -364,31 +357,25 @@ class CAAPCallback(Callback):
         # A metric with no scorable image (e.g. every mask empty) gives NaN: nothing to log.
         metrics = {PREFIX + k: v for k, v in values.items() if math.isfinite(v)}
         full = {k: _gather_shards(trainer, v, len(self.probe)) for k, v in shard.items()}
-        result = ProbeResult(
-            epoch=epoch,
-            step=step,
-            metrics=metrics,
-            maps=full["maps"],
-            targets=full["targets"].long(),
-            predictions=full["predictions"].long(),
-            scores=full["scores"],
-            curves=curves,
+        return ProbeResult(
+            epoch=epoch, step=step, metrics=metrics, maps=full["maps"], targets=full["targets"].long(),
+            scores=full["scores"], curves=curves,
         )
-        return result
 
     # ------------------------------------------------------------------ images
     def row_title(self, i: int, result: ProbeResult) -> str:
-        """``index: label -> explained class p=score`` (and the cue's class where known)."""
+        """``#index label -> explained class p=score`` (and the cue's class where known)."""
         probe = self.probe
-        title = f"#{i} {self.class_name(int(probe.labels[i]))} -> {self.class_name(int(result.targets[i]))} p={float(result.scores[i]):.2f}"
+        label, target = self.class_name(int(probe.labels[i])), self.class_name(int(result.targets[i]))
+        title = f"#{i} {label} -> {target} p={float(result.scores[i]):.2f}"
         if probe.cue_labels is not None:
-            title += f"\ncue: {self.class_name(int(probe.cue_labels[i]))}"
+            title += f", cue: {self.class_name(int(probe.cue_labels[i]))}"
         return title
 
     def class_name(self, index: int) -> str:
         return self.class_names[index] if 0 <= index < len(self.class_names) else str(index)
 
-    def draw_rows(self, rows: List[int], result: ProbeResult, titles: Optional[List[str]] = None):
+    def draw_rows(self, rows: List[int], result: ProbeResult):
         """The heatmap grid of the given probe rows, as ``(H, W, 3)`` uint8."""
         probe = self.probe
         index = torch.as_tensor(rows, dtype=torch.long)
@@ -396,7 +383,7 @@ class CAAPCallback(Callback):
         return figures.heatmap_grid(
             unnormalize(probe.images[index], self.mean, self.std),
             upsample_maps(result.maps[index].cpu(), size),
-            titles or [self.row_title(i, result) for i in rows],
+            [self.row_title(i, result) for i in rows],
             masks=None if probe.masks is None else probe.masks[index],
             cue_masks=None if probe.cue_masks is None else probe.cue_masks[index],
         )
@@ -406,8 +393,10 @@ class CAAPCallback(Callback):
         if rows:
             figures.log_image(trainer, PREFIX + "heatmaps", self.draw_rows(rows, result), result.step)
         if result.curves:
-            title = f"epoch {result.epoch}: insertion {result.metrics.get(PREFIX + 'insertion', math.nan):.3f}, deletion {result.metrics.get(PREFIX + 'deletion', math.nan):.3f}"
-            figures.log_figure(trainer, PREFIX + "insertion_deletion", figures.curves_figure(result.curves, title), result.step)
+            auc = {k: result.metrics.get(PREFIX + k, math.nan) for k in ("insertion", "deletion")}
+            title = f"epoch {result.epoch}: insertion {auc['insertion']:.3f}, deletion {auc['deletion']:.3f}"
+            figure = figures.curves_figure(result.curves, title)
+            figures.log_figure(trainer, PREFIX + "insertion_deletion", figure, result.step)
 
 
 def _gather_shards(trainer: L.Trainer, shard: torch.Tensor, n: int) -> torch.Tensor:

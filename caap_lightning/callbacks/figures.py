@@ -58,7 +58,7 @@ def heatmap_grid(
     for col, name in enumerate(columns):
         draw.text((col * (tw + gap) + 2, 2), name, fill=(0, 0, 0))
     for i, title in enumerate(titles):
-        text = f"{title}   max |map| {limits[i]:.3f}".replace("\n", ", ")
+        text = f"{title}   max |map| {limits[i]:.3f}"
         draw.text((2, caption + i * (caption + th + gap) + 2), text, fill=(0, 0, 0))
     return np.asarray(image)
 
