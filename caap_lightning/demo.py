@@ -59,7 +59,7 @@ def summary(run, wall_s: float) -> List[str]:
     if caap.probe is not None and caap.probe.cue_labels is not None:
         lines.append("Accuracy of the final model (the cue is independent of the label outside training):")
         lines.append(_accuracy_line(f"probe images ({len(caap.probe)})", cue_accuracy(model, caap.probe)))
-        validation = data.probe_batch(getattr(data, "num_val"))
+        validation = data.probe_batch(data.num_val)
         lines.append(_accuracy_line(f"all validation images ({len(validation)})", cue_accuracy(model, validation)))
 
     if caap.history:
@@ -74,7 +74,7 @@ def summary(run, wall_s: float) -> List[str]:
             alarm = monitor.alarms[0]
             lines.append(
                 f"SpuriousCueMonitor: ALARM at epoch {alarm['epoch']} ({monitor.monitor_key} = {alarm['score']:.3f}, "
-                f"threshold {monitor.threshold}, patience {monitor.patience}): the model relies on the cue."
+                f"threshold {monitor.threshold}, patience {monitor.patience}): the model relies on the {monitor.region}."
             )
         else:
             lines.append(f"SpuriousCueMonitor: no alarm ({monitor.monitor_key}, threshold {monitor.threshold}).")
