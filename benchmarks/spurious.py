@@ -436,6 +436,21 @@ def markdown(result: Dict[str, Any]) -> str:
         strong = "met" if t["all_strong_alarmed"] else f"NOT met, missed: {', '.join(t['missed_runs'])}"
         quiet = "met" if t["no_control_alarm"] else f"NOT met, false alarms: {', '.join(t['false_alarm_runs'])}"
         lines.append(f"- {display(method)}: all strong-cue runs alarmed: {strong}; controls quiet: {quiet}.")
+    controls = [r["history"][-1] for r in runs if r["cue_correlation"] == control and r["method"] == "caap"]
+    if controls:
+        accuracies = [(h["acc_consistent"] + 3 * h["acc_conflicting"]) / 4 for h in controls]  # the cue matches 1 in 4
+        follows = [h["follows_cue"] for h in controls]
+        lines += [
+            "",
+            f"Controls: their final accuracy is about {min(accuracies):.0f}-{max(accuracies):.0f}% (chance {100 * control:.0f}%) "
+            f"and they predict the cue's class on {min(follows):.0f}-{max(follows):.0f}% of the cue-conflicting images "
+            "(chance as well): in this setup a control model has learnt neither the shape nor the cue when the run ends, "
+            "so its maps explain a near-chance prediction.",
+            "",
+            "Two limits of the monitor are structural and set the lead times: the first check only sets the best "
+            "value, so no alarm comes before check patience + 1; and an alarm needs a rise over the best value, so a "
+            "cue learnt before the first check alarms only if its mass keeps rising afterwards.",
+        ]
 
     lines += [
         "",
