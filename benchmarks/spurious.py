@@ -3,9 +3,9 @@
 Trains the demo's setup (``configs/demo.yaml``: a tiny ViT from scratch on synthetic shapes
 whose corner marker is easier to see than the shape) on CPU for several cue strengths, the
 training-set probability that the marker names the label: ``1 / num_classes`` is the control
-(the marker carries no information), then 0.8, 0.95 and 1.0. Each run has ``CAAPCallback`` and
-``SpuriousCueMonitor``, once with CAAP maps and once with Grad-CAM maps driving them. After every
-epoch it records the accuracy on the cue-consistent and the cue-conflicting validation images
+(the marker carries no information), then 0.8, 0.95 and 1.0. Each fit has ``CAAPCallback`` and
+``SpuriousCueMonitor`` driven by CAAP maps; then each baseline (Grad-CAM by default) drives the
+same callbacks on a replay of that fit's weights, epoch by epoch. After every epoch it records the accuracy on the cue-consistent and the cue-conflicting validation images
 (the marker is independent of the label outside training), the cue and background mass, AUPR1
 and the pointing game on the object mask, and the monitor's alarm state.
 
@@ -96,11 +96,10 @@ class ReplayedClassifier(ViTClassifier):
     ``snapshots`` (one ``model`` state dict per epoch) before fitting with ``limit_train_batches=1``.
     """
 
-    snapshots: List[Dict[str, torch.Tensor]] = []
-
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.automatic_optimization = False
+        self.snapshots: List[Dict[str, torch.Tensor]] = []
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         self.model.load_state_dict(self.snapshots[self.current_epoch])
@@ -124,8 +123,9 @@ class EpochRecorder(L.Callback):
             return
         counts = cue_accuracy(pl_module, self.accuracy_batch)
         follows = cue_accuracy(pl_module, self.cue_batch)["cue-conflicting"]
-        metrics = self.caap.last.metrics if self.caap.last is not None else {}
-        # A failed check adds no row to the monitor's history: then this epoch has no score.
+        # A failed check leaves the previous check in place: then this epoch has no metrics and no score.
+        last = self.caap.last
+        metrics = last.metrics if last is not None and last.epoch == trainer.current_epoch else {}
         latest = self.monitor.history[-1] if self.monitor.history else {}
         check = latest if latest.get("epoch") == trainer.current_epoch else {}
         row: Dict[str, Any] = {
