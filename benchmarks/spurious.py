@@ -589,11 +589,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     replay_matches = all(
         replay_alarm_epoch(r["history"], live.threshold, live.patience, live.min_delta) == r["alarm_epoch"] for r in runs
     )
-    trained = {(r["cue_correlation"], r["seed"]): r for r in runs if r["method"] == "caap"}
+    caap_runs = {(r["cue_correlation"], r["seed"]): r for r in runs if r["method"] == "caap"}
     # A replayed fit must see the weights CAAP's fit saw: the same accuracies at every epoch.
     same_models = all(
         [(h["acc_consistent"], h["acc_conflicting"]) for h in r["history"]]
-        == [(h["acc_consistent"], h["acc_conflicting"]) for h in trained[(r["cue_correlation"], r["seed"])]["history"]]
+        == [(h["acc_consistent"], h["acc_conflicting"]) for h in caap_runs[(r["cue_correlation"], r["seed"])]["history"]]
         for r in runs
     )
     model, data = settings["model"], settings["data"]
