@@ -37,7 +37,10 @@ class SpuriousCueMonitor(Callback):
             ``caap/background_mass_ratio``: area-normalised masses (a uniform map scores 1),
             since raw mass follows the region's area.
         threshold: the score must be past this to count (above for ``mode="max"``); ``None``
-            counts any rise. The default suits the ``*_ratio`` metrics (a uniform map scores 1).
+            counts any rise. The default suits the ``*_ratio`` metrics (a uniform map scores 1):
+            on ``benchmarks/spurious.py`` any threshold from 3 to 8 caught every strong cue and
+            1.5 false-alarmed on 4 of 5 controls. The ratio cannot exceed 1 / (the region's
+            share of the image), so lower it for large cue regions.
         min_delta: how much worse than the best value so far a score must be to count.
         patience: bad checks in a row that raise the alarm.
         mode: ``"max"`` if a higher score means more reliance on the cue, else ``"min"``.
@@ -48,7 +51,7 @@ class SpuriousCueMonitor(Callback):
     def __init__(
         self,
         monitor: Optional[str] = None,
-        threshold: Optional[float] = 1.5,
+        threshold: Optional[float] = 4.0,
         min_delta: float = 0.1,
         patience: int = 2,
         mode: str = "max",

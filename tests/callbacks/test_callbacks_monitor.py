@@ -52,7 +52,8 @@ def scripted(caap: CAAPCallback, series, key="caap/cue_mass_ratio"):
 
 def fit(tmp_path, data_factory, classifier_factory, trainer_factory, series, **monitor_kwargs):
     caap = scripted(CAAPCallback(num_images=4, metrics=["cue_mass_ratio", "background_mass"], log_images=False), series)
-    monitor = SpuriousCueMonitor(num_images=2, **monitor_kwargs)
+    # The scripted series rise past 1.5, not past the default threshold.
+    monitor = SpuriousCueMonitor(num_images=2, **{"threshold": 1.5, **monitor_kwargs})
     trainer = trainer_factory(tmp_path, [caap, monitor], max_epochs=len(series), limit_train_batches=1)
     trainer.fit(classifier_factory(), datamodule=data_factory())
     return trainer, monitor
