@@ -1,0 +1,555 @@
+"""Attribution quality of CAAP and the baselines, in the paper's format, with its ablations.
+
+Trains a tiny ViT from scratch on the synthetic shapes *without* a spurious cue (the recipe
+of ``benchmarks/train_synthetic.py``: fixed seed, CPU), or loads it from ``--checkpoint``;
+then, on a fixed held-out probe set (``probe_batch``: seeded validation images, not used for
+training or model selection), scores every method's maps for the true class with the
+project's metrics: Deletion, Insertion, InsDel (RISE protocol, one patch per step), AUPR1,
+AUPR0 and the pointing game, as mean ± standard error over images, plus seconds per image.
+
+CAAP runs as ``parallel``, ``efficient``, ``windowed`` (w = 2, 3, 4) and ``standard``
+(textbook patching); the ablations vary one CAAP setting at a time around the defaults
+(cumulative layer cutoff k = 0..L as in the paper's Fig. 7, selection, blank, score).
+Differences between settings are paired (same images), with their standard error.
+
+Writes ``quality.json``, ``quality.md``, ``quality_layer_sweep.png`` and
+``quality_vs_cost.png`` to ``--out``.
+
+    python benchmarks/quality.py                 # the full run (~20 min on 2 cores)
+    python benchmarks/quality.py --quick         # smoke run (a few minutes): tiny training, 8 images
+    python benchmarks/quality.py --checkpoint vit.pt   # skip training
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import lightning as L
+import torch
+
+from caap_lightning.attribution import get_method
+from caap_lightning.attribution.blanks import BLANK_KINDS
+from caap_lightning.attribution.selection import SELECTIONS
+from caap_lightning.datamodules import SyntheticSpuriousDataModule
+from caap_lightning.metrics import InsertionDeletion, aupr, pointing_game
+from caap_lightning.models import ViTClassifier
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METRICS = ("deletion", "insertion", "insdel", "aupr_fg", "aupr_bg", "pointing_game")
+HEADERS = {"deletion": "Del ↓", "insertion": "Ins ↑", "insdel": "InsDel ↑", "aupr_fg": "AUPR1 ↑",
+           "aupr_bg": "AUPR0 ↑", "pointing_game": "PG ↑"}
+WINDOWS = (2, 3, 4)
+# CAAP's defaults, around which each ablation varies one setting (k defaults to L // 2).
+DEFAULTS = {"selection": "box1", "blank": "white", "score": "probability"}
+# The prototype's numbers quoted in issue 6 (200 images, tiny ViT at 98.8%): InsDel, AUPR1, PG.
+PROTOTYPE = {
+    "caap_parallel": (0.49, 0.46, 0.61),
+    "caap_standard": (0.57, 0.59, 0.69),
+    "rollout": (0.58, 0.57, 0.48),
+    "gradcam": (0.28, 0.42, 0.33),
+    "random": (0.41, 0.14, 0.12),
+}
+LABELS = {
+    "random": "Random", "gradcam": "Grad-CAM", "rollout": "Rollout", "tattr": "T-Attr (grad)",
+    "input_x_gradient": "Input×Gradient", "simple_insertion": "Simple Insertion",
+    "simple_deletion": "Simple Deletion", "occlusion": "Occlusion (captum)",
+    "caap_parallel": "CAAP parallel", "caap_efficient": "CAAP efficient (E-CAAP)",
+    "caap_standard": "CAAP standard (textbook patching)",
+    **{f"caap_windowed_w{w}": f"CAAP windowed w={w}" for w in WINDOWS},
+}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 short epoch, 8 images, 4 patches per step")
+    parser.add_argument("--checkpoint", help="weights of the benchmark ViT (skip training)")
+    parser.add_argument("--save-checkpoint", help="save the trained ViT's weights here")
+    parser.add_argument("--num-images", type=int, default=200, help="held-out images for the main table")
+    parser.add_argument("--ablation-images", type=int, default=100, help="the first images of those, for ablations")
+    parser.add_argument("--step-patches", type=int, default=1, help="patches revealed/deleted per insertion/deletion step")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--num-train", type=int, default=8000)
+    parser.add_argument("--batch", type=int, default=25, help="images per attribute() call")
+    parser.add_argument("--metric-batch", type=int, default=256, help="perturbed images per metric forward")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help=f"output folder (default {RESULTS}; a temporary one with --quick)")
+    args = parser.parse_args()
+    if args.quick:
+        args.epochs, args.num_train, args.num_images, args.ablation_images, args.step_patches = 1, 512, 8, 8, 4
+    args.ablation_images = min(args.ablation_images, args.num_images)
+    args.out = Path(args.out) if args.out else (Path(tempfile.gettempdir()) / "caap-quality-quick" if args.quick else RESULTS)
+    return args
+
+
+# ---------------------------------------------------------------- the model and the data
+def build(args: argparse.Namespace) -> Tuple[ViTClassifier, SyntheticSpuriousDataModule]:
+    """The datamodule's own defaults without the cue, and the ViT of ``benchmarks/train_synthetic.py``."""
+    data = SyntheticSpuriousDataModule(cue_correlation=None, num_train=args.num_train, seed=args.seed)
+    module = ViTClassifier(
+        num_classes=data.num_classes, img_size=data.img_size, patch_size=8, embed_dim=64, depth=4, num_heads=4,
+        lr=1e-3, weight_decay=0.05, warmup_epochs=0.5, checkpoint_path=args.checkpoint, mean=data.mean, std=data.std,
+    )
+    return module, data
+
+
+def train(module: ViTClassifier, data: SyntheticSpuriousDataModule, args: argparse.Namespace) -> Dict[str, Any]:
+    start, cpu = time.perf_counter(), time.process_time()
+    trainer = L.Trainer(
+        max_epochs=args.epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=data)
+    training = {"epochs": args.epochs, "num_train": args.num_train, "train_seconds": round(time.perf_counter() - start, 1),
+                "train_cpu_seconds": round(time.process_time() - cpu, 1)}
+    if args.save_checkpoint:
+        # timm's loader reads "state_dict"; "training" lets a --checkpoint run report how it was trained.
+        torch.save({"state_dict": module.model.state_dict(), "training": training}, args.save_checkpoint)
+    return training
+
+
+def checkpoint_training(path: str) -> Dict[str, Any]:
+    """The training record saved with ``--save-checkpoint`` (empty for other checkpoints)."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    return dict(saved.get("training", {})) if isinstance(saved, dict) else {}
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, data: SyntheticSpuriousDataModule) -> float:
+    correct = total = 0
+    for batch in data.val_dataloader():
+        correct += int((model(batch.images).argmax(-1) == batch.labels).sum())
+        total += len(batch.labels)
+    return correct / total
+
+
+# ---------------------------------------------------------------- the methods
+def main_methods() -> Dict[str, Tuple[str, Dict[str, Any]]]:
+    """Table name -> (registry name, arguments)."""
+    methods: Dict[str, Tuple[str, Dict[str, Any]]] = {
+        "random": ("random", {}),
+        "gradcam": ("gradcam", {}),
+        "rollout": ("rollout", {}),
+        "tattr": ("tattr", {}),
+        "input_x_gradient": ("input_x_gradient", {}),
+        "simple_insertion": ("simple_insertion", {}),
+        "simple_deletion": ("simple_deletion", {}),
+        "occlusion": ("occlusion", {}),
+        "caap_parallel": ("caap", {"method": "parallel"}),
+        "caap_efficient": ("caap", {"method": "efficient"}),
+    }
+    methods.update({f"caap_windowed_w{w}": ("caap", {"method": "windowed", "window": w}) for w in WINDOWS})
+    methods["caap_standard"] = ("caap", {"method": "standard"})
+    return methods
+
+
+def ablation_settings(depth: int) -> Dict[str, Dict[str, Dict[str, Any]]]:
+    """Ablation -> value -> CAAP (parallel) arguments; each varies one default."""
+    return {
+        "layer_cutoff": {str(k): {"layer_cutoff": k} for k in range(depth + 1)},
+        "selection": {s: {"selection": s} for s in SELECTIONS},
+        "blank": {b: {"blank": b} for b in BLANK_KINDS},
+        "score": {s: {"score": s} for s in ("probability", "logit")},
+    }
+
+
+# ---------------------------------------------------------------- evaluation
+def attribute_all(method, images: torch.Tensor, labels: torch.Tensor, batch: int) -> Tuple[torch.Tensor, float]:
+    """Maps of every image, and the process-CPU seconds they took."""
+    cpu = time.process_time()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # CAAP's saturated-blank warning: the blank scores are recorded
+        maps = torch.cat([method.attribute(images[i:i + batch], target=labels[i:i + batch])
+                          for i in range(0, len(images), batch)])
+    return maps, time.process_time() - cpu
+
+
+def seconds_per_image(methods: Dict[str, Any], images: torch.Tensor, labels: torch.Tensor, rounds: int = 3) -> Dict[str, float]:
+    """Wall seconds per image of one ``attribute`` call on a fixed batch, for every method.
+
+    The machine is shared: the methods take turns in each round, so that they meet the same
+    load, and each keeps its fastest round, the least disturbed one.
+    """
+    fastest = {label: math.inf for label in methods}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(rounds):
+            for label, method in methods.items():
+                start = time.perf_counter()
+                method.attribute(images, target=labels)
+                fastest[label] = min(fastest[label], time.perf_counter() - start)
+    return {label: round(t / len(images), 5) for label, t in fastest.items()}
+
+
+def per_image_scores(model, maps, images, labels, masks, step: int, metric_batch: int) -> Dict[str, torch.Tensor]:
+    insdel = InsertionDeletion(model, step=step, per_image=True, batch_size=metric_batch)
+    for i in range(0, len(images), 50):
+        insdel.update(images[i:i + 50], maps[i:i + 50], target=labels[i:i + 50])
+    result = insdel.compute()
+    insertion, deletion = result["insertion_per_image"].double(), result["deletion_per_image"].double()
+    return {
+        "deletion": deletion,
+        "insertion": insertion,
+        "insdel": insertion - deletion,
+        "aupr_fg": aupr(maps, masks, region="foreground").aupr,
+        "aupr_bg": aupr(maps, masks, region="background").aupr,
+        "pointing_game": pointing_game(maps, masks),
+        "substrate_is_target": result["substrate_is_target"],
+    }
+
+
+def mean_sem(values: torch.Tensor) -> Dict[str, float]:
+    values = values[torch.isfinite(values)].double()
+    n = values.numel()
+    sem = values.std().item() / math.sqrt(n) if n > 1 else float("nan")
+    return {"mean": round(values.mean().item(), 4), "sem": round(sem, 4), "n": n}
+
+
+def summarise(scores: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+    row: Dict[str, Any] = {m: mean_sem(scores[m]) for m in METRICS}
+    row["insdel_informative"] = mean_sem(scores["insdel"][~scores["substrate_is_target"]])
+    return row
+
+
+def paired(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor], metric: str, n: int) -> Dict[str, float]:
+    """Mean ± sem of the per-image difference ``a - b`` over the first ``n`` images."""
+    return mean_sem(a[metric][:n] - b[metric][:n])
+
+
+# ---------------------------------------------------------------- reports
+def fmt(stat: Dict[str, float]) -> str:
+    if stat["n"] == 0:
+        return "–"
+    return f"{100 * stat['mean']:.2f}±{100 * stat['sem']:.2f}"
+
+
+def fmt_diff(stat: Dict[str, float]) -> str:
+    return f"{100 * stat['mean']:+.2f}±{100 * stat['sem']:.2f}"
+
+
+def table(rows: Dict[str, Dict[str, Any]], names: List[str], first: str = "Method", label=LABELS.get) -> List[str]:
+    lines = [f"| {first} | " + " | ".join(HEADERS[m] for m in METRICS) + " | s / image |",
+             "|---|" + "---|" * (len(METRICS) + 1)]
+    for name in names:
+        row = rows[name]
+        lines.append(f"| {label(name) or name} | " + " | ".join(fmt(row[m]) for m in METRICS)
+                     + f" | {row['seconds_per_image']:.4f} |")
+    return lines
+
+
+def plot_layer_sweep(sweep: Dict[str, Dict[str, Any]], default_k: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = sorted(int(k) for k in sweep)
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for metric, label in (("insdel", "InsDel"), ("aupr_fg", "AUPR1"), ("pointing_game", "PG")):
+        mean = [sweep[str(k)][metric]["mean"] for k in ks]
+        sem = [sweep[str(k)][metric]["sem"] for k in ks]
+        ax.errorbar(ks, mean, yerr=sem, marker="o", capsize=3, label=label)
+    ax.axvline(default_k, color="grey", linestyle=":", label=f"default k = L//2 = {default_k}")
+    ax.set_xlabel("layer cutoff k (blocks 1..k patched)")
+    ax.set_ylabel("score (mean ± sem)")
+    ax.set_xticks(ks)
+    ax.set_title("CAAP cumulative layer sweep (cf. paper Fig. 7)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_quality_vs_cost(rows: Dict[str, Dict[str, Any]], names: List[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, metric, label in ((axes[0], "insdel", "InsDel"), (axes[1], "aupr_fg", "AUPR1")):
+        for name in names:
+            row = rows[name]
+            ax.errorbar(row["seconds_per_image"], row[metric]["mean"], yerr=row[metric]["sem"], marker="o",
+                        capsize=3, label=name.replace("caap_", ""))
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("seconds per map (wall, 2 CPU threads)")
+        ax.set_ylabel(f"{label} (mean ± sem)")
+    axes[1].legend(fontsize=8)
+    fig.suptitle("CAAP constructions: quality against cost")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def best(rows: Dict[str, Dict[str, Any]], names, metric: str) -> str:
+    return max(names, key=lambda n: rows[n][metric]["mean"])
+
+
+def markdown(report: Dict[str, Any], verdicts: List[str]) -> str:
+    model, methods, settings = report["model"], report["methods"], report["settings"]
+    n, n_ab = settings["num_images"], settings["ablation_images"]
+    out = [
+        "# Attribution quality: CAAP against the baselines",
+        "",
+        f"Generated by `benchmarks/quality.py`{' --quick (a smoke run: not results)' if settings['quick'] else ''}. "
+        f"Model: timm ViT (patch {model['patch_size']}, {model['img_size']} px, dim {model['embed_dim']}, "
+        f"depth {model['depth']}, {model['num_heads']} heads) {model['source']} on the synthetic shapes "
+        f"without a cue ({model['num_classes']} classes); validation accuracy "
+        f"{100 * model['val_accuracy']:.1f}% ({model['val_images']} images), "
+        f"{100 * model['probe_accuracy']:.1f}% on the {n} held-out images below. The whole run took "
+        f"{settings['total_seconds'] / 60:.0f} min wall ({settings['total_cpu_seconds'] / 60:.0f} CPU-min) on a "
+        f"machine shared with other jobs.",
+        "",
+        f"Maps are for the true class. Metrics are means ± standard error over {n} held-out images "
+        "(`probe_batch`: seeded validation images, never used for training or model selection), in "
+        "percent as in the paper: Deletion/Insertion AUC (RISE protocol, "
+        f"{settings['insdel_step_pixels']} pixels per step, blurred "
+        "insertion start, normalised-zero deletion), InsDel = Ins - Del, AUPR1/AUPR0 (foreground/background "
+        "average precision) and the pointing game against the exact shape masks. Seconds per image: one "
+        f"`attribute` call on {settings['batch']} images, wall time on {settings['threads']} CPU threads of a "
+        f"machine shared with other work ({settings['machine']}); the methods take turns over 3 rounds and "
+        "each keeps its fastest (the JSON also has the process CPU seconds per image of the scored run). "
+        "CAAP's defaults: "
+        f"k = L//2 = {settings['default_layer_cutoff']}, box1, white blank, probability.",
+        "",
+        "## Main table",
+        "",
+        *table(methods, list(methods)),
+        "",
+        f"InsDel over the images whose deletion substrate is *not* classified as the target (the others "
+        f"cannot show a falling deletion curve): see `insdel_informative` in the JSON "
+        f"(CAAP parallel: {fmt(methods['caap_parallel']['insdel_informative'])}, "
+        f"n = {methods['caap_parallel']['insdel_informative']['n']}).",
+        "",
+        "## Against the prototype quoted in issue 6",
+        "",
+        "| Method | InsDel here | prototype | AUPR1 here | prototype | PG here | prototype |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, (insdel, aupr1, pg) in PROTOTYPE.items():
+        row = methods[name]
+        out.append(f"| {LABELS[name]} | {row['insdel']['mean']:.2f} | {insdel:.2f} | {row['aupr_fg']['mean']:.2f} | "
+                   f"{aupr1:.2f} | {row['pointing_game']['mean']:.2f} | {pg:.2f} |")
+    out += ["", "## Ablations (CAAP parallel, one setting varied from the defaults)", "",
+            f"On the first {n_ab} of the held-out images. The paired difference is against the default "
+            "setting on the same images (mean ± sem of the per-image difference).", ""]
+    titles = {"layer_cutoff": "Layer cutoff k (cumulative: blocks 1..k patched; paper Fig. 7)",
+              "selection": "Selection operator", "blank": "Blank", "score": "Score"}
+    for ablation, rows in report["ablations"].items():
+        out += [f"### {titles[ablation]}", "", *table(rows, list(rows), first=ablation, label=lambda v: v), ""]
+        out += ["| " + ablation + " | ΔInsDel vs default | ΔAUPR1 vs default | ΔPG vs default |", "|---|---|---|---|"]
+        for value, row in rows.items():
+            d = row["vs_default"]
+            out.append(f"| {value} | {fmt_diff(d['insdel'])} | {fmt_diff(d['aupr_fg'])} | {fmt_diff(d['pointing_game'])} |")
+        out.append("")
+        if ablation == "layer_cutoff":
+            out += ["![layer sweep](quality_layer_sweep.png)", ""]
+    out += ["### The blank's own class", "",
+            "| blank | class | probability |", "|---|---|---|"]
+    for kind, b in report["blanks"].items():
+        out.append(f"| {kind} | {b['class']} | {b['probability']:.4f} |")
+    out += ["", "## InsDel by the target's class", "",
+            "A blank that the model itself reads as class c leaves CAAP little room on class c's images (every "
+            "patch can only lower a score the blank already gives); the deletion substrate (the normalised zero) "
+            "read as class c flattens the deletion curve of class c's images for every method.", "",
+            *by_class_table(report), "",
+            "## Quality against cost of the CAAP constructions", "",
+            "Error bars are the unpaired sem; the paired differences are under *What the numbers say*.", "",
+            "![quality vs cost](quality_vs_cost.png)", "",
+            "## What the numbers say", "", *[f"- {v}" for v in verdicts], "",
+            "## The defaults these numbers support", "", *[f"- {v}" for v in supported_defaults(report)], ""]
+    return "\n".join(out)
+
+
+def by_class_table(report: Dict[str, Any]) -> List[str]:
+    classes = list(next(iter(report["by_class"].values())))
+    white, substrate = report["blanks"]["white"]["class"], report["blanks"]["mean"]["class"]
+    notes = {str(white): " (white blank's class)", str(substrate): " (deletion substrate's class)"}
+    if white == substrate:
+        notes = {str(white): " (white blank's and deletion substrate's class)"}
+    n = report["class_counts"]
+    lines = ["| Method | " + " | ".join(f"class {c}{notes.get(c, '')}, n = {n[c]}" for c in classes) + " |",
+             "|---|" + "---|" * len(classes)]
+    for name, row in report["by_class"].items():
+        lines.append(f"| {LABELS[name]} | " + " | ".join(fmt(row[c]) for c in classes) + " |")
+    return lines
+
+
+def supported_defaults(report: Dict[str, Any]) -> List[str]:
+    """Per ablation: keep the default unless a setting is significantly better (2 sem, paired)
+    on InsDel or AUPR1 and not significantly worse on the other."""
+    says = []
+    for ablation, rows in report["ablations"].items():
+        default = str(report["settings"]["default_layer_cutoff"]) if ablation == "layer_cutoff" else DEFAULTS[ablation]
+        better = []
+        for value, row in rows.items():
+            d = row["vs_default"]
+            up = [m for m in ("insdel", "aupr_fg") if d[m]["mean"] > 2 * d[m]["sem"] > 0]
+            down = [m for m in ("insdel", "aupr_fg") if -d[m]["mean"] > 2 * d[m]["sem"] > 0]
+            if up and not down:
+                better.append(f"{value} (InsDel {fmt_diff(d['insdel'])}, AUPR1 {fmt_diff(d['aupr_fg'])})")
+        if better:
+            says.append(f"{ablation}: significantly better than the default {default}: {'; '.join(better)}.")
+        else:
+            says.append(f"{ablation}: no setting is significantly better than the default {default} on InsDel or "
+                        f"AUPR1 ({report['settings']['ablation_images']} images): the numbers support keeping it.")
+    return says
+
+
+def significant(diff: Dict[str, float], z: float = 2.0) -> bool:
+    return abs(diff["mean"]) > z * diff["sem"]
+
+
+def verdicts_for(report: Dict[str, Any], per_image: Dict[str, Dict[str, torch.Tensor]], n: int) -> List[str]:
+    methods, ablations = report["methods"], report["ablations"]
+    says: List[str] = []
+    baselines = [m for m in methods if not m.startswith("caap")]
+    for metric, label in (("insdel", "InsDel"), ("aupr_fg", "AUPR1"), ("aupr_bg", "AUPR0"), ("pointing_game", "PG")):
+        top = best(methods, list(methods), metric)
+        top_base = best(methods, baselines, metric)
+        d = paired(per_image["caap_parallel"], per_image[top_base], metric, n)
+        says.append(f"{label}: best overall {LABELS[top]} ({fmt(methods[top][metric])}); best baseline "
+                    f"{LABELS[top_base]} ({fmt(methods[top_base][metric])}); CAAP parallel minus it: {fmt_diff(d)}"
+                    f"{' (significant at 2 sem)' if significant(d) else ' (within 2 sem)'}.")
+    for name in ["caap_efficient", *[f"caap_windowed_w{w}" for w in WINDOWS], "caap_standard"]:
+        d_insdel = paired(per_image[name], per_image["caap_parallel"], "insdel", n)
+        d_aupr = paired(per_image[name], per_image["caap_parallel"], "aupr_fg", n)
+        cost = methods[name]["seconds_per_image"] / methods["caap_parallel"]["seconds_per_image"]
+        says.append(f"{LABELS[name]} minus parallel: InsDel {fmt_diff(d_insdel)}, AUPR1 {fmt_diff(d_aupr)}, "
+                    f"at {cost:.1f}x parallel's time per map.")
+    # The trade-off: the cheapest construction not significantly below standard on InsDel and AUPR1.
+    constructions = ["caap_parallel", *[f"caap_windowed_w{w}" for w in WINDOWS], "caap_standard"]
+    close = [c for c in constructions
+             if all(paired(per_image[c], per_image["caap_standard"], m, n)["mean"]
+                    >= -2 * paired(per_image[c], per_image["caap_standard"], m, n)["sem"] for m in ("insdel", "aupr_fg"))]
+    pick = min(close, key=lambda c: methods[c]["seconds_per_image"])
+    says.append(f"Best quality/cost trade-off (cheapest construction whose InsDel and AUPR1 are not "
+                f"significantly below standard's): {LABELS[pick]}.")
+    for ablation, rows in ablations.items():
+        default = str(report["settings"]["default_layer_cutoff"]) if ablation == "layer_cutoff" else DEFAULTS[ablation]
+        for metric, label in (("insdel", "InsDel"), ("aupr_fg", "AUPR1")):
+            top = best(rows, list(rows), metric)
+            d = rows[top]["vs_default"][metric]
+            verdict = ("the default is best" if top == default else
+                       f"{top} beats the default {default} by {fmt_diff(d)}"
+                       f"{' (significant at 2 sem)' if significant(d) else ' (within 2 sem)'}")
+            says.append(f"{ablation} by {label}: {verdict}.")
+    return says
+
+
+# ---------------------------------------------------------------- main
+def main() -> Dict[str, Any]:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    L.seed_everything(args.seed, verbose=False)
+    started = time.perf_counter()
+    module, data = build(args)
+    data.setup()
+    if args.checkpoint:
+        training = {"checkpoint": args.checkpoint, **checkpoint_training(args.checkpoint)}
+    else:
+        training = train(module, data, args)
+    model = module.model.eval()
+    depth = len(model.blocks)
+    probe = data.probe_batch(args.num_images)
+    step = args.step_patches * model.patch_embed.patch_size[0] * model.patch_embed.patch_size[1]
+    images, labels, masks = probe.images, probe.labels, probe.masks
+    with torch.no_grad():
+        probe_acc = (model(images).argmax(-1) == labels).double().mean().item()
+    report: Dict[str, Any] = {
+        "model": {
+            "source": "trained from scratch (seeded, CPU)" + (" in an earlier run, loaded from --checkpoint" if args.checkpoint else ""),
+            "recipe": "benchmarks/train_synthetic.py defaults: AdamW lr 1e-3, wd 0.05, warmup 0.5 epoch, cosine, "
+                      f"batch {data.batch_size}; SyntheticSpuriousDataModule defaults (shape_contrast "
+                      f"{data.shape_contrast}, object_size {data.object_size}) with cue_correlation None",
+            **training,
+            "num_classes": data.num_classes, "img_size": data.img_size,
+            "patch_size": model.patch_embed.patch_size[0], "embed_dim": model.embed_dim, "depth": depth,
+            "num_heads": model.blocks[0].attn.num_heads,
+            "val_accuracy": round(accuracy(model, data), 4), "val_images": data.num_val,
+            "probe_accuracy": round(probe_acc, 4), "seed": args.seed,
+        },
+        "settings": {
+            "quick": args.quick, "num_images": len(images), "ablation_images": args.ablation_images,
+            "threads": args.threads, "batch": args.batch, "machine": f"{platform.machine()}, torch {torch.__version__}",
+            "target": "true class", "insdel_step_pixels": step, "default_layer_cutoff": depth // 2,
+        },
+        "methods": {}, "ablations": {}, "blanks": {},
+    }
+    per_image: Dict[str, Dict[str, torch.Tensor]] = {}
+    timed: Dict[str, Any] = {}  # label -> method, timed together at the end
+
+    def run(label: str, registry_name: str, kwargs: Dict[str, Any], n: int) -> Dict[str, Any]:
+        method = get_method(registry_name, model, **kwargs)
+        maps, cpu = attribute_all(method, images[:n], labels[:n], args.batch)
+        scores = per_image_scores(model, maps, images[:n], labels[:n], masks[:n], step, args.metric_batch)
+        per_image[label] = scores
+        timed[label] = method
+        row = summarise(scores)
+        row["cpu_seconds_per_image"] = round(cpu / n, 5)
+        print(json.dumps({"config": label, **{m: row[m]["mean"] for m in METRICS},
+                          "elapsed_s": round(time.perf_counter() - started)}), flush=True)
+        return row
+
+    for label, (name, kwargs) in main_methods().items():
+        report["methods"][label] = run(label, name, kwargs, len(images))
+
+    n_ab = args.ablation_images
+    for ablation, values in ablation_settings(depth).items():
+        default = str(depth // 2) if ablation == "layer_cutoff" else DEFAULTS[ablation]
+        # Per-image scores do not depend on the other images: the default is caap_parallel's first n_ab.
+        per_image[f"{ablation}={default}"] = {k: v[:n_ab] for k, v in per_image["caap_parallel"].items()}
+        rows = {}
+        for value, kwargs in values.items():
+            if value == default:
+                rows[value] = summarise(per_image[f"{ablation}={default}"])
+                rows[value]["cpu_seconds_per_image"] = report["methods"]["caap_parallel"]["cpu_seconds_per_image"]
+            else:
+                rows[value] = run(f"{ablation}={value}", "caap", kwargs, n_ab)
+            rows[value]["vs_default"] = {m: paired(per_image[f"{ablation}={value}"], per_image[f"{ablation}={default}"], m, n_ab)
+                                         for m in ("insdel", "aupr_fg", "pointing_game")}
+        report["ablations"][ablation] = rows
+
+    seconds = seconds_per_image(timed, images[:args.batch], labels[:args.batch])
+    for label, row in report["methods"].items():
+        row["seconds_per_image"] = seconds[label]
+    for ablation, rows in report["ablations"].items():
+        for value, row in rows.items():
+            row["seconds_per_image"] = seconds.get(f"{ablation}={value}", seconds["caap_parallel"])
+
+    for kind in BLANK_KINDS:
+        caap = get_method("caap", model, blank=kind)
+        probs = caap.blank_score(list(range(data.num_classes)), image_size=(data.img_size, data.img_size))
+        report["blanks"][kind] = {"class": int(probs.argmax()), "probability": round(float(probs.max()), 4)}
+
+    report["class_counts"] = {str(c): int((labels == c).sum()) for c in range(data.num_classes)}
+    report["by_class"] = {name: {str(c): mean_sem(per_image[name]["insdel"][labels == c]) for c in range(data.num_classes)}
+                          for name in report["methods"]}
+    verdicts = verdicts_for(report, per_image, len(images))
+    report["verdicts"] = verdicts
+    report["settings"]["total_seconds"] = round(time.perf_counter() - started, 1)
+    report["settings"]["total_cpu_seconds"] = round(time.process_time(), 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "quality.json").write_text(json.dumps(report, indent=1) + "\n")
+    (args.out / "quality.md").write_text(markdown(report, verdicts))
+    plot_layer_sweep(report["ablations"]["layer_cutoff"], depth // 2, args.out / "quality_layer_sweep.png")
+    constructions = ["caap_parallel", "caap_efficient", *[f"caap_windowed_w{w}" for w in WINDOWS], "caap_standard"]
+    plot_quality_vs_cost(report["methods"], constructions, args.out / "quality_vs_cost.png")
+    print(f"wrote {args.out}/quality.md, quality.json and 2 plots in {report['settings']['total_seconds']} s")
+    return report
+
+
+if __name__ == "__main__":
+    main()
