@@ -1,13 +1,15 @@
 """Insertion + deletion cost per image: the batched metric against the naive RISE loop.
 
-timm ViT-B/16 at 224 px with random weights, one-patch steps (256 pixels, 196 steps),
+timm ViT-B/16 at 224 px (``--model``) with random weights, one-patch steps (256 pixels, 196 steps),
 two threads. The naive loop (RISE's ``single_run``: one image, one step, one forward at
 a time) runs only ``--naive-steps`` steps of each game, timed before and after the
 batched run, and is extrapolated to the full ``2 (n + 1) + 1`` forwards (clean image
-for the target, then ``n + 1`` scores per game). Prints one JSON line.
+for the target, then ``n + 1`` scores per game). Both run in fp32 on the same device,
+with TF32 off unless ``--tf32``. Prints one JSON line.
 
     python benchmarks/metrics_speed.py
     python benchmarks/metrics_speed.py --images 2 --batch-size 32
+    python benchmarks/metrics_speed.py --device cuda --images 8 --batch-size 256
 """
 
 from __future__ import annotations
@@ -26,9 +28,15 @@ from caap_lightning.metrics import insertion_deletion
 from caap_lightning.utils import gaussian_blur
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def naive_seconds_per_forward(model, image, pixel_map, step: int, steps: int) -> float:
     """Seconds per forward of RISE's loop, over its first ``steps`` steps of each game."""
     c = image.shape[0]
+    synchronize(image.device)
     order = torch.argsort(pixel_map.flatten(), descending=True, stable=True)
     blurred = gaussian_blur(image[None])[0]
     start_time = time.perf_counter()
@@ -48,20 +56,33 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--naive-steps", type=int, default=6, help="steps per game the naive loop runs")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--model", default="vit_base_patch16_224", help="a timm ViT (random weights)")
+    parser.add_argument("--tf32", action="store_true", help="let CUDA matrix products use TF32 (both runs)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    device = torch.device(args.device)
     torch.manual_seed(0)
-    model = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
-    images = torch.randn(args.images, 3, 224, 224)
-    maps = torch.rand(args.images, 14, 14)
-    step = 16 * 16
-    n = math.ceil(224 * 224 / step)
-    pixel_map = torch.nn.functional.interpolate(maps[:1, None], size=(224, 224), mode="bilinear")[0, 0]
+    model = timm.create_model(args.model, pretrained=False).eval().to(device)
+    size = model.patch_embed.img_size
+    grid = model.patch_embed.grid_size
+    images = torch.randn(args.images, 3, *size).to(device)
+    maps = torch.rand(args.images, *grid).to(device)
+    step = math.prod(model.patch_embed.patch_size)  # one patch per step
+    n = math.ceil(math.prod(size) / step)
+    pixel_map = torch.nn.functional.interpolate(maps[:1, None], size=size, mode="bilinear")[0, 0]
 
+    # Warm-up: CUDA context, kernels, thread pools and allocator stay out of the timings.
+    with torch.no_grad():
+        model(images[:1].expand(args.batch_size, -1, -1, -1))
+    naive_seconds_per_forward(model, images[0], pixel_map, step, 1)
     naive_before = naive_seconds_per_forward(model, images[0], pixel_map, step, args.naive_steps)
+    synchronize(device)
     start_time = time.perf_counter()
     insertion_deletion(model, images, maps, step=step, batch_size=args.batch_size)
+    synchronize(device)
     batched = (time.perf_counter() - start_time) / args.images
     naive_after = naive_seconds_per_forward(model, images[0], pixel_map, step, args.naive_steps)
     naive = (naive_before + naive_after) / 2 * (2 * (n + 1) + 1)
@@ -70,11 +91,13 @@ def main() -> None:
         json.dumps(
             {
                 "benchmark": "insertion+deletion seconds per image",
-                "model": "vit_base_patch16_224, random weights",
-                "image_size": 224,
+                "model": f"{args.model}, random weights",
+                "image_size": size[0],
                 "step_pixels": step,
                 "steps": n,
                 "threads": args.threads,
+                "tf32": args.tf32,
+                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                 "cpu": platform.processor() or platform.machine(),
                 "cpu_count": os.cpu_count(),
                 "torch": torch.__version__,

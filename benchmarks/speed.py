@@ -1,18 +1,20 @@
 """CAAP's cost against a plain forward, on timm ViT-B/16 with random weights.
 
 Prints a table and one JSON line (``--json PATH`` also writes it). Measures median
-seconds of: a plain forward, CAAP ``parallel``, ``efficient`` and ``standard``, a
+seconds of: a plain forward, CAAP ``parallel``, ``efficient``, ``windowed`` and ``standard``, a
 Grad-CAM-like forward+backward and, when captum is installed, captum ``Occlusion`` at
 patch stride; each as a ratio to the plain forward, with the analytic FLOP ratio of
 ``parallel`` beside its measured ratio, and the peak resident memory.
 
     python benchmarks/speed.py                 # 224 px, batch 8
     python benchmarks/speed.py --img-size 448 --batch 2
+    python benchmarks/speed.py --device cuda --batch 32 --precision bf16   # on a GPU, under bf16 autocast
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import platform
@@ -88,14 +90,25 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--standard-images", type=int, default=1,
                         help="images for 'standard' (N forwards each); its time is scaled to --batch")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["standard", "occlusion"],
+    parser.add_argument("--window", type=int, default=2, help="radius of CAAP's windowed construction")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                        help="bf16: every method under torch.autocast(bfloat16); fp32 keeps TF32 off")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["standard", "occlusion", "windowed"],
                         help="leave out the slow N-forward methods (e.g. at 448 px)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None, help="also write the JSON line to this path")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    # fp32 means fp32: TF32 matrix units would change both the numbers and the timings.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    autocast = (
+        (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
+        if args.precision == "bf16" else contextlib.nullcontext
+    )
     torch.manual_seed(0)
     model = timm.create_model(args.model, pretrained=False, img_size=args.img_size).eval().to(device)
     images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
@@ -106,7 +119,8 @@ def main() -> None:
 
     def timed(fn, repeats=args.repeats):
         def run():
-            fn()
+            with autocast():
+                fn()
             sync()
         run()  # warm-up (and the blank cache for CAAP)
         seconds = median_seconds(run, repeats)
@@ -116,8 +130,10 @@ def main() -> None:
     results: Dict[str, float] = {}
     with torch.no_grad():
         results["forward_s"] = timed(lambda: model(images))
-    for method in ("parallel", "efficient"):
-        caap = CAAP(model, layer_cutoff=args.layer_cutoff, selection=args.selection, method=method)
+    for method in ("parallel", "efficient", "windowed"):
+        if method in args.skip:
+            continue
+        caap = CAAP(model, layer_cutoff=args.layer_cutoff, selection=args.selection, method=method, window=args.window)
         results[f"{method}_s"] = timed(lambda: caap.attribute(images, target=target))
 
     # Textbook patching is N full forwards per image: time a few images, scale to the batch.
@@ -167,6 +183,9 @@ def main() -> None:
         "patches": grid[0] * grid[1],
         "layer_cutoff": args.layer_cutoff,
         "selection": args.selection,
+        "window": args.window,
+        "precision": args.precision,
+        "torch": torch.__version__,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({args.threads} threads, {platform.processor() or platform.machine()})",
         **{k: round(v, 4) for k, v in results.items()},
         **{f"{k[:-2]}_ratio": round(v / fwd, 2) for k, v in results.items() if k != "forward_s"},

@@ -10,8 +10,6 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image
-from pycocotools import mask as mask_utils
-from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
 from caap_lightning.datamodules.base import MaskedImageDataModule, as_mask
@@ -32,6 +30,10 @@ class CocoSource(Dataset):
             if not path.exists():
                 raise FileNotFoundError(f"COCO dataset path {str(path)!r} does not exist")
         self.image_dir = Path(image_dir)
+        # Imported here, not at the top: only COCO data needs pycocotools, and the other
+        # datamodules must import where it is missing (it is not in every CUDA image).
+        from pycocotools.coco import COCO
+
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
             self.coco = COCO(str(annotation_file))
         known = {c["name"]: c["id"] for c in sorted(self.coco.loadCats(self.coco.getCatIds()), key=lambda c: c["id"])}
@@ -64,6 +66,8 @@ class CocoSource(Dataset):
     def ann_area(self, ann: dict) -> float:
         if "area" in ann:
             return float(ann["area"])
+        from pycocotools import mask as mask_utils
+
         return float(mask_utils.area(self.coco.annToRLE(ann)))
 
     def __len__(self) -> int:
