@@ -43,7 +43,8 @@ import torch
 import yaml
 from lightning.pytorch.utilities import disable_possible_user_warnings
 
-from caap_lightning.attribution.registry import available_methods, get_method
+from caap_lightning.attribution.caap import METHODS as CAAP_METHODS
+from caap_lightning.attribution.registry import available_methods
 from caap_lightning.callbacks import CAAPCallback, SpuriousCueMonitor
 from caap_lightning.datamodules import SyntheticSpuriousDataModule
 from caap_lightning.demo import DEFAULT_CONFIG, cue_accuracy
@@ -59,34 +60,6 @@ GAP_POINTS = 10.0
 SWEEP_THRESHOLDS = (1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
 SWEEP_PATIENCE = (1, 2, 3)
 SWEEP_MIN_DELTAS = (0.0, 0.1, 0.5, 1.0)
-
-
-class BaselineMaps:
-    """A baseline of the registry behind CAAP's call shape as ``CAAPCallback`` uses it (``relative=True``).
-
-    The baselines have no blank: their map is already the evidence for the class, so the
-    relative map is the map itself.
-    """
-
-    def __init__(self, name: str, model: torch.nn.Module) -> None:
-        self.model = model
-        self.method = get_method(name, model)
-
-    def attribute(self, images: torch.Tensor, target: Any = None, relative: bool = True) -> torch.Tensor:
-        return self.method.attribute(images, target=target)
-
-
-class BaselineCallback(CAAPCallback):
-    """``CAAPCallback`` with a baseline's maps (e.g. ``"gradcam"``) in place of CAAP's."""
-
-    def __init__(self, attribution: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.attribution = attribution
-
-    def prepare(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().prepare(trainer, pl_module)
-        if not isinstance(self._caap, BaselineMaps):
-            self._caap = BaselineMaps(self.attribution, self._caap.model)
 
 
 class ReplayedClassifier(ViTClassifier):
@@ -297,8 +270,8 @@ def fit_run(
     model = model_class(**settings["model"], num_classes=data.num_classes, img_size=data.img_size, mean=data.mean, std=data.std)
     if snapshots is not None:
         model.snapshots = snapshots
-    options = dict(num_images=settings["num_images"], metrics=list(METRICS), log_images=False)
-    caap = CAAPCallback(**options) if method == "caap" else BaselineCallback(method, **options)
+    options = dict(num_images=settings["num_images"], method=settings["caap_method"], metrics=list(METRICS), log_images=False)
+    caap = CAAPCallback(methods=[method], **options)
     monitor = SpuriousCueMonitor(**settings["monitor"], num_images=0)
     data.setup("fit")
     recorder = EpochRecorder(data.probe_batch(data.num_val), caap, monitor)
@@ -395,7 +368,7 @@ def markdown(result: Dict[str, Any]) -> str:
         f"`{setup['command']}`: the demo's setup "
         f"(`configs/demo.yaml`: {setup['model_summary']}, {setup['data_summary']}), "
         f"{setup['max_epochs']} epochs (the demo trains {setup['demo_max_epochs']}), seeds {setup['seeds']}, on {setup['threads']} CPU threads "
-        f"({setup['machine']}). `CAAPCallback` (probe of {setup['num_images']} images, "
+        f"({setup['machine']}). `CAAPCallback` (probe of {setup['num_images']} images, `method=\"{setup['caap_method']}\"`, "
         f"`target=\"predicted\"`) and `SpuriousCueMonitor` (`monitor={live['monitor']}`, "
         f"`threshold={live['threshold']}`, `patience={live['patience']}`, `min_delta={live['min_delta']}`) "
         "watch each fit: the CAAP run trains the model, and each baseline's run replays that run's weights "
@@ -535,6 +508,11 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         help="methods that also drive the callbacks, on the weights of CAAP's fit (default: gradcam)",
     )
     parser.add_argument(
+        "--caap-method", default="parallel", choices=CAAP_METHODS,
+        help="CAAP's construction in the callback: the recorded results, and the monitor's defaults, come from parallel "
+        "(the callback itself now defaults to windowed; see benchmarks/results/callback-overhead.md)",
+    )
+    parser.add_argument(
         "--epochs", type=int, default=6,
         help="the demo trains 4; 6 leaves the monitor (no alarm before check patience + 1) room, and the controls more checks to fail",
     )
@@ -565,6 +543,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         settings["data"]["num_train"] = args.num_train
     settings["max_epochs"] = args.epochs
     settings["num_images"] = args.num_images
+    settings["caap_method"] = args.caap_method
     given = {"threshold": args.threshold, "patience": args.patience, "min_delta": args.min_delta}
     settings["monitor"] = {k: v for k, v in given.items() if v is not None}
     num_classes = settings["data"]["num_classes"]
@@ -614,6 +593,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             "demo_max_epochs": settings["demo_max_epochs"],
             "num_val": data["num_val"],
             "num_images": settings["num_images"],
+            "caap_method": settings["caap_method"],
             "seeds": seeds,
             "cue_correlations": cues,
             "control_cue_correlation": control,

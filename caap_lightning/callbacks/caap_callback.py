@@ -1,7 +1,9 @@
-"""CAAPCallback: CAAP maps and attribution metrics of a fixed probe batch, logged as the model trains."""
+"""CAAPCallback: CAAP maps (and other methods' maps) of a fixed probe batch and their metrics, logged as the model trains."""
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
 import math
 import time
 from dataclasses import dataclass, field
@@ -13,13 +15,14 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from caap_lightning.attribution import registry
 from caap_lightning.attribution.blanks import BLANK_KINDS
 from caap_lightning.attribution.caap import CAAP, METHODS
 from caap_lightning.attribution.selection import SELECTIONS
 from caap_lightning.attribution.vit import check_images, eval_mode
 from caap_lightning.callbacks import figures
 from caap_lightning.metrics import AUPR, AttributionMass, InsertionDeletion, PointingGame
-from caap_lightning.utils import unnormalize, upsample_maps
+from caap_lightning.utils import model_normalization, unnormalize, upsample_maps
 
 # Each metric and the probe field it needs (None: no mask).
 METRIC_MASKS: Dict[str, Optional[str]] = {
@@ -50,6 +53,8 @@ METRIC_SCALARS: Dict[str, Dict[str, str]] = {
 TARGETS = ("predicted", "label")
 ON_ERROR = ("warn", "raise")
 PREFIX = "caap/"
+# Heatmap-grid column titles of the attribution methods (others: the method's name).
+COLUMN_TITLES = {"caap": "CAAP (A - A_blank)"}
 
 
 class CheckFailed(Exception):
@@ -63,22 +68,39 @@ class ProbeResult:
     epoch: int
     step: int
     metrics: Dict[str, float]
-    maps: torch.Tensor  # relative patch maps A - A_blank, (n, gh, gw)
+    maps: torch.Tensor  # the first method's patch maps (CAAP's: relative, A - A_blank), (n, gh, gw)
     targets: torch.Tensor  # the class each map explains, (n,)
     scores: torch.Tensor  # the model's probability of the target, (n,)
-    curves: Dict[str, torch.Tensor] = field(default_factory=dict)  # mean insertion/deletion curves
+    method_maps: Dict[str, torch.Tensor]  # the maps of every method that succeeded, in `methods` order
+    curves: Dict[str, torch.Tensor] = field(default_factory=dict)  # the first method's mean insertion/deletion curves
+    method_curves: Dict[str, Dict[str, torch.Tensor]] = field(default_factory=dict)  # every method's
+
+
+@dataclass
+class _ProbeShard:
+    """This rank's share of the probe batch on the device, with the classes its maps explain."""
+
+    images: torch.Tensor
+    masks: Dict[str, torch.Tensor]  # "masks" and "cue_masks", where the probe has them
+    targets: torch.Tensor
+    scores: torch.Tensor
 
 
 class CAAPCallback(Callback):
-    """CAAP maps of a fixed probe batch and their attribution metrics, at the end of validation.
+    """Attribution maps of a fixed probe batch and their metrics, at the end of validation.
 
     The probe batch (``datamodule.probe_batch(num_images)``) is taken once, in ``setup``. At the
     end of every ``every_n_epochs``-th validation of a fit, and of every ``validate``/``test``
-    run, the callback attributes the probe images with CAAP and logs under ``caap/``: each
-    metric as a scalar, ``caap/seconds`` (the check's wall time), a heatmap grid
-    (``caap/heatmaps``) and the mean Insertion/Deletion curves (``caap/insertion_deletion``).
-    Under DDP each rank attributes its share of the probe batch, the metrics sync, and rank zero
-    draws the images. The history of metric values survives a resume from checkpoint.
+    run, the callback attributes the probe images with each of ``methods`` (CAAP alone by
+    default) and logs, per method, each metric as a scalar. The first method is the primary
+    one: its scalars are ``caap/<scalar>`` (e.g. ``caap/insdel``, ``caap/cue_mass_ratio``, what
+    :class:`SpuriousCueMonitor` watches); every further method's are
+    ``caap/<method>/<scalar>`` (e.g. ``caap/gradcam/insdel``). It also logs ``caap/seconds``
+    (the whole check's wall time), a heatmap grid with one overlay column per method
+    (``caap/heatmaps``) and the mean Insertion/Deletion curves of every method
+    (``caap/insertion_deletion``). Under DDP each rank attributes its share of the probe batch,
+    the metrics sync, and rank zero draws the images. The history of metric values survives a
+    resume from checkpoint.
 
     The model attributed is ``pl_module.get_attribution_model()`` if it exists, else
     ``pl_module.model``, else ``pl_module`` itself: a timm ``VisionTransformer`` CAAP supports.
@@ -86,28 +108,51 @@ class CAAPCallback(Callback):
     Args:
         every_n_epochs: run after the validation of every n-th epoch of a fit.
         num_images: size of the probe batch (each rank attributes a share under DDP).
-        layer_cutoff, selection, blank, method: CAAP's settings (see :class:`~caap_lightning.CAAP`).
+        methods: *which* attribution methods, by registry name (see
+            :func:`~caap_lightning.attribution.registry.available_methods`: ``caap``, ``gradcam``,
+            ``rollout``, ``tattr``, ``input_x_gradient``, ``simple_insertion``,
+            ``simple_deletion``, ``occlusion``, ``random``); the first is the primary one.
+            Default ``["caap"]``. CAAP's maps are relative (``A - A_blank``), the others' as the
+            method returns them.
+        method_kwargs: constructor arguments per method other than ``caap``, e.g.
+            ``{"simple_insertion": {"batch_size": 32}}``. Methods that take ``mean``/``std``
+            get the data's normalisation unless given here.
+        layer_cutoff, selection, blank: CAAP's settings (see :class:`~caap_lightning.CAAP`).
+        method: *how* CAAP computes its maps, not which methods run: ``"windowed"`` (the
+            default here: also recomputes the blank tokens within ``window`` patches of each
+            patch), ``"parallel"`` (exact, batched, CAAP's own default), ``"efficient"``
+            (E-CAAP, approximate) or ``"standard"`` (textbook activation patching, one forward
+            per patch). ``windowed`` with ``window=2`` closes most of the gap to ``standard`` at
+            about 6x ``parallel``'s time per map (``benchmarks/results/quality.md``); on the demo
+            the whole check then costs about 14% of an epoch, against 10% with ``parallel``
+            (``benchmarks/results/callback-overhead.md``).
+        window: radius, in patches, of the recomputed window of ``method="windowed"``.
         metrics: any of ``aupr_fg``, ``aupr_bg``, ``pointing_game``, ``insertion_deletion``,
             ``background_mass``, ``background_mass_ratio``, ``cue_mass``, ``cue_mass_ratio``;
             ``None`` takes every metric the probe batch's masks allow. Mass metrics read the
-            relative map's positive part; ``*_ratio`` divides by the region's share of the image.
+            map's positive part; ``*_ratio`` divides by the region's share of the image.
         target: the class each map explains: ``"predicted"`` (the model's top-1) or ``"label"``.
         insertion_deletion_steps: steps of each Insertion/Deletion curve (``ceil(H * W / steps)``
             pixels each); the default 16 keeps the check cheap. ``None`` takes one patch per step,
             the benchmark protocol, at about ``num_patches / 16`` times the cost.
         log_images: log the heatmap grid and the curve figure (TensorBoard loggers).
         max_images_logged: rows of the heatmap grid.
-        on_error: ``"warn"`` reports a failing check and lets training go on; ``"raise"`` stops.
+        on_error: ``"warn"`` reports a failure and lets training go on: a failing primary
+            method skips the check, a failing further method is left out of it (the others
+            are logged). ``"raise"`` stops.
     """
 
     def __init__(
         self,
         every_n_epochs: int = 1,
         num_images: int = 16,
+        methods: Optional[List[str]] = None,
+        method_kwargs: Optional[Dict[str, Dict[str, Any]]] = None,
         layer_cutoff: Optional[int] = None,
         selection: str = "box1",
         blank: str = "white",
-        method: str = "parallel",
+        method: str = "windowed",
+        window: int = 2,
         metrics: Optional[List[str]] = None,
         target: str = "predicted",
         insertion_deletion_steps: Optional[int] = 16,
@@ -123,6 +168,8 @@ class CAAPCallback(Callback):
             )
         if layer_cutoff is not None and layer_cutoff < 0:
             raise ValueError(f"layer_cutoff must be >= 0 or None (half the blocks), got {layer_cutoff}")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+            raise ValueError(f"window must be an int >= 0 (patches around each patch), got {window!r}")
         if insertion_deletion_steps is not None and insertion_deletion_steps < 1:
             raise ValueError(f"insertion_deletion_steps must be >= 1 or None (one patch per step), got {insertion_deletion_steps}")
         for name, value, choices in (
@@ -138,12 +185,18 @@ class CAAPCallback(Callback):
             unknown = [m for m in metrics if m not in METRIC_MASKS]
             if unknown or len(set(metrics)) != len(metrics):
                 raise ValueError(f"metrics {list(metrics)} must be distinct names from {list(METRIC_MASKS)}; unknown: {unknown}")
+        methods = ["caap"] if methods is None else list(methods)
+        method_kwargs = {name: dict(kwargs) for name, kwargs in (method_kwargs or {}).items()}
+        check_methods(methods, method_kwargs)
         self.every_n_epochs = every_n_epochs
         self.num_images = num_images
+        self.methods = methods
+        self.method_kwargs = method_kwargs
         self.layer_cutoff = layer_cutoff
         self.selection = selection
         self.blank = blank
         self.method = method
+        self.window = window
         self.metrics = None if metrics is None else list(metrics)
         self.target = target
         self.insertion_deletion_steps = insertion_deletion_steps
@@ -158,8 +211,9 @@ class CAAPCallback(Callback):
         self.mean: Optional[tuple] = None
         self.std: Optional[tuple] = None
         self.active_metrics: List[str] = []
-        self._caap: Optional[CAAP] = None
-        self._meters: Dict[str, Any] = {}
+        self._model: Optional[nn.Module] = None
+        self._methods: Dict[str, Any] = {}  # name -> the attribution method, in `methods` order
+        self._meters: Dict[str, Dict[str, Any]] = {}  # method -> metric -> meter
         self._prepared_for: Optional[tuple] = None
 
     # ------------------------------------------------------------------ set-up
@@ -176,7 +230,7 @@ class CAAPCallback(Callback):
         self.prepare(trainer, pl_module)
 
     def prepare(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Take the probe batch, resolve the metrics and build CAAP; fail here on a wrong configuration."""
+        """Take the probe batch, resolve the metrics and build the methods; fail here on a wrong configuration."""
         datamodule = trainer.datamodule
         key = (id(datamodule), id(pl_module))
         if self._prepared_for == key:
@@ -196,19 +250,23 @@ class CAAPCallback(Callback):
         # The blank is normalised as the probe images are: with the data's mean/std first.
         mean = getattr(datamodule, "mean", None) or getattr(pl_module, "mean", None)
         std = getattr(datamodule, "std", None) or getattr(pl_module, "std", None)
+        methods: Dict[str, Any] = {}
+        building: Optional[str] = None  # the method being built, named in the error
         try:
-            self._caap = CAAP(
-                model, layer_cutoff=self.layer_cutoff, selection=self.selection, blank=self.blank,
-                method=self.method, mean=mean, std=std,
-            )
+            self.mean, self.std = model_normalization(model, mean, std)
+            for building in self.methods:
+                methods[building] = self._build_method(building, model)
+            building = None
             check_images(model, probe.images[:1])
         except ValueError as exc:
+            which = "" if building is None else f" with {display_name(building)}"
             raise ValueError(
                 f"CAAPCallback cannot attribute {type(pl_module).__name__} (attribution model: "
-                f"{type(model).__name__}): {exc} Return a supported timm VisionTransformer from "
-                "get_attribution_model() or remove the callback."
+                f"{type(model).__name__}){which}: {exc} Return a supported timm VisionTransformer from "
+                "get_attribution_model(), change the method's settings, or remove the callback."
             ) from exc
-        self.mean, self.std = self._caap.mean, self._caap.std
+        self._model = model
+        self._methods = methods
         self._meters = self._build_meters(model, tuple(probe.images.shape[-2:]))
         try:
             self.class_names = [str(name) for name in datamodule.class_names]
@@ -217,10 +275,35 @@ class CAAPCallback(Callback):
         self.probe = probe
         self._prepared_for = key
 
+    def _build_method(self, name: str, model: nn.Module) -> Any:
+        """CAAP with the callback's settings, or a baseline with its ``method_kwargs`` (and the data's mean/std)."""
+        if name == "caap":
+            return CAAP(
+                model, layer_cutoff=self.layer_cutoff, selection=self.selection, blank=self.blank,
+                method=self.method, window=self.window, mean=self.mean, std=self.std,
+            )
+        kwargs = dict(self.method_kwargs.get(name, {}))
+        takes = inspect.signature(registry.METHODS[name]).parameters
+        for arg, value in (("mean", self.mean), ("std", self.std)):
+            if arg in takes:
+                kwargs.setdefault(arg, value)
+        return registry.get_method(name, model, **kwargs)
+
+    def tag(self, method: str, scalar: str) -> str:
+        """The logged name of ``method``'s ``scalar``: ``caap/<scalar>`` for the first method, else ``caap/<method>/<scalar>``."""
+        return PREFIX + scalar if method == self.methods[0] else f"{PREFIX}{method}/{scalar}"
+
+    def split_tag(self, tag: str) -> tuple:
+        """``(method, scalar)`` of a name :meth:`tag` gives: ``caap/gradcam/insdel`` -> ``("gradcam", "insdel")``."""
+        rest = tag[len(PREFIX):] if tag.startswith(PREFIX) else tag
+        method, slash, scalar = rest.partition("/")
+        return (method, scalar) if slash else (self.methods[0], rest)
+
     @property
     def logged_metrics(self) -> List[str]:
-        """The scalars this callback logs with the metrics in use (known after ``setup``)."""
-        return [PREFIX + s for m in self.active_metrics for s in METRIC_SCALARS[m]] + [PREFIX + "seconds"]
+        """The scalars this callback logs with the methods and metrics in use (known after ``setup``)."""
+        scalars = [s for m in self.active_metrics for s in METRIC_SCALARS[m]]
+        return [self.tag(name, s) for name in self.methods for s in scalars] + [PREFIX + "seconds"]
 
     def _resolve_metrics(self, probe: Any, datamodule_name: str) -> List[str]:
         available = [m for m, needs in METRIC_MASKS.items() if needs is None or getattr(probe, needs) is not None]
@@ -235,21 +318,25 @@ class CAAPCallback(Callback):
             )
         return list(self.metrics)
 
-    def _build_meters(self, model: nn.Module, size: tuple) -> Dict[str, Any]:
-        meters: Dict[str, Any] = {}
+    def _build_meters(self, model: nn.Module, size: tuple) -> Dict[str, Dict[str, Any]]:
+        """One set of metric meters per method: the meters accumulate state between update and compute."""
         steps = self.insertion_deletion_steps
         step = None if steps is None else math.ceil(size[0] * size[1] / steps)
-        for name in self.active_metrics:
-            if name in ("aupr_fg", "aupr_bg"):
-                meters[name] = AUPR(region="foreground" if name == "aupr_fg" else "background")
-            elif name == "pointing_game":
-                meters[name] = PointingGame()
-            elif name == "insertion_deletion":
-                # Its forwards dominate the check; on a CPU, batches of 256 run them about 1.5x faster than 64.
-                meters[name] = InsertionDeletion(model, step=step, batch_size=256, curves=self.log_images)
-            else:
-                region, _, by_area = MASS_METRICS[name]
-                meters[name] = AttributionMass(region=region, normalize_by_area=by_area)
+        meters: Dict[str, Dict[str, Any]] = {}
+        for method in self.methods:
+            meters[method] = {}
+            for name in self.active_metrics:
+                if name in ("aupr_fg", "aupr_bg"):
+                    meter = AUPR(region="foreground" if name == "aupr_fg" else "background")
+                elif name == "pointing_game":
+                    meter = PointingGame()
+                elif name == "insertion_deletion":
+                    # Its forwards dominate the check; on a CPU, batches of 256 run them about 1.5x faster than 64.
+                    meter = InsertionDeletion(model, step=step, batch_size=256, curves=self.log_images)
+                else:
+                    region, _, by_area = MASS_METRICS[name]
+                    meter = AttributionMass(region=region, normalize_by_area=by_area)
+                meters[method][name] = meter
         return meters
 
     # ------------------------------------------------------------------ hooks
@@ -275,26 +362,37 @@ class CAAPCallback(Callback):
         self.prepare(trainer, pl_module)
         start = time.perf_counter()
         epoch, step = trainer.current_epoch, log_step(trainer)
-        failed = False
+        primary = self.methods[0]
+        shard: Optional[_ProbeShard] = None
+        maps: Dict[str, torch.Tensor] = {}
         try:
-            shard = self.guard("CAAPCallback: computing the CAAP maps and metric updates", epoch, self._attribute_shard, pl_module)
+            shard = self.guard("CAAPCallback: classifying the probe images", epoch, self._classify_shard, pl_module)
         except CheckFailed:
-            failed = True
-        # Every rank learns whether any failed, so none waits in a collective the others skip.
+            pass
+        for name in self.methods if shard is not None else []:
+            try:
+                maps[name] = self.guard(
+                    f"CAAPCallback: computing the {display_name(name)} maps and metric updates", epoch,
+                    self._attribute_shard, pl_module, name, shard,
+                    skipped="this check is skipped" if name == primary else "its metrics are left out of this check",
+                )
+            except CheckFailed:
+                if name == primary:
+                    break
+        # Every rank learns which methods failed on any rank, so none waits in a collective the others skip.
+        failed = torch.tensor([float(name not in maps) for name in self.methods], device=pl_module.device)
         if trainer.world_size > 1:
-            flag = torch.tensor(float(failed), device=pl_module.device)
-            failed = bool(trainer.strategy.reduce(flag, reduce_op="sum") > 0)
-        if failed:
-            for meter in self._meters.values():
-                meter.reset()
+            failed = trainer.strategy.reduce(failed, reduce_op="sum")
+        done = {name: maps[name] for name, count in zip(self.methods, failed.tolist()) if count == 0}
+        if primary not in done:
+            self._reset_meters()
             return None
         try:
-            result = self.guard("CAAPCallback: computing the metrics", epoch, self._finish, trainer, shard, epoch, step)
+            result = self.guard("CAAPCallback: computing the metrics", epoch, self._finish, trainer, shard, done, epoch, step)
         except CheckFailed:
             return None
         finally:
-            for meter in self._meters.values():
-                meter.reset()
+            self._reset_meters()
         if self.log_images and trainer.is_global_zero:
             try:
                 self.guard("CAAPCallback: logging the heatmaps", epoch, self._log_images, trainer, result)
@@ -308,7 +406,7 @@ class CAAPCallback(Callback):
         self.history.append({"epoch": epoch, "step": step, **result.metrics})
         return result
 
-    def guard(self, what: str, epoch: int, fn: Callable, *args: Any) -> Any:
+    def guard(self, what: str, epoch: int, fn: Callable, *args: Any, skipped: str = "this check is skipped") -> Any:
         """``fn(*args)``; with ``on_error="warn"`` a failure is reported and raised as :class:`CheckFailed`."""
         if self.on_error == "raise":
             return fn(*args)
@@ -316,50 +414,74 @@ class CAAPCallback(Callback):
             return fn(*args)
         except Exception as exc:  # a monitor must not end the training it watches
             rank_zero_warn(
-                f"{what} failed at epoch {epoch} ({type(exc).__name__}: {exc}); this check is "
-                "skipped and training continues. Set on_error='raise' to stop on it instead."
+                f"{what} failed at epoch {epoch} ({type(exc).__name__}: {exc}); {skipped} and training "
+                "continues. Set on_error='raise' to stop on it instead."
             )
             raise CheckFailed from exc
 
-    def _attribute_shard(self, pl_module: L.LightningModule) -> Dict[str, torch.Tensor]:
-        """This rank's share of the probe: maps, targets, scores; updates the metric states."""
+    def _reset_meters(self) -> None:
+        for meters in self._meters.values():
+            for meter in meters.values():
+                meter.reset()
+
+    def _classify_shard(self, pl_module: L.LightningModule) -> _ProbeShard:
+        """This rank's share of the probe on the device, the classes its maps explain and their probabilities."""
         trainer = pl_module.trainer
         device = pl_module.device
-        rank, world = trainer.global_rank, trainer.world_size
         probe = self.probe
-        index = torch.arange(len(probe))[rank::world]
+        index = torch.arange(len(probe))[trainer.global_rank :: trainer.world_size]
         images = probe.images[index].to(device)
         masks = {k: getattr(probe, k)[index].to(device) for k in ("masks", "cue_masks") if getattr(probe, k) is not None}
-        model = self._caap.model
-        with torch.no_grad():
-            with eval_mode(model):
-                probs = model(images).float().softmax(-1)
-            targets = probs.argmax(-1) if self.target == "predicted" else probe.labels[index].to(device)
-            maps = self._caap.attribute(images, target=targets, relative=True)
-            pixel_maps = upsample_maps(maps, tuple(images.shape[-2:]))
-            for name, meter in self._meters.items():
-                meter.to(device)
-                if name == "insertion_deletion":
-                    meter.update(images, pixel_maps, target=targets)
-                else:
-                    meter.update(pixel_maps, masks[METRIC_MASKS[name]])
-        return {"maps": maps, "targets": targets, "scores": probs.gather(1, targets[:, None])[:, 0]}
+        with torch.no_grad(), eval_mode(self._model):
+            probs = self._model(images).float().softmax(-1)
+        targets = probs.argmax(-1) if self.target == "predicted" else probe.labels[index].to(device)
+        return _ProbeShard(images, masks, targets, probs.gather(1, targets[:, None])[:, 0])
 
-    def _finish(self, trainer: L.Trainer, shard: Dict[str, torch.Tensor], epoch: int, step: int) -> ProbeResult:
-        """Synced metric values and the shards gathered into one result for the whole probe."""
-        values: Dict[str, float] = {}
-        curves: Dict[str, torch.Tensor] = {}
-        for name, meter in self._meters.items():
-            out = meter.compute()
-            values.update({scalar: float(out[key]) for scalar, key in METRIC_SCALARS[name].items()})
-            if name == "insertion_deletion":
-                curves = {k: out[f"{k}_curve"].cpu() for k in ("insertion", "deletion") if f"{k}_curve" in out}
-        # A metric with no scorable image (e.g. every mask empty) gives NaN: nothing to log.
-        metrics = {PREFIX + k: v for k, v in values.items() if math.isfinite(v)}
-        full = {k: _gather_shards(trainer, v, len(self.probe)) for k, v in shard.items()}
+    def _attribute_shard(self, pl_module: L.LightningModule, name: str, shard: _ProbeShard) -> torch.Tensor:
+        """``name``'s maps of this rank's share of the probe; updates that method's metric states."""
+        method = self._methods[name]
+        # Lightning evaluates under inference mode, where gradient methods (gradcam, tattr, ...) cannot
+        # take gradients: autograd back on, and inputs cloned out of inference mode. The others turn it off.
+        with torch.inference_mode(False), torch.enable_grad():
+            images, targets = shard.images.clone(), shard.targets.clone()
+            if name == "caap":
+                maps = method.attribute(images, target=targets, relative=True)
+            else:
+                maps = method.attribute(images, target=targets)
+        maps = maps.detach().float()
+        with torch.no_grad():
+            pixel_maps = upsample_maps(maps, tuple(shard.images.shape[-2:]))
+            for metric, meter in self._meters[name].items():
+                meter.to(pl_module.device)
+                if metric == "insertion_deletion":
+                    meter.update(shard.images, pixel_maps, target=shard.targets)
+                else:
+                    meter.update(pixel_maps, shard.masks[METRIC_MASKS[metric]])
+        return maps
+
+    def _finish(
+        self, trainer: L.Trainer, shard: _ProbeShard, maps: Dict[str, torch.Tensor], epoch: int, step: int
+    ) -> ProbeResult:
+        """Synced metric values of each method in ``maps`` and the shards gathered into one result for the whole probe."""
+        metrics: Dict[str, float] = {}
+        curves: Dict[str, Dict[str, torch.Tensor]] = {}
+        for name in maps:
+            for metric, meter in self._meters[name].items():
+                out = meter.compute()
+                for scalar, key in METRIC_SCALARS[metric].items():
+                    value = float(out[key])
+                    # A metric with no scorable image (e.g. every mask empty) gives NaN: nothing to log.
+                    if math.isfinite(value):
+                        metrics[self.tag(name, scalar)] = value
+                if metric == "insertion_deletion":
+                    curves[name] = {k: out[f"{k}_curve"].cpu() for k in ("insertion", "deletion") if f"{k}_curve" in out}
+        n = len(self.probe)
+        method_maps = {name: _gather_shards(trainer, m, n) for name, m in maps.items()}
+        primary = self.methods[0]
         return ProbeResult(
-            epoch=epoch, step=step, metrics=metrics, maps=full["maps"], targets=full["targets"].long(),
-            scores=full["scores"], curves=curves,
+            epoch=epoch, step=step, metrics=metrics, maps=method_maps[primary],
+            targets=_gather_shards(trainer, shard.targets, n).long(), scores=_gather_shards(trainer, shard.scores, n),
+            method_maps=method_maps, curves=curves.get(primary, {}), method_curves=curves,
         )
 
     # ------------------------------------------------------------------ images
@@ -380,9 +502,12 @@ class CAAPCallback(Callback):
         probe = self.probe
         index = torch.as_tensor(rows, dtype=torch.long)
         size = tuple(probe.images.shape[-2:])
+        overlays = [
+            (COLUMN_TITLES.get(name, name), upsample_maps(maps[index].cpu(), size)) for name, maps in result.method_maps.items()
+        ]
         return figures.heatmap_grid(
             unnormalize(probe.images[index], self.mean, self.std),
-            upsample_maps(result.maps[index].cpu(), size),
+            overlays,
             [self.row_title(i, result) for i in rows],
             masks=None if probe.masks is None else probe.masks[index],
             cue_masks=None if probe.cue_masks is None else probe.cue_masks[index],
@@ -395,7 +520,14 @@ class CAAPCallback(Callback):
         if result.curves:
             auc = {k: result.metrics.get(PREFIX + k, math.nan) for k in ("insertion", "deletion")}
             title = f"epoch {result.epoch}: insertion {auc['insertion']:.3f}, deletion {auc['deletion']:.3f}"
-            figure = figures.curves_figure(result.curves, title)
+            if len(result.method_curves) > 1:
+                title = f"{display_name(self.methods[0])} {title}"
+            curves = {
+                label if name == self.methods[0] else f"{name} {label}": curve
+                for name, pair in result.method_curves.items()
+                for label, curve in pair.items()
+            }
+            figure = figures.curves_figure(curves, title)
             figures.log_figure(trainer, PREFIX + "insertion_deletion", figure, result.step)
 
 
@@ -413,6 +545,35 @@ def _gather_shards(trainer: L.Trainer, shard: torch.Tensor, n: int) -> torch.Ten
         count = len(range(rank, n, world))
         out[rank::world] = gathered[rank, :count]
     return out
+
+
+def check_methods(methods: List[str], method_kwargs: Dict[str, Dict[str, Any]]) -> None:
+    """``ValueError`` for method names the registry lacks or repeats, misplaced or unknown ``method_kwargs``,
+    and ``occlusion`` without captum: at construction, not mid-training."""
+    available = registry.available_methods()
+    unknown = [m for m in methods if m not in available]
+    if not methods or unknown or len(set(methods)) != len(methods):
+        raise ValueError(f"methods {methods} must be one or more distinct names from {available}; unknown: {unknown}")
+    misplaced = [name for name in method_kwargs if name not in methods or name == "caap"]
+    if misplaced:
+        raise ValueError(
+            f"method_kwargs has {misplaced}, but its keys must be methods in `methods` ({methods}) other than 'caap': "
+            "CAAP takes the callback's own layer_cutoff, selection, blank, method and window"
+        )
+    for name, kwargs in method_kwargs.items():
+        takes = [p for p in inspect.signature(registry.METHODS[name]).parameters if p != "model"]
+        wrong = [k for k in kwargs if k not in takes]
+        if wrong:
+            raise ValueError(
+                f"method_kwargs[{name!r}] has {wrong}, which {registry.METHODS[name].__name__} does not take; it takes {takes}"
+            )
+    if "occlusion" in methods and importlib.util.find_spec("captum") is None:
+        raise ValueError("the occlusion method needs captum, which is not installed: pip install 'caap-lightning[baselines]'")
+
+
+def display_name(method: str) -> str:
+    """How messages name a method: ``CAAP``, else its registry name."""
+    return "CAAP" if method == "caap" else method
 
 
 def log_step(trainer: L.Trainer) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -13,40 +13,45 @@ from matplotlib.figure import Figure
 
 def heatmap_grid(
     images: torch.Tensor,
-    maps: torch.Tensor,
+    maps: Union[Mapping[str, torch.Tensor], Sequence[Tuple[str, torch.Tensor]]],
     titles: Sequence[str],
     masks: Optional[torch.Tensor] = None,
     cue_masks: Optional[torch.Tensor] = None,
     min_tile: int = 112,
 ) -> np.ndarray:
-    """One row per image: image | relative map overlay | object mask | cue mask, as ``(H, W, 3)`` uint8.
+    """One row per image: image | one overlay per map | object mask | cue mask, as ``(H, W, 3)`` uint8.
 
-    ``images`` are pixel-space ``(n, 3, H, W)`` in [0, 1]; ``maps`` relative pixel maps
-    ``(n, H, W)``, drawn red where they favour the target and blue where they oppose it (each
-    row scaled to its own largest magnitude). Mask columns dim the image outside the mask; a
-    column whose masks are ``None`` is left out. Each row is captioned with its title. Drawn
-    with numpy and PIL: a matplotlib grid costs seconds per check on a CPU.
+    ``images`` are pixel-space ``(n, 3, H, W)`` in [0, 1]; ``maps`` gives the overlay columns
+    in order, as ``{column title: pixel maps (n, H, W)}`` or ``[(column title, maps), ...]``.
+    Maps are drawn red where they favour the target and blue where they oppose it (a
+    non-negative map, e.g. Grad-CAM's, only goes red), each tile scaled to its own largest
+    magnitude. Mask columns dim the image outside the mask; a column whose masks are ``None``
+    is left out. Each row is captioned with its title and the first map's largest magnitude.
+    Drawn with numpy and PIL: a matplotlib grid costs seconds per check on a CPU.
     """
     from matplotlib import colormaps
     from PIL import Image, ImageDraw
 
-    columns = ["image", "CAAP (A - A_blank)"]
+    overlays = list(maps.items()) if isinstance(maps, Mapping) else list(maps)
+    if not overlays:
+        raise ValueError("heatmap_grid needs at least one map column")
     mask_columns = [(name, m) for name, m in (("object mask", masks), ("cue mask", cue_masks)) if m is not None]
-    columns += [name for name, _ in mask_columns]
+    columns = ["image"] + [name for name, _ in overlays] + [name for name, _ in mask_columns]
     n, _, h, w = images.shape
     scale = max(1, -(-min_tile // min(h, w)))  # nearest-neighbour upscaling of small images
     th, tw, gap, caption = h * scale, w * scale, 4, 16
     width = len(columns) * tw + (len(columns) - 1) * gap
     canvas = np.full((caption + n * (caption + th + gap), width, 3), 255, dtype=np.uint8)
     pixels = images.permute(0, 2, 3, 1).float().cpu().numpy()
-    heat = maps.float().cpu().numpy()
+    heats = [m.float().cpu().numpy() for _, m in overlays]
     cmap = colormaps["RdBu_r"]
     limits = []
     for i in range(n):
-        limit = float(np.abs(heat[i]).max()) or 1.0
-        limits.append(limit)
-        overlay = cmap(0.5 + 0.5 * heat[i] / limit)[..., :3]
-        tiles = [pixels[i], 0.35 * pixels[i] + 0.65 * overlay]
+        tiles = [pixels[i]]
+        for heat in heats:
+            limit = float(np.abs(heat[i]).max()) or 1.0
+            tiles.append(0.35 * pixels[i] + 0.65 * cmap(0.5 + 0.5 * heat[i] / limit)[..., :3])
+        limits.append(float(np.abs(heats[0][i]).max()))
         tiles += [pixels[i] * (0.2 + 0.8 * m[i].float().cpu().numpy()[..., None]) for _, m in mask_columns]
         top = caption + i * (caption + th + gap) + caption
         for col, tile in enumerate(tiles):

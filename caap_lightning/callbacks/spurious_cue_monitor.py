@@ -32,8 +32,9 @@ class SpuriousCueMonitor(Callback):
     resume from checkpoint.
 
     Args:
-        monitor: a metric logged by ``CAAPCallback``, e.g. ``"caap/cue_mass_ratio"``. ``None``
-            picks ``caap/cue_mass_ratio`` when the probe has cue masks, else
+        monitor: a metric logged by ``CAAPCallback``, e.g. ``"caap/cue_mass_ratio"`` (the first of
+            its ``methods``) or ``"caap/gradcam/cue_mass_ratio"``. ``None`` picks
+            ``caap/cue_mass_ratio`` when the probe has cue masks, else
             ``caap/background_mass_ratio``: area-normalised masses (a uniform map scores 1),
             since raw mass follows the region's area.
         threshold: the score must be past this to count (above for ``mode="max"``); ``None``
@@ -181,13 +182,13 @@ class SpuriousCueMonitor(Callback):
         return "cue" if "cue" in key else "background" if "background" in key else "monitored region"
 
     def _per_image(self, result: ProbeResult) -> Optional[torch.Tensor]:
-        """The monitored mass metric per probe image (only mass metrics have one)."""
-        name = (self.monitor_key or "")[len(PREFIX):]
-        if name not in MASS_METRICS:
+        """The monitored mass metric per probe image, from the monitored method's maps (only mass metrics have one)."""
+        method, name = self._caap.split_tag(self.monitor_key or "")
+        if name not in MASS_METRICS or method not in result.method_maps:
             return None
         region, mask_field, by_area = MASS_METRICS[name]
         masks = getattr(self._caap.probe, mask_field)
-        return attribution_mass(result.maps, masks, region=region, normalize_by_area=by_area).float()
+        return attribution_mass(result.method_maps[method], masks, region=region, normalize_by_area=by_area).float()
 
     def top_images(self, per_image: Optional[torch.Tensor], n: int) -> List[int]:
         """Probe indices whose maps score worst on the monitored region (most reliance first)."""

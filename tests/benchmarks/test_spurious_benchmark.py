@@ -73,3 +73,16 @@ def test_summary_counts_detections_false_alarms_and_leads(spurious):
     targets = spurious.target_check(runs, control=0.25)
     assert not targets["all_strong_alarmed"] and targets["missed_runs"] == ["0.95/seed 1"]
     assert not targets["no_control_alarm"] and targets["false_alarm_runs"] == ["seed 1 (epoch 4)"]
+
+
+def test_a_baseline_replays_the_caap_runs_weights_through_the_callback(spurious):
+    settings = spurious.demo_setup(spurious.DEFAULT_CONFIG)
+    settings["model"].update(embed_dim=32, depth=2, num_heads=2)
+    settings["data"].update(img_size=32, cue_size=6, num_train=64, num_val=32, batch_size=32)
+    settings.update(max_epochs=2, num_images=4, caap_method="parallel", monitor={})
+    trained, snapshots = spurious.fit_run("caap", 1.0, 0, settings)
+    replayed, _ = spurious.fit_run("gradcam", 1.0, 0, settings, snapshots)
+    assert replayed["method"] == "gradcam" and len(replayed["history"]) == 2
+    for ours, theirs in zip(replayed["history"], trained["history"]):
+        assert (ours["acc_consistent"], ours["acc_conflicting"]) == (theirs["acc_consistent"], theirs["acc_conflicting"])
+        assert ours["aupr_fg"] is not None and ours["background_mass_ratio"] is not None

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from caap_lightning import demo
-from caap_lightning.cli import main
+from caap_lightning.callbacks import CAAPCallback
+from caap_lightning.cli import cli, main
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -28,6 +29,29 @@ def test_configs_parse(subcommand, config, expected, capsys):
     printed = capsys.readouterr().out
     assert expected in printed and "caap_lightning.callbacks.CAAPCallback" in printed
     assert "insertion_deletion_steps" in printed  # every callback argument is exposed
+
+
+def test_methods_parse_from_yaml(tmp_path, capsys):
+    config = tmp_path / "methods.yaml"
+    config.write_text(
+        "trainer:\n"
+        "  callbacks:\n"
+        "    - class_path: caap_lightning.callbacks.CAAPCallback\n"
+        "      init_args:\n"
+        "        methods: [caap, gradcam, simple_insertion]\n"
+        "        method_kwargs: {simple_insertion: {batch_size: 32}}\n"
+        "        window: 3\n"
+    )
+    args = ["fit", "--config", str(CONFIGS / "demo.yaml"), "--config", str(config)]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "- caap\n" in printed and "- gradcam\n" in printed and "batch_size: 32" in printed
+    run = cli(args[1:], run=False)
+    (callback,) = [cb for cb in run.trainer.callbacks if isinstance(cb, CAAPCallback)]
+    assert callback.methods == ["caap", "gradcam", "simple_insertion"]
+    assert callback.method_kwargs == {"simple_insertion": {"batch_size": 32}} and callback.window == 3
 
 
 def test_demo_runs_through_the_cli_and_prints_the_summary(tmp_path, monkeypatch, capsys, events_reader):

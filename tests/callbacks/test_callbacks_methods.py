@@ -1,0 +1,197 @@
+"""CAAPCallback with several attribution methods side by side: tags, grid, gradients in a fit, errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+import torch
+
+from caap_lightning.attribution.baselines import GradCAM, InputXGradient, TransformerAttribution
+from caap_lightning.callbacks import CAAPCallback, SpuriousCueMonitor
+from caap_lightning.callbacks import figures
+from caap_lightning.metrics import attribution_mass
+
+PRIMARY_SCALARS = ("aupr_fg", "pointing_game", "insdel", "cue_mass_ratio", "background_mass_ratio")
+
+
+def tile_columns(grid_width: int, tile: int = 128, gap: int = 4) -> int:
+    """Columns of a heatmap grid of 32 px images (tiles upscaled 4x to 128 px, 4 px apart)."""
+    assert (grid_width + gap) % (tile + gap) == 0, grid_width
+    return (grid_width + gap) // (tile + gap)
+
+
+def primary_metrics(history_row):
+    return {k: v for k, v in history_row.items() if k.count("/") == 1 and k != "caap/seconds"}
+
+
+def test_each_method_logs_its_scalars_and_draws_its_column(
+    tmp_path, data_factory, classifier_factory, trainer_factory, events_reader
+):
+    caap = CAAPCallback(num_images=4, methods=["caap", "gradcam", "rollout"], max_images_logged=2, on_error="raise")
+    trainer = trainer_factory(tmp_path, [caap], max_epochs=2, limit_train_batches=1)
+    trainer.fit(classifier_factory(), datamodule=data_factory())
+
+    scalars = events_reader(trainer.logger.log_dir)["scalars"]
+    val_steps = sorted(scalars["val/acc"])
+    for name in PRIMARY_SCALARS:
+        for tag in (f"caap/{name}", f"caap/gradcam/{name}", f"caap/rollout/{name}"):
+            assert sorted(scalars[tag]) == val_steps, tag
+            assert all(math.isfinite(v) for v in scalars[tag].values()), tag
+    assert "caap/caap/insdel" not in scalars and "caap/gradcam/seconds" not in scalars
+    # Every logged scalar is announced, and every history row holds every method's.
+    announced = set(caap.logged_metrics)
+    assert {tag for tag in scalars if tag.startswith("caap/")} <= announced
+    assert {"caap/insdel", "caap/gradcam/insdel", "caap/rollout/insdel", "caap/seconds"} <= announced
+    for row in caap.history:
+        assert set(row) - {"epoch", "step"} <= announced
+        assert {f"caap/{m}{name}" for m in ("", "gradcam/", "rollout/") for name in PRIMARY_SCALARS} <= set(row)
+
+    last = caap.last
+    assert list(last.method_maps) == ["caap", "gradcam", "rollout"]
+    assert last.maps is last.method_maps["caap"]
+    assert all(m.shape == (4, 4, 4) and torch.isfinite(m).all() for m in last.method_maps.values())
+    assert list(last.method_curves) == ["caap", "gradcam", "rollout"] and last.curves is last.method_curves["caap"]
+    # image | CAAP | gradcam | rollout | object mask | cue mask: one overlay column more per further method.
+    grid = caap.draw_rows([0, 1], last)
+    single = CAAPCallback(num_images=4, log_images=False)
+    trainer_factory(tmp_path, [single]).validate(trainer.lightning_module, datamodule=trainer.datamodule, verbose=False)
+    alone = single.draw_rows([0, 1], single.last)
+    assert grid.shape[0] == alone.shape[0] and grid.shape[1] - alone.shape[1] == 2 * (128 + 4)
+    assert (tile_columns(alone.shape[1]), tile_columns(grid.shape[1])) == (4, 6)
+
+
+@pytest.mark.parametrize(
+    "name, method", [("gradcam", GradCAM), ("tattr", TransformerAttribution), ("input_x_gradient", InputXGradient)]
+)
+def test_gradient_methods_run_in_a_fit(tmp_path, name, method, data_factory, classifier_factory, trainer_factory):
+    # Lightning validates under inference mode: the callback must turn gradients back on.
+    caap = CAAPCallback(num_images=4, methods=["caap", name], metrics=["insertion_deletion"], log_images=False, on_error="raise")
+    model, data = classifier_factory(), data_factory()
+    trainer_factory(tmp_path, [caap], max_epochs=1, limit_train_batches=2).fit(model, datamodule=data)
+    maps = caap.last.method_maps[name]
+    assert torch.isfinite(maps).all() and maps.abs().sum() > 0
+    assert math.isfinite(caap.history[-1][f"caap/{name}/insdel"])
+    # The maps are the method's own, called directly on the trained model.
+    probe = data.probe_batch(4)
+    expected = method(model.model).attribute(probe.images, target=caap.last.targets)
+    torch.testing.assert_close(maps, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_the_primary_is_the_same_with_or_without_other_methods(tmp_path, data_factory, classifier_factory, trainer_factory):
+    model, data = classifier_factory(), data_factory()
+
+    def check(methods):
+        caap = CAAPCallback(num_images=4, methods=methods, log_images=False)
+        trainer_factory(tmp_path, [caap]).validate(model, datamodule=data, verbose=False)
+        return caap
+
+    alone, together, swapped = check(["caap"]), check(["caap", "gradcam", "rollout"]), check(["gradcam", "caap"])
+    assert primary_metrics(alone.history[-1]) == primary_metrics(together.history[-1])
+    assert torch.equal(alone.last.maps, together.last.maps)
+    # The first method is the primary whichever it is: gradcam's scalars move to caap/<scalar>.
+    gradcam = {k.replace("gradcam/", ""): v for k, v in together.history[-1].items() if k.startswith("caap/gradcam/")}
+    assert primary_metrics(swapped.history[-1]) == gradcam
+    assert {k.replace("caap/caap/", "caap/"): v for k, v in swapped.history[-1].items() if k.startswith("caap/caap/")} == (
+        primary_metrics(alone.history[-1])
+    )
+    assert torch.equal(swapped.last.maps, together.last.method_maps["gradcam"])
+
+
+def test_a_failing_further_method_is_left_out_and_training_goes_on(
+    tmp_path, monkeypatch, data_factory, classifier_factory, trainer_factory, events_reader
+):
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(GradCAM, "attribute", broken)
+    caap = CAAPCallback(num_images=4, methods=["caap", "gradcam", "rollout"], max_images_logged=2)
+    trainer = trainer_factory(tmp_path, [caap], max_epochs=2, limit_train_batches=1)
+    message = r"computing the gradcam maps and metric updates failed at epoch \d \(RuntimeError: boom\); its metrics are left out"
+    with pytest.warns(UserWarning, match=message):
+        trainer.fit(classifier_factory(), datamodule=data_factory())
+    assert trainer.current_epoch == 2
+    assert [row["epoch"] for row in caap.history] == [0, 1]
+    for row in caap.history:
+        assert "caap/insdel" in row and "caap/rollout/insdel" in row
+        assert not any(k.startswith("caap/gradcam/") for k in row)
+    assert list(caap.last.method_maps) == ["caap", "rollout"]
+    events = events_reader(trainer.logger.log_dir)
+    assert len(events["images"]["caap/heatmaps"]) == 2
+
+
+def test_a_failing_primary_skips_the_check(tmp_path, monkeypatch, data_factory, classifier_factory, trainer_factory):
+    monkeypatch.setattr(GradCAM, "attribute", lambda self, *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    caap = CAAPCallback(num_images=4, methods=["gradcam", "caap"], log_images=False)
+    trainer = trainer_factory(tmp_path, [caap], max_epochs=1, limit_train_batches=1)
+    with pytest.warns(UserWarning, match=r"computing the gradcam maps .* failed .*; this check is skipped"):
+        trainer.fit(classifier_factory(), datamodule=data_factory())
+    assert caap.history == [] and caap.last is None
+
+
+def test_monitor_can_watch_a_further_method(tmp_path, data_factory, classifier_factory, trainer_factory):
+    caap = CAAPCallback(num_images=4, methods=["caap", "gradcam"], metrics=["cue_mass_ratio"], log_images=False)
+    monitor = SpuriousCueMonitor(monitor="caap/gradcam/cue_mass_ratio", threshold=None)
+    trainer_factory(tmp_path, [caap, monitor], max_epochs=2, limit_train_batches=1).fit(
+        classifier_factory(), datamodule=data_factory()
+    )
+    assert [h["score"] for h in monitor.history] == [row["caap/gradcam/cue_mass_ratio"] for row in caap.history]
+    per_image = monitor._per_image(caap.last)
+    expected = attribution_mass(caap.last.method_maps["gradcam"], caap.probe.cue_masks, region="mask", normalize_by_area=True)
+    torch.testing.assert_close(per_image, expected.float(), equal_nan=True)  # NaN: an all-zero Grad-CAM map
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"methods": ["caap", "gradcm"]}, r"unknown: \['gradcm'\]"),
+        ({"methods": ["caap", "gradcam", "caap"]}, r"distinct names from \['caap', 'gradcam', 'rollout'"),
+        ({"methods": []}, "one or more"),
+        ({"method_kwargs": {"caap": {"layer_cutoff": 1}}}, r"method_kwargs has \['caap'\].*CAAP takes the callback's own"),
+        ({"methods": ["caap"], "method_kwargs": {"rollout": {}}}, r"method_kwargs has \['rollout'\]"),
+        (
+            {"methods": ["caap", "simple_insertion"], "method_kwargs": {"simple_insertion": {"bach_size": 8}}},
+            r"\['bach_size'\], which SimpleInsertion does not take; it takes \[.*'batch_size'",
+        ),
+        ({"window": -1}, "window must be an int >= 0"),
+    ],
+)
+def test_methods_are_validated_in_init(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CAAPCallback(**kwargs)
+
+
+def test_occlusion_without_captum_fails_in_init(monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "captum" else find_spec(name, *a))
+    with pytest.raises(ValueError, match=r"occlusion method needs captum.*pip install 'caap-lightning\[baselines\]'"):
+        CAAPCallback(methods=["caap", "occlusion"])
+    CAAPCallback(methods=["caap", "gradcam"])  # the others do not need it
+
+
+def test_method_kwargs_and_the_datas_normalisation_reach_the_method(tmp_path, data_factory, classifier_factory, trainer_factory):
+    caap = CAAPCallback(
+        num_images=4, methods=["caap", "simple_insertion"], method_kwargs={"simple_insertion": {"batch_size": 7}},
+        metrics=["pointing_game"], log_images=False, on_error="raise",
+    )
+    data = data_factory()
+    trainer_factory(tmp_path, [caap]).validate(classifier_factory(), datamodule=data, verbose=False)
+    method = caap._methods["simple_insertion"]
+    assert method.batch_size == 7 and method.mean == tuple(data.mean) and method.std == tuple(data.std)
+    assert math.isfinite(caap.history[-1]["caap/simple_insertion/pointing_game"])
+
+
+def test_heatmap_grid_draws_one_column_per_map_each_on_its_own_scale():
+    images = torch.full((2, 3, 32, 32), 0.5)
+    signed = torch.linspace(-1, 1, 32 * 32).view(1, 32, 32).repeat(2, 1, 1)
+    positive = 1000.0 * signed.clamp_min(0)  # Grad-CAM-like: non-negative, on another scale
+    grid = figures.heatmap_grid(images, {"CAAP (A - A_blank)": signed, "gradcam": positive}, ["a", "b"])
+    as_list = figures.heatmap_grid(images, [("CAAP (A - A_blank)", signed), ("gradcam", positive)], ["a", "b"])
+    assert grid.shape == as_list.shape and tile_columns(grid.shape[1]) == 3 and (grid == as_list).all()
+    top, tile = 16 + 16, 128  # column titles, then the first row's caption
+    caap, gradcam = (grid[top : top + tile, c * (tile + 4) : c * (tile + 4) + tile].astype(int) for c in (1, 2))
+    redness = caap[..., 0] - caap[..., 2]
+    assert redness.max() > 50 and redness.min() < -50  # the signed map goes red and blue
+    redness = gradcam[..., 0] - gradcam[..., 2]
+    assert redness.min() >= 0 and redness.max() > 50  # the non-negative one only red, as deep at its own scale
