@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks, in one go, for a machine with a CUDA device and torch, timm and lightning
 # installed (the package itself runs from this checkout): the CUDA/bf16 tests, then the speed
-# benchmarks in fp32 and bf16, and insertion/deletion against the naive loop. Each result goes
-# to $OUT (default benchmarks/results/gpu-run); benchmarks/results/gpu.md records one such run.
+# benchmarks in fp32 and bf16, the callback's share of an epoch, and insertion/deletion against
+# the naive loop. Each result goes to $OUT (default benchmarks/results/gpu-run);
+# benchmarks/results/gpu.md records such runs.
 #
 #     bash benchmarks/gpu_check.sh
 set -u
@@ -27,6 +28,10 @@ timeout 150 $PY benchmarks/speed.py --device cuda --batch 32 --repeats 10 --stan
 step "speed, ViT-B/16 224, bf16 autocast"
 timeout 120 $PY benchmarks/speed.py --device cuda --batch 32 --repeats 10 --standard-images 2 --threads 8 \
     --precision bf16 --json "$OUT/speed-cuda-bf16.json" 2>/dev/null | tail -n 12
+
+step "CAAPCallback's share of a ViT-B/16 epoch at Oxford-IIIT Pet's scale"
+timeout 300 $PY benchmarks/callback_overhead_gpu.py 2>&1 | grep -v -i "warn\|tip\|gpu available\|tpu\|cuda_visible\|stepping" \
+    | tee "$OUT/callback-overhead-gpu.txt" | tail -n 6
 
 step "insertion/deletion against the naive loop, cuda"
 timeout 120 $PY benchmarks/metrics_speed.py --device cuda --images 8 --batch-size 256 --naive-steps 20 \

@@ -137,6 +137,7 @@ def test_needs_a_datamodule_with_a_probe_batch(tmp_path, data_factory, classifie
         ({"method": "fast"}, "method='fast'"),
         ({"target": "true"}, "target='true'"),
         ({"on_error": "ignore"}, "on_error='ignore'"),
+        ({"precision": "bf16"}, "precision='bf16'"),
         ({"insertion_deletion_steps": 0}, "insertion_deletion_steps"),
     ],
 )
@@ -221,3 +222,34 @@ def test_attribution_model_resolution(tmp_path, data_factory, trainer_factory, c
     caap = CAAPCallback(num_images=4, metrics=["pointing_game"], log_images=False)
     trainer_factory(tmp_path, [caap]).validate(lit, datamodule=data_factory(), verbose=False)
     assert len(caap.history) == 1
+
+
+@pytest.mark.parametrize("precision, autocast", [("trainer", True), ("32", False)])
+def test_check_runs_in_the_trainers_autocast_unless_told_32(
+    tmp_path, monkeypatch, data_factory, classifier_factory, trainer_factory, precision, autocast
+):
+    seen = []
+    attribute = CAAP.attribute
+
+    def recording(self, *args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return attribute(self, *args, **kwargs)
+
+    monkeypatch.setattr(CAAP, "attribute", recording)
+    caap = CAAPCallback(num_images=4, log_images=False, on_error="raise", precision=precision)
+    trainer = trainer_factory(tmp_path, [caap], max_epochs=1, limit_train_batches=1, precision="bf16-mixed")
+    trainer.fit(classifier_factory(), datamodule=data_factory())
+    assert seen == [autocast]
+    assert all(math.isfinite(v) for k, v in caap.history[0].items() if k.startswith("caap/"))
+
+
+def test_bf16_true_training_is_checked_in_bf16(tmp_path, data_factory, classifier_factory, trainer_factory):
+    caap = CAAPCallback(num_images=4, log_images=False, on_error="raise")
+    trainer = trainer_factory(tmp_path, [caap], max_epochs=1, limit_train_batches=1, precision="bf16-true")
+    model = classifier_factory()
+    trainer.fit(model, datamodule=data_factory())
+    assert next(model.parameters()).dtype == torch.bfloat16
+    row = caap.history[0]
+    for name in ("caap/insdel", "caap/aupr_fg", "caap/pointing_game", "caap/cue_mass_ratio"):
+        assert math.isfinite(row[name]), name
+    assert caap.last.maps.dtype == torch.float32 and caap.last.maps.std() > 0
