@@ -509,8 +509,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--caap-method", default="parallel", choices=CAAP_METHODS,
-        help="CAAP's construction in the callback: the recorded results, and the monitor's defaults, come from parallel "
-        "(the callback itself now defaults to windowed; see benchmarks/results/callback-overhead.md)",
+        help="CAAP's construction in the callback: spurious.md was recorded with parallel, spurious-windowed.md with "
+        "windowed (the callback's default); the monitor's defaults hold for both",
     )
     parser.add_argument(
         "--epochs", type=int, default=6,
