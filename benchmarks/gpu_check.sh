@@ -37,6 +37,10 @@ step "insertion/deletion against the naive loop, cuda"
 timeout 120 $PY benchmarks/metrics_speed.py --device cuda --images 8 --batch-size 256 --naive-steps 20 \
     | tee "$OUT/metrics-speed-cuda.json"
 
+step "insertion/deletion against the naive loop, cuda, TF32 matrix products in both"
+timeout 120 $PY benchmarks/metrics_speed.py --device cuda --images 8 --batch-size 256 --naive-steps 20 --tf32 \
+    | tee "$OUT/metrics-speed-cuda-tf32.json"
+
 step "insertion/deletion against the naive loop, this machine's CPU ($(nproc) threads)"
 timeout 120 $PY benchmarks/metrics_speed.py --device cpu --threads "$(nproc)" --images 1 --batch-size 64 --naive-steps 6 \
     | tee "$OUT/metrics-speed-cpu.json"
