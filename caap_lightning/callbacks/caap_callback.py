@@ -125,7 +125,7 @@ class CAAPCallback(Callback):
             patch), ``"parallel"`` (exact, batched, CAAP's own default), ``"efficient"``
             (E-CAAP, approximate) or ``"standard"`` (textbook activation patching, one forward
             per patch). ``windowed`` with ``window=2`` closes most of the gap to ``standard`` at
-            about 6x ``parallel``'s time per map (``benchmarks/results/quality.md``); on the demo
+            about 5x ``parallel``'s time per map (``benchmarks/results/quality.md``); on the demo
             the whole check then costs about 14% of an epoch, against 10% with ``parallel``
             (``benchmarks/results/callback-overhead.md``).
         window: radius, in patches, of the recomputed window of ``method="windowed"``.
