@@ -174,6 +174,7 @@ class CAAP:
         masks: Optional[torch.Tensor] = None,
         layer_cutoffs: Optional[Sequence[int]] = None,
         progress: bool = False,
+        step: Optional[int] = None,
     ) -> List[dict]:
         """Pick ``layer_cutoff`` on a probe set by Insertion minus Deletion, and set it.
 
@@ -186,6 +187,10 @@ class CAAP:
                 masks are used unless ``target``/``masks`` are given).
             target: classes (default: the probe's labels, else the predicted class).
             masks: object masks ``(B, H, W)`` for AUPR1 (optional).
+            layer_cutoffs: the cutoffs to try (default ``0..L``).
+            progress: show a progress bar over the cutoffs.
+            step: pixels per Insertion/Deletion step (default one patch, the protocol's);
+                larger steps make the sweep cheaper and coarser.
 
         Returns:
             One row per cutoff: ``{"layer_cutoff", "insertion", "deletion", "insdel"
@@ -208,7 +213,7 @@ class CAAP:
                 self.layer_cutoff = k
                 maps = self.attribute(images, target=target)
                 targets = None if target is None else self._targets(target, len(images), maps.device)
-                scores = insertion_deletion(self.model, images.to(maps.device), maps, target=targets)
+                scores = insertion_deletion(self.model, images.to(maps.device), maps, target=targets, step=step)
                 row = {
                     "layer_cutoff": k,
                     "insertion": scores.insertion.mean().item(),

@@ -8,12 +8,12 @@ import inspect
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from caap_lightning.attribution import registry
@@ -120,6 +120,12 @@ class CAAPCallback(Callback):
             ``{"simple_insertion": {"batch_size": 32}}``. Methods that take ``mean``/``std``
             get the data's normalisation unless given here.
         layer_cutoff, selection, blank: CAAP's settings (see :class:`~caap_lightning.CAAP`).
+            ``layer_cutoff="auto"`` picks it once, at the first check, with :meth:`CAAP.calibrate`
+            on the probe batch: the cutoff sweep ``k = 0..L`` by InsDel, with the check's
+            Insertion/Deletion steps. The first check rather than the fit's start, because a
+            fine-tune's new head is untrained at the start and the sweep would rank noise. The
+            sweep costs about ``L + 1`` checks, once; its table is logged as
+            ``caap/layer_cutoff_sweep`` (text) and the pick survives a resume.
         method: *how* CAAP computes its maps, not which methods run: ``"windowed"`` (the
             default here: also recomputes the blank tokens within ``window`` patches of each
             patch), ``"parallel"`` (exact, batched, CAAP's own default), ``"efficient"``
@@ -155,7 +161,7 @@ class CAAPCallback(Callback):
         num_images: int = 16,
         methods: Optional[List[str]] = None,
         method_kwargs: Optional[Dict[str, Dict[str, Any]]] = None,
-        layer_cutoff: Optional[int] = None,
+        layer_cutoff: Optional[Union[int, str]] = None,
         selection: str = "box1",
         blank: str = "white",
         method: str = "windowed",
@@ -166,16 +172,19 @@ class CAAPCallback(Callback):
         log_images: bool = True,
         max_images_logged: int = 8,
         on_error: str = "warn",
-        precision: str = "trainer",
+        precision: Union[str, int] = "trainer",
     ) -> None:
         super().__init__()
+        precision = str(precision)  # 32, as Lightning's own precision flag accepts it
         if every_n_epochs < 1 or num_images < 1 or max_images_logged < 0:
             raise ValueError(
                 f"need every_n_epochs >= 1, num_images >= 1 and max_images_logged >= 0; got every_n_epochs="
                 f"{every_n_epochs}, num_images={num_images}, max_images_logged={max_images_logged}"
             )
-        if layer_cutoff is not None and layer_cutoff < 0:
-            raise ValueError(f"layer_cutoff must be >= 0 or None (half the blocks), got {layer_cutoff}")
+        if isinstance(layer_cutoff, str) and layer_cutoff != "auto" or isinstance(layer_cutoff, int) and layer_cutoff < 0:
+            raise ValueError(
+                f"layer_cutoff must be an int >= 0, None (half the blocks) or 'auto' (calibrated), got {layer_cutoff!r}"
+            )
         if isinstance(window, bool) or not isinstance(window, int) or window < 0:
             raise ValueError(f"window must be an int >= 0 (patches around each patch), got {window!r}")
         if insertion_deletion_steps is not None and insertion_deletion_steps < 1:
@@ -197,6 +206,8 @@ class CAAPCallback(Callback):
         methods = ["caap"] if methods is None else list(methods)
         method_kwargs = {name: dict(kwargs) for name, kwargs in (method_kwargs or {}).items()}
         check_methods(methods, method_kwargs)
+        if layer_cutoff == "auto" and "caap" not in methods:
+            raise ValueError(f"layer_cutoff='auto' calibrates CAAP, which is not in methods={methods}; add 'caap' or drop it")
         self.every_n_epochs = every_n_epochs
         self.num_images = num_images
         self.methods = methods
@@ -225,6 +236,9 @@ class CAAPCallback(Callback):
         self._methods: Dict[str, Any] = {}  # name -> the attribution method, in `methods` order
         self._meters: Dict[str, Dict[str, Any]] = {}  # method -> metric -> meter
         self._prepared_for: Optional[tuple] = None
+        # layer_cutoff="auto": the sweep's rows and the cutoff it picked (kept in the checkpoint).
+        self.calibration: Optional[List[Dict[str, float]]] = None
+        self.calibrated_cutoff: Optional[int] = None
 
     # ------------------------------------------------------------------ set-up
     @staticmethod
@@ -288,8 +302,10 @@ class CAAPCallback(Callback):
     def _build_method(self, name: str, model: nn.Module) -> Any:
         """CAAP with the callback's settings, or a baseline with its ``method_kwargs`` (and the data's mean/std)."""
         if name == "caap":
+            # "auto" starts at half the blocks until calibrate_cutoff picks one (or a resume restores it).
+            cutoff = self.calibrated_cutoff if self.layer_cutoff == "auto" else self.layer_cutoff
             return CAAP(
-                model, layer_cutoff=self.layer_cutoff, selection=self.selection, blank=self.blank,
+                model, layer_cutoff=cutoff, selection=self.selection, blank=self.blank,
                 method=self.method, window=self.window, mean=self.mean, std=self.std,
             )
         kwargs = dict(self.method_kwargs.get(name, {}))
@@ -330,8 +346,7 @@ class CAAPCallback(Callback):
 
     def _build_meters(self, model: nn.Module, size: tuple) -> Dict[str, Dict[str, Any]]:
         """One set of metric meters per method: the meters accumulate state between update and compute."""
-        steps = self.insertion_deletion_steps
-        step = None if steps is None else math.ceil(size[0] * size[1] / steps)
+        step = self._step_pixels(size)
         meters: Dict[str, Dict[str, Any]] = {}
         for method in self.methods:
             meters[method] = {}
@@ -361,15 +376,72 @@ class CAAPCallback(Callback):
         self.run_check(trainer, pl_module)
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"history": [dict(row) for row in self.history]}
+        return {"history": [dict(row) for row in self.history], "calibrated_cutoff": self.calibrated_cutoff,
+                "calibration": self.calibration}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         self.history = [dict(row) for row in state_dict.get("history", [])]
+        if self.layer_cutoff == "auto" and state_dict.get("calibrated_cutoff") is not None:
+            self.calibration = state_dict.get("calibration")
+            self.calibrated_cutoff = int(state_dict["calibrated_cutoff"])
+            if "caap" in self._methods:  # restored after setup built CAAP
+                self._methods["caap"].layer_cutoff = self.calibrated_cutoff
+
+    # ------------------------------------------------------------------ layer_cutoff="auto"
+    def calibrate_cutoff(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """With ``layer_cutoff="auto"``, once: sweep the cutoffs on the probe batch and keep the best InsDel."""
+        if self.layer_cutoff != "auto" or self.calibrated_cutoff is not None:
+            return
+        self.prepare(trainer, pl_module)
+        caap = self._methods["caap"]
+        try:
+            with self._forward_context(trainer):
+                rows = self.guard(
+                    "CAAPCallback: calibrating layer_cutoff", trainer.current_epoch, self._sweep_cutoffs, trainer, pl_module,
+                    skipped=f"the cutoff stays at half the blocks ({caap.layer_cutoff})",
+                )
+        except CheckFailed:
+            rows = None
+        # Every rank takes rank zero's pick, so that all of them attribute with the same cutoff.
+        picked = caap.layer_cutoff if rows is None else max(rows, key=lambda r: r["insdel"])["layer_cutoff"]
+        self.calibrated_cutoff = int(trainer.strategy.broadcast(picked, src=0))
+        caap.layer_cutoff = self.calibrated_cutoff
+        self.calibration = rows
+        if rows is None:
+            return
+        lines = [f"k={r['layer_cutoff']}: InsDel {r['insdel']:.3f}" + (f", AUPR1 {r['aupr_fg']:.3f}" if "aupr_fg" in r else "")
+                 for r in rows]
+        rank_zero_info(
+            f"CAAPCallback: layer_cutoff='auto' picked k={self.calibrated_cutoff} of 0..{caap.depth} on the "
+            f"{len(self.probe)} probe images ({'; '.join(lines)})."
+        )
+        if trainer.is_global_zero:
+            text = "\n".join(["| k | InsDel | AUPR1 |", "|---|---|---|"] + [
+                f"| {r['layer_cutoff']}{' (picked)' if r['layer_cutoff'] == self.calibrated_cutoff else ''} | "
+                f"{r['insdel']:.4f} | {r.get('aupr_fg', math.nan):.4f} |" for r in rows
+            ])
+            figures.log_text(trainer, PREFIX + "layer_cutoff_sweep", text, log_step(trainer))
+
+    def _sweep_cutoffs(self, trainer: L.Trainer, pl_module: L.LightningModule) -> List[Dict[str, float]]:
+        probe, device = self.probe, pl_module.device
+        images = trainer.precision_plugin.convert_input(probe.images.to(device))
+        target = probe.labels.to(device) if self.target == "label" else None
+        masks = None if probe.masks is None else probe.masks.to(device)
+        with eval_mode(self._model):
+            return self._methods["caap"].calibrate(
+                images, target=target, masks=masks, step=self._step_pixels(tuple(images.shape[-2:]))
+            )
+
+    def _step_pixels(self, size: tuple) -> Optional[int]:
+        """Pixels per Insertion/Deletion step: ``insertion_deletion_steps`` steps per curve (None: one patch)."""
+        steps = self.insertion_deletion_steps
+        return None if steps is None else math.ceil(size[0] * size[1] / steps)
 
     # ------------------------------------------------------------------ the check
     def run_check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Optional[ProbeResult]:
         """Attribute the probe batch, compute and log the metrics; ``None`` if it failed (``on_error="warn"``)."""
         self.prepare(trainer, pl_module)
+        self.calibrate_cutoff(trainer, pl_module)  # layer_cutoff="auto": the first check picks it
         start = time.perf_counter()
         epoch, step = trainer.current_epoch, log_step(trainer)
         primary = self.methods[0]

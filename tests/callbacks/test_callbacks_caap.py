@@ -138,6 +138,8 @@ def test_needs_a_datamodule_with_a_probe_batch(tmp_path, data_factory, classifie
         ({"target": "true"}, "target='true'"),
         ({"on_error": "ignore"}, "on_error='ignore'"),
         ({"precision": "bf16"}, "precision='bf16'"),
+        ({"layer_cutoff": "best"}, "or 'auto'"),
+        ({"layer_cutoff": "auto", "methods": ["gradcam"]}, "calibrates CAAP"),
         ({"insertion_deletion_steps": 0}, "insertion_deletion_steps"),
     ],
 )
@@ -253,3 +255,63 @@ def test_bf16_true_training_is_checked_in_bf16(tmp_path, data_factory, classifie
     for name in ("caap/insdel", "caap/aupr_fg", "caap/pointing_game", "caap/cue_mass_ratio"):
         assert math.isfinite(row[name]), name
     assert caap.last.maps.dtype == torch.float32 and caap.last.maps.std() > 0
+
+
+def test_auto_layer_cutoff_is_calibrated_once_at_the_first_check_and_kept_on_resume(
+    tmp_path, monkeypatch, data_factory, classifier_factory, trainer_factory, events_reader
+):
+    import copy
+
+    from caap_lightning.metrics.functional import insertion_deletion
+
+    sweeps = []  # (step, the weights swept)
+    calibrate = CAAP.calibrate
+
+    def recording(self, *args, **kwargs):
+        sweeps.append((kwargs.get("step"), copy.deepcopy(self.model)))
+        return calibrate(self, *args, **kwargs)
+
+    monkeypatch.setattr(CAAP, "calibrate", recording)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    caap = CAAPCallback(num_images=4, layer_cutoff="auto", insertion_deletion_steps=8, log_images=False)
+    trainer = trainer_factory(tmp_path, [caap, checkpoint], max_epochs=2, limit_train_batches=1, enable_checkpointing=True)
+    model, data = classifier_factory(), data_factory()
+    with torch.no_grad():  # sharper than timm's init, so that the cutoffs give different maps
+        for name, p in model.model.named_parameters():
+            if p.dim() >= 2 or "token" in name or "pos_embed" in name:
+                p.mul_(4.0)
+    trainer.fit(model, datamodule=data)
+
+    assert [step for step, _ in sweeps] == [32 * 32 // 8]  # once, with the check's Insertion/Deletion step
+    rows = caap.calibration
+    assert [r["layer_cutoff"] for r in rows] == [0, 1, 2]
+    # k = L - 1 and k = L give the same maps under CLS pooling (the last block's patch outputs are unread).
+    assert len({round(r["insdel"], 6) for r in rows}) == 2, rows
+    assert caap.calibrated_cutoff == max(rows, key=lambda r: r["insdel"])["layer_cutoff"]
+    assert caap._methods["caap"].layer_cutoff == caap.calibrated_cutoff
+    # The sweep's InsDel of the pick is the RISE score of the maps CAAP gives with that cutoff.
+    swept, probe = sweeps[0][1], caap.probe
+    reference = CAAP(swept, layer_cutoff=caap.calibrated_cutoff, method=caap.method, window=caap.window,
+                     mean=caap.mean, std=caap.std)
+    scores = insertion_deletion(swept, probe.images, reference.attribute(probe.images), step=128)
+    picked = next(r for r in rows if r["layer_cutoff"] == caap.calibrated_cutoff)
+    assert picked["insdel"] == pytest.approx((scores.insertion - scores.deletion).mean().item(), abs=1e-5)
+    assert "caap/layer_cutoff_sweep/text_summary" in events_reader(trainer.logger.log_dir)["texts"]
+
+    resumed = CAAPCallback(num_images=4, layer_cutoff="auto", insertion_deletion_steps=8, log_images=False)
+    trainer = trainer_factory(tmp_path, [resumed], max_epochs=3, limit_train_batches=1)
+    trainer.fit(classifier_factory(seed=1), datamodule=data, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert len(sweeps) == 1  # not swept again
+    assert resumed.calibrated_cutoff == caap.calibrated_cutoff and resumed.calibration == rows
+    assert resumed._methods["caap"].layer_cutoff == caap.calibrated_cutoff
+
+
+def test_auto_layer_cutoff_in_a_validate_run_is_calibrated_at_the_check(
+    tmp_path, data_factory, classifier_factory, trainer_factory
+):
+    caap = CAAPCallback(num_images=4, layer_cutoff="auto", metrics=["pointing_game"], log_images=False)
+    trainer = trainer_factory(tmp_path, [caap])
+    trainer.validate(classifier_factory(), datamodule=data_factory(), verbose=False)
+    assert [r["layer_cutoff"] for r in caap.calibration] == [0, 1, 2]
+    assert caap._methods["caap"].layer_cutoff == caap.calibrated_cutoff
+    assert len(caap.history) == 1

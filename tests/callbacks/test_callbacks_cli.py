@@ -41,6 +41,8 @@ def test_methods_parse_from_yaml(tmp_path, capsys):
         "        methods: [caap, gradcam, simple_insertion]\n"
         "        method_kwargs: {simple_insertion: {batch_size: 32}}\n"
         "        window: 3\n"
+        "        layer_cutoff: auto\n"
+        "        precision: '32'\n"
     )
     args = ["fit", "--config", str(CONFIGS / "demo.yaml"), "--config", str(config)]
     with pytest.raises(SystemExit) as exit_info:
@@ -52,6 +54,7 @@ def test_methods_parse_from_yaml(tmp_path, capsys):
     (callback,) = [cb for cb in run.trainer.callbacks if isinstance(cb, CAAPCallback)]
     assert callback.methods == ["caap", "gradcam", "simple_insertion"]
     assert callback.method_kwargs == {"simple_insertion": {"batch_size": 32}} and callback.window == 3
+    assert callback.layer_cutoff == "auto" and callback.precision == "32"
 
 
 def test_demo_runs_through_the_cli_and_prints_the_summary(tmp_path, monkeypatch, capsys, events_reader):
