@@ -107,7 +107,7 @@ def test_callback_and_monitor_under_bf16_mixed_on_the_gpu(tmp_path):
                                        batch_size=16, mean=half, std=half)
     L.seed_everything(0, verbose=False)
     model = ViTClassifier(num_classes=3, img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, warmup_epochs=0)
-    callback = CAAPCallback(num_images=8, methods=["caap", "gradcam", "rollout"], on_error="raise")
+    callback = CAAPCallback(num_images=8, methods=["caap", "gradcam", "rollout"], layer_cutoff="auto", on_error="raise")
     monitor = SpuriousCueMonitor()
     trainer = L.Trainer(
         max_epochs=2, accelerator="gpu", devices=1, precision="bf16-mixed", callbacks=[callback, monitor],
@@ -120,5 +120,7 @@ def test_callback_and_monitor_under_bf16_mixed_on_the_gpu(tmp_path):
         for name in ("insdel", "aupr_fg", "pointing_game", "cue_mass_ratio"):
             for tag in (f"caap/{name}", f"caap/gradcam/{name}", f"caap/rollout/{name}"):
                 assert math.isfinite(row[tag]), (tag, row)
+    assert [r["layer_cutoff"] for r in callback.calibration] == [0, 1, 2]  # swept in bf16 on the GPU
+    assert all(math.isfinite(r["insdel"]) for r in callback.calibration)
     maps = callback.last.maps
     assert maps.shape == (8, 4, 4) and torch.isfinite(maps).all() and maps.std() > 0
