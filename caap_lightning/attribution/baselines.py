@@ -71,7 +71,9 @@ class PatchAttribution:
         """``target`` as a ``(B,)`` long tensor, or the arg-max of ``logits`` when ``None``."""
         if target is None:
             return logits.detach().argmax(-1)
-        return _check_target(target, *logits.shape, device=logits.device)
+        # A copy: a target tensor made in inference mode (a validation loop's) cannot be saved for
+        # backward by `gather`; one copied here, inside `_gradients()`, can.
+        return _check_target(target, *logits.shape, device=logits.device).clone()
 
     def _grid(self, images: torch.Tensor) -> Tuple[int, int]:
         return vit.grid_size(self.model, *images.shape[-2:])

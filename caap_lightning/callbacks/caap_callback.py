@@ -534,15 +534,9 @@ class CAAPCallback(Callback):
     def _attribute_shard(self, pl_module: L.LightningModule, name: str, shard: _ProbeShard) -> torch.Tensor:
         """``name``'s maps of this rank's share of the probe; updates that method's metric states."""
         method = self._methods[name]
-        # Lightning evaluates under inference mode, where gradient methods (gradcam, tattr, ...) cannot
-        # take gradients: autograd back on, and inputs cloned out of inference mode. The others turn it off.
-        with torch.inference_mode(False), torch.enable_grad():
-            images, targets = shard.images.clone(), shard.targets.clone()
-            if name == "caap":
-                maps = method.attribute(images, target=targets, relative=True)
-            else:
-                maps = method.attribute(images, target=targets)
-        maps = maps.detach().float()
+        # Gradient methods turn autograd back on themselves, inside Lightning's inference mode too.
+        extra = {"relative": True} if name == "caap" else {}
+        maps = method.attribute(shard.images, target=shard.targets, **extra).float()
         with torch.no_grad():
             pixel_maps = upsample_maps(maps, tuple(shard.images.shape[-2:]))
             for metric, meter in self._meters[name].items():

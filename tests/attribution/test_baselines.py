@@ -84,7 +84,10 @@ def test_no_state_is_left_on_the_model_even_under_inference_mode(model, name):
     method = get_method(name, model)
     with torch.inference_mode():
         maps = method.attribute(_images(2), target=[0, 1])
+        # Targets as tensors made in inference mode, as a validation loop's predictions are.
+        from_tensor = get_method(name, model).attribute(_images(2), target=torch.tensor([0, 1]))
     assert torch.isfinite(maps).all()
+    torch.testing.assert_close(from_tensor, maps)
     assert {n: m.training for n, m in model.named_modules()} == flags
     assert {n: p.requires_grad for n, p in model.named_parameters()} == requires
     assert all(p.grad is None for p in model.parameters())
