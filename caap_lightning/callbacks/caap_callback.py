@@ -70,12 +70,20 @@ class ProbeResult:
     epoch: int
     step: int
     metrics: Dict[str, float]
-    maps: torch.Tensor  # the first method's patch maps (CAAP's: relative, A - A_blank), (n, gh, gw)
     targets: torch.Tensor  # the class each map explains, (n,)
     scores: torch.Tensor  # the model's probability of the target, (n,)
-    method_maps: Dict[str, torch.Tensor]  # the maps of every method that succeeded, in `methods` order
-    curves: Dict[str, torch.Tensor] = field(default_factory=dict)  # the first method's mean insertion/deletion curves
-    method_curves: Dict[str, Dict[str, torch.Tensor]] = field(default_factory=dict)  # every method's
+    method_maps: Dict[str, torch.Tensor]  # the patch maps of every method that succeeded, primary first
+    method_curves: Dict[str, Dict[str, torch.Tensor]] = field(default_factory=dict)  # their mean ins/del curves
+
+    @property
+    def maps(self) -> torch.Tensor:
+        """The primary method's patch maps (CAAP's: relative, ``A - A_blank``), ``(n, gh, gw)``."""
+        return next(iter(self.method_maps.values()))
+
+    @property
+    def curves(self) -> Dict[str, torch.Tensor]:
+        """The primary method's mean insertion/deletion curves (empty without that metric)."""
+        return next(iter(self.method_curves.values()), {})
 
 
 @dataclass
@@ -564,12 +572,10 @@ class CAAPCallback(Callback):
                 if metric == "insertion_deletion":
                     curves[name] = {k: out[f"{k}_curve"].cpu() for k in ("insertion", "deletion") if f"{k}_curve" in out}
         n = len(self.probe)
-        method_maps = {name: _gather_shards(trainer, m, n) for name, m in maps.items()}
-        primary = self.methods[0]
         return ProbeResult(
-            epoch=epoch, step=step, metrics=metrics, maps=method_maps[primary],
+            epoch=epoch, step=step, metrics=metrics,
             targets=_gather_shards(trainer, shard.targets, n).long(), scores=_gather_shards(trainer, shard.scores, n),
-            method_maps=method_maps, curves=curves.get(primary, {}), method_curves=curves,
+            method_maps={name: _gather_shards(trainer, m, n) for name, m in maps.items()}, method_curves=curves,
         )
 
     # ------------------------------------------------------------------ images
