@@ -44,15 +44,14 @@ def heatmap_grid(
     canvas = np.full((caption + n * (caption + th + gap), width, 3), 255, dtype=np.uint8)
     pixels = images.permute(0, 2, 3, 1).float().cpu().numpy()
     heats = [m.float().cpu().numpy() for _, m in overlays]
+    limits = [np.abs(heat).reshape(n, -1).max(1) for heat in heats]  # per column, per row
+    shades = [0.2 + 0.8 * m.float().cpu().numpy()[..., None] for _, m in mask_columns]
     cmap = colormaps["RdBu_r"]
-    limits = []
     for i in range(n):
         tiles = [pixels[i]]
-        for heat in heats:
-            limit = float(np.abs(heat[i]).max()) or 1.0
-            tiles.append(0.35 * pixels[i] + 0.65 * cmap(0.5 + 0.5 * heat[i] / limit)[..., :3])
-        limits.append(float(np.abs(heats[0][i]).max()))
-        tiles += [pixels[i] * (0.2 + 0.8 * m[i].float().cpu().numpy()[..., None]) for _, m in mask_columns]
+        for heat, limit in zip(heats, limits):
+            tiles.append(0.35 * pixels[i] + 0.65 * cmap(0.5 + 0.5 * heat[i] / (float(limit[i]) or 1.0))[..., :3])
+        tiles += [pixels[i] * shade[i] for shade in shades]
         top = caption + i * (caption + th + gap) + caption
         for col, tile in enumerate(tiles):
             big = np.repeat(np.repeat(tile, scale, axis=0), scale, axis=1)
@@ -63,7 +62,7 @@ def heatmap_grid(
     for col, name in enumerate(columns):
         draw.text((col * (tw + gap) + 2, 2), name, fill=(0, 0, 0))
     for i, title in enumerate(titles):
-        text = f"{title}   max |map| {limits[i]:.3f}"
+        text = f"{title}   max |map| {float(limits[0][i]):.3f}"
         draw.text((2, caption + i * (caption + th + gap) + 2), text, fill=(0, 0, 0))
     return np.asarray(image)
 
