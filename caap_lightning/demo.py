@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from caap_lightning.attribution.vit import eval_mode
+from caap_lightning.utils import eval_mode
 from caap_lightning.callbacks import CAAPCallback, SpuriousCueMonitor
 from caap_lightning.cli import cli
 
@@ -35,8 +35,9 @@ SUMMARY_METRICS = (
 
 def cue_accuracy(model: torch.nn.Module, batch, chunk: int = 256) -> Dict[str, tuple]:
     """Correct/total predictions on the cue-consistent and the cue-conflicting images of ``batch``."""
+    device = next(model.parameters()).device
     with torch.no_grad(), eval_mode(model):
-        predictions = torch.cat([model(x).argmax(-1) for x in batch.images.split(chunk)])
+        predictions = torch.cat([model(x.to(device)).argmax(-1).cpu() for x in batch.images.split(chunk)])
     correct = predictions == batch.labels
     consistent = batch.cue_labels == batch.labels
     return {

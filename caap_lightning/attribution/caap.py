@@ -19,7 +19,7 @@ from torch import nn
 from caap_lightning.attribution import vit
 from caap_lightning.attribution.blanks import BlankSpec, blank_key, check_blank, make_blank
 from caap_lightning.attribution.selection import neighbourhoods, selection_members
-from caap_lightning.utils import model_normalization, upsample_maps
+from caap_lightning.utils import eval_mode, model_normalization, upsample_maps
 
 METHODS = ("parallel", "efficient", "windowed", "standard")
 SCORES = ("probability", "logit")
@@ -134,7 +134,7 @@ class CAAP:
         device, dtype = vit.model_device_dtype(self.model)
         images = images.to(device=device, dtype=dtype)
         size = tuple(images.shape[-2:])
-        with vit.eval_mode(self.model):
+        with eval_mode(self.model):
             source = vit.forward_states(self.model, images)
             if target is None:
                 logits = vit.head_logits(self.model, vit.pool_final(self.model, source.states[-1]))
@@ -163,7 +163,7 @@ class CAAP:
         device, dtype = vit.model_device_dtype(self.model)
         size = tuple(image_size or self._last_size or self.model.patch_embed.img_size)
         targets = self._targets(target, None, device)
-        with vit.eval_mode(self.model):
+        with eval_mode(self.model):
             blank = self._blank_cache(size, device, dtype)
         return self._score(blank.logits.float().expand(len(targets), -1), targets)
 

@@ -13,7 +13,6 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from caap_lightning.utils import eval_mode  # noqa: F401  (re-exported for the attribution code)
 
 _SUPPORTED_POOLS = ("token", "avg")
 

@@ -20,10 +20,10 @@ from caap_lightning.attribution import registry
 from caap_lightning.attribution.blanks import BLANK_KINDS
 from caap_lightning.attribution.caap import CAAP, METHODS
 from caap_lightning.attribution.selection import SELECTIONS
-from caap_lightning.attribution.vit import check_images, eval_mode
+from caap_lightning.attribution.vit import check_images
 from caap_lightning.callbacks import figures
 from caap_lightning.metrics import AUPR, AttributionMass, InsertionDeletion, PointingGame
-from caap_lightning.utils import model_normalization, unnormalize, upsample_maps
+from caap_lightning.utils import eval_mode, model_normalization, unnormalize, upsample_maps
 
 # Each metric and the probe field it needs (None: no mask).
 METRIC_MASKS: Dict[str, Optional[str]] = {

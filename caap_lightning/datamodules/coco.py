@@ -30,8 +30,8 @@ class CocoSource(Dataset):
             if not path.exists():
                 raise FileNotFoundError(f"COCO dataset path {str(path)!r} does not exist")
         self.image_dir = Path(image_dir)
-        # Imported here, not at the top: only COCO data needs pycocotools, and the other
-        # datamodules must import where it is missing (it is not in every CUDA image).
+        # Imported here, not at the top: only COCO data needs pycocotools, and the other datamodules
+        # must import in an environment set up without the project's pins (a GPU image lacked it).
         from pycocotools.coco import COCO
 
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress

@@ -72,9 +72,13 @@ class Food101DataModule(MaskedImageDataModule):
     def class_names(self) -> List[str]:
         return list(self.sources()[0].classes)
 
-    def build_sources(self) -> Tuple[Food101Source, Food101Source, Food101Source]:
+    def prepare_data(self) -> None:
+        # Lightning runs this on one process before any setup, so that ranks do not download at once.
         if self.download:
             Food101(self.root, download=True)
+
+    def build_sources(self) -> Tuple[Food101Source, Food101Source, Food101Source]:
+        self.prepare_data()  # probe_batch without a Trainer; a check only once the files are there
         check_food101_layout(self.root)
         test = Food101Source(self.root, "test")
         return Food101Source(self.root, "train"), test, test

@@ -82,9 +82,13 @@ class OxfordPetDataModule(MaskedImageDataModule):
     def class_names(self) -> List[str]:
         return list(self.sources()[0].classes)
 
-    def build_sources(self) -> Tuple[PetSource, PetSource, PetSource]:
+    def prepare_data(self) -> None:
+        # Lightning runs this on one process before any setup, so that ranks do not download at once.
         if self.download:
             OxfordIIITPet(self.root, download=True)
+
+    def build_sources(self) -> Tuple[PetSource, PetSource, PetSource]:
+        self.prepare_data()  # probe_batch without a Trainer; a check only once the files are there
         check_pet_layout(self.root)
         train = PetSource(self.root, "trainval", self.label_type)
         test = PetSource(self.root, "test", self.label_type)

@@ -8,6 +8,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import lightning as L
 import timm
+import timm.optim
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
@@ -98,18 +99,12 @@ class ViTClassifier(L.LightningModule):
             raise ValueError(f"label_smoothing must be in [0, 1) and min_lr_ratio in [0, 1], got {label_smoothing}, {min_lr_ratio}")
         self.save_hyperparameters()
 
-        overrides: Dict[str, Any] = {
-            "img_size": img_size,
-            "patch_size": patch_size,
-            "embed_dim": embed_dim,
-            "depth": depth,
-            "num_heads": num_heads,
-        }
-        overrides = {k: v for k, v in overrides.items() if v is not None}
-        if drop_path_rate:
-            overrides["drop_path_rate"] = drop_path_rate
         try:
-            self.model = timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes, **overrides)
+            # timm drops the None arguments: the architecture's own values stand.
+            self.model = timm.create_model(
+                model_name, pretrained=pretrained, num_classes=num_classes, img_size=img_size, patch_size=patch_size,
+                embed_dim=embed_dim, depth=depth, num_heads=num_heads, drop_path_rate=drop_path_rate,
+            )
         except OSError as error:
             if not pretrained:
                 raise
@@ -120,10 +115,8 @@ class ViTClassifier(L.LightningModule):
         if checkpoint_path is not None:
             load_checkpoint_weights(self.model, checkpoint_path)
         if freeze_backbone:
-            head = self.model.get_classifier()
-            head_params = {id(p) for p in head.parameters()}
-            for p in self.model.parameters():
-                p.requires_grad_(id(p) in head_params)
+            self.model.requires_grad_(False)
+            self.model.get_classifier().requires_grad_(True)
 
         self._mean, self._std = model_normalization(self.model, mean, std)
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
@@ -202,12 +195,11 @@ class ViTClassifier(L.LightningModule):
             hparams["checkpoint_path"] = None
 
     def configure_optimizers(self) -> Dict[str, Any]:
-        # timm's convention: no weight decay on biases, norms, tokens and position embeddings.
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "reg_token")) else decay).append(p)
-        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        # timm's grouping: no weight decay on biases, norms and the model's no_weight_decay() tokens;
+        # frozen parameters left out.
+        groups = timm.optim.param_groups_weight_decay(
+            self.model, self.hparams.weight_decay, no_weight_decay_list=self.model.no_weight_decay()
+        )
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.hparams.lr)
         total = self.trainer.estimated_stepping_batches  # also sets up the train loader, for the line below
         per_epoch = self.trainer.num_training_batches / self.trainer.accumulate_grad_batches

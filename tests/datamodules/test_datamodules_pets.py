@@ -90,3 +90,22 @@ def test_incomplete_directory_names_missing_file(pet_root):
 def test_rejects_unknown_label_type():
     with pytest.raises(ValueError, match="label_type"):
         OxfordPetDataModule(label_type="colour")
+
+
+def test_download_happens_in_prepare_data(tmp_path, monkeypatch):
+    """Lightning calls prepare_data on one process before any setup: the download belongs there."""
+    from torchvision.datasets import OxfordIIITPet
+
+    downloads = []
+
+    def fake_download(self):  # torchvision's step that fetches and unpacks, unless the files are there
+        downloads.append(str(self.root))
+        if not (tmp_path / "oxford-iiit-pet").exists():
+            write_pet(tmp_path)
+
+    monkeypatch.setattr(OxfordIIITPet, "_download", fake_download)
+    data = OxfordPetDataModule(root=str(tmp_path), download=True, img_size=32, batch_size=2)
+    data.prepare_data()
+    assert len(downloads) == 1 and (tmp_path / "oxford-iiit-pet" / "annotations" / "trainval.txt").exists()
+    data.setup("fit")
+    assert len(data.train_dataloader().dataset) == len(SPLITS["trainval"])

@@ -188,3 +188,20 @@ def test_pretrained_without_network_says_to_use_checkpoint_path(monkeypatch, tmp
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # and nothing cached
     with pytest.raises(OSError, match="checkpoint_path"):
         tiny(pretrained=True)
+
+
+@pytest.mark.parametrize("freeze_backbone", [False, True])
+def test_weight_decay_spares_biases_norms_and_tokens_and_frozen_weights_stay_out(freeze_backbone):
+    model = tiny(weight_decay=0.05, freeze_backbone=freeze_backbone)
+    data = SyntheticSpuriousDataModule(num_classes=4, img_size=32, cue_size=4, num_train=8, num_val=4, batch_size=4,
+                                       mean=model.mean, std=model.std)
+    fit = trainer(max_steps=1, limit_val_batches=0)
+    fit.fit(model, datamodule=data)
+    names = {id(p): n for n, p in model.model.named_parameters()}
+    groups = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in fit.optimizers[0].param_groups}
+    trainable = {n for n, p in model.model.named_parameters() if p.requires_grad}
+    assert set().union(*groups.values()) == trainable
+    expected_decay = {n for n in trainable if n.endswith(".weight") and "norm" not in n}
+    assert groups[0.05] == expected_decay
+    if not freeze_backbone:
+        assert {"pos_embed", "cls_token", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias"} <= groups[0.0]
