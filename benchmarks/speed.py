@@ -1,9 +1,8 @@
 """CAAP's cost against a plain forward, on timm ViT-B/16 with random weights.
 
 Prints a table and one JSON line (``--json PATH`` also writes it). Measures median
-seconds of: a plain forward, CAAP ``parallel``, ``efficient``, ``windowed`` and ``standard``, a
-Grad-CAM-like forward+backward and, when captum is installed, captum ``Occlusion`` at
-patch stride; each as a ratio to the plain forward, with the analytic FLOP ratio of
+seconds of: a plain forward, CAAP ``parallel``, ``efficient``, ``windowed`` and ``standard``, the
+package's ``gradcam`` and, when captum is installed, its ``occlusion`` (one patch per window); each as a ratio to the plain forward, with the analytic FLOP ratio of
 ``parallel`` beside its measured ratio, and the peak resident memory.
 
     python benchmarks/speed.py                 # 224 px, batch 8
@@ -28,6 +27,7 @@ import timm
 import torch
 
 from caap_lightning import CAAP
+from caap_lightning.attribution.registry import get_method
 from caap_lightning.attribution.selection import selection_members
 
 
@@ -117,63 +117,50 @@ def main() -> None:
     n_tokens = model.num_prefix_tokens + grid[0] * grid[1]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def timed(fn, repeats=args.repeats):
+    def timed(name, fn, repeats=args.repeats):
         def run():
             with autocast():
                 fn()
             sync()
         run()  # warm-up (and the blank cache for CAAP)
         seconds = median_seconds(run, repeats)
-        print(f"  timed {getattr(fn, '__name__', 'step')}: {seconds:.3f} s", file=sys.stderr, flush=True)
+        print(f"  timed {name}: {seconds:.3f} s", file=sys.stderr, flush=True)
         return seconds
 
     results: Dict[str, float] = {}
+    notes = []
     with torch.no_grad():
-        results["forward_s"] = timed(lambda: model(images))
+        results["forward_s"] = timed("forward", lambda: model(images))
     for method in ("parallel", "efficient", "windowed"):
         if method in args.skip:
             continue
         caap = CAAP(model, layer_cutoff=args.layer_cutoff, selection=args.selection, method=method, window=args.window)
-        results[f"{method}_s"] = timed(lambda: caap.attribute(images, target=target))
+        results[f"{method}_s"] = timed(method, lambda: caap.attribute(images, target=target))
 
-    # Textbook patching is N full forwards per image: time a few images, scale to the batch.
+    # Textbook patching and occlusion are N full forwards per image: time a few images, scale to the batch.
     few = images[: args.standard_images]
     if "standard" not in args.skip:
         standard = CAAP(model, layer_cutoff=args.layer_cutoff, selection=args.selection, method="standard")
-        results["standard_s"] = timed(lambda: standard.attribute(few, target=target[: len(few)]), repeats=1) * (
+        results["standard_s"] = timed("standard", lambda: standard.attribute(few, target=target[: len(few)]), repeats=1) * (
             args.batch / len(few)
         )
+        notes.append(f"standard timed on {len(few)} image(s) and scaled to the batch")
+    else:
+        notes.append("standard skipped")
 
-    def gradcam_like():
-        x = images.clone()
-        tokens = {}
-        hook = model.blocks[-1].register_forward_pre_hook(lambda m, a: tokens.setdefault("x", a[0]))
-        try:
-            logits = model(x)
-        finally:
-            hook.remove()
-        grad = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), tokens["x"])[0]
-        return (grad.mean(1, keepdim=True) * tokens["x"]).sum(-1).relu()
-
-    results["gradcam_s"] = timed(gradcam_like)
+    gradcam = get_method("gradcam", model)
+    results["gradcam_s"] = timed("gradcam", lambda: gradcam.attribute(images, target=target))
 
     if "occlusion" in args.skip:
-        occlusion_note = "occlusion skipped"
+        notes.append("occlusion skipped")
     elif importlib.util.find_spec("captum") is None:
-        occlusion_note = "captum not installed (pip install 'caap-lightning[baselines]')"
+        notes.append("captum not installed (pip install 'caap-lightning[baselines]')")
     else:
-        from captum.attr import Occlusion
-
-        patch = model.patch_embed.patch_size[0]
-        occ = Occlusion(model)
-        one = images[:1]
-        with torch.no_grad():
-            results["occlusion_s"] = timed(
-                lambda: occ.attribute(one, target=int(target[0]), sliding_window_shapes=(3, patch, patch),
-                                      strides=(3, patch, patch), perturbations_per_eval=16),
-                repeats=1,
-            ) * args.batch
-        occlusion_note = "captum Occlusion at patch stride on 1 image, scaled to the batch"
+        occlusion = get_method("occlusion", model)
+        results["occlusion_s"] = timed(
+            "occlusion", lambda: occlusion.attribute(few, target=target[: len(few)]), repeats=1
+        ) * (args.batch / len(few))
+        notes.append(f"occlusion (captum, one patch per window) timed on {len(few)} image(s) and scaled to the batch")
 
     fwd = results["forward_s"]
     out = {
@@ -191,8 +178,7 @@ def main() -> None:
         **{f"{k[:-2]}_ratio": round(v / fwd, 2) for k, v in results.items() if k != "forward_s"},
         "parallel_flop_ratio": round(parallel_flops(model, grid, args.layer_cutoff, args.selection) / forward_flops(model, n_tokens), 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "notes": f"standard timed on {len(few)} image(s) and scaled to the batch; {occlusion_note}"
-        + ("; standard skipped" if "standard" in args.skip else ""),
+        "notes": "; ".join(notes),
     }
     if device.type == "cuda":
         out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
