@@ -25,7 +25,7 @@ import timm
 import torch
 
 from caap_lightning.metrics import insertion_deletion
-from caap_lightning.utils import gaussian_blur
+from caap_lightning.utils import gaussian_blur, upsample_maps
 
 
 def synchronize(device: torch.device) -> None:
@@ -72,7 +72,7 @@ def main() -> None:
     maps = torch.rand(args.images, *grid).to(device)
     step = math.prod(model.patch_embed.patch_size)  # one patch per step
     n = math.ceil(math.prod(size) / step)
-    pixel_map = torch.nn.functional.interpolate(maps[:1, None], size=size, mode="bilinear")[0, 0]
+    pixel_map = upsample_maps(maps[:1], tuple(size))[0]  # as the metric ranks the pixels
 
     # Warm-up: CUDA context, kernels, thread pools and allocator stay out of the timings.
     with torch.no_grad():

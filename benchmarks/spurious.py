@@ -358,12 +358,26 @@ def fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
+def replay_sentence(setup: Dict[str, Any]) -> str:
+    """How the baselines saw the CAAP runs' models, or that none ran."""
+    baselines = setup["methods"][1:]
+    if not baselines:
+        return ": the CAAP run trains the model (no baseline replays in this run)."
+    check = "checked: same accuracies every epoch" if setup["baselines_replay_caap_weights"] else "MISMATCH: see the JSON"
+    return (
+        f": the CAAP run trains the model, and each baseline's run ({', '.join(baselines)}) replays that run's "
+        f"weights epoch by epoch with the baseline's maps through the same callbacks, so every method watches the "
+        f"same models ({check})."
+    )
+
+
 def markdown(result: Dict[str, Any]) -> str:
     setup, summary, runs = result["setup"], result["summary"], result["runs"]
     control = setup["control_cue_correlation"]
     live = setup["monitor"]
+    construction = "" if setup["caap_method"] == "parallel" else f", with CAAP's `{setup['caap_method']}` construction"
     lines = [
-        "# Spurious-cue detection benchmark",
+        f"# Spurious-cue detection benchmark{construction}",
         "",
         f"`{setup['command']}`: the demo's setup "
         f"(`configs/demo.yaml`: {setup['model_summary']}, {setup['data_summary']}), "
@@ -371,9 +385,7 @@ def markdown(result: Dict[str, Any]) -> str:
         f"({setup['machine']}). `CAAPCallback` (probe of {setup['num_images']} images, `method=\"{setup['caap_method']}\"`, "
         f"`target=\"predicted\"`) and `SpuriousCueMonitor` (`monitor={live['monitor']}`, "
         f"`threshold={live['threshold']}`, `patience={live['patience']}`, `min_delta={live['min_delta']}`) "
-        "watch each fit: the CAAP run trains the model, and each baseline's run replays that run's weights "
-        "epoch by epoch with the baseline's maps (Grad-CAM through the same callbacks), so every method watches "
-        f"the same models ({'checked: same accuracies every epoch' if setup['baselines_replay_caap_weights'] else 'MISMATCH: see the JSON'}).",
+        "watch each fit"        + replay_sentence(setup),
         "",
         f"Wall time: {setup['wall_min']:.1f} min for {len(runs)} runs (median {setup['median_trained_run_s']:.0f} s a trained run "
         f"with CAAP, {fmt(setup['median_replayed_run_s'], 0)} s a baseline's replay of its weights; "
@@ -574,9 +586,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         [(h["acc_consistent"], h["acc_conflicting"]) for h in r["history"]]
         == [(h["acc_consistent"], h["acc_conflicting"]) for h in caap_runs[(r["cue_correlation"], r["seed"])]["history"]]
         for r in runs
+        if r["method"] != "caap"
     )
     model, data = settings["model"], settings["data"]
-    plot_name = "spurious_cue_mass.png"
+    # parallel's files keep the plain name; another construction's carry it, so that runs side by side.
+    stem = "spurious" if args.caap_method == "parallel" else f"spurious-{args.caap_method}"
+    plot_name = f"{stem}_cue_mass.png"
     result = {
         "setup": {
             "command": " ".join(["python benchmarks/spurious.py", *(argv if argv is not None else sys.argv[1:])]),
@@ -617,10 +632,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     print(report)
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
-        (output / "spurious.json").write_text(json.dumps(result, indent=1) + "\n")
-        (output / "spurious.md").write_text(report)
+        (output / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+        (output / f"{stem}.md").write_text(report)
         plot(runs, output / plot_name, live.threshold, control)
-        print(f"wrote {output / 'spurious.md'}, spurious.json and {plot_name}", file=sys.stderr)
+        print(f"wrote {output / stem}.md, {stem}.json and {plot_name}", file=sys.stderr)
     return result
 
 
