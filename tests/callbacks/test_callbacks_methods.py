@@ -140,6 +140,8 @@ def test_monitor_can_watch_a_further_method(tmp_path, data_factory, classifier_f
     per_image = monitor._per_image(caap.last)
     expected = attribution_mass(caap.last.method_maps["gradcam"], caap.probe.cue_masks, region="mask", normalize_by_area=True)
     torch.testing.assert_close(per_image, expected.float(), equal_nan=True)  # NaN: an all-zero Grad-CAM map
+    # The per-image values the alarm ranks by average to the scalar the metric logged.
+    assert torch.nanmean(per_image).item() == pytest.approx(caap.history[-1]["caap/gradcam/cue_mass_ratio"], rel=1e-5)
 
 
 @pytest.mark.parametrize(

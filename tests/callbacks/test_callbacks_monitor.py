@@ -31,10 +31,28 @@ def test_a_good_check_resets_the_count():
     assert monitor.best == 0.9 and monitor.alarmed
 
 
-@pytest.mark.parametrize("kwargs", [{"mode": "up"}, {"patience": 0}, {"min_delta": -1}, {"monitor": "val/acc"}])
-def test_arguments_are_validated_in_init(kwargs):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"mode": "up"}, "mode='up'"),
+        ({"patience": 0}, "patience >= 1"),
+        ({"min_delta": -1}, "min_delta >= 0"),
+        ({"monitor": "val/acc"}, "must be a metric logged by CAAPCallback"),
+    ],
+)
+def test_arguments_are_validated_in_init(kwargs, message):
+    with pytest.raises(ValueError, match=message):
         SpuriousCueMonitor(**kwargs)
+
+
+def test_the_count_and_best_carry_over_a_resume():
+    """Two bad checks, a checkpoint, one more after the resume: patience 3 is reached only with the restored state."""
+    before = SpuriousCueMonitor(threshold=None, patience=3)
+    assert alarms(before, [1.0, 1.5, 2.0]) == []
+    resumed = SpuriousCueMonitor(threshold=None, patience=3)
+    resumed.load_state_dict(before.state_dict())
+    assert (resumed.best, resumed.wait) == (1.0, 2)
+    assert resumed.update(2.5)
 
 
 def scripted(caap: CAAPCallback, series, key="caap/cue_mass_ratio"):

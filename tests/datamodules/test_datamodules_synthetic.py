@@ -98,11 +98,17 @@ def test_custom_normalisation():
 
 
 @pytest.mark.parametrize(
-    "kwargs",
-    [dict(num_classes=1), dict(num_classes=7), dict(cue_correlation=1.5), dict(object_size=(0.9, 0.5)), dict(cue_size=20)],
+    "kwargs, message",
+    [
+        (dict(num_classes=1), r"num_classes must be in \[2, 6\]"),
+        (dict(num_classes=7), r"num_classes must be in \[2, 6\]"),
+        (dict(cue_correlation=1.5), "cue_correlation must be in"),
+        (dict(object_size=(0.9, 0.5)), "object_size must be"),
+        (dict(cue_size=20), "cue_size must be in"),
+    ],
 )
-def test_rejects_bad_arguments(kwargs):
-    with pytest.raises(ValueError):
+def test_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
         small(**kwargs)
 
 

@@ -129,6 +129,10 @@ def test_position_embeddings_are_resampled_for_another_image_size(tmp_path):
     loaded = tiny(img_size=48, checkpoint_path=str(path))
     assert loaded.model.pos_embed.shape == (1, 1 + 36, 32)
     assert torch.equal(loaded.model.cls_token, source.model.cls_token)
+    from timm.layers import resample_abs_pos_embed
+
+    expected = resample_abs_pos_embed(source.model.pos_embed, (6, 6), num_prefix_tokens=1)
+    torch.testing.assert_close(loaded.model.pos_embed, expected)
 
 
 def test_checkpoint_errors(tmp_path):
