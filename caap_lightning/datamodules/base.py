@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import lightning as L
 import torch
 import torchvision.transforms.v2 as v2
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import tv_tensors
 
 from caap_lightning.utils import IMAGENET_MEAN, IMAGENET_STD
@@ -72,16 +72,15 @@ class TransformedDataset(Dataset):
     them with the image and resize them with nearest-neighbour) and ``cue_label``.
     """
 
-    def __init__(self, source: Dataset, transform: v2.Transform, indices: Optional[Sequence[int]] = None):
+    def __init__(self, source: Dataset, transform: v2.Transform):
         self.source = source
         self.transform = transform
-        self.indices = list(range(len(source))) if indices is None else list(indices)
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.source)
 
     def __getitem__(self, i: int) -> Dict[str, Any]:
-        sample = self.transform(self.source[self.indices[i]])
+        sample = self.transform(self.source[i])
         out = {"image": sample["image"].as_subclass(torch.Tensor), "label": int(sample["label"])}
         for key in MASK_KEYS:
             if sample.get(key) is not None:
@@ -193,7 +192,7 @@ class MaskedImageDataModule(L.LightningDataModule):
         if not 1 <= n <= len(source):
             raise ValueError(f"probe_batch needs 1 <= n <= {len(source)} (the validation set), got n={n}")
         order = torch.randperm(len(source), generator=torch.Generator().manual_seed(self.seed))[:n]
-        dataset = TransformedDataset(source, self.eval_transform(), indices=order.tolist())
+        dataset = TransformedDataset(Subset(source, order.tolist()), self.eval_transform())
         return collate_samples([dataset[i] for i in range(n)])
 
 
