@@ -17,9 +17,9 @@ from typing import Dict, List, Optional
 
 import torch
 
-from caap_lightning.utils import eval_mode
 from caap_lightning.callbacks import CAAPCallback, SpuriousCueMonitor
 from caap_lightning.cli import cli
+from caap_lightning.utils import eval_mode
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 # Metrics shown in the summary, in this order, when logged.
