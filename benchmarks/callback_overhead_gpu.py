@@ -7,7 +7,7 @@ The training and validation images are random tensors (drawing 3,680 shapes at 2
 minutes of CPU, which would time the loader rather than the model); the probe batch is real
 shapes with masks, so every metric the callback logs by default runs. The overhead is the last
 epoch's check / (epoch - check), with the clock of ``callback_overhead.py`` (the CPU demo's
-measurement) and the GPU synchronised at each reading.
+measurement) and the GPU synchronised at each reading, the check's start and end included.
 
     python benchmarks/callback_overhead_gpu.py
     python benchmarks/callback_overhead_gpu.py --methods parallel --precisions bf16-mixed
@@ -74,18 +74,6 @@ class PetScaleData(L.LightningDataModule):
         return self.loaders["val"]
 
 
-class SyncedClock(EpochClock):
-    """``EpochClock`` with the GPU's queue drained before each reading."""
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        synchronize()
-        super().on_train_epoch_start(trainer, pl_module)
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        synchronize()
-        super().on_validation_end(trainer, pl_module)
-
-
 def synchronize() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -96,7 +84,7 @@ def measure(method: str, precision: str, args: argparse.Namespace) -> Dict[str, 
     data = PetScaleData(args.num_train, args.num_val, args.batch_size)
     model = ViTClassifier(args.model, num_classes=4, img_size=224, lr=1e-5, warmup_epochs=0,
                           mean=data.mean, std=data.std)
-    clock = SyncedClock()
+    clock = EpochClock(synchronize)
     callback = CAAPCallback(method=method, on_error="raise")
     with tempfile.TemporaryDirectory() as tmp:
         trainer = L.Trainer(max_epochs=args.epochs, accelerator=args.accelerator, devices=1, precision=precision,

@@ -7,6 +7,12 @@ batched run, and is extrapolated to the full ``2 (n + 1) + 1`` forwards (clean i
 for the target, then ``n + 1`` scores per game). Both run in fp32 on the same device,
 with TF32 off unless ``--tf32``. Prints one JSON line.
 
+The line also bounds what any implementation could reach: the metric's numbers match the
+naive loop's, so it must score the same ``2 n + 1`` distinct images (the clean one serves the
+target, deletion's first step and insertion's last), and no forward runs faster than its
+FLOPs at the device's measured matrix-product peak. ``speedup_bound`` is the naive loop's
+time over ``2 n + 1`` forwards at that peak.
+
     python benchmarks/metrics_speed.py
     python benchmarks/metrics_speed.py --images 2 --batch-size 32
     python benchmarks/metrics_speed.py --device cuda --images 8 --batch-size 256
@@ -23,6 +29,7 @@ import time
 
 import timm
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from caap_lightning.metrics import insertion_deletion
 from caap_lightning.utils import gaussian_blur, upsample_maps
@@ -31,6 +38,37 @@ from caap_lightning.utils import gaussian_blur, upsample_maps
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def forward_flops(model, image) -> int:
+    """Floating-point operations of one forward of ``image``, attention's products included."""
+    attentions = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    fused = [m.fused_attn for m in attentions]
+    for m in attentions:  # FlopCounterMode does not count the CPU's fused attention kernel
+        m.fused_attn = False
+    try:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(image[None])
+    finally:
+        for m, flag in zip(attentions, fused):
+            m.fused_attn = flag
+    return counter.get_total_flops()
+
+
+def matmul_peak_flops(device: torch.device, repeats: int = 5) -> float:
+    """The best FLOP rate of large square matrix products, the device's practical peak."""
+    sizes = (4096, 8192) if device.type == "cuda" else (2048, 4096)
+    best = 0.0
+    for size in sizes:
+        a, b = torch.randn(2, size, size, device=device)
+        a @ b  # warm-up
+        for _ in range(repeats):
+            synchronize(device)
+            start_time = time.perf_counter()
+            a @ b
+            synchronize(device)
+            best = max(best, 2 * size**3 / (time.perf_counter() - start_time))
+    return best
 
 
 def naive_seconds_per_forward(model, image, pixel_map, step: int, steps: int) -> float:
@@ -85,7 +123,13 @@ def main() -> None:
     synchronize(device)
     batched = (time.perf_counter() - start_time) / args.images
     naive_after = naive_seconds_per_forward(model, images[0], pixel_map, step, args.naive_steps)
-    naive = (naive_before + naive_after) / 2 * (2 * (n + 1) + 1)
+    forwards = 2 * (n + 1) + 1  # the naive loop's: the clean image's target, then n + 1 per game
+    naive_per_forward = (naive_before + naive_after) / 2
+    naive = naive_per_forward * forwards
+    distinct = 2 * n + 1  # images any implementation must score
+    flops = forward_flops(model, images[0])
+    peak = matmul_peak_flops(device)
+    floor = flops / peak  # seconds per forward at the peak: no implementation goes below it
 
     print(
         json.dumps(
@@ -107,11 +151,16 @@ def main() -> None:
                 "naive_s_per_image": round(naive, 2),
                 "naive_extrapolated": (
                     f"{args.naive_steps} of {n + 1} steps per game, timed before and after the "
-                    f"batched run, scaled to {2 * (n + 1) + 1} forwards"
+                    f"batched run, scaled to {forwards} forwards"
                 ),
                 "naive_s_per_forward": [round(naive_before, 4), round(naive_after, 4)],
                 "speedup": round(naive / batched, 2),
                 "target_speedup": 10,
+                "forward_gflop": round(flops / 1e9, 2),
+                "matmul_peak_gflops": round(peak / 1e9, 1),
+                "naive_share_of_peak": round(floor / naive_per_forward, 3),
+                "batched_share_of_peak": round(floor * distinct / batched, 3),
+                "speedup_bound": round(naive / (floor * distinct), 2),
             }
         )
     )

@@ -2,21 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "spurious.py"
-
-
-@pytest.fixture(scope="module")
-def spurious():
-    spec = importlib.util.spec_from_file_location("spurious_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def history(consistent, conflicting, scores, alarms=None):
     alarms = alarms or [False] * len(scores)

@@ -115,10 +115,11 @@ def test_blur_is_rise_substrate():
 def test_vit_matches_naive_reference(vit_factory, step):
     model = vit_factory(scale=3.0, seed=1)
     torch.manual_seed(2)
-    images = torch.randn(1, 3, 32, 32)
-    maps = torch.rand(1, 32, 32)
+    # Three images: batches of 16 perturbed images then straddle games and images.
+    images = torch.randn(3, 3, 32, 32)
+    maps = torch.rand(3, 32, 32)
     result = assert_matches_naive(model, images, maps, step)
-    assert result.deletion_curve.shape == (1, math.ceil(32 * 32 / step) + 1)
+    assert result.deletion_curve.shape == (3, math.ceil(32 * 32 / step) + 1)
 
 
 @pytest.mark.parametrize("size,step", [((13, 17), 7), ((13, 17), 20), ((9, 11), 98), ((5, 7), 1)])

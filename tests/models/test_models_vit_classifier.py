@@ -48,8 +48,17 @@ def test_trains_on_synthetic_set_and_logs():
     t = trainer(max_epochs=10)
     t.fit(model, datamodule=data)
     assert loss() < 0.95 * before
-    for key in ("train/loss", "train/acc", "val/loss", "val/acc"):
-        assert key in t.callback_metrics
+    assert {"train/loss", "train/acc", "val/loss", "val/acc"} <= set(t.callback_metrics)
+    # The logged validation figures are the trained model's on the validation set.
+    model.eval()
+    with torch.no_grad():
+        batches = list(data.val_dataloader())
+        logits = torch.cat([model(b.images) for b in batches])
+        labels = torch.cat([b.labels for b in batches])
+    accuracy = float((logits.argmax(1) == labels).float().mean())
+    assert float(t.callback_metrics["val/acc"]) == pytest.approx(accuracy, abs=1e-6)
+    expected_loss = float(torch.nn.functional.cross_entropy(logits, labels))
+    assert float(t.callback_metrics["val/loss"]) == pytest.approx(expected_loss, rel=1e-5)
 
 
 def test_normalisation_patch_size_and_attribution_model():
