@@ -21,19 +21,18 @@ import argparse
 import json
 import sys
 import tempfile
-from pathlib import Path
 from typing import Any, Dict
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from callback_overhead import EpochClock  # noqa: E402
+from caap_lightning.callbacks import CAAPCallback
+from caap_lightning.datamodules import SyntheticSpuriousDataModule
+from caap_lightning.models import ViTClassifier
 
-from caap_lightning.callbacks import CAAPCallback  # noqa: E402
-from caap_lightning.datamodules import SyntheticSpuriousDataModule  # noqa: E402
-from caap_lightning.models import ViTClassifier  # noqa: E402
+from _common import quiet_trainer, synchronize
+from callback_overhead import EpochClock
 
 
 class RandomImages(Dataset):
@@ -74,11 +73,6 @@ class PetScaleData(L.LightningDataModule):
         return self.loaders["val"]
 
 
-def synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def measure(method: str, precision: str, args: argparse.Namespace) -> Dict[str, Any]:
     L.seed_everything(0, verbose=False)
     data = PetScaleData(args.num_train, args.num_val, args.batch_size)
@@ -87,10 +81,8 @@ def measure(method: str, precision: str, args: argparse.Namespace) -> Dict[str, 
     clock = EpochClock(synchronize)
     callback = CAAPCallback(method=method, on_error="raise")
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = L.Trainer(max_epochs=args.epochs, accelerator=args.accelerator, devices=1, precision=precision,
-                            callbacks=[clock, callback], default_root_dir=tmp, logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                            num_sanity_val_steps=0)
+        trainer = quiet_trainer(max_epochs=args.epochs, accelerator=args.accelerator, precision=precision,
+                                callbacks=[clock, callback], default_root_dir=tmp)
         trainer.fit(model, datamodule=data)
     last = clock.rows[-1]
     return {"method": method, "precision": precision, **last,

@@ -34,10 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from caap_lightning.metrics import insertion_deletion
 from caap_lightning.utils import gaussian_blur, upsample_maps
 
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from _common import synchronize
 
 
 def forward_flops(model, image) -> int:

@@ -43,6 +43,8 @@ from caap_lightning.datamodules import SyntheticSpuriousDataModule
 from caap_lightning.metrics import InsertionDeletion, aupr, pointing_game
 from caap_lightning.models import ViTClassifier
 
+from _common import TINY_VIT, TINY_VIT_RECIPE, quiet_trainer
+
 RESULTS = Path(__file__).resolve().parent / "results"
 METRICS = ("deletion", "insertion", "insdel", "aupr_fg", "aupr_bg", "pointing_game")
 HEADERS = {"deletion": "Del ↓", "insertion": "Ins ↑", "insdel": "InsDel ↑", "aupr_fg": "AUPR1 ↑",
@@ -97,19 +99,15 @@ def build(args: argparse.Namespace) -> Tuple[ViTClassifier, SyntheticSpuriousDat
     """The datamodule's own defaults without the cue, and the ViT of ``benchmarks/train_synthetic.py``."""
     data = SyntheticSpuriousDataModule(cue_correlation=None, num_train=args.num_train, seed=args.seed)
     module = ViTClassifier(
-        num_classes=data.num_classes, img_size=data.img_size, patch_size=8, embed_dim=64, depth=4, num_heads=4,
-        lr=1e-3, weight_decay=0.05, warmup_epochs=0.5, checkpoint_path=args.checkpoint, mean=data.mean, std=data.std,
+        num_classes=data.num_classes, img_size=data.img_size, **TINY_VIT, **TINY_VIT_RECIPE,
+        checkpoint_path=args.checkpoint, mean=data.mean, std=data.std,
     )
     return module, data
 
 
 def train(module: ViTClassifier, data: SyntheticSpuriousDataModule, args: argparse.Namespace) -> Dict[str, Any]:
     start, cpu = time.perf_counter(), time.process_time()
-    trainer = L.Trainer(
-        max_epochs=args.epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
+    trainer = quiet_trainer(max_epochs=args.epochs, limit_val_batches=0)
     trainer.fit(module, datamodule=data)
     training = {"epochs": args.epochs, "num_train": args.num_train, "train_seconds": round(time.perf_counter() - start, 1),
                 "train_cpu_seconds": round(time.process_time() - cpu, 1)}

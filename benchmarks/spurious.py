@@ -50,6 +50,8 @@ from caap_lightning.datamodules import SyntheticSpuriousDataModule
 from caap_lightning.demo import DEFAULT_CONFIG, cue_accuracy
 from caap_lightning.models import ViTClassifier
 
+from _common import quiet_trainer
+
 RESULTS = Path(__file__).resolve().parent / "results"
 METHOD_NAMES = {"caap": "CAAP", "gradcam": "Grad-CAM"}
 STRONG_CUES = (0.8, 0.95, 1.0)
@@ -275,15 +277,8 @@ def fit_run(
     monitor = SpuriousCueMonitor(**settings["monitor"], num_images=0)
     data.setup("fit")
     recorder = EpochRecorder(data.probe_batch(data.num_val), caap, monitor)
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         max_epochs=settings["max_epochs"],
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
         # The accuracies are the recorder's, on every validation image; the loop only triggers the check.
         limit_val_batches=1,
         limit_train_batches=1.0 if snapshots is None else 1,
@@ -397,7 +392,7 @@ def markdown(result: Dict[str, Any]) -> str:
         "*Signal epoch*: the first epoch whose score is past the threshold (what the maps show, before the "
         "monitor's patience; the monitor cannot alarm before check patience + 1, since the first check sets its "
         "best). Lead = gap epoch - alarm epoch (positive: the alarm came first). *Follows cue*: the share of "
-        "cue-conflicting images predicted as the cue's class (25% for a model blind to the cue and to the shape, "
+        f"cue-conflicting images predicted as the cue's class ({100 * control:.0f}% for a model blind to the cue and to the shape, "
         "0% for one that reads the shape only). Epochs count from 1.",
         "",
         "## Detection with the live settings",
@@ -423,7 +418,8 @@ def markdown(result: Dict[str, Any]) -> str:
         lines.append(f"- {display(method)}: all strong-cue runs alarmed: {strong}; controls quiet: {quiet}.")
     controls = [r["history"][-1] for r in runs if r["cue_correlation"] == control and r["method"] == "caap"]
     if controls:
-        accuracies = [(h["acc_consistent"] + 3 * h["acc_conflicting"]) / 4 for h in controls]  # the cue matches 1 in 4
+        k = round(1 / control)  # a control's marker names the label on 1 image in num_classes
+        accuracies = [(h["acc_consistent"] + (k - 1) * h["acc_conflicting"]) / k for h in controls]
         follows = [h["follows_cue"] for h in controls]
         lines += [
             "",

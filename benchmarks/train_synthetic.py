@@ -23,6 +23,8 @@ import torch
 from caap_lightning.datamodules import SyntheticSpuriousDataModule
 from caap_lightning.models import ViTClassifier
 
+from _common import TINY_VIT, TINY_VIT_RECIPE, quiet_trainer
+
 
 class EpochHistory(L.Callback):
     """Validation accuracy and the wall and CPU time spent, after every epoch."""
@@ -54,15 +56,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--shape-contrast", type=float, default=0.4)
     parser.add_argument("--num-train", type=int, default=8000)
     parser.add_argument("--num-val", type=int, default=1000)
-    parser.add_argument("--patch-size", type=int, default=8)
-    parser.add_argument("--embed-dim", type=int, default=64)
-    parser.add_argument("--depth", type=int, default=4)
-    parser.add_argument("--num-heads", type=int, default=4)
+    for name, value in {**TINY_VIT, **TINY_VIT_RECIPE}.items():  # the recipe quality.py attributes
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--weight-decay", type=float, default=0.05)
-    parser.add_argument("--warmup-epochs", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
@@ -96,17 +93,7 @@ def main() -> Dict[str, Any]:
         seed=args.seed,
     )
     history = EpochHistory()
-    trainer = L.Trainer(
-        max_epochs=args.epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=[history],
-    )
+    trainer = quiet_trainer(max_epochs=args.epochs, callbacks=[history])
     trainer.fit(model, datamodule=data)
     result = {
         "settings": vars(args),
