@@ -27,7 +27,6 @@ Epochs are counted from 1 (epoch ``e`` = the checks after ``e`` epochs of traini
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import math
@@ -85,8 +84,6 @@ class EpochRecorder(L.Callback):
 
     def __init__(self, accuracy_batch: Any, caap: CAAPCallback, monitor: SpuriousCueMonitor) -> None:
         self.accuracy_batch = accuracy_batch
-        # Label and cue swapped: the same images conflict, and their "accuracy" is how often the prediction follows the cue.
-        self.cue_batch = dataclasses.replace(accuracy_batch, labels=accuracy_batch.cue_labels, cue_labels=accuracy_batch.labels)
         self.caap = caap
         self.monitor = monitor
         self.history: List[Dict[str, Any]] = []
@@ -97,7 +94,6 @@ class EpochRecorder(L.Callback):
         if trainer.sanity_checking:
             return
         counts = cue_accuracy(pl_module, self.accuracy_batch)
-        follows = cue_accuracy(pl_module, self.cue_batch)["cue-conflicting"]
         # A failed check leaves the previous check in place: then this epoch has no metrics and no score.
         last = self.caap.last
         metrics = last.metrics if last is not None and last.epoch == trainer.current_epoch else {}
@@ -107,7 +103,7 @@ class EpochRecorder(L.Callback):
             "epoch": trainer.current_epoch + 1,
             "acc_consistent": percent(*counts["cue-consistent"]),
             "acc_conflicting": percent(*counts["cue-conflicting"]),
-            "follows_cue": percent(*follows),
+            "follows_cue": percent(*counts["follows-cue"]),
         }
         row.update({name: rounded(metrics.get("caap/" + name)) for name in METRICS})
         row["score"] = rounded(check.get("score"))

@@ -21,6 +21,7 @@ import lightning as L
 import torch
 
 from caap_lightning.datamodules import SyntheticSpuriousDataModule
+from caap_lightning.demo import cue_accuracy
 from caap_lightning.models import ViTClassifier
 
 from _common import TINY_VIT, TINY_VIT_RECIPE, quiet_trainer
@@ -104,13 +105,12 @@ def main() -> Dict[str, Any]:
         "history": history.rows,
     }
     if args.cue_correlation is not None:
-        # Validation cues are independent of the label: agreement with them measures cue reliance.
+        # Validation cues are independent of the label, so the cue-conflicting images tell a model
+        # that reads the cue (it predicts the cue's class) from one that reads the shape.
         probe = data.probe_batch(min(512, args.num_val))
-        model.eval()
-        with torch.no_grad():
-            predicted = model(probe.images).argmax(-1)
-        result["probe_acc"] = round(float((predicted == probe.labels).float().mean()), 4)
-        result["probe_follows_cue"] = round(float((predicted == probe.cue_labels).float().mean()), 4)
+        # probe_cue_consistent, probe_cue_conflicting (accuracies) and probe_follows_cue (cue_accuracy's).
+        for group, (count, total) in cue_accuracy(model, probe).items():
+            result[f"probe_{group.replace('-', '_')}"] = round(count / max(total, 1), 4)
     print(json.dumps(result))
     return result
 

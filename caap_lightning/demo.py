@@ -34,15 +34,20 @@ SUMMARY_METRICS = (
 
 
 def cue_accuracy(model: torch.nn.Module, batch, chunk: int = 256) -> Dict[str, tuple]:
-    """Correct/total predictions on the cue-consistent and the cue-conflicting images of ``batch``."""
+    """(count, total) of correct predictions on the cue-consistent and the cue-conflicting images of
+    ``batch``, and of the cue-conflicting images predicted as the cue's class (``follows-cue``): a
+    model that reads the cue scores high there, one that reads the shape near 0, a blind one
+    ``1 / num_classes``."""
     device = next(model.parameters()).device
     with torch.no_grad(), eval_mode(model):
         predictions = torch.cat([model(x.to(device)).argmax(-1).cpu() for x in batch.images.split(chunk)])
     correct = predictions == batch.labels
     consistent = batch.cue_labels == batch.labels
+    follows = predictions == batch.cue_labels
     return {
         "cue-consistent": (int(correct[consistent].sum()), int(consistent.sum())),
         "cue-conflicting": (int(correct[~consistent].sum()), int((~consistent).sum())),
+        "follows-cue": (int(follows[~consistent].sum()), int((~consistent).sum())),
     }
 
 

@@ -8,7 +8,6 @@ are computed by every block. ``A[p]`` is the target's score read from the result
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
@@ -298,8 +297,7 @@ class CAAP:
 
     def _grouped(self, source: vit.TokenStates, blank: _BlankCache, size, targets) -> torch.Tensor:
         """``parallel``, ``windowed`` and ``efficient``: per-patch groups over a frozen blank."""
-        model, k = self.model, self.layer_cutoff
-        P, L = model.num_prefix_tokens, self.depth
+        model, P = self.model, self.model.num_prefix_tokens
         grid = vit.grid_size(model, *size)
         n = grid[0] * grid[1]
         s_idx, s_valid, r_idx, r_valid = self._groups(grid)

@@ -39,7 +39,6 @@ def oracle(model, images, targets, k, selection, blank_image, score, method="par
     """The spec's oracle, one patch at a time. ``method``: parallel, windowed or standard."""
     model.eval()
     P = model.num_prefix_tokens
-    L = len(model.blocks)
     gh, gw = model.patch_embed.dynamic_feat_size(images.shape[-2:])
     radius, metric = SELECTIONS[selection]
     blank_in, _ = _stage_inputs(model, blank_image)

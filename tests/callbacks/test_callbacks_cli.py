@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from caap_lightning import demo
 from caap_lightning.callbacks import CAAPCallback
@@ -80,3 +82,25 @@ def test_demo_runs_through_the_cli_and_prints_the_summary(tmp_path, monkeypatch,
     assert "tensorboard --logdir runs" in out
     events = events_reader(tmp_path / "runs" / "demo")
     assert len(events["images"]["caap/heatmaps"]) == 2
+
+
+class ReadsPixel(torch.nn.Module):
+    """Predicts the class written in each image's first pixel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))  # cue_accuracy reads the device from a parameter
+
+    def forward(self, images):
+        return torch.nn.functional.one_hot(images[:, 0, 0, 0].long(), 3).float()
+
+
+def test_cue_accuracy_counts_consistent_conflicting_and_cue_following_predictions():
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    cues = torch.tensor([0, 1, 0, 1, 2, 2])  # images 2, 3, 4 conflict
+    predicted = torch.tensor([0, 2, 0, 1, 1, 2])  # follows the cue on 2 and 3, the label on 4
+    images = torch.zeros(6, 3, 4, 4)
+    images[:, 0, 0, 0] = predicted.float()
+    batch = SimpleNamespace(images=images, labels=labels, cue_labels=cues)
+    counts = demo.cue_accuracy(ReadsPixel(), batch, chunk=4)
+    assert counts == {"cue-consistent": (2, 3), "cue-conflicting": (1, 3), "follows-cue": (2, 3)}
