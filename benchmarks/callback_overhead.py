@@ -11,9 +11,12 @@ Then, on the trained model, it alternates ``--rounds`` times four training steps
 the demo, forward + backward + AdamW) with one check (run through ``trainer.validate``, only the
 check timed): ``overhead_interleaved`` = median check / (training steps per epoch x median
 step), which contention on a shared machine biases least (both are timed in the same minute).
+With ``--paired``, it then alternates checks with each named CAAP construction on that model
+and reports their check and ``attribute`` times side by side.
 
     python benchmarks/callback_overhead.py
     python benchmarks/callback_overhead.py --epochs 2
+    python benchmarks/callback_overhead.py --epochs 2 --rounds 0 --paired parallel windowed
 """
 
 from __future__ import annotations
@@ -119,11 +122,57 @@ def interleave(run: Any, clock: EpochClock, rounds: int) -> Dict[str, Any]:
     }
 
 
+def paired(run: Any, clock: EpochClock, methods: List[str], rounds: int) -> Dict[str, Any]:
+    """Check and CAAP ``attribute`` times of each construction in ``methods`` on the trained model,
+    alternated ``rounds`` times: the same model, data and minute for all, so the ratio is the
+    least biased comparison on a shared machine."""
+    trainer, model, data = run.trainer, run.model, run.datamodule
+    caap = next(cb for cb in trainer.callbacks if isinstance(cb, CAAPCallback))
+    times: Dict[str, Dict[str, List[float]]] = {m: {"check_wall_s": [], "attribute_wall_s": []} for m in methods}
+    fitted_with = caap.method
+    for _ in range(rounds):
+        for method in methods:
+            caap.method, caap._prepared_for = method, None  # rebuild CAAP with this construction
+            caap.prepare(trainer, model)  # validate's own setup then finds it prepared
+            spent: List[float] = []
+            caap._methods["caap"].attribute = timed(caap._methods["caap"].attribute, spent)
+            trainer.validate(model, datamodule=data, verbose=False)
+            times[method]["check_wall_s"].append(round(clock._check[0], 3))
+            times[method]["attribute_wall_s"].append(round(sum(spent), 3))
+    caap.method = fitted_with  # the JSON's "callback" describes the fit
+    medians = {m: {k: statistics.median(v) for k, v in t.items()} for m, t in times.items()}
+    first = methods[0]
+    return {
+        "paired": times,
+        "paired_median": medians,
+        "paired_check_ratio": {m: round(medians[m]["check_wall_s"] / medians[first]["check_wall_s"], 3) for m in methods},
+        "paired_attribute_ratio": {
+            m: round(medians[m]["attribute_wall_s"] / medians[first]["attribute_wall_s"], 3) for m in methods
+        },
+    }
+
+
+def timed(fn: Callable, spent: List[float]) -> Callable:
+    """``fn``, appending the wall seconds of each call to ``spent``."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            spent.append(time.perf_counter() - start)
+
+    return wrapper
+
+
 def main() -> Dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds after the fit (0: none)")
+    parser.add_argument("--paired", nargs="+", default=[], metavar="METHOD",
+                        help="after the fit, alternate checks with these CAAP constructions (e.g. parallel windowed)")
+    parser.add_argument("--paired-rounds", type=int, default=8)
     args, extra = parser.parse_known_args()
     torch.set_num_threads(args.threads)
     clock = EpochClock()
@@ -141,6 +190,7 @@ def main() -> Dict[str, Any]:
         run.trainer.callbacks.insert(0, clock)
         run.trainer.fit(run.model, datamodule=run.datamodule)
         interleaved = interleave(run, clock, args.rounds) if args.rounds else {}
+        comparison = paired(run, clock, args.paired, args.paired_rounds) if args.paired else {}
     caap = next(cb for cb in run.trainer.callbacks if isinstance(cb, CAAPCallback))
     result = {
         "benchmark": "callback_overhead",
@@ -154,6 +204,7 @@ def main() -> Dict[str, Any]:
             sum(r["check_wall_s"] for r in clock.rows) / sum(r["epoch_wall_s"] - r["check_wall_s"] for r in clock.rows), 4
         ),
         **interleaved,
+        **comparison,
         "threads": args.threads,
         "cpus": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),
