@@ -52,8 +52,15 @@ def cue_accuracy(model: torch.nn.Module, batch, chunk: int = 256) -> Dict[str, t
 
 
 def _accuracy_line(name: str, counts: Dict[str, tuple]) -> str:
-    parts = [f"{group} {c}/{n} ({100.0 * c / max(n, 1):.0f}%)" for group, (c, n) in counts.items()]
-    return f"  {name}: " + ", ".join(parts)
+    def share(group: str) -> str:
+        c, n = counts[group]
+        return f"{c}/{n} ({100.0 * c / max(n, 1):.0f}%)"
+
+    follows, conflicting = counts["follows-cue"]
+    return (
+        f"  {name}: cue-consistent {share('cue-consistent')}, cue-conflicting {share('cue-conflicting')}, "
+        f"of which {follows} ({100.0 * follows / max(conflicting, 1):.0f}%) predicted as the cue's class"
+    )
 
 
 def summary(run, wall_s: float) -> List[str]:
