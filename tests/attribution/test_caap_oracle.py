@@ -167,3 +167,16 @@ def test_windowed_with_window_at_selection_radius_is_parallel(vit_factory):
     parallel = CAAP(model, layer_cutoff=2).attribute(images)
     windowed = CAAP(model, layer_cutoff=2, method="windowed", window=1).attribute(images)
     torch.testing.assert_close(windowed, parallel, atol=1e-5, rtol=0)
+
+
+def test_windowed_with_a_window_covering_the_grid_is_standard(vit_factory):
+    # 4x4 patches: a radius-3 box around any patch covers the grid, so every blank token is recomputed.
+    model = _spread_model(vit_factory, seed=12)
+    images = _images(2, seed=13)
+    standard = CAAP(model, layer_cutoff=2, method="standard").attribute(images)
+    _assert_spread(standard, 0.02)
+    windowed = CAAP(model, layer_cutoff=2, method="windowed", window=3).attribute(images)
+    torch.testing.assert_close(windowed, standard, atol=1e-5, rtol=0)
+    # A window that leaves the far corner frozen is not standard.
+    narrower = CAAP(model, layer_cutoff=2, method="windowed", window=2).attribute(images)
+    assert (narrower - standard).abs().max() > 1e-4
