@@ -20,10 +20,13 @@ MODES = ("max", "min")
 class SpuriousCueMonitor(Callback):
     """Watches a metric of :class:`CAAPCallback`, in the manner of ``EarlyStopping``, and raises an alarm.
 
-    Each check (each time the ``CAAPCallback`` produced new values) logs ``spurious/score``. A
-    check is *bad* when the score is past ``threshold`` and worse than the best value so far by
-    more than ``min_delta`` (with ``mode="max"`` a higher score means more reliance, so the best
-    is the lowest): a rise, not a level, so a flat series never alarms whatever its value.
+    Each check (each time the ``CAAPCallback`` produced new values) logs ``spurious/score``. As
+    in ``EarlyStopping``, a check that improves on the best value so far by more than
+    ``min_delta`` becomes the best (with ``mode="max"`` a higher score means more reliance, so the
+    best is the lowest); a check is *bad* when the score is past ``threshold`` and is no such
+    improvement. So a score that rises past the threshold alarms, and so does one that is past it
+    from the first check and stays there (a cue learnt before the first check); a score that
+    keeps falling does not, nor does anything below the threshold.
     After ``patience`` bad checks in a row the alarm goes off:
     ``spurious/alarm`` = 1, a warning naming the epoch and the metric, and a TensorBoard text
     entry (``spurious/alarm``) with the probe images that rely most on the cue or background and
@@ -38,11 +41,12 @@ class SpuriousCueMonitor(Callback):
             ``caap/background_mass_ratio``: area-normalised masses (a uniform map scores 1),
             since raw mass follows the region's area.
         threshold: the score must be past this to count (above for ``mode="max"``); ``None``
-            counts any rise. The default suits the ``*_ratio`` metrics (a uniform map scores 1):
+            counts every check that does not improve. The default suits the ``*_ratio`` metrics (a uniform map scores 1):
             on ``benchmarks/spurious.py`` any threshold from 3 to 8 caught every strong cue and
             1.5 false-alarmed on 4 of 5 controls. The ratio cannot exceed 1 / (the region's
             share of the image), so lower it for large cue regions.
-        min_delta: how much worse than the best value so far a score must be to count.
+        min_delta: how much better than the best value so far a score must be to count as an
+            improvement (which resets the count).
         patience: bad checks in a row that raise the alarm.
         mode: ``"max"`` if a higher score means more reliance on the cue, else ``"min"``.
         stop_training: stop the fit when the alarm goes off.
@@ -109,11 +113,11 @@ class SpuriousCueMonitor(Callback):
     def update(self, score: float) -> bool:
         """Take one score; ``True`` when it raises the alarm (the count reaches ``patience``)."""
         sign = 1.0 if self.mode == "max" else -1.0
-        worse = sign * (score - self.best) > self.min_delta  # never for the first score (best is +-inf)
+        improved = sign * (self.best - score) > self.min_delta  # always the first score (best is +-inf)
         past = self.threshold is None or sign * (score - self.threshold) > 0
-        if sign * (self.best - score) > 0:
+        if improved:
             self.best = score
-        self.wait = self.wait + 1 if worse and past else 0
+        self.wait = self.wait + 1 if past and not improved else 0
         return self.wait == self.patience
 
     @property
@@ -147,8 +151,8 @@ class SpuriousCueMonitor(Callback):
         threshold = "" if self.threshold is None else f", past the threshold {self.threshold}"
         rank_zero_warn(
             f"SpuriousCueMonitor: alarm at epoch {result.epoch} (step {result.step}): {self.monitor_key} = {score:.3f} "
-            f"has been more than {self.min_delta} worse than its best {self.best:.3f} for {self.patience} checks in a row"
-            f"{threshold}; the model relies on the {self.region} more and more. See '{self.monitor_key}' and the "
+            f"has not improved on its best {self.best:.3f} by more than {self.min_delta} for {self.patience} checks in a row"
+            f"{threshold}; the model relies on the {self.region}. See '{self.monitor_key}' and the "
             "'spurious/alarm' text in TensorBoard."
         )
         if not trainer.is_global_zero or self.num_images == 0:

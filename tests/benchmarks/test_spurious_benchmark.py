@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+
 
 def history(consistent, conflicting, scores, alarms=None):
     alarms = alarms or [False] * len(scores)
@@ -71,3 +77,26 @@ def test_a_baseline_replays_the_caap_runs_weights_through_the_callback(spurious)
     for ours, theirs in zip(replayed["history"], trained["history"]):
         assert (ours["acc_consistent"], ours["acc_conflicting"]) == (theirs["acc_consistent"], theirs["acc_conflicting"])
         assert ours["aupr_fg"] is not None and ours["background_mass_ratio"] is not None
+
+
+def test_rescore_replays_a_recorded_run_through_todays_monitor(spurious, tmp_path):
+    """The learnable-shapes record, with its alarms wiped, gets back the alarms of the current rule."""
+    recorded = RESULTS / "spurious-learnable-shapes" / "spurious-windowed.json"
+    path = tmp_path / recorded.name
+    shutil.copy(recorded, path)
+    result = json.loads(path.read_text())
+    for run in result["runs"]:
+        run["alarm_epoch"] = None
+        for row in run["history"]:
+            row["alarm"] = False
+    path.write_text(json.dumps(result))
+
+    rescored = spurious.rescore(path)
+    alarms = {(r["cue_correlation"], r["seed"]): r["alarm_epoch"] for r in rescored["runs"]}
+    # Seed 1's cue mass ratio is past the threshold from the first check and flat: 11.83, 11.36, 11.16, 11.23, ...
+    assert alarms == {(0.25, 0): None, (1.0, 0): 3, (0.25, 1): None, (1.0, 1): 5, (0.25, 2): None, (1.0, 2): 3}
+    assert rescored["summary"]["caap"]["targets"] == {
+        "all_strong_alarmed": True, "missed_runs": [], "no_control_alarm": True, "false_alarm_runs": [],
+    }
+    assert "EarlyStopping rule" in path.with_suffix(".md").read_text()
+    assert (tmp_path / result["setup"]["plot"]).exists()

@@ -22,6 +22,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
         ("fit", "pets_vitb16.yaml", "OxfordPetDataModule"),
         ("fit", "food101_vitb16.yaml", "Food101DataModule"),
         ("validate", "eval_pets.yaml", "OxfordPetDataModule"),
+        ("fit", "../benchmarks/configs/learnable_shapes.yaml", "SyntheticSpuriousDataModule"),
     ],
 )
 def test_configs_parse(subcommand, config, expected, capsys):

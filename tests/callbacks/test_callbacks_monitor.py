@@ -1,4 +1,4 @@
-"""SpuriousCueMonitor: alarms on a rising series, quiet on a flat one, in a Trainer and alone."""
+"""SpuriousCueMonitor: alarms on a series past the threshold that does not improve, quiet below it, in a Trainer and alone."""
 
 from __future__ import annotations
 
@@ -16,19 +16,28 @@ def alarms(monitor: SpuriousCueMonitor, series):
     return [i for i, score in enumerate(series) if monitor.update(score)]
 
 
-def test_rises_alarm_after_patience_bad_checks_and_flat_series_stay_quiet():
+def test_alarm_after_patience_checks_past_the_threshold_without_improvement():
     assert alarms(SpuriousCueMonitor(threshold=1.5, patience=2), RISING) == [3]  # 1.6 and 2.4 are past 1.5
     assert alarms(SpuriousCueMonitor(threshold=None, patience=2), RISING) == [2]
-    assert alarms(SpuriousCueMonitor(threshold=1.5, patience=2), FLAT) == []  # a level, however high, is no rise
-    assert alarms(SpuriousCueMonitor(threshold=None, patience=1, min_delta=0.5), [1.0, 1.4, 1.2, 1.6]) == [3]
+    assert alarms(SpuriousCueMonitor(threshold=2.5, patience=2), FLAT) == []  # below the threshold
+    # Past it from the first check and flat: a cue learnt before the first check still alarms.
+    assert alarms(SpuriousCueMonitor(threshold=1.5, patience=2), FLAT) == [2]
+    assert alarms(SpuriousCueMonitor(threshold=4.0, patience=2), [11.8, 11.4, 11.2, 11.2, 11.2]) == [4]
+    # Falling by more than min_delta at every check is improvement, however high the score.
+    assert alarms(SpuriousCueMonitor(threshold=1.5, patience=2), [3.0, 2.8, 2.6, 2.4, 2.2]) == []
+    # 0.8 is under min_delta better than 1.0 (bad); 0.2 is an improvement, which resets; 0.5 is bad again.
+    assert alarms(SpuriousCueMonitor(threshold=None, patience=1, min_delta=0.5), [1.0, 0.8, 0.2, 0.5]) == [1, 3]
     # mode="min": a falling score (e.g. pointing game) is the bad direction.
     assert alarms(SpuriousCueMonitor(threshold=0.5, patience=2, mode="min"), [0.9, 0.6, 0.4, 0.3]) == [3]
 
 
-def test_a_good_check_resets_the_count():
+def test_an_improving_check_resets_the_count():
     monitor = SpuriousCueMonitor(threshold=None, patience=2)
-    assert alarms(monitor, [1.0, 1.5, 0.9, 1.5, 1.6]) == [4]
-    assert monitor.best == 0.9 and monitor.alarmed
+    assert alarms(monitor, [1.0, 1.5, 0.8, 1.5, 1.6]) == [4]
+    assert monitor.best == 0.8 and monitor.alarmed
+    # An improvement under min_delta is no improvement: it neither resets the count nor becomes the best.
+    monitor = SpuriousCueMonitor(threshold=None, patience=2, min_delta=0.1)
+    assert alarms(monitor, [1.0, 1.5, 0.95]) == [2] and monitor.best == 1.0
 
 
 @pytest.mark.parametrize(
@@ -96,10 +105,12 @@ def test_in_a_fit_rising_series_alarms_with_warning_scalar_and_text(
     assert events["images"]["spurious/alarm_images"] == [steps[3]]
 
 
-def test_in_a_fit_flat_series_stays_quiet(tmp_path, data_factory, classifier_factory, trainer_factory, events_reader):
+def test_in_a_fit_series_below_the_threshold_stays_quiet(
+    tmp_path, data_factory, classifier_factory, trainer_factory, events_reader
+):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="SpuriousCueMonitor")
-        trainer, monitor = fit(tmp_path, data_factory, classifier_factory, trainer_factory, FLAT)
+        trainer, monitor = fit(tmp_path, data_factory, classifier_factory, trainer_factory, FLAT, threshold=2.5)
     assert monitor.alarms == [] and not monitor.alarmed
     events = events_reader(trainer.logger.log_dir)
     assert set(events["scalars"]["spurious/alarm"].values()) == {0.0}
