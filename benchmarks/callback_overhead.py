@@ -34,8 +34,11 @@ from typing import Any, Callable, Dict, List
 import lightning as L
 import torch
 
+from caap_lightning import CAAP
 from caap_lightning.callbacks import CAAPCallback
 from caap_lightning.cli import cli
+
+from _common import synchronize
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -43,18 +46,18 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 class EpochClock(L.Callback):
     """Wall and CPU seconds of every epoch (train start to validation end) and of every CAAP check.
 
-    ``synchronize`` runs before each reading: on a GPU it drains the queue, so that work queued
+    Each reading first drains the module's device queue (a no-op on the CPU), so that work queued
     before a reading (the last validation step's, before the check) is not charged after it.
     """
 
-    def __init__(self, synchronize: Callable[[], None] = lambda: None) -> None:
+    def __init__(self) -> None:
         self.rows: List[Dict[str, float]] = []
-        self.synchronize = synchronize
         self._start = (0.0, 0.0)
         self._check = (0.0, 0.0)
 
-    def _now(self) -> tuple:
-        self.synchronize()
+    @staticmethod
+    def _now(pl_module: L.LightningModule) -> tuple:
+        synchronize(pl_module.device)
         return time.perf_counter(), time.process_time()
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -63,24 +66,24 @@ class EpochClock(L.Callback):
         caap = next(cb for cb in trainer.callbacks if isinstance(cb, CAAPCallback))
         run_check = caap.run_check
 
-        def timed(*args: Any, **kwargs: Any):
-            wall, cpu = self._now()
+        def timed(trainer: L.Trainer, pl_module: L.LightningModule):
+            wall, cpu = self._now(pl_module)
             try:
-                return run_check(*args, **kwargs)
+                return run_check(trainer, pl_module)
             finally:
-                end_wall, end_cpu = self._now()
+                end_wall, end_cpu = self._now(pl_module)
                 self._check = (end_wall - wall, end_cpu - cpu)
 
         caap.run_check = timed
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start = self._now()
+        self._start = self._now(pl_module)
         self._check = (0.0, 0.0)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
-        end_wall, end_cpu = self._now()
+        end_wall, end_cpu = self._now(pl_module)
         epoch_wall, epoch_cpu = end_wall - self._start[0], end_cpu - self._start[1]
         check_wall, check_cpu = self._check
         self.rows.append(
@@ -130,16 +133,19 @@ def paired(run: Any, clock: EpochClock, methods: List[str], rounds: int) -> Dict
     caap = next(cb for cb in trainer.callbacks if isinstance(cb, CAAPCallback))
     times: Dict[str, Dict[str, List[float]]] = {m: {"check_wall_s": [], "attribute_wall_s": []} for m in methods}
     fitted_with = caap.method
-    for _ in range(rounds):
-        for method in methods:
-            caap.method, caap._prepared_for = method, None  # rebuild CAAP with this construction
-            caap.prepare(trainer, model)  # validate's own setup then finds it prepared
-            spent: List[float] = []
-            caap._methods["caap"].attribute = timed(caap._methods["caap"].attribute, spent)
-            trainer.validate(model, datamodule=data, verbose=False)
-            times[method]["check_wall_s"].append(round(clock._check[0], 3))
-            times[method]["attribute_wall_s"].append(round(sum(spent), 3))
-    caap.method = fitted_with  # the JSON's "callback" describes the fit
+    attribute = CAAP.attribute
+    try:
+        for _ in range(rounds):
+            for method in methods:
+                caap.method = method  # the callback rebuilds CAAP at the next check's setup
+                spent: List[float] = []
+                CAAP.attribute = timed(attribute, spent)
+                trainer.validate(model, datamodule=data, verbose=False)
+                times[method]["check_wall_s"].append(round(clock._check[0], 3))
+                times[method]["attribute_wall_s"].append(round(sum(spent), 3))
+    finally:
+        CAAP.attribute = attribute
+        caap.method = fitted_with  # the JSON's "callback" describes the fit
     medians = {m: {k: statistics.median(v) for k, v in t.items()} for m, t in times.items()}
     first = methods[0]
     return {

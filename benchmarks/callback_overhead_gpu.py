@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from typing import Any, Dict
 
 import lightning as L
@@ -31,7 +30,7 @@ from caap_lightning.callbacks import CAAPCallback
 from caap_lightning.datamodules import SyntheticSpuriousDataModule
 from caap_lightning.models import ViTClassifier
 
-from _common import quiet_trainer, synchronize
+from _common import quiet_trainer
 from callback_overhead import EpochClock
 
 
@@ -78,12 +77,11 @@ def measure(method: str, precision: str, args: argparse.Namespace) -> Dict[str, 
     data = PetScaleData(args.num_train, args.num_val, args.batch_size)
     model = ViTClassifier(args.model, num_classes=4, img_size=224, lr=1e-5, warmup_epochs=0,
                           mean=data.mean, std=data.std)
-    clock = EpochClock(synchronize)
+    clock = EpochClock()
     callback = CAAPCallback(method=method, on_error="raise")
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = quiet_trainer(max_epochs=args.epochs, accelerator=args.accelerator, precision=precision,
-                                callbacks=[clock, callback], default_root_dir=tmp)
-        trainer.fit(model, datamodule=data)
+    trainer = quiet_trainer(max_epochs=args.epochs, accelerator=args.accelerator, precision=precision,
+                            callbacks=[clock, callback])
+    trainer.fit(model, datamodule=data)
     last = clock.rows[-1]
     return {"method": method, "precision": precision, **last,
             "epochs": [{k: r[k] for k in ("epoch_wall_s", "check_wall_s", "overhead_wall")} for r in clock.rows]}

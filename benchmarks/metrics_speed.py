@@ -32,6 +32,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from caap_lightning.metrics import insertion_deletion
+from caap_lightning.metrics.functional import default_step
 from caap_lightning.utils import gaussian_blur, upsample_maps
 
 from _common import synchronize
@@ -105,7 +106,7 @@ def main() -> None:
     grid = model.patch_embed.grid_size
     images = torch.randn(args.images, 3, *size).to(device)
     maps = torch.rand(args.images, *grid).to(device)
-    step = math.prod(model.patch_embed.patch_size)  # one patch per step
+    step = default_step(model)  # one patch per step, the metric's default
     n = math.ceil(math.prod(size) / step)
     pixel_map = upsample_maps(maps[:1], tuple(size))[0]  # as the metric ranks the pixels
 

@@ -40,7 +40,7 @@ from caap_lightning.attribution import CAAP, get_method
 from caap_lightning.attribution.blanks import BLANK_KINDS
 from caap_lightning.attribution.selection import SELECTIONS
 from caap_lightning.datamodules import SyntheticSpuriousDataModule
-from caap_lightning.metrics import InsertionDeletion, aupr, pointing_game
+from caap_lightning.metrics import aupr, insertion_deletion, pointing_game
 from caap_lightning.models import ViTClassifier
 
 from _common import TINY_VIT, TINY_VIT_RECIPE, quiet_trainer
@@ -195,11 +195,8 @@ def seconds_per_image(methods: Dict[str, Any], images: torch.Tensor, labels: tor
 
 
 def per_image_scores(model, maps, images, labels, masks, step: int, metric_batch: int) -> Dict[str, torch.Tensor]:
-    insdel = InsertionDeletion(model, step=step, per_image=True, batch_size=metric_batch)
-    for i in range(0, len(images), 50):
-        insdel.update(images[i:i + 50], maps[i:i + 50], target=labels[i:i + 50])
-    result = insdel.compute()
-    insertion, deletion = result["insertion_per_image"].double(), result["deletion_per_image"].double()
+    result = insertion_deletion(model, images, maps, target=labels, step=step, batch_size=metric_batch)
+    insertion, deletion = result.insertion.double(), result.deletion.double()
     return {
         "deletion": deletion,
         "insertion": insertion,
@@ -207,7 +204,7 @@ def per_image_scores(model, maps, images, labels, masks, step: int, metric_batch
         "aupr_fg": aupr(maps, masks, region="foreground").aupr,
         "aupr_bg": aupr(maps, masks, region="background").aupr,
         "pointing_game": pointing_game(maps, masks),
-        "substrate_is_target": result["substrate_is_target"],
+        "substrate_is_target": result.substrate_is_target,
     }
 
 
@@ -273,7 +270,7 @@ def plot_layer_sweep(sweep: Dict[str, Dict[str, Any]], default_k: int, path: Pat
     plt.close(fig)
 
 
-def plot_quality_vs_cost(rows: Dict[str, Dict[str, Any]], names: List[str], path: Path) -> None:
+def plot_quality_vs_cost(rows: Dict[str, Dict[str, Any]], names: List[str], path: Path, threads: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -288,7 +285,7 @@ def plot_quality_vs_cost(rows: Dict[str, Dict[str, Any]], names: List[str], path
                         capsize=3, label=name.replace("caap_", ""))
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel("seconds per map (wall, 2 CPU threads)")
+        ax.set_xlabel(f"seconds per map (wall, {threads} CPU threads)")
         ax.set_ylabel(f"{label} (mean ± sem)")
     axes[1].legend(fontsize=8)
     fig.suptitle("CAAP constructions: quality against cost")
@@ -379,7 +376,7 @@ def markdown(report: Dict[str, Any], verdicts: List[str]) -> str:
             "- Input×Gradient multiplies the gradient by the normalised input, which on these images is larger on "
             "the shape (a brightness step of `shape_contrast` from a grey background near the normalisation mean) "
             "than on the background: its AUPR and PG partly measure the image rather than the model.",
-            "- The model has 4 blocks, so the cutoff sweep has five points; the paper's middle-layer argument "
+            f"- The model has {model['depth']} blocks, so the cutoff sweep has {model['depth'] + 1} points; the paper's middle-layer argument "
             "concerns 12 to 24 block models. Timings are for a tiny model on CPU, where fixed per-call costs weigh "
             "more than at ViT-B scale (see `benchmarks/speed.py` for that).",
             "- One model, one seed, one synthetic data set: the standard errors cover the choice of images only.",
@@ -465,9 +462,8 @@ def verdicts_for(report: Dict[str, Any], per_image: Dict[str, Dict[str, torch.Te
                     f"at {cost:.1f}x parallel's time per map.")
     # The trade-off: the cheapest construction not significantly below standard on InsDel and AUPR1.
     constructions = ["caap_parallel", *[f"caap_windowed_w{w}" for w in WINDOWS], "caap_standard"]
-    close = [c for c in constructions
-             if all(paired(per_image[c], per_image["caap_standard"], m, n)["mean"]
-                    >= -2 * paired(per_image[c], per_image["caap_standard"], m, n)["sem"] for m in ("insdel", "aupr_fg"))]
+    gaps = {(c, m): paired(per_image[c], per_image["caap_standard"], m, n) for c in constructions for m in ("insdel", "aupr_fg")}
+    close = [c for c in constructions if all(gaps[c, m]["mean"] >= -2 * gaps[c, m]["sem"] for m in ("insdel", "aupr_fg"))]
     pick = min(close, key=lambda c: methods[c]["seconds_per_image"])
     says.append(f"Best quality/cost trade-off (cheapest construction whose InsDel and AUPR1 are not "
                 f"significantly below standard's): {LABELS[pick]}.")
@@ -510,7 +506,7 @@ def main() -> Dict[str, Any]:
     report: Dict[str, Any] = {
         "model": {
             "source": "trained from scratch (seeded, CPU)" + (" in an earlier run, loaded from --checkpoint" if args.checkpoint else ""),
-            "recipe": "benchmarks/train_synthetic.py defaults: AdamW lr 1e-3, wd 0.05, warmup 0.5 epoch, cosine, "
+            "recipe": f"benchmarks/_common.py TINY_VIT_RECIPE {TINY_VIT_RECIPE} (AdamW, warmup then cosine), "
                       f"batch {data.batch_size}; SyntheticSpuriousDataModule defaults (shape_contrast "
                       f"{data.shape_contrast}, object_size {data.object_size}) with cue_correlation None",
             **training,
@@ -585,7 +581,7 @@ def main() -> Dict[str, Any]:
     (args.out / "quality.md").write_text(markdown(report, verdicts))
     plot_layer_sweep(report["ablations"]["layer_cutoff"], depth // 2, args.out / "quality_layer_sweep.png")
     constructions = ["caap_parallel", "caap_efficient", *[f"caap_windowed_w{w}" for w in WINDOWS], "caap_standard"]
-    plot_quality_vs_cost(report["methods"], constructions, args.out / "quality_vs_cost.png")
+    plot_quality_vs_cost(report["methods"], constructions, args.out / "quality_vs_cost.png", args.threads)
     print(f"wrote {args.out}/quality.md, quality.json and 2 plots in {report['settings']['total_seconds']} s")
     return report
 

@@ -30,6 +30,8 @@ from caap_lightning import CAAP
 from caap_lightning.attribution.registry import get_method
 from caap_lightning.attribution.selection import selection_members
 
+from _common import synchronize
+
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
     times = []
@@ -40,7 +42,7 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def forward_flops(model, n_tokens: int) -> float:
+def forward_macs(model, n_tokens: int) -> float:
     """Multiply-adds of a plain forward per image (linear layers + attention products)."""
     d = model.embed_dim
     hidden = model.blocks[0].mlp.fc1.out_features
@@ -50,7 +52,7 @@ def forward_flops(model, n_tokens: int) -> float:
     return len(model.blocks) * per_block + embed
 
 
-def parallel_flops(model, grid, k: int, selection: str) -> float:
+def parallel_macs(model, grid, k: int, selection: str) -> float:
     """Multiply-adds of CAAP ``parallel`` per image, counted the way it computes.
 
     One source forward; per patch, blocks 1..k compute the prefix rows only, blocks k+1..L
@@ -77,7 +79,7 @@ def parallel_flops(model, grid, k: int, selection: str) -> float:
             total += (p + m) * qkv + (linear - qkv) + attention(1, p + m + n)
         else:
             total += (p + m) * linear + attention(p + m, p + m + n)
-    return forward_flops(model, p + n) + n * total
+    return forward_macs(model, p + n) + n * total
 
 
 def main() -> None:
@@ -115,13 +117,12 @@ def main() -> None:
     target = torch.arange(args.batch, device=device) % model.num_classes
     grid = model.patch_embed.grid_size
     n_tokens = model.num_prefix_tokens + grid[0] * grid[1]
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def timed(name, fn, repeats=args.repeats):
         def run():
             with autocast():
                 fn()
-            sync()
+            synchronize(device)
         run()  # warm-up (and the blank cache for CAAP)
         seconds = median_seconds(run, repeats)
         print(f"  timed {name}: {seconds:.3f} s", file=sys.stderr, flush=True)
@@ -176,7 +177,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({args.threads} threads, {platform.processor() or platform.machine()})",
         **{k: round(v, 4) for k, v in results.items()},
         **{f"{k[:-2]}_ratio": round(v / fwd, 2) for k, v in results.items() if k != "forward_s"},
-        "parallel_flop_ratio": round(parallel_flops(model, grid, args.layer_cutoff, args.selection) / forward_flops(model, n_tokens), 2),
+        "parallel_flop_ratio": round(parallel_macs(model, grid, args.layer_cutoff, args.selection) / forward_macs(model, n_tokens), 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "notes": "; ".join(notes),
     }

@@ -144,15 +144,25 @@ def alarm_epoch(history: Sequence[Dict[str, Any]]) -> Optional[int]:
     return next((row["epoch"] for row in history if row["alarm"]), None)
 
 
+def replay_alarms(
+    history: Sequence[Dict[str, Any]], threshold: Optional[float], patience: int, min_delta: float, key: str = "score"
+) -> List[bool]:
+    """Whether a ``SpuriousCueMonitor`` with these settings has its alarm on after each recorded epoch."""
+    monitor = SpuriousCueMonitor(threshold=threshold, patience=patience, min_delta=min_delta)
+    alarms = []
+    for row in history:
+        if row[key] is not None:
+            monitor.update(row[key])
+        alarms.append(monitor.alarmed)
+    return alarms
+
+
 def replay_alarm_epoch(
     history: Sequence[Dict[str, Any]], threshold: Optional[float], patience: int, min_delta: float, key: str = "score"
 ) -> Optional[int]:
     """The alarm epoch a ``SpuriousCueMonitor`` with these settings would give on the recorded scores."""
-    monitor = SpuriousCueMonitor(threshold=threshold, patience=patience, min_delta=min_delta)
-    for row in history:
-        if row[key] is not None and monitor.update(row[key]):
-            return row["epoch"]
-    return None
+    alarms = replay_alarms(history, threshold, patience, min_delta, key)
+    return next((row["epoch"] for row, alarm in zip(history, alarms) if alarm), None)
 
 
 def lead_time(alarm: Optional[int], gap: Optional[int]) -> Optional[int]:
@@ -420,9 +430,10 @@ def markdown(result: Dict[str, Any]) -> str:
         follows = [h["follows_cue"] for h in controls]
         scores = [h["score"] for h in controls if h["score"] is not None]
         if min(accuracies) >= 200 * control:  # well above chance: the controls learnt the shapes
+            final = f"{fmt(min(scores))}-{fmt(max(scores))}" if scores else "missing (failed checks)"
             verdict = (
-                ": they learnt the shapes, not the cue, and their final monitor score is "
-                f"{fmt(min(scores))}-{fmt(max(scores))} (the threshold is {live['threshold']})."
+                f": they learnt the shapes, not the cue, and their final monitor score is {final} "
+                f"(the threshold is {live['threshold']})."
             )
         else:
             verdict = (
@@ -560,17 +571,14 @@ def rescore(path: Path) -> Dict[str, Any]:
     setup.setdefault("caap_method", "parallel")  # recorded before --caap-method existed
     live = setup["monitor"]
     for run in runs:
-        monitor = SpuriousCueMonitor(threshold=live["threshold"], patience=live["patience"], min_delta=live["min_delta"])
-        for row in run["history"]:
-            if row["score"] is not None:
-                monitor.update(row["score"])
-            row["alarm"] = monitor.alarmed
+        alarms = replay_alarms(run["history"], live["threshold"], live["patience"], live["min_delta"])
+        for row, alarm in zip(run["history"], alarms):
+            row["alarm"] = alarm
         run["alarm_epoch"] = alarm_epoch(run["history"])
     setup["rescored"] = (
-        "The alarms were replayed from the recorded scores with the monitor's EarlyStopping rule (a check past the "
-        "threshold that does not improve on the best by more than min_delta counts), which replaced the rule of "
-        "the live run (a check counted only when more than min_delta worse than the best): "
-        f"`python benchmarks/spurious.py --rescore {path}`."
+        "The alarms were replayed from the recorded scores through the `SpuriousCueMonitor` of the code that "
+        "wrote this report, with the run's settings, not taken from the live run (whose monitor may have "
+        f"counted checks by another rule; `spurious.md` says when it changed): `python benchmarks/spurious.py --rescore {path}`."
     )
     control = setup["control_cue_correlation"]
     result["summary"] = summarize(runs, control)

@@ -70,17 +70,7 @@ def main() -> Dict[str, Any]:
     args = parse_args()
     torch.set_num_threads(args.threads)
     L.seed_everything(args.seed, verbose=False)
-    model = ViTClassifier(
-        num_classes=args.num_classes,
-        img_size=args.img_size,
-        patch_size=args.patch_size,
-        embed_dim=args.embed_dim,
-        depth=args.depth,
-        num_heads=args.num_heads,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        warmup_epochs=args.warmup_epochs,
-    )
+    # The datamodule's own normalisation, which the model takes: as quality.py builds this ViT.
     data = SyntheticSpuriousDataModule(
         num_classes=args.num_classes,
         img_size=args.img_size,
@@ -89,9 +79,11 @@ def main() -> Dict[str, Any]:
         num_train=args.num_train,
         num_val=args.num_val,
         batch_size=args.batch_size,
-        mean=model.mean,
-        std=model.std,
         seed=args.seed,
+    )
+    recipe = {name: getattr(args, name) for name in {**TINY_VIT, **TINY_VIT_RECIPE}}
+    model = ViTClassifier(
+        num_classes=args.num_classes, img_size=args.img_size, mean=data.mean, std=data.std, **recipe
     )
     history = EpochHistory()
     trainer = quiet_trainer(max_epochs=args.epochs, callbacks=[history])

@@ -264,7 +264,9 @@ class CAAPCallback(Callback):
     def prepare(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Take the probe batch, resolve the metrics and build the methods; fail here on a wrong configuration."""
         datamodule = trainer.datamodule
-        key = (id(datamodule), id(pl_module))
+        # What the built methods depend on: setting e.g. `callback.method` between runs rebuilds them.
+        settings = (tuple(self.methods), self.layer_cutoff, self.selection, self.blank, self.method, self.window)
+        key = (id(datamodule), id(pl_module), settings)
         if self._prepared_for == key:
             return
         if datamodule is None or not callable(getattr(datamodule, "probe_batch", None)):
@@ -596,9 +598,9 @@ class CAAPCallback(Callback):
         probe = self.probe
         index = torch.as_tensor(rows, dtype=torch.long)
         size = tuple(probe.images.shape[-2:])
-        overlays = [
-            (COLUMN_TITLES.get(name, name), upsample_maps(maps[index].cpu(), size)) for name, maps in result.method_maps.items()
-        ]
+        overlays = {
+            COLUMN_TITLES.get(name, name): upsample_maps(maps[index].cpu(), size) for name, maps in result.method_maps.items()
+        }
         return figures.heatmap_grid(
             unnormalize(probe.images[index], self.mean, self.std),
             overlays,

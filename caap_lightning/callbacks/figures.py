@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 
 def heatmap_grid(
     images: torch.Tensor,
-    maps: Union[Mapping[str, torch.Tensor], Sequence[Tuple[str, torch.Tensor]]],
+    maps: Mapping[str, torch.Tensor],
     titles: Sequence[str],
     masks: Optional[torch.Tensor] = None,
     cue_masks: Optional[torch.Tensor] = None,
@@ -22,7 +22,7 @@ def heatmap_grid(
     """One row per image: image | one overlay per map | object mask | cue mask, as ``(H, W, 3)`` uint8.
 
     ``images`` are pixel-space ``(n, 3, H, W)`` in [0, 1]; ``maps`` gives the overlay columns
-    in order, as ``{column title: pixel maps (n, H, W)}`` or ``[(column title, maps), ...]``.
+    in order, as ``{column title: pixel maps (n, H, W)}``.
     Maps are drawn red where they favour the target and blue where they oppose it (a
     non-negative map, e.g. Grad-CAM's, only goes red), each tile scaled to its own largest
     magnitude. Mask columns dim the image outside the mask; a column whose masks are ``None``
@@ -32,7 +32,7 @@ def heatmap_grid(
     from matplotlib import colormaps
     from PIL import Image, ImageDraw
 
-    overlays = list(maps.items()) if isinstance(maps, Mapping) else list(maps)
+    overlays = list(maps.items())
     if not overlays:
         raise ValueError("heatmap_grid needs at least one map column")
     mask_columns = [(name, m) for name, m in (("object mask", masks), ("cue mask", cue_masks)) if m is not None]

@@ -41,9 +41,9 @@ class SpuriousCueMonitor(Callback):
             ``caap/background_mass_ratio``: area-normalised masses (a uniform map scores 1),
             since raw mass follows the region's area.
         threshold: the score must be past this to count (above for ``mode="max"``); ``None``
-            counts every check that does not improve. The default suits the ``*_ratio`` metrics (a uniform map scores 1):
-            on ``benchmarks/spurious.py`` any threshold from 3 to 8 caught every strong cue and
-            1.5 false-alarmed on 4 of 5 controls. The ratio cannot exceed 1 / (the region's
+            counts every check that does not improve. The default suits the ``*_ratio``
+            metrics (a uniform map scores 1): on ``benchmarks/spurious.py`` any threshold from 3
+            to 8 caught every strong cue and 1.5 false-alarmed on 4 of 5 controls. The ratio cannot exceed 1 / (the region's
             share of the image), so lower it for large cue regions.
         min_delta: how much better than the best value so far a score must be to count as an
             improvement (which resets the count).

@@ -171,7 +171,7 @@ def test_error_with_on_error_raise_stops(tmp_path, monkeypatch, data_factory, cl
 
 
 @pytest.mark.filterwarnings("ignore:SpuriousCueMonitor")
-def test_resume_restores_both_histories(tmp_path, data_factory, classifier_factory, trainer_factory):
+def test_resume_restores_both_histories(tmp_path, monkeypatch, data_factory, classifier_factory, trainer_factory):
     runs = []
 
     def callbacks():
@@ -186,9 +186,18 @@ def test_resume_restores_both_histories(tmp_path, data_factory, classifier_facto
     trainer.fit(classifier_factory(), datamodule=data_factory())
     assert len(first[0].history) == 2 and len(first[1].history) == 2
 
+    restored = []  # the resumed monitor's state right after Lightning restores it
+    load = SpuriousCueMonitor.load_state_dict
+
+    def recording(self, state):
+        load(self, state)
+        restored.append((self.best, self.wait, len(self.history)))
+
+    monkeypatch.setattr(SpuriousCueMonitor, "load_state_dict", recording)
     second = callbacks()
     trainer = trainer_factory(tmp_path, second, max_epochs=3, limit_train_batches=1, enable_checkpointing=True)
     trainer.fit(classifier_factory(seed=1), datamodule=data_factory(), ckpt_path=str(tmp_path / "ckpt0" / "last.ckpt"))
+    assert restored == [(first[1].best, first[1].wait, 2)]
     assert second[0].history[:2] == first[0].history
     assert [row["epoch"] for row in second[0].history] == [0, 1, 2]
     assert second[1].history[:2] == first[1].history and len(second[1].history) == 3
@@ -327,3 +336,17 @@ def test_auto_layer_cutoff_in_a_validate_run_is_calibrated_at_the_check(
     assert [r["layer_cutoff"] for r in caap.calibration] == [0, 1, 2]
     assert caap._methods["caap"].layer_cutoff == caap.calibrated_cutoff
     assert len(caap.history) == 1
+
+
+def test_a_setting_changed_between_runs_rebuilds_caap(tmp_path, data_factory, classifier_factory, trainer_factory):
+    caap = CAAPCallback(num_images=4, metrics=["pointing_game"], log_images=False, on_error="raise")
+    model, data = classifier_factory(), data_factory()
+    trainer_factory(tmp_path, [caap]).validate(model, datamodule=data, verbose=False)
+    assert caap._methods["caap"].method == "windowed"
+    caap.method = "parallel"
+    trainer_factory(tmp_path, [caap]).validate(model, datamodule=data, verbose=False)
+    assert caap._methods["caap"].method == "parallel"
+    expected = CAAP(model.model, method="parallel", mean=caap.mean, std=caap.std).attribute(
+        caap.probe.images, target=caap.last.targets, relative=True
+    )
+    torch.testing.assert_close(caap.last.maps, expected, atol=1e-6, rtol=0)

@@ -75,7 +75,10 @@ def test_gradient_methods_run_in_a_fit(tmp_path, name, method, data_factory, cla
     assert math.isfinite(caap.history[-1][f"caap/{name}/insdel"])
     # The maps are the method's own, called directly on the trained model.
     probe = data.probe_batch(4)
-    expected = method(model.model).attribute(probe.images, target=caap.last.targets)
+    with torch.no_grad():  # the callback's default target="predicted": the trained model's top-1
+        predicted = model.model.eval()(probe.images).argmax(-1)
+    assert torch.equal(caap.last.targets, predicted)
+    expected = method(model.model).attribute(probe.images, target=predicted)
     torch.testing.assert_close(maps, expected, atol=1e-5, rtol=1e-4)
 
 
@@ -99,12 +102,13 @@ def test_the_primary_is_the_same_with_or_without_other_methods(tmp_path, data_fa
     assert torch.equal(swapped.last.maps, together.last.method_maps["gradcam"])
 
 
+def broken(self, *args, **kwargs):
+    raise RuntimeError("boom")
+
+
 def test_a_failing_further_method_is_left_out_and_training_goes_on(
     tmp_path, monkeypatch, data_factory, classifier_factory, trainer_factory, events_reader
 ):
-    def broken(self, *args, **kwargs):
-        raise RuntimeError("boom")
-
     monkeypatch.setattr(GradCAM, "attribute", broken)
     caap = CAAPCallback(num_images=4, methods=["caap", "gradcam", "rollout"], max_images_logged=2)
     trainer = trainer_factory(tmp_path, [caap], max_epochs=2, limit_train_batches=1)
@@ -122,7 +126,7 @@ def test_a_failing_further_method_is_left_out_and_training_goes_on(
 
 
 def test_a_failing_primary_skips_the_check(tmp_path, monkeypatch, data_factory, classifier_factory, trainer_factory):
-    monkeypatch.setattr(GradCAM, "attribute", lambda self, *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(GradCAM, "attribute", broken)
     caap = CAAPCallback(num_images=4, methods=["gradcam", "caap"], log_images=False)
     trainer = trainer_factory(tmp_path, [caap], max_epochs=1, limit_train_batches=1)
     with pytest.warns(UserWarning, match=r"computing the gradcam maps .* failed .*; this check is skipped"):
@@ -189,10 +193,16 @@ def test_heatmap_grid_draws_one_column_per_map_each_on_its_own_scale():
     signed = torch.linspace(-1, 1, 32 * 32).view(1, 32, 32).repeat(2, 1, 1)
     positive = 1000.0 * signed.clamp_min(0)  # Grad-CAM-like: non-negative, on another scale
     grid = figures.heatmap_grid(images, {"CAAP (A - A_blank)": signed, "gradcam": positive}, ["a", "b"])
-    as_list = figures.heatmap_grid(images, [("CAAP (A - A_blank)", signed), ("gradcam", positive)], ["a", "b"])
-    assert grid.shape == as_list.shape and tile_columns(grid.shape[1]) == 3 and (grid == as_list).all()
+    swapped = figures.heatmap_grid(images, {"gradcam": positive, "CAAP (A - A_blank)": signed}, ["a", "b"])
+    assert grid.shape == swapped.shape and tile_columns(grid.shape[1]) == 3
     top, tile = 16 + 16, 128  # column titles, then the first row's caption
-    caap, gradcam = (grid[top : top + tile, c * (tile + 4) : c * (tile + 4) + tile].astype(int) for c in (1, 2))
+
+    def column(g, c):
+        return g[top : top + tile, c * (tile + 4) : c * (tile + 4) + tile]
+
+    # The mapping's order is the columns' order.
+    assert (column(grid, 1) == column(swapped, 2)).all() and (column(grid, 2) == column(swapped, 1)).all()
+    caap, gradcam = (column(grid, c).astype(int) for c in (1, 2))
     redness = caap[..., 0] - caap[..., 2]
     assert redness.max() > 50 and redness.min() < -50  # the signed map goes red and blue
     redness = gradcam[..., 0] - gradcam[..., 2]

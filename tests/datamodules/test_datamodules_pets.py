@@ -99,8 +99,8 @@ def test_download_happens_in_prepare_data(tmp_path, monkeypatch):
     downloads = []
 
     def fake_download(self):  # torchvision's step that fetches and unpacks, unless the files are there
-        downloads.append(str(self.root))
         if not (tmp_path / "oxford-iiit-pet").exists():
+            downloads.append(str(self.root))
             write_pet(tmp_path)
 
     monkeypatch.setattr(OxfordIIITPet, "_download", fake_download)
@@ -108,4 +108,5 @@ def test_download_happens_in_prepare_data(tmp_path, monkeypatch):
     data.prepare_data()
     assert len(downloads) == 1 and (tmp_path / "oxford-iiit-pet" / "annotations" / "trainval.txt").exists()
     data.setup("fit")
+    assert len(downloads) == 1  # setup (on every rank) finds the files and fetches nothing
     assert len(data.train_dataloader().dataset) == len(SPLITS["trainval"])

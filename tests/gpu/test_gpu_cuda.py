@@ -8,7 +8,6 @@ are recorded in ``benchmarks/results/gpu.md``.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import math
 
 import lightning as L
@@ -83,13 +82,14 @@ def test_insertion_deletion_on_cuda_matches_the_cpu(vit_factory):
         torch.testing.assert_close(getattr(gpu, name).cpu().double(), getattr(cpu, name).double(), atol=1e-4, rtol=0)
 
 
-# The random map draws from a CPU generator either way; occlusion needs captum (the baselines extra).
-BASELINES = [m for m in available_methods() if m not in ("caap", "random")
-             and (m != "occlusion" or importlib.util.find_spec("captum") is not None)]
+# The random map draws from a CPU generator either way.
+BASELINES = [m for m in available_methods() if m not in ("caap", "random")]
 
 
 @pytest.mark.parametrize("name", BASELINES)
 def test_baselines_on_cuda_match_the_cpu(vit_factory, name):
+    if name == "occlusion":
+        pytest.importorskip("captum")  # the baselines extra
     model = vit_factory(scale=4.0, seed=0)
     images, targets = _images(), torch.tensor([2, 4])
     cpu = get_method(name, model).attribute(images, target=targets)
@@ -99,7 +99,15 @@ def test_baselines_on_cuda_match_the_cpu(vit_factory, name):
     torch.testing.assert_close(gpu.cpu() / scale, cpu / scale, atol=1e-4, rtol=0)
 
 
-def test_callback_and_monitor_under_bf16_mixed_on_the_gpu(tmp_path):
+def test_callback_and_monitor_under_bf16_mixed_on_the_gpu(tmp_path, monkeypatch):
+    seen = []  # where CAAP's maps are computed, and whether under the Trainer's bf16 autocast
+    attribute = CAAP.attribute
+
+    def recording(self, images, *args, **kwargs):
+        seen.append((images.device.type, torch.is_autocast_enabled("cuda")))
+        return attribute(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(CAAP, "attribute", recording)
     half = (0.5, 0.5, 0.5)
     data = SyntheticSpuriousDataModule(num_classes=3, img_size=32, cue_size=6, num_train=64, num_val=16, num_test=8,
                                        batch_size=16, mean=half, std=half)
@@ -112,8 +120,9 @@ def test_callback_and_monitor_under_bf16_mixed_on_the_gpu(tmp_path):
         default_root_dir=tmp_path, enable_progress_bar=False, enable_checkpointing=False, num_sanity_val_steps=0,
     )
     trainer.fit(model, datamodule=data)
-    assert trainer.strategy.root_device.type == "cuda"  # the module itself is back on the CPU after fit
+    assert seen and set(seen) == {("cuda", True)}
     assert [row["epoch"] for row in callback.history] == [0, 1]
+    assert [h["score"] for h in monitor.history] == [row["caap/cue_mass_ratio"] for row in callback.history]
     for row in callback.history:
         for name in ("insdel", "aupr_fg", "pointing_game", "cue_mass_ratio"):
             for tag in (f"caap/{name}", f"caap/gradcam/{name}", f"caap/rollout/{name}"):
