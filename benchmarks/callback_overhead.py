@@ -125,35 +125,35 @@ def interleave(run: Any, clock: EpochClock, rounds: int) -> Dict[str, Any]:
     }
 
 
-def paired(run: Any, clock: EpochClock, methods: List[str], rounds: int) -> Dict[str, Any]:
-    """Check and CAAP ``attribute`` times of each construction in ``methods`` on the trained model,
+def paired(run: Any, clock: EpochClock, constructions: List[str], rounds: int) -> Dict[str, Any]:
+    """Check and CAAP ``attribute`` times of each construction in ``constructions`` on the trained model,
     alternated ``rounds`` times: the same model, data and minute for all, so the ratio is the
     least biased comparison on a shared machine."""
     trainer, model, data = run.trainer, run.model, run.datamodule
     caap = next(cb for cb in trainer.callbacks if isinstance(cb, CAAPCallback))
-    times: Dict[str, Dict[str, List[float]]] = {m: {"check_wall_s": [], "attribute_wall_s": []} for m in methods}
-    fitted_with = caap.method
+    times: Dict[str, Dict[str, List[float]]] = {c: {"check_wall_s": [], "attribute_wall_s": []} for c in constructions}
+    fitted_with = caap.construction
     attribute = CAAP.attribute
     try:
         for _ in range(rounds):
-            for method in methods:
-                caap.method = method  # the callback rebuilds CAAP at the next check's setup
+            for construction in constructions:
+                caap.construction = construction  # the callback rebuilds CAAP at the next check's setup
                 spent: List[float] = []
                 CAAP.attribute = timed(attribute, spent)
                 trainer.validate(model, datamodule=data, verbose=False)
-                times[method]["check_wall_s"].append(round(clock._check[0], 3))
-                times[method]["attribute_wall_s"].append(round(sum(spent), 3))
+                times[construction]["check_wall_s"].append(round(clock._check[0], 3))
+                times[construction]["attribute_wall_s"].append(round(sum(spent), 3))
     finally:
         CAAP.attribute = attribute
-        caap.method = fitted_with  # the JSON's "callback" describes the fit
+        caap.construction = fitted_with  # the JSON's "callback" describes the fit
     medians = {m: {k: statistics.median(v) for k, v in t.items()} for m, t in times.items()}
-    first = methods[0]
+    first = constructions[0]
     return {
         "paired": times,
         "paired_median": medians,
-        "paired_check_ratio": {m: round(medians[m]["check_wall_s"] / medians[first]["check_wall_s"], 3) for m in methods},
+        "paired_check_ratio": {m: round(medians[m]["check_wall_s"] / medians[first]["check_wall_s"], 3) for m in constructions},
         "paired_attribute_ratio": {
-            m: round(medians[m]["attribute_wall_s"] / medians[first]["attribute_wall_s"], 3) for m in methods
+            m: round(medians[m]["attribute_wall_s"] / medians[first]["attribute_wall_s"], 3) for m in constructions
         },
     }
 
@@ -176,7 +176,7 @@ def main() -> Dict[str, Any]:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds after the fit (0: none)")
-    parser.add_argument("--paired", nargs="+", default=[], metavar="METHOD",
+    parser.add_argument("--paired", nargs="+", default=[], metavar="CONSTRUCTION",
                         help="after the fit, alternate checks with these CAAP constructions (e.g. parallel windowed)")
     parser.add_argument("--paired-rounds", type=int, default=8)
     args, extra = parser.parse_known_args()
@@ -201,7 +201,7 @@ def main() -> Dict[str, Any]:
     result = {
         "benchmark": "callback_overhead",
         "config": "configs/demo.yaml",
-        "callback": {k: getattr(caap, k) for k in ("num_images", "methods", "method", "window", "selection", "insertion_deletion_steps")},
+        "callback": {k: getattr(caap, k) for k in ("num_images", "methods", "construction", "window", "selection", "insertion_deletion_steps")},
         "metrics": caap.active_metrics,
         "epochs": clock.rows,
         "overhead_wall_median": statistics.median(r["overhead_wall"] for r in clock.rows),

@@ -10,7 +10,7 @@ epoch's check / (epoch - check), with the clock of ``callback_overhead.py`` (the
 measurement) and the GPU synchronised at each reading, the check's start and end included.
 
     python benchmarks/callback_overhead_gpu.py
-    python benchmarks/callback_overhead_gpu.py --methods parallel --precisions bf16-mixed
+    python benchmarks/callback_overhead_gpu.py --constructions parallel --precisions bf16-mixed
     python benchmarks/callback_overhead_gpu.py --accelerator cpu --model vit_tiny_patch16_224 \
         --num-train 64 --num-val 32 --precisions 32-true     # a smoke run of the script itself
 """
@@ -72,24 +72,24 @@ class PetScaleData(L.LightningDataModule):
         return self.loaders["val"]
 
 
-def measure(method: str, precision: str, args: argparse.Namespace) -> Dict[str, Any]:
+def measure(construction: str, precision: str, args: argparse.Namespace) -> Dict[str, Any]:
     L.seed_everything(0, verbose=False)
     data = PetScaleData(args.num_train, args.num_val, args.batch_size)
     model = ViTClassifier(args.model, num_classes=4, img_size=224, lr=1e-5, warmup_epochs=0,
                           mean=data.mean, std=data.std)
     clock = EpochClock()
-    callback = CAAPCallback(method=method, on_error="raise")
+    callback = CAAPCallback(construction=construction, on_error="raise")
     trainer = quiet_trainer(max_epochs=args.epochs, accelerator=args.accelerator, precision=precision,
                             callbacks=[clock, callback])
     trainer.fit(model, datamodule=data)
     last = clock.rows[-1]
-    return {"method": method, "precision": precision, **last,
+    return {"construction": construction, "precision": precision, **last,
             "epochs": [{k: r[k] for k in ("epoch_wall_s", "check_wall_s", "overhead_wall")} for r in clock.rows]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=["parallel", "windowed"])
+    parser.add_argument("--constructions", nargs="+", default=["parallel", "windowed"])
     parser.add_argument("--precisions", nargs="+", default=["32-true", "bf16-mixed"])
     parser.add_argument("--epochs", type=int, default=2, help="the last one is reported (the first pays warm-ups)")
     parser.add_argument("--num-train", type=int, default=3680)
@@ -100,9 +100,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.accelerator == "gpu" and not torch.cuda.is_available():
         raise SystemExit("callback_overhead_gpu.py needs a CUDA device; on a CPU, callback_overhead.py measures the demo")
-    runs = [measure(m, p, args) for p in args.precisions for m in args.methods]
+    runs = [measure(m, p, args) for p in args.precisions for m in args.constructions]
     for run in runs:
-        print(f"{run['method']:<10}{run['precision']:<12}epoch {run['epoch_wall_s']:7.2f} s  "
+        print(f"{run['construction']:<10}{run['precision']:<12}epoch {run['epoch_wall_s']:7.2f} s  "
               f"check {run['check_wall_s']:6.2f} s  overhead {100 * run['overhead_wall']:5.1f}%", file=sys.stderr)
     device = torch.cuda.get_device_name() if args.accelerator == "gpu" else "cpu"
     print(json.dumps({"benchmark": "callback_overhead_gpu", "model": args.model, "device": device,

@@ -144,11 +144,11 @@ def main_methods() -> Dict[str, Tuple[str, Dict[str, Any]]]:
         "simple_insertion": ("simple_insertion", {}),
         "simple_deletion": ("simple_deletion", {}),
         "occlusion": ("occlusion", {}),
-        "caap_parallel": ("caap", {"method": "parallel"}),
-        "caap_efficient": ("caap", {"method": "efficient"}),
+        "caap_parallel": ("caap", {"construction": "parallel"}),
+        "caap_efficient": ("caap", {"construction": "efficient"}),
     }
-    methods.update({f"caap_windowed_w{w}": ("caap", {"method": "windowed", "window": w}) for w in WINDOWS})
-    methods["caap_standard"] = ("caap", {"method": "standard"})
+    methods.update({f"caap_windowed_w{w}": ("caap", {"construction": "windowed", "window": w}) for w in WINDOWS})
+    methods["caap_standard"] = ("caap", {"construction": "standard"})
     return methods
 
 
@@ -391,7 +391,7 @@ def markdown(report: Dict[str, Any], verdicts: List[str]) -> str:
             "expected by chance alone; a margin near 2 sem is a hint, not a verdict.", "",
             *[f"- {v}" for v in supported_defaults(report)], "",
             "## The defaults the project ships", "",
-            "- `CAAPCallback` computes its maps with `method=\"windowed\"`, `window=2`, the construction this "
+            "- `CAAPCallback` computes its maps with `construction=\"windowed\"`, `window=2`, the construction this "
             "benchmark picked as the best quality/cost trade-off when that default was set (this run's pick is under "
             "*What the numbers say*). What its check costs in training: `callback-overhead.md` (the CPU demo) and "
             "`gpu.md` (ViT-B/16 on a GPU).",

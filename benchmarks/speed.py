@@ -135,13 +135,13 @@ def main() -> None:
     for method in ("parallel", "efficient", "windowed"):
         if method in args.skip:
             continue
-        caap = CAAP(model, layer_cutoff=args.layer_cutoff, selection=args.selection, method=method, window=args.window)
+        caap = CAAP(model, layer_cutoff=args.layer_cutoff, selection=args.selection, construction=construction, window=args.window)
         results[f"{method}_s"] = timed(method, lambda: caap.attribute(images, target=target))
 
     # Textbook patching and occlusion are N full forwards per image: time a few images, scale to the batch.
     few = images[: args.standard_images]
     if "standard" not in args.skip:
-        standard = CAAP(model, layer_cutoff=args.layer_cutoff, selection=args.selection, method="standard")
+        standard = CAAP(model, layer_cutoff=args.layer_cutoff, selection=args.selection, construction="standard")
         results["standard_s"] = timed("standard", lambda: standard.attribute(few, target=target[: len(few)]), repeats=1) * (
             args.batch / len(few)
         )

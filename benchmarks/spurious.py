@@ -42,7 +42,7 @@ import torch
 import yaml
 from lightning.pytorch.utilities import disable_possible_user_warnings
 
-from caap_lightning.attribution.caap import METHODS as CAAP_METHODS
+from caap_lightning.attribution.caap import CONSTRUCTIONS
 from caap_lightning.attribution.registry import available_methods
 from caap_lightning.callbacks import CAAPCallback, SpuriousCueMonitor
 from caap_lightning.datamodules import SyntheticSpuriousDataModule
@@ -278,7 +278,7 @@ def fit_run(
     model = model_class(**settings["model"], num_classes=data.num_classes, img_size=data.img_size, mean=data.mean, std=data.std)
     if snapshots is not None:
         model.snapshots = snapshots
-    options = dict(num_images=settings["num_images"], method=settings["caap_method"], metrics=list(METRICS), log_images=False)
+    options = dict(num_images=settings["num_images"], construction=settings["construction"], metrics=list(METRICS), log_images=False)
     caap = CAAPCallback(methods=[method], **options)
     monitor = SpuriousCueMonitor(**settings["monitor"], num_images=0)
     data.setup("fit")
@@ -376,14 +376,14 @@ def markdown(result: Dict[str, Any]) -> str:
     setup, summary, runs = result["setup"], result["summary"], result["runs"]
     control = setup["control_cue_correlation"]
     live = setup["monitor"]
-    construction = "" if setup["caap_method"] == "parallel" else f", with CAAP's `{setup['caap_method']}` construction"
+    construction = "" if setup["construction"] == "parallel" else f", with CAAP's `{setup['construction']}` construction"
     lines = [
         f"# Spurious-cue detection benchmark{construction}",
         "",
         f"`{setup['command']}`: the setup of `{setup['config']}` "
         f"({setup['model_summary']}, {setup['data_summary']}), "
         f"{setup['max_epochs']} epochs (the config trains {setup['demo_max_epochs']}), seeds {setup['seeds']}, on {setup['threads']} CPU threads "
-        f"({setup['machine']}). `CAAPCallback` (probe of {setup['num_images']} images, `method=\"{setup['caap_method']}\"`, "
+        f"({setup['machine']}). `CAAPCallback` (probe of {setup['num_images']} images, `construction=\"{setup['construction']}\"`, "
         f"`target=\"predicted\"`) and `SpuriousCueMonitor` (`monitor={live['monitor']}`, "
         f"`threshold={live['threshold']}`, `patience={live['patience']}`, `min_delta={live['min_delta']}`) "
         "watch each fit" + replay_sentence(setup),
@@ -533,7 +533,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         help="methods that also drive the callbacks, on the weights of CAAP's fit (default: gradcam)",
     )
     parser.add_argument(
-        "--caap-method", default="parallel", choices=CAAP_METHODS,
+        "--construction", default="parallel", choices=CONSTRUCTIONS,
         help="CAAP's construction in the callback: spurious.md was recorded with parallel, spurious-windowed.md with "
         "windowed (the callback's default); the monitor's defaults hold for both",
     )
@@ -568,7 +568,7 @@ def rescore(path: Path) -> Dict[str, Any]:
     """
     result = json.loads(path.read_text())
     setup, runs = result["setup"], result["runs"]
-    setup.setdefault("caap_method", "parallel")  # recorded before --caap-method existed
+    setup.setdefault("construction", "parallel")  # recorded before --construction existed
     live = setup["monitor"]
     for run in runs:
         alarms = replay_alarms(run["history"], live["threshold"], live["patience"], live["min_delta"])
@@ -605,7 +605,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         settings["data"]["num_train"] = args.num_train
     settings["max_epochs"] = args.epochs
     settings["num_images"] = args.num_images
-    settings["caap_method"] = args.caap_method
+    settings["construction"] = args.construction
     given = {"threshold": args.threshold, "patience": args.patience, "min_delta": args.min_delta}
     settings["monitor"] = {k: v for k, v in given.items() if v is not None}
     num_classes = settings["data"]["num_classes"]
@@ -640,7 +640,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     )
     model, data = settings["model"], settings["data"]
     # parallel's files keep the plain name; another construction's carry it, so that runs side by side.
-    stem = "spurious" if args.caap_method == "parallel" else f"spurious-{args.caap_method}"
+    stem = "spurious" if args.construction == "parallel" else f"spurious-{args.construction}"
     plot_name = f"{stem}_cue_mass.png"
     result = {
         "setup": {
@@ -658,7 +658,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             "demo_max_epochs": settings["demo_max_epochs"],
             "num_val": data["num_val"],
             "num_images": settings["num_images"],
-            "caap_method": settings["caap_method"],
+            "construction": settings["construction"],
             "seeds": seeds,
             "cue_correlations": cues,
             "control_cue_correlation": control,

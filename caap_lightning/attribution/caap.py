@@ -20,7 +20,7 @@ from caap_lightning.attribution.blanks import BlankSpec, blank_key, check_blank,
 from caap_lightning.attribution.selection import neighbourhoods, selection_members
 from caap_lightning.utils import eval_mode, model_normalization, upsample_maps
 
-METHODS = ("parallel", "efficient", "windowed", "standard")
+CONSTRUCTIONS = ("parallel", "efficient", "windowed", "standard")
 SCORES = ("probability", "logit")
 TargetLike = Union[None, int, Sequence[int], torch.Tensor]
 
@@ -49,12 +49,12 @@ class CAAP:
             towards the blank's.
         blank: the context image: ``"white"``, ``"black"``, ``"mean"``, ``"noise"``,
             ``"blur_noise"`` or a normalised ``(1, 3, H, W)`` tensor.
-        method: ``"parallel"`` (exact, batched), ``"efficient"`` (E-CAAP, approximate),
+        construction: ``"parallel"`` (exact, batched), ``"efficient"`` (E-CAAP, approximate),
             ``"windowed"`` (also recomputes blank tokens within ``window`` patches of ``p``)
             or ``"standard"`` (textbook activation patching, ``N`` forwards).
         score: ``"probability"`` (softmax of the target) or ``"logit"``.
         chunk_size: patches per batched pass; ``None`` picks one that bounds memory.
-        window: radius ``w`` of the recomputed window for ``method="windowed"``.
+        window: radius ``w`` of the recomputed window for ``construction="windowed"``.
         mean, std: the model's input normalisation, when ``pretrained_cfg`` lacks it.
         blank_seed: seed of the ``noise`` and ``blur_noise`` blanks.
 
@@ -71,7 +71,7 @@ class CAAP:
         layer_cutoff: Optional[int] = None,
         selection: str = "box1",
         blank: BlankSpec = "white",
-        method: str = "parallel",
+        construction: str = "parallel",
         score: str = "probability",
         chunk_size: Optional[int] = None,
         window: int = 2,
@@ -87,8 +87,8 @@ class CAAP:
             raise ValueError(f"layer_cutoff must be an int in 0..{depth} (the model has {depth} blocks), got {layer_cutoff!r}")
         selection_members(selection, (1, 1))  # validates the name
         check_blank(blank)
-        if method not in METHODS:
-            raise ValueError(f"method={method!r} is not one of {METHODS}")
+        if construction not in CONSTRUCTIONS:
+            raise ValueError(f"construction={construction!r} is not one of {CONSTRUCTIONS}")
         if score not in SCORES:
             raise ValueError(f"score={score!r} is not one of {SCORES}")
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
@@ -99,7 +99,7 @@ class CAAP:
         self.layer_cutoff = layer_cutoff
         self.selection = selection
         self.blank = blank
-        self.method = method
+        self.construction = construction
         self.score = score
         self.chunk_size = chunk_size
         self.window = window
@@ -142,7 +142,7 @@ class CAAP:
                 targets = self._targets(target, images.shape[0], device)
             blank = self._blank_cache(size, device, dtype)
             self._warn_saturated(blank, targets)
-            if self.method == "standard":
+            if self.construction == "standard":
                 scores = self._standard(source, blank, size, targets)
             else:
                 scores = self._grouped(source, blank, size, targets)
@@ -281,7 +281,7 @@ class CAAP:
         """Per patch: the patched members ``S(p)`` and the recomputed blank members ``R(p)``."""
         device = vit.model_device_dtype(self.model)[0]
         s_idx, s_valid = selection_members(self.selection, grid, device)
-        if self.method != "windowed":
+        if self.construction != "windowed":
             return s_idx, s_valid, s_idx[:, :0], s_valid[:, :0]
         w_idx, w_valid = neighbourhoods(grid, self.window, "chebyshev", device)
         n = grid[0] * grid[1]
@@ -302,9 +302,9 @@ class CAAP:
         n = grid[0] * grid[1]
         s_idx, s_valid, r_idx, r_valid = self._groups(grid)
         rows = P + r_idx.shape[1] + s_idx.shape[1]
-        if self.method == "efficient" and blank.stats is None:
+        if self.construction == "efficient" and blank.stats is None:
             blank.stats = [_blank_statistics(q, kk, v, P) for q, kk, v in _blank_qkv(model, blank)]
-        chunk = self._chunk(len(targets), rows, n if self.method != "efficient" else rows)
+        chunk = self._chunk(len(targets), rows, n if self.construction != "efficient" else rows)
         out = []
         for start in range(0, n, chunk):
             patches = torch.arange(start, min(start + chunk, n), device=targets.device)
@@ -357,7 +357,7 @@ class CAAP:
             if last and token_pool:
                 # Only the class token is read after the last block.
                 q, computed, q_rows = q[..., :1, :], computed[:, :, :1], slice(0, 1)
-            if self.method == "efficient":
+            if self.construction == "efficient":
                 attended = _efficient_attention(q, keys, values, member_valid, blank.stats[layer], positions[:, q_rows], s_idx, s_valid)
             else:
                 attended = _merged_attention(q, keys, values, member_valid, kb, vb, in_window)

@@ -18,7 +18,7 @@ from torch import nn
 
 from caap_lightning.attribution import registry
 from caap_lightning.attribution.blanks import BLANK_KINDS
-from caap_lightning.attribution.caap import CAAP, METHODS
+from caap_lightning.attribution.caap import CAAP, CONSTRUCTIONS
 from caap_lightning.attribution.selection import SELECTIONS
 from caap_lightning.attribution.vit import check_images
 from caap_lightning.callbacks import figures
@@ -134,7 +134,7 @@ class CAAPCallback(Callback):
             fine-tune's new head is untrained at the start and the sweep would rank noise. The
             sweep costs about ``L + 1`` checks, once; its table is logged as
             ``caap/layer_cutoff_sweep`` (text) and the pick survives a resume.
-        method: *how* CAAP computes its maps, not which methods run: ``"windowed"`` (the
+        construction: *how* CAAP computes its maps, not which methods run: ``"windowed"`` (the
             default here: also recomputes the blank tokens within ``window`` patches of each
             patch), ``"parallel"`` (exact, batched, CAAP's own default), ``"efficient"``
             (E-CAAP, approximate) or ``"standard"`` (textbook activation patching, one forward
@@ -142,7 +142,7 @@ class CAAPCallback(Callback):
             about 5x ``parallel``'s time per map (``benchmarks/results/quality.md``); on the demo
             the whole check then costs about 14% of an epoch, against 10% with ``parallel``
             (``benchmarks/results/callback-overhead.md``).
-        window: radius, in patches, of the recomputed window of ``method="windowed"``.
+        window: radius, in patches, of the recomputed window of ``construction="windowed"``.
         metrics: any of ``aupr_fg``, ``aupr_bg``, ``pointing_game``, ``insertion_deletion``,
             ``background_mass``, ``background_mass_ratio``, ``cue_mass``, ``cue_mass_ratio``;
             ``None`` takes every metric the probe batch's masks allow. Mass metrics read the
@@ -172,7 +172,7 @@ class CAAPCallback(Callback):
         layer_cutoff: Optional[Union[int, str]] = None,
         selection: str = "box1",
         blank: str = "white",
-        method: str = "windowed",
+        construction: str = "windowed",
         window: int = 2,
         metrics: Optional[List[str]] = None,
         target: str = "predicted",
@@ -200,7 +200,7 @@ class CAAPCallback(Callback):
         for name, value, choices in (
             ("selection", selection, tuple(SELECTIONS)),
             ("blank", blank, BLANK_KINDS),
-            ("method", method, METHODS),
+            ("construction", construction, CONSTRUCTIONS),
             ("target", target, TARGETS),
             ("on_error", on_error, ON_ERROR),
             ("precision", precision, PRECISIONS),
@@ -223,7 +223,7 @@ class CAAPCallback(Callback):
         self.layer_cutoff = layer_cutoff
         self.selection = selection
         self.blank = blank
-        self.method = method
+        self.construction = construction
         self.window = window
         self.metrics = None if metrics is None else list(metrics)
         self.target = target
@@ -264,8 +264,8 @@ class CAAPCallback(Callback):
     def prepare(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Take the probe batch, resolve the metrics and build the methods; fail here on a wrong configuration."""
         datamodule = trainer.datamodule
-        # What the built methods depend on: setting e.g. `callback.method` between runs rebuilds them.
-        settings = (tuple(self.methods), self.layer_cutoff, self.selection, self.blank, self.method, self.window)
+        # What the built methods depend on: setting e.g. `callback.construction` between runs rebuilds them.
+        settings = (tuple(self.methods), self.layer_cutoff, self.selection, self.blank, self.construction, self.window)
         key = (id(datamodule), id(pl_module), settings)
         if self._prepared_for == key:
             return
@@ -316,7 +316,7 @@ class CAAPCallback(Callback):
             cutoff = self.calibrated_cutoff if self.layer_cutoff == "auto" else self.layer_cutoff
             return CAAP(
                 model, layer_cutoff=cutoff, selection=self.selection, blank=self.blank,
-                method=self.method, window=self.window, mean=self.mean, std=self.std,
+                construction=self.construction, window=self.window, mean=self.mean, std=self.std,
             )
         kwargs = dict(self.method_kwargs.get(name, {}))
         takes = inspect.signature(registry.METHODS[name]).parameters
@@ -654,7 +654,7 @@ def check_methods(methods: List[str], method_kwargs: Dict[str, Dict[str, Any]]) 
     if misplaced:
         raise ValueError(
             f"method_kwargs has {misplaced}, but its keys must be methods in `methods` ({methods}) other than 'caap': "
-            "CAAP takes the callback's own layer_cutoff, selection, blank, method and window"
+            "CAAP takes the callback's own layer_cutoff, selection, blank, construction and window"
         )
     for name, kwargs in method_kwargs.items():
         takes = [p for p in inspect.signature(registry.METHODS[name]).parameters if p != "model"]

@@ -49,8 +49,8 @@ def test_registry_names_every_method_and_builds_it_with_its_arguments(model):
         "caap", "gradcam", "rollout", "tattr", "input_x_gradient",
         "simple_insertion", "simple_deletion", "occlusion", "random",
     ]
-    caap = get_method("caap", model, layer_cutoff=1, method="efficient")
-    assert isinstance(caap, CAAP) and caap.layer_cutoff == 1 and caap.method == "efficient"
+    caap = get_method("caap", model, layer_cutoff=1, construction="efficient")
+    assert isinstance(caap, CAAP) and caap.layer_cutoff == 1 and caap.construction == "efficient"
     assert isinstance(get_method("simple_deletion", model, selection="point"), SimpleDeletion)
     with pytest.raises(ValueError, match="unknown attribution method 'gradcam\\+\\+'.*'rollout'"):
         get_method("gradcam++", model)
@@ -187,7 +187,7 @@ def test_simple_insertion_is_textbook_patching_at_cutoff_zero(model, selection, 
     # The patch embedding is per patch, so inserting pixels = patching h_0 and recomputing all.
     images, targets = _images(2), [1, 3]
     ours = SimpleInsertion(model, selection=selection, score=score, batch_size=5).attribute(images, target=targets)
-    caap = CAAP(model, method="standard", layer_cutoff=0, selection=selection, score=score)
+    caap = CAAP(model, construction="standard", layer_cutoff=0, selection=selection, score=score)
     torch.testing.assert_close(ours, caap.attribute(images, target=targets), atol=1e-5, rtol=0)
     assert (ours.flatten(1).std(1) > 1e-3).all()
 
@@ -201,7 +201,7 @@ def test_simple_deletion_is_the_score_drop_of_patching_the_blank_into_the_image(
     clean = _probabilities(model, images, targets)
     for i in range(2):
         # CAAP with the image as its blank, attributing the blank: x with S(p) from the blank.
-        swapped = CAAP(model, method="standard", layer_cutoff=0, blank=images[i:i + 1])
+        swapped = CAAP(model, construction="standard", layer_cutoff=0, blank=images[i:i + 1])
         deleted = swapped.attribute(blank_image, target=int(targets[i]))
         torch.testing.assert_close(ours[i], clean[i] - deleted[0], atol=1e-5, rtol=0)
     assert (ours.flatten(1).std(1) > 1e-3).all()

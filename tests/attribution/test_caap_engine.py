@@ -47,15 +47,15 @@ def test_all_patches_selected_at_full_cutoff_reproduce_the_models_score(vit_fact
     assert (maps[:, 0, 0] - maps[:, 1, 1]).abs().max() > 1e-3  # other patches do differ
 
 
-@pytest.mark.parametrize("method", ["parallel", "efficient", "standard", "windowed"])
-def test_batch_equals_single_images_and_chunking_changes_nothing(model, method):
+@pytest.mark.parametrize("construction", ["parallel", "efficient", "standard", "windowed"])
+def test_batch_equals_single_images_and_chunking_changes_nothing(model, construction):
     images = _images(3)
-    caap = CAAP(model, method=method, layer_cutoff=2)
+    caap = CAAP(model, construction=construction, layer_cutoff=2)
     batch = caap.attribute(images, target=[0, 1, 2])
     singles = torch.cat([caap.attribute(images[i:i + 1], target=i) for i in range(3)])
     torch.testing.assert_close(batch, singles, atol=1e-5, rtol=0)
     for chunk in (1, 3, 7, 100):
-        chunked = CAAP(model, method=method, layer_cutoff=2, chunk_size=chunk).attribute(images, target=[0, 1, 2])
+        chunked = CAAP(model, construction=construction, layer_cutoff=2, chunk_size=chunk).attribute(images, target=[0, 1, 2])
         torch.testing.assert_close(chunked, batch, atol=1e-5, rtol=0)
 
 
@@ -87,12 +87,12 @@ def _snapshot(model):
     )
 
 
-@pytest.mark.parametrize("method", ["parallel", "efficient", "standard"])
-def test_model_is_left_exactly_as_found(model, method):
+@pytest.mark.parametrize("construction", ["parallel", "efficient", "standard"])
+def test_model_is_left_exactly_as_found(model, construction):
     model.train()
     model.blocks[1].eval()  # a mixed state must survive too
     before = _snapshot(model)
-    CAAP(model, method=method).attribute(_images(2), target=[0, 1])
+    CAAP(model, construction=construction).attribute(_images(2), target=[0, 1])
     after = _snapshot(model)
     for k in before[0]:
         assert torch.equal(before[0][k], after[0][k]), k
@@ -149,7 +149,7 @@ def test_efficient_ranks_patches_like_parallel(vit_factory):
         model = vit_factory(scale=8.0, seed=seed, img_size=48)
         images = _images(2, size=48, seed=seed)
         parallel = CAAP(model, layer_cutoff=2).attribute(images, target=[0, 1])
-        efficient = CAAP(model, layer_cutoff=2, method="efficient").attribute(images, target=[0, 1])
+        efficient = CAAP(model, layer_cutoff=2, construction="efficient").attribute(images, target=[0, 1])
         for a, b in zip(parallel, efficient):
             rhos.append(spearmanr(a.flatten().numpy(), b.flatten().numpy()).statistic)
     assert min(rhos) > 0.9, rhos
@@ -162,7 +162,7 @@ def test_efficient_is_exact_where_the_group_query_is_the_blanks(vit_factory):
     model = vit_factory(scale=8.0, depth=1)
     images = _images(2)
     parallel = CAAP(model, layer_cutoff=1).attribute(images, target=[0, 1])
-    efficient = CAAP(model, layer_cutoff=1, method="efficient").attribute(images, target=[0, 1])
+    efficient = CAAP(model, layer_cutoff=1, construction="efficient").attribute(images, target=[0, 1])
     assert (parallel.amax((1, 2)) - parallel.amin((1, 2))).min() > 0.02
     torch.testing.assert_close(efficient, parallel, atol=1e-5, rtol=0)
 
@@ -192,7 +192,7 @@ def test_bad_input_gets_a_clear_error(model, images, target, match):
         (dict(selection="box3"), "selection"),
         (dict(blank="grey"), "blank"),
         (dict(blank=torch.zeros(3, 32, 32)), r"\(1, 3, H, W\)"),
-        (dict(method="fast"), "method"),
+        (dict(construction="fast"), "construction"),
         (dict(score="softmax"), "score"),
         (dict(chunk_size=0), "chunk_size"),
     ],
@@ -293,11 +293,11 @@ def test_calibrate_sweeps_every_cutoff_and_keeps_the_best_insdel(model):
         caap.calibrate(probe, layer_cutoffs=[7])
 
 
-@pytest.mark.parametrize("method", ["parallel", "efficient", "standard"])
-def test_bf16_weights_run_in_their_dtype_and_stay_close(vit_factory, method):
+@pytest.mark.parametrize("construction", ["parallel", "efficient", "standard"])
+def test_bf16_weights_run_in_their_dtype_and_stay_close(vit_factory, construction):
     images = _images(2)
-    fp32 = CAAP(vit_factory(scale=4.0), score="logit", method=method).attribute(images, target=[0, 1])
+    fp32 = CAAP(vit_factory(scale=4.0), score="logit", construction=construction).attribute(images, target=[0, 1])
     model = vit_factory(scale=4.0).to(torch.bfloat16)
-    bf16 = CAAP(model, score="logit", method=method).attribute(images, target=[0, 1])
+    bf16 = CAAP(model, score="logit", construction=construction).attribute(images, target=[0, 1])
     assert bf16.dtype == torch.float32 and next(model.parameters()).dtype == torch.bfloat16
     assert (bf16 - fp32).abs().max().item() < 0.1 * (fp32.max() - fp32.min()).item()

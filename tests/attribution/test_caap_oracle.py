@@ -35,8 +35,8 @@ def _stage_inputs(model, image):
     return captured, logits
 
 
-def oracle(model, images, targets, k, selection, blank_image, score, method="parallel", window=0):
-    """The spec's oracle, one patch at a time. ``method``: parallel, windowed or standard."""
+def oracle(model, images, targets, k, selection, blank_image, score, construction="parallel", window=0):
+    """The spec's oracle, one patch at a time. ``construction``: parallel, windowed or standard."""
     model.eval()
     P = model.num_prefix_tokens
     gh, gw = model.patch_embed.dynamic_feat_size(images.shape[-2:])
@@ -48,13 +48,13 @@ def oracle(model, images, targets, k, selection, blank_image, score, method="par
         src_in, _ = _stage_inputs(model, images[b:b + 1])
         for p in range(gh * gw):
             sel = [P + q for q in _members((gh, gw), p, radius, metric)]
-            keep = [P + q for q in _members((gh, gw), p, window, "chebyshev")] if method == "windowed" else sel
+            keep = [P + q for q in _members((gh, gw), p, window, "chebyshev")] if construction == "windowed" else sel
             outside = [P + q for q in range(gh * gw) if P + q not in keep]
 
             def make_hook(stage):
                 def hook(module, args):
                     x = args[0].clone()
-                    if method != "standard":
+                    if construction != "standard":
                         x[:, outside] = blank_in[stage][:, outside]
                     if stage <= k:  # stage index s feeds h_s: stages 1..k+1 in the spec's terms
                         x[:, sel] = src_in[stage][:, sel]
@@ -141,9 +141,9 @@ def test_standard_matches_textbook_patching(vit_factory, config, k):
     model = _spread_model(vit_factory, seed=6, **CONFIGS[config])
     images = _images(2, seed=7)
     targets = torch.tensor([4, 0])
-    caap = CAAP(model, layer_cutoff=k, method="standard", selection="box1", chunk_size=5)
+    caap = CAAP(model, layer_cutoff=k, construction="standard", selection="box1", chunk_size=5)
     expected = oracle(model, images, targets, k, "box1", make_blank("white", (32, 32), caap.mean, caap.std),
-                      "probability", method="standard")
+                      "probability", construction="standard")
     _assert_spread(expected, 0.02)
     torch.testing.assert_close(caap.attribute(images, target=targets), expected, atol=1e-4, rtol=0)
 
@@ -154,9 +154,9 @@ def test_windowed_matches_its_oracle(vit_factory, config, window):
     model = _spread_model(vit_factory, seed=8, img_size=48, **CONFIGS[config])
     images = _images(1, size=48, seed=9)
     targets = torch.tensor([1])
-    caap = CAAP(model, layer_cutoff=2, method="windowed", window=window, selection="box1")
+    caap = CAAP(model, layer_cutoff=2, construction="windowed", window=window, selection="box1")
     expected = oracle(model, images, targets, 2, "box1", make_blank("white", (48, 48), caap.mean, caap.std),
-                      "probability", method="windowed", window=window)
+                      "probability", construction="windowed", window=window)
     _assert_spread(expected, 0.02)
     torch.testing.assert_close(caap.attribute(images, target=targets), expected, atol=1e-4, rtol=0)
 
@@ -165,7 +165,7 @@ def test_windowed_with_window_at_selection_radius_is_parallel(vit_factory):
     model = _spread_model(vit_factory, seed=10)
     images = _images(2, seed=11)
     parallel = CAAP(model, layer_cutoff=2).attribute(images)
-    windowed = CAAP(model, layer_cutoff=2, method="windowed", window=1).attribute(images)
+    windowed = CAAP(model, layer_cutoff=2, construction="windowed", window=1).attribute(images)
     torch.testing.assert_close(windowed, parallel, atol=1e-5, rtol=0)
 
 
@@ -173,10 +173,10 @@ def test_windowed_with_a_window_covering_the_grid_is_standard(vit_factory):
     # 4x4 patches: a radius-3 box around any patch covers the grid, so every blank token is recomputed.
     model = _spread_model(vit_factory, seed=12)
     images = _images(2, seed=13)
-    standard = CAAP(model, layer_cutoff=2, method="standard").attribute(images)
+    standard = CAAP(model, layer_cutoff=2, construction="standard").attribute(images)
     _assert_spread(standard, 0.02)
-    windowed = CAAP(model, layer_cutoff=2, method="windowed", window=3).attribute(images)
+    windowed = CAAP(model, layer_cutoff=2, construction="windowed", window=3).attribute(images)
     torch.testing.assert_close(windowed, standard, atol=1e-5, rtol=0)
     # A window that leaves the far corner frozen is not standard.
-    narrower = CAAP(model, layer_cutoff=2, method="windowed", window=2).attribute(images)
+    narrower = CAAP(model, layer_cutoff=2, construction="windowed", window=2).attribute(images)
     assert (narrower - standard).abs().max() > 1e-4

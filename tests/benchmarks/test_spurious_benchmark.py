@@ -71,7 +71,7 @@ def test_a_baseline_replays_the_caap_runs_weights_through_the_callback(spurious)
     settings = spurious.demo_setup(spurious.DEFAULT_CONFIG)
     settings["model"].update(embed_dim=32, depth=2, num_heads=2)
     settings["data"].update(img_size=32, cue_size=6, num_train=64, num_val=32, batch_size=32)
-    settings.update(max_epochs=2, num_images=4, caap_method="parallel", monitor={})
+    settings.update(max_epochs=2, num_images=4, construction="parallel", monitor={})
     trained, snapshots = spurious.fit_run("caap", 1.0, 0, settings)
     replayed, _ = spurious.fit_run("gradcam", 1.0, 0, settings, snapshots)
     assert replayed["method"] == "gradcam" and len(replayed["history"]) == 2

@@ -68,7 +68,7 @@ def test_maps_are_the_engines_relative_maps(tmp_path, data_factory, classifier_f
     trainer_factory(tmp_path, [caap]).validate(model, datamodule=data, verbose=False)
     probe = data.probe_batch(4)
     # The callback's default construction is windowed (window 2), CAAP's own parallel.
-    engine = CAAP(model.model, method="windowed", window=2, mean=data.mean, std=data.std)
+    engine = CAAP(model.model, construction="windowed", window=2, mean=data.mean, std=data.std)
     expected = engine.attribute(probe.images, target=probe.labels, relative=True)
     torch.testing.assert_close(caap.last.maps, expected, atol=1e-5, rtol=1e-4)
     assert torch.equal(caap.last.targets, probe.labels)
@@ -134,7 +134,7 @@ def test_needs_a_datamodule_with_a_probe_batch(tmp_path, data_factory, classifie
         ({"metrics": ["aupr"]}, "unknown: \\['aupr'\\]"),
         ({"selection": "box3"}, "selection='box3'"),
         ({"blank": "grey"}, "blank='grey'"),
-        ({"method": "fast"}, "method='fast'"),
+        ({"construction": "fast"}, "construction='fast'"),
         ({"target": "true"}, "target='true'"),
         ({"on_error": "ignore"}, "on_error='ignore'"),
         ({"precision": "bf16"}, "precision='bf16'"),
@@ -312,7 +312,7 @@ def test_auto_layer_cutoff_is_calibrated_once_at_the_first_check_and_kept_on_res
     assert caap._methods["caap"].layer_cutoff == caap.calibrated_cutoff
     # The sweep's InsDel of the pick is the RISE score of the maps CAAP gives with that cutoff.
     swept, probe = sweeps[0][1], caap.probe
-    reference = CAAP(swept, layer_cutoff=caap.calibrated_cutoff, method=caap.method, window=caap.window,
+    reference = CAAP(swept, layer_cutoff=caap.calibrated_cutoff, construction=caap.construction, window=caap.window,
                      mean=caap.mean, std=caap.std)
     scores = insertion_deletion(swept, probe.images, reference.attribute(probe.images), step=128)
     picked = next(r for r in rows if r["layer_cutoff"] == caap.calibrated_cutoff)
@@ -342,11 +342,11 @@ def test_a_setting_changed_between_runs_rebuilds_caap(tmp_path, data_factory, cl
     caap = CAAPCallback(num_images=4, metrics=["pointing_game"], log_images=False, on_error="raise")
     model, data = classifier_factory(), data_factory()
     trainer_factory(tmp_path, [caap]).validate(model, datamodule=data, verbose=False)
-    assert caap._methods["caap"].method == "windowed"
-    caap.method = "parallel"
+    assert caap._methods["caap"].construction == "windowed"
+    caap.construction = "parallel"
     trainer_factory(tmp_path, [caap]).validate(model, datamodule=data, verbose=False)
-    assert caap._methods["caap"].method == "parallel"
-    expected = CAAP(model.model, method="parallel", mean=caap.mean, std=caap.std).attribute(
+    assert caap._methods["caap"].construction == "parallel"
+    expected = CAAP(model.model, construction="parallel", mean=caap.mean, std=caap.std).attribute(
         caap.probe.images, target=caap.last.targets, relative=True
     )
     torch.testing.assert_close(caap.last.maps, expected, atol=1e-6, rtol=0)

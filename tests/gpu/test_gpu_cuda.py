@@ -40,26 +40,26 @@ def _images(n=2, size=32, seed=1):
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("method", CONSTRUCTIONS)
-def test_caap_on_cuda_matches_the_cpu(vit_factory, method):
+@pytest.mark.parametrize("construction", CONSTRUCTIONS)
+def test_caap_on_cuda_matches_the_cpu(vit_factory, construction):
     model = vit_factory(scale=8.0, seed=0, reg_tokens=1)
     images, targets = _images(), torch.tensor([1, 3])
-    cpu = CAAP(model, method=method).attribute(images, target=targets)
-    gpu = CAAP(copy.deepcopy(model).cuda(), method=method).attribute(images.cuda(), target=targets.cuda())
+    cpu = CAAP(model, construction=construction).attribute(images, target=targets)
+    gpu = CAAP(copy.deepcopy(model).cuda(), construction=construction).attribute(images.cuda(), target=targets.cuda())
     assert gpu.device.type == "cuda"
     assert (cpu.amax((1, 2)) - cpu.amin((1, 2))).min() > 0.02, "maps too flat to compare"
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("method", ["parallel", "efficient", "windowed"])
-def test_bf16_on_cuda_ranks_patches_as_fp32_does(vit_factory, method):
+@pytest.mark.parametrize("construction", ["parallel", "efficient", "windowed"])
+def test_bf16_on_cuda_ranks_patches_as_fp32_does(vit_factory, construction):
     model = vit_factory(scale=4.0, seed=0).cuda()
     images, targets = _images(4).cuda(), torch.tensor([0, 1, 2, 3]).cuda()
-    caap = CAAP(model, score="logit", method=method)
+    caap = CAAP(model, score="logit", construction=construction)
     fp32 = caap.attribute(images, target=targets)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         autocast = caap.attribute(images, target=targets)
-    weights = CAAP(copy.deepcopy(model).to(torch.bfloat16), score="logit", method=method).attribute(images, target=targets)
+    weights = CAAP(copy.deepcopy(model).to(torch.bfloat16), score="logit", construction=construction).attribute(images, target=targets)
     for bf16 in (autocast, weights):
         assert bf16.dtype == torch.float32 and torch.isfinite(bf16).all()
         # bf16 keeps 8 mantissa bits: errors of a few 1e-3 relative to the logits, so compare on the
