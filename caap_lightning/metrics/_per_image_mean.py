@@ -6,35 +6,42 @@ from typing import Any, Dict, Sequence
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
+
+from caap_lightning.metrics._detailed_metric import DetailedMetric
 
 
-class PerImageMean(Metric):
+class PerImageMean(DetailedMetric):
     """Means of per-image scores over the scored images; NaN marks a skipped image.
 
-    The first of ``names`` decides whether an image is scored. ``compute()`` returns each
-    mean, ``count`` (scored images) and ``skipped``.
+    The first of ``names`` is the main value (``compute()``) and decides whether an image
+    is scored. ``compute_details()`` returns each mean, ``count`` (scored images) and
+    ``skipped``. ``variant`` names the configuration in the state names, so that a
+    ``MetricCollection`` never merges two configurations into one compute group (it
+    merges metrics whose states are equal after the first update, e.g. the mass inside
+    and outside of maps with no positive part: both 0).
     """
 
     is_differentiable = False
     full_state_update = False
 
-    def __init__(self, names: Sequence[str], **kwargs: Any) -> None:
+    def __init__(self, names: Sequence[str], variant: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._names = tuple(names)
-        for name in self._names:
-            self.add_state(f"{name}_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.main_key = self._names[0]
+        self._sums = {name: f"{name}_sum_{variant}" for name in self._names}
+        for state in self._sums.values():
+            self.add_state(state, torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.tensor(0), dist_reduce_fx="sum")
         self.add_state("skipped", torch.tensor(0), dist_reduce_fx="sum")
 
     def _accumulate(self, **scores: Tensor) -> None:
         scored = ~torch.isnan(scores[self._names[0]])
-        for name in self._names:
-            total = getattr(self, f"{name}_sum")
-            setattr(self, f"{name}_sum", total + scores[name][scored].sum().to(total))
+        for name, state in self._sums.items():
+            total = getattr(self, state)
+            setattr(self, state, total + scores[name][scored].sum().to(total))
         self.count += int(scored.sum())
         self.skipped += int((~scored).sum())
 
-    def compute(self) -> Dict[str, Tensor]:
-        means = {name: getattr(self, f"{name}_sum") / self.count for name in self._names}
+    def _details(self) -> Dict[str, Tensor]:
+        means = {name: getattr(self, state) / self.count for name, state in self._sums.items()}
         return {**means, "count": self.count, "skipped": self.skipped}

@@ -1,9 +1,11 @@
 """The maths of the attribution metrics, one function per metric, per image.
 
 Each function returns per-image values; an image the metric cannot score (an empty
-region, a map with no positive part) gets NaN, and the ``Metric`` classes count it as
-skipped. Maps may be patch-level ``(B, gh, gw)`` or pixel-level ``(B, H, W)``; patch maps
-are upsampled bilinearly to the mask or image size with :func:`~caap_lightning.utils.upsample_maps`.
+region) gets NaN, and the ``Metric`` classes count it as skipped. Maps may be patch-level
+``(B, gh, gw)`` or pixel-level ``(B, H, W)``, finite; patch maps are upsampled bilinearly
+to the mask or image size with :func:`~caap_lightning.utils.upsample_maps`, only when
+their aspect ratio is the same (``gh * W == gw * H``). Masks are binary: ``bool``, or
+values exactly 0 and 1, ``(B, H, W)`` or ``(B, 1, H, W)``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from caap_lightning.metrics._checks import (
+    TargetLike,
+    check_choice,
+    check_grid,
+    check_images,
+    check_maps,
+    check_masks,
+    check_protocol,
+    check_target,
+    check_target_range,
+    check_tolerance,
+    model_device_dtype,
+)
 from caap_lightning.utils import eval_mode, gaussian_blur, upsample_maps
 
 # Pixels within this share of the map's scale of its maximum count as tied maxima:
@@ -55,30 +70,6 @@ def default_step(model: nn.Module) -> int:
     return int(math.prod(patch_size))
 
 
-def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    """Raise unless ``value`` is one of ``choices``."""
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-
-
-def check_protocol(step: int, blur_kernel: int, blur_sigma: float, batch_size: int) -> None:
-    """Raise on insertion/deletion settings the protocol cannot run with."""
-    if step < 1:
-        raise ValueError(f"step must be a positive number of pixels, got {step}")
-    if blur_kernel < 1 or blur_kernel % 2 == 0:
-        raise ValueError(f"blur_kernel must be a positive odd size, got {blur_kernel}")
-    if blur_sigma <= 0:
-        raise ValueError(f"blur_sigma must be > 0, got {blur_sigma}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-
-
-def check_tolerance(tolerance: int) -> None:
-    """Raise on a negative pointing-game tolerance."""
-    if tolerance < 0:
-        raise ValueError(f"tolerance must be >= 0 pixels, got {tolerance}")
-
-
 def auc(curve: Tensor) -> Tensor:
     """RISE's normalised area under ``n + 1`` equally spaced scores (trapezoid rule)."""
     curve = curve.double()
@@ -86,21 +77,11 @@ def auc(curve: Tensor) -> Tensor:
     return (curve.sum(-1) - curve[..., 0] / 2 - curve[..., -1] / 2) / n
 
 
-def check_maps(maps: Tensor, batch: int, of: str) -> None:
-    """Raise unless ``maps`` are ``(batch, h, w)`` and finite, naming the first bad image."""
-    if maps.dim() != 3 or maps.shape[0] != batch:
-        raise ValueError(f"maps must be (B, h, w) for the {batch} {of}, got shape {tuple(maps.shape)}")
-    bad = ~torch.isfinite(maps.flatten(1)).all(1)
-    if bad.any():
-        index = int(bad.nonzero()[0, 0])
-        raise ValueError(f"the map of image {index} in the batch contains NaN or inf")
-
-
 def insertion_deletion(
     model: nn.Module,
     images: Tensor,
     maps: Tensor,
-    target: Optional[Tensor] = None,
+    target: TargetLike = None,
     step: Optional[int] = None,
     blur_kernel: int = 11,
     blur_sigma: float = 5.0,
@@ -118,24 +99,32 @@ def insertion_deletion(
     Args:
         model: classifier returning logits for ``images``, which are in its input
             (normalised) space; evaluated in eval mode without grad.
-        images: ``(B, C, H, W)``.
-        maps: ``(B, gh, gw)`` patch maps or ``(B, H, W)`` pixel maps.
-        target: ``(B,)`` class indices, or None for the clean top-1 prediction.
+        images: ``(B, C, H, W)`` float images, moved to the model's device and cast to
+            its parameter dtype (as CAAP does); a timm ViT's ``patch_embed`` decides the
+            channels and size it takes.
+        maps: ``(B, gh, gw)`` patch maps of the images' aspect ratio or ``(B, H, W)``
+            pixel maps; finite.
+        target: class per image as CAAP takes it (an int for every image, a list/tuple
+            or an integer tensor of ``B``), or None for the clean top-1 prediction.
         step: pixels per step; default one patch (``patch_size ** 2``) of a timm ViT.
         blur_kernel, blur_sigma: RISE's blur for the insertion substrate.
         batch_size: perturbed images per forward pass.
 
     Returns:
         Per-image AUCs, curves ``(B, n + 1)``, the targets used, and whether the
-        deletion substrate (the all-zero image) is itself classified as the target.
+        deletion substrate (the all-zero image) is itself classified as the target, on
+        the model's device.
     """
-    if images.dim() != 4:
-        raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
-    check_maps(maps, images.shape[0], "images")
-    step = default_step(model) if step is None else int(step)
-    check_protocol(step, blur_kernel, blur_sigma, batch_size)
+    check_images(model, images)
     b, _, h, w = images.shape
+    check_maps(maps, b, "images")
+    check_grid(maps, (h, w), "images")
+    targets = check_target(target, b)
+    step = default_step(model) if step is None else step
+    check_protocol(step, blur_kernel, blur_sigma, batch_size)
     n = math.ceil(h * w / step)
+    device, dtype = model_device_dtype(model)
+    images = images.to(device=device or images.device, dtype=dtype or images.dtype)
     device = images.device
 
     pixel_maps = upsample_maps(maps.to(device), (h, w)).reshape(b, h * w)
@@ -155,38 +144,41 @@ def insertion_deletion(
 
     with eval_mode(model), torch.no_grad():
         clean = torch.cat([model(chunk).float() for chunk in images.split(batch_size)])
-        target = clean.argmax(1) if target is None else target.to(device).long()
-        clean_scores = clean.softmax(1).gather(1, target[:, None])[:, 0]
+        if targets is None:
+            targets = clean.argmax(1)
+        else:
+            targets = targets.to(device)
+            check_target_range(targets, clean.shape[1])
+        clean_scores = clean.softmax(1).gather(1, targets[:, None])[:, 0]
         scores = torch.empty(source.numel(), device=device)
         predicted = torch.empty(source.numel(), dtype=torch.long, device=device)
         for lo in range(0, source.numel(), batch_size):
             s, k = source[lo : lo + batch_size], replaced[lo : lo + batch_size]
             mask = (rank[s % b] < k[:, None]).view(-1, 1, h, w)
             logits = model(torch.where(mask, finish[s], start[s])).float()
-            scores[lo : lo + batch_size] = logits.softmax(1).gather(1, target[s % b, None])[:, 0]
+            scores[lo : lo + batch_size] = logits.softmax(1).gather(1, targets[s % b, None])[:, 0]
             predicted[lo : lo + batch_size] = logits.argmax(1)
 
     deletion_curve = torch.cat([clean_scores[:, None], scores[: b * n].view(b, n)], 1)
     insertion_curve = torch.cat([scores[b * n :].view(b, n), clean_scores[:, None]], 1)
     # The last deletion step is the all-zero substrate.
-    substrate_is_target = predicted[: b * n].view(b, n)[:, -1] == target
+    substrate_is_target = predicted[: b * n].view(b, n)[:, -1] == targets
     return InsertionDeletionResult(
         insertion=auc(insertion_curve),
         deletion=auc(deletion_curve),
         insertion_curve=insertion_curve,
         deletion_curve=deletion_curve,
-        target=target,
+        target=targets,
         substrate_is_target=substrate_is_target,
     )
 
 
 def _pixel_maps(maps: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
-    """Validated float64 pixel maps ``(B, H, W)`` and boolean masks of the same shape."""
-    if masks.dim() != 3:
-        raise ValueError(f"masks must be (B, H, W), got shape {tuple(masks.shape)}")
+    """Validated float64 pixel maps ``(B, H, W)`` and boolean masks ``(B, H, W)``."""
+    masks = check_masks(masks)
     check_maps(maps, masks.shape[0], "masks")
-    pixel_maps = upsample_maps(maps.to(masks.device), masks.shape[-2:]).double()
-    return pixel_maps, masks.bool()
+    check_grid(maps, masks.shape[-2:], "masks")
+    return upsample_maps(maps.to(masks.device), masks.shape[-2:]).double(), masks
 
 
 def _average_precision(scores: Tensor, labels: Tensor) -> Tensor:
@@ -252,8 +244,10 @@ def attribution_mass(
     """Share of the map's positive part inside the mask (``"mask"``) or outside it.
 
     ``maps`` are relative maps (``A - A_blank``). ``normalize_by_area`` divides the
-    share by the region's share of the image, so a uniform map scores 1. NaN where the
-    region is empty or the map has no positive part.
+    share by the region's share of the image, so a uniform map scores 1. A map with no
+    positive part (every value <= 0, e.g. a relative map below the blank everywhere)
+    holds no evidence anywhere, so none in the region: its mass is 0 (the normalised
+    form too). NaN only where the region is empty.
     """
     check_choice("region", region, MASS_REGIONS)
     pixel_maps, masks = _pixel_maps(maps, masks)
@@ -263,7 +257,8 @@ def attribution_mass(
         inside = ~inside
     total = positive.sum(1)
     area = inside.double().mean(1)
-    mass = (positive * inside).sum(1) / total
+    # No positive evidence: 0 / 1 rather than 0 / 0.
+    mass = (positive * inside).sum(1) / torch.where(total > 0, total, 1.0)
     if normalize_by_area:
         mass = mass / area
-    return torch.where((area > 0) & (total > 0), mass, math.nan)
+    return torch.where(area > 0, mass, math.nan)

@@ -6,23 +6,26 @@ from typing import Any, Dict, Optional
 
 import torch
 from torch import Tensor, nn
-from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from caap_lightning.metrics.functional import check_protocol, default_step, insertion_deletion
+from caap_lightning.metrics._checks import TargetLike, check_protocol
+from caap_lightning.metrics._detailed_metric import DetailedMetric
+from caap_lightning.metrics.functional import default_step, insertion_deletion
 
 
-class InsertionDeletion(Metric):
+class InsertionDeletion(DetailedMetric):
     """Mean insertion and deletion AUCs of maps for ``model`` (RISE protocol).
 
-    ``compute()`` returns ``insertion``, ``deletion``, ``insdel`` (insertion - deletion)
-    and ``count``; ``insertion_informative``, ``deletion_informative`` and
-    ``insdel_informative`` are the means over the images whose deletion substrate (the
-    all-zero input) is *not* classified as the target, since for those that are the
-    deletion curve cannot fall whatever the map; ``left_out`` counts the others. With
-    ``per_image``, also the per-image AUCs and ``substrate_is_target`` flags; with
-    ``curves``, the mean curves ``(n + 1,)`` (images of one size only). Under DDP the
-    per-image values come gathered rank by rank.
+    ``compute()`` returns the mean InsDel (insertion - deletion AUC), a 0-dim tensor.
+    ``compute_details()`` returns ``insertion``, ``deletion``, ``insdel`` (the same as
+    ``compute()``) and ``count`` (images scored); ``insertion_informative``,
+    ``deletion_informative`` and ``insdel_informative`` are the means over the images
+    whose deletion substrate (the all-zero input) is *not* classified as the target,
+    since for those that are the deletion curve cannot fall whatever the map;
+    ``left_out`` counts the others. With ``per_image``, also ``insertion_per_image``,
+    ``deletion_per_image`` and ``substrate_is_target``; with ``curves``, the mean curves
+    ``insertion_curve`` and ``deletion_curve`` ``(n + 1,)`` (images of one size only).
+    Under DDP the per-image values come gathered rank by rank.
 
     The model is held by reference, not registered as a submodule: the metric neither
     moves it nor saves its weights. See
@@ -33,13 +36,14 @@ class InsertionDeletion(Metric):
         step: pixels per step; default one patch of a timm ViT (``patch_size ** 2``).
         blur_kernel, blur_sigma: RISE's blur for the insertion substrate.
         batch_size: perturbed images per forward pass.
-        per_image: keep per-image AUCs for ``compute()``.
+        per_image: keep per-image AUCs for ``compute_details()``.
         curves: keep the curves and report their means.
     """
 
     is_differentiable = False
-    higher_is_better = None
+    higher_is_better = True
     full_state_update = False
+    main_key = "insdel"
 
     def __init__(
         self,
@@ -74,7 +78,8 @@ class InsertionDeletion(Metric):
             self.add_state("insertion_curves", [], dist_reduce_fx="cat")
             self.add_state("deletion_curves", [], dist_reduce_fx="cat")
 
-    def update(self, images: Tensor, maps: Tensor, target: Optional[Tensor] = None) -> None:
+    def update(self, images: Tensor, maps: Tensor, target: TargetLike = None) -> None:
+        """Score a batch; arguments as :func:`~caap_lightning.metrics.functional.insertion_deletion` takes them."""
         result = insertion_deletion(
             self.model,
             images,
@@ -103,7 +108,7 @@ class InsertionDeletion(Metric):
             self.insertion_curves.append(result.insertion_curve.to(self.device))
             self.deletion_curves.append(result.deletion_curve.to(self.device))
 
-    def compute(self) -> Dict[str, Tensor]:
+    def _details(self) -> Dict[str, Tensor]:
         insertion = self.insertion_sum / self.count
         deletion = self.deletion_sum / self.count
         informative = self.count - self.left_out

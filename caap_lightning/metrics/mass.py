@@ -7,7 +7,8 @@ from typing import Any
 from torch import Tensor
 
 from caap_lightning.metrics._per_image_mean import PerImageMean
-from caap_lightning.metrics.functional import MASS_REGIONS, attribution_mass, check_choice
+from caap_lightning.metrics._checks import check_choice
+from caap_lightning.metrics.functional import MASS_REGIONS, attribution_mass
 
 
 class AttributionMass(PerImageMean):
@@ -16,13 +17,17 @@ class AttributionMass(PerImageMean):
     ``region="mask"`` measures the mask (the object, or a known cue), ``"outside"`` the
     rest (background reliance). With ``normalize_by_area`` the share is divided by the
     region's share of the image: a uniform map scores 1, a map preferring the region
-    more. ``compute()`` returns ``attribution_mass``, ``count`` and ``skipped`` (images
-    whose region is empty or whose map has no positive part).
+    more. A map with no positive part (every value <= 0) has no evidence in the region:
+    mass 0 (normalised too), and the image counts. ``compute()`` returns the mean mass,
+    a 0-dim tensor; ``compute_details()`` returns ``attribution_mass`` (the same),
+    ``count`` (images scored) and ``skipped`` (images whose region is empty). Masks are
+    binary, ``(B, H, W)`` or ``(B, 1, H, W)``.
     """
 
     def __init__(self, region: str = "mask", normalize_by_area: bool = False, **kwargs: Any) -> None:
         check_choice("region", region, MASS_REGIONS)
-        super().__init__(names=("attribution_mass",), **kwargs)
+        variant = f"{region}_{'ratio' if normalize_by_area else 'share'}"
+        super().__init__(names=("attribution_mass",), variant=variant, **kwargs)
         self.region = region
         self.normalize_by_area = normalize_by_area
 

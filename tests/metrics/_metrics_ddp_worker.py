@@ -26,7 +26,8 @@ def compute_all(model: nn.Module, data: Dict[str, torch.Tensor], rank: int = 0, 
         metrics["insdel"].update(data["images"][part], data["maps"][part], data["target"][part])
         for name in ("aupr1", "aupr0", "pointing_game", "mass"):
             metrics[name].update(data["maps"][part], data["masks"][part])
-    return {name: metric.compute() for name, metric in metrics.items()}
+    # Both entry points sync: compute()'s scalar and every value of compute_details().
+    return {name: {"compute": metric.compute(), **metric.compute_details()} for name, metric in metrics.items()}
 
 
 def run(rank: int, world_size: int, port: int, model: nn.Module, data, out_path: str) -> None:

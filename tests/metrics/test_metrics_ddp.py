@@ -42,7 +42,10 @@ def test_ddp_two_processes_match_one(tmp_path, monkeypatch):
     single = worker.compute_all(model, data)
     assert int(single["aupr1"]["skipped"]) == 1 and int(single["aupr0"]["skipped"]) == 1
     assert int(single["insdel"]["count"]) == 8 and 0 < int(single["insdel"]["left_out"]) < 8
+    main = {"insdel": "insdel", "aupr1": "aupr", "aupr0": "aupr", "pointing_game": "pointing_game",
+            "mass": "attribution_mass"}
     for name, values in single.items():
+        assert values["compute"].dim() == 0 and torch.equal(values["compute"], values[main[name]])
         assert distributed[name].keys() == values.keys()
         for key, value in values.items():
             torch.testing.assert_close(distributed[name][key], value, msg=f"{name}/{key}")

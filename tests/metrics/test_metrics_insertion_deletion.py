@@ -164,7 +164,7 @@ def test_one_pixel_model_hand_computed(step):
 
     metric = InsertionDeletion(model, step=step)
     metric.update(image[None], pixel_map[None])
-    out = metric.compute()
+    out = metric.compute_details()
     assert float(out["deletion"]) == pytest.approx(expected_deletion, abs=1e-6)
     assert float(out["insertion"]) == pytest.approx(expected_insertion, abs=1e-6)
     assert float(out["insdel"]) == pytest.approx(expected_insertion - expected_deletion, abs=1e-6)
@@ -256,7 +256,7 @@ def test_left_out_images_and_per_image_outputs():
     metric = InsertionDeletion(model, step=4, per_image=True, curves=True)
     metric.update(images[:2], maps[:2])
     metric.update(images[2:], maps[2:])
-    out = metric.compute()
+    out = metric.compute_details()
     functional = insertion_deletion(model, images, maps, step=4)
     assert int(out["count"]) == 4 and int(out["left_out"]) == 2
     assert out["substrate_is_target"].tolist() == [True, False, True, False]
@@ -270,8 +270,18 @@ def test_left_out_images_and_per_image_outputs():
     assert out["insertion_curve"].shape == (5,)
 
 
-def test_non_finite_map_names_the_image():
-    maps = torch.rand(3, 4, 4)
-    maps[2, 1, 1] = float("inf")
-    with pytest.raises(ValueError, match="image 2"):
-        InsertionDeletion(ConstantModel(), step=4).update(torch.randn(3, 3, 4, 4), maps)
+def test_non_finite_maps_rejected_naming_every_image():
+    maps = torch.rand(4, 4, 4)
+    maps[0, 1, 1] = float("inf")
+    maps[2, 0, 3] = float("nan")
+    metric = InsertionDeletion(ConstantModel(), step=4)
+    with pytest.raises(ValueError, match=r"maps contain NaN or inf in image\(s\) \[0, 2\]"):
+        metric.update(torch.randn(4, 3, 4, 4), maps)
+    with pytest.raises(ValueError, match=r"maps contain NaN or inf in image\(s\) \[0, 2\]"):
+        insertion_deletion(ConstantModel(), torch.randn(4, 3, 4, 4), maps, step=4)
+    # Nothing was accumulated: a NaN image cannot poison the mean.
+    assert int(metric.count) == 0 and float(metric.insertion_sum) == 0.0
+    images = torch.randn(4, 3, 4, 4)
+    images[3, 1, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"images contain NaN or inf in image\(s\) \[3\]"):
+        metric.update(images, torch.rand(4, 4, 4))

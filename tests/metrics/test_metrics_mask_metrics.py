@@ -23,11 +23,11 @@ def test_perfect_map_scores_one():
     auc.update(maps, masks)
     pg = PointingGame()
     pg.update(maps, masks)
-    assert float(auc.compute()["aupr"]) == pytest.approx(1.0)
-    assert float(pg.compute()["pointing_game"]) == pytest.approx(1.0)
+    assert float(auc.compute_details()["aupr"]) == pytest.approx(1.0)
+    assert float(pg.compute_details()["pointing_game"]) == pytest.approx(1.0)
     background = AUPR(region="background")
     background.update(maps, masks)
-    assert float(background.compute()["aupr"]) == pytest.approx(1.0)
+    assert float(background.compute_details()["aupr"]) == pytest.approx(1.0)
 
 
 def test_inverted_map_scores_below_random():
@@ -65,7 +65,7 @@ def test_aupr_lift_and_skips():
     foreground, background = AUPR(), AUPR(region="background")
     foreground.update(maps, masks)
     background.update(maps, masks)
-    fg, bg = foreground.compute(), background.compute()
+    fg, bg = foreground.compute_details(), background.compute_details()
     # The empty mask has no foreground, the full one no background.
     assert (int(fg["count"]), int(fg["skipped"])) == (2, 1)
     assert (int(bg["count"]), int(bg["skipped"])) == (2, 1)
@@ -117,7 +117,7 @@ def test_pointing_game_patch_map_and_skips():
     metric = PointingGame()
     metric.update(torch.stack([patch_map, patch_map.T]), torch.stack([mask, mask]))
     metric.update(patch_map[None], torch.zeros(1, 32, 32, dtype=torch.bool))
-    out = metric.compute()
+    out = metric.compute_details()
     assert (int(out["count"]), int(out["skipped"])) == (2, 1)
     assert float(out["pointing_game"]) == pytest.approx(0.5)
 
@@ -142,24 +142,44 @@ def test_attribution_mass_uniform_map_normalises_to_one():
     for region in ("mask", "outside"):
         metric = AttributionMass(region=region, normalize_by_area=True)
         metric.update(uniform, masks)
-        assert float(metric.compute()["attribution_mass"]) == pytest.approx(1.0)
+        assert float(metric.compute_details()["attribution_mass"]) == pytest.approx(1.0)
     raw = AttributionMass(region="outside")
     raw.update(uniform, masks)
     area_outside = (~masks).float().mean((1, 2)).mean()
-    assert float(raw.compute()["attribution_mass"]) == pytest.approx(float(area_outside))
+    assert float(raw.compute_details()["attribution_mass"]) == pytest.approx(float(area_outside))
 
 
-def test_attribution_mass_skips():
+def test_attribution_mass_skips_empty_regions_only():
     masks = torch.stack([square_mask(), torch.zeros(16, 16, dtype=torch.bool), torch.ones(16, 16, dtype=torch.bool)])
     maps = torch.rand(3, 16, 16)
-    maps[0] = -1.0  # no positive attribution
+    maps[0] = -1.0  # no positive attribution: mass 0, scored
     inside, outside = AttributionMass(), AttributionMass(region="outside")
     inside.update(maps, masks)
     outside.update(maps, masks)
-    # Image 0 has no positive part; image 1 has no mask; image 2 has no outside.
-    assert (int(inside.compute()["count"]), int(inside.compute()["skipped"])) == (1, 2)
-    assert (int(outside.compute()["count"]), int(outside.compute()["skipped"])) == (1, 2)
-    assert float(inside.compute()["attribution_mass"]) == pytest.approx(1.0)
+    # Image 1 has no mask (skipped inside), image 2 no outside (skipped outside).
+    inside_out, outside_out = inside.compute_details(), outside.compute_details()
+    assert (int(inside_out["count"]), int(inside_out["skipped"])) == (2, 1)
+    assert (int(outside_out["count"]), int(outside_out["skipped"])) == (2, 1)
+    # Inside: image 0 scores 0, the full mask of image 2 holds everything.
+    assert float(inside_out["attribution_mass"]) == pytest.approx(0.5)
+    # Outside: image 0 scores 0, image 1's outside is the whole image.
+    assert float(outside_out["attribution_mass"]) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("normalize_by_area", [False, True])
+def test_attribution_mass_without_positive_part_is_zero(normalize_by_area):
+    # A relative map entirely below the blank: no evidence anywhere, so none in the mask.
+    masks = torch.stack([square_mask(), square_mask(box=(0, 8, 0, 8))])
+    relative = -torch.rand(2, 4, 4) - 0.1
+    relative[1, 0, 0] = 0.0  # zero is not positive either
+    for region in ("mask", "outside"):
+        mass = attribution_mass(relative, masks, region=region, normalize_by_area=normalize_by_area)
+        assert mass.tolist() == [0.0, 0.0]
+        metric = AttributionMass(region=region, normalize_by_area=normalize_by_area)
+        metric.update(relative, masks)
+        out = metric.compute_details()
+        assert float(out["attribution_mass"]) == 0.0
+        assert (int(out["count"]), int(out["skipped"])) == (2, 0)
 
 
 @pytest.mark.parametrize(
@@ -168,7 +188,8 @@ def test_attribution_mass_skips():
 def test_non_finite_map_names_the_image(metric):
     maps = torch.rand(4, 4, 4)
     maps[3, 0, 2] = float("nan")
-    with pytest.raises(ValueError, match="image 3"):
+    maps[1, 1, 1] = float("-inf")
+    with pytest.raises(ValueError, match=r"maps contain NaN or inf in image\(s\) \[1, 3\]"):
         metric.update(maps, torch.stack([square_mask()] * 4))
 
 
@@ -180,7 +201,7 @@ def test_bad_arguments_fail_fast():
     with pytest.raises(ValueError, match="tolerance"):
         PointingGame(tolerance=-1)
     with pytest.raises(ValueError, match="masks must be"):
-        aupr(torch.rand(2, 4, 4), torch.ones(2, 1, 16, 16))
+        aupr(torch.rand(2, 4, 4), torch.ones(2, 2, 16, 16))
 
 
 def test_metrics_accumulate_like_one_batch():
@@ -192,9 +213,9 @@ def test_metrics_accumulate_like_one_batch():
         split.update(maps[:2], masks[:2])
         split.update(maps[2:], masks[2:])
         whole.update(maps, masks)
-        for key, value in whole.compute().items():
-            torch.testing.assert_close(split.compute()[key], value)
+        for key, value in whole.compute_details().items():
+            torch.testing.assert_close(split.compute_details()[key], value)
     np.testing.assert_allclose(
-        float(AttributionMass()(maps, masks)["attribution_mass"]),
+        float(AttributionMass()(maps, masks)),
         float(torch.nanmean(attribution_mass(maps, masks))),
     )

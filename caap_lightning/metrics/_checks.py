@@ -1,0 +1,192 @@
+"""Argument checks shared by every metric, functional and class: fail before any work."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+TargetLike = Union[None, int, Sequence[int], Tensor]
+# How many distinct mask values an error message lists before it elides the rest.
+_SHOWN_VALUES = 6
+
+
+def check_choice(name: str, value: str, choices: Tuple[str, ...]) -> None:
+    """Raise unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_int(name: str, value: object, minimum: int, unit: str = "") -> None:
+    """Raise ``TypeError`` unless ``value`` is an int (not a bool), ``ValueError`` below ``minimum``."""
+    what = f"an int >= {minimum}" + (f" ({unit})" if unit else "")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be {what}, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be {what}, got {value}")
+
+
+def check_protocol(step: int, blur_kernel: int, blur_sigma: float, batch_size: int) -> None:
+    """Raise on insertion/deletion settings the protocol cannot run with."""
+    check_int("step", step, 1, "pixels per step")
+    check_int("blur_kernel", blur_kernel, 1, "an odd size")
+    if blur_kernel % 2 == 0:
+        raise ValueError(f"blur_kernel must be a positive odd size, got {blur_kernel}")
+    if blur_sigma <= 0:
+        raise ValueError(f"blur_sigma must be > 0, got {blur_sigma}")
+    check_int("batch_size", batch_size, 1, "images per forward pass")
+
+
+def check_tolerance(tolerance: int) -> None:
+    """Raise unless the pointing-game tolerance is a whole number of pixels >= 0."""
+    check_int("tolerance", tolerance, 0, "pixels")
+
+
+def _bad_images(values: Tensor) -> list:
+    """Indices (along dim 0) of the images holding NaN or inf."""
+    return (~torch.isfinite(values.flatten(1)).all(1)).nonzero()[:, 0].tolist()
+
+
+def check_maps(maps: Tensor, batch: int, of: str) -> None:
+    """Raise unless ``maps`` are a finite ``(batch, h, w)`` tensor, naming every bad image."""
+    if not isinstance(maps, Tensor):
+        raise TypeError(f"maps must be a (B, h, w) tensor, got {type(maps).__name__}")
+    if maps.dim() != 3 or maps.shape[0] != batch:
+        raise ValueError(f"maps must be (B, h, w) for the {batch} {of}, got shape {tuple(maps.shape)}")
+    bad = _bad_images(maps)
+    if bad:
+        raise ValueError(
+            f"maps contain NaN or inf in image(s) {bad} of the batch; a metric of them would be "
+            "NaN: fix or drop those maps"
+        )
+
+
+def check_grid(maps: Tensor, size: Tuple[int, int], of: str) -> None:
+    """Raise unless ``(B, h, w)`` maps can be upsampled to ``size``: the same aspect ratio."""
+    h, w = maps.shape[-2:]
+    height, width = size
+    if h * width != w * height:
+        raise ValueError(
+            f"maps of shape {tuple(maps.shape)} do not fit the {of} of size {height}x{width}: a "
+            f"{h}x{w} grid has another aspect ratio, and upsampling would stretch it; compute the "
+            f"maps for the {of}' size"
+        )
+
+
+def check_masks(masks: Tensor, batch: Optional[int] = None) -> Tensor:
+    """Binary masks ``(B, H, W)`` or ``(B, 1, H, W)`` as a boolean ``(B, H, W)``; else raise.
+
+    Only ``bool`` masks or masks whose values are exactly 0 and 1 (any dtype) are taken:
+    a soft mask or a raw trimap would otherwise count every non-zero pixel as foreground.
+    """
+    if not isinstance(masks, Tensor):
+        raise TypeError(f"masks must be a (B, H, W) tensor, got {type(masks).__name__}")
+    if masks.dim() == 4 and masks.shape[1] == 1:
+        masks = masks[:, 0]
+    if masks.dim() != 3:
+        raise ValueError(f"masks must be (B, H, W) or (B, 1, H, W), got shape {tuple(masks.shape)}")
+    if batch is not None and masks.shape[0] != batch:
+        raise ValueError(f"masks must be one per map: {masks.shape[0]} masks for {batch} maps")
+    if masks.dtype == torch.bool:
+        return masks
+    values = torch.unique(masks)
+    if not ((values == 0) | (values == 1)).all():
+        shown = ", ".join(f"{v:g}" for v in values[:_SHOWN_VALUES].tolist())
+        more = ", ..." if values.numel() > _SHOWN_VALUES else ""
+        raise ValueError(
+            f"masks must be binary (bool, or values exactly 0 and 1), got values {{{shown}{more}}}; "
+            "binarise it, e.g. masks == 1 for Pets trimaps' foreground, or masks > 0.5 for a soft mask"
+        )
+    return masks == 1
+
+
+def model_device_dtype(model: nn.Module) -> Tuple[Optional[torch.device], Optional[torch.dtype]]:
+    """The device and floating dtype of the model's first parameter (or buffer); None if it has none."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    return None, None
+
+
+def check_images(model: nn.Module, images: Tensor) -> None:
+    """Raise on images the model cannot take: not ``(B, C, H, W)``, not float, wrong shape.
+
+    Channels and size are checked against a timm ViT's ``patch_embed`` where it has one,
+    so a wrong input fails here, with the expected shape, and not inside timm.
+    """
+    if not isinstance(images, Tensor) or images.dim() != 4:
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"images must be a (B, C, H, W) tensor, got {shape}")
+    if images.shape[0] == 0:
+        raise ValueError("images is an empty batch (B = 0); pass at least one image")
+    if not images.is_floating_point():
+        raise TypeError(f"images must be float, normalised as the model expects, got {images.dtype}")
+    patch_embed = getattr(model, "patch_embed", None)
+    proj = getattr(patch_embed, "proj", None)
+    channels = getattr(proj, "in_channels", None) or images.shape[1]
+    size = tuple(images.shape[-2:])
+    img_size = getattr(patch_embed, "img_size", None)
+    strict = getattr(patch_embed, "strict_img_size", True) and not getattr(model, "dynamic_img_size", False)
+    expected = None
+    if img_size is not None and strict:
+        expected = (channels, *img_size)
+    elif channels != images.shape[1]:
+        expected = (channels, *size)
+    if expected is not None and tuple(images.shape[1:]) != tuple(expected):
+        raise ValueError(
+            f"images must be (B, {', '.join(map(str, expected))}) for {type(model).__name__} "
+            f"(its patch_embed's in_chans and img_size), got {tuple(images.shape)}; resize the "
+            "images or convert their channels"
+        )
+    patch_size = getattr(patch_embed, "patch_size", None)
+    if expected is None and patch_size is not None and not getattr(patch_embed, "dynamic_img_pad", False):
+        ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
+        if size[0] % ph or size[1] % pw:
+            raise ValueError(
+                f"images of size {size[0]}x{size[1]} do not divide into the model's {ph}x{pw} "
+                "patches; resize or crop them to a multiple of the patch size"
+            )
+    bad = _bad_images(images)
+    if bad:
+        raise ValueError(f"images contain NaN or inf in image(s) {bad} of the batch")
+
+
+def check_target(target: TargetLike, batch: int) -> Optional[Tensor]:
+    """``target`` as a ``(batch,)`` long tensor (an int is every image's class), or None.
+
+    Accepts what CAAP accepts: an int, a list/tuple or an integer tensor of ``batch``
+    class indices. The range is checked by :func:`check_target_range` once the number
+    of classes is known.
+    """
+    if target is None:
+        return None
+    if isinstance(target, Tensor):
+        targets = target.detach()
+    elif isinstance(target, (numbers.Number, list, tuple)):
+        try:
+            targets = torch.as_tensor(target)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise ValueError(f"target must be class indices (ints), got {target!r}") from error
+    else:
+        raise ValueError(
+            f"target must be an int, a list/tuple or a tensor of class indices, got {type(target).__name__}"
+        )
+    if targets.dtype == torch.bool or targets.is_floating_point() or targets.is_complex():
+        raise ValueError(f"target must be integer class indices, got {targets.dtype} values")
+    if targets.dim() == 0:
+        targets = targets.expand(batch)
+    if targets.dim() != 1 or targets.numel() != batch:
+        raise ValueError(f"target must be one class per image: got shape {tuple(targets.shape)} for {batch} images")
+    return targets.long()
+
+
+def check_target_range(targets: Tensor, num_classes: int) -> None:
+    """Raise unless every target is a class index in ``[0, num_classes)``."""
+    bad = (targets < 0) | (targets >= num_classes)
+    if bad.any():
+        raise ValueError(
+            f"target {targets[bad].tolist()} out of range for a model with {num_classes} classes "
+            f"(at image(s) {bad.nonzero()[:, 0].tolist()})"
+        )
