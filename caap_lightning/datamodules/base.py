@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import lightning as L
+import numpy as np
 import torch
 import torchvision.transforms.v2 as v2
-from torch.utils.data import DataLoader, Dataset, Subset
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import tv_tensors
 
 from caap_lightning.utils import IMAGENET_MEAN, IMAGENET_STD
@@ -90,16 +93,46 @@ class TransformedDataset(Dataset):
         return out
 
 
+class EpochShuffleSampler(Sampler[int]):
+    """A shuffled order of ``range(length)`` that is a function of ``(seed, epoch)`` alone.
+
+    Lightning calls :meth:`set_epoch` at the start of every epoch (as for a ``DistributedSampler``),
+    so a run resumed from a checkpoint, or one that rebuilds its loaders every epoch, sees the
+    order an uninterrupted run sees. Under DDP Lightning wraps it in its
+    ``DistributedSamplerWrapper``, which shards the order and forwards ``set_epoch``.
+    """
+
+    def __init__(self, length: int, seed: int = 0):
+        if length < 0 or seed < 0:
+            raise ValueError(f"EpochShuffleSampler needs length >= 0 and seed >= 0, got length={length}, seed={seed}")
+        self.length = int(length)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.length).tolist())
+
+
 class MaskedImageDataModule(L.LightningDataModule):
     """Train/val/test loaders of :class:`ProbeBatch` and a fixed, seeded ``probe_batch(n)``.
 
     Subclasses set ``num_classes`` and implement :meth:`build_sources`, returning the raw
     train/val/test sources (see :class:`TransformedDataset`); the base applies the transforms,
     the same geometric transform to the image and its masks. The probe set is a seeded sample
-    of the validation set with the evaluation transform.
+    of the validation set with the evaluation transform. The training order is reshuffled each
+    epoch from ``(seed, epoch)`` (:class:`EpochShuffleSampler`), so a resumed run repeats nothing.
     """
 
     num_classes: int
+    # setup decodes the first this-many probe samples (the CAAPCallback's default probe size), so a
+    # broken file among them fails there; any smaller probe batch is a prefix of them.
+    probe_check_size: int = 16
 
     def __init__(
         self,
@@ -118,6 +151,8 @@ class MaskedImageDataModule(L.LightningDataModule):
             )
         if len(mean) != 3 or len(std) != 3:
             raise ValueError(f"mean and std need 3 channels, got mean={mean}, std={std}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0 (it seeds numpy generators), got {seed}")
         self.img_size = int(img_size)
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
@@ -141,6 +176,13 @@ class MaskedImageDataModule(L.LightningDataModule):
 
     def setup(self, stage: Optional[str] = None) -> None:
         self.sources()
+        self.check_probe_samples()
+
+    def check_probe_samples(self) -> None:
+        """Read the probe's first samples, so that a corrupt file among them fails now, not in a callback."""
+        source = self.sources()[1]
+        for i in self.probe_order(min(self.probe_check_size, len(source))):
+            source[i]  # decodes (and checks) the sample's files; the sample itself is not kept
 
     # Transforms: subclasses may override; masks ride along as tv_tensors.Mask.
     def normalize_transform(self) -> List[v2.Transform]:
@@ -170,11 +212,10 @@ class MaskedImageDataModule(L.LightningDataModule):
         return DataLoader(
             TransformedDataset(source, transform),
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=EpochShuffleSampler(len(source), self.seed) if shuffle else None,
             num_workers=self.num_workers,
             collate_fn=collate_samples,
             persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -186,13 +227,17 @@ class MaskedImageDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.sources()[2], self.eval_transform(), shuffle=False)
 
+    def probe_order(self, n: int) -> List[int]:
+        """Indices of the first ``n`` probe samples in the validation set (a seeded order)."""
+        order = torch.randperm(len(self.sources()[1]), generator=torch.Generator().manual_seed(self.seed))
+        return order[:n].tolist()
+
     def probe_batch(self, n: int) -> ProbeBatch:
         """``n`` validation images in a fixed seeded order: the same ``n`` gives the same batch."""
         source = self.sources()[1]
         if not 1 <= n <= len(source):
             raise ValueError(f"probe_batch needs 1 <= n <= {len(source)} (the validation set), got n={n}")
-        order = torch.randperm(len(source), generator=torch.Generator().manual_seed(self.seed))[:n]
-        dataset = TransformedDataset(Subset(source, order.tolist()), self.eval_transform())
+        dataset = TransformedDataset(Subset(source, self.probe_order(n)), self.eval_transform())
         return collate_samples([dataset[i] for i in range(n)])
 
 
@@ -222,3 +267,40 @@ def check_layout(
 def as_mask(array: Any) -> tv_tensors.Mask:
     """A ``(H, W)`` boolean-like array as a uint8 ``tv_tensors.Mask`` (resizable by v2 transforms)."""
     return tv_tensors.Mask(torch.as_tensor(array).to(torch.uint8))
+
+
+def read_image(path: Path, mode: Optional[str] = "RGB") -> Image.Image:
+    """Decode the image at ``path`` now, converted to ``mode`` (``None``: as stored).
+
+    PIL decodes lazily, so a corrupt or truncated file would otherwise fail deep in a transform,
+    mid-epoch, without its name; here it fails with a ``ValueError`` that names it.
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert(mode) if mode is not None else image.copy()
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # PIL reports a broken file as OSError, SyntaxError, ValueError, zlib.error...
+        raise ValueError(f"cannot decode image {str(path)!r}, it may be corrupt or truncated: {error}") from error
+
+
+def image_size(path: Path) -> Tuple[int, int]:
+    """``(width, height)`` of the image at ``path`` from its header only (no pixel decoding)."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except FileNotFoundError:
+        raise
+    except Exception as error:
+        raise ValueError(f"cannot read the header of image {str(path)!r}, it may be corrupt: {error}") from error
+
+
+def read_json(path: Path) -> Any:
+    """Parse the JSON file at ``path``; a truncated or broken one fails naming the file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"{str(path)!r} is not valid JSON, it may be truncated (re-download or re-export it): {error}"
+        ) from error

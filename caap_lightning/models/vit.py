@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import math
+import zipfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import IO, Any, Dict, Mapping, Optional, Tuple, Union
 
 import lightning as L
 import timm
 import timm.optim
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 from timm.models import load_state_dict as timm_load_state_dict
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
@@ -20,6 +22,31 @@ from caap_lightning.utils import model_normalization
 
 # A Lightning checkpoint of this module stores the timm model's weights under this prefix.
 _LIGHTNING_PREFIX = "model."
+# torch.save writes a zip archive; its legacy format (and plain pickles) start with pickle's PROTO opcode.
+_PICKLE_PROTO = b"\x80"
+
+
+def check_checkpoint_file(path: Union[str, Path], safetensors: bool = False) -> Path:
+    """Fail, naming ``path``, unless it is a non-empty torch checkpoint (or, if allowed, safetensors) file.
+
+    torch.load reports an empty or truncated file as a bare ``EOFError`` or ``KeyError``; a run
+    killed while saving leaves one behind.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint {str(path)!r} is empty or not a checkpoint: it has 0 bytes (was its saving cut short?)")
+    if safetensors and path.suffix == ".safetensors":
+        return path  # its header is checked when it is read
+    with path.open("rb") as file:
+        starts_as_pickle = file.read(1) == _PICKLE_PROTO
+    if not (starts_as_pickle or zipfile.is_zipfile(path)):
+        raise ValueError(
+            f"checkpoint {str(path)!r} is empty or not a checkpoint: neither a torch.save zip archive (complete, "
+            "with its central directory) nor a pickle; was its saving cut short, or is it another kind of file?"
+        )
+    return path
 
 
 def load_checkpoint_weights(model: torch.nn.Module, checkpoint_path: str) -> None:
@@ -29,10 +56,8 @@ def load_checkpoint_weights(model: torch.nn.Module, checkpoint_path: str) -> Non
     does for a pretrained model with a new ``num_classes``; every other key must match. Position
     embeddings saved at another image size are resampled (timm's ViT checkpoint filter).
     """
-    path = Path(checkpoint_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint_path {str(path)!r} does not exist or is not a file")
-    state_dict = timm_load_state_dict(str(path), use_ema=False, weights_only=True)
+    path = check_checkpoint_file(checkpoint_path, safetensors=True)
+    state_dict = read_state_dict(path)
     if any(k.startswith(_LIGHTNING_PREFIX) for k in state_dict):
         state_dict = {k[len(_LIGHTNING_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(_LIGHTNING_PREFIX)}
     if isinstance(model, VisionTransformer):
@@ -54,6 +79,41 @@ def load_checkpoint_weights(model: torch.nn.Module, checkpoint_path: str) -> Non
             f"checkpoint {str(path)!r} does not fit {type(model).__name__}: "
             f"missing keys {sorted(missing)}, unexpected keys {sorted(result.unexpected_keys)}"
         )
+
+
+def read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
+    """timm's reading of a state dict, with a failure that names the file."""
+    try:
+        state_dict = timm_load_state_dict(str(path), use_ema=False, weights_only=True)
+    except Exception as error:  # torch.load, safetensors and timm's unpacking each raise their own types
+        raise ValueError(
+            f"cannot read a state dict from checkpoint {str(path)!r} (empty or not a checkpoint?): {error}"
+        ) from error
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(
+            f"checkpoint {str(path)!r} is empty or not a checkpoint: it holds a {type(state_dict).__name__}, not a state dict"
+        )
+    return state_dict
+
+
+def _is_local_file_path(path: Any) -> bool:
+    # Lightning also loads from URLs, fsspec paths and open files; those are left to it.
+    return isinstance(path, (str, Path)) and "://" not in str(path) and Path(path).is_file()
+
+
+class _CheckedCheckpointIO(_WrappingCheckpointIO):
+    """The Trainer's checkpoint IO, with :func:`check_checkpoint_file` before each load from a local file.
+
+    Lightning's wrapper base (as its ``AsyncCheckpointIO``), so that every strategy accepts it.
+    """
+
+    def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> Dict[str, Any]:
+        if _is_local_file_path(path):
+            check_checkpoint_file(path)
+        return super().load_checkpoint(path, *args, **kwargs)
+
+    def teardown(self) -> None:
+        self.checkpoint_io.teardown()
 
 
 class ViTClassifier(L.LightningModule):
@@ -146,7 +206,15 @@ class ViTClassifier(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Union[str, Path, IO], *args: Any, **kwargs: Any) -> "ViTClassifier":
+        """Lightning's ``load_from_checkpoint``, failing first (naming the file) on an empty or foreign file."""
+        if _is_local_file_path(checkpoint_path):
+            check_checkpoint_file(checkpoint_path)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
     def setup(self, stage: str) -> None:
+        self._check_checkpoint_loads()
         datamodule = self.trainer.datamodule
         data_mean, data_std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
         if data_mean is not None and data_std is not None:
@@ -155,6 +223,19 @@ class ViTClassifier(L.LightningModule):
                     f"the datamodule normalises with mean={tuple(data_mean)}, std={tuple(data_std)} but the model "
                     f"expects mean={self.mean}, std={self.std}; set the datamodule's mean/std (or the model's) to match"
                 )
+
+    def _check_checkpoint_loads(self) -> None:
+        # Trainer.fit(ckpt_path=...) loads the file after the setup hooks, and trainer.ckpt_path is set
+        # only as loading starts; checking in the Trainer's checkpoint IO is the first point that sees it.
+        strategy = self.trainer.strategy
+        if not isinstance(strategy.checkpoint_io, _CheckedCheckpointIO):
+            strategy.checkpoint_io = _CheckedCheckpointIO(strategy.checkpoint_io)
+
+    def teardown(self, stage: str) -> None:
+        # The Trainer is left with the checkpoint IO it came with.
+        strategy = self.trainer.strategy
+        if isinstance(strategy.checkpoint_io, _CheckedCheckpointIO):
+            strategy.checkpoint_io = strategy.checkpoint_io.checkpoint_io
 
     @staticmethod
     def unpack(batch: Any) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -93,3 +93,66 @@ def test_unknown_category_and_missing_files(coco_files, tmp_path):
     missing = str(tmp_path / "none.json")
     with pytest.raises(FileNotFoundError, match="none.json"):
         CocoMaskDataModule(images, missing, images, missing).setup("fit")
+
+
+def rewrite_annotations(coco_files, change):
+    _, annotations = coco_files
+    with open(annotations) as f:
+        coco = json.load(f)
+    change(coco)
+    with open(annotations, "w") as f:
+        json.dump(coco, f)
+
+
+def test_truncated_annotation_file_is_named(coco_files):
+    _, annotations = coco_files
+    with open(annotations) as f:
+        text = f.read()
+    with open(annotations, "w") as f:
+        f.write(text[: len(text) // 2])
+    with pytest.raises(ValueError, match=r"instances\.json.*not valid JSON"):
+        make(coco_files).setup("fit")
+
+
+@pytest.mark.parametrize(
+    "corrupt, problem",
+    [
+        (lambda rle: {**rle, "counts": rle["counts"][: len(rle["counts"]) // 2]}, r"runs cover \d+ pixels, not 30x40"),
+        (lambda rle: {**rle, "counts": rle["counts"] + "Z"}, "do not decode"),
+        (lambda rle: {**rle, "size": [H, W + 1]}, r"size \[30, 41\] is not the image's \[30, 40\]"),
+    ],
+    ids=["truncated", "dangling", "size"],
+)
+def test_corrupt_compressed_rle_is_named(coco_files, corrupt, problem):
+    # pycocotools would decode these without an error, into a wrong mask or past its end.
+    def corrupt_bird(coco):
+        bird = coco["annotations"][4]
+        bird["segmentation"] = corrupt(bird["segmentation"])
+
+    rewrite_annotations(coco_files, corrupt_bird)
+    with pytest.raises(ValueError, match=rf"annotation 5 \(image 3, c\.png\) in .*instances\.json.*{problem}"):
+        make(coco_files).setup("fit")
+
+
+def test_corrupt_uncompressed_rle_is_named(coco_files):
+    rewrite_annotations(coco_files, lambda coco: coco["annotations"][1]["segmentation"]["counts"].append(7))
+    with pytest.raises(ValueError, match=r"annotation 2 \(image 2, b\.png\).*runs cover 1207 pixels"):
+        make(coco_files, categories=["dog", "cat"]).setup("fit")
+
+
+def test_broken_polygon_is_named_where_pycocotools_fails(coco_files):
+    def short_polygon_without_area(coco):
+        coco["annotations"][0].update(segmentation=[[10, 5, 20]])
+        del coco["annotations"][0]["area"]
+
+    rewrite_annotations(coco_files, short_polygon_without_area)
+    with pytest.raises(ValueError, match=r"annotation 1 \(image 1, a\.png\).*cannot read"):
+        make(coco_files).setup("fit")
+
+
+def test_corrupt_image_is_named_at_setup(coco_files):
+    images, _ = coco_files
+    with open(f"{images}/b.png", "r+b") as f:
+        f.truncate(60)  # the header survives, the pixel data does not
+    with pytest.raises(ValueError, match=r"b\.png.*truncated"):
+        make(coco_files).setup("fit")  # the validation split is the probe's: every file of it is probed here

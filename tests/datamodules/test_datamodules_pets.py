@@ -110,3 +110,47 @@ def test_download_happens_in_prepare_data(tmp_path, monkeypatch):
     data.setup("fit")
     assert len(downloads) == 1  # setup (on every rank) finds the files and fetches nothing
     assert len(data.train_dataloader().dataset) == len(SPLITS["trainval"])
+
+
+def save_truncated_jpeg(path, size=(W, H)):
+    """A JPEG whose header is whole but whose pixel data stops halfway (as an interrupted copy leaves it)."""
+    noise = np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(noise).save(path, quality=95)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 3 // 4])
+
+
+def test_trimap_of_another_size_fails_at_setup_naming_it(pet_root):
+    # A training image: setup checks every trimap's size from the headers, not only the probe's.
+    trimap = pet_root / "oxford-iiit-pet" / "annotations" / "trimaps" / "american_bulldog_2.png"
+    Image.fromarray(np.full((H + 4, W), 1, np.uint8)).save(trimap)
+    with pytest.raises(ValueError, match=rf"american_bulldog_2\.png is {W}x{H + 4} but american_bulldog_2\.jpg is {W}x{H}"):
+        OxfordPetDataModule(root=str(pet_root), img_size=16).setup("fit")
+
+
+@pytest.mark.parametrize("image_id", ["Abyssinian_3", "Abyssinian_1"], ids=["probe", "train"])
+def test_trimap_with_other_values_is_rejected_naming_file_and_values(pet_root, image_id):
+    trimap = np.full((H, W), 255, np.uint8)
+    trimap[:, : W // 2] = 0  # a binary mask saved as 0/255: no 2, so it would all count as pet
+    Image.fromarray(trimap).save(pet_root / "oxford-iiit-pet" / "annotations" / "trimaps" / f"{image_id}.png")
+    dm = OxfordPetDataModule(root=str(pet_root), img_size=16, batch_size=4)
+    match = rf"{image_id}\.png.*\[0, 255\]"
+    if image_id == "Abyssinian_3":  # a probe file: setup reads it
+        with pytest.raises(ValueError, match=match):
+            dm.setup("fit")
+    else:
+        dm.setup("fit")
+        with pytest.raises(ValueError, match=match):
+            next(iter(dm.train_dataloader()))
+
+
+def test_truncated_image_is_named_at_setup_when_probed_and_mid_epoch_otherwise(pet_root):
+    images = pet_root / "oxford-iiit-pet" / "images"
+    save_truncated_jpeg(images / "Abyssinian_2.jpg")
+    dm = OxfordPetDataModule(root=str(pet_root), img_size=16, batch_size=4)
+    dm.setup("fit")  # a training image: not read at setup
+    with pytest.raises(ValueError, match=r"Abyssinian_2\.jpg.*truncated"):
+        list(dm.train_dataloader())
+    save_truncated_jpeg(images / "american_bulldog_3.jpg")
+    with pytest.raises(ValueError, match=r"american_bulldog_3\.jpg.*truncated"):
+        OxfordPetDataModule(root=str(pet_root), img_size=16).setup("fit")

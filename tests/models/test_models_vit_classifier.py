@@ -1,10 +1,11 @@
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from safetensors.torch import save_file
 
 from caap_lightning.datamodules import SyntheticSpuriousDataModule
-from caap_lightning.models import ViTClassifier
+from caap_lightning.models import ViTClassifier, load_checkpoint_weights
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 
@@ -218,3 +219,51 @@ def test_weight_decay_spares_biases_norms_and_tokens_and_frozen_weights_stay_out
     assert groups[0.05] == expected_decay
     if not freeze_backbone:
         assert {"pos_embed", "cls_token", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias"} <= groups[0.0]
+
+
+def broken_checkpoints(tmp_path):
+    """A 0-byte file, a text file and a checkpoint cut short as a killed save leaves it."""
+    empty = tmp_path / "empty.ckpt"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.ckpt"
+    text.write_text("hello")
+    cut = tmp_path / "cut.pth"
+    torch.save(tiny().model.state_dict(), cut)
+    cut.write_bytes(cut.read_bytes()[:1000])
+    return [empty, text, cut]
+
+
+def test_empty_or_foreign_checkpoint_path_is_named(tmp_path):
+    (tmp_path / "empty.safetensors").touch()
+    for path in broken_checkpoints(tmp_path) + [tmp_path / "empty.safetensors"]:
+        with pytest.raises(ValueError, match=rf"{path.name}.*empty or not a checkpoint"):
+            tiny(checkpoint_path=str(path))
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x08" + bytes(15))
+    with pytest.raises(ValueError, match=r"garbage\.safetensors.*empty or not a checkpoint"):
+        load_checkpoint_weights(tiny().model, str(garbage))
+    listed = tmp_path / "list.pth"
+    torch.save([1, 2], listed)
+    with pytest.raises(ValueError, match=r"list\.pth.*empty or not a checkpoint"):
+        load_checkpoint_weights(tiny().model, str(listed))
+
+
+def test_load_from_checkpoint_names_an_empty_or_foreign_file(tmp_path):
+    for path in broken_checkpoints(tmp_path):
+        with pytest.raises(ValueError, match=rf"{path.name}.*empty or not a checkpoint"):
+            ViTClassifier.load_from_checkpoint(path)
+
+
+def test_fit_with_an_empty_ckpt_path_names_it_and_a_sound_one_resumes(tmp_path):
+    data = SyntheticSpuriousDataModule(num_classes=4, img_size=32, cue_size=4, num_train=8, num_val=4, batch_size=4)
+    empty = broken_checkpoints(tmp_path)[0]
+    model = tiny(mean=data.mean, std=data.std)
+    with pytest.raises(ValueError, match=r"empty\.ckpt.*empty or not a checkpoint"):
+        trainer(max_epochs=1, limit_val_batches=0).fit(model, datamodule=data, ckpt_path=empty)
+    fit = trainer(max_epochs=1, limit_val_batches=0)
+    fit.fit(model, datamodule=data)
+    fit.save_checkpoint(tmp_path / "epoch1.ckpt")
+    resumed = trainer(max_epochs=2, limit_val_batches=0)
+    resumed.fit(tiny(mean=data.mean, std=data.std), datamodule=data, ckpt_path=tmp_path / "epoch1.ckpt")
+    assert resumed.global_step == 4  # 2 batches an epoch, 2 epochs
+    assert type(resumed.strategy.checkpoint_io) is TorchCheckpointIO  # the Trainer's own IO is back after the fit
