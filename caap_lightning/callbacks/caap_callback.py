@@ -7,14 +7,17 @@ import importlib.util
 import inspect
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
+from torch.utils.data import Dataset
 
 from caap_lightning.attribution import registry
 from caap_lightning.attribution.blanks import BLANK_KINDS
@@ -22,41 +25,82 @@ from caap_lightning.attribution.caap import CAAP, CONSTRUCTIONS
 from caap_lightning.attribution.selection import SELECTIONS
 from caap_lightning.attribution.vit import check_images
 from caap_lightning.callbacks import figures
-from caap_lightning.metrics import AUPR, AttributionMass, InsertionDeletion, PointingGame
-from caap_lightning.utils import eval_mode, model_normalization, unnormalize, upsample_maps
+from caap_lightning.callbacks.discovery import find_attribution_model
+from caap_lightning.callbacks.probe import (
+    ProbeKeys,
+    check_pixel_range,
+    check_probe,
+    first_samples,
+    probe_from_dataset,
+    probe_from_loader,
+    raw_eval_loader,
+    resolve_normalization,
+    to_probe_batch,
+)
+from caap_lightning.datamodules.base import ProbeBatch
+from caap_lightning.metrics import AUPR, AttributionMass, InsertionDeletion, PointingGame, attribution_mass
+from caap_lightning.utils import eval_mode, unnormalize, upsample_maps
 
-# Each metric and the probe field it needs (None: no mask).
-METRIC_MASKS: Dict[str, Optional[str]] = {
-    "aupr_fg": "masks",
-    "aupr_bg": "masks",
-    "pointing_game": "masks",
-    "insertion_deletion": None,
-    "background_mass": "masks",
-    "background_mass_ratio": "masks",
-    "cue_mass": "cue_masks",
-    "cue_mass_ratio": "cue_masks",
-}
-# Mass metrics: (region of AttributionMass, mask field, normalize_by_area).
-MASS_METRICS = {
-    "background_mass": ("outside", "masks", False),
-    "background_mass_ratio": ("outside", "masks", True),
-    "cue_mass": ("mask", "cue_masks", False),
-    "cue_mass_ratio": ("mask", "cue_masks", True),
-}
-# The scalars each metric logs (under caap/), each read from a key of the metric's compute().
-METRIC_SCALARS: Dict[str, Dict[str, str]] = {
-    "aupr_fg": {"aupr_fg": "aupr", "aupr_fg_lift": "lift"},
-    "aupr_bg": {"aupr_bg": "aupr", "aupr_bg_lift": "lift"},
-    "pointing_game": {"pointing_game": "pointing_game"},
-    "insertion_deletion": {k: k for k in ("insertion", "deletion", "insdel", "insdel_informative")},
-    **{name: {name: "attribution_mass"} for name in MASS_METRICS},
-}
 TARGETS = ("predicted", "label")
 ON_ERROR = ("warn", "raise")
 PRECISIONS = ("trainer", "32")
-PREFIX = "caap/"
+SCORES = ("probability", "logit")
 # Heatmap-grid column titles of the attribution methods (others: the method's name).
 COLUMN_TITLES = {"caap": "CAAP (A - A_blank)"}
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric of the check: the probe field it needs, its meter, its update and its logged scalars.
+
+    ``scalars`` maps each logged scalar (``caap/<scalar>``) to a key of the meter's
+    ``compute_details()``. ``region``/``by_area`` are set for mass metrics, which also have a
+    per-image value (published in :attr:`ProbeResult.per_image`).
+    """
+
+    needs: Optional[str]  # "masks", "cue_masks" or None
+    build: Callable[["_MeterContext"], Any]
+    scalars: Dict[str, str]
+    region: Optional[str] = None
+    by_area: bool = False
+
+    def update(self, meter: Any, pixel_maps: torch.Tensor, shard: "_ProbeShard") -> None:
+        if self.needs is None:  # Insertion/Deletion scores the images themselves
+            meter.update(shard.images, pixel_maps, target=shard.targets)
+        else:
+            meter.update(pixel_maps, shard.masks[self.needs])
+
+
+@dataclass(frozen=True)
+class _MeterContext:
+    model: nn.Module
+    step: Optional[int]
+    curves: bool
+
+
+def _mass(needs: str, region: str, by_area: bool, scalar: str) -> MetricSpec:
+    return MetricSpec(
+        needs, lambda ctx: AttributionMass(region=region, normalize_by_area=by_area),
+        {scalar: "attribution_mass"}, region=region, by_area=by_area,
+    )
+
+
+# One entry per metric: adding a metric is adding a line here.
+METRICS: Dict[str, MetricSpec] = {
+    "aupr_fg": MetricSpec("masks", lambda ctx: AUPR(region="foreground"), {"aupr_fg": "aupr", "aupr_fg_lift": "lift"}),
+    "aupr_bg": MetricSpec("masks", lambda ctx: AUPR(region="background"), {"aupr_bg": "aupr", "aupr_bg_lift": "lift"}),
+    "pointing_game": MetricSpec("masks", lambda ctx: PointingGame(), {"pointing_game": "pointing_game"}),
+    "insertion_deletion": MetricSpec(
+        None,
+        # Its forwards dominate the check; on a CPU, batches of 256 run them faster than batches of 64.
+        lambda ctx: InsertionDeletion(ctx.model, step=ctx.step, batch_size=256, curves=ctx.curves),
+        {k: k for k in ("insertion", "deletion", "insdel", "insdel_informative")},
+    ),
+    "background_mass": _mass("masks", "outside", False, "background_mass"),
+    "background_mass_ratio": _mass("masks", "outside", True, "background_mass_ratio"),
+    "cue_mass": _mass("cue_masks", "mask", False, "cue_mass"),
+    "cue_mass_ratio": _mass("cue_masks", "mask", True, "cue_mass_ratio"),
+}
 
 
 class CheckFailed(Exception):
@@ -65,15 +109,26 @@ class CheckFailed(Exception):
 
 @dataclass
 class ProbeResult:
-    """One check on the whole probe batch (gathered across ranks, identical on every rank)."""
+    """One check on the whole probe batch (gathered across ranks, identical on every rank).
+
+    This is what :class:`CAAPCallback` publishes (``callback.last``) and what other callbacks
+    such as :class:`SpuriousCueMonitor` read: the metrics under their logged names, the maps,
+    the probe they explain and how to draw them.
+    """
 
     epoch: int
     step: int
+    stage: str  # "fit", "validate" or "test": the Trainer function that ran the check
     metrics: Dict[str, float]
     targets: torch.Tensor  # the class each map explains, (n,)
     scores: torch.Tensor  # the model's probability of the target, (n,)
     method_maps: Dict[str, torch.Tensor]  # the patch maps of every method that succeeded, primary first
+    probe: ProbeBatch  # the probe images (normalised), labels and masks, on the CPU
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+    class_names: List[str] = field(default_factory=list)
     method_curves: Dict[str, Dict[str, torch.Tensor]] = field(default_factory=dict)  # their mean ins/del curves
+    per_image: Dict[str, torch.Tensor] = field(default_factory=dict)  # logged name -> (n,) values, mass metrics
 
     @property
     def maps(self) -> torch.Tensor:
@@ -84,6 +139,34 @@ class ProbeResult:
     def curves(self) -> Dict[str, torch.Tensor]:
         """The primary method's mean insertion/deletion curves (empty without that metric)."""
         return next(iter(self.method_curves.values()), {})
+
+    def class_name(self, index: int) -> str:
+        return self.class_names[index] if 0 <= index < len(self.class_names) else str(index)
+
+    def row_title(self, i: int) -> str:
+        """``#index label -> explained class p=score`` (and the cue's class where known)."""
+        probe = self.probe
+        label = self.class_name(int(probe.labels[i])) if int(probe.labels[i]) >= 0 else "?"
+        title = f"#{i} {label} -> {self.class_name(int(self.targets[i]))} p={float(self.scores[i]):.2f}"
+        if probe.cue_labels is not None:
+            title += f", cue: {self.class_name(int(probe.cue_labels[i]))}"
+        return title
+
+    def draw_rows(self, rows: List[int]) -> Any:
+        """The heatmap grid of the given probe rows (image | an overlay per method | masks), ``(H, W, 3)`` uint8."""
+        probe = self.probe
+        index = torch.as_tensor(rows, dtype=torch.long)
+        size = tuple(probe.images.shape[-2:])
+        overlays = {
+            COLUMN_TITLES.get(name, name): upsample_maps(maps[index].cpu(), size) for name, maps in self.method_maps.items()
+        }
+        return figures.heatmap_grid(
+            unnormalize(probe.images[index], self.mean, self.std),
+            overlays,
+            [self.row_title(i) for i in rows],
+            masks=None if probe.masks is None else probe.masks[index],
+            cue_masks=None if probe.cue_masks is None else probe.cue_masks[index],
+        )
 
 
 @dataclass
@@ -96,28 +179,61 @@ class _ProbeShard:
     scores: torch.Tensor
 
 
+class ClassifierView(nn.Module):
+    """A headless ViT and the module's own head as one classifier, for the metrics' forwards.
+
+    It holds references, not copies, so it always runs the current weights.
+    """
+
+    def __init__(self, vit: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.vit = vit
+        self.head = head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.vit(images))
+
+
 class CAAPCallback(Callback):
     """Attribution maps of a fixed probe batch and their metrics, at the end of validation.
 
-    The probe batch (``datamodule.probe_batch(num_images)``) is taken once, in ``setup``. At the
-    end of every ``every_n_epochs``-th validation of a fit, and of every ``validate``/``test``
-    run, the callback attributes the probe images with each of ``methods`` (CAAP alone by
-    default) and logs, per method, each metric as a scalar. The first method is the primary
-    one: its scalars are ``caap/<scalar>`` (e.g. ``caap/insdel``, ``caap/cue_mass_ratio``, what
+    The probe batch is taken once, in ``setup``: ``probe`` if given, else the datamodule's
+    ``probe_batch(num_images)``, else the first ``num_images`` samples of the validation (or
+    test) dataloader, in the same order on every rank. At the end of every
+    ``every_n_epochs``-th validation of a fit, and of every ``validate``/``test`` run, the
+    callback attributes the probe images with each of ``methods`` (CAAP alone by default) and
+    logs, per method, each metric as a scalar. The first method is the primary one: its scalars
+    are ``<prefix>/<scalar>`` (e.g. ``caap/insdel``, ``caap/cue_mass_ratio``, what
     :class:`SpuriousCueMonitor` watches); every further method's are
-    ``caap/<method>/<scalar>`` (e.g. ``caap/gradcam/insdel``). It also logs ``caap/seconds``
-    (the whole check's wall time), a heatmap grid with one overlay column per method
-    (``caap/heatmaps``) and the mean Insertion/Deletion curves of every method
-    (``caap/insertion_deletion``). Under DDP each rank attributes its share of the probe batch,
-    the metrics sync, and rank zero draws the images. The history of metric values survives a
-    resume from checkpoint.
+    ``<prefix>/<method>/<scalar>`` (e.g. ``caap/gradcam/insdel``). It also logs
+    ``<prefix>/seconds`` (the whole check's wall time), a heatmap grid with one overlay column per
+    method (``<prefix>/heatmaps``) and the mean Insertion/Deletion curves of every method
+    (``<prefix>/insertion_deletion``); loggers that cannot show images get PNG files under the
+    run's log directory. Each check's result is published as :attr:`last` (a
+    :class:`ProbeResult`). Under DDP each rank attributes its share of the probe batch, the
+    metrics sync, and rank zero draws the images. The history of metric values survives a
+    resume from checkpoint; several instances (with different ``prefix``) run in one Trainer.
 
-    The model attributed is ``pl_module.get_attribution_model()`` if it exists, else
-    ``pl_module.model``, else ``pl_module`` itself: a timm ``VisionTransformer`` CAAP supports.
+    The model attributed is found at every check (so a module swapped during the fit is
+    picked up): ``pl_module.get_attribution_model()``, else ``pl_module.model``, else the one
+    timm ``VisionTransformer`` among the module's submodules. A ViT built with
+    ``num_classes=0`` is completed by the module's own head: ``get_attribution_head()``, else
+    the submodule named by ``head``, else the one ``nn.Linear`` that takes the ViT's features.
 
     Args:
         every_n_epochs: run after the validation of every n-th epoch of a fit.
         num_images: size of the probe batch (each rank attributes a share under DDP).
+        probe: the probe itself: images ``(n, 3, H, W)``, a tuple ``(images, labels[, masks[,
+            cue_masks]])``, a dict with those keys, a ``ProbeBatch`` or a ``Dataset`` (its first
+            ``num_images`` samples). Images are normalised as the model expects; masks are
+            ``(n, H, W)`` or ``(n, 1, H, W)``, bool or 0/1.
+        probe_keys: the names of a dict batch's fields, e.g. ``{"images": "pixel_values",
+            "labels": "label"}``, where the defaults (``image``/``images``/``pixel_values``/``x``,
+            ``label``/``labels``/``target``/``y``, ``mask``/``masks``, ...) do not cover them.
+        mean, std: the normalisation of the images, for the blank and the display; else the
+            datamodule's ``mean``/``std``, else the model's ``pretrained_cfg`` (said once).
+        head: attribute path on the LightningModule of the head of a ViT built with
+            ``num_classes=0`` (e.g. ``"classifier"``), where it cannot be found by itself.
         methods: *which* attribution methods, by registry name (see
             :func:`~caap_lightning.attribution.registry.available_methods`: ``caap``, ``gradcam``,
             ``rollout``, ``tattr``, ``input_x_gradient``, ``simple_insertion``,
@@ -127,21 +243,19 @@ class CAAPCallback(Callback):
         method_kwargs: constructor arguments per method other than ``caap``, e.g.
             ``{"simple_insertion": {"batch_size": 32}}``. Methods that take ``mean``/``std``
             get the data's normalisation unless given here.
-        layer_cutoff, selection, blank: CAAP's settings (see :class:`~caap_lightning.CAAP`).
+        layer_cutoff, selection, blank, score: CAAP's settings (see :class:`~caap_lightning.CAAP`).
             ``layer_cutoff="auto"`` picks it once, at the first check, with :meth:`CAAP.calibrate`
             on the probe batch: the cutoff sweep ``k = 0..L`` by InsDel, with the check's
             Insertion/Deletion steps. The first check rather than the fit's start, because a
             fine-tune's new head is untrained at the start and the sweep would rank noise. The
             sweep costs about ``L + 1`` checks, once; its table is logged as
-            ``caap/layer_cutoff_sweep`` (text) and the pick survives a resume.
+            ``<prefix>/layer_cutoff_sweep`` (text) and the pick survives a resume.
         construction: *how* CAAP computes its maps, not which methods run: ``"windowed"`` (the
             default here: also recomputes the blank tokens within ``window`` patches of each
             patch), ``"parallel"`` (exact, batched, CAAP's own default), ``"efficient"``
             (E-CAAP, approximate) or ``"standard"`` (textbook activation patching, one forward
-            per patch). ``windowed`` with ``window=2`` closes most of the gap to ``standard`` at
-            about 5x ``parallel``'s time per map (``benchmarks/results/quality.md``); on the demo
-            the whole check then costs about 14% of an epoch, against 10% with ``parallel``
-            (``benchmarks/results/callback-overhead.md``).
+            per patch). Its quality and cost against the others: ``benchmarks/results/quality.md``
+            and ``callback-overhead.md``.
         window: radius, in patches, of the recomputed window of ``construction="windowed"``.
         metrics: any of ``aupr_fg``, ``aupr_bg``, ``pointing_game``, ``insertion_deletion``,
             ``background_mass``, ``background_mass_ratio``, ``cue_mass``, ``cue_mass_ratio``;
@@ -151,22 +265,28 @@ class CAAPCallback(Callback):
         insertion_deletion_steps: steps of each Insertion/Deletion curve (``ceil(H * W / steps)``
             pixels each); the default 16 keeps the check cheap. ``None`` takes one patch per step,
             the benchmark protocol, at about ``num_patches / 16`` times the cost.
-        log_images: log the heatmap grid and the curve figure (TensorBoard loggers).
+        log_images: log the heatmap grid and the curve figure.
         max_images_logged: rows of the heatmap grid.
         precision: ``"trainer"`` runs the check's forwards as the Trainer runs its validation
-            steps (under ``precision="bf16-mixed"``, in bf16 autocast: on a GPU the check then
-            keeps its small share of a bf16 epoch, and its maps rank the patches as fp32's do,
-            Spearman above 0.9 in ``tests/gpu``); ``"32"`` runs them without autocast, so that a
-            mixed-precision fit gets the float32 maps and metrics of a float32 evaluation.
-        on_error: ``"warn"`` reports a failure and lets training go on: a failing primary
-            method skips the check, a failing further method is left out of it (the others
-            are logged). ``"raise"`` stops.
+            steps (under ``precision="bf16-mixed"``, in bf16 autocast; ``tests/gpu`` checks that
+            its maps rank the patches as fp32's do); ``"32"`` runs them without autocast, so that
+            a mixed-precision fit gets the float32 maps and metrics of a float32 evaluation.
+        on_error: ``"warn"`` reports a failure (on the rank where it happened) and lets training
+            go on: a failing primary method skips the check, a failing further method is left
+            out of it (the others are logged). ``"raise"`` stops.
+        prefix: the first part of every logged name; give each instance its own when a Trainer
+            has several.
     """
 
     def __init__(
         self,
         every_n_epochs: int = 1,
         num_images: int = 16,
+        probe: Any = None,
+        probe_keys: Optional[Dict[str, Union[str, List[str]]]] = None,
+        mean: Optional[List[float]] = None,
+        std: Optional[List[float]] = None,
+        head: Optional[str] = None,
         methods: Optional[List[str]] = None,
         method_kwargs: Optional[Dict[str, Dict[str, Any]]] = None,
         layer_cutoff: Optional[Union[int, str]] = None,
@@ -174,6 +294,7 @@ class CAAPCallback(Callback):
         blank: str = "white",
         construction: str = "windowed",
         window: int = 2,
+        score: str = "probability",
         metrics: Optional[List[str]] = None,
         target: str = "predicted",
         insertion_deletion_steps: Optional[int] = 16,
@@ -181,6 +302,7 @@ class CAAPCallback(Callback):
         max_images_logged: int = 8,
         on_error: str = "warn",
         precision: Union[str, int] = "trainer",
+        prefix: str = "caap",
     ) -> None:
         super().__init__()
         precision = str(precision)  # 32, as Lightning's own precision flag accepts it
@@ -197,10 +319,13 @@ class CAAPCallback(Callback):
             raise ValueError(f"window must be an int >= 0 (patches around each patch), got {window!r}")
         if insertion_deletion_steps is not None and insertion_deletion_steps < 1:
             raise ValueError(f"insertion_deletion_steps must be >= 1 or None (one patch per step), got {insertion_deletion_steps}")
+        if not prefix or "/" in prefix:
+            raise ValueError(f"prefix must be a non-empty name without '/', got {prefix!r}")
         for name, value, choices in (
             ("selection", selection, tuple(SELECTIONS)),
             ("blank", blank, BLANK_KINDS),
             ("construction", construction, CONSTRUCTIONS),
+            ("score", score, SCORES),
             ("target", target, TARGETS),
             ("on_error", on_error, ON_ERROR),
             ("precision", precision, PRECISIONS),
@@ -208,16 +333,21 @@ class CAAPCallback(Callback):
             if value not in choices:
                 raise ValueError(f"{name}={value!r} is not one of {choices}")
         if metrics is not None:
-            unknown = [m for m in metrics if m not in METRIC_MASKS]
+            unknown = [m for m in metrics if m not in METRICS]
             if unknown or len(set(metrics)) != len(metrics):
-                raise ValueError(f"metrics {list(metrics)} must be distinct names from {list(METRIC_MASKS)}; unknown: {unknown}")
+                raise ValueError(f"metrics {list(metrics)} must be distinct names from {list(METRICS)}; unknown: {unknown}")
         methods = ["caap"] if methods is None else list(methods)
         method_kwargs = {name: dict(kwargs) for name, kwargs in (method_kwargs or {}).items()}
         check_methods(methods, method_kwargs)
         if layer_cutoff == "auto" and "caap" not in methods:
             raise ValueError(f"layer_cutoff='auto' calibrates CAAP, which is not in methods={methods}; add 'caap' or drop it")
+        self.probe_keys = ProbeKeys.from_mapping(probe_keys)
+        self.user_probe = None if probe is None else _own_probe(probe, num_images, self.probe_keys)
         self.every_n_epochs = every_n_epochs
         self.num_images = num_images
+        self.user_mean = None if mean is None else tuple(float(m) for m in mean)
+        self.user_std = None if std is None else tuple(float(s) for s in std)
+        self.head = head
         self.methods = methods
         self.method_kwargs = method_kwargs
         self.layer_cutoff = layer_cutoff
@@ -225,6 +355,7 @@ class CAAPCallback(Callback):
         self.blank = blank
         self.construction = construction
         self.window = window
+        self.score = score
         self.metrics = None if metrics is None else list(metrics)
         self.target = target
         self.insertion_deletion_steps = insertion_deletion_steps
@@ -232,66 +363,111 @@ class CAAPCallback(Callback):
         self.max_images_logged = max_images_logged
         self.on_error = on_error
         self.precision = precision
+        self.prefix = prefix
 
-        self.history: List[Dict[str, float]] = []
+        self.history: List[Dict[str, Any]] = []
         self.last: Optional[ProbeResult] = None
-        self.probe: Any = None  # the full probe batch (a ProbeBatch), on the CPU
+        self.probe: Optional[ProbeBatch] = None  # the full probe batch, on the CPU
         self.class_names: List[str] = []
         self.mean: Optional[tuple] = None
         self.std: Optional[tuple] = None
         self.active_metrics: List[str] = []
-        self._model: Optional[nn.Module] = None
+        self._model: Optional[nn.Module] = None  # the ViT
+        self._head: Optional[nn.Module] = None  # the module's own head of a headless ViT
         self._methods: Dict[str, Any] = {}  # name -> the attribution method, in `methods` order
         self._meters: Dict[str, Dict[str, Any]] = {}  # method -> metric -> meter
-        self._prepared_for: Optional[tuple] = None
+        self._probe_for: Optional[tuple] = None
+        self._built_for: Optional[tuple] = None
+        self._checked_schedule_of: Optional[tuple] = None
         # layer_cutoff="auto": the sweep's rows and the cutoff it picked (kept in the checkpoint).
         self.calibration: Optional[List[Dict[str, float]]] = None
         self.calibrated_cutoff: Optional[int] = None
 
+    @property
+    def state_key(self) -> str:
+        # Several instances in one Trainer each keep their own state, as EarlyStopping's do.
+        return self._generate_state_key(prefix=self.prefix, methods=self.methods)
+
     # ------------------------------------------------------------------ set-up
-    @staticmethod
-    def attribution_model(pl_module: L.LightningModule) -> nn.Module:
-        """The module CAAP explains: ``get_attribution_model()``, ``.model``, or the module itself."""
-        hook = getattr(pl_module, "get_attribution_model", None)
-        if callable(hook):
-            return hook()
-        inner = getattr(pl_module, "model", None)
-        return inner if isinstance(inner, nn.Module) else pl_module
-
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self.prepare(trainer, pl_module)
-
-    def prepare(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Take the probe batch, resolve the metrics and build the methods; fail here on a wrong configuration."""
-        datamodule = trainer.datamodule
-        # What the built methods depend on: setting e.g. `callback.construction` between runs rebuilds them.
-        settings = (tuple(self.methods), self.layer_cutoff, self.selection, self.blank, self.construction, self.window)
-        key = (id(datamodule), id(pl_module), settings)
-        if self._prepared_for == key:
+        # A SpuriousCueMonitor may have run this setup already: the warnings come once per run.
+        first = self._checked_schedule_of != (id(trainer), stage)
+        self._checked_schedule_of = (id(trainer), stage)
+        if stage == "fit" and not _has_val_loop(trainer):
+            # Nothing to check in this fit: say so instead of failing on a probe it would never use.
+            if first:
+                self._warn_if_never_run(trainer)
             return
-        if datamodule is None or not callable(getattr(datamodule, "probe_batch", None)):
-            raise ValueError(
-                "CAAPCallback needs a datamodule with probe_batch(n) (every caap_lightning datamodule has one); "
-                f"got {type(datamodule).__name__ if datamodule is not None else 'no datamodule'}. "
-                "Pass datamodule=... to the Trainer's fit/validate/test."
+        self.prepare(trainer, pl_module, stage)
+        if not first:
+            return
+        if stage == "fit":
+            self._warn_if_never_run(trainer)
+        if self.log_images and not figures.image_capable(trainer):
+            rank_zero_warn(
+                "CAAPCallback: the Trainer's loggers cannot show images "
+                f"({', '.join(type(lg).__name__ for lg in trainer.loggers) or 'no logger'}); the heatmap grids "
+                f"and curves are saved as {figures.describe_destinations(trainer)}."
             )
+
+    def prepare(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: Optional[str] = None) -> None:
+        """Take the probe batch, resolve the metrics and build the methods; fail here on a wrong configuration."""
+        self._check_siblings(trainer)
         if self.num_images < trainer.world_size:
             raise ValueError(f"num_images={self.num_images} is below the {trainer.world_size} processes; raise num_images")
-        probe = datamodule.probe_batch(self.num_images).to("cpu")
-        self.active_metrics = self._resolve_metrics(probe, type(datamodule).__name__)
+        datamodule = trainer.datamodule
+        if self._probe_for != (id(datamodule),) or self.probe is None:
+            self.probe = self._take_probe(trainer, pl_module, stage or trainer_stage(trainer))
+            if self.target == "label" and bool((self.probe.labels < 0).any()):
+                raise ValueError(
+                    "CAAPCallback(target='label') explains each image's label, but the probe has images without "
+                    "labels; give the probe labels, or use target='predicted'"
+                )
+            self.active_metrics = self._resolve_metrics(self.probe)
+            self.class_names = _class_names(datamodule)
+            self._probe_for = (id(datamodule),)
+            self._built_for = None
+        self._build(trainer, pl_module)
 
-        model = self.attribution_model(pl_module)
-        # The blank is normalised as the probe images are: with the data's mean/std first.
-        mean = getattr(datamodule, "mean", None) or getattr(pl_module, "mean", None)
-        std = getattr(datamodule, "std", None) or getattr(pl_module, "std", None)
+    def _take_probe(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> ProbeBatch:
+        datamodule = trainer.datamodule
+        if self.user_probe is not None:
+            probe = self.user_probe
+        elif callable(getattr(datamodule, "probe_batch", None)):
+            probe = to_probe_batch(datamodule.probe_batch(self.num_images), self.probe_keys)
+        else:
+            loader = raw_eval_loader(trainer, pl_module, stage)
+            if loader is None:
+                raise ValueError(
+                    "CAAPCallback found no probe images: pass probe=... (images, a tuple, a dict or a Dataset), give "
+                    f"the datamodule a probe_batch(n) method, or give the Trainer's {stage} a validation dataloader."
+                )
+            probe = probe_from_loader(loader, self.num_images, self.probe_keys)
+        return check_probe(probe.to("cpu"))
+
+    def _build(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Find the model and (re)build the methods and meters when it, or a build setting, changed."""
+        try:
+            model, head = find_attribution_model(pl_module, self.head)
+        except ValueError as exc:
+            raise ValueError(f"CAAPCallback cannot attribute {type(pl_module).__name__}: {exc}") from exc
+        # What the built methods depend on: setting e.g. `callback.construction` between runs rebuilds them.
+        settings = (tuple(self.methods), self.layer_cutoff, self.selection, self.blank, self.construction, self.window,
+                    self.score)
+        key = (id(model), id(head), settings)
+        if self._built_for == key:
+            return
+        mean, std, message = resolve_normalization(self.user_mean, self.user_std, trainer.datamodule, pl_module, model)
+        if message and self._built_for is None:
+            rank_zero_info(f"CAAPCallback: {message}")
         methods: Dict[str, Any] = {}
         building: Optional[str] = None  # the method being built, named in the error
         try:
-            self.mean, self.std = model_normalization(model, mean, std)
+            self.mean, self.std = mean, std
             for building in self.methods:
-                methods[building] = self._build_method(building, model)
+                methods[building] = self._build_method(building, model, head)
             building = None
-            check_images(model, probe.images[:1])
+            check_images(model, self.probe.images[:1])
         except ValueError as exc:
             which = "" if building is None else f" with {display_name(building)}"
             raise ValueError(
@@ -299,80 +475,89 @@ class CAAPCallback(Callback):
                 f"{type(model).__name__}){which}: {exc} Return a supported timm VisionTransformer from "
                 "get_attribution_model(), change the method's settings, or remove the callback."
             ) from exc
-        self._model = model
+        if self._built_for is None:
+            warning = check_pixel_range(self.probe.images, self.mean, self.std)
+            if warning:
+                rank_zero_warn(f"CAAPCallback: {warning}")
+        self._model, self._head = model, head
         self._methods = methods
-        self._meters = self._build_meters(model, tuple(probe.images.shape[-2:]))
-        try:
-            self.class_names = [str(name) for name in datamodule.class_names]
-        except (AttributeError, NotImplementedError):
-            self.class_names = []
-        self.probe = probe
-        self._prepared_for = key
+        classifier = model if head is None else ClassifierView(model, head)
+        self._meters = self._build_meters(classifier, tuple(self.probe.images.shape[-2:]))
+        self._built_for = key
 
-    def _build_method(self, name: str, model: nn.Module) -> Any:
+    def _check_siblings(self, trainer: L.Trainer) -> None:
+        """Two instances logging under one prefix would overwrite each other's scalars."""
+        same = [cb for cb in trainer.callbacks if isinstance(cb, CAAPCallback) and cb.prefix == self.prefix]
+        if len(same) > 1:
+            raise ValueError(
+                f"the Trainer has {len(same)} CAAPCallbacks with prefix={self.prefix!r}; give each its own prefix "
+                "(e.g. CAAPCallback(prefix='caap_gradcam', methods=['gradcam'])) so their scalars do not collide"
+            )
+
+    def _warn_if_never_run(self, trainer: L.Trainer) -> None:
+        """One warning for a fit in which no check can happen: it would otherwise say nothing at all."""
+        if not _has_val_loop(trainer):
+            rank_zero_warn(
+                "CAAPCallback runs at the end of validation, but this fit has no validation loop "
+                "(no val dataloader, or limit_val_batches=0): it will never check. Give the fit validation data."
+            )
+            return
+        max_epochs = trainer.max_epochs
+        every_val = trainer.check_val_every_n_epoch
+        if max_epochs is None or max_epochs < 0 or every_val is None:
+            return
+        if not any((e + 1) % self.every_n_epochs == 0 and (e + 1) % every_val == 0 for e in range(max_epochs)):
+            rank_zero_warn(
+                f"CAAPCallback(every_n_epochs={self.every_n_epochs}) never runs in this fit of max_epochs={max_epochs} "
+                f"with check_val_every_n_epoch={every_val}: lower every_n_epochs."
+            )
+
+    def _build_method(self, name: str, model: nn.Module, head: Optional[nn.Module]) -> Any:
         """CAAP with the callback's settings, or a baseline with its ``method_kwargs`` (and the data's mean/std)."""
         if name == "caap":
             # "auto" starts at half the blocks until calibrate_cutoff picks one (or a resume restores it).
             cutoff = self.calibrated_cutoff if self.layer_cutoff == "auto" else self.layer_cutoff
             return CAAP(
-                model, layer_cutoff=cutoff, selection=self.selection, blank=self.blank,
-                construction=self.construction, window=self.window, mean=self.mean, std=self.std,
+                model, layer_cutoff=cutoff, selection=self.selection, blank=self.blank, construction=self.construction,
+                window=self.window, score=self.score, mean=self.mean, std=self.std, head=head,
             )
         kwargs = dict(self.method_kwargs.get(name, {}))
         takes = inspect.signature(registry.METHODS[name]).parameters
-        for arg, value in (("mean", self.mean), ("std", self.std)):
+        for arg, value in (("mean", self.mean), ("std", self.std), ("head", head)):
             if arg in takes:
                 kwargs.setdefault(arg, value)
+        if head is not None and "head" not in takes:
+            raise ValueError(f"{name} cannot attribute a ViT without its own head (num_classes=0)")
         return registry.get_method(name, model, **kwargs)
 
     def tag(self, method: str, scalar: str) -> str:
-        """The logged name of ``method``'s ``scalar``: ``caap/<scalar>`` for the first method, else ``caap/<method>/<scalar>``."""
-        return PREFIX + scalar if method == self.methods[0] else f"{PREFIX}{method}/{scalar}"
-
-    def split_tag(self, tag: str) -> tuple:
-        """``(method, scalar)`` of a name :meth:`tag` gives: ``caap/gradcam/insdel`` -> ``("gradcam", "insdel")``."""
-        rest = tag[len(PREFIX):] if tag.startswith(PREFIX) else tag
-        method, slash, scalar = rest.partition("/")
-        return (method, scalar) if slash else (self.methods[0], rest)
+        """The logged name of ``method``'s ``scalar``: ``<prefix>/<scalar>`` for the first method, else
+        ``<prefix>/<method>/<scalar>``."""
+        return f"{self.prefix}/{scalar}" if method == self.methods[0] else f"{self.prefix}/{method}/{scalar}"
 
     @property
     def logged_metrics(self) -> List[str]:
         """The scalars this callback logs with the methods and metrics in use (known after ``setup``)."""
-        scalars = [s for m in self.active_metrics for s in METRIC_SCALARS[m]]
-        return [self.tag(name, s) for name in self.methods for s in scalars] + [PREFIX + "seconds"]
+        scalars = [s for m in self.active_metrics for s in METRICS[m].scalars]
+        return [self.tag(name, s) for name in self.methods for s in scalars] + [f"{self.prefix}/seconds"]
 
-    def _resolve_metrics(self, probe: Any, datamodule_name: str) -> List[str]:
-        available = [m for m, needs in METRIC_MASKS.items() if needs is None or getattr(probe, needs) is not None]
+    def _resolve_metrics(self, probe: ProbeBatch) -> List[str]:
+        available = [m for m, spec in METRICS.items() if spec.needs is None or getattr(probe, spec.needs) is not None]
         if self.metrics is None:
             return available
         missing = [m for m in self.metrics if m not in available]
         if missing:
-            needs = sorted({METRIC_MASKS[m] for m in missing})
+            needs = sorted({METRICS[m].needs for m in missing})
             raise ValueError(
-                f"CAAPCallback metrics {missing} need {' and '.join(needs)}, but {datamodule_name}'s probe batch has "
-                f"none; remove them from `metrics` (this data allows {available}), or leave `metrics` unset."
+                f"CAAPCallback metrics {missing} need {' and '.join(needs)}, but the probe batch has none; remove them "
+                f"from `metrics` (this data allows {available}), or leave `metrics` unset."
             )
         return list(self.metrics)
 
     def _build_meters(self, model: nn.Module, size: tuple) -> Dict[str, Dict[str, Any]]:
         """One set of metric meters per method: the meters accumulate state between update and compute."""
-        step = self._step_pixels(size)
-        meters: Dict[str, Dict[str, Any]] = {}
-        for method in self.methods:
-            meters[method] = {}
-            for name in self.active_metrics:
-                if name in ("aupr_fg", "aupr_bg"):
-                    meter = AUPR(region="foreground" if name == "aupr_fg" else "background")
-                elif name == "pointing_game":
-                    meter = PointingGame()
-                elif name == "insertion_deletion":
-                    # Its forwards dominate the check; on a CPU, batches of 256 run them about 1.5x faster than 64.
-                    meter = InsertionDeletion(model, step=step, batch_size=256, curves=self.log_images)
-                else:
-                    region, _, by_area = MASS_METRICS[name]
-                    meter = AttributionMass(region=region, normalize_by_area=by_area)
-                meters[method][name] = meter
-        return meters
+        context = _MeterContext(model=model, step=self._step_pixels(size), curves=self.log_images)
+        return {method: {name: METRICS[name].build(context) for name in self.active_metrics} for method in self.methods}
 
     # ------------------------------------------------------------------ hooks
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -402,12 +587,11 @@ class CAAPCallback(Callback):
         """With ``layer_cutoff="auto"``, once: sweep the cutoffs on the probe batch and keep the best InsDel."""
         if self.layer_cutoff != "auto" or self.calibrated_cutoff is not None:
             return
-        self.prepare(trainer, pl_module)
         caap = self._methods["caap"]
         try:
             with self._forward_context(trainer):
                 rows = self.guard(
-                    "CAAPCallback: calibrating layer_cutoff", trainer.current_epoch, self._sweep_cutoffs, trainer, pl_module,
+                    trainer, "CAAPCallback: calibrating layer_cutoff", trainer.current_epoch, self._sweep_cutoffs, trainer, pl_module,
                     skipped=f"the cutoff stays at half the blocks ({caap.layer_cutoff})",
                 )
         except CheckFailed:
@@ -430,7 +614,7 @@ class CAAPCallback(Callback):
                 f"| {r['layer_cutoff']}{' (picked)' if r['layer_cutoff'] == self.calibrated_cutoff else ''} | "
                 f"{r['insdel']:.4f} | {r.get('aupr_fg', math.nan):.4f} |" for r in rows
             ])
-            figures.log_text(trainer, PREFIX + "layer_cutoff_sweep", text, log_step(trainer))
+            figures.log_text(trainer, f"{self.prefix}/layer_cutoff_sweep", text, log_step(trainer))
 
     def _sweep_cutoffs(self, trainer: L.Trainer, pl_module: L.LightningModule) -> List[Dict[str, float]]:
         probe, device = self.probe, pl_module.device
@@ -450,65 +634,102 @@ class CAAPCallback(Callback):
     # ------------------------------------------------------------------ the check
     def run_check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Optional[ProbeResult]:
         """Attribute the probe batch, compute and log the metrics; ``None`` if it failed (``on_error="warn"``)."""
-        self.prepare(trainer, pl_module)
+        epoch, step, stage = trainer.current_epoch, log_step(trainer), trainer_stage(trainer)
+        try:
+            # The model is looked up again: a module swapped during the fit (an averaged copy) is attributed fresh.
+            self.guard(trainer, "CAAPCallback: finding the model to attribute", epoch, self.prepare, trainer, pl_module)
+        except CheckFailed:
+            return None
         self.calibrate_cutoff(trainer, pl_module)  # layer_cutoff="auto": the first check picks it
         start = time.perf_counter()
-        epoch, step = trainer.current_epoch, log_step(trainer)
         primary = self.methods[0]
         shard: Optional[_ProbeShard] = None
         maps: Dict[str, torch.Tensor] = {}
         with self._forward_context(trainer):
             try:
-                shard = self.guard("CAAPCallback: classifying the probe images", epoch, self._classify_shard, pl_module)
+                shard = self.guard(
+                    trainer, "CAAPCallback: classifying the probe images", epoch, self._classify_shard, pl_module
+                )
             except CheckFailed:
                 pass
             for name in self.methods if shard is not None else []:
                 try:
                     maps[name] = self.guard(
-                        f"CAAPCallback: computing the {display_name(name)} maps and metric updates", epoch,
+                        trainer, f"CAAPCallback: computing the {display_name(name)} maps and metric updates", epoch,
                         self._attribute_shard, pl_module, name, shard,
                         skipped="this check is skipped" if name == primary else "its metrics are left out of this check",
                     )
                 except CheckFailed:
                     if name == primary:
                         break
-        # Every rank learns which methods failed on any rank, so none waits in a collective the others skip.
-        failed = torch.tensor([float(name not in maps) for name in self.methods], device=pl_module.device)
-        if trainer.world_size > 1:
-            failed = trainer.strategy.reduce(failed, reduce_op="sum")
-        done = {name: maps[name] for name, count in zip(self.methods, failed.tolist()) if count == 0}
+        done = self._agree_on_failures(trainer, pl_module, maps, epoch)
         if primary not in done:
             self._reset_meters()
             return None
         try:
-            result = self.guard("CAAPCallback: computing the metrics", epoch, self._finish, trainer, shard, done, epoch, step)
+            result = self.guard(
+                trainer, "CAAPCallback: computing the metrics", epoch, self._finish, trainer, shard, done, epoch, step, stage
+            )
         except CheckFailed:
             return None
         finally:
             self._reset_meters()
         if self.log_images and trainer.is_global_zero:
             try:
-                self.guard("CAAPCallback: logging the heatmaps", epoch, self._log_images, trainer, result)
+                self.guard(trainer, "CAAPCallback: logging the heatmaps", epoch, self._log_images, trainer, result)
             except CheckFailed:
                 pass
-        result.metrics[PREFIX + "seconds"] = time.perf_counter() - start
+        result.metrics[f"{self.prefix}/seconds"] = time.perf_counter() - start
         for name, value in result.metrics.items():
-            # Values are synced already; "max" makes caap/seconds the longest rank's time.
+            # Values are synced already; "max" makes the seconds the longest rank's time.
             pl_module.log(name, value, sync_dist=True, reduce_fx="max")
         self.last = result
-        self.history.append({"epoch": epoch, "step": step, **result.metrics})
+        self.history.append({"epoch": epoch, "step": step, "stage": stage, **result.metrics})
         return result
 
-    def guard(self, what: str, epoch: int, fn: Callable, *args: Any, skipped: str = "this check is skipped") -> Any:
-        """``fn(*args)``; with ``on_error="warn"`` a failure is reported and raised as :class:`CheckFailed`."""
+    def _agree_on_failures(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, maps: Dict[str, torch.Tensor], epoch: int
+    ) -> Dict[str, torch.Tensor]:
+        """The maps of the methods that succeeded on every rank; every rank learns which failed where.
+
+        So no rank waits in a collective the others skip, and a rank whose own step worked says
+        which other rank made it skip (that rank's warning gives the cause).
+        """
+        failed = torch.tensor([float(name not in maps) for name in self.methods], device=pl_module.device)
+        if trainer.world_size == 1:
+            return {name: maps[name] for name in self.methods if name in maps}
+        per_rank = trainer.strategy.all_gather(failed).reshape(trainer.world_size, len(self.methods)).cpu()
+        done = {}
+        for j, name in enumerate(self.methods):
+            ranks = [r for r in range(trainer.world_size) if per_rank[r, j] > 0]
+            if not ranks:
+                done[name] = maps[name]
+            elif name in maps and trainer.is_global_zero:
+                skipped = "this check is skipped" if j == 0 else "its metrics are left out of this check"
+                rank_zero_warn(
+                    f"CAAPCallback: {display_name(name)} failed at epoch {epoch} on rank(s) {ranks} (their warnings say "
+                    f"why); {skipped} on every rank."
+                )
+        return done
+
+    def guard(
+        self, trainer: L.Trainer, what: str, epoch: int, fn: Callable, *args: Any, skipped: str = "this check is skipped"
+    ) -> Any:
+        """``fn(*args)``; with ``on_error="warn"`` a failure is reported and raised as :class:`CheckFailed`.
+
+        The warning is given on the rank where the failure happened (``rank_zero_warn`` would
+        hide a failure on any other rank).
+        """
         if self.on_error == "raise":
             return fn(*args)
         try:
             return fn(*args)
         except Exception as exc:  # a monitor must not end the training it watches
-            rank_zero_warn(
-                f"{what} failed at epoch {epoch} ({type(exc).__name__}: {exc}); {skipped} and training "
-                "continues. Set on_error='raise' to stop on it instead."
+            where = f" on rank {trainer.global_rank}" if trainer.world_size > 1 else ""
+            warnings.warn(
+                f"{what} failed at epoch {epoch}{where} ({type(exc).__name__}: {exc}); {skipped} and training "
+                "continues. Set on_error='raise' to stop on it instead.",
+                stacklevel=2,
             )
             raise CheckFailed from exc
 
@@ -527,6 +748,10 @@ class CAAPCallback(Callback):
             for meter in meters.values():
                 meter.reset()
 
+    def _classify(self, images: torch.Tensor) -> torch.Tensor:
+        features = self._model(images)
+        return features if self._head is None else self._head(features)
+
     def _classify_shard(self, pl_module: L.LightningModule) -> _ProbeShard:
         """This rank's share of the probe on the device, the classes its maps explain and their probabilities."""
         trainer = pl_module.trainer
@@ -537,8 +762,8 @@ class CAAPCallback(Callback):
         images = trainer.precision_plugin.convert_input(probe.images[index].to(device))
         masks = {k: getattr(probe, k)[index].to(device) for k in ("masks", "cue_masks") if getattr(probe, k) is not None}
         with torch.no_grad(), eval_mode(self._model):
-            probs = self._model(images).float().softmax(-1)
-        targets = probs.argmax(-1) if self.target == "predicted" else probe.labels[index].to(device)
+            probs = self._classify(images).float().softmax(-1)
+        targets = probe.labels[index].to(device) if self.target == "label" else probs.argmax(-1)
         return _ProbeShard(images, masks, targets, probs.gather(1, targets[:, None])[:, 0])
 
     def _attribute_shard(self, pl_module: L.LightningModule, name: str, shard: _ProbeShard) -> torch.Tensor:
@@ -551,22 +776,19 @@ class CAAPCallback(Callback):
             pixel_maps = upsample_maps(maps, tuple(shard.images.shape[-2:]))
             for metric, meter in self._meters[name].items():
                 meter.to(pl_module.device)
-                if metric == "insertion_deletion":
-                    meter.update(shard.images, pixel_maps, target=shard.targets)
-                else:
-                    meter.update(pixel_maps, shard.masks[METRIC_MASKS[metric]])
+                METRICS[metric].update(meter, pixel_maps, shard)
         return maps
 
     def _finish(
-        self, trainer: L.Trainer, shard: _ProbeShard, maps: Dict[str, torch.Tensor], epoch: int, step: int
+        self, trainer: L.Trainer, shard: _ProbeShard, maps: Dict[str, torch.Tensor], epoch: int, step: int, stage: str
     ) -> ProbeResult:
         """Synced metric values of each method in ``maps`` and the shards gathered into one result for the whole probe."""
         metrics: Dict[str, float] = {}
         curves: Dict[str, Dict[str, torch.Tensor]] = {}
         for name in maps:
             for metric, meter in self._meters[name].items():
-                out = meter.compute()
-                for scalar, key in METRIC_SCALARS[metric].items():
+                out = meter.compute_details()
+                for scalar, key in METRICS[metric].scalars.items():
                     value = float(out[key])
                     # A metric with no scorable image (e.g. every mask empty) gives NaN: nothing to log.
                     if math.isfinite(value):
@@ -574,47 +796,35 @@ class CAAPCallback(Callback):
                 if metric == "insertion_deletion":
                     curves[name] = {k: out[f"{k}_curve"].cpu() for k in ("insertion", "deletion") if f"{k}_curve" in out}
         n = len(self.probe)
+        method_maps = {name: _gather_shards(trainer, m, n) for name, m in maps.items()}
         return ProbeResult(
-            epoch=epoch, step=step, metrics=metrics,
+            epoch=epoch, step=step, stage=stage, metrics=metrics,
             targets=_gather_shards(trainer, shard.targets, n).long(), scores=_gather_shards(trainer, shard.scores, n),
-            method_maps={name: _gather_shards(trainer, m, n) for name, m in maps.items()}, method_curves=curves,
+            method_maps=method_maps, probe=self.probe, mean=tuple(self.mean), std=tuple(self.std),
+            class_names=list(self.class_names), method_curves=curves, per_image=self._per_image(method_maps),
         )
+
+    def _per_image(self, method_maps: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Each mass metric per probe image, under its logged name: which images carry the reliance."""
+        out = {}
+        for name, maps in method_maps.items():
+            for metric in self.active_metrics:
+                spec = METRICS[metric]
+                if spec.region is None:
+                    continue
+                values = attribution_mass(maps, getattr(self.probe, spec.needs), region=spec.region,
+                                          normalize_by_area=spec.by_area).float()
+                for scalar in spec.scalars:
+                    out[self.tag(name, scalar)] = values
+        return out
 
     # ------------------------------------------------------------------ images
-    def row_title(self, i: int, result: ProbeResult) -> str:
-        """``#index label -> explained class p=score`` (and the cue's class where known)."""
-        probe = self.probe
-        label, target = self.class_name(int(probe.labels[i])), self.class_name(int(result.targets[i]))
-        title = f"#{i} {label} -> {target} p={float(result.scores[i]):.2f}"
-        if probe.cue_labels is not None:
-            title += f", cue: {self.class_name(int(probe.cue_labels[i]))}"
-        return title
-
-    def class_name(self, index: int) -> str:
-        return self.class_names[index] if 0 <= index < len(self.class_names) else str(index)
-
-    def draw_rows(self, rows: List[int], result: ProbeResult):
-        """The heatmap grid of the given probe rows, as ``(H, W, 3)`` uint8."""
-        probe = self.probe
-        index = torch.as_tensor(rows, dtype=torch.long)
-        size = tuple(probe.images.shape[-2:])
-        overlays = {
-            COLUMN_TITLES.get(name, name): upsample_maps(maps[index].cpu(), size) for name, maps in result.method_maps.items()
-        }
-        return figures.heatmap_grid(
-            unnormalize(probe.images[index], self.mean, self.std),
-            overlays,
-            [self.row_title(i, result) for i in rows],
-            masks=None if probe.masks is None else probe.masks[index],
-            cue_masks=None if probe.cue_masks is None else probe.cue_masks[index],
-        )
-
     def _log_images(self, trainer: L.Trainer, result: ProbeResult) -> None:
         rows = list(range(min(self.max_images_logged, len(self.probe))))
         if rows:
-            figures.log_image(trainer, PREFIX + "heatmaps", self.draw_rows(rows, result), result.step)
+            figures.log_image(trainer, f"{self.prefix}/heatmaps", result.draw_rows(rows), result.step)
         if result.curves:
-            auc = {k: result.metrics.get(PREFIX + k, math.nan) for k in ("insertion", "deletion")}
+            auc = {k: result.metrics.get(f"{self.prefix}/{k}", math.nan) for k in ("insertion", "deletion")}
             title = f"epoch {result.epoch}: insertion {auc['insertion']:.3f}, deletion {auc['deletion']:.3f}"
             if len(result.method_curves) > 1:
                 title = f"{display_name(self.methods[0])} {title}"
@@ -624,7 +834,27 @@ class CAAPCallback(Callback):
                 for label, curve in pair.items()
             }
             figure = figures.curves_figure(curves, title)
-            figures.log_figure(trainer, PREFIX + "insertion_deletion", figure, result.step)
+            figures.log_figure(trainer, f"{self.prefix}/insertion_deletion", figure, result.step)
+
+
+def _has_val_loop(trainer: L.Trainer) -> bool:
+    """Whether the fit validates: validation data (given to fit, by the datamodule or by the module) and batches."""
+    # Lightning's own test before it runs a validation loop; the loaders themselves are made only later.
+    source = trainer.fit_loop.epoch_loop.val_loop._data_source
+    return trainer.limit_val_batches != 0 and source.is_defined() and is_overridden("validation_step", trainer.lightning_module)
+
+
+def _class_names(datamodule: Any) -> List[str]:
+    try:
+        return [str(name) for name in datamodule.class_names]
+    except (AttributeError, NotImplementedError, TypeError):
+        return []
+
+
+def _own_probe(probe: Any, n: int, keys: ProbeKeys) -> ProbeBatch:
+    """The user's ``probe`` argument as a checked ProbeBatch of at most ``n`` images, at construction."""
+    batch = probe_from_dataset(probe, n, keys) if isinstance(probe, Dataset) else to_probe_batch(probe, keys)
+    return check_probe(first_samples(batch, n))
 
 
 def _gather_shards(trainer: L.Trainer, shard: torch.Tensor, n: int) -> torch.Tensor:
@@ -670,6 +900,11 @@ def check_methods(methods: List[str], method_kwargs: Dict[str, Dict[str, Any]]) 
 def display_name(method: str) -> str:
     """How messages name a method: ``CAAP``, else its registry name."""
     return "CAAP" if method == "caap" else method
+
+
+def trainer_stage(trainer: L.Trainer) -> str:
+    """``"fit"``, ``"validate"``, ``"test"`` or ``"predict"``: the Trainer function running now."""
+    return trainer.state.fn.value if trainer.state.fn is not None else "fit"
 
 
 def log_step(trainer: L.Trainer) -> int:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional
+import warnings
+from typing import Any, Callable, Dict, List, Optional
 
 import lightning as L
 import torch
@@ -11,46 +12,51 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from caap_lightning.callbacks import figures
-from caap_lightning.callbacks.caap_callback import MASS_METRICS, PREFIX, CAAPCallback, CheckFailed, ProbeResult
-from caap_lightning.metrics import attribution_mass
+from caap_lightning.callbacks.caap_callback import ON_ERROR, CAAPCallback, ProbeResult
 
-MODES = ("max", "min")
+ALARM_ON = ("high", "low")
+# The default scores, in order of preference: cue masks say most, object masks less.
+DEFAULT_SCORES = ("cue_mass_ratio", "background_mass_ratio")
 
 
 class SpuriousCueMonitor(Callback):
     """Watches a metric of :class:`CAAPCallback`, in the manner of ``EarlyStopping``, and raises an alarm.
 
-    Each check (each time the ``CAAPCallback`` produced new values) logs ``spurious/score``. As
-    in ``EarlyStopping``, a check that improves on the best value so far by more than
-    ``min_delta`` becomes the best (with ``mode="max"`` a higher score means more reliance, so the
-    best is the lowest); a check is *bad* when the score is past ``threshold`` and is no such
-    improvement. So a score that rises past the threshold alarms, and so does one that is past it
-    from the first check and stays there (a cue learnt before the first check); a score that
-    keeps falling does not, nor does anything below the threshold.
-    After ``patience`` bad checks in a row the alarm goes off:
-    ``spurious/alarm`` = 1, a warning naming the epoch and the metric, and a TensorBoard text
-    entry (``spurious/alarm``) with the probe images that rely most on the cue or background and
-    their heatmaps (``spurious/alarm_images``); with ``stop_training`` the fit stops. Every
-    other check logs ``spurious/alarm`` = 0. The best value, the count and the alarms survive a
-    resume from checkpoint.
+    Each check of a fit (each new :class:`ProbeResult` the ``CAAPCallback`` publishes) logs
+    ``<prefix>/score``. As in ``EarlyStopping``, a check that improves on the best value so far
+    by more than ``min_delta`` becomes the best (with ``alarm_on="high"`` a higher score means
+    more reliance, so the best is the lowest); a check is *bad* when the score is past
+    ``threshold`` and is no such improvement. So a score that rises past the threshold alarms,
+    and so does one that is past it from the first check and stays there (a cue learnt before
+    the first check); a score that keeps falling does not, nor does anything below the
+    threshold. After ``patience`` bad checks in a row the alarm goes off: ``<prefix>/alarm`` = 1,
+    a warning naming the epoch and the metric, and a text entry (``<prefix>/alarm``) with the
+    probe images that rely most on the cue or background and their heatmaps
+    (``<prefix>/alarm_images``); with ``stop_training`` the fit stops. ``<prefix>/alarm`` stays 1
+    while the bad checks go on and is 0 at every other check. Checks of ``validate``/``test`` runs do not count: they see the same
+    weights as the fit's last check. The best value, the count and the alarms survive a resume
+    from checkpoint; several monitors (with different ``prefix``) run in one Trainer.
 
     Args:
-        monitor: a metric logged by ``CAAPCallback``, e.g. ``"caap/cue_mass_ratio"`` (the first of
-            its ``methods``) or ``"caap/gradcam/cue_mass_ratio"``. ``None`` picks
+        monitor: a metric logged by a ``CAAPCallback``, e.g. ``"caap/cue_mass_ratio"`` (the first
+            of its ``methods``) or ``"caap/gradcam/cue_mass_ratio"``. ``None`` picks
             ``caap/cue_mass_ratio`` when the probe has cue masks, else
             ``caap/background_mass_ratio``: area-normalised masses (a uniform map scores 1),
             since raw mass follows the region's area.
-        threshold: the score must be past this to count (above for ``mode="max"``); ``None``
+        threshold: the score must be past this to count (above for ``alarm_on="high"``); ``None``
             counts every check that does not improve. The default suits the ``*_ratio``
-            metrics (a uniform map scores 1): on ``benchmarks/spurious.py`` any threshold from 3
-            to 8 caught every strong cue and 1.5 false-alarmed on 4 of 5 controls. The ratio cannot exceed 1 / (the region's
-            share of the image), so lower it for large cue regions.
+            metrics (a uniform map scores 1; ``benchmarks/results/spurious.md`` shows how it was
+            chosen). The ratio cannot exceed 1 / (the region's share of the image), so lower it
+            for large regions.
         min_delta: how much better than the best value so far a score must be to count as an
             improvement (which resets the count).
         patience: bad checks in a row that raise the alarm.
-        mode: ``"max"`` if a higher score means more reliance on the cue, else ``"min"``.
+        alarm_on: ``"high"`` if a higher score means more reliance on the cue (mass on the cue or
+            the background), ``"low"`` if a lower one does (e.g. ``caap/pointing_game``).
         stop_training: stop the fit when the alarm goes off.
         num_images: probe images named (and drawn) in the alarm's text entry.
+        on_error: ``"warn"`` reports a failing alarm report and lets training go on; ``"raise"`` stops.
+        prefix: the first part of the names logged; give each monitor of a Trainer its own.
     """
 
     def __init__(
@@ -59,60 +65,85 @@ class SpuriousCueMonitor(Callback):
         threshold: Optional[float] = 4.0,
         min_delta: float = 0.1,
         patience: int = 2,
-        mode: str = "max",
+        alarm_on: str = "high",
         stop_training: bool = False,
         num_images: int = 4,
+        on_error: str = "warn",
+        prefix: str = "spurious",
     ) -> None:
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r} is not one of {MODES}")
+        for name, value, choices in (("alarm_on", alarm_on, ALARM_ON), ("on_error", on_error, ON_ERROR)):
+            if value not in choices:
+                raise ValueError(f"{name}={value!r} is not one of {choices}")
         if patience < 1 or min_delta < 0 or num_images < 0:
             raise ValueError(f"need patience >= 1, min_delta >= 0 and num_images >= 0; got {patience}, {min_delta}, {num_images}")
-        if monitor is not None and not monitor.startswith(PREFIX):
+        if monitor is not None and "/" not in monitor:
             raise ValueError(f"monitor={monitor!r} must be a metric logged by CAAPCallback, e.g. 'caap/cue_mass_ratio'")
+        if not prefix or "/" in prefix:
+            raise ValueError(f"prefix must be a non-empty name without '/', got {prefix!r}")
         self.monitor = monitor
         self.threshold = threshold
         self.min_delta = min_delta
         self.patience = patience
-        self.mode = mode
+        self.alarm_on = alarm_on
         self.stop_training = stop_training
         self.num_images = num_images
+        self.on_error = on_error
+        self.prefix = prefix
 
         self.monitor_key: Optional[str] = monitor
-        self.best = math.inf if mode == "max" else -math.inf
+        self.best = math.inf if alarm_on == "high" else -math.inf
         self.wait = 0
         self.alarms: List[Dict[str, float]] = []  # one row per alarm: epoch, step, score
-        self.history: List[Dict[str, float]] = []  # one row per check: epoch, step, score, alarm
-        self._caap: Optional[CAAPCallback] = None
+        self.history: List[Dict[str, float]] = []  # one row per counted check: epoch, step, score, alarm
+        self._source: Optional[CAAPCallback] = None
+        self._seen: Optional[ProbeResult] = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(prefix=self.prefix)
 
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        found = [cb for cb in trainer.callbacks if isinstance(cb, CAAPCallback)]
-        if len(found) != 1:
+        siblings = [cb for cb in trainer.callbacks if isinstance(cb, SpuriousCueMonitor) and cb.prefix == self.prefix]
+        if len(siblings) > 1:
             raise ValueError(
-                f"SpuriousCueMonitor watches the metrics of one CAAPCallback, but the trainer has {len(found)}; "
-                "add exactly one CAAPCallback to the trainer's callbacks"
+                f"the Trainer has {len(siblings)} SpuriousCueMonitors with prefix={self.prefix!r}; give each its own "
+                "prefix (e.g. SpuriousCueMonitor(monitor='caap/background_mass_ratio', prefix='spurious_background'))"
             )
-        caap = found[0]
-        caap.prepare(trainer, pl_module)
-        logged = caap.logged_metrics
+        sources = [cb for cb in trainer.callbacks if isinstance(cb, CAAPCallback)]
+        if not sources:
+            raise ValueError("SpuriousCueMonitor watches the metrics of a CAAPCallback, but the trainer has none; add one")
+        for source in sources:  # their setup may come after this one: it is idempotent
+            source.setup(trainer, pl_module, stage)
+        sources = [source for source in sources if source.probe is not None]
+        if not sources:
+            return  # a fit without validation: the CAAPCallback has said that it never checks
+        logged = {name: source for source in sources for name in source.logged_metrics}
         if self.monitor is None:
-            choice = next((PREFIX + m for m in ("cue_mass_ratio", "background_mass_ratio") if m in caap.active_metrics), None)
-            if choice is None:
-                raise ValueError(
-                    "SpuriousCueMonitor's default watches caap/cue_mass_ratio or caap/background_mass_ratio, which "
-                    f"need cue or object masks; the probe batch has neither (CAAPCallback logs {logged}). "
-                    "Use a datamodule with masks, or set `monitor` to one of those metrics."
-                )
-            self.monitor_key = choice
+            self.monitor_key = self._default_key(sources, sorted(logged))
         elif self.monitor not in logged:
-            raise ValueError(f"monitor={self.monitor!r} is not among the metrics CAAPCallback logs here: {logged}")
-        self._caap = caap
+            raise ValueError(f"monitor={self.monitor!r} is not among the metrics CAAPCallback logs here: {sorted(logged)}")
+        self._source = logged[self.monitor_key]
+
+    @staticmethod
+    def _default_key(sources: List[CAAPCallback], logged: List[str]) -> str:
+        for score in DEFAULT_SCORES:
+            keys = [source.tag(source.methods[0], score) for source in sources if score in source.active_metrics]
+            if len(keys) > 1:
+                raise ValueError(f"SpuriousCueMonitor's default could watch any of {keys}; set `monitor` to one of them")
+            if keys:
+                return keys[0]
+        raise ValueError(
+            "SpuriousCueMonitor's default watches caap/cue_mass_ratio or caap/background_mass_ratio, which "
+            f"need cue or object masks; the probe batch has neither (the CAAPCallbacks log {logged}). "
+            "Use probe data with masks, or set `monitor` to one of those metrics."
+        )
 
     # ------------------------------------------------------------------ checks
     def update(self, score: float) -> bool:
         """Take one score; ``True`` when it raises the alarm (the count reaches ``patience``)."""
-        sign = 1.0 if self.mode == "max" else -1.0
+        sign = 1.0 if self.alarm_on == "high" else -1.0
         improved = sign * (self.best - score) > self.min_delta  # always the first score (best is +-inf)
         past = self.threshold is None or sign * (score - self.threshold) > 0
         if improved:
@@ -126,42 +157,62 @@ class SpuriousCueMonitor(Callback):
         return self.wait >= self.patience
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or self._caap is None:
+        if trainer.sanity_checking or self._source is None:
             return
-        result = self._caap.last
-        if result is None or (self.history and (self.history[-1]["epoch"], self.history[-1]["step"]) == (result.epoch, result.step)):
-            return  # no new check since the last one
+        result = self._source.last
+        if result is None or result is self._seen or result.stage != "fit":
+            return  # no new check of a fit since the last one
+        self._seen = result
         score = result.metrics.get(self.monitor_key)
-        if score is None:
+        if score is None or not math.isfinite(score):
+            rank_zero_warn(
+                f"SpuriousCueMonitor: the check at epoch {result.epoch} is not counted: {self.monitor_key} was not "
+                "logged there (no probe image could be scored for it); the count stays at "
+                f"{self.wait} of {self.patience}."
+            )
             return
         raised = self.update(score)
         self.history.append({"epoch": result.epoch, "step": result.step, "score": score, "alarm": float(self.alarmed)})
-        figures.log_scalars(trainer, {"spurious/score": score, "spurious/alarm": float(self.alarmed)}, result.step)
+        figures.log_scalars(
+            trainer, {f"{self.prefix}/score": score, f"{self.prefix}/alarm": float(self.alarmed)}, result.step
+        )
         if raised:
             self.alarms.append({"epoch": result.epoch, "step": result.step, "score": score})
-            try:  # with the CAAPCallback's on_error: a failing report must not end the fit
-                self._caap.guard("SpuriousCueMonitor: reporting the alarm", result.epoch, self._report, trainer, result, score)
-            except CheckFailed:
-                pass
+            self._guard(result.epoch, self._report, trainer, result, score)
         if self.stop_training and self.alarmed:
             trainer.should_stop = trainer.strategy.reduce_boolean_decision(True, all=False)
 
+    def _guard(self, epoch: int, fn: Callable, *args: Any) -> None:
+        if self.on_error == "raise":
+            fn(*args)
+            return
+        try:
+            fn(*args)
+        except Exception as exc:  # a failing report must not end the fit
+            warnings.warn(
+                f"SpuriousCueMonitor: reporting the alarm failed at epoch {epoch} ({type(exc).__name__}: {exc}); "
+                "training continues. Set on_error='raise' to stop on it instead.",
+                stacklevel=2,
+            )
+
     def _report(self, trainer: L.Trainer, result: ProbeResult, score: float) -> None:
-        caap = self._caap
         threshold = "" if self.threshold is None else f", past the threshold {self.threshold}"
+        where = figures.describe_destinations(trainer)
+        see = f" See '{self.monitor_key}' and the '{self.prefix}/alarm' text in {where}." if where else ""
         rank_zero_warn(
             f"SpuriousCueMonitor: alarm at epoch {result.epoch} (step {result.step}): {self.monitor_key} = {score:.3f} "
             f"has not improved on its best {self.best:.3f} by more than {self.min_delta} for {self.patience} checks in a row"
-            f"{threshold}; the model relies on the {self.region}. See '{self.monitor_key}' and the "
-            "'spurious/alarm' text in TensorBoard."
+            f"{threshold}; the model relies on the {self.region}.{see}"
         )
         if not trainer.is_global_zero or self.num_images == 0:
             return
-        per_image = self._per_image(result)
+        per_image = result.per_image.get(self.monitor_key)
         rows = self.top_images(per_image, len(result.targets))
+        probe = result.probe
         lines = [
             f"**Alarm at epoch {result.epoch}, step {result.step}**: `{self.monitor_key}` = {score:.3f} "
-            f"(best {self.best:.3f}; {self.patience} checks in a row more than {self.min_delta} worse than it{threshold}).",
+            f"(best {self.best:.3f}; {self.patience} checks in a row without improving on it by more than "
+            f"{self.min_delta}{threshold}).",
             "",
             f"Probe images that rely most on the {self.region}:",
             "",
@@ -170,36 +221,28 @@ class SpuriousCueMonitor(Callback):
         ]
         for i in rows:
             value = "n/a" if per_image is None else f"{float(per_image[i]):.3f}"
-            cue = "" if caap.probe.cue_labels is None else f" (cue: {caap.class_name(int(caap.probe.cue_labels[i]))})"
+            cue = "" if probe.cue_labels is None else f" (cue: {result.class_name(int(probe.cue_labels[i]))})"
             lines.append(
-                f"| #{i} | {caap.class_name(int(caap.probe.labels[i]))}{cue} | {caap.class_name(int(result.targets[i]))} "
+                f"| #{i} | {result.class_name(int(probe.labels[i]))}{cue} | {result.class_name(int(result.targets[i]))} "
                 f"| {float(result.scores[i]):.2f} | {value} |"
             )
-        lines += ["", "Their heatmaps: image `spurious/alarm_images` at this step."]
-        figures.log_text(trainer, "spurious/alarm", "\n".join(lines), result.step)
+        lines += ["", f"Their heatmaps: image `{self.prefix}/alarm_images` at this step."]
+        figures.log_text(trainer, f"{self.prefix}/alarm", "\n".join(lines), result.step)
         if rows:
-            figures.log_image(trainer, "spurious/alarm_images", caap.draw_rows(rows, result), result.step)
+            figures.log_image(trainer, f"{self.prefix}/alarm_images", result.draw_rows(rows), result.step)
 
     @property
     def region(self) -> str:
         key = self.monitor_key or ""
         return "cue" if "cue" in key else "background" if "background" in key else "monitored region"
 
-    def _per_image(self, result: ProbeResult) -> Optional[torch.Tensor]:
-        """The monitored mass metric per probe image, from the monitored method's maps (only mass metrics have one)."""
-        method, name = self._caap.split_tag(self.monitor_key or "")
-        if name not in MASS_METRICS or method not in result.method_maps:
-            return None
-        region, mask_field, by_area = MASS_METRICS[name]
-        masks = getattr(self._caap.probe, mask_field)
-        return attribution_mass(result.method_maps[method], masks, region=region, normalize_by_area=by_area).float()
-
     def top_images(self, per_image: Optional[torch.Tensor], n: int) -> List[int]:
         """Probe indices whose maps score worst on the monitored region (most reliance first)."""
         if per_image is None:
             return list(range(min(self.num_images, n)))
-        worst = per_image.nan_to_num(-math.inf if self.mode == "max" else math.inf)
-        order = torch.argsort(worst, descending=self.mode == "max", stable=True)
+        high = self.alarm_on == "high"
+        worst = per_image.nan_to_num(-math.inf if high else math.inf)
+        order = torch.argsort(worst, descending=high, stable=True)
         return order[: self.num_images].tolist()
 
     # ------------------------------------------------------------------ state

@@ -14,6 +14,7 @@ from torch import nn
 
 from caap_lightning import CAAP
 from caap_lightning.callbacks import CAAPCallback, SpuriousCueMonitor
+from caap_lightning.callbacks.discovery import find_attribution_model
 
 
 def test_fit_logs_heatmaps_and_finite_scalars_at_the_validation_steps(
@@ -59,7 +60,8 @@ def test_every_n_epochs_and_validate_and_test_runs(tmp_path, data_factory, class
     trainer.validate(model, datamodule=data, verbose=False)
     trainer.test(model, datamodule=data, verbose=False)
     assert len(caap.history) == 3
-    assert set(caap.history[-1]) == {"epoch", "step", "caap/pointing_game", "caap/seconds"}
+    assert set(caap.history[-1]) == {"epoch", "step", "stage", "caap/pointing_game", "caap/seconds"}
+    assert [row["stage"] for row in caap.history] == ["fit", "validate", "test"]
 
 
 def test_maps_are_the_engines_relative_maps(tmp_path, data_factory, classifier_factory, trainer_factory):
@@ -119,12 +121,14 @@ def test_image_size_mismatch_fails_in_setup(tmp_path, data_factory, classifier_f
         trainer.fit(classifier_factory(), datamodule=data_factory(img_size=48))
 
 
-def test_needs_a_datamodule_with_a_probe_batch(tmp_path, data_factory, classifier_factory, trainer_factory):
+def test_plain_dataloaders_give_the_probe(tmp_path, data_factory, classifier_factory, trainer_factory):
     data = data_factory()
     data.setup()
-    trainer = trainer_factory(tmp_path, [CAAPCallback()])
-    with pytest.raises(ValueError, match="needs a datamodule with probe_batch"):
-        trainer.validate(classifier_factory(), dataloaders=data.val_dataloader(), verbose=False)
+    caap = CAAPCallback(num_images=4, log_images=False)
+    trainer_factory(tmp_path, [caap]).validate(classifier_factory(), dataloaders=data.val_dataloader(), verbose=False)
+    first = next(iter(data.val_dataloader()))  # the loader is not shuffled: its first samples
+    torch.testing.assert_close(caap.probe.images, first.images[:4])
+    assert torch.equal(caap.probe.masks, first.masks[:4]) and torch.equal(caap.probe.cue_masks, first.cue_masks[:4])
 
 
 @pytest.mark.parametrize(
@@ -222,7 +226,7 @@ class LitViT(VisionTransformer, L.LightningModule):
 
 def test_attribution_model_resolution(tmp_path, data_factory, trainer_factory, classifier_factory):
     classifier = classifier_factory()
-    assert CAAPCallback.attribution_model(classifier) is classifier.model  # the hook
+    assert find_attribution_model(classifier) == (classifier.model, None)  # the hook
 
     class Wrapped(L.LightningModule):
         def __init__(self):
@@ -230,10 +234,10 @@ def test_attribution_model_resolution(tmp_path, data_factory, trainer_factory, c
             self.model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=3)
 
     wrapped = Wrapped()
-    assert CAAPCallback.attribution_model(wrapped) is wrapped.model
+    assert find_attribution_model(wrapped) == (wrapped.model, None)
 
     lit = LitViT()
-    assert CAAPCallback.attribution_model(lit) is lit
+    assert find_attribution_model(lit) == (lit, None)
     caap = CAAPCallback(num_images=4, metrics=["pointing_game"], log_images=False)
     trainer_factory(tmp_path, [caap]).validate(lit, datamodule=data_factory(), verbose=False)
     assert len(caap.history) == 1

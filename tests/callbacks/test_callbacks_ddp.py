@@ -3,7 +3,12 @@ synced metrics are those one process computes on the same weights."""
 
 from __future__ import annotations
 
+import sys
+import warnings
+
 import lightning as L
+import torch
+from timm.models.vision_transformer import VisionTransformer
 import pytest
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -46,3 +51,48 @@ def test_ddp_two_processes_log_once_and_match_one_process(
     assert distributed.keys() == expected.keys()
     for name, value in expected.items():
         assert distributed[name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
+
+
+class FailsOnRankOne(VisionTransformer):
+    """A ViT whose plain forward (the callback's classification of the probe) fails on rank 1 only."""
+
+    def forward(self, x):
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() == 1:
+            raise RuntimeError("boom on rank 1")
+        return super().forward(x)
+
+
+class RankFailingClassifier(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.model = FailsOnRankOne(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3)
+
+    def _logits(self, x):  # the steps go round the failing forward
+        return self.model.forward_head(self.model.forward_features(x))
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.cross_entropy(self._logits(batch.images), batch.labels)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", torch.nn.functional.cross_entropy(self._logits(batch.images), batch.labels), sync_dist=True)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_a_failure_on_rank_one_is_reported_there_and_by_rank_zero(tmp_path, capfd, data_factory):
+    caap = CAAPCallback(num_images=4, log_images=False)
+    trainer = L.Trainer(
+        strategy="ddp_fork", accelerator="cpu", devices=2, max_epochs=1, limit_train_batches=1, num_sanity_val_steps=0,
+        logger=False, callbacks=[caap], enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+    )
+    with warnings.catch_warnings():
+        # Every process prints its warnings to the shared stderr (pytest would keep the children's to themselves).
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *args, **kwargs: sys.stderr.write(f"{message}\n")
+        trainer.fit(RankFailingClassifier(), datamodule=data_factory())
+    err = capfd.readouterr().err
+    # Rank 1 says why, once; rank 0, whose own share worked, says which rank made every rank skip.
+    assert err.count("classifying the probe images failed at epoch 0 on rank 1 (RuntimeError: boom on rank 1)") == 1
+    assert err.count("failed at epoch 0 on rank(s) [1]") == 1
+    assert "on rank 0 (" not in err

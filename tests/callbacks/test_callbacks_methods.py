@@ -45,7 +45,7 @@ def test_each_method_logs_its_scalars_and_draws_its_column(
     assert {tag for tag in scalars if tag.startswith("caap/")} <= announced
     assert {"caap/insdel", "caap/gradcam/insdel", "caap/rollout/insdel", "caap/seconds"} <= announced
     for row in caap.history:
-        assert set(row) - {"epoch", "step"} <= announced
+        assert set(row) - {"epoch", "step", "stage"} <= announced
         assert {f"caap/{m}{name}" for m in ("", "gradcam/", "rollout/") for name in PRIMARY_SCALARS} <= set(row)
 
     last = caap.last
@@ -54,10 +54,10 @@ def test_each_method_logs_its_scalars_and_draws_its_column(
     assert all(m.shape == (4, 4, 4) and torch.isfinite(m).all() for m in last.method_maps.values())
     assert list(last.method_curves) == ["caap", "gradcam", "rollout"] and last.curves is last.method_curves["caap"]
     # image | CAAP | gradcam | rollout | object mask | cue mask: one overlay column more per further method.
-    grid = caap.draw_rows([0, 1], last)
+    grid = last.draw_rows([0, 1])
     single = CAAPCallback(num_images=4, log_images=False)
     trainer_factory(tmp_path, [single]).validate(trainer.lightning_module, datamodule=trainer.datamodule, verbose=False)
-    alone = single.draw_rows([0, 1], single.last)
+    alone = single.last.draw_rows([0, 1])
     assert grid.shape[0] == alone.shape[0] and grid.shape[1] - alone.shape[1] == 2 * (128 + 4)
     assert (tile_columns(alone.shape[1]), tile_columns(grid.shape[1])) == (4, 6)
 
@@ -141,9 +141,9 @@ def test_monitor_can_watch_a_further_method(tmp_path, data_factory, classifier_f
         classifier_factory(), datamodule=data_factory()
     )
     assert [h["score"] for h in monitor.history] == [row["caap/gradcam/cue_mass_ratio"] for row in caap.history]
-    per_image = monitor._per_image(caap.last)
+    per_image = caap.last.per_image["caap/gradcam/cue_mass_ratio"]
     expected = attribution_mass(caap.last.method_maps["gradcam"], caap.probe.cue_masks, region="mask", normalize_by_area=True)
-    torch.testing.assert_close(per_image, expected.float(), equal_nan=True)  # NaN: an all-zero Grad-CAM map
+    torch.testing.assert_close(per_image, expected.float(), equal_nan=True)
     # The per-image values the alarm ranks by average to the scalar the metric logged.
     assert torch.nanmean(per_image).item() == pytest.approx(caap.history[-1]["caap/gradcam/cue_mass_ratio"], rel=1e-5)
 

@@ -7,6 +7,7 @@ import warnings
 import pytest
 
 from caap_lightning.callbacks import CAAPCallback, SpuriousCueMonitor
+from caap_lightning.callbacks.caap_callback import ProbeResult
 
 RISING = [0.8, 1.0, 1.6, 2.4, 3.0]
 FLAT = [2.0, 2.02, 1.98, 2.0, 2.01]
@@ -27,8 +28,8 @@ def test_alarm_after_patience_checks_past_the_threshold_without_improvement():
     assert alarms(SpuriousCueMonitor(threshold=1.5, patience=2), [3.0, 2.8, 2.6, 2.4, 2.2]) == []
     # 0.8 is under min_delta better than 1.0 (bad); 0.2 is an improvement, which resets; 0.5 is bad again.
     assert alarms(SpuriousCueMonitor(threshold=None, patience=1, min_delta=0.5), [1.0, 0.8, 0.2, 0.5]) == [1, 3]
-    # mode="min": a falling score (e.g. pointing game) is the bad direction.
-    assert alarms(SpuriousCueMonitor(threshold=0.5, patience=2, mode="min"), [0.9, 0.6, 0.4, 0.3]) == [3]
+    # alarm_on="low": a falling score (e.g. pointing game) is the bad direction.
+    assert alarms(SpuriousCueMonitor(threshold=0.5, patience=2, alarm_on="low"), [0.9, 0.6, 0.4, 0.3]) == [3]
 
 
 def test_an_improving_check_resets_the_count():
@@ -43,10 +44,12 @@ def test_an_improving_check_resets_the_count():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"mode": "up"}, "mode='up'"),
+        ({"alarm_on": "up"}, "alarm_on='up'"),
+        ({"on_error": "ignore"}, "on_error='ignore'"),
+        ({"prefix": "a/b"}, "prefix"),
         ({"patience": 0}, "patience >= 1"),
         ({"min_delta": -1}, "min_delta >= 0"),
-        ({"monitor": "val/acc"}, "must be a metric logged by CAAPCallback"),
+        ({"monitor": "acc"}, "must be a metric logged by CAAPCallback"),
     ],
 )
 def test_arguments_are_validated_in_init(kwargs, message):
@@ -125,7 +128,7 @@ def test_stop_training_ends_the_fit_at_the_alarm(tmp_path, data_factory, classif
 
 def test_setup_errors_say_what_to_change(tmp_path, data_factory, classifier_factory, trainer_factory):
     trainer = trainer_factory(tmp_path, [SpuriousCueMonitor()])
-    with pytest.raises(ValueError, match="add exactly one CAAPCallback"):
+    with pytest.raises(ValueError, match="the trainer has none; add one"):
         trainer.fit(classifier_factory(), datamodule=data_factory())
     caap = CAAPCallback(metrics=["pointing_game"])
     trainer = trainer_factory(tmp_path, [caap, SpuriousCueMonitor(monitor="caap/cue_mass_ratio")])
@@ -140,8 +143,8 @@ def test_default_monitor_follows_the_masks(tmp_path, data_factory, classifier_fa
     for cue, expected in ((0.9, "caap/cue_mass_ratio"), (None, "caap/background_mass_ratio")):
         monitor = SpuriousCueMonitor()
         trainer = trainer_factory(tmp_path, [CAAPCallback(num_images=4, log_images=False), monitor])
-        trainer.validate(classifier_factory(), datamodule=data_factory(cue_correlation=cue), verbose=False)
-        assert monitor.monitor_key == expected and len(monitor.history) == 1
+        trainer.fit(classifier_factory(), datamodule=data_factory(cue_correlation=cue))
+        assert monitor.monitor_key == expected and len(monitor.history) == 2
 
 
 def test_a_failing_alarm_report_warns_and_training_goes_on(
@@ -150,7 +153,7 @@ def test_a_failing_alarm_report_warns_and_training_goes_on(
     def broken(*args, **kwargs):
         raise RuntimeError("no canvas")
 
-    monkeypatch.setattr(CAAPCallback, "draw_rows", broken)
+    monkeypatch.setattr(ProbeResult, "draw_rows", broken)
     with pytest.warns(UserWarning) as record:
         trainer, monitor = fit(tmp_path, data_factory, classifier_factory, trainer_factory, [0.8, 2.0, 3.0], patience=1)
     messages = [str(w.message) for w in record]

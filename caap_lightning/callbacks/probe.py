@@ -1,0 +1,438 @@
+"""The probe batch from whatever the user has: a batch in any common form, a Dataset, or the eval dataloader.
+
+Pure functions that :class:`~caap_lightning.callbacks.CAAPCallback` calls in ``setup``: they turn a
+batch (a :class:`ProbeBatch`, an image tensor, a tuple or a dict) into a checked ``ProbeBatch``,
+find the raw validation/test dataloader the user gave the Trainer, and resolve and check the
+images' normalisation.
+
+Images-only probes (a tensor, a tuple without labels, a dict without a label key) get
+``labels = UNKNOWN_LABEL`` (-1). Every metric works without labels (they read masks, or the
+model's own scores); ``target="label"`` needs them, and heatmap titles show ``?`` for them.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, fields
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import CombinedLoader
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, SequentialSampler
+
+from caap_lightning.datamodules.base import ProbeBatch
+from caap_lightning.utils import IMAGENET_MEAN, IMAGENET_STD, model_normalization
+
+# The label of an image whose class is not known (an images-only probe).
+UNKNOWN_LABEL = -1
+# ProbeBatch's fields, in its order: the order of a tuple batch's items too.
+FIELDS = ("images", "labels", "masks", "cue_masks", "cue_labels")
+# Un-normalised pixels may overshoot [0, 1] a little (resizing); a wrong mean/std overshoots far more.
+PIXEL_MARGIN = 0.25
+Channels = Tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class ProbeKeys:
+    """The key names of a dict batch's fields: each a name or a list of candidate names.
+
+    At most one candidate of a field may be present in a batch. A field set here replaces its
+    defaults, and a field set here must then be present; images are always required.
+    """
+
+    images: Union[str, Sequence[str]] = ("image", "images", "pixel_values", "x")
+    labels: Union[str, Sequence[str]] = ("label", "labels", "target", "targets", "y")
+    masks: Union[str, Sequence[str]] = ("mask", "masks", "segmentation")
+    cue_masks: Union[str, Sequence[str]] = ("cue_mask", "cue_masks")
+    cue_labels: Union[str, Sequence[str]] = ("cue_label", "cue_labels")
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            names = (value,) if isinstance(value, str) else tuple(value)
+            if not names or not all(isinstance(name, str) and name for name in names):
+                raise ValueError(f"probe_keys[{f.name!r}] must be a key name or a list of them, got {value!r}")
+            object.__setattr__(self, f.name, names)
+
+    @classmethod
+    def from_mapping(cls, keys: Union[None, "ProbeKeys", Mapping[str, Union[str, Sequence[str]]]]) -> "ProbeKeys":
+        """``ProbeKeys`` from ``{"images": "pixel_values", ...}`` (``None``: the defaults)."""
+        if keys is None:
+            return cls()
+        if isinstance(keys, ProbeKeys):
+            return keys
+        unknown = [name for name in keys if name not in FIELDS]
+        if unknown:
+            raise ValueError(f"probe_keys has unknown fields {unknown}; the fields are {list(FIELDS)}")
+        return cls(**keys)
+
+    def names(self, field: str) -> Tuple[str, ...]:
+        return getattr(self, field)
+
+    def is_set(self, field: str) -> bool:
+        """Whether the field's names were given (not the defaults): then the batch must have one."""
+        return self.names(field) != _DEFAULT_KEYS.names(field)
+
+
+_DEFAULT_KEYS = ProbeKeys()
+# What every function taking key names accepts: ProbeKeys, its fields as a mapping, or None (the defaults).
+KeysLike = Union[None, ProbeKeys, Mapping[str, Union[str, Sequence[str]]]]
+
+
+# ------------------------------------------------------------------ one batch
+def to_probe_batch(obj: Any, keys: KeysLike = None) -> ProbeBatch:
+    """One batch as a checked :class:`ProbeBatch`.
+
+    ``obj`` is a ``ProbeBatch``; an image tensor ``(n, 3, H, W)`` (labels unknown); a tuple or list
+    ``(images, labels[, masks[, cue_masks[, cue_labels]]])``; or a dict whose keys ``keys`` names
+    (see :class:`ProbeKeys`). Missing labels are ``UNKNOWN_LABEL``.
+    """
+    if isinstance(obj, ProbeBatch):
+        return check_probe(obj)
+    found = {field: _tensor(value, field) for field, value in _fields(obj, ProbeKeys.from_mapping(keys)).items()}
+    return check_probe(_probe_from_fields(found))
+
+
+def _fields(obj: Any, keys: ProbeKeys) -> Dict[str, Any]:
+    """The probe fields present in one batch or sample (tensor, tuple/list or dict), values as found."""
+    if isinstance(obj, torch.Tensor):
+        return {"images": obj}
+    if isinstance(obj, (tuple, list)):
+        if not 1 <= len(obj) <= len(FIELDS):
+            raise ValueError(
+                f"a tuple batch is (images, labels[, masks[, cue_masks[, cue_labels]]]), got {len(obj)} items; "
+                "pass a dict (with probe_keys) or a ProbeBatch for other layouts"
+            )
+        return {field: value for field, value in zip(FIELDS, obj) if value is not None}
+    if isinstance(obj, Mapping):
+        found = {field: _find_key(obj, field, keys) for field in FIELDS}
+        return {field: obj[key] for field, key in found.items() if key is not None}
+    raise TypeError(
+        f"cannot read a probe batch from a {type(obj).__name__}: give a ProbeBatch, an image tensor (n, 3, H, W), "
+        "a tuple (images, labels[, masks[, cue_masks]]) or a dict of them"
+    )
+
+
+def _find_key(batch: Mapping, field: str, keys: ProbeKeys) -> Optional[Any]:
+    """The one key of ``batch`` that holds ``field``, or ``None`` where an optional field is absent."""
+    present = [name for name in keys.names(field) if batch.get(name) is not None]
+    if len(present) > 1:
+        raise ValueError(
+            f"the probe batch has {len(present)} keys for {field}: {present} (its keys: {list(batch)}); name the one "
+            f"to use, e.g. CAAPCallback(probe_keys={{{field!r}: {present[0]!r}}})"
+        )
+    if present:
+        return present[0]
+    if field == "images" or keys.is_set(field):
+        raise ValueError(
+            f"the probe batch has no {field} key: looked for {list(keys.names(field))}, its keys are {list(batch)}; "
+            f"name it, e.g. CAAPCallback(probe_keys={{{field!r}: '<key>'}})"
+        )
+    return None
+
+
+def _tensor(value: Any, field: str) -> torch.Tensor:
+    """``value`` (a tensor, array, number or a list of them) as a plain tensor."""
+    if isinstance(value, torch.Tensor):
+        return value.as_subclass(torch.Tensor)  # tv_tensors would re-wrap every result
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
+        return _stack([v.as_subclass(torch.Tensor) for v in value], field)
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(
+            f"the probe's {field} must be tensors or arrays, got {type(value).__name__}; e.g. turn PIL images into "
+            "tensors with v2.ToImage() and v2.ToDtype(torch.float32, scale=True), then v2.Normalize(mean, std)"
+        ) from exc
+
+
+def _stack(values: List[torch.Tensor], field: str) -> torch.Tensor:
+    try:
+        return torch.stack(values)
+    except RuntimeError as exc:
+        shapes = sorted({tuple(v.shape) for v in values})
+        raise ValueError(
+            f"cannot stack the samples' {field}: their shapes differ ({shapes}); give every sample one size "
+            "(e.g. v2.Resize and v2.CenterCrop in the dataset's transform)"
+        ) from exc
+
+
+def _probe_from_fields(found: Dict[str, torch.Tensor]) -> ProbeBatch:
+    """A ProbeBatch (unchecked) from the fields found; absent labels are unknown."""
+    if "labels" not in found and "images" in found and found["images"].dim() > 0:
+        found["labels"] = torch.full((found["images"].shape[0],), UNKNOWN_LABEL, dtype=torch.long)
+    return ProbeBatch(**{field: found.get(field) for field in FIELDS})
+
+
+# ------------------------------------------------------------------ many samples
+def probe_from_dataset(dataset: Dataset, n: int, keys: KeysLike = None) -> ProbeBatch:
+    """The first ``n`` samples of ``dataset`` (fewer if it is shorter), collated into a checked ProbeBatch.
+
+    A sample is one image ``(3, H, W)``, a tuple ``(image, label[, mask[, cue_mask[, cue_label]]])`` or
+    a dict (keys as in :func:`to_probe_batch`).
+    """
+    keys = ProbeKeys.from_mapping(keys)
+    if isinstance(dataset, IterableDataset):
+        samples = list(itertools.islice(dataset, n))
+    else:
+        samples = [dataset[i] for i in range(min(n, len(dataset)))]
+    if not samples:
+        raise ValueError("the probe dataset has no samples")
+    per_sample = [_fields(sample, keys) for sample in samples]
+    if any("images" not in found for found in per_sample):
+        raise ValueError("every probe sample needs an image")
+    stacked: Dict[str, torch.Tensor] = {}
+    for field in FIELDS:
+        values = [found.get(field) for found in per_sample]
+        if field == "labels":
+            values = [UNKNOWN_LABEL if v is None else v for v in values]
+        if all(v is not None for v in values):
+            stacked[field] = _stack([_tensor(v, field) for v in values], field)
+    return check_probe(_probe_from_fields(stacked))
+
+
+def probe_from_loader(loader: Iterable[Any], n: int, keys: KeysLike = None) -> ProbeBatch:
+    """The first ``n`` samples a dataloader yields (fewer if it runs out), as one checked ProbeBatch.
+
+    Its batches may take any form :func:`to_probe_batch` reads; it is iterated only as far as needed.
+    """
+    keys = ProbeKeys.from_mapping(keys)
+    batches: List[ProbeBatch] = []
+    count = 0
+    for batch in loader:
+        probe = to_probe_batch(batch, keys)
+        batches.append(probe)
+        count += len(probe)
+        if count >= n:
+            break
+    if not batches:
+        raise ValueError("the probe dataloader yielded no batches")
+    return first_samples(_concat(batches), n)
+
+
+def _concat(batches: List[ProbeBatch]) -> ProbeBatch:
+    """Batches joined; a field missing from any batch is missing from the whole."""
+    values = {}
+    for field in FIELDS:
+        parts = [getattr(b, field) for b in batches]
+        values[field] = None if any(p is None for p in parts) else torch.cat(parts)
+    return ProbeBatch(**values)
+
+
+def first_samples(probe: ProbeBatch, n: int) -> ProbeBatch:
+    """The first ``n`` samples of ``probe`` (all of them if it has fewer)."""
+    values = {field: getattr(probe, field) for field in FIELDS}
+    return ProbeBatch(**{field: None if value is None else value[:n] for field, value in values.items()})
+
+
+# ------------------------------------------------------------------ the raw eval dataloader
+def raw_eval_loader(trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> Optional[Iterable[Any]]:
+    """The evaluation dataloader the user gave this run, as given: no sampler Lightning added (e.g. DDP's).
+
+    ``stage`` is the ``setup`` hook's: ``"fit"`` (the validation loader: ``val_dataloaders=``, the
+    datamodule's or the module's ``val_dataloader()``), ``"validate"`` (``dataloaders=`` or
+    ``val_dataloader()``) or ``"test"`` (``dataloaders=`` or ``test_dataloader()``). The first loader
+    where there are several; ``None`` where the stage runs no evaluation (no loader, no
+    ``validation_step``/``test_step``, or a batch limit of 0), and for ``"predict"``. A loader that
+    does not read its map-style dataset in order is re-created unshuffled over the same dataset, so
+    that every call, and every rank, reads the same first samples.
+
+    Call it in ``setup``: the datamodule's ``setup`` has run by then, the module's has not.
+    """
+    loop = _eval_loop(trainer, stage)
+    if loop is None:
+        return None
+    testing = stage == "test"
+    limit = trainer.limit_test_batches if testing else trainer.limit_val_batches
+    if limit == 0 or not is_overridden("test_step" if testing else "validation_step", pl_module):
+        return None  # Lightning runs no loop then, and never asks for its loader
+    # Lightning keeps where the loader comes from (the loaders given, the datamodule or the module) in
+    # the loop's private `_data_source` until the loop starts; only then does it add a DistributedSampler.
+    source = loop._data_source
+    if not source.is_defined():
+        return None
+    # CombinedLoader flattens lists/dicts of loaders in the order Lightning numbers them (dataloader_idx).
+    loaders = [dl for dl in CombinedLoader(source.dataloader(), "sequential").flattened if not _is_empty(dl)]
+    return _in_order(loaders[0]) if loaders else None
+
+
+def _is_empty(loader: Any) -> bool:
+    """``None`` or an empty list/dict: what a hook returns for "no loader"."""
+    return loader is None or isinstance(loader, (list, tuple, dict)) and len(loader) == 0
+
+
+def _eval_loop(trainer: L.Trainer, stage: str) -> Optional[Any]:
+    if stage == "fit":
+        return trainer.fit_loop.epoch_loop.val_loop
+    if stage == "validate":
+        return trainer.validate_loop
+    if stage == "test":
+        return trainer.test_loop
+    return None
+
+
+def _in_order(loader: Iterable[Any]) -> Iterable[Any]:
+    """``loader``, or an unshuffled DataLoader over its dataset where it does not read it in order."""
+    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
+        return loader  # it has no sampler to replace: its own order is the only one
+    batch_sampler = loader.batch_sampler
+    if batch_sampler is None:  # automatic batching off: the loader yields single samples
+        if isinstance(loader.sampler, SequentialSampler):
+            return loader
+        return DataLoader(loader.dataset, batch_size=None, shuffle=False, collate_fn=loader.collate_fn)
+    if type(batch_sampler) is BatchSampler and isinstance(batch_sampler.sampler, SequentialSampler):
+        return loader
+    batch_size = loader.batch_size or getattr(batch_sampler, "batch_size", None) or 1
+    # One process: the probe reads a few samples once, which costs less than starting workers.
+    return DataLoader(loader.dataset, batch_size=batch_size, shuffle=False, collate_fn=loader.collate_fn)
+
+
+# ------------------------------------------------------------------ checks
+def check_probe(probe: ProbeBatch) -> ProbeBatch:
+    """``probe`` with its fields checked and put in the callback's form.
+
+    Images float ``(n, 3, H, W)``; labels (and cue labels) integer ``(n,)``, returned long
+    (missing labels: ``UNKNOWN_LABEL``); masks ``(n, H, W)`` or ``(n, 1, H, W)``, bool or 0/1 of any
+    dtype, returned ``(n, H, W)`` bool. Raises ``ValueError`` naming the field and the remedy.
+    """
+    images = _check_images(probe.images)
+    n, size = images.shape[0], tuple(images.shape[-2:])
+    labels = probe.labels
+    if labels is None:
+        labels = torch.full((n,), UNKNOWN_LABEL, dtype=torch.long)
+    return ProbeBatch(
+        images=images,
+        labels=_check_classes(labels, "labels", n),
+        masks=_check_mask(probe.masks, "masks", n, size),
+        cue_masks=_check_mask(probe.cue_masks, "cue_masks", n, size),
+        cue_labels=None if probe.cue_labels is None else _check_classes(probe.cue_labels, "cue_labels", n),
+    )
+
+
+def _check_images(images: Any) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"the probe's images must be a tensor (n, 3, H, W), got {type(images).__name__}")
+    if images.dim() != 4 or images.shape[1] != 3 or images.shape[0] == 0:
+        raise ValueError(
+            f"the probe's images must be (n, 3, H, W) with n >= 1, got shape {tuple(images.shape)}; add a batch "
+            "dimension to a single image (image[None]) and give grayscale images 3 channels (x.expand(-1, 3, -1, -1))"
+        )
+    if not images.is_floating_point():
+        raise ValueError(
+            f"the probe's images are {images.dtype}: give float images normalised as the model expects, e.g. "
+            "v2.ToDtype(torch.float32, scale=True) then v2.Normalize(mean, std)"
+        )
+    return images
+
+
+def _check_classes(classes: Any, field: str, n: int) -> torch.Tensor:
+    classes = _tensor(classes, field)
+    if tuple(classes.shape) != (n,):
+        raise ValueError(
+            f"the probe's {field} must be ({n},) class indices, one per image, got shape {tuple(classes.shape)}; "
+            "for one-hot or soft labels use labels.argmax(1)"
+        )
+    if classes.is_floating_point() or classes.is_complex() or classes.dtype == torch.bool:
+        raise ValueError(f"the probe's {field} must be integer class indices, got {classes.dtype}; use {field}.long()")
+    return classes.long()
+
+
+def _check_mask(mask: Any, field: str, n: int, size: Tuple[int, int]) -> Optional[torch.Tensor]:
+    if mask is None:
+        return None
+    mask = _tensor(mask, field)
+    if mask.dim() == 4 and mask.shape[1] == 1:
+        mask = mask[:, 0]
+    if mask.dim() != 3:
+        raise ValueError(f"the probe's {field} must be (n, H, W) or (n, 1, H, W), got shape {tuple(mask.shape)}")
+    if mask.shape[0] != n:
+        raise ValueError(f"the probe has {mask.shape[0]} {field} for {n} images; give one mask per image")
+    if tuple(mask.shape[1:]) != size:
+        raise ValueError(
+            f"the probe's {field} are {tuple(mask.shape[1:])} but its images {size}: resize each mask with its "
+            "image (nearest-neighbour, e.g. one v2 transform on the image and a tv_tensors.Mask)"
+        )
+    if mask.dtype == torch.bool:
+        return mask
+    not_binary = (mask != 0) & (mask != 1)  # NaN included
+    if not_binary.any():
+        values = torch.unique(mask)
+        shown = ", ".join(f"{v:g}" for v in values[:8].tolist())
+        shown += f", ... ({len(values)} values)" if len(values) > 8 else ""
+        raise ValueError(
+            f"the probe's {field} must be binary (bool or 0/1), found values [{shown}]: make a 0/1 mask, e.g. for "
+            "Oxford Pets trimaps (1 pet, 2 background, 3 border) use mask == 1, for a soft mask mask > 0.5"
+        )
+    return mask.bool()
+
+
+# ------------------------------------------------------------------ normalisation
+def resolve_normalization(
+    mean: Optional[Sequence[float]],
+    std: Optional[Sequence[float]],
+    datamodule: Any,
+    pl_module: Any,
+    model: Any,
+) -> Tuple[Channels, Channels, Optional[str]]:
+    """The images' ``(mean, std)`` and a sentence to say once where no one gave them (else ``None``).
+
+    In order: the callback's own ``mean``/``std``, the datamodule's ``mean``/``std`` attributes,
+    the LightningModule's (numbers or tensors, e.g. buffers), the model's timm ``pretrained_cfg``,
+    ImageNet's. The sentence names the source for the last two, which are guesses.
+    """
+    if (mean is None) != (std is None):
+        raise ValueError(f"give CAAPCallback both mean and std, or neither; got mean={mean}, std={std}")
+    given = (
+        ("CAAPCallback's mean/std", mean, std),
+        ("the datamodule's mean/std", getattr(datamodule, "mean", None), getattr(datamodule, "std", None)),
+        ("the LightningModule's mean/std", getattr(pl_module, "mean", None), getattr(pl_module, "std", None)),
+    )
+    for source, m, s in given:
+        if m is not None and s is not None:
+            return _channels(m, s, source) + (None,)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if cfg.get("mean") is not None and cfg.get("std") is not None:
+        m, s = _channels(*model_normalization(model), "the model's pretrained_cfg")
+        return m, s, (f"normalising with the model's pretrained_cfg mean={m}, std={s} (no mean/std from the callback, "
+                      "the datamodule or the module); pass mean=/std= if the images are normalised otherwise")
+    m, s = _channels(IMAGENET_MEAN, IMAGENET_STD, "ImageNet")
+    return m, s, (f"no mean/std given (callback, datamodule, module or the model's pretrained_cfg): assuming "
+                  f"ImageNet's mean={m}, std={s}; pass mean=/std= if the images are normalised otherwise")
+
+
+def _channels(mean: Any, std: Any, source: str) -> Tuple[Channels, Channels]:
+    """Three floats each (from a sequence or a tensor of any shape), std positive."""
+    m = tuple(float(v) for v in torch.as_tensor(mean, dtype=torch.float64).flatten().tolist())
+    s = tuple(float(v) for v in torch.as_tensor(std, dtype=torch.float64).flatten().tolist())
+    if len(m) != 3 or len(s) != 3 or min(s) <= 0:
+        raise ValueError(f"{source} must be 3 channels each, std > 0; got mean={m}, std={s}")
+    return m, s  # type: ignore[return-value]
+
+
+def check_pixel_range(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> Optional[str]:
+    """A warning when the probe's pixel values contradict ``mean``/``std``; ``None`` when they agree.
+
+    It flags images that look like [0, 255] pixels, like un-normalised [0, 1] pixels while
+    ``mean``/``std`` normalise, or that un-normalise with ``mean``/``std`` far outside [0, 1].
+    """
+    x = images.detach().float()
+    lo, hi = x.min().item(), x.max().item()
+    said = f"the probe images range over [{lo:.3g}, {hi:.3g}] but mean={tuple(mean)}, std={tuple(std)}"
+    if lo >= 0 and hi > 1.5 and (x == x.round()).float().mean().item() >= 0.9:
+        return (f"{said}: they look like [0, 255] pixels; scale and normalise them "
+                "(v2.ToDtype(torch.float32, scale=True), then v2.Normalize(mean, std))")
+    identity = all(abs(m) < 1e-6 for m in mean) and all(abs(s - 1) < 1e-6 for s in std)
+    if lo >= 0 and hi <= 1 and not identity:
+        return (f"{said}: they look like un-normalised [0, 1] pixels; normalise them (v2.Normalize(mean, std)), "
+                "or pass mean=[0, 0, 0], std=[1, 1, 1] if the model takes [0, 1] pixels")
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    pixels = x * s + m  # not utils.unnormalize: its clamp would hide the overshoot
+    outside = ((pixels < -PIXEL_MARGIN) | (pixels > 1 + PIXEL_MARGIN)).float().mean().item()
+    if outside > 0.01:
+        return (f"{said}: un-normalised with them, {outside:.0%} of the pixel values fall outside [0, 1] (range "
+                f"[{pixels.min().item():.3g}, {pixels.max().item():.3g}]); pass the mean/std the images were "
+                "normalised with")
+    return None

@@ -1,0 +1,398 @@
+"""The probe batch from any batch form, a Dataset or the run's raw eval dataloader; its checks and normalisation."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler, TensorDataset
+
+from caap_lightning.callbacks.probe import (
+    UNKNOWN_LABEL,
+    ProbeKeys,
+    check_pixel_range,
+    check_probe,
+    probe_from_dataset,
+    probe_from_loader,
+    raw_eval_loader,
+    resolve_normalization,
+    to_probe_batch,
+)
+from caap_lightning.datamodules.base import ProbeBatch, collate_samples
+from caap_lightning.utils import IMAGENET_MEAN, IMAGENET_STD, normalize
+
+SIZE = 8
+
+
+def images(n: int = 4, seed: int = 0) -> torch.Tensor:
+    """ImageNet-normalised random images ``(n, 3, SIZE, SIZE)``."""
+    pixels = torch.rand(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+    return normalize(pixels, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def masks(n: int = 4) -> torch.Tensor:
+    out = torch.zeros(n, SIZE, SIZE, dtype=torch.bool)
+    out[:, 2:6, 2:6] = True
+    return out
+
+
+# ------------------------------------------------------------------ to_probe_batch
+def test_image_tensor_gets_unknown_labels():
+    probe = to_probe_batch(images(3))
+    assert probe.labels.tolist() == [UNKNOWN_LABEL] * 3 and probe.labels.dtype == torch.long
+    assert probe.masks is None and probe.cue_masks is None and probe.cue_labels is None
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 4, 5])
+def test_tuple_items_follow_probe_batch_order(length):
+    x, y, m = images(), torch.tensor([0, 1, 2, 1], dtype=torch.int32), masks()
+    cue = ~m
+    items = (x, y, m[:, None].to(torch.uint8), cue.float(), torch.tensor([1, 1, 0, 0]))[:length]
+    probe = to_probe_batch(list(items) if length % 2 else items)
+    assert torch.equal(probe.images, x)
+    assert probe.labels.dtype == torch.long
+    assert probe.labels.tolist() == (y.tolist() if length >= 2 else [UNKNOWN_LABEL] * 4)
+    assert (probe.masks is None) == (length < 3) and (probe.cue_masks is None) == (length < 4)
+    if length >= 3:
+        assert probe.masks.dtype == torch.bool and torch.equal(probe.masks, m)
+    if length >= 4:
+        assert torch.equal(probe.cue_masks, cue)
+    if length == 5:
+        assert probe.cue_labels.tolist() == [1, 1, 0, 0]
+
+
+def test_tuple_of_six_items_is_refused():
+    with pytest.raises(ValueError, match=r"\(images, labels\[, masks"):
+        to_probe_batch((images(),) * 6)
+
+
+def test_dict_with_default_keys():
+    probe = to_probe_batch({"pixel_values": images(), "targets": [0, 1, 2, 3], "segmentation": masks(), "id": [7] * 4})
+    assert probe.labels.tolist() == [0, 1, 2, 3] and torch.equal(probe.masks, masks())
+
+
+def test_dict_with_named_keys():
+    batch = {"img": images(), "cls": torch.arange(4), "fg": masks(), "label": torch.zeros(4)}
+    probe = to_probe_batch(batch, {"images": "img", "labels": ["cls"], "masks": "fg"})
+    assert probe.labels.tolist() == [0, 1, 2, 3] and probe.masks is not None
+
+
+def test_dict_without_labels_has_unknown_labels():
+    assert to_probe_batch({"image": images(2), "mask": None}).labels.tolist() == [UNKNOWN_LABEL] * 2
+
+
+def test_dict_with_two_candidate_keys_is_ambiguous():
+    with pytest.raises(ValueError, match=r"2 keys for labels: \['label', 'labels'\].*probe_keys=\{'labels': 'label'\}"):
+        to_probe_batch({"image": images(), "label": torch.arange(4), "labels": torch.arange(4)})
+
+
+def test_dict_without_an_image_key_lists_its_keys():
+    with pytest.raises(ValueError, match=r"no images key.*its keys are \['img', 'label'\].*probe_keys=\{'images'"):
+        to_probe_batch({"img": images(), "label": torch.arange(4)})
+
+
+def test_named_key_must_be_present():
+    with pytest.raises(ValueError, match=r"no masks key: looked for \['fg'\]"):
+        to_probe_batch({"image": images()}, {"masks": "fg"})
+
+
+def test_probe_batch_is_checked_and_kept():
+    x = images()
+    probe = to_probe_batch(ProbeBatch(x, torch.arange(4), masks=masks().to(torch.uint8)))
+    assert probe.images is x and probe.masks.dtype == torch.bool
+
+
+def test_unknown_batch_type_says_what_is_accepted():
+    with pytest.raises(TypeError, match="cannot read a probe batch from a str.*tuple"):
+        to_probe_batch("images.png")
+    with pytest.raises(TypeError, match="ToImage"):
+        to_probe_batch({"image": object()})
+
+
+def test_probe_keys_from_mapping():
+    assert ProbeKeys.from_mapping(None) == ProbeKeys()
+    keys = ProbeKeys.from_mapping({"images": "pixel_values"})
+    assert keys.images == ("pixel_values",) and keys.labels == ProbeKeys().labels
+    assert keys.is_set("images") and not keys.is_set("labels")
+    with pytest.raises(ValueError, match=r"unknown fields \['image'\]"):
+        ProbeKeys.from_mapping({"image": "x"})
+    with pytest.raises(ValueError, match="a key name or a list"):
+        ProbeKeys(labels=[])
+
+
+# ------------------------------------------------------------------ check_probe
+def test_masks_of_any_binary_form_become_bool():
+    for form in (masks()[:, None].float(), masks().to(torch.uint8), masks().long()[:, None]):
+        probe = check_probe(ProbeBatch(images(), torch.arange(4), masks=form, cue_masks=form))
+        assert probe.masks.shape == (4, SIZE, SIZE) and probe.masks.dtype == torch.bool
+        assert torch.equal(probe.masks, masks()) and torch.equal(probe.cue_masks, masks())
+
+
+def test_trimap_is_refused_with_the_remedy():
+    trimap = masks().long() + 1  # values 1, 2 ...
+    trimap[:, 0, 0] = 3
+    with pytest.raises(ValueError, match=r"masks must be binary.*values \[1, 2, 3\].*mask == 1"):
+        check_probe(ProbeBatch(images(), torch.arange(4), masks=trimap))
+
+
+def test_mask_size_and_count_are_checked():
+    with pytest.raises(ValueError, match=r"cue_masks are \(4, 4\) but its images \(8, 8\)"):
+        check_probe(ProbeBatch(images(), torch.arange(4), cue_masks=masks()[:, :4, :4]))
+    with pytest.raises(ValueError, match="3 masks for 4 images"):
+        check_probe(ProbeBatch(images(), torch.arange(4), masks=masks(3)))
+    with pytest.raises(ValueError, match=r"masks must be \(n, H, W\) or \(n, 1, H, W\)"):
+        check_probe(ProbeBatch(images(), torch.arange(4), masks=masks()[:, None].expand(-1, 3, -1, -1)))
+
+
+def test_images_must_be_float_nchw():
+    with pytest.raises(ValueError, match="uint8.*ToDtype"):
+        check_probe(ProbeBatch((images() > 0).to(torch.uint8) * 255, torch.arange(4)))
+    with pytest.raises(ValueError, match=r"\(n, 3, H, W\).*image\[None\]"):
+        check_probe(ProbeBatch(images()[0], torch.arange(3)))
+
+
+def test_labels_must_be_integer_indices():
+    assert check_probe(ProbeBatch(images(), torch.arange(4, dtype=torch.int16))).labels.dtype == torch.long
+    with pytest.raises(ValueError, match=r"labels must be integer class indices, got torch.float32"):
+        check_probe(ProbeBatch(images(), torch.arange(4).float()))
+    with pytest.raises(ValueError, match=r"labels must be \(4,\).*argmax"):
+        check_probe(ProbeBatch(images(), torch.eye(4)))
+    with pytest.raises(ValueError, match=r"cue_labels must be \(4,\)"):
+        check_probe(ProbeBatch(images(), torch.arange(4), cue_labels=torch.arange(3)))
+
+
+# ------------------------------------------------------------------ probe_from_dataset
+class DictSamples(Dataset):
+    """Samples as TransformedDataset yields them: image, label and, for some datasets, masks."""
+
+    def __init__(self, n: int, with_masks: bool = True):
+        self.x, self.with_masks = images(n), with_masks
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> Dict:
+        sample = {"image": self.x[i], "label": i}
+        if self.with_masks:
+            sample.update(mask=masks(1)[0], cue_mask=~masks(1)[0], cue_label=0)
+        return sample
+
+
+def test_dataset_of_tuples_gives_its_first_samples():
+    x = images(6)
+    probe = probe_from_dataset(TensorDataset(x, torch.arange(6)), 4)
+    assert torch.equal(probe.images, x[:4]) and probe.labels.tolist() == [0, 1, 2, 3]
+
+
+def test_dataset_of_dicts_and_of_images():
+    probe = probe_from_dataset(DictSamples(5), 3)
+    assert probe.labels.tolist() == [0, 1, 2] and probe.masks.shape == (3, SIZE, SIZE)
+    assert probe.cue_labels.tolist() == [0, 0, 0]
+    only_images = probe_from_dataset(list(images(3)), 10)  # any indexable of samples; shorter than n
+    assert len(only_images) == 3 and only_images.labels.tolist() == [UNKNOWN_LABEL] * 3
+
+
+def test_dataset_samples_of_different_sizes_are_refused():
+    samples = [images(1)[0], torch.zeros(3, 4, 4)]
+    with pytest.raises(ValueError, match=r"shapes differ.*v2.Resize"):
+        probe_from_dataset(samples, 2)
+
+
+# ------------------------------------------------------------------ probe_from_loader
+def test_loader_batches_are_joined_up_to_n_and_read_no_further():
+    x = images(10)
+    read: List[int] = []
+
+    def batches():
+        for start in range(0, 10, 3):
+            read.append(start)
+            yield x[start : start + 3], torch.arange(start, min(start + 3, 10))
+
+    probe = probe_from_loader(batches(), 5)
+    assert probe.labels.tolist() == [0, 1, 2, 3, 4] and torch.equal(probe.images, x[:5])
+    assert read == [0, 3]
+
+
+def test_loader_of_dicts_and_of_probe_batches():
+    dicts = probe_from_loader(DataLoader(DictSamples(5), batch_size=2), 3)  # default_collate: a dict of batches
+    assert dicts.labels.tolist() == [0, 1, 2] and dicts.masks.dtype == torch.bool
+    batches = DataLoader(DictSamples(5, with_masks=False), batch_size=2, collate_fn=collate_samples)  # ProbeBatches
+    probes = probe_from_loader(batches, 4)
+    assert probes.labels.tolist() == [0, 1, 2, 3] and probes.masks is None
+
+
+def test_empty_loader_is_refused():
+    with pytest.raises(ValueError, match="yielded no batches"):
+        probe_from_loader([], 4)
+
+
+# ------------------------------------------------------------------ raw_eval_loader in real runs
+class TinyModule(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(3 * SIZE * SIZE, 3)
+
+    def step(self, batch, batch_idx, dataloader_idx=0):
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x.flatten(1)), y)
+
+    training_step = validation_step = test_step = step
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class OwnLoaderModule(TinyModule):
+    def val_dataloader(self):
+        return DataLoader(dataset(), batch_size=2)
+
+
+class NoValidationStep(TinyModule):
+    validation_step = None  # type: ignore[assignment]
+
+
+class PlainDataModule(L.LightningDataModule):
+    def setup(self, stage: str) -> None:
+        self.val_set = dataset()  # built in setup: the datamodule's setup runs before the callbacks'
+
+    def train_dataloader(self):
+        return DataLoader(dataset(), batch_size=4)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_set, batch_size=3, shuffle=True)
+
+
+class LoaderSpy(Callback):
+    """Records what raw_eval_loader returns in setup, and the loaders Lightning then runs."""
+
+    def __init__(self):
+        self.raw: Dict[str, Optional[object]] = {}
+        self.run_sampler: Optional[object] = None
+
+    def setup(self, trainer, pl_module, stage):
+        self.raw[stage] = raw_eval_loader(trainer, pl_module, stage)
+
+    def on_validation_start(self, trainer, pl_module):
+        loaders = trainer.val_dataloaders
+        self.run_sampler = (loaders[0] if isinstance(loaders, list) else loaders).sampler
+
+
+def dataset(n: int = 8) -> TensorDataset:
+    return TensorDataset(images(n), torch.arange(n) % 3)
+
+
+def loader(**kwargs) -> DataLoader:
+    return DataLoader(dataset(), batch_size=kwargs.pop("batch_size", 4), **kwargs)
+
+
+def run(fn: str, model: L.LightningModule, **kwargs) -> LoaderSpy:
+    spy = LoaderSpy()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=kwargs.pop("devices", 1), strategy=kwargs.pop("strategy", "auto"),
+        max_steps=1, limit_train_batches=1, limit_val_batches=kwargs.pop("limit_val_batches", 1),
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, callbacks=[spy],
+    )
+    getattr(trainer, fn)(model, **kwargs)
+    return spy
+
+
+def test_fit_loaders_given_to_fit():
+    val = loader()
+    assert run("fit", TinyModule(), train_dataloaders=loader(), val_dataloaders=val).raw["fit"] is val
+    first, second = loader(), loader()
+    assert run("fit", TinyModule(), train_dataloaders=loader(), val_dataloaders=[first, second]).raw["fit"] is first
+
+
+def test_fit_plain_datamodule_shuffled_loader_is_read_in_order():
+    datamodule = PlainDataModule()
+    raw = run("fit", TinyModule(), datamodule=datamodule).raw["fit"]
+    assert raw.dataset is datamodule.val_set and isinstance(raw.sampler, SequentialSampler) and raw.batch_size == 3
+    assert probe_from_loader(raw, 5).labels.tolist() == [0, 1, 2, 0, 1]
+
+
+def test_validate_and_test_loaders():
+    val, test = loader(), loader()
+    assert run("validate", TinyModule(), dataloaders=val).raw["validate"] is val
+    assert run("test", TinyModule(), dataloaders=test).raw["test"] is test
+
+
+def test_modules_own_val_dataloader():
+    raw = run("fit", OwnLoaderModule(), train_dataloaders=loader()).raw["fit"]
+    assert isinstance(raw, DataLoader) and raw.batch_size == 2
+    assert run("validate", OwnLoaderModule()).raw["validate"].batch_size == 2
+
+
+def test_no_eval_loop_gives_none():
+    assert run("fit", TinyModule(), train_dataloaders=loader()).raw["fit"] is None
+    no_batches = run("fit", TinyModule(), train_dataloaders=loader(), val_dataloaders=loader(), limit_val_batches=0)
+    assert no_batches.raw["fit"] is None
+    no_step = run("fit", NoValidationStep(), train_dataloaders=loader(), val_dataloaders=loader())
+    assert no_step.raw["fit"] is None
+
+
+def test_users_distributed_sampler_is_replaced():
+    sampler = DistributedSampler(dataset(), num_replicas=2, rank=1, shuffle=False)
+    given = DataLoader(dataset(), batch_size=2, sampler=sampler)
+    raw = run("validate", TinyModule(), dataloaders=given).raw["validate"]
+    assert raw is not given and isinstance(raw.sampler, SequentialSampler)
+    assert probe_from_loader(raw, 4).labels.tolist() == [0, 1, 2, 0]
+
+
+def test_ddp_run_reads_the_loader_before_lightning_adds_its_sampler():
+    val = loader()
+    spy = run("fit", TinyModule(), strategy="ddp", train_dataloaders=loader(), val_dataloaders=val)
+    assert spy.raw["fit"] is val and isinstance(spy.raw["fit"].sampler, SequentialSampler)
+    assert isinstance(spy.run_sampler, DistributedSampler)  # what Lightning ran: not what the probe reads
+
+
+# ------------------------------------------------------------------ normalisation
+class Holder:
+    def __init__(self, mean=None, std=None):
+        self.mean, self.std = mean, std
+
+
+def test_normalization_order_of_sources(tiny_vit):
+    m, s = (0.1, 0.2, 0.3), (0.4, 0.5, 0.6)
+    assert resolve_normalization(m, s, Holder(IMAGENET_MEAN, IMAGENET_STD), None, tiny_vit) == (m, s, None)
+    assert resolve_normalization(None, None, Holder(m, s), Holder((0, 0, 0), (1, 1, 1)), tiny_vit) == (m, s, None)
+    buffers = Holder(torch.tensor(m).view(1, 3, 1, 1), torch.tensor(s).view(1, 3, 1, 1))
+    got_m, got_s, message = resolve_normalization(None, None, Holder(), buffers, tiny_vit)
+    assert got_m == pytest.approx(m) and got_s == pytest.approx(s) and message is None
+
+
+def test_normalization_from_pretrained_cfg_then_imagenet(tiny_vit):
+    mean, std, message = resolve_normalization(None, None, None, nn.Module(), tiny_vit)
+    assert (mean, std) == (tuple(tiny_vit.pretrained_cfg["mean"]), tuple(tiny_vit.pretrained_cfg["std"]))
+    assert "pretrained_cfg" in message
+    mean, std, message = resolve_normalization(None, None, None, nn.Module(), nn.Linear(2, 2))
+    assert (mean, std) == (IMAGENET_MEAN, IMAGENET_STD) and "ImageNet" in message
+
+
+def test_normalization_arguments_are_checked():
+    with pytest.raises(ValueError, match="both mean and std"):
+        resolve_normalization([0.5] * 3, None, None, None, None)
+    with pytest.raises(ValueError, match="datamodule's mean/std must be 3 channels each, std > 0"):
+        resolve_normalization(None, None, Holder((0.5,) * 3, (0.5, 0.5, 0.0)), None, None)
+
+
+def test_pixel_range_agrees_with_normalised_images():
+    assert check_pixel_range(images(), IMAGENET_MEAN, IMAGENET_STD) is None
+    assert check_pixel_range(torch.randn(4, 3, SIZE, SIZE), IMAGENET_MEAN, IMAGENET_STD) is None
+    assert check_pixel_range(torch.rand(4, 3, SIZE, SIZE), (0, 0, 0), (1, 1, 1)) is None  # a model of [0, 1] pixels
+
+
+def test_pixel_range_flags_raw_pixels():
+    raw = torch.rand(4, 3, SIZE, SIZE)
+    assert "un-normalised [0, 1] pixels" in check_pixel_range(raw, IMAGENET_MEAN, IMAGENET_STD)
+    assert "[0, 255] pixels" in check_pixel_range((raw * 255).round(), IMAGENET_MEAN, IMAGENET_STD)
+    assert "[0, 255] pixels" in check_pixel_range((raw * 255).round(), (0, 0, 0), (1, 1, 1))
+
+
+def test_pixel_range_flags_another_normalisation():
+    message = check_pixel_range(images(), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert message is not None and "fall outside [0, 1]" in message
