@@ -160,3 +160,24 @@ def test_a_failing_alarm_report_warns_and_training_goes_on(
     assert any("SpuriousCueMonitor: alarm at epoch 1" in m for m in messages)
     assert any("SpuriousCueMonitor: reporting the alarm failed at epoch 1 (RuntimeError: no canvas)" in m for m in messages)
     assert trainer.current_epoch == 3 and len(monitor.history) == 3
+
+
+def test_a_check_without_the_monitored_score_is_skipped_with_a_reason(
+    tmp_path, data_factory, classifier_factory, trainer_factory
+):
+    caap = CAAPCallback(num_images=4, metrics=["cue_mass_ratio"], log_images=False)
+    finish = caap._finish
+
+    def drops_epoch_one(*args):  # as when no probe image could be scored for the metric
+        result = finish(*args)
+        if result.epoch == 1:
+            del result.metrics["caap/cue_mass_ratio"]
+        return result
+
+    caap._finish = drops_epoch_one
+    monitor = SpuriousCueMonitor(threshold=None)
+    with pytest.warns(UserWarning, match=r"the check at epoch 1 is not counted: caap/cue_mass_ratio was not logged"):
+        trainer_factory(tmp_path, [caap, monitor], max_epochs=3, limit_train_batches=1).fit(
+            classifier_factory(), datamodule=data_factory()
+        )
+    assert [h["epoch"] for h in monitor.history] == [0, 2]
