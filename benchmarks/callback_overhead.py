@@ -5,7 +5,7 @@ same run, each epoch (training + validation + the check) and each ``CAAPCallback
 wall-clock and process CPU seconds. The overhead is check / (epoch - check): the share the check
 adds to an epoch without it. The summary is the median over the epochs: on a shared machine a
 single check can take several times its usual time. The first epoch also draws the synthetic
-images (cached afterwards) and the first check pays one-off costs (imports, CAAP's blank).
+images (cached afterwards) and the first check pays one-off costs (imports).
 
 Then, on the trained model, it alternates ``--rounds`` times four training steps (one batch of
 the demo, forward + backward + AdamW) with one check (run through ``trainer.validate``, only the

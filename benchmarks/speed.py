@@ -123,7 +123,7 @@ def main() -> None:
             with autocast():
                 fn()
             synchronize(device)
-        run()  # warm-up (and the blank cache for CAAP)
+        run()  # warm-up
         seconds = median_seconds(run, repeats)
         print(f"  timed {name}: {seconds:.3f} s", file=sys.stderr, flush=True)
         return seconds
@@ -132,11 +132,11 @@ def main() -> None:
     notes = []
     with torch.no_grad():
         results["forward_s"] = timed("forward", lambda: model(images))
-    for method in ("parallel", "efficient", "windowed"):
-        if method in args.skip:
+    for construction in ("parallel", "efficient", "windowed"):
+        if construction in args.skip:
             continue
         caap = CAAP(model, layer_cutoff=args.layer_cutoff, selection=args.selection, construction=construction, window=args.window)
-        results[f"{method}_s"] = timed(method, lambda: caap.attribute(images, target=target))
+        results[f"{construction}_s"] = timed(construction, lambda: caap.attribute(images, target=target))
 
     # Textbook patching and occlusion are N full forwards per image: time a few images, scale to the batch.
     few = images[: args.standard_images]

@@ -1,8 +1,9 @@
 """Attribution methods with one call shape: ``Method(model).attribute(images, target=...)``."""
 
 from caap_lightning.attribution.caap import CAAP
+from caap_lightning.attribution.cnn import ConvCAAP
 
-__all__ = ["CAAP"]
+__all__ = ["CAAP", "ConvCAAP"]
 from caap_lightning.attribution.baselines import (  # noqa: E402
     AttentionRollout,
     GradCAM,

@@ -3,7 +3,10 @@
 Every method is ``Method(model, ...).attribute(images, target=None, upsample=False)`` and
 returns float patch maps ``(B, gh, gw)`` (higher = more important for the target class), so
 the callback and the benchmarks can swap them for CAAP by name (see ``registry.py``).
-``target`` is an int, a list or a tensor of classes, or ``None`` for the predicted class.
+``target`` is an int, a list or a tensor of classes, or ``None`` for the predicted class;
+images and targets are checked as CAAP checks them (the same helpers in ``vit.py``). A ViT
+built with ``num_classes=0`` takes ``head=``, the module that maps its pooled features to
+logits, as CAAP does.
 The model is left as it was found: training flags restored, hooks removed, no ``.grad``
 written (gradients are taken with ``torch.autograd.grad`` w.r.t. activations only), and
 gradient methods also work when called under ``torch.no_grad()`` or inference mode.
@@ -12,37 +15,41 @@ gradient methods also work when called under ``torch.no_grad()`` or inference mo
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from caap_lightning.attribution import vit
-from caap_lightning.attribution.blanks import BlankSpec, check_blank, make_blank
+from caap_lightning.attribution.blanks import BlankSpec, check_blank, input_normalization, make_blank
 from caap_lightning.attribution.selection import selection_members
-from caap_lightning.utils import eval_mode, model_normalization, upsample_maps
+from caap_lightning.utils import eval_mode, upsample_maps
 
-TargetLike = Union[None, int, Sequence[int], torch.Tensor]
+TargetLike = vit.TargetLike
 SCORES = ("probability", "logit")
 
 _INSTALL_BASELINES = 'pip install "caap-lightning[baselines]"'
 
 
 class PatchAttribution:
-    """Base of the baselines: input checks, targets, eval mode, optional upsampling.
+    """Base of the baselines: input checks, targets, the head, eval mode, optional upsampling.
 
-    Subclasses implement ``_attribute(images, target) -> (B, gh, gw)``; ``images`` are
-    already on the model's device and dtype, and the model is in eval mode.
+    Subclasses implement ``_attribute(images, targets) -> (B, gh, gw)``; ``images`` are
+    already checked and on the model's device and dtype, ``targets`` are checked class
+    indices (or ``None``), and the model and head are in eval mode. Logits come from
+    ``self.classifier`` (the ViT, then ``head`` where given).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, head: Optional[nn.Module] = None) -> None:
         patch_size = getattr(getattr(model, "patch_embed", None), "patch_size", None)
         if patch_size is None:
             raise ValueError(
                 f"{type(self).__name__} needs a timm Vision Transformer (a model with "
                 f"`patch_embed.patch_size`); got {type(model).__name__}"
             )
+        self.classifier = vit.Classifier(model, head)
         self.model = model
+        self.head = head
 
     @property
     def patch_size(self) -> Tuple[int, int]:
@@ -57,23 +64,26 @@ class PatchAttribution:
         """
         vit.check_images(self.model, images)
         device, dtype = vit.model_device_dtype(self.model)
+        if target is not None:
+            target = vit.check_target(target, len(images), self.classifier.num_classes, device)
+        vit.check_finite_weights(self.model, self.head)
         images = images.to(device=device, dtype=dtype)
-        with eval_mode(self.model):
+        with eval_mode(self.classifier):
             maps = self._attribute(images, target).detach().float()
         if upsample:
             maps = upsample_maps(maps, tuple(images.shape[-2:]))
         return maps
 
-    def _attribute(self, images: torch.Tensor, target: TargetLike) -> torch.Tensor:
+    def _attribute(self, images: torch.Tensor, targets: Optional[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
-    def _targets(self, target: TargetLike, logits: torch.Tensor) -> torch.Tensor:
-        """``target`` as a ``(B,)`` long tensor, or the arg-max of ``logits`` when ``None``."""
-        if target is None:
+    def _targets(self, targets: Optional[torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
+        """The checked ``targets``, or the arg-max of ``logits`` when ``None``."""
+        if targets is None:
             return logits.detach().argmax(-1)
         # A copy: a target tensor made in inference mode (a validation loop's) cannot be saved for
         # backward by `gather`; one copied here, inside `_gradients()`, can.
-        return _check_target(target, *logits.shape, device=logits.device).clone()
+        return targets.clone()
 
     def _grid(self, images: torch.Tensor) -> Tuple[int, int]:
         return vit.grid_size(self.model, *images.shape[-2:])
@@ -84,17 +94,6 @@ def _gradients() -> Iterator[None]:
     """Autograd on, even inside the ``no_grad``/inference mode of a validation loop."""
     with torch.inference_mode(False), torch.enable_grad():
         yield
-
-
-def _check_target(target: TargetLike, batch: int, n_cls: int, device=None) -> torch.Tensor:
-    targets = torch.as_tensor(target, device=device).long().reshape(-1)
-    if targets.numel() == 1 and batch > 1:
-        targets = targets.expand(batch)
-    if targets.numel() != batch:
-        raise ValueError(f"target has {targets.numel()} entries for a batch of {batch} images")
-    if targets.min() < 0 or targets.max() >= n_cls:
-        raise ValueError(f"target {targets.tolist()} is out of range for a model with {n_cls} classes")
-    return targets
 
 
 def _score(logits: torch.Tensor, targets: torch.Tensor, score: str) -> torch.Tensor:
@@ -127,9 +126,12 @@ def _read_patches(model: nn.Module, relevance: torch.Tensor) -> torch.Tensor:
     return relevance[:, P:, P:].mean(1)
 
 
-def _attention_forward(model: nn.Module, images: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+def _attention_forward(
+    classifier: vit.Classifier, images: torch.Tensor
+) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """Logits and every block's attention probabilities, heads first ``(heads, B, T, T)``
     as :func:`vit.qkv` lays them out."""
+    model = classifier.vit
     x = vit.embed(model, images)
     attentions = []
     for block in model.blocks:
@@ -137,7 +139,7 @@ def _attention_forward(model: nn.Module, images: torch.Tensor) -> Tuple[torch.Te
         attn = torch.softmax(q @ k.transpose(-1, -2), dim=-1)
         attentions.append(attn)
         x = vit.finish_block(block, x, attn @ v)
-    return vit.head_logits(model, vit.pool_final(model, x)), attentions
+    return classifier.pooled_logits(vit.pool_final(model, x)), attentions
 
 
 class GradCAM(PatchAttribution):
@@ -148,8 +150,8 @@ class GradCAM(PatchAttribution):
     map is the positive part of the weighted sum over channels.
     """
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__(model)
+    def __init__(self, model: nn.Module, head: Optional[nn.Module] = None) -> None:
+        super().__init__(model, head)
         blocks = getattr(model, "blocks", None)
         if not blocks or not hasattr(blocks[-1], "norm1"):
             raise ValueError(f"GradCAM needs a timm ViT whose last block has `norm1`; got {type(model).__name__}")
@@ -159,7 +161,7 @@ class GradCAM(PatchAttribution):
         hook = self.model.blocks[-1].norm1.register_forward_hook(lambda m, args, out: captured.append(out))
         try:
             with _gradients():
-                logits = self.model(images.clone().requires_grad_())
+                logits = self.classifier(images.clone().requires_grad_())
                 targets = self._targets(target, logits)
                 (grads,) = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), captured[-1])
         finally:
@@ -178,30 +180,30 @@ class AttentionRollout(PatchAttribution):
     not depend on the target class (``target`` is accepted for the common call shape).
     """
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__(model)
+    def __init__(self, model: nn.Module, head: Optional[nn.Module] = None) -> None:
+        super().__init__(model, head)
         _check_plain_vit(model, "AttentionRollout")
 
     def joint_attention(self, images: torch.Tensor) -> torch.Tensor:
         """The rolled-out token-to-token matrix ``(B, T, T)`` before pooling (rows sum to one)."""
         vit.check_images(self.model, images)
+        vit.check_finite_weights(self.model)
         device, dtype = vit.model_device_dtype(self.model)
-        with eval_mode(self.model):
-            return self._rollout(images.to(device=device, dtype=dtype))[1]
+        with eval_mode(self.classifier):
+            return self._rollout(images.to(device=device, dtype=dtype))
 
     @torch.no_grad()
-    def _rollout(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        logits, attentions = _attention_forward(self.model, images)
+    def _rollout(self, images: torch.Tensor) -> torch.Tensor:
+        _, attentions = _attention_forward(self.classifier, images)
         rollout = None
         for attn in attentions:
             mixed = 0.5 * attn.float().mean(0) + 0.5 * torch.eye(attn.shape[-1], device=attn.device)
             rollout = mixed if rollout is None else mixed @ rollout
-        return logits, rollout
+        return rollout
 
     def _attribute(self, images, target):
-        logits, rollout = self._rollout(images)
-        self._targets(target, logits)  # validated only: rollout is class-agnostic
-        return _read_patches(self.model, rollout).unflatten(1, self._grid(images))
+        # Class-agnostic: the target was only checked, as every method checks it.
+        return _read_patches(self.model, self._rollout(images)).unflatten(1, self._grid(images))
 
 
 class TransformerAttribution(PatchAttribution):
@@ -212,13 +214,13 @@ class TransformerAttribution(PatchAttribution):
     ``A``; the map is the pooled token's row at the patch columns. No LRP rules are needed.
     """
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__(model)
+    def __init__(self, model: nn.Module, head: Optional[nn.Module] = None) -> None:
+        super().__init__(model, head)
         _check_plain_vit(model, "TransformerAttribution")
 
     def _attribute(self, images, target):
         with _gradients():
-            logits, attentions = _attention_forward(self.model, images.clone().requires_grad_())
+            logits, attentions = _attention_forward(self.classifier, images.clone().requires_grad_())
             targets = self._targets(target, logits)
             grads = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), attentions)
         n_tokens = attentions[0].shape[-1]
@@ -235,7 +237,7 @@ class InputXGradient(PatchAttribution):
     def _attribute(self, images, target):
         with _gradients():
             inputs = images.clone().requires_grad_()
-            logits = self.model(inputs)
+            logits = self.classifier(inputs)
             targets = self._targets(target, logits)
             (grads,) = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), inputs)
         (gh, gw), (ph, pw) = self._grid(images), self.patch_size
@@ -256,8 +258,9 @@ class _InputPatching(PatchAttribution):
         mean: Optional[Sequence[float]] = None,
         std: Optional[Sequence[float]] = None,
         blank_seed: int = 0,
+        head: Optional[nn.Module] = None,
     ) -> None:
-        super().__init__(model)
+        super().__init__(model, head)
         selection_members(selection, (1, 1))  # validates the name
         check_blank(blank)
         _check_score(score)
@@ -267,7 +270,7 @@ class _InputPatching(PatchAttribution):
         self.blank = blank
         self.score = score
         self.batch_size = batch_size
-        self.mean, self.std = model_normalization(model, mean, std)
+        self.mean, self.std = input_normalization(model, mean, std)
         self.blank_seed = blank_seed
 
     def _pixel_selections(self, images: torch.Tensor) -> torch.Tensor:
@@ -287,14 +290,14 @@ class _InputPatching(PatchAttribution):
         selections = self._pixel_selections(images)[:, None]  # (N, 1, H, W)
         B, n = len(images), selections.shape[0]
         with torch.no_grad():
-            clean_logits = self.model(images)
+            clean_logits = self.classifier(images)
             targets = self._targets(target, clean_logits)
             flat = torch.arange(B * n, device=images.device)
             scores = []
             for chunk in flat.split(self.batch_size):
                 image, patch = images[chunk // n], selections[chunk % n]
                 patched = torch.where(patch, image, blank) if insert else torch.where(patch, blank, image)
-                scores.append(_score(self.model(patched), targets[chunk // n], self.score))
+                scores.append(_score(self.classifier(patched), targets[chunk // n], self.score))
         return torch.cat(scores).view(B, n), _score(clean_logits, targets, self.score)
 
 
@@ -303,7 +306,7 @@ class SimpleInsertion(_InputPatching):
     pixels copied in from the image. ``N`` forwards per image.
 
     Args:
-        selection, blank, score, mean, std, blank_seed: as for :class:`~caap_lightning.CAAP`.
+        selection, blank, score, mean, std, blank_seed, head: as for :class:`~caap_lightning.CAAP`.
         batch_size: patched images per forward pass.
     """
 
@@ -317,7 +320,7 @@ class SimpleDeletion(_InputPatching):
     replaced by the blank's, ``score(x) - score(x without S(p))``. ``N`` forwards per image.
 
     Args:
-        selection, blank, score, mean, std, blank_seed: as for :class:`~caap_lightning.CAAP`.
+        selection, blank, score, mean, std, blank_seed, head: as for :class:`~caap_lightning.CAAP`.
         batch_size: patched images per forward pass.
     """
 
@@ -334,9 +337,14 @@ class PatchOcclusion(PatchAttribution):
     """
 
     def __init__(
-        self, model: nn.Module, baseline: float = 0.0, score: str = "probability", batch_size: int = 64
+        self,
+        model: nn.Module,
+        baseline: float = 0.0,
+        score: str = "probability",
+        batch_size: int = 64,
+        head: Optional[nn.Module] = None,
     ) -> None:
-        super().__init__(model)
+        super().__init__(model, head)
         try:
             from captum.attr import Occlusion
         except ImportError as err:
@@ -350,14 +358,14 @@ class PatchOcclusion(PatchAttribution):
         self.batch_size = batch_size
 
     def _forward(self, images: torch.Tensor) -> torch.Tensor:
-        logits = self.model(images)
+        logits = self.classifier(images)
         return logits.float().softmax(-1) if self.score == "probability" else logits
 
     def _attribute(self, images, target):
         (gh, gw), (ph, pw) = self._grid(images), self.patch_size
         channels = images.shape[1]
         with torch.no_grad():
-            targets = self._targets(target, self.model(images))
+            targets = self._targets(target, self.classifier(images))
             attributions = self._occlusion(self._forward).attribute(
                 images,
                 sliding_window_shapes=(channels, ph, pw),
@@ -373,11 +381,10 @@ class PatchOcclusion(PatchAttribution):
 class RandomMap(PatchAttribution):
     """Uniform random maps from a seeded generator: the reference row of the benchmarks."""
 
-    def __init__(self, model: nn.Module, seed: int = 0) -> None:
-        super().__init__(model)
+    def __init__(self, model: nn.Module, seed: int = 0, head: Optional[nn.Module] = None) -> None:
+        super().__init__(model, head)
         self.generator = torch.Generator().manual_seed(seed)
 
     def _attribute(self, images, target):
-        if target is not None:  # validated only: a random map ignores the class
-            _check_target(target, len(images), self.model.num_classes)
+        # A random map ignores the class: the target was only checked, as every method checks it.
         return torch.rand(len(images), *self._grid(images), generator=self.generator).to(images.device)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple, Union
+import math
+import warnings
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
+from torch import nn
 
-from caap_lightning.utils import gaussian_blur, normalize
+from caap_lightning.utils import gaussian_blur, model_normalization, normalize
 
 BLANK_KINDS = ("white", "black", "mean", "noise", "blur_noise")
 
@@ -24,6 +27,22 @@ def check_blank(blank: BlankSpec) -> None:
             raise ValueError("the custom blank image contains NaN or inf")
     elif blank not in BLANK_KINDS:
         raise ValueError(f"blank={blank!r} is not one of {BLANK_KINDS} or a (1, 3, H, W) tensor")
+
+
+def input_normalization(
+    model: nn.Module, mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None
+) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """The model's input ``(mean, std)`` (see ``model_normalization``), refusing a ``std`` that
+    cannot normalise: a zero entry would make the blank image infinite."""
+    mean, std = model_normalization(model, mean, std)
+    if not all(math.isfinite(m) for m in mean):
+        raise ValueError(f"mean={mean} is not finite; pass the mean the model's inputs were normalised with")
+    if not all(math.isfinite(s) and s > 0 for s in std):
+        raise ValueError(
+            f"std={std} must have three positive entries (a zero entry divides by zero when the blank "
+            "is normalised); pass the std the model's inputs were normalised with"
+        )
+    return mean, std
 
 
 def make_blank(
@@ -58,8 +77,19 @@ def make_blank(
     return normalize(pixels, mean, std)
 
 
-def blank_key(blank: BlankSpec, seed: int) -> tuple:
-    """What identifies a blank in the cache (a custom tensor by identity and version)."""
-    if isinstance(blank, torch.Tensor):
-        return ("tensor", id(blank), blank._version)
-    return (blank, seed if blank in ("noise", "blur_noise") else None)
+def warn_saturated_blank(method: str, blank: BlankSpec, logits: torch.Tensor, targets: torch.Tensor, warned: set) -> None:
+    """Warn once per class whose blank probability exceeds 0.5: its maps can then only go down.
+
+    ``logits`` are the blank's ``(1, num_classes)``; ``warned`` holds the classes warned of already.
+    """
+    probs = logits.float().softmax(-1)[0]
+    for cls in sorted(set(targets.tolist()) - warned):
+        if probs[cls] > 0.5:
+            warned.add(cls)
+            warnings.warn(
+                f"{method}: the {blank!r} blank is itself classified as class {cls} with "
+                f"probability {probs[cls]:.3f} > 0.5, so maps for this class are saturated "
+                "(patches can only lower the score). Try another blank (e.g. blank='noise') "
+                "or score='logit', and read the relative map (relative=True).",
+                stacklevel=5,  # past this helper and the no_grad wrapper, to the caller
+            )

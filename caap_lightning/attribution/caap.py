@@ -8,29 +8,29 @@ are computed by every block. ``A[p]`` is the target's score read from the result
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from caap_lightning.attribution import vit
-from caap_lightning.attribution.blanks import BlankSpec, blank_key, check_blank, make_blank
+from caap_lightning.attribution.blanks import BlankSpec, check_blank, input_normalization, make_blank, warn_saturated_blank
 from caap_lightning.attribution.selection import neighbourhoods, selection_members
-from caap_lightning.utils import eval_mode, model_normalization, upsample_maps
+from caap_lightning.utils import eval_mode, upsample_maps
 
 CONSTRUCTIONS = ("parallel", "efficient", "windowed", "standard")
 SCORES = ("probability", "logit")
-TargetLike = Union[None, int, Sequence[int], torch.Tensor]
+TargetLike = vit.TargetLike
 
 # Bytes the chunk's largest temporary (the blank-score tensor) may take when chunk_size=None.
 _CHUNK_BUDGET_BYTES = 256 * 2**20
 
 
 @dataclass
-class _BlankCache:
-    key: tuple
+class _BlankContext:
+    """The blank's forward, computed once per call (weights may change between calls)."""
+
     states: vit.TokenStates  # h^b_l and the blank keys/values, batch dim 1
     logits: torch.Tensor  # (1, num_classes)
     final_normed: torch.Tensor  # norm(h^b_L) at the patch positions, (N, D): for avg pooling
@@ -57,6 +57,13 @@ class CAAP:
         window: radius ``w`` of the recomputed window for ``construction="windowed"``.
         mean, std: the model's input normalisation, when ``pretrained_cfg`` lacks it.
         blank_seed: seed of the ``noise`` and ``blur_noise`` blanks.
+        head: for a ViT built with ``num_classes=0`` (whose forward gives pooled features),
+            the module that maps those features ``(B, num_features)`` to logits, e.g. the
+            LightningModule's own ``nn.Linear``; ``None`` uses the ViT's own head.
+
+    The blank's activations are computed once per call to :meth:`attribute` or
+    :meth:`blank_score`, never kept between calls, so the maps always follow the current
+    weights (optimiser steps, ``load_state_dict``, writes through ``p.data``).
 
     Example::
 
@@ -78,8 +85,10 @@ class CAAP:
         mean: Optional[Sequence[float]] = None,
         std: Optional[Sequence[float]] = None,
         blank_seed: int = 0,
+        head: Optional[nn.Module] = None,
     ) -> None:
         vit.check_supported_vit(model)
+        self.classifier = vit.Classifier(model, head)
         depth = len(model.blocks)
         if layer_cutoff is None:
             layer_cutoff = depth // 2
@@ -103,9 +112,9 @@ class CAAP:
         self.score = score
         self.chunk_size = chunk_size
         self.window = window
-        self.mean, self.std = model_normalization(model, mean, std)
+        self.mean, self.std = input_normalization(model, mean, std)
         self.blank_seed = blank_seed
-        self._blank: Optional[_BlankCache] = None
+        self.head = head
         self._last_size: Optional[Tuple[int, int]] = None
         self._warned_classes: set = set()
 
@@ -131,16 +140,18 @@ class CAAP:
         """
         vit.check_images(self.model, images)
         device, dtype = vit.model_device_dtype(self.model)
+        if target is not None:
+            target = vit.check_target(target, images.shape[0], self.classifier.num_classes, device)
+        vit.check_finite_weights(self.model, self.head)
         images = images.to(device=device, dtype=dtype)
         size = tuple(images.shape[-2:])
-        with eval_mode(self.model):
+        self._last_size = size
+        with eval_mode(self.classifier):
             source = vit.forward_states(self.model, images)
-            if target is None:
-                logits = vit.head_logits(self.model, vit.pool_final(self.model, source.states[-1]))
-                targets = logits.argmax(-1)
-            else:
-                targets = self._targets(target, images.shape[0], device)
-            blank = self._blank_cache(size, device, dtype)
+            targets = target
+            if targets is None:
+                targets = self.classifier.pooled_logits(vit.pool_final(self.model, source.states[-1])).argmax(-1)
+            blank = self._blank_context(size, device, dtype)
             self._warn_saturated(blank, targets)
             if self.construction == "standard":
                 scores = self._standard(source, blank, size, targets)
@@ -154,16 +165,20 @@ class CAAP:
         return maps
 
     @torch.no_grad()
-    def blank_score(self, target: TargetLike, image_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
-        """``A_blank``: the blank image's own score for each target, ``(B,)``.
+    def blank_score(self, target: TargetLike = None, image_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """``A_blank``: the blank image's own score for each target, ``(len(target),)``.
 
-        ``image_size`` defaults to the size last attributed, else the model's ``img_size``.
+        ``target=None`` scores the blank's own top class (one value). ``image_size``
+        defaults to the size last attributed, else the model's ``img_size``.
         """
         device, dtype = vit.model_device_dtype(self.model)
+        if target is not None:
+            target = vit.check_target(target, None, self.classifier.num_classes, device)
+        vit.check_finite_weights(self.model, self.head)
         size = tuple(image_size or self._last_size or self.model.patch_embed.img_size)
-        targets = self._targets(target, None, device)
-        with eval_mode(self.model):
-            blank = self._blank_cache(size, device, dtype)
+        with eval_mode(self.classifier):
+            blank = self._blank_context(size, device, dtype)
+        targets = blank.logits.argmax(-1) if target is None else target
         return self._score(blank.logits.float().expand(len(targets), -1), targets)
 
     def calibrate(
@@ -206,13 +221,14 @@ class CAAP:
         bad = [k for k in cutoffs if not 0 <= k <= self.depth]
         if not cutoffs or bad:
             raise ValueError(f"layer_cutoffs must be ints in 0..{self.depth}, got {cutoffs}")
+        if target is not None:
+            target = vit.check_target(target, len(images), self.classifier.num_classes, images.device)
         original, rows = self.layer_cutoff, []
         try:
             for k in tqdm(cutoffs, desc="CAAP layer-cutoff sweep", disable=not progress):
                 self.layer_cutoff = k
                 maps = self.attribute(images, target=target)
-                targets = None if target is None else self._targets(target, len(images), maps.device)
-                scores = insertion_deletion(self.model, images.to(maps.device), maps, target=targets, step=step)
+                scores = insertion_deletion(self.classifier, images.to(maps.device), maps, target=target, step=step)
                 row = {
                     "layer_cutoff": k,
                     "insertion": scores.insertion.mean().item(),
@@ -228,46 +244,20 @@ class CAAP:
         return rows
 
     # ------------------------------------------------------------------ set-up pieces
-    def _targets(self, target: TargetLike, batch: Optional[int], device) -> torch.Tensor:
-        n_cls = self.model.num_classes
-        targets = torch.as_tensor(target, device=device).long().reshape(-1)
-        if batch is not None and targets.numel() == 1 and batch > 1:
-            targets = targets.expand(batch)
-        if batch is not None and targets.numel() != batch:
-            raise ValueError(f"target has {targets.numel()} entries for a batch of {batch} images")
-        if targets.numel() and (targets.min() < 0 or targets.max() >= n_cls):
-            raise ValueError(f"target {targets.tolist()} is out of range for a model with {n_cls} classes")
-        return targets
-
     def _score(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self.score == "probability":
             logits = logits.float().softmax(-1)
         return logits.gather(-1, targets[:, None])[:, 0]
 
-    def _blank_cache(self, size, device, dtype) -> _BlankCache:
-        key = (blank_key(self.blank, self.blank_seed), size, device, dtype, vit.weights_version(self.model))
-        self._last_size = size
-        if self._blank is not None and self._blank.key == key:
-            return self._blank
+    def _blank_context(self, size, device, dtype) -> _BlankContext:
         image = make_blank(self.blank, size, self.mean, self.std, self.blank_seed).to(device, dtype)
         states = vit.forward_states(self.model, image)
-        logits = vit.head_logits(self.model, vit.pool_final(self.model, states.states[-1]))
+        logits = self.classifier.pooled_logits(vit.pool_final(self.model, states.states[-1]))
         final_normed = self.model.norm(states.states[-1][0, self.model.num_prefix_tokens:])
-        self._blank = _BlankCache(key, states, logits, final_normed)
-        return self._blank
+        return _BlankContext(states, logits, final_normed)
 
-    def _warn_saturated(self, blank: _BlankCache, targets: torch.Tensor) -> None:
-        probs = blank.logits.float().softmax(-1)[0]
-        for cls in sorted(set(targets.tolist()) - self._warned_classes):
-            if probs[cls] > 0.5:
-                self._warned_classes.add(cls)
-                warnings.warn(
-                    f"CAAP: the {self.blank!r} blank is itself classified as class {cls} with "
-                    f"probability {probs[cls]:.3f} > 0.5, so maps for this class are saturated "
-                    "(patches can only lower the score). Try another blank (e.g. blank='noise') "
-                    "or score='logit', and read the relative map (relative=True).",
-                    stacklevel=4,  # past the no_grad wrapper, to the caller
-                )
+    def _warn_saturated(self, blank: _BlankContext, targets: torch.Tensor) -> None:
+        warn_saturated_blank("CAAP", self.blank, blank.logits, targets, self._warned_classes)
 
     def _chunk(self, batch: int, rows: int, per_patch_elems: int) -> int:
         if self.chunk_size is not None:
@@ -295,7 +285,7 @@ class CAAP:
         r_idx = torch.where(r_valid, r_idx, torch.arange(n, device=device)[:, None])
         return s_idx, s_valid, r_idx, r_valid
 
-    def _grouped(self, source: vit.TokenStates, blank: _BlankCache, size, targets) -> torch.Tensor:
+    def _grouped(self, source: vit.TokenStates, blank: _BlankContext, size, targets) -> torch.Tensor:
         """``parallel``, ``windowed`` and ``efficient``: per-patch groups over a frozen blank."""
         model, P = self.model, self.model.num_prefix_tokens
         grid = vit.grid_size(model, *size)
@@ -374,10 +364,10 @@ class CAAP:
             if patched is None:  # k = L: S(p) is pinned at the input of the final norm
                 patched = take(source.states[L], s_idx)
             pooled = _hybrid_mean(model, blank.final_normed, patched, s_idx, s_valid, recomputed, r_idx, r_valid)
-        logits = vit.head_logits(model, pooled)  # (B, c, classes)
+        logits = self.classifier.pooled_logits(pooled)  # (B, c, classes)
         return self._score(logits.flatten(0, 1), targets.repeat_interleave(c)).view(B, c)
 
-    def _standard(self, source: vit.TokenStates, blank: _BlankCache, size, targets) -> torch.Tensor:
+    def _standard(self, source: vit.TokenStates, blank: _BlankContext, size, targets) -> torch.Tensor:
         """Textbook activation patching: only S(p) is overwritten, everything else recomputed."""
         model, k = self.model, self.layer_cutoff
         P, L = model.num_prefix_tokens, self.depth
@@ -403,7 +393,7 @@ class CAAP:
                 x = block(x)
             if k == L:
                 x = pin(x, L)
-            logits = vit.head_logits(model, vit.pool_final(model, x))
+            logits = self.classifier.pooled_logits(vit.pool_final(model, x))
             out.append(self._score(logits, targets.repeat_interleave(c)).view(B, c))
         return torch.cat(out, dim=1)
 
@@ -430,7 +420,7 @@ def _merged_attention(q, keys, values, member_valid, kb, vb, excluded):
     return (num / denom).to(values.dtype)
 
 
-def _blank_qkv(model, blank: _BlankCache):
+def _blank_qkv(model, blank: _BlankContext):
     """The blank context's queries, keys and values per block (batch dim dropped)."""
     for layer, block in enumerate(model.blocks):
         q, k, v = vit.qkv(block, blank.states.states[layer])

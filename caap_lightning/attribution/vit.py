@@ -2,18 +2,22 @@
 
 CAAP runs the model's own sub-modules (``norm1``, ``attn.qkv``, ``mlp``, ...) on token
 subsets, so it supports exactly the block layout below and refuses anything else at
-construction instead of producing a wrong map.
+construction instead of producing a wrong map. The input checks and the ``Classifier``
+(the ViT and, for a headless one, the head that gives its logits) are shared by CAAP and
+every baseline, so that they accept and refuse the same inputs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
+from caap_lightning.utils import eval_mode
 
+TargetLike = Union[None, int, Sequence[int], torch.Tensor]
 _SUPPORTED_POOLS = ("token", "avg")
 
 
@@ -69,17 +73,6 @@ def model_device_dtype(model: nn.Module) -> Tuple[torch.device, torch.dtype]:
     return p.device, p.dtype
 
 
-def weights_version(model: nn.Module) -> Tuple:
-    """A cheap key that changes whenever any parameter or buffer is changed in place.
-
-    Optimiser steps and ``load_state_dict`` modify tensors in place, which bumps their
-    version counters; replacing a tensor changes its storage pointer.
-    """
-    return tuple(
-        (t.data_ptr(), t._version) for t in list(model.parameters()) + list(model.buffers())
-    )
-
-
 def grid_size(model: nn.Module, height: int, width: int) -> Tuple[int, int]:
     ph, pw = model.patch_embed.patch_size
     return height // ph, width // pw
@@ -92,6 +85,11 @@ def check_images(model: nn.Module, images: torch.Tensor) -> None:
         raise ValueError(f"images must be a (B, C, H, W) tensor, got {shape}")
     if images.shape[0] == 0:
         raise ValueError("images is an empty batch (B = 0); pass at least one image")
+    if not images.is_floating_point():
+        raise TypeError(
+            f"images must be float, normalised with the model's mean/std, got {images.dtype}; "
+            "convert them (e.g. images.float() / 255) and normalise them as the model's inputs were"
+        )
     in_chans = model.patch_embed.proj.in_channels
     if images.shape[1] != in_chans:
         raise ValueError(
@@ -111,6 +109,131 @@ def check_images(model: nn.Module, images: torch.Tensor) -> None:
             f"image size {h}x{w} differs from the model's img_size {tuple(fixed)}; resize the "
             "images, or build the model with dynamic_img_size=True to accept other sizes"
         )
+    bad = (~torch.isfinite(images.flatten(1)).all(1)).nonzero()[:, 0].tolist()
+    if bad:
+        raise ValueError(f"images contain NaN or inf pixels (image(s) {bad} of the batch); fix or drop those images")
+
+
+def check_target(
+    target: TargetLike, batch: Optional[int], num_classes: Optional[int], device=None
+) -> torch.Tensor:
+    """``target`` as a long tensor of class indices, one per image (an int: every image's).
+
+    ``batch=None`` takes any number of targets. ``num_classes=None`` (a model that does not
+    say) skips the range check.
+    """
+    try:
+        targets = torch.as_tensor(target, device=device)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"target must be integer class indices (an int, a list or a tensor), got {target!r}") from err
+    if targets.dtype == torch.bool or targets.is_floating_point() or targets.is_complex():
+        raise TypeError(
+            f"target must be integer class indices, got {targets.dtype} values; pass class indices "
+            "(e.g. labels.long()), not scores, probabilities or one-hot rows"
+        )
+    targets = targets.long().reshape(-1)
+    if batch is not None and targets.numel() == 1 and batch > 1:
+        targets = targets.expand(batch)
+    if batch is not None and targets.numel() != batch:
+        raise ValueError(
+            f"target has {targets.numel()} entries for a batch of {batch} images; pass one class per image"
+        )
+    if num_classes is not None and targets.numel():
+        bad = (targets < 0) | (targets >= num_classes)
+        if bad.any():
+            raise ValueError(
+                f"target {targets[bad].unique().tolist()} is out of range for a model with {num_classes} classes "
+                f"(class indices are 0..{num_classes - 1})"
+            )
+    return targets
+
+
+def check_finite_weights(*modules: Optional[nn.Module]) -> None:
+    """Raise when a floating parameter or buffer of ``modules`` holds NaN or inf (one sync)."""
+    named = [
+        (name, t)
+        for module in modules
+        if module is not None
+        for name, t in (*module.named_parameters(), *module.named_buffers())
+        if t.is_floating_point()
+    ]
+    if not named:
+        return
+    device = named[0][1].device  # a head may live elsewhere: one stack, one sync
+    finite = torch.stack([torch.isfinite(t).all().to(device) for _, t in named])
+    if not bool(finite.all()):
+        bad = [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise ValueError(
+            f"the model's weights contain NaN or inf ({shown}), so every map would be NaN; the "
+            "training has diverged or the checkpoint is broken: attribute finite weights"
+        )
+
+
+class Classifier(nn.Module):
+    """A timm ViT and, for one built with ``num_classes=0``, the head that gives its logits.
+
+    ``head`` maps the ViT's pooled pre-logits ``(B, num_features)`` to class scores; without
+    it the ViT's own head does. It holds references, not copies, so it runs the current
+    weights. ``patch_embed`` is the ViT's, so metrics read the patch and image size from it.
+    """
+
+    def __init__(self, model: nn.Module, head: Optional[nn.Module] = None) -> None:
+        super().__init__()
+        n_cls = getattr(model, "num_classes", None)
+        if head is None and n_cls == 0:
+            raise ValueError(
+                f"{type(model).__name__} has num_classes=0: its outputs are features, not class scores; "
+                "pass head=<the module that maps its pooled features to logits>"
+            )
+        if head is not None:
+            if not isinstance(head, nn.Module):
+                raise TypeError(f"head must be an nn.Module, got {type(head).__name__}")
+            if n_cls != 0:
+                raise ValueError(
+                    f"head= is for a ViT built with num_classes=0, but this one has its own head "
+                    f"(num_classes={n_cls}); remove head= or build the ViT with num_classes=0"
+                )
+            n_cls = _head_classes(model, head)
+        self.vit = model
+        self.head = head
+        self.num_classes: Optional[int] = n_cls
+
+    @property
+    def patch_embed(self) -> nn.Module:
+        return self.vit.patch_embed
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """The ViT's own forward, then ``head`` where given."""
+        out = self.vit(images)
+        return out if self.head is None else self.head(out)
+
+    def pooled_logits(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Logits from pooled final states ``(..., D)``, as ``VisionTransformer.forward_head`` does."""
+        model = self.vit
+        pre_logits = model.head_drop(model.fc_norm(pooled))
+        return (model.head if self.head is None else self.head)(pre_logits)
+
+
+def _head_classes(model: nn.Module, head: nn.Module) -> int:
+    """The number of classes ``head`` gives, from one forward of a zero feature vector."""
+    dim = model.num_features
+    device, dtype = model_device_dtype(model)
+    with torch.no_grad(), eval_mode(head):
+        try:
+            out = head(torch.zeros(1, dim, device=device, dtype=dtype))
+        except Exception as err:  # any failure means the head cannot take the ViT's features
+            raise ValueError(
+                f"head must map the ViT's pooled features (B, {dim}) to logits, but head(torch.zeros(1, {dim})) "
+                f"failed: {err}; pass the module that takes the ViT's {dim} features"
+            ) from err
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 1 or out.shape[1] < 1:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(
+            f"head must map the ViT's pooled features (B, {dim}) to logits (B, num_classes), "
+            f"but it gave {got} for (1, {dim})"
+        )
+    return out.shape[1]
 
 
 def embed(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -174,18 +297,9 @@ def forward_states(model: nn.Module, images: torch.Tensor, keep_kv: bool = True)
     return TokenStates(states, keys, values)
 
 
-def head_logits(model: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
-    """Logits from pooled features, as ``VisionTransformer.forward_head`` computes them."""
-    return model.head(model.head_drop(model.fc_norm(pooled)))
-
-
 def pool_final(model: nn.Module, final_states: torch.Tensor) -> torch.Tensor:
     """Pool ``norm(h_L)`` (B, T, D) as the model does (``token`` or ``avg``)."""
     normed = model.norm(final_states)
     if model.global_pool == "token":
         return normed[:, 0]
     return normed[:, model.num_prefix_tokens:].mean(1)
-
-
-def num_classes(model: nn.Module) -> Optional[int]:
-    return getattr(model, "num_classes", None)

@@ -23,7 +23,7 @@ from caap_lightning.attribution import registry
 from caap_lightning.attribution.blanks import BLANK_KINDS
 from caap_lightning.attribution.caap import CAAP, CONSTRUCTIONS
 from caap_lightning.attribution.selection import SELECTIONS
-from caap_lightning.attribution.vit import check_images
+from caap_lightning.attribution.vit import Classifier, check_images
 from caap_lightning.callbacks import figures
 from caap_lightning.callbacks.discovery import find_attribution_model
 from caap_lightning.callbacks.probe import (
@@ -177,21 +177,6 @@ class _ProbeShard:
     masks: Dict[str, torch.Tensor]  # "masks" and "cue_masks", where the probe has them
     targets: torch.Tensor
     scores: torch.Tensor
-
-
-class ClassifierView(nn.Module):
-    """A headless ViT and the module's own head as one classifier, for the metrics' forwards.
-
-    It holds references, not copies, so it always runs the current weights.
-    """
-
-    def __init__(self, vit: nn.Module, head: nn.Module) -> None:
-        super().__init__()
-        self.vit = vit
-        self.head = head
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.vit(images))
 
 
 class CAAPCallback(Callback):
@@ -374,6 +359,7 @@ class CAAPCallback(Callback):
         self.active_metrics: List[str] = []
         self._model: Optional[nn.Module] = None  # the ViT
         self._head: Optional[nn.Module] = None  # the module's own head of a headless ViT
+        self._classifier: Optional[nn.Module] = None  # the ViT and that head: what the metrics' forwards run
         self._methods: Dict[str, Any] = {}  # name -> the attribution method, in `methods` order
         self._meters: Dict[str, Dict[str, Any]] = {}  # method -> metric -> meter
         self._probe_for: Optional[tuple] = None
@@ -481,8 +467,8 @@ class CAAPCallback(Callback):
                 rank_zero_warn(f"CAAPCallback: {warning}")
         self._model, self._head = model, head
         self._methods = methods
-        classifier = model if head is None else ClassifierView(model, head)
-        self._meters = self._build_meters(classifier, tuple(self.probe.images.shape[-2:]))
+        self._classifier = Classifier(model, head)
+        self._meters = self._build_meters(self._classifier, tuple(self.probe.images.shape[-2:]))
         self._built_for = key
 
     def _check_siblings(self, trainer: L.Trainer) -> None:
@@ -526,8 +512,6 @@ class CAAPCallback(Callback):
         for arg, value in (("mean", self.mean), ("std", self.std), ("head", head)):
             if arg in takes:
                 kwargs.setdefault(arg, value)
-        if head is not None and "head" not in takes:
-            raise ValueError(f"{name} cannot attribute a ViT without its own head (num_classes=0)")
         return registry.get_method(name, model, **kwargs)
 
     def tag(self, method: str, scalar: str) -> str:
@@ -748,10 +732,6 @@ class CAAPCallback(Callback):
             for meter in meters.values():
                 meter.reset()
 
-    def _classify(self, images: torch.Tensor) -> torch.Tensor:
-        features = self._model(images)
-        return features if self._head is None else self._head(features)
-
     def _classify_shard(self, pl_module: L.LightningModule) -> _ProbeShard:
         """This rank's share of the probe on the device, the classes its maps explain and their probabilities."""
         trainer = pl_module.trainer
@@ -761,8 +741,8 @@ class CAAPCallback(Callback):
         # As Lightning does to batches: e.g. bf16 under "bf16-true", whose weights are bf16.
         images = trainer.precision_plugin.convert_input(probe.images[index].to(device))
         masks = {k: getattr(probe, k)[index].to(device) for k in ("masks", "cue_masks") if getattr(probe, k) is not None}
-        with torch.no_grad(), eval_mode(self._model):
-            probs = self._classify(images).float().softmax(-1)
+        with torch.no_grad(), eval_mode(self._classifier):
+            probs = self._classifier(images).float().softmax(-1)
         targets = probe.labels[index].to(device) if self.target == "label" else probs.argmax(-1)
         return _ProbeShard(images, masks, targets, probs.gather(1, targets[:, None])[:, 0])
 

@@ -1,13 +1,20 @@
-"""Heatmap grids and curve figures for the callbacks, and the loggers they go to."""
+"""Heatmap grids and curve figures for the callbacks, and the loggers they go to.
+
+Images, figures and texts go to every logger of the trainer that can show them (TensorBoard,
+Lightning's and the classic ``pytorch_lightning`` one, W&B, MLflow, Comet); when none can (a
+``CSVLogger``, no logger), they are saved as PNG and Markdown files under
+:func:`image_dir`. Only rank zero writes.
+"""
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Sequence
+import re
+from pathlib import Path
+from typing import Any, Callable, Dict, Literal, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 from lightning.pytorch import Trainer
-from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib.figure import Figure
 
 
@@ -83,24 +90,151 @@ def curves_figure(curves: Dict[str, torch.Tensor], title: str) -> Figure:
     return figure
 
 
-def tensorboard_writers(trainer: Trainer) -> List:
-    """The ``SummaryWriter`` of every TensorBoard logger of the trainer (rank zero only writes)."""
-    return [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+Destination = Literal["tensorboard", "wandb", "mlflow", "comet"]
+
+DISPLAY_NAMES: Dict[str, str] = {"tensorboard": "TensorBoard", "wandb": "W&B", "mlflow": "MLflow", "comet": "Comet"}
+IMAGE_DIR = "caap_images"  # beside the run's logs when no logger shows images; the MLflow artifact folder too
+
+# By class name, so that both `lightning.pytorch.loggers` and `pytorch_lightning.loggers` (and
+# subclasses) match without importing either package's optional loggers.
+_LOGGER_CLASSES: Dict[str, Optional[str]] = {
+    "TensorBoardLogger": "tensorboard",
+    "WandbLogger": "wandb",
+    "MLFlowLogger": "mlflow",
+    "CometLogger": "comet",
+    "CSVLogger": None,
+    "LitLogger": None,  # known, so its cloud experiment is not started just to ask
+}
+
+
+def destination(logger: Any) -> Optional[Destination]:
+    """Where ``logger`` shows images: its kind, or ``None`` for a logger that cannot (``CSVLogger``)."""
+    for cls in type(logger).__mro__:
+        if cls.__name__ in _LOGGER_CLASSES:
+            return _LOGGER_CLASSES[cls.__name__]  # type: ignore[return-value]
+    experiment = getattr(logger, "experiment", None)
+    # Any logger whose experiment is a SummaryWriter; off rank zero the experiment is a no-op stand-in.
+    if type(experiment).__name__ != "DummyExperiment" and callable(getattr(experiment, "add_image", None)):
+        return "tensorboard"
+    return None
+
+
+def image_capable(trainer: Trainer) -> bool:
+    """Whether some logger of the trainer shows images (else they are saved under :func:`image_dir`)."""
+    return any(destination(logger) is not None for logger in trainer.loggers)
+
+
+def image_dir(trainer: Trainer) -> Path:
+    """``caap_images/`` in the run's log directory: the first logger's ``log_dir`` (or ``save_dir``), else the
+    trainer's ``default_root_dir``. As ``trainer.log_dir`` finds it, without its broadcast (rank zero asks alone)."""
+    for logger in trainer.loggers:
+        where = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
+        if where:
+            return Path(where) / IMAGE_DIR
+    return Path(trainer.default_root_dir) / IMAGE_DIR
+
+
+def describe_destinations(trainer: Trainer) -> str:
+    """Where images and texts go, for messages: ``"TensorBoard"``, ``"TensorBoard and W&B"``, or
+    ``"PNG files under <dir>"`` when no logger shows images."""
+    names = list(dict.fromkeys(DISPLAY_NAMES[d] for d in map(destination, trainer.loggers) if d is not None))
+    if not names:
+        return f"PNG files under {image_dir(trainer)}"
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def file_stem(tag: str, step: int) -> str:
+    """``caap/heatmaps`` at step 12 -> ``caap_heatmaps_step12``: a file name per tag and step."""
+    return f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', tag)}_step{step}"
+
+
+def figure_pixels(figure: Figure) -> np.ndarray:
+    """A matplotlib figure rendered as ``(H, W, 3)`` uint8, as TensorBoard's ``add_figure`` renders it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def _image_to_tensorboard(logger: Any, tag: str, image: np.ndarray, step: int) -> None:
+    logger.experiment.add_image(tag, image, global_step=step, dataformats="HWC")
+
+
+def _image_to_wandb(logger: Any, tag: str, image: np.ndarray, step: int) -> None:
+    logger.log_image(key=tag, images=[image], step=step)
+
+
+def _image_to_mlflow(logger: Any, tag: str, image: np.ndarray, step: int) -> None:
+    logger.experiment.log_image(logger.run_id, image, artifact_file=f"{IMAGE_DIR}/{file_stem(tag, step)}.png")
+
+
+def _image_to_comet(logger: Any, tag: str, image: np.ndarray, step: int) -> None:
+    logger.experiment.log_image(image, name=tag, step=step)
+
+
+def _text_to_tensorboard(logger: Any, tag: str, text: str, step: int) -> None:
+    logger.experiment.add_text(tag, text, global_step=step)
+
+
+def _text_to_wandb(logger: Any, tag: str, text: str, step: int) -> None:
+    logger.log_text(key=tag, columns=["text"], data=[[text]], step=step)
+
+
+def _text_to_mlflow(logger: Any, tag: str, text: str, step: int) -> None:
+    logger.experiment.log_text(logger.run_id, text, f"{IMAGE_DIR}/{file_stem(tag, step)}.md")
+
+
+def _text_to_comet(logger: Any, tag: str, text: str, step: int) -> None:
+    logger.experiment.log_text(text, step=step, metadata={"tag": tag})
+
+
+_Writer = Callable[[Any, str, Any, int], None]
+_IMAGE_WRITERS: Dict[str, _Writer] = {
+    "tensorboard": _image_to_tensorboard, "wandb": _image_to_wandb, "mlflow": _image_to_mlflow,
+    "comet": _image_to_comet,
+}
+_TEXT_WRITERS: Dict[str, _Writer] = {
+    "tensorboard": _text_to_tensorboard, "wandb": _text_to_wandb, "mlflow": _text_to_mlflow,
+    "comet": _text_to_comet,
+}
+
+
+def _send(trainer: Trainer, writers: Dict[str, _Writer], tag: str, value: Any, step: int) -> bool:
+    """``value`` to every logger that shows it; ``False`` if none does."""
+    sent = False
+    for logger in trainer.loggers:
+        kind = destination(logger)
+        if kind is not None:
+            writers[kind](logger, tag, value, step)
+            sent = True
+    return sent
 
 
 def log_image(trainer: Trainer, tag: str, image: np.ndarray, step: int) -> None:
-    for writer in tensorboard_writers(trainer):
-        writer.add_image(tag, image, global_step=step, dataformats="HWC")
+    """An ``(H, W, 3)`` uint8 image to every logger that shows images, else a PNG under :func:`image_dir`."""
+    if not trainer.is_global_zero or _send(trainer, _IMAGE_WRITERS, tag, image, step):
+        return
+    from PIL import Image
+
+    folder = image_dir(trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.ascontiguousarray(image)).save(folder / f"{file_stem(tag, step)}.png")
 
 
 def log_figure(trainer: Trainer, tag: str, figure: Figure, step: int) -> None:
-    for writer in tensorboard_writers(trainer):
-        writer.add_figure(tag, figure, global_step=step, close=False)
+    """A matplotlib figure, rendered, wherever :func:`log_image` sends images."""
+    if trainer.is_global_zero:
+        log_image(trainer, tag, figure_pixels(figure), step)
 
 
 def log_text(trainer: Trainer, tag: str, text: str, step: int) -> None:
-    for writer in tensorboard_writers(trainer):
-        writer.add_text(tag, text, global_step=step)
+    """Markdown text to every logger that shows images, else a ``.md`` file beside the PNGs."""
+    if not trainer.is_global_zero or _send(trainer, _TEXT_WRITERS, tag, text, step):
+        return
+    folder = image_dir(trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{file_stem(tag, step)}.md").write_text(text, encoding="utf-8")
 
 
 def log_scalars(trainer: Trainer, scalars: Dict[str, float], step: int) -> None:
