@@ -116,7 +116,7 @@ class SpuriousCueMonitor(Callback):
             raise ValueError("SpuriousCueMonitor watches the metrics of a CAAPCallback, but the trainer has none; add one")
         for source in sources:  # their setup may come after this one: it is idempotent
             source.setup(trainer, pl_module, stage)
-        sources = [source for source in sources if source.probe is not None]
+        sources = [source for source in sources if source.active_metrics]
         if not sources:
             return  # a fit without validation: the CAAPCallback has said that it never checks
         logged = {name: source for source in sources for name in source.logged_metrics}
