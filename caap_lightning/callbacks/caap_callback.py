@@ -200,8 +200,8 @@ class CAAPCallback(Callback):
     resume from checkpoint; several instances (with different ``prefix``) run in one Trainer.
 
     The model attributed is found at every check (so a module swapped during the fit is
-    picked up): ``pl_module.get_attribution_model()``, else ``pl_module.model``, else the one
-    timm ``VisionTransformer`` among the module's submodules. A ViT built with
+    picked up): ``pl_module.get_attribution_model()``, else ``pl_module.model`` (or the ViT in
+    it), else the one timm ``VisionTransformer`` among the module's submodules. A ViT built with
     ``num_classes=0`` is completed by the module's own head: ``get_attribution_head()``, else
     the submodule named by ``head``, else the one ``nn.Linear`` that takes the ViT's features.
 

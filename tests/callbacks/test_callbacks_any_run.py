@@ -192,21 +192,9 @@ def test_a_logger_without_images_gets_pngs_and_one_warning(tmp_path):
         assert image.size[0] > 100 and image.size[1] > 100
 
 
-def scripted(caap: CAAPCallback, key: str, series):
-    """Make the callback report ``series[epoch]`` for ``key`` instead of the measured value."""
-    finish = caap._finish
-
-    def fake(*args):
-        result = finish(*args)
-        result.metrics[key] = series[result.epoch]
-        return result
-
-    caap._finish = fake
-    return caap
-
-
-def two_of_each(series_cue, series_background):
-    first = scripted(CAAPCallback(num_images=4, metrics=["background_mass_ratio"], log_images=False), "caap/background_mass_ratio", series_background)
+def two_of_each(scripted, series_background):
+    first = scripted(CAAPCallback(num_images=4, metrics=["background_mass_ratio"], log_images=False), series_background,
+                     "caap/background_mass_ratio")
     second = CAAPCallback(num_images=4, methods=["gradcam"], metrics=["pointing_game"], log_images=False, prefix="caap_gradcam")
     monitors = [
         SpuriousCueMonitor(monitor="caap/background_mass_ratio", threshold=1.5, patience=3),
@@ -216,18 +204,18 @@ def two_of_each(series_cue, series_background):
     return [first, second, *monitors]
 
 
-def test_two_callbacks_and_two_monitors_in_one_trainer_across_a_resume(tmp_path, data_factory, classifier_factory, events_reader):
+def test_two_callbacks_and_two_monitors_in_one_trainer_across_a_resume(tmp_path, scripted, data_factory, classifier_factory, events_reader):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     background = [1.0, 2.0, 2.0, 2.0]
-    callbacks = two_of_each(None, background)
+    callbacks = two_of_each(scripted, background)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     trainer = quiet_trainer(tmp_path, callbacks + [checkpoint], max_epochs=2, limit_train_batches=1, enable_checkpointing=True)
     trainer.fit(classifier_factory(), datamodule=data_factory())
     first, second, bg_monitor, pg_monitor = callbacks
     assert bg_monitor.wait == 1 and len(second.history) == 2 and "caap_gradcam/pointing_game" in second.history[0]
 
-    resumed = two_of_each(None, background)
+    resumed = two_of_each(scripted, background)
     trainer = quiet_trainer(tmp_path, resumed, max_epochs=4, limit_train_batches=1)
     with pytest.warns(UserWarning, match="alarm at epoch 3"):
         trainer.fit(classifier_factory(), datamodule=data_factory(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
@@ -242,9 +230,8 @@ def test_two_callbacks_and_two_monitors_in_one_trainer_across_a_resume(tmp_path,
     assert "caap_gradcam/pointing_game" in events["scalars"]
 
 
-def test_validate_after_a_fit_does_not_advance_the_alarm(tmp_path, data_factory, classifier_factory):
-    caap = scripted(CAAPCallback(num_images=4, metrics=["cue_mass_ratio"], log_images=False), "caap/cue_mass_ratio",
-                    [1.0, 2.0, 2.0, 2.0])
+def test_validate_after_a_fit_does_not_advance_the_alarm(tmp_path, scripted, data_factory, classifier_factory):
+    caap = scripted(CAAPCallback(num_images=4, metrics=["cue_mass_ratio"], log_images=False), [1.0, 2.0, 2.0, 2.0])
     monitor = SpuriousCueMonitor(threshold=1.5, patience=2)
     trainer = quiet_trainer(tmp_path, [caap, monitor], max_epochs=2, limit_train_batches=1)
     model, data = classifier_factory(), data_factory()

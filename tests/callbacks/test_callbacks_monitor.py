@@ -67,20 +67,7 @@ def test_the_count_and_best_carry_over_a_resume():
     assert resumed.update(2.5)
 
 
-def scripted(caap: CAAPCallback, series, key="caap/cue_mass_ratio"):
-    """Make the callback report ``series[epoch]`` for ``key`` instead of the measured value."""
-    finish = caap._finish
-
-    def fake(*args):
-        result = finish(*args)
-        result.metrics[key] = series[result.epoch]
-        return result
-
-    caap._finish = fake
-    return caap
-
-
-def fit(tmp_path, data_factory, classifier_factory, trainer_factory, series, **monitor_kwargs):
+def fit(tmp_path, data_factory, classifier_factory, trainer_factory, scripted, series, **monitor_kwargs):
     caap = scripted(CAAPCallback(num_images=4, metrics=["cue_mass_ratio", "background_mass"], log_images=False), series)
     # The scripted series rise past 1.5, not past the default threshold.
     monitor = SpuriousCueMonitor(num_images=2, **{"threshold": 1.5, **monitor_kwargs})
@@ -90,10 +77,10 @@ def fit(tmp_path, data_factory, classifier_factory, trainer_factory, series, **m
 
 
 def test_in_a_fit_rising_series_alarms_with_warning_scalar_and_text(
-    tmp_path, data_factory, classifier_factory, trainer_factory, events_reader
+    tmp_path, scripted, data_factory, classifier_factory, trainer_factory, events_reader
 ):
     with pytest.warns(UserWarning, match=r"SpuriousCueMonitor: alarm at epoch 3 \(step \d+\): caap/cue_mass_ratio = 2\.400"):
-        trainer, monitor = fit(tmp_path, data_factory, classifier_factory, trainer_factory, RISING)
+        trainer, monitor = fit(tmp_path, data_factory, classifier_factory, trainer_factory, scripted, RISING)
     assert monitor.monitor_key == "caap/cue_mass_ratio"
     assert [a["epoch"] for a in monitor.alarms] == [3]
 
@@ -109,11 +96,11 @@ def test_in_a_fit_rising_series_alarms_with_warning_scalar_and_text(
 
 
 def test_in_a_fit_series_below_the_threshold_stays_quiet(
-    tmp_path, data_factory, classifier_factory, trainer_factory, events_reader
+    tmp_path, scripted, data_factory, classifier_factory, trainer_factory, events_reader
 ):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="SpuriousCueMonitor")
-        trainer, monitor = fit(tmp_path, data_factory, classifier_factory, trainer_factory, FLAT, threshold=2.5)
+        trainer, monitor = fit(tmp_path, data_factory, classifier_factory, trainer_factory, scripted, FLAT, threshold=2.5)
     assert monitor.alarms == [] and not monitor.alarmed
     events = events_reader(trainer.logger.log_dir)
     assert set(events["scalars"]["spurious/alarm"].values()) == {0.0}
@@ -121,8 +108,8 @@ def test_in_a_fit_series_below_the_threshold_stays_quiet(
 
 
 @pytest.mark.filterwarnings("ignore:SpuriousCueMonitor")
-def test_stop_training_ends_the_fit_at_the_alarm(tmp_path, data_factory, classifier_factory, trainer_factory):
-    trainer, monitor = fit(tmp_path, data_factory, classifier_factory, trainer_factory, RISING, stop_training=True)
+def test_stop_training_ends_the_fit_at_the_alarm(tmp_path, scripted, data_factory, classifier_factory, trainer_factory):
+    trainer, monitor = fit(tmp_path, data_factory, classifier_factory, trainer_factory, scripted, RISING, stop_training=True)
     assert monitor.alarms[0]["epoch"] == 3 and trainer.current_epoch == 4 and len(monitor.history) == 4
 
 
@@ -148,14 +135,14 @@ def test_default_monitor_follows_the_masks(tmp_path, data_factory, classifier_fa
 
 
 def test_a_failing_alarm_report_warns_and_training_goes_on(
-    tmp_path, monkeypatch, data_factory, classifier_factory, trainer_factory
+    tmp_path, scripted, monkeypatch, data_factory, classifier_factory, trainer_factory
 ):
     def broken(*args, **kwargs):
         raise RuntimeError("no canvas")
 
     monkeypatch.setattr(ProbeResult, "draw_rows", broken)
     with pytest.warns(UserWarning) as record:
-        trainer, monitor = fit(tmp_path, data_factory, classifier_factory, trainer_factory, [0.8, 2.0, 3.0], patience=1)
+        trainer, monitor = fit(tmp_path, data_factory, classifier_factory, trainer_factory, scripted, [0.8, 2.0, 3.0], patience=1)
     messages = [str(w.message) for w in record]
     assert any("SpuriousCueMonitor: alarm at epoch 1" in m for m in messages)
     assert any("SpuriousCueMonitor: reporting the alarm failed at epoch 1 (RuntimeError: no canvas)" in m for m in messages)
