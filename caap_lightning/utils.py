@@ -29,6 +29,16 @@ def upsample_maps(maps: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     return out[:, 0].to(maps.dtype if maps.is_floating_point() else torch.float32)
 
 
+def target_score(logits: torch.Tensor, targets: torch.Tensor, score: str) -> torch.Tensor:
+    """Each row's score of its target class: the softmax probability (``"probability"``) or the logit.
+
+    Logits keep their dtype (a bf16 model's maps stay bf16); probabilities are taken in float32.
+    """
+    if score == "probability":
+        logits = logits.float().softmax(-1)
+    return logits.gather(-1, targets[:, None])[:, 0]
+
+
 def model_normalization(
     model: torch.nn.Module,
     mean: Optional[Sequence[float]] = None,

@@ -23,7 +23,7 @@ from torch import nn
 from caap_lightning.attribution import vit
 from caap_lightning.attribution.blanks import BlankSpec, check_blank, input_normalization, make_blank
 from caap_lightning.attribution.selection import selection_members
-from caap_lightning.utils import eval_mode, upsample_maps
+from caap_lightning.utils import eval_mode, target_score, upsample_maps
 
 TargetLike = vit.TargetLike
 SCORES = ("probability", "logit")
@@ -94,12 +94,6 @@ def _gradients() -> Iterator[None]:
     """Autograd on, even inside the ``no_grad``/inference mode of a validation loop."""
     with torch.inference_mode(False), torch.enable_grad():
         yield
-
-
-def _score(logits: torch.Tensor, targets: torch.Tensor, score: str) -> torch.Tensor:
-    if score == "probability":
-        logits = logits.float().softmax(-1)
-    return logits.gather(-1, targets[:, None])[:, 0].float()
 
 
 def _check_score(score: str) -> None:
@@ -297,8 +291,8 @@ class _InputPatching(PatchAttribution):
             for chunk in flat.split(self.batch_size):
                 image, patch = images[chunk // n], selections[chunk % n]
                 patched = torch.where(patch, image, blank) if insert else torch.where(patch, blank, image)
-                scores.append(_score(self.classifier(patched), targets[chunk // n], self.score))
-        return torch.cat(scores).view(B, n), _score(clean_logits, targets, self.score)
+                scores.append(target_score(self.classifier(patched), targets[chunk // n], self.score).float())
+        return torch.cat(scores).view(B, n), target_score(clean_logits, targets, self.score).float()
 
 
 class SimpleInsertion(_InputPatching):

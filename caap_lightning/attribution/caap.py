@@ -17,7 +17,7 @@ from torch import nn
 from caap_lightning.attribution import vit
 from caap_lightning.attribution.blanks import BlankSpec, check_blank, input_normalization, make_blank, warn_saturated_blank
 from caap_lightning.attribution.selection import neighbourhoods, selection_members
-from caap_lightning.utils import eval_mode, upsample_maps
+from caap_lightning.utils import eval_mode, target_score, upsample_maps
 
 CONSTRUCTIONS = ("parallel", "efficient", "windowed", "standard")
 SCORES = ("probability", "logit")
@@ -245,9 +245,7 @@ class CAAP:
 
     # ------------------------------------------------------------------ set-up pieces
     def _score(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if self.score == "probability":
-            logits = logits.float().softmax(-1)
-        return logits.gather(-1, targets[:, None])[:, 0]
+        return target_score(logits, targets, self.score)
 
     def _blank_context(self, size, device, dtype) -> _BlankContext:
         image = make_blank(self.blank, size, self.mean, self.std, self.blank_seed).to(device, dtype)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from caap_lightning.attribution.blanks import BlankSpec, check_blank, input_normalization, make_blank, warn_saturated_blank
 from caap_lightning.attribution.selection import selection_members
 from caap_lightning.attribution.vit import TargetLike, check_target
-from caap_lightning.utils import eval_mode, upsample_maps
+from caap_lightning.utils import eval_mode, target_score, upsample_maps
 
 CONSTRUCTIONS = ("standard", "frozen")
 SCORES = ("probability", "logit")
@@ -540,10 +540,7 @@ class ConvCAAP:
         return check_target(target, batch, blank.logits.shape[-1], device)
 
     def _score(self, logits: Tensor, targets: Tensor) -> Tensor:
-        logits = logits.float()
-        if self.score == "probability":
-            logits = logits.softmax(-1)
-        return logits.gather(-1, targets[:, None])[:, 0]
+        return target_score(logits.float(), targets, self.score)
 
     def _blank_maps(self, size, device, dtype) -> _BlankMaps:
         # No cache across calls: fused optimisers and writes through p.data change weights without a trace.

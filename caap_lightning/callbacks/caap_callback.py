@@ -15,7 +15,6 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -30,6 +29,7 @@ from caap_lightning.callbacks.probe import (
     ProbeKeys,
     check_pixel_range,
     check_probe,
+    eval_source,
     first_samples,
     probe_from_dataset,
     probe_from_loader,
@@ -379,7 +379,7 @@ class CAAPCallback(Callback):
         # A SpuriousCueMonitor may have run this setup already: the warnings come once per run.
         first = self._checked_schedule_of != (id(trainer), stage)
         self._checked_schedule_of = (id(trainer), stage)
-        if stage == "fit" and not _has_val_loop(trainer):
+        if stage == "fit" and eval_source(trainer, pl_module, "fit") is None:
             # Nothing to check in this fit: say so instead of failing on a probe it would never use.
             if first:
                 self._warn_if_never_run(trainer)
@@ -482,7 +482,7 @@ class CAAPCallback(Callback):
 
     def _warn_if_never_run(self, trainer: L.Trainer) -> None:
         """One warning for a fit in which no check can happen: it would otherwise say nothing at all."""
-        if not _has_val_loop(trainer):
+        if eval_source(trainer, trainer.lightning_module, "fit") is None:
             rank_zero_warn(
                 "CAAPCallback runs at the end of validation, but this fit has no validation loop "
                 "(no val dataloader, or limit_val_batches=0): it will never check. Give the fit validation data."
@@ -699,23 +699,8 @@ class CAAPCallback(Callback):
     def guard(
         self, trainer: L.Trainer, what: str, epoch: int, fn: Callable, *args: Any, skipped: str = "this check is skipped"
     ) -> Any:
-        """``fn(*args)``; with ``on_error="warn"`` a failure is reported and raised as :class:`CheckFailed`.
-
-        The warning is given on the rank where the failure happened (``rank_zero_warn`` would
-        hide a failure on any other rank).
-        """
-        if self.on_error == "raise":
-            return fn(*args)
-        try:
-            return fn(*args)
-        except Exception as exc:  # a monitor must not end the training it watches
-            where = f" on rank {trainer.global_rank}" if trainer.world_size > 1 else ""
-            warnings.warn(
-                f"{what} failed at epoch {epoch}{where} ({type(exc).__name__}: {exc}); {skipped} and training "
-                "continues. Set on_error='raise' to stop on it instead.",
-                stacklevel=2,
-            )
-            raise CheckFailed from exc
+        """``fn(*args)`` under the callback's ``on_error`` (see :func:`guarded`)."""
+        return guarded(trainer, self.on_error, what, epoch, fn, *args, skipped=skipped)
 
     def _forward_context(self, trainer: L.Trainer):
         """The autocast of the Trainer's validation steps (``precision="trainer"``), else none.
@@ -817,11 +802,27 @@ class CAAPCallback(Callback):
             figures.log_figure(trainer, f"{self.prefix}/insertion_deletion", figure, result.step)
 
 
-def _has_val_loop(trainer: L.Trainer) -> bool:
-    """Whether the fit validates: validation data (given to fit, by the datamodule or by the module) and batches."""
-    # Lightning's own test before it runs a validation loop; the loaders themselves are made only later.
-    source = trainer.fit_loop.epoch_loop.val_loop._data_source
-    return trainer.limit_val_batches != 0 and source.is_defined() and is_overridden("validation_step", trainer.lightning_module)
+def guarded(
+    trainer: L.Trainer, on_error: str, what: str, epoch: int, fn: Callable, *args: Any,
+    skipped: str = "this check is skipped",
+) -> Any:
+    """``fn(*args)``; with ``on_error="warn"`` a failure is reported and raised as :class:`CheckFailed`.
+
+    The warning is given on the rank where the failure happened (``rank_zero_warn`` would hide
+    a failure on any other rank).
+    """
+    if on_error == "raise":
+        return fn(*args)
+    try:
+        return fn(*args)
+    except Exception as exc:  # a monitor must not end the training it watches
+        where = f" on rank {trainer.global_rank}" if trainer.world_size > 1 else ""
+        warnings.warn(
+            f"{what} failed at epoch {epoch}{where} ({type(exc).__name__}: {exc}); {skipped} and training "
+            "continues. Set on_error='raise' to stop on it instead.",
+            stacklevel=3,
+        )
+        raise CheckFailed from exc
 
 
 def _class_names(datamodule: Any) -> List[str]:

@@ -23,6 +23,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, SequentialSampler
 
 from caap_lightning.datamodules.base import ProbeBatch
+from caap_lightning.metrics._checks import check_masks
 from caap_lightning.utils import IMAGENET_MEAN, IMAGENET_STD, model_normalization
 
 # The label of an image whose class is not known (an images-only probe).
@@ -241,6 +242,19 @@ def raw_eval_loader(trainer: L.Trainer, pl_module: L.LightningModule, stage: str
 
     Call it in ``setup``: the datamodule's ``setup`` has run by then, the module's has not.
     """
+    source = eval_source(trainer, pl_module, stage)
+    if source is None:
+        return None
+    # CombinedLoader flattens lists/dicts of loaders in the order Lightning numbers them (dataloader_idx).
+    loaders = [dl for dl in CombinedLoader(source.dataloader(), "sequential").flattened if not _is_empty(dl)]
+    return _in_order(loaders[0]) if loaders else None
+
+
+def eval_source(trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> Optional[Any]:
+    """Where ``stage``'s evaluation loader comes from, or ``None`` when the stage runs no evaluation loop.
+
+    No loader is requested: this is cheap, and answers "will this fit validate?" in ``setup``.
+    """
     loop = _eval_loop(trainer, stage)
     if loop is None:
         return None
@@ -251,11 +265,7 @@ def raw_eval_loader(trainer: L.Trainer, pl_module: L.LightningModule, stage: str
     # Lightning keeps where the loader comes from (the loaders given, the datamodule or the module) in
     # the loop's private `_data_source` until the loop starts; only then does it add a DistributedSampler.
     source = loop._data_source
-    if not source.is_defined():
-        return None
-    # CombinedLoader flattens lists/dicts of loaders in the order Lightning numbers them (dataloader_idx).
-    loaders = [dl for dl in CombinedLoader(source.dataloader(), "sequential").flattened if not _is_empty(dl)]
-    return _in_order(loaders[0]) if loaders else None
+    return source if source.is_defined() else None
 
 
 def _is_empty(loader: Any) -> bool:
@@ -342,11 +352,10 @@ def _check_classes(classes: Any, field: str, n: int) -> torch.Tensor:
 def _check_mask(mask: Any, field: str, n: int, size: Tuple[int, int]) -> Optional[torch.Tensor]:
     if mask is None:
         return None
-    mask = _tensor(mask, field)
-    if mask.dim() == 4 and mask.shape[1] == 1:
-        mask = mask[:, 0]
-    if mask.dim() != 3:
-        raise ValueError(f"the probe's {field} must be (n, H, W) or (n, 1, H, W), got shape {tuple(mask.shape)}")
+    try:  # the metrics' own check of the mask forms and of binary values
+        mask = check_masks(_tensor(mask, field))
+    except ValueError as exc:
+        raise ValueError(f"the probe's {field}: {exc}") from exc
     if mask.shape[0] != n:
         raise ValueError(f"the probe has {mask.shape[0]} {field} for {n} images; give one mask per image")
     if tuple(mask.shape[1:]) != size:
@@ -354,18 +363,7 @@ def _check_mask(mask: Any, field: str, n: int, size: Tuple[int, int]) -> Optiona
             f"the probe's {field} are {tuple(mask.shape[1:])} but its images {size}: resize each mask with its "
             "image (nearest-neighbour, e.g. one v2 transform on the image and a tv_tensors.Mask)"
         )
-    if mask.dtype == torch.bool:
-        return mask
-    not_binary = (mask != 0) & (mask != 1)  # NaN included
-    if not_binary.any():
-        values = torch.unique(mask)
-        shown = ", ".join(f"{v:g}" for v in values[:8].tolist())
-        shown += f", ... ({len(values)} values)" if len(values) > 8 else ""
-        raise ValueError(
-            f"the probe's {field} must be binary (bool or 0/1), found values [{shown}]: make a 0/1 mask, e.g. for "
-            "Oxford Pets trimaps (1 pet, 2 background, 3 border) use mask == 1, for a soft mask mask > 0.5"
-        )
-    return mask.bool()
+    return mask
 
 
 # ------------------------------------------------------------------ normalisation

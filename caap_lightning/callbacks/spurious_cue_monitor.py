@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import math
-import warnings
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import lightning as L
 import torch
@@ -12,7 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from caap_lightning.callbacks import figures
-from caap_lightning.callbacks.caap_callback import ON_ERROR, CAAPCallback, ProbeResult
+from caap_lightning.callbacks.caap_callback import ON_ERROR, CAAPCallback, CheckFailed, ProbeResult, guarded
 
 ALARM_ON = ("high", "low")
 # The default scores, in order of preference: cue masks say most, object masks less.
@@ -178,22 +177,13 @@ class SpuriousCueMonitor(Callback):
         )
         if raised:
             self.alarms.append({"epoch": result.epoch, "step": result.step, "score": score})
-            self._guard(result.epoch, self._report, trainer, result, score)
+            try:
+                guarded(trainer, self.on_error, "SpuriousCueMonitor: reporting the alarm", result.epoch, self._report,
+                        trainer, result, score, skipped="the report is skipped")
+            except CheckFailed:
+                pass
         if self.stop_training and self.alarmed:
             trainer.should_stop = trainer.strategy.reduce_boolean_decision(True, all=False)
-
-    def _guard(self, epoch: int, fn: Callable, *args: Any) -> None:
-        if self.on_error == "raise":
-            fn(*args)
-            return
-        try:
-            fn(*args)
-        except Exception as exc:  # a failing report must not end the fit
-            warnings.warn(
-                f"SpuriousCueMonitor: reporting the alarm failed at epoch {epoch} ({type(exc).__name__}: {exc}); "
-                "training continues. Set on_error='raise' to stop on it instead.",
-                stacklevel=2,
-            )
 
     def _report(self, trainer: L.Trainer, result: ProbeResult, score: float) -> None:
         threshold = "" if self.threshold is None else f", past the threshold {self.threshold}"

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from caap_lightning import CAAP
 from caap_lightning.callbacks import CAAPCallback, SpuriousCueMonitor
-from caap_lightning.metrics import PointingGame
+from caap_lightning.metrics import PointingGame, pointing_game
 
 HALF = (0.5, 0.5, 0.5)
 
@@ -260,7 +260,9 @@ def test_single_valued_metrics_log_as_torchmetrics_do(tmp_path):
 
     trainer = quiet_trainer(tmp_path, [])
     (logged,) = trainer.validate(LogsPointingGame(), dataloaders=loaders()[1], verbose=False)
-    assert 0.0 <= logged["val/pg"] <= 1.0
+    images, _, masks = image_data()  # the loader's images, and the same centre masks
+    expected = pointing_game(images.mean(1), masks).mean()  # over the epoch, not the last batch
+    assert logged["val/pg"] == pytest.approx(float(expected), abs=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -135,7 +135,7 @@ def test_masks_of_any_binary_form_become_bool():
 def test_trimap_is_refused_with_the_remedy():
     trimap = masks().long() + 1  # values 1, 2 ...
     trimap[:, 0, 0] = 3
-    with pytest.raises(ValueError, match=r"masks must be binary.*values \[1, 2, 3\].*mask == 1"):
+    with pytest.raises(ValueError, match=r"the probe's masks: masks must be binary.*values \{1, 2, 3\}.*masks == 1"):
         check_probe(ProbeBatch(images(), torch.arange(4), masks=trimap))
 
 
@@ -144,7 +144,7 @@ def test_mask_size_and_count_are_checked():
         check_probe(ProbeBatch(images(), torch.arange(4), cue_masks=masks()[:, :4, :4]))
     with pytest.raises(ValueError, match="3 masks for 4 images"):
         check_probe(ProbeBatch(images(), torch.arange(4), masks=masks(3)))
-    with pytest.raises(ValueError, match=r"masks must be \(n, H, W\) or \(n, 1, H, W\)"):
+    with pytest.raises(ValueError, match=r"the probe's masks: masks must be \(B, H, W\) or \(B, 1, H, W\)"):
         check_probe(ProbeBatch(images(), torch.arange(4), masks=masks()[:, None].expand(-1, 3, -1, -1)))
 
 
