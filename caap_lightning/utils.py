@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator, Optional, Sequence, Tuple
 
 import torch
@@ -47,13 +48,21 @@ def model_normalization(
     """The (mean, std) a model's inputs were normalised with.
 
     Explicit arguments win; then timm's ``pretrained_cfg``; then ImageNet's, which is
-    what timm uses for a model built without a pretrained config.
+    what timm uses for a model built without a pretrained config. A ``std`` that cannot
+    normalise (a zero, negative or non-finite entry) or a non-finite ``mean`` is refused.
     """
     cfg = getattr(model, "pretrained_cfg", None) or {}
     mean = tuple(mean) if mean is not None else tuple(cfg.get("mean", IMAGENET_MEAN))
     std = tuple(std) if std is not None else tuple(cfg.get("std", IMAGENET_STD))
     if len(mean) != 3 or len(std) != 3:
         raise ValueError(f"mean and std need 3 channels, got mean={mean}, std={std}")
+    if not all(math.isfinite(m) for m in mean):
+        raise ValueError(f"mean={mean} is not finite; pass the mean the model's inputs were normalised with")
+    if not all(math.isfinite(s) and s > 0 for s in std):
+        raise ValueError(
+            f"std={std} must have three positive entries (a zero entry divides by zero when an image "
+            "is normalised); pass the std the model's inputs were normalised with"
+        )
     return mean, std
 
 

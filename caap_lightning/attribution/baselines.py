@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from caap_lightning.attribution import vit
-from caap_lightning.attribution.blanks import BlankSpec, check_blank, input_normalization, make_blank
+from caap_lightning.attribution.blanks import BlankSpec, check_blank, make_blank
 from caap_lightning.attribution.selection import selection_members
-from caap_lightning.utils import eval_mode, target_score, upsample_maps
+from caap_lightning.utils import eval_mode, model_normalization, target_score, upsample_maps
 
 TargetLike = vit.TargetLike
 SCORES = ("probability", "logit")
@@ -264,7 +264,7 @@ class _InputPatching(PatchAttribution):
         self.blank = blank
         self.score = score
         self.batch_size = batch_size
-        self.mean, self.std = input_normalization(model, mean, std)
+        self.mean, self.std = model_normalization(model, mean, std)
         self.blank_seed = blank_seed
 
     def _pixel_selections(self, images: torch.Tensor) -> torch.Tensor:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import warnings
-from typing import Optional, Sequence, Tuple, Union
+from typing import Sequence, Tuple, Union
 
 import torch
-from torch import nn
 
-from caap_lightning.utils import gaussian_blur, model_normalization, normalize
+from caap_lightning.utils import gaussian_blur, normalize
 
 BLANK_KINDS = ("white", "black", "mean", "noise", "blur_noise")
 
@@ -27,22 +25,6 @@ def check_blank(blank: BlankSpec) -> None:
             raise ValueError("the custom blank image contains NaN or inf")
     elif blank not in BLANK_KINDS:
         raise ValueError(f"blank={blank!r} is not one of {BLANK_KINDS} or a (1, 3, H, W) tensor")
-
-
-def input_normalization(
-    model: nn.Module, mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None
-) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
-    """The model's input ``(mean, std)`` (see ``model_normalization``), refusing a ``std`` that
-    cannot normalise: a zero entry would make the blank image infinite."""
-    mean, std = model_normalization(model, mean, std)
-    if not all(math.isfinite(m) for m in mean):
-        raise ValueError(f"mean={mean} is not finite; pass the mean the model's inputs were normalised with")
-    if not all(math.isfinite(s) and s > 0 for s in std):
-        raise ValueError(
-            f"std={std} must have three positive entries (a zero entry divides by zero when the blank "
-            "is normalised); pass the std the model's inputs were normalised with"
-        )
-    return mean, std
 
 
 def make_blank(

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from caap_lightning.attribution import vit
-from caap_lightning.attribution.blanks import BlankSpec, check_blank, input_normalization, make_blank, warn_saturated_blank
+from caap_lightning.attribution.blanks import BlankSpec, check_blank, make_blank, warn_saturated_blank
 from caap_lightning.attribution.selection import neighbourhoods, selection_members
-from caap_lightning.utils import eval_mode, target_score, upsample_maps
+from caap_lightning.utils import eval_mode, model_normalization, target_score, upsample_maps
 
 CONSTRUCTIONS = ("parallel", "efficient", "windowed", "standard")
 SCORES = ("probability", "logit")
@@ -112,7 +112,7 @@ class CAAP:
         self.score = score
         self.chunk_size = chunk_size
         self.window = window
-        self.mean, self.std = input_normalization(model, mean, std)
+        self.mean, self.std = model_normalization(model, mean, std)
         self.blank_seed = blank_seed
         self.head = head
         self._last_size: Optional[Tuple[int, int]] = None

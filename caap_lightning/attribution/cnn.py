@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from caap_lightning.attribution.blanks import BlankSpec, check_blank, input_normalization, make_blank, warn_saturated_blank
+from caap_lightning.attribution.blanks import BlankSpec, check_blank, make_blank, warn_saturated_blank
 from caap_lightning.attribution.selection import selection_members
 from caap_lightning.attribution.vit import TargetLike, check_target
-from caap_lightning.utils import eval_mode, target_score, upsample_maps
+from caap_lightning.utils import eval_mode, model_normalization, target_score, upsample_maps
 
 CONSTRUCTIONS = ("standard", "frozen")
 SCORES = ("probability", "logit")
@@ -321,7 +321,7 @@ class ConvCAAP:
         self.blank = blank
         self.construction = construction
         self.score = score
-        self.mean, self.std = input_normalization(model, mean, std)
+        self.mean, self.std = model_normalization(model, mean, std)
         self.chunk_size = chunk_size
         self.blank_seed = blank_seed
         self._last_size: Optional[Tuple[int, int]] = None
