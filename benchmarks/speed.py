@@ -1,19 +1,26 @@
-"""CAAP's cost against a plain forward, on timm ViT-B/16 with random weights.
+"""CAAP's cost against a plain forward, on timm ViT-B/16 (or, with ``--cnn``, ResNet-50) with random weights.
 
 Prints a table and one JSON line (``--json PATH`` also writes it). Measures median
 seconds of: a plain forward, CAAP ``parallel``, ``efficient``, ``windowed`` and ``standard``, the
-package's ``gradcam`` and, when captum is installed, its ``occlusion`` (one patch per window); each as a ratio to the plain forward, with the analytic FLOP ratio of
-``parallel`` beside its measured ratio, and the peak resident memory.
+package's ``gradcam`` and, when captum is installed, its ``occlusion`` (one patch per window); each as a
+ratio to the plain forward, with the analytic FLOP ratio of ``parallel`` beside its measured ratio, and
+the peak resident memory.
+
+``--cnn`` instead times ConvCAAP on torchvision's ``resnet50()`` at each cut of ``--cnn-cuts``
+(default: ConvCAAP's default cut and ``layer3``): seconds per image, the ratio to a plain forward
+and the analytic ratio of ``ConvCAAP.cost()``.
 
     python benchmarks/speed.py                 # 224 px, batch 8
     python benchmarks/speed.py --img-size 448 --batch 2
     python benchmarks/speed.py --device cuda --batch 32 --precision bf16   # on a GPU, under bf16 autocast
+    python benchmarks/speed.py --cnn --batch 1 --threads 1 --repeats 1
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.util
 import json
 import platform
@@ -21,12 +28,13 @@ import resource
 import statistics
 import sys
 import time
-from typing import Callable, Dict
+from typing import Callable, Dict, List, Optional
 
 import timm
 import torch
 
 from caap_lightning import CAAP
+from caap_lightning.attribution.cnn import ConvCAAP
 from caap_lightning.attribution.registry import get_method
 from caap_lightning.attribution.selection import selection_members
 
@@ -82,7 +90,7 @@ def parallel_macs(model, grid, k: int, selection: str) -> float:
     return forward_macs(model, p + n) + n * total
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="vit_base_patch16_224")
     parser.add_argument("--img-size", type=int, default=224)
@@ -98,35 +106,55 @@ def main() -> None:
                         help="bf16: every method under torch.autocast(bfloat16); fp32 keeps TF32 off")
     parser.add_argument("--skip", nargs="*", default=[], choices=["standard", "occlusion", "windowed"],
                         help="leave out the slow N-forward methods (e.g. at 448 px)")
+    parser.add_argument("--cnn", action="store_true",
+                        help="time ConvCAAP on torchvision resnet50() instead of the ViT's methods")
+    parser.add_argument("--cnn-cuts", nargs="+", default=["default", "layer3"],
+                        help="ConvCAAP cuts for --cnn: stage names, or 'default' for ConvCAAP's own")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--note", default=None, help="added to the JSON's notes (e.g. that the machine was shared)")
     parser.add_argument("--json", default=None, help="also write the JSON line to this path")
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    torch.set_num_threads(args.threads)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    # fp32 means fp32: TF32 matrix units would change both the numbers and the timings.
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+
+def make_timer(args: argparse.Namespace, device: torch.device) -> Callable[..., float]:
+    """``timed(name, fn, repeats, warmup)``: median seconds of ``fn`` under the run's precision."""
     autocast = (
         (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
         if args.precision == "bf16" else contextlib.nullcontext
     )
+
+    def timed(name: str, fn: Callable[[], object], repeats: int = args.repeats, warmup: bool = True) -> float:
+        def run():
+            with autocast():
+                fn()
+            synchronize(device)
+        if warmup:
+            run()
+        seconds = median_seconds(run, repeats)
+        print(f"  timed {name}: {seconds:.3f} s", file=sys.stderr, flush=True)
+        return seconds
+
+    return timed
+
+
+def device_name(args: argparse.Namespace, device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name()
+    return f"cpu ({args.threads} threads, {platform.processor() or platform.machine()})"
+
+
+def peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def vit_speed(args: argparse.Namespace, device: torch.device, timed: Callable[..., float]) -> dict:
+    """The ViT's methods against its plain forward; prints the table and returns the JSON object."""
     torch.manual_seed(0)
     model = timm.create_model(args.model, pretrained=False, img_size=args.img_size).eval().to(device)
     images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
     target = torch.arange(args.batch, device=device) % model.num_classes
     grid = model.patch_embed.grid_size
     n_tokens = model.num_prefix_tokens + grid[0] * grid[1]
-
-    def timed(name, fn, repeats=args.repeats):
-        def run():
-            with autocast():
-                fn()
-            synchronize(device)
-        run()  # warm-up
-        seconds = median_seconds(run, repeats)
-        print(f"  timed {name}: {seconds:.3f} s", file=sys.stderr, flush=True)
-        return seconds
 
     results: Dict[str, float] = {}
     notes = []
@@ -135,8 +163,9 @@ def main() -> None:
     for construction in ("parallel", "efficient", "windowed"):
         if construction in args.skip:
             continue
-        caap = CAAP(model, layer_cutoff=args.layer_cutoff, selection=args.selection, construction=construction, window=args.window)
-        results[f"{construction}_s"] = timed(construction, lambda: caap.attribute(images, target=target))
+        caap = CAAP(model, layer_cutoff=args.layer_cutoff, selection=args.selection, construction=construction,
+                    window=args.window)
+        results[f"{construction}_s"] = timed(construction, functools.partial(caap.attribute, images, target=target))
 
     # Textbook patching and occlusion are N full forwards per image: time a few images, scale to the batch.
     few = images[: args.standard_images]
@@ -174,12 +203,12 @@ def main() -> None:
         "window": args.window,
         "precision": args.precision,
         "torch": torch.__version__,
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({args.threads} threads, {platform.processor() or platform.machine()})",
+        "device": device_name(args, device),
         **{k: round(v, 4) for k, v in results.items()},
         **{f"{k[:-2]}_ratio": round(v / fwd, 2) for k, v in results.items() if k != "forward_s"},
         "parallel_flop_ratio": round(parallel_macs(model, grid, args.layer_cutoff, args.selection) / forward_macs(model, n_tokens), 2),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "notes": "; ".join(notes),
+        "peak_rss_mb": peak_rss_mb(),
+        "notes": "; ".join(notes + ([args.note] if args.note else [])),
     }
     if device.type == "cuda":
         out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
@@ -193,11 +222,78 @@ def main() -> None:
         ratio = 1.0 if key == "forward_s" else out[f"{name}_ratio"]
         print(f"{name:<12}{results[key]:>10.3f}{ratio:>11.2f}")
     print(f"parallel analytic FLOP ratio {out['parallel_flop_ratio']}, peak RSS {out['peak_rss_mb']} MB")
+    return out
+
+
+def cnn_speed(args: argparse.Namespace, device: torch.device, timed: Callable[..., float]) -> dict:
+    """ConvCAAP on torchvision ResNet-50 at each cut of ``--cnn-cuts``; prints the table, returns the JSON object."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50().eval().to(device)
+    images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
+    target = torch.arange(args.batch, device=device) % 1000
+    with torch.no_grad():
+        forward = timed("forward", lambda: model(images)) / args.batch
+    cuts: List[dict] = []
+    for cut in args.cnn_cuts:
+        caap = ConvCAAP(model, layer_cutoff=None if cut == "default" else cut)
+        cost = caap.cost((args.img_size, args.img_size))
+        # Hundreds of forwards per call: the forward above has warmed the kernels up.
+        seconds = timed(f"ConvCAAP {caap.cut_name}", functools.partial(caap.attribute, images, target=target),
+                        repeats=args.repeats, warmup=False) / args.batch
+        cuts.append({
+            "cut": caap.cut_name,
+            "default_cut": cut == "default",
+            "patches": cost["patches"],
+            "s_per_image": round(seconds, 4),
+            "ratio": round(seconds / forward, 2),
+            "cost_ratio": round(cost["ratio"], 2),
+            "measured_over_cost": round(seconds / forward / cost["ratio"], 2),
+        })
+    notes = [
+        "seconds per image; ConvCAAP standard construction, box1, white blank; a call also runs the blank's "
+        "forward once (cost() leaves it out: +1/batch forwards per image)",
+        "ConvCAAP timed without a warm-up run of its own",
+    ]
+    out = {
+        "model": "torchvision resnet50 (random weights)",
+        "img_size": args.img_size,
+        "batch": args.batch,
+        "repeats": args.repeats,
+        "precision": args.precision,
+        "torch": torch.__version__,
+        "device": device_name(args, device),
+        "forward_s_per_image": round(forward, 4),
+        "convcaap": cuts,
+        "peak_rss_mb": peak_rss_mb(),
+        "notes": "; ".join(notes + ([args.note] if args.note else [])),
+    }
+    print(f"{'what':<20}{'patches':>8}{'s/image':>10}{'x forward':>11}{'cost()':>9}")
+    print(f"{'forward':<20}{'':>8}{forward:>10.3f}{1.0:>11.2f}{1.0:>9.2f}")
+    for row in cuts:
+        print(f"{'ConvCAAP ' + row['cut']:<20}{row['patches']:>8}{row['s_per_image']:>10.3f}{row['ratio']:>11.2f}"
+              f"{row['cost_ratio']:>9.2f}")
+    return out
+
+
+def write(out: dict, path: Optional[str]) -> None:
     line = json.dumps(out)
     print(line)
-    if args.json:
-        with open(args.json, "w") as f:
+    if path:
+        with open(path, "w") as f:
             f.write(line + "\n")
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    # fp32 means fp32: TF32 matrix units would change both the numbers and the timings.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    timed = make_timer(args, device)
+    write((cnn_speed if args.cnn else vit_speed)(args, device, timed), args.json)
 
 
 if __name__ == "__main__":

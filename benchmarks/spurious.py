@@ -1,27 +1,39 @@
 """Spurious-cue detection: does ``SpuriousCueMonitor`` catch shortcut learning, early, without false alarms?
 
-Trains the demo's setup (``configs/demo.yaml``: a tiny ViT from scratch on synthetic shapes
-whose corner marker is easier to see than the shape) on CPU for several cue strengths, the
-training-set probability that the marker names the label: ``1 / num_classes`` is the control
-(the marker carries no information), then 0.8, 0.95 and 1.0. Each fit has ``CAAPCallback`` and
-``SpuriousCueMonitor`` driven by CAAP maps; then each baseline (Grad-CAM by default) drives the
-same callbacks on a replay of that fit's weights, epoch by epoch. After every epoch it records the accuracy on the cue-consistent and the cue-conflicting validation images
-(the marker is independent of the label outside training), the cue and background mass, AUPR1
-and the pointing game on the object mask, and the monitor's alarm state.
+A tiny ViT (``configs/demo.yaml``'s) is trained from scratch on CPU on two generated datasets,
+``shapes`` (``SyntheticSpuriousDataModule``) and ``fashion`` (``FashionCanvasDataModule``), each
+with every cue kind (marker, watermark, border, background) at several cue strengths: the
+training-set probability that the cue names the label, ``1 / num_classes`` for the control (the
+cue carries no information), then 0.8, 0.95 and 1.0. Outside training the cue is independent of
+the label, so the validation set measures what each model learnt.
 
-The ground truth is the detector a user with labelled conflicting data would use: the *gap
-epoch*, the first epoch at which cue-conflicting accuracy is 10 points below cue-consistent
-accuracy. The summary gives, per method and cue strength, the detection rate, the false alarms
-on the controls and the lead time (gap epoch minus alarm epoch: positive = the alarm came
-first). The recorded monitor scores are replayed through ``SpuriousCueMonitor.update`` over a
-grid of (threshold, patience, min_delta), which is where the monitor's defaults come from.
+Ground truth is measured, not assumed: a run's *reliance* is the share of cue-conflicting
+validation images predicted as the cue's class. A run is a *shortcut run* when its final
+reliance is at least 50%; a control should learn the object (>= 85% validation accuracy) and
+keep its reliance below 25% throughout (the report names controls that do not).
 
-    python benchmarks/spurious.py --quick                 # one seed, prints the summary
-    python benchmarks/spurious.py                         # 3 seeds; writes benchmarks/results/spurious.*
-    python benchmarks/spurious.py --seeds 0 1 2 3 4       # the recorded result
-    python benchmarks/spurious.py --threshold 2 --patience 2   # other live monitor settings
+Each fit has ``CAAPCallback`` logging, after every epoch, the score of each *mask regime*:
+what a user who has cue and object masks, only object masks, or no masks would monitor
+(``REGIMES``). One trained run serves all three: each regime's ``SpuriousCueMonitor`` is
+replayed from the recorded per-epoch scores through ``SpuriousCueMonitor.update``; a live
+monitor on the first regime checks that the replay is faithful. Each baseline (Grad-CAM by
+default) then drives the same callbacks on a replay of the fit's weights, epoch by epoch.
 
-Epochs are counted from 1 (epoch ``e`` = the checks after ``e`` epochs of training).
+The report gives, per method, regime, dataset and cue kind, the detection rate over shortcut
+runs, the false alarms over controls and the lead time against the accuracy-gap detector (the
+first epoch at which cue-conflicting accuracy is 10 points below cue-consistent accuracy, a
+detector that needs labelled conflicting data), the issue's targets as met / NOT met, and the
+score trajectories. The monitor's threshold is chosen on part of the grid (``TUNING``) and
+confirmed on the held-out cue kinds and dataset.
+
+    python benchmarks/spurious.py --quick                        # a smoke run: prints the summary
+    python benchmarks/spurious.py --workers 2                    # the grid; writes benchmarks/results/spurious.*
+    python benchmarks/spurious.py --data shapes --cues marker    # part of it
+    python benchmarks/spurious.py --rescore benchmarks/results/spurious.json   # replay today's monitor
+
+An epoch here is 16 batches (``RECIPES``), and epochs are counted from 1 (epoch ``e`` = the checks
+after ``e`` epochs of training). Fashion-MNIST is read as ``FashionCanvasDataModule`` reads it
+(Debian's ``dataset-fashion-mnist``, or IDX files under ``--fashion-root``); nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -30,39 +42,91 @@ import argparse
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import statistics
 import sys
+import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import lightning as L
 import torch
-import yaml
 from lightning.pytorch.utilities import disable_possible_user_warnings
 
 from caap_lightning.attribution.caap import CONSTRUCTIONS
 from caap_lightning.attribution.registry import available_methods
 from caap_lightning.callbacks import CAAPCallback, SpuriousCueMonitor
-from caap_lightning.datamodules import SyntheticSpuriousDataModule
-from caap_lightning.demo import DEFAULT_CONFIG, cue_accuracy
+from caap_lightning.datamodules import CUE_KINDS, FashionCanvasDataModule, SyntheticSpuriousDataModule
+from caap_lightning.datamodules.base import MaskedImageDataModule
+from caap_lightning.datamodules.fashion import find_fashion_mnist
+from caap_lightning.demo import cue_accuracy
 from caap_lightning.models import ViTClassifier
 
-from _common import quiet_trainer
+from _common import TINY_VIT, TINY_VIT_RECIPE, quiet_trainer
 
 RESULTS = Path(__file__).resolve().parent / "results"
+DATASETS = ("shapes", "fashion")
 METHOD_NAMES = {"caap": "CAAP", "gradcam": "Grad-CAM"}
 STRONG_CUES = (0.8, 0.95, 1.0)
-# The probe metrics recorded each epoch (insertion/deletion is left out: the monitor does not read it).
-METRICS = ("cue_mass", "cue_mass_ratio", "background_mass", "background_mass_ratio", "aupr_fg", "pointing_game")
+# Mask regime -> the callback metric its monitor watches: the best score a user with those masks can compute.
+REGIMES = {
+    "cue+object masks": "cue_density_ratio",
+    "object masks only": "background_density_ratio",
+    "none": "fixed_position_ratio",
+}
+# The cue kinds each regime's target covers: without masks only a cue at a fixed position can be found.
+TARGET_CUES = {
+    "cue+object masks": CUE_KINDS,
+    "object masks only": CUE_KINDS,
+    "none": ("watermark", "border"),
+}
+LIVE_REGIME = "cue+object masks"
 GAP_POINTS = 10.0
-# The replay grid for the monitor's settings (scores are area-normalised masses: uniform map = 1).
-SWEEP_THRESHOLDS = (1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
-SWEEP_PATIENCE = (1, 2, 3)
-SWEEP_MIN_DELTAS = (0.0, 0.1, 0.5, 1.0)
+SHORTCUT_RELIANCE = 50.0
+CONTROL_RELIANCE = 25.0
+CONTROL_ACCURACY = 85.0
+# Lead target: median lead >= 0 epochs, and no alarm later than this many epochs after the gap.
+LATEST_LEAD = -1
+# The threshold is chosen on these (dataset, cue kind) pairs and confirmed on the others.
+TUNING = (("shapes", "marker"), ("shapes", "watermark"))
+# The replay grid for the threshold (the scores are density ratios: a uniform map scores 1).
+SWEEP_THRESHOLDS = (1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0)
+
+HALF = (0.5, 0.5, 0.5)
+# The demo's ViT at 32 px (16 patches), so that a CPU step is cheap; twice the demo's lr, as the runs are
+# short; warm-up over the first 2048 images.
+MODEL = dict(model_name="vit_tiny_patch16_224", **{**TINY_VIT, **TINY_VIT_RECIPE, "lr": 2e-3, "warmup_epochs": 2.0})
+# Per dataset: the data and schedule with which a control learns the object (>= 85% validation
+# accuracy) on one CPU thread in about a minute; the report records what each run reached. An
+# "epoch" is 16 batches (1024 images, a fresh draw from the training set each time): a check per
+# 1024 images resolves when a cue is learnt, which a strong cue is within the first few thousand.
+RECIPES: Dict[str, Dict[str, Any]] = {
+    "shapes": {
+        # A large, clearly visible shape (the demo's faint one is for a cue that must win), so that controls learn it.
+        "data": dict(num_classes=4, img_size=32, cue_size=6, shape_contrast=0.6, object_size=(0.55, 0.9), num_train=4000,
+                     batch_size=64, mean=HALF, std=HALF),
+        "model": MODEL,
+        "epochs": 32,
+        "batches_per_epoch": 16,
+    },
+    "fashion": {
+        # Four garments of clearly different outline (trouser, bag, sneaker, shirt), drawn large: at 32 px
+        # a small garment loses the detail that tells them apart. Cached: drawing costs as much as training.
+        "data": dict(classes=[1, 8, 7, 6], img_size=32, object_size=(0.6, 0.95), cue_size=6, num_train=4000, batch_size=64,
+                     mean=HALF, std=HALF, cache=True),
+        "model": MODEL,
+        "epochs": 32,
+        "batches_per_epoch": 16,
+    },
+}
+# --quick: tiny data and two epochs, enough to run every step once.
+QUICK = dict(num_train=256, num_val=128, epochs=2, cues=("marker", "watermark"))
 
 
+# ---------------------------------------------------------------------- training
 class ReplayedClassifier(ViTClassifier):
     """Loads, at the start of each epoch, the weights an earlier fit had at its end, instead of training.
 
@@ -80,7 +144,7 @@ class ReplayedClassifier(ViTClassifier):
 
 
 class EpochRecorder(L.Callback):
-    """After each validation (and the callbacks' check): cue accuracies, probe metrics, alarm state, weights."""
+    """After each validation (and the callbacks' check): accuracies, reliance, the regimes' scores, live alarm, weights."""
 
     def __init__(self, accuracy_batch: Any, caap: CAAPCallback, monitor: SpuriousCueMonitor) -> None:
         self.accuracy_batch = accuracy_batch
@@ -94,20 +158,21 @@ class EpochRecorder(L.Callback):
         if trainer.sanity_checking:
             return
         counts = cue_accuracy(pl_module, self.accuracy_batch)
-        # A failed check leaves the previous check in place: then this epoch has no metrics and no score.
+        # A failed check leaves the previous check in place: then this epoch has no scores.
         last = self.caap.last
         metrics = last.metrics if last is not None and last.epoch == trainer.current_epoch else {}
         latest = self.monitor.history[-1] if self.monitor.history else {}
         check = latest if latest.get("epoch") == trainer.current_epoch else {}
+        (consistent, n_consistent), (conflicting, n_conflicting) = counts["cue-consistent"], counts["cue-conflicting"]
         row: Dict[str, Any] = {
             "epoch": trainer.current_epoch + 1,
-            "acc_consistent": percent(*counts["cue-consistent"]),
-            "acc_conflicting": percent(*counts["cue-conflicting"]),
-            "follows_cue": percent(*counts["follows-cue"]),
+            "accuracy": percent(consistent + conflicting, n_consistent + n_conflicting),
+            "acc_consistent": percent(consistent, n_consistent),
+            "acc_conflicting": percent(conflicting, n_conflicting),
+            "reliance": percent(*counts["follows-cue"]),
         }
-        row.update({name: rounded(metrics.get("caap/" + name)) for name in METRICS})
-        row["score"] = rounded(check.get("score"))
-        row["alarm"] = bool(check.get("alarm", 0.0))
+        row.update({score: rounded(metrics.get("caap/" + score)) for score in REGIMES.values()})
+        row["live_alarm"] = bool(check.get("alarm", 0.0))
         row["attribution_s"] = rounded(metrics.get("caap/seconds"), 2)
         row["wall_s"] = round(time.perf_counter() - self.start, 1)
         self.history.append(row)
@@ -122,6 +187,116 @@ def rounded(value: Optional[float], digits: int = 4) -> Optional[float]:
     return None if value is None or not math.isfinite(value) else round(float(value), digits)
 
 
+def recipe(dataset: str, quick: bool) -> Dict[str, Any]:
+    """The dataset's recipe, shrunk for ``--quick``."""
+    chosen = {**RECIPES[dataset], "data": dict(RECIPES[dataset]["data"]), "model": dict(RECIPES[dataset]["model"])}
+    if quick:
+        chosen["data"]["num_train"] = QUICK["num_train"]
+        chosen["epochs"] = QUICK["epochs"]
+    return chosen
+
+
+def build_data(dataset: str, cue: str, cue_correlation: float, seed: int, settings: Dict[str, Any]) -> MaskedImageDataModule:
+    data = {**settings["recipes"][dataset]["data"], "cue": cue, "cue_correlation": cue_correlation, "seed": seed,
+            "num_val": settings["num_val"]}
+    if dataset == "shapes":
+        return SyntheticSpuriousDataModule(**data)
+    return FashionCanvasDataModule(root=settings["fashion_root"], **data)
+
+
+def control_of(dataset: str, settings: Dict[str, Any]) -> float:
+    """The control's cue strength: the cue names the label as often as chance does."""
+    data = settings["recipes"][dataset]["data"]
+    classes = data["num_classes"] if dataset == "shapes" else len(data["classes"])
+    return round(1.0 / classes, 4)
+
+
+def fit_run(
+    job: Tuple[str, str, float, int],
+    method: str,
+    settings: Dict[str, Any],
+    snapshots: Optional[List[Dict[str, torch.Tensor]]] = None,
+) -> Tuple[Dict[str, Any], List[Dict[str, torch.Tensor]]]:
+    """One fit, its callbacks driven by ``method``'s maps: the run's record and its weights per epoch.
+
+    With ``snapshots`` (the weights of a fit of the same job) the fit replays them instead of
+    training, so every method watches the same models.
+    """
+    dataset, cue, cue_correlation, seed = job
+    L.seed_everything(seed, verbose=False)
+    data = build_data(dataset, cue, cue_correlation, seed, settings)
+    model_class = ViTClassifier if snapshots is None else ReplayedClassifier
+    model = model_class(**settings["recipes"][dataset]["model"], num_classes=data.num_classes, img_size=data.img_size,
+                        mean=data.mean, std=data.std)
+    if snapshots is not None:
+        model.snapshots = snapshots
+    caap = CAAPCallback(methods=[method], num_images=settings["num_images"], construction=settings["construction"],
+                        metrics=list(REGIMES.values()), log_images=False)
+    monitor = SpuriousCueMonitor(monitor="caap/" + REGIMES[LIVE_REGIME], **settings["monitor"], num_images=0)
+    data.setup("fit")
+    recorder = EpochRecorder(data.probe_batch(data.num_val), caap, monitor)
+    trainer = quiet_trainer(
+        max_epochs=settings["recipes"][dataset]["epochs"],
+        # The accuracies are the recorder's, on every validation image; the loop only triggers the check.
+        limit_val_batches=1,
+        limit_train_batches=settings["recipes"][dataset]["batches_per_epoch"] if snapshots is None else 1,
+        callbacks=[caap, monitor, recorder],
+    )
+    start, cpu = time.perf_counter(), time.process_time()
+    trainer.fit(model, datamodule=data)
+    record = {
+        "dataset": dataset,
+        "cue": cue,
+        "cue_correlation": cue_correlation,
+        "seed": seed,
+        "method": method,
+        "control": cue_correlation == control_of(dataset, settings),
+        "model": "trained" if snapshots is None else "replayed from the CAAP run's weights",
+        "live_alarm_epoch": next((row["epoch"] for row in recorder.history if row["live_alarm"]), None),
+        "wall_s": round(time.perf_counter() - start, 1),
+        "cpu_s": round(time.process_time() - cpu, 1),
+        "history": recorder.history,
+    }
+    return record, recorder.snapshots
+
+
+def run_job(job: Tuple[str, str, float, int], settings: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The CAAP fit of one (dataset, cue kind, cue strength, seed) and each baseline's replay of its weights."""
+    trained, snapshots = fit_run(job, "caap", settings)
+    return [trained, *(fit_run(job, name, settings, snapshots)[0] for name in settings["baselines"])]
+
+
+def init_worker() -> None:
+    # Each worker process trains on one thread: the cores are the parallelism.
+    torch.set_num_threads(1)
+    disable_possible_user_warnings()
+
+
+def run_jobs(jobs: Sequence[Tuple[str, str, float, int]], settings: Dict[str, Any], workers: int) -> List[Dict[str, Any]]:
+    """Every job's runs, in the order of ``jobs``, on ``workers`` processes (1: in this process)."""
+    done: Dict[Tuple[str, str, float, int], List[Dict[str, Any]]] = {}
+    if workers == 1:
+        init_worker()
+        for job in jobs:
+            done[job] = run_job(job, settings)
+            report_progress(done[job])
+    else:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=init_worker) as pool:
+            futures = {pool.submit(run_job, job, settings): job for job in jobs}
+            for future in as_completed(futures):
+                done[futures[future]] = future.result()
+                report_progress(done[futures[future]])
+    return [run for job in jobs for run in done[job]]
+
+
+def report_progress(runs: Sequence[Dict[str, Any]]) -> None:
+    for run in runs:
+        last = run["history"][-1]
+        progress = {k: run[k] for k in ("dataset", "cue", "cue_correlation", "seed", "method", "live_alarm_epoch", "wall_s", "cpu_s")}
+        progress["final"] = {k: last[k] for k in ("accuracy", "reliance", *REGIMES.values())}
+        print(json.dumps(progress), flush=True)
+
+
 # ---------------------------------------------------------------------- what a run's history says
 def gap_epoch(history: Sequence[Dict[str, Any]], points: float = GAP_POINTS) -> Optional[int]:
     """The first epoch at which cue-conflicting accuracy is ``points`` below cue-consistent accuracy."""
@@ -132,36 +307,24 @@ def gap_epoch(history: Sequence[Dict[str, Any]], points: float = GAP_POINTS) -> 
     return None
 
 
-def signal_epoch(history: Sequence[Dict[str, Any]], threshold: Optional[float]) -> Optional[int]:
-    """The first epoch whose monitored score is past ``threshold``: when the maps show the cue, before any patience."""
-    if threshold is None:
-        return None
-    return next((row["epoch"] for row in history if row["score"] is not None and row["score"] > threshold), None)
-
-
-def alarm_epoch(history: Sequence[Dict[str, Any]]) -> Optional[int]:
-    """The first epoch whose check left the monitor's alarm on."""
-    return next((row["epoch"] for row in history if row["alarm"]), None)
-
-
 def replay_alarms(
-    history: Sequence[Dict[str, Any]], threshold: Optional[float], patience: int, min_delta: float, key: str = "score"
+    history: Sequence[Dict[str, Any]], key: str, threshold: Optional[float], patience: int, min_delta: float
 ) -> List[bool]:
-    """Whether a ``SpuriousCueMonitor`` with these settings has its alarm on after each recorded epoch."""
+    """Whether a ``SpuriousCueMonitor`` with these settings, fed ``key``, has its alarm on after each recorded epoch."""
     monitor = SpuriousCueMonitor(threshold=threshold, patience=patience, min_delta=min_delta)
     alarms = []
     for row in history:
-        if row[key] is not None:
+        if row[key] is not None:  # an epoch without a score (a failed check) is no check at all
             monitor.update(row[key])
         alarms.append(monitor.alarmed)
     return alarms
 
 
 def replay_alarm_epoch(
-    history: Sequence[Dict[str, Any]], threshold: Optional[float], patience: int, min_delta: float, key: str = "score"
+    history: Sequence[Dict[str, Any]], key: str, threshold: Optional[float], patience: int, min_delta: float
 ) -> Optional[int]:
-    """The alarm epoch a ``SpuriousCueMonitor`` with these settings would give on the recorded scores."""
-    alarms = replay_alarms(history, threshold, patience, min_delta, key)
+    """The first epoch at which that monitor's alarm is on."""
+    alarms = replay_alarms(history, key, threshold, patience, min_delta)
     return next((row["epoch"] for row, alarm in zip(history, alarms) if alarm), None)
 
 
@@ -170,13 +333,28 @@ def lead_time(alarm: Optional[int], gap: Optional[int]) -> Optional[int]:
     return None if alarm is None or gap is None else gap - alarm
 
 
-def methods_of(runs: Sequence[Dict[str, Any]]) -> List[str]:
-    """The methods of ``runs`` in their first-seen order (CAAP's trained runs come first)."""
-    return list(dict.fromkeys(r["method"] for r in runs))
+def run_kind(run: Dict[str, Any]) -> str:
+    """``"control"``, ``"shortcut"`` (final reliance >= 50%) or ``"other"`` (a cue the model did not come to rely on)."""
+    if run["control"]:
+        return "control"
+    reliance = run["history"][-1]["reliance"]
+    return "shortcut" if reliance is not None and reliance >= SHORTCUT_RELIANCE else "other"
 
 
-def display(method: str) -> str:
-    return METHOD_NAMES.get(method, method)
+def control_problems(run: Dict[str, Any]) -> List[str]:
+    """Why a control is not the clean control it should be: it did not learn the object, or it leant on the cue."""
+    accuracy = run["history"][-1]["accuracy"]
+    peak = max((row["reliance"] for row in run["history"] if row["reliance"] is not None), default=None)
+    problems = []
+    if accuracy is None or accuracy < CONTROL_ACCURACY:
+        problems.append(f"accuracy {fmt(accuracy, 1)}% < {CONTROL_ACCURACY:g}%")
+    if peak is not None and peak >= CONTROL_RELIANCE:
+        problems.append(f"reliance reached {fmt(peak, 1)}% >= {CONTROL_RELIANCE:g}%")
+    return problems
+
+
+def label(run: Dict[str, Any]) -> str:
+    return f"{run['dataset']}/{run['cue']}/{run['cue_correlation']}/seed {run['seed']}"
 
 
 def median(values: Iterable[Optional[float]]) -> Optional[float]:
@@ -184,171 +362,150 @@ def median(values: Iterable[Optional[float]]) -> Optional[float]:
     return statistics.median(values) if values else None
 
 
-def detection(runs: Sequence[Dict[str, Any]], control: float) -> Dict[str, Any]:
-    """Per cue strength: runs, runs with an accuracy gap, alarms and lead times."""
-    by_cue: Dict[str, Any] = {}
-    for cue in sorted({r["cue_correlation"] for r in runs}):
-        group = [r for r in runs if r["cue_correlation"] == cue]
-        alarmed = [r for r in group if r["alarm_epoch"] is not None]
-        leads = [lead_time(r["alarm_epoch"], r["gap_epoch"]) for r in group]
-        by_cue[str(cue)] = {
-            "control": cue == control,
-            "runs": len(group),
-            "gap_runs": sum(r["gap_epoch"] is not None for r in group),
-            "alarmed": len(alarmed),
-            "detection_rate": len(alarmed) / len(group),
-            "alarm_epochs": [r["alarm_epoch"] for r in group],
-            "signal_epochs": [r.get("signal_epoch") for r in group],
-            "gap_epochs": [r["gap_epoch"] for r in group],
-            "lead_epochs": leads,
-            "median_lead_epochs": median(leads),
-        }
-    return by_cue
+def display(method: str) -> str:
+    return METHOD_NAMES.get(method, method)
 
 
-def target_check(runs: Sequence[Dict[str, Any]], control: float) -> Dict[str, Any]:
-    """The issue's targets: every run with cue_correlation >= 0.95 alarmed, no alarm on a control."""
-    missed = [f"{r['cue_correlation']}/seed {r['seed']}" for r in runs if r["cue_correlation"] >= 0.95 and r["alarm_epoch"] is None]
-    false = [f"seed {r['seed']} (epoch {r['alarm_epoch']})" for r in runs if r["cue_correlation"] == control and r["alarm_epoch"] is not None]
-    return {"all_strong_alarmed": not missed, "missed_runs": missed, "no_control_alarm": not false, "false_alarm_runs": false}
+def methods_of(runs: Sequence[Dict[str, Any]]) -> List[str]:
+    """The methods of ``runs`` in their first-seen order (CAAP's trained runs come first)."""
+    return list(dict.fromkeys(r["method"] for r in runs))
 
 
-def sweep(runs: Sequence[Dict[str, Any]], control: float) -> List[Dict[str, Any]]:
-    """Replays every run's scores through the monitor for each (threshold, patience, min_delta)."""
+def in_tuning(run: Dict[str, Any]) -> bool:
+    return (run["dataset"], run["cue"]) in TUNING
+
+
+# ---------------------------------------------------------------------- detection and targets
+def with_alarms(runs: Sequence[Dict[str, Any]], regime: str, monitor: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """``runs`` with their ``alarm_epoch`` under ``regime``'s monitor (``monitor``: threshold, patience, min_delta)."""
+    key = REGIMES[regime]
+    return [{**r, "alarm_epoch": replay_alarm_epoch(r["history"], key, **monitor), "gap_epoch": gap_epoch(r["history"])} for r in runs]
+
+
+def detection(runs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """Shortcut runs alarmed, controls alarmed and lead times of runs that carry ``alarm_epoch``."""
+    shortcut = [r for r in runs if run_kind(r) == "shortcut"]
+    controls = [r for r in runs if r["control"]]
+    leads = [lead_time(r["alarm_epoch"], r["gap_epoch"]) for r in shortcut]
+    alarmed = [r for r in shortcut if r["alarm_epoch"] is not None]
+    return {
+        "shortcut_runs": len(shortcut),
+        "alarmed": len(alarmed),
+        "detection_rate": len(alarmed) / len(shortcut) if shortcut else None,
+        "controls": len(controls),
+        "false_alarms": sum(r["alarm_epoch"] is not None for r in controls),
+        "alarm_epochs": [r["alarm_epoch"] for r in shortcut],
+        "gap_epochs": [r["gap_epoch"] for r in shortcut],
+        "lead_epochs": leads,
+        "median_lead_epochs": median(leads),
+        "missed": [label(r) for r in shortcut if r["alarm_epoch"] is None],
+        "false_alarm_runs": [f"{label(r)} (epoch {r['alarm_epoch']})" for r in controls if r["alarm_epoch"] is not None],
+        "late_runs": [label(r) for r, lead in zip(shortcut, leads) if lead is not None and lead < LATEST_LEAD],
+    }
+
+
+def by_cue_kind(runs: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    """``detection`` per dataset and cue kind, keyed ``"<dataset>/<cue>"``."""
+    groups: Dict[str, List[Dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault(f"{run['dataset']}/{run['cue']}", []).append(run)
+    return {name: detection(group) for name, group in groups.items()}
+
+
+def target_check(runs: Sequence[Dict[str, Any]], regime: str) -> Dict[str, Any]:
+    """The issue's targets for one regime, on runs that carry ``alarm_epoch``.
+
+    Every shortcut run of the regime's cue kinds alarmed, no control alarmed, median lead >= 0
+    and no alarm more than one epoch after the gap.
+    """
+    covered = detection([r for r in runs if r["cue"] in TARGET_CUES[regime] or r["control"]])
+    return {
+        "cues": list(TARGET_CUES[regime]),
+        "all_shortcuts_alarmed": not covered["missed"] and covered["shortcut_runs"] > 0,
+        "no_control_alarm": not covered["false_alarm_runs"],
+        "lead": covered["median_lead_epochs"] is not None and covered["median_lead_epochs"] >= 0 and not covered["late_runs"],
+        "detail": covered,
+    }
+
+
+def targets_met(check: Dict[str, Any]) -> int:
+    return sum(check[k] for k in ("all_shortcuts_alarmed", "no_control_alarm", "lead"))
+
+
+def choose_threshold(runs: Sequence[Dict[str, Any]], monitor: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The sweep threshold that meets most targets of every regime on the tuning runs (``None``: no tuning runs).
+
+    Ties go to the fewest missed shortcut runs plus false alarms, then to the middle of the tied
+    thresholds: a plateau's middle is the choice least likely to tip over on held-out runs.
+    """
+    tuning = [r for r in runs if in_tuning(r)]
+    if not tuning:
+        return None
     rows = []
-    for threshold, patience, min_delta in itertools.product(SWEEP_THRESHOLDS, SWEEP_PATIENCE, SWEEP_MIN_DELTAS):
-        replayed = [
-            {**r, "alarm_epoch": replay_alarm_epoch(r["history"], threshold, patience, min_delta)} for r in runs
-        ]
-        by_cue = detection(replayed, control)
-        strong = [r for r in replayed if r["cue_correlation"] >= 0.95]
-        rows.append(
-            {
-                "threshold": threshold,
-                "patience": patience,
-                "min_delta": min_delta,
-                "alarmed": {cue: v["alarmed"] for cue, v in by_cue.items()},
-                "runs": {cue: v["runs"] for cue, v in by_cue.items()},
-                "median_lead_strong": median(lead_time(r["alarm_epoch"], r["gap_epoch"]) for r in strong),
-                "median_alarm_strong": median(r["alarm_epoch"] for r in strong),
-                **target_check(replayed, control),
-            }
-        )
-    return rows
+    for threshold in SWEEP_THRESHOLDS:
+        settings = {**monitor, "threshold": threshold}
+        checks = {regime: target_check(with_alarms(tuning, regime, settings), regime) for regime in REGIMES}
+        errors = sum(len(c["detail"]["missed"]) + len(c["detail"]["false_alarm_runs"]) for c in checks.values())
+        rows.append({"threshold": threshold, "targets_met": sum(targets_met(c) for c in checks.values()), "errors": errors,
+                     "checks": {regime: compact(c) for regime, c in checks.items()}})
+    best = max((r["targets_met"], -r["errors"]) for r in rows)
+    tied = [r["threshold"] for r in rows if (r["targets_met"], -r["errors"]) == best]
+    return {"tuning": [f"{d}/{c}" for d, c in TUNING], "sweep": rows, "tied": tied, "threshold": tied[(len(tied) - 1) // 2]}
 
 
-def summarize(runs: Sequence[Dict[str, Any]], control: float) -> Dict[str, Any]:
+def compact(check: Dict[str, Any]) -> Dict[str, Any]:
+    """A target check without its per-run lists, for the sweep table."""
+    detail = check["detail"]
+    return {
+        **{k: check[k] for k in ("all_shortcuts_alarmed", "no_control_alarm", "lead")},
+        **{k: detail[k] for k in ("shortcut_runs", "alarmed", "controls", "false_alarms", "median_lead_epochs")},
+    }
+
+
+def summarize(runs: Sequence[Dict[str, Any]], monitor: Dict[str, Any]) -> Dict[str, Any]:
+    """Per method: per regime, detection by cue kind and the targets with ``monitor``; the threshold chosen on
+    the tuning runs and the targets it gets on the held-out runs."""
     summary: Dict[str, Any] = {}
     for method in methods_of(runs):
         group = [r for r in runs if r["method"] == method]
-        summary[method] = {
-            "by_cue_correlation": detection(group, control),
-            "targets": target_check(group, control),
-            "sweep": sweep(group, control),
-        }
+        choice = choose_threshold(group, monitor)
+        held_out = [r for r in group if not in_tuning(r)] if choice is not None else []
+        chosen = {**monitor, "threshold": choice["threshold"] if choice is not None else None}
+        regimes = {}
+        for regime in REGIMES:
+            replayed = with_alarms(group, regime, monitor)
+            regimes[regime] = {
+                "by_cue": by_cue_kind(replayed),
+                "targets": target_check(replayed, regime),
+                "held_out_at_chosen": target_check(with_alarms(held_out, regime, chosen), regime) if held_out else None,
+            }
+        summary[method] = {"regimes": regimes, "threshold_choice": choice}
     return summary
 
 
-# ---------------------------------------------------------------------- training
-def demo_setup(config: Path) -> Dict[str, Any]:
-    """The model, data and epochs of the demo's LightningCLI YAML."""
-    spec = yaml.safe_load(config.read_text())
-    return {
-        "model": dict(spec["model"]),
-        "data": dict(spec["data"]["init_args"]),
-        "demo_max_epochs": int(spec["trainer"]["max_epochs"]),
+def ground_truth(runs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """Per dataset, cue kind and strength (the trained runs): shortcut runs, accuracies, reliance; the flawed controls."""
+    trained = [r for r in runs if r["method"] == "caap"]
+    groups: Dict[str, List[Dict[str, Any]]] = {}
+    for run in trained:
+        groups.setdefault(f"{run['dataset']}/{run['cue']}/{run['cue_correlation']}", []).append(run)
+    table = {
+        name: {
+            "control": group[0]["control"],
+            "runs": len(group),
+            "shortcut_runs": sum(run_kind(r) == "shortcut" for r in group),
+            "accuracy": [r["history"][-1]["accuracy"] for r in group],
+            "reliance": [r["history"][-1]["reliance"] for r in group],
+            "gap_epochs": [gap_epoch(r["history"]) for r in group],
+        }
+        for name, group in groups.items()
     }
-
-
-def fit_run(
-    method: str,
-    cue_correlation: float,
-    seed: int,
-    settings: Dict[str, Any],
-    snapshots: Optional[List[Dict[str, torch.Tensor]]] = None,
-) -> Tuple[Dict[str, Any], List[Dict[str, torch.Tensor]]]:
-    """One fit of the demo's setup, its callbacks driven by ``method``'s maps: the run's record and weights.
-
-    With ``snapshots`` (the weights of a fit of the same cue and seed) the fit replays them
-    instead of training, so every method watches the same model.
-    """
-    L.seed_everything(seed, verbose=False)
-    data = SyntheticSpuriousDataModule(**{**settings["data"], "cue_correlation": cue_correlation, "seed": seed})
-    model_class = ViTClassifier if snapshots is None else ReplayedClassifier
-    model = model_class(**settings["model"], num_classes=data.num_classes, img_size=data.img_size, mean=data.mean, std=data.std)
-    if snapshots is not None:
-        model.snapshots = snapshots
-    options = dict(num_images=settings["num_images"], construction=settings["construction"], metrics=list(METRICS), log_images=False)
-    caap = CAAPCallback(methods=[method], **options)
-    monitor = SpuriousCueMonitor(**settings["monitor"], num_images=0)
-    data.setup("fit")
-    recorder = EpochRecorder(data.probe_batch(data.num_val), caap, monitor)
-    trainer = quiet_trainer(
-        max_epochs=settings["max_epochs"],
-        # The accuracies are the recorder's, on every validation image; the loop only triggers the check.
-        limit_val_batches=1,
-        limit_train_batches=1.0 if snapshots is None else 1,
-        callbacks=[caap, monitor, recorder],
-    )
-    start = time.perf_counter()
-    trainer.fit(model, datamodule=data)
-    history = recorder.history
-    record = {
-        "method": method,
-        "cue_correlation": cue_correlation,
-        "seed": seed,
-        "alarm_epoch": alarm_epoch(history),
-        "gap_epoch": gap_epoch(history),
-        "signal_epoch": signal_epoch(history, monitor.threshold),
-        "monitor": monitor.monitor_key,
-        "model": "trained" if snapshots is None else "replayed from the CAAP run's weights",
-        "wall_s": round(time.perf_counter() - start, 1),
-        "history": history,
-    }
-    return record, recorder.snapshots
+    flawed = {label(r): control_problems(r) for r in trained if r["control"] and control_problems(r)}
+    other = [label(r) for r in trained if run_kind(r) == "other"]
+    return {"by_group": table, "flawed_controls": flawed, "not_shortcut": other}
 
 
 # ---------------------------------------------------------------------- reports
-def plot(runs: Sequence[Dict[str, Any]], path: Path, threshold: Optional[float], control: float) -> None:
-    """Cue-mass ratio and accuracy gap per epoch, one panel column per method, a colour per cue strength."""
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    methods = methods_of(runs)
-    cues = sorted({r["cue_correlation"] for r in runs})
-    palette = iter(("tab:orange", "tab:red", "tab:purple", "tab:blue", "tab:green", "tab:brown"))
-    colours = {cue: "tab:grey" if cue == control else next(palette) for cue in cues}
-    figure = Figure(figsize=(5.0 * len(methods), 7.0), dpi=100)
-    axes = figure.subplots(2, len(methods), squeeze=False, sharex=True, sharey="row")
-    for col, method in enumerate(methods):
-        top, bottom = axes[0, col], axes[1, col]
-        for run in (r for r in runs if r["method"] == method):
-            epochs = [row["epoch"] for row in run["history"]]
-            label = "control" if run["cue_correlation"] == control else f"cue {run['cue_correlation']}"
-            label = label if run["seed"] == min(r["seed"] for r in runs) else None
-            style = dict(color=colours[run["cue_correlation"]], alpha=0.8, lw=1.3)
-            top.plot(epochs, [row["cue_mass_ratio"] or math.nan for row in run["history"]], label=label, **style)
-            gap = [row["acc_consistent"] - row["acc_conflicting"] for row in run["history"]]
-            bottom.plot(epochs, gap, **style)
-            if run["alarm_epoch"] is not None:
-                i = epochs.index(run["alarm_epoch"])
-                top.plot(epochs[i], run["history"][i]["cue_mass_ratio"], "v", color=style["color"], ms=7)
-        if threshold is not None:
-            top.axhline(threshold, color="black", ls="--", lw=1, label=f"threshold {threshold:g}")
-        bottom.axhline(GAP_POINTS, color="black", ls=":", lw=1, label=f"{GAP_POINTS:g}-point gap")
-        top.set_yscale("log")
-        top.set_title(f"{display(method)}: cue mass (area-normalised; v = alarm)", fontsize=10)
-        top.set_ylabel("cue_mass_ratio (uniform map = 1)")
-        bottom.set_title("accuracy: cue-consistent minus cue-conflicting", fontsize=10)
-        bottom.set_ylabel("points")
-        bottom.set_xlabel("epoch")
-        bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
-        top.legend(fontsize=8)
-        bottom.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path)
-
-
 def fmt(value: Any, digits: int = 2) -> str:
     """A table cell: ``-`` for none, floats with at most ``digits`` decimals."""
     if value is None:
@@ -359,333 +516,403 @@ def fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
-def replay_sentence(setup: Dict[str, Any]) -> str:
-    """How the baselines saw the CAAP runs' models, or that none ran."""
-    baselines = setup["methods"][1:]
-    if not baselines:
-        return ": the CAAP run trains the model (no baseline replays in this run)."
-    check = "checked: same accuracies every epoch" if setup["baselines_replay_caap_weights"] else "MISMATCH: see the JSON"
-    return (
-        f": the CAAP run trains the model, and each baseline's run ({', '.join(baselines)}) replays that run's "
-        f"weights epoch by epoch with the baseline's maps through the same callbacks, so every method watches the "
-        f"same models ({check})."
+def cells(values: Iterable[Any], digits: int = 2) -> str:
+    return ", ".join(fmt(v, digits) for v in values)
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> List[str]:
+    """A markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def met(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def setup_section(setup: Dict[str, Any], n_runs: int) -> List[str]:
+    live = setup["monitor"]
+    lines = [
+        "# Spurious-cue detection benchmark: cue kinds, datasets and mask regimes",
+        "",
+        f"`{setup['command']}`: seeds {cells(setup['seeds'])}; cue strengths "
+        + "; ".join(f"{d}: {cells(s)}" for d, s in setup["cue_correlations"].items())
+        + f" (the first: the control, 1 / classes); {setup['workers']} worker process(es) of 1 CPU thread ({setup['machine']}).",
+        *([setup["rescored"]] if setup.get("rescored") else []),
+        "",
+        "Recipes (a tiny ViT from scratch, `configs/demo.yaml`'s: "
+        f"{setup['model_summary']}; `CAAPCallback` with a probe of {setup['num_images']} images, "
+        f"`construction=\"{setup['construction']}\"`):",
+        "",
+    ]
+    seconds = setup["run_seconds"]
+    lines += table(
+        ["dataset", "data", "epochs x batches of 64", "a trained run: median wall s (CPU s)", "a baseline's replay: median wall s"],
+        [[name, ", ".join(f"{k}={v}" for k, v in r["data"].items() if k not in ("mean", "std")),
+          f"{r['epochs']} x {r['batches_per_epoch']}",
+          f"{fmt(seconds[name]['trained'], 0)} ({fmt(seconds[name]['trained_cpu'], 0)})", fmt(seconds[name]["replayed"], 0)]
+         for name, r in setup["recipes"].items()],
     )
+    lines += [
+        "",
+        f"Monitor: `SpuriousCueMonitor` settings `threshold={live['threshold']}`, `patience={live['patience']}`, "
+        f"`min_delta={live['min_delta']}` (its defaults: {defaults_text(setup['monitor_defaults'])}). A live monitor on "
+        f"`caap/{REGIMES[LIVE_REGIME]}` watched each fit; replaying the recorded scores reproduces its alarms: "
+        f"{'checked' if setup['replay_matches_live'] else 'NO, see the JSON'}. "
+        + ("Each baseline replays the CAAP fit's weights epoch by epoch (same accuracies every epoch: "
+           f"{'checked' if setup['baselines_replay_caap_weights'] else 'MISMATCH, see the JSON'})." if setup["methods"][1:] else ""),
+        "",
+        f"Wall time: {setup['wall_min']:.1f} min for {n_runs} runs; load average {setup['load_average']} at the start.",
+        "",
+        "Definitions. *Reliance*: the share of cue-conflicting validation images (all "
+        f"{setup['num_val']}; the cue is independent of the label there) predicted as the cue's class. *Shortcut run*: "
+        f"final reliance >= {SHORTCUT_RELIANCE:g}%. *Control*: cue strength 1 / classes; it should reach "
+        f">= {CONTROL_ACCURACY:g}% validation accuracy with reliance < {CONTROL_RELIANCE:g}% at every epoch. *Gap epoch*: "
+        f"the first epoch at which cue-conflicting accuracy is {GAP_POINTS:g} points below cue-consistent accuracy. "
+        "*Lead* = gap epoch - alarm epoch (positive: the alarm came first). Mask regimes and the score each "
+        "monitor watches: " + "; ".join(f"{regime}: `caap/{score}`" for regime, score in REGIMES.items()) + ". A "
+        "background cue's mask is every pixel but the object, so for it the first two regimes watch the same region.",
+    ]
+    return lines
+
+
+def ground_truth_section(truth: Dict[str, Any]) -> List[str]:
+    lines = ["", "## Ground truth (trained runs)", ""]
+    lines += table(
+        ["dataset/cue/strength", "runs", "shortcut runs", "final accuracy %", "final reliance %", "gap epochs"],
+        [[name + (" (control)" if g["control"] else ""), g["runs"], g["shortcut_runs"], cells(g["accuracy"], 1),
+          cells(g["reliance"], 1), cells(g["gap_epochs"])] for name, g in truth["by_group"].items()],
+    )
+    flawed = truth["flawed_controls"]
+    lines += [
+        "",
+        "Controls that are not clean: " + ("none." if not flawed else "; ".join(f"{k}: {', '.join(v)}" for k, v in flawed.items()) + "."),
+        "Runs with an informative cue that did not become shortcut runs (counted in neither detections nor false alarms): "
+        + (", ".join(truth["not_shortcut"]) if truth["not_shortcut"] else "none") + ".",
+    ]
+    return lines
+
+
+def detection_section(method: str, part: Dict[str, Any]) -> List[str]:
+    lines = ["", f"## {display(method)}: detection with the monitor's settings", ""]
+    rows = []
+    for regime, result in part["regimes"].items():
+        for name, d in result["by_cue"].items():
+            rows.append([regime, name, f"{d['alarmed']}/{d['shortcut_runs']}", f"{d['false_alarms']}/{d['controls']}",
+                         cells(d["alarm_epochs"]), cells(d["gap_epochs"]), cells(d["lead_epochs"]), fmt(d["median_lead_epochs"])])
+    lines += table(["regime", "dataset/cue", "shortcut runs alarmed", "controls alarmed", "alarm epochs", "gap epochs",
+                    "lead (epochs)", "median lead"], rows)
+    lines += ["", "Targets:", ""]
+    for regime, result in part["regimes"].items():
+        lines.append(target_line(regime, result["targets"]))
+    return lines
+
+
+def target_line(regime: str, check: Dict[str, Any]) -> str:
+    detail = check["detail"]
+    missed = f" (missed: {', '.join(detail['missed'])})" if detail["missed"] else ""
+    false = f" (false alarms: {', '.join(detail['false_alarm_runs'])})" if detail["false_alarm_runs"] else ""
+    late = f"; later than {-LATEST_LEAD} epoch after the gap: {', '.join(detail['late_runs'])}" if detail["late_runs"] else ""
+    return (
+        f"- {regime} ({', '.join(check['cues'])} cues): every shortcut run alarmed "
+        f"({detail['alarmed']}/{detail['shortcut_runs']}): {met(check['all_shortcuts_alarmed'])}{missed}; no control alarmed "
+        f"({detail['false_alarms']}/{detail['controls']}): {met(check['no_control_alarm'])}{false}; median lead >= 0 and "
+        f"none later than {-LATEST_LEAD} epoch after the gap (median {fmt(detail['median_lead_epochs'])}): {met(check['lead'])}{late}."
+    )
+
+
+def threshold_section(method: str, part: Dict[str, Any], live_threshold: Optional[float]) -> List[str]:
+    choice = part["threshold_choice"]
+    lines = ["", f"## {display(method)}: choosing the threshold", ""]
+    if choice is None:
+        return lines + [f"No tuning runs ({', '.join(f'{d}/{c}' for d, c in TUNING)}) in this run: no threshold chosen."]
+    lines += [
+        f"Each regime's monitor replayed on the tuning runs ({', '.join(choice['tuning'])}) for each threshold, the "
+        "monitor's patience and min_delta. A cell: shortcut runs alarmed · controls alarmed · median lead, **bold** "
+        "when the regime's three targets are met.",
+        "",
+    ]
+    rows = []
+    for row in choice["sweep"]:
+        rows.append([fmt(row["threshold"])] + [sweep_cell(row["checks"][regime]) for regime in REGIMES] + [row["targets_met"]])
+    lines += table(["threshold", *REGIMES, f"targets met (of {3 * len(REGIMES)})"], rows)
+    chosen = choice["threshold"]
+    lines += [
+        "",
+        f"Chosen: threshold {fmt(chosen)} (best on the tuning runs: {cells(choice['tied'])}; ties go to the middle). "
+        f"The tables above used {fmt(live_threshold)}: {'the same' if chosen == live_threshold else 'a different one'}.",
+    ]
+    held = {regime: result["held_out_at_chosen"] for regime, result in part["regimes"].items()}
+    if all(h is None for h in held.values()):
+        return lines + ["No held-out runs in this run: nothing to confirm the threshold on."]
+    lines += ["", f"Held-out runs (every other dataset/cue kind) at threshold {fmt(chosen)}:", ""]
+    lines += [target_line(regime, check) for regime, check in held.items() if check is not None]
+    return lines
+
+
+def sweep_cell(check: Dict[str, Any]) -> str:
+    text = f"{check['alarmed']}/{check['shortcut_runs']} · {check['false_alarms']}/{check['controls']} · {fmt(check['median_lead_epochs'])}"
+    return f"**{text}**" if check["all_shortcuts_alarmed"] and check["no_control_alarm"] and check["lead"] else text
+
+
+def runs_section(runs: Sequence[Dict[str, Any]], monitor: Dict[str, Any]) -> List[str]:
+    lines = ["", "## Per run: final epoch", "", "Scores: final (maximum); alarms with the monitor's settings.", ""]
+    rows = []
+    for run in runs:
+        last = run["history"][-1]
+        scores = []
+        for regime, key in REGIMES.items():
+            peak = max((row[key] for row in run["history"] if row[key] is not None), default=None)
+            scores.append(f"{fmt(last[key])} ({fmt(peak)})")
+        alarms = [fmt(replay_alarm_epoch(run["history"], key, **monitor)) for key in REGIMES.values()]
+        rows.append([display(run["method"]), run["dataset"], run["cue"], run["cue_correlation"], run["seed"], run_kind(run),
+                     fmt(last["accuracy"], 1), fmt(last["reliance"], 1), *scores, fmt(gap_epoch(run["history"])), *alarms])
+    header = ["method", "dataset", "cue", "strength", "seed", "kind", "accuracy %", "reliance %", *REGIMES.values(), "gap",
+              *(f"alarm ({regime})" for regime in REGIMES)]
+    return lines + table(header, rows)
 
 
 def markdown(result: Dict[str, Any]) -> str:
     setup, summary, runs = result["setup"], result["summary"], result["runs"]
-    control = setup["control_cue_correlation"]
-    live = setup["monitor"]
-    construction = "" if setup["construction"] == "parallel" else f", with CAAP's `{setup['construction']}` construction"
-    lines = [
-        f"# Spurious-cue detection benchmark{construction}",
-        "",
-        f"`{setup['command']}`: the setup of `{setup['config']}` "
-        f"({setup['model_summary']}, {setup['data_summary']}), "
-        f"{setup['max_epochs']} epochs (the config trains {setup['demo_max_epochs']}), seeds {setup['seeds']}, on {setup['threads']} CPU threads "
-        f"({setup['machine']}). `CAAPCallback` (probe of {setup['num_images']} images, `construction=\"{setup['construction']}\"`, "
-        f"`target=\"predicted\"`) and `SpuriousCueMonitor` (`monitor={live['monitor']}`, "
-        f"`threshold={live['threshold']}`, `patience={live['patience']}`, `min_delta={live['min_delta']}`) "
-        "watch each fit" + replay_sentence(setup),
-        *([setup["rescored"]] if setup.get("rescored") else []),
-        "",
-        f"Wall time: {setup['wall_min']:.1f} min for {len(runs)} runs (median {setup['median_trained_run_s']:.0f} s a trained run "
-        f"with CAAP, {fmt(setup['median_replayed_run_s'], 0)} s a baseline's replay of its weights; "
-        f"load average {setup['load_average']} at the start, the cores were shared).",
-        "",
-        f"Accuracies are on all {setup['num_val']} validation images, where the cue is independent of the label; "
-        f"the *gap epoch* is the first epoch at which cue-conflicting accuracy is {GAP_POINTS:g} points below "
-        "cue-consistent accuracy (a shortcut a user with labelled conflicting data would see). "
-        "*Signal epoch*: the first epoch whose score is past the threshold (what the maps show, before the "
-        "monitor's patience; the monitor cannot alarm before check patience + 1, since the first check sets its "
-        "best). Lead = gap epoch - alarm epoch (positive: the alarm came first). *Follows cue*: the share of "
-        f"cue-conflicting images predicted as the cue's class ({100 * control:.0f}% for a model blind to the cue and to the shape, "
-        "0% for one that reads the shape only). Epochs count from 1.",
-        "",
-        "## Detection with the live settings",
-        "",
-        "| method | cue_correlation | runs | runs with a gap | alarmed | detection rate | gap epochs | signal epochs | alarm epochs | lead (epochs) | median lead |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    monitor = monitor_settings(setup)
+    lines = setup_section(setup, len(runs))
+    lines += ground_truth_section(result["ground_truth"])
     for method, part in summary.items():
-        for cue, row in part["by_cue_correlation"].items():
-            name = f"{cue} (control)" if row["control"] else cue
-            lines.append(
-                f"| {display(method)} | {name} | {row['runs']} | {row['gap_runs']} | {row['alarmed']} "
-                f"| {row['detection_rate']:.0%} | {', '.join(fmt(e) for e in row['gap_epochs'])} "
-                f"| {', '.join(fmt(e) for e in row['signal_epochs'])} | {', '.join(fmt(e) for e in row['alarm_epochs'])} "
-                f"| {', '.join(fmt(e) for e in row['lead_epochs'])} "
-                f"| {fmt(row['median_lead_epochs'])} |"
-            )
-    lines += ["", "Targets (every run with cue_correlation >= 0.95 alarmed; no alarm on a control):", ""]
-    for method, part in summary.items():
-        t = part["targets"]
-        strong = "met" if t["all_strong_alarmed"] else f"NOT met, missed: {', '.join(t['missed_runs'])}"
-        quiet = "met" if t["no_control_alarm"] else f"NOT met, false alarms: {', '.join(t['false_alarm_runs'])}"
-        lines.append(f"- {display(method)}: all strong-cue runs alarmed: {strong}; controls quiet: {quiet}.")
-    controls = [r["history"][-1] for r in runs if r["cue_correlation"] == control and r["method"] == "caap"]
-    if controls:
-        k = round(1 / control)  # a control's marker names the label on 1 image in num_classes
-        accuracies = [(h["acc_consistent"] + (k - 1) * h["acc_conflicting"]) / k for h in controls]
-        follows = [h["follows_cue"] for h in controls]
-        scores = [h["score"] for h in controls if h["score"] is not None]
-        if min(accuracies) >= 200 * control:  # well above chance: the controls learnt the shapes
-            final = f"{fmt(min(scores))}-{fmt(max(scores))}" if scores else "missing (failed checks)"
-            verdict = (
-                f": they learnt the shapes, not the cue, and their final monitor score is {final} "
-                f"(the threshold is {live['threshold']})."
-            )
-        else:
-            verdict = (
-                " (chance as well): in this setup a control model has learnt neither the shape nor the cue when the "
-                "run ends, so its maps explain a near-chance prediction."
-            )
-        lines += [
-            "",
-            f"Controls: their final accuracy is about {min(accuracies):.0f}-{max(accuracies):.0f}% (chance {100 * control:.0f}%) "
-            f"and they predict the cue's class on {min(follows):.0f}-{max(follows):.0f}% of the cue-conflicting images"
-            + verdict,
-            "",
-            "A limit of the monitor is structural and sets the lead times: the first check only sets the best "
-            "value, so no alarm comes before check patience + 1.",
-        ]
-
-    lines += [
-        "",
-        "## Per run: final epoch",
-        "",
-        "| method | cue | seed | acc consistent | acc conflicting | follows cue | cue mass | cue mass ratio (max) | background mass ratio | AUPR1 | PG | gap | alarm |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in runs:
-        last = r["history"][-1]
-        peak = max((row["cue_mass_ratio"] for row in r["history"] if row["cue_mass_ratio"] is not None), default=None)
-        lines.append(
-            f"| {display(r['method'])} | {r['cue_correlation']} | {r['seed']} | {fmt(last['acc_consistent'], 1)} "
-            f"| {fmt(last['acc_conflicting'], 1)} | {fmt(last['follows_cue'], 1)} | {fmt(last['cue_mass'], 3)} | {fmt(last['cue_mass_ratio'])} ({fmt(peak)}) "
-            f"| {fmt(last['background_mass_ratio'])} | {fmt(last['aupr_fg'], 3)} | {fmt(last['pointing_game'], 2)} "
-            f"| {fmt(r['gap_epoch'])} | {fmt(r['alarm_epoch'])} |"
-        )
-
-    lines += [
-        "",
-        "## Monitor settings replayed on the recorded scores",
-        "",
-        "Each run's per-epoch `cue_mass_ratio` replayed through `SpuriousCueMonitor.update` with other settings "
-        f"(replaying the live settings reproduces the live alarms: {'checked' if setup['replay_matches_live'] else 'NO, see the JSON'}). "
-        "A cell reads: runs alarmed with cue_correlation >= 0.95 · with 0.8 · controls alarmed (false alarms) · "
-        "median lead on the >= 0.95 runs; **bold**: both targets met.",
-    ]
-    for method, part in summary.items():
-        lines += sweep_table(method, part["sweep"], live["min_delta"], control)
-    lines += ["", f"![cue-mass trajectories]({setup['plot']})", ""]
-    return "\n".join(lines)
+        lines += detection_section(method, part)
+        lines += threshold_section(method, part, monitor["threshold"])
+    lines += runs_section(runs, monitor)
+    lines += ["", "Score trajectories (one panel per regime and cue kind; v = alarm with the monitor's settings):", ""]
+    lines += [f"![{name}]({name})" for name in setup["plots"]]
+    return "\n".join(lines) + "\n"
 
 
-def sweep_table(method: str, rows: Sequence[Dict[str, Any]], min_delta: float, control: float) -> List[str]:
-    """Threshold x patience at ``min_delta``, and which cells another ``min_delta`` would change."""
+def defaults_text(defaults: Dict[str, Any]) -> str:
+    return ", ".join(f"{k} {fmt(v)}" for k, v in defaults.items())
 
-    def cell(row: Dict[str, Any]) -> str:
-        alarmed, runs = row["alarmed"], row["runs"]
-        strong = [str(c) for c in runs if float(c) >= 0.95]
-        text = (
-            f"{sum(alarmed[c] for c in strong)}/{sum(runs[c] for c in strong)} · "
-            f"{alarmed.get('0.8', '-')}/{runs.get('0.8', '-')} · {alarmed.get(str(control), '-')}/{runs.get(str(control), '-')} · "
-            f"{fmt(row['median_lead_strong'])}"
-        )
-        return f"**{text}**" if row["all_strong_alarmed"] and row["no_control_alarm"] else text
 
-    def key(row: Dict[str, Any]) -> tuple:
-        return tuple(row["alarmed"].values())
+def monitor_settings(setup: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: setup["monitor"][k] for k in ("threshold", "patience", "min_delta")}
 
-    grid = {(r["threshold"], r["patience"]): r for r in rows if r["min_delta"] == min_delta}
-    patiences = sorted({p for _, p in grid})
-    lines = [
-        "",
-        f"{display(method)}, min_delta {min_delta:g}:",
-        "",
-        "| threshold | " + " | ".join(f"patience {p}" for p in patiences) + " |",
-        "|---|" + "---|" * len(patiences),
-    ]
-    for threshold in sorted({t for t, _ in grid}):
-        lines.append(f"| {threshold:g} | " + " | ".join(cell(grid[(threshold, p)]) for p in patiences) + " |")
-    changed = sorted(
-        {r["min_delta"] for r in rows if r["min_delta"] != min_delta and key(r) != key(grid[(r["threshold"], r["patience"])])}
-    )
-    others = sorted({r["min_delta"] for r in rows} - {min_delta})
-    lines += [
-        "",
-        f"Other min_delta ({', '.join(f'{d:g}' for d in others)}): "
-        + ("no cell changes." if not changed else f"cells change with min_delta {', '.join(f'{d:g}' for d in changed)} (see the JSON)."),
-    ]
-    return lines
+
+def plot_name(stem: str, dataset: str, method: str) -> str:
+    return f"{stem}_{dataset}_{method}.png"
+
+
+def plot(runs: Sequence[Dict[str, Any]], path: Path, monitor: Dict[str, Any]) -> None:
+    """The regimes' scores per epoch: a row per regime, a column per cue kind, a colour per cue strength."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, MaxNLocator, NullFormatter
+
+    cues = list(dict.fromkeys(r["cue"] for r in runs))
+    strengths = sorted({r["cue_correlation"] for r in runs})
+    palette = iter(("tab:orange", "tab:red", "tab:purple", "tab:blue", "tab:green", "tab:brown"))
+    colours = {s: "tab:grey" if any(r["control"] for r in runs if r["cue_correlation"] == s) else next(palette) for s in strengths}
+    first_seed = min(r["seed"] for r in runs)
+    figure = Figure(figsize=(max(3.6 * len(cues), 6.0), 2.8 * len(REGIMES)), dpi=100)
+    axes = figure.subplots(len(REGIMES), len(cues), squeeze=False, sharex=True)
+    for (row, (regime, key)), (col, cue) in itertools.product(enumerate(REGIMES.items()), enumerate(cues)):
+        ax = axes[row, col]
+        for run in (r for r in runs if r["cue"] == cue):
+            epochs = [h["epoch"] for h in run["history"]]
+            scores = [h[key] if h[key] is not None else math.nan for h in run["history"]]
+            name = ("control" if run["control"] else f"cue {run['cue_correlation']}") if run["seed"] == first_seed else None
+            style = dict(color=colours[run["cue_correlation"]], alpha=0.8, lw=1.2)
+            ax.plot(epochs, scores, label=name, **style)
+            alarm = replay_alarm_epoch(run["history"], key, **monitor)
+            if alarm is not None:
+                ax.plot(alarm, scores[epochs.index(alarm)], "v", color=style["color"], ms=6)
+        if monitor["threshold"] is not None:
+            ax.axhline(monitor["threshold"], color="black", ls="--", lw=1)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_title(f"{cue}: {regime}", fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if col == 0:
+            ax.set_ylabel(key, fontsize=8)
+        if row == len(REGIMES) - 1:
+            ax.set_xlabel("epoch")
+    axes[0, 0].legend(fontsize=7)
+    figure.suptitle(f"{runs[0]['dataset']}, {display(runs[0]['method'])}: score per epoch (1 = uniform map; dashed: threshold)",
+                    fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def write_outputs(result: Dict[str, Any], runs: Sequence[Dict[str, Any]], output: Path, stem: str) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    monitor = monitor_settings(result["setup"])
+    for dataset, method in itertools.product(dict.fromkeys(r["dataset"] for r in runs), methods_of(runs)):
+        group = [r for r in runs if r["dataset"] == dataset and r["method"] == method]
+        plot(group, output / plot_name(stem, dataset, method), monitor)
+    (output / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (output / f"{stem}.md").write_text(markdown(result))
+    print(f"wrote {output / stem}.md, {stem}.json and {len(result['setup']['plots'])} plots", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------- main
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one seed; writes nothing unless --output-dir is given")
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="the demo's LightningCLI YAML")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: one seed, marker and watermark, control and 1.0, tiny data, 2 epochs; "
+                        "writes nothing unless --output-dir is given")
+    parser.add_argument("--data", nargs="+", default=list(DATASETS), choices=DATASETS)
+    parser.add_argument("--cues", nargs="+", default=None, choices=CUE_KINDS, help="default: all (--quick: marker, watermark)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--cue-correlations", type=float, nargs="+", default=None, help="default: control, 0.8, 0.95, 1.0")
+    parser.add_argument("--cue-correlations", type=float, nargs="+", default=None,
+                        help="default: the control (1 / classes), 0.8, 0.95, 1.0 (--quick: control, 1.0)")
     parser.add_argument(
         "--baselines", nargs="*", default=["gradcam"], choices=[m for m in available_methods() if m != "caap"],
         help="methods that also drive the callbacks, on the weights of CAAP's fit (default: gradcam)",
     )
-    parser.add_argument(
-        "--construction", default="parallel", choices=CONSTRUCTIONS,
-        help="CAAP's construction in the callback: spurious.md was recorded with parallel, spurious-windowed.md with "
-        "windowed (the callback's default); the monitor's defaults hold for both",
-    )
-    parser.add_argument(
-        "--epochs", type=int, default=6,
-        help="the demo trains 4; 6 leaves the monitor (no alarm before check patience + 1) room, and the controls more checks to fail",
-    )
-    parser.add_argument("--num-train", type=int, default=None, help="default: the config's num_train")
-    parser.add_argument("--num-val", type=int, default=1024, help="validation images, all used for the cue accuracies")
+    parser.add_argument("--construction", default="parallel", choices=CONSTRUCTIONS, help="CAAP's construction in the callback")
+    parser.add_argument("--num-val", type=int, default=512, help="validation images, all used for the accuracies and reliance")
     parser.add_argument("--num-images", type=int, default=16, help="CAAPCallback's probe batch (its default)")
     parser.add_argument("--threshold", type=float, default=None, help="default: SpuriousCueMonitor's")
     parser.add_argument("--patience", type=int, default=None, help="default: SpuriousCueMonitor's")
     parser.add_argument("--min-delta", type=float, default=None, help="default: SpuriousCueMonitor's")
+    parser.add_argument("--workers", type=int, default=1, help="processes, one torch thread each")
     parser.add_argument(
-        "--threads", type=int, default=1,
-        help="torch threads: on 2 shared cores the tiny ViT trained 4-10x slower with 2 threads than with 1",
+        "--fashion-root", default=str(Path(tempfile.gettempdir()) / "caap-fashion-mnist"),
+        help="FashionCanvasDataModule's root, where it unpacks Debian's Fashion-MNIST (never downloaded); default: under the temp dir",
     )
     parser.add_argument("--output-dir", type=Path, default=None, help="default: benchmarks/results (none with --quick)")
     parser.add_argument(
         "--rescore", type=Path, default=None, metavar="JSON",
-        help="train nothing: replay a recorded run's scores through today's SpuriousCueMonitor (same settings) "
-        "and rewrite its JSON, report and plot next to it",
+        help="train nothing: replay a recorded run's scores through today's SpuriousCueMonitor (its recorded settings "
+        "unless --threshold/--patience/--min-delta are given) and rewrite its JSON, report and plots next to it",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be >= 1")
+    return args
 
 
-def rescore(path: Path) -> Dict[str, Any]:
+def settings_of(monitor: SpuriousCueMonitor) -> Dict[str, Any]:
+    return {"threshold": monitor.threshold, "patience": monitor.patience, "min_delta": monitor.min_delta}
+
+
+def given_monitor(args: argparse.Namespace) -> Dict[str, Any]:
+    given = {"threshold": args.threshold, "patience": args.patience, "min_delta": args.min_delta}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def grid(args: argparse.Namespace, settings: Dict[str, Any]) -> List[Tuple[str, str, float, int]]:
+    """Every (dataset, cue kind, cue strength, seed) of the run."""
+    seeds = args.seeds[:1] if args.quick else args.seeds
+    cues = args.cues or (list(QUICK["cues"]) if args.quick else list(CUE_KINDS))
+    jobs = []
+    for dataset in args.data:
+        control = control_of(dataset, settings)
+        strengths = args.cue_correlations or ([control, 1.0] if args.quick else [control, *STRONG_CUES])
+        jobs += [(dataset, cue, strength, seed) for cue, strength, seed in itertools.product(cues, strengths, seeds)]
+    return jobs
+
+
+def consistency_checks(runs: Sequence[Dict[str, Any]], monitor: Dict[str, Any]) -> Dict[str, bool]:
+    """The replay reproduces the live monitor; a baseline's replay saw the CAAP fit's models."""
+    replay = all(replay_alarm_epoch(r["history"], REGIMES[LIVE_REGIME], **monitor) == r["live_alarm_epoch"] for r in runs)
+    caap = {(r["dataset"], r["cue"], r["cue_correlation"], r["seed"]): r for r in runs if r["method"] == "caap"}
+
+    def accuracies(run: Dict[str, Any]) -> List[Tuple[Any, Any]]:
+        return [(h["acc_consistent"], h["acc_conflicting"]) for h in run["history"]]
+
+    same = all(
+        accuracies(r) == accuracies(caap[(r["dataset"], r["cue"], r["cue_correlation"], r["seed"])])
+        for r in runs if r["method"] != "caap"
+    )
+    return {"replay_matches_live": replay, "baselines_replay_caap_weights": same}
+
+
+def run_seconds(runs: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, Optional[float]]]:
+    return {
+        dataset: {
+            "trained": median(r["wall_s"] for r in runs if r["dataset"] == dataset and r["method"] == "caap"),
+            "trained_cpu": median(r["cpu_s"] for r in runs if r["dataset"] == dataset and r["method"] == "caap"),
+            "replayed": median(r["wall_s"] for r in runs if r["dataset"] == dataset and r["method"] != "caap"),
+        }
+        for dataset in dict.fromkeys(r["dataset"] for r in runs)
+    }
+
+
+def rescore(path: Path, given: Dict[str, Any]) -> Dict[str, Any]:
     """Replay a recorded run's scores through the current ``SpuriousCueMonitor`` and rewrite its files.
 
-    For a change of the monitor's rule: the alarms (per epoch and per run) are recomputed with the
-    run's own threshold, patience and min_delta; the models, scores and accuracies are the recorded ones.
+    For a change of the monitor's rule or settings: every regime's alarms are recomputed; the
+    models, scores and accuracies are the recorded ones.
     """
     result = json.loads(path.read_text())
     setup, runs = result["setup"], result["runs"]
-    setup.setdefault("construction", "parallel")  # recorded before --construction existed
-    live = setup["monitor"]
-    for run in runs:
-        alarms = replay_alarms(run["history"], live["threshold"], live["patience"], live["min_delta"])
-        for row, alarm in zip(run["history"], alarms):
-            row["alarm"] = alarm
-        run["alarm_epoch"] = alarm_epoch(run["history"])
+    if "recipes" not in setup:
+        raise ValueError(f"{path} was written by the single-cue version of this script; --rescore reads this version's JSON")
+    setup["monitor"].update(given)
     setup["rescored"] = (
         "The alarms were replayed from the recorded scores through the `SpuriousCueMonitor` of the code that "
-        "wrote this report, with the run's settings, not taken from the live run (whose monitor may have "
-        f"counted checks by another rule; `spurious.md` says when it changed): `python benchmarks/spurious.py --rescore {path}`."
+        "wrote this report, not taken from the live run: `python benchmarks/spurious.py --rescore "
+        + " ".join([path.name, *(f"--{k.replace('_', '-')} {v}" for k, v in given.items())]) + "`."
     )
-    control = setup["control_cue_correlation"]
-    result["summary"] = summarize(runs, control)
-    report = markdown(result)
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    path.with_suffix(".md").write_text(report)
-    plot(runs, path.parent / setup["plot"], live["threshold"], control)
-    print(report)
+    result["ground_truth"] = ground_truth(runs)
+    result["summary"] = summarize(runs, monitor_settings(setup))
+    write_outputs(result, runs, path.parent, path.stem)
     return result
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     if args.rescore is not None:
-        return rescore(args.rescore)
-    torch.set_num_threads(args.threads)
+        return rescore(args.rescore, given_monitor(args))
     disable_possible_user_warnings()
-    seeds = args.seeds[:1] if args.quick else args.seeds
     output = args.output_dir or (None if args.quick else RESULTS)
-
-    settings = demo_setup(args.config)
-    settings["data"]["num_val"] = args.num_val
-    if args.num_train is not None:
-        settings["data"]["num_train"] = args.num_train
-    settings["max_epochs"] = args.epochs
-    settings["num_images"] = args.num_images
-    settings["construction"] = args.construction
-    given = {"threshold": args.threshold, "patience": args.patience, "min_delta": args.min_delta}
-    settings["monitor"] = {k: v for k, v in given.items() if v is not None}
-    num_classes = settings["data"]["num_classes"]
-    control = round(1.0 / num_classes, 4)
-    cues = args.cue_correlations or [control, *STRONG_CUES]
-
+    monitor = settings_of(SpuriousCueMonitor(**given_monitor(args)))
+    settings = {
+        "recipes": {name: recipe(name, args.quick) for name in args.data},
+        "num_val": QUICK["num_val"] if args.quick else args.num_val,
+        "num_images": args.num_images,
+        "construction": args.construction,
+        "monitor": monitor,
+        "baselines": list(args.baselines),
+        "fashion_root": args.fashion_root,
+    }
+    if "fashion" in args.data:
+        find_fashion_mnist(args.fashion_root)  # once, before the workers would unpack the files side by side
+    jobs = grid(args, settings)
     load = os.getloadavg()
     start = time.perf_counter()
-    runs = []
-    for seed, cue in itertools.product(seeds, cues):
-        trained, snapshots = fit_run("caap", cue, seed, settings)
-        replayed = [fit_run(name, cue, seed, settings, snapshots)[0] for name in args.baselines]
-        for run in (trained, *replayed):
-            runs.append(run)
-            last = run["history"][-1]
-            progress = {k: run[k] for k in ("method", "cue_correlation", "seed", "alarm_epoch", "gap_epoch", "wall_s")}
-            progress["final"] = {k: last[k] for k in ("acc_consistent", "acc_conflicting", "cue_mass_ratio", "score")}
-            print(json.dumps(progress), flush=True)
+    runs = run_jobs(jobs, settings, args.workers)
 
-    live = SpuriousCueMonitor(**settings["monitor"])
-    live_settings = {"monitor": runs[0]["monitor"], "threshold": live.threshold, "patience": live.patience, "min_delta": live.min_delta}
-    replay_matches = all(
-        replay_alarm_epoch(r["history"], live.threshold, live.patience, live.min_delta) == r["alarm_epoch"] for r in runs
-    )
-    caap_runs = {(r["cue_correlation"], r["seed"]): r for r in runs if r["method"] == "caap"}
-    # A replayed fit must see the weights CAAP's fit saw: the same accuracies at every epoch.
-    same_models = all(
-        [(h["acc_consistent"], h["acc_conflicting"]) for h in r["history"]]
-        == [(h["acc_consistent"], h["acc_conflicting"]) for h in caap_runs[(r["cue_correlation"], r["seed"])]["history"]]
-        for r in runs
-        if r["method"] != "caap"
-    )
-    model, data = settings["model"], settings["data"]
-    # parallel's files keep the plain name; another construction's carry it, so that runs side by side.
     stem = "spurious" if args.construction == "parallel" else f"spurious-{args.construction}"
-    plot_name = f"{stem}_cue_mass.png"
-    result = {
-        "setup": {
-            "command": " ".join(["python benchmarks/spurious.py", *(argv if argv is not None else sys.argv[1:])]),
-            "quick": args.quick,
-            "config": str(args.config.name),
-            "model_summary": f"ViT patch {model['patch_size']}, dim {model['embed_dim']}, depth {model['depth']}, from scratch",
-            "data_summary": (
-                f"{num_classes} classes, {data['img_size']} px, shape_contrast {data['shape_contrast']}, "
-                f"{data['num_train']} training images"
-            ),
-            "model": model,
-            "data": {k: v for k, v in data.items() if k != "cue_correlation"},
-            "max_epochs": settings["max_epochs"],
-            "demo_max_epochs": settings["demo_max_epochs"],
-            "num_val": data["num_val"],
-            "num_images": settings["num_images"],
-            "construction": settings["construction"],
-            "seeds": seeds,
-            "cue_correlations": cues,
-            "control_cue_correlation": control,
-            "methods": ["caap", *args.baselines],
-            "baselines_replay_caap_weights": same_models,
-            "monitor": live_settings,
-            "replay_matches_live": replay_matches,
-            "gap_points": GAP_POINTS,
-            "threads": args.threads,
-            "machine": f"{os.cpu_count()} cores",
-            "load_average": f"{load[0]:.1f}",
-            "wall_min": (time.perf_counter() - start) / 60,
-            "median_trained_run_s": statistics.median(r["wall_s"] for r in runs if r["method"] == "caap"),
-            "median_replayed_run_s": median(r["wall_s"] for r in runs if r["method"] != "caap"),
-            "plot": plot_name,
-        },
-        "runs": runs,
-        "summary": summarize(runs, control),
+    methods = ["caap", *args.baselines]
+    setup = {
+        "command": " ".join(["python benchmarks/spurious.py", *(argv if argv is not None else sys.argv[1:])]),
+        "quick": args.quick,
+        "recipes": settings["recipes"],
+        "model_summary": f"ViT patch {MODEL['patch_size']}, dim {MODEL['embed_dim']}, depth {MODEL['depth']}, from scratch",
+        "datasets": list(args.data),
+        "cues": list(dict.fromkeys(job[1] for job in jobs)),
+        "seeds": sorted({job[3] for job in jobs}),
+        "cue_correlations": {d: sorted({j[2] for j in jobs if j[0] == d}) for d in args.data},
+        "num_val": settings["num_val"],
+        "num_images": args.num_images,
+        "construction": args.construction,
+        "methods": methods,
+        "monitor": {"monitor": "caap/" + REGIMES[LIVE_REGIME], **monitor},
+        "monitor_defaults": settings_of(SpuriousCueMonitor()),
+        "regimes": REGIMES,
+        "tuning": [f"{d}/{c}" for d, c in TUNING],
+        **consistency_checks(runs, monitor),
+        "workers": args.workers,
+        "machine": f"{os.cpu_count()} cores",
+        "load_average": f"{load[0]:.1f}",
+        "wall_min": (time.perf_counter() - start) / 60,
+        "run_seconds": run_seconds(runs),
+        "plots": [plot_name(stem, d, m) for d in args.data for m in methods],
     }
-    report = markdown(result)
-    print(report)
+    result = {"setup": setup, "runs": runs, "ground_truth": ground_truth(runs), "summary": summarize(runs, monitor)}
+    print(markdown(result))
     if output is not None:
-        output.mkdir(parents=True, exist_ok=True)
-        (output / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-        (output / f"{stem}.md").write_text(report)
-        plot(runs, output / plot_name, live.threshold, control)
-        print(f"wrote {output / stem}.md, {stem}.json and {plot_name}", file=sys.stderr)
+        write_outputs(result, runs, output, stem)
     return result
 
 

@@ -142,13 +142,13 @@ def metric_cases(model: nn.Module) -> List[Case]:
 
 def callback_cases() -> List[Case]:
     bad_caap = {
-        "every_n_epochs": 0, "num_images": 0, "layer_cutoff": "best", "window": -1, "insertion_deletion_steps": 0,
+        "every_n_epochs": 0, "num_images": 0, "layer_cutoff": -1, "window": -1, "grid": 0, "insertion_deletion_steps": 0,
         "selection": "box9", "blank": "grey", "construction": "fast", "score": "log", "target": "true",
         "on_error": "ignore", "precision": "bf16", "metrics": ["aupr"], "methods": ["gradcam++"], "prefix": "a/b",
         "probe": "images.png", "probe_keys": {"pictures": "x"},
     }
     bad_monitor = {"alarm_on": "max", "patience": 0, "min_delta": -1.0, "num_images": -1, "monitor": "acc",
-                   "on_error": "ignore", "prefix": ""}
+                   "on_error": "ignore", "prefix": "", "strategies": "yes", "strategy_max_clusters": 1}
     return [Case(f"CAAPCallback({arg}={value!r})", lambda arg=arg, value=value: CAAPCallback(**{arg: value}),
                  "probe" if arg == "probe_keys" else arg) for arg, value in bad_caap.items()] + [
         Case(f"SpuriousCueMonitor({arg}={value!r})", lambda arg=arg, value=value: SpuriousCueMonitor(**{arg: value}),

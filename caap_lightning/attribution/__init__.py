@@ -14,7 +14,7 @@ from caap_lightning.attribution.baselines import (  # noqa: E402
     SimpleInsertion,
     TransformerAttribution,
 )
-from caap_lightning.attribution.registry import available_methods, get_method  # noqa: E402
+from caap_lightning.attribution.registry import available_methods, family_of, get_method, method_class  # noqa: E402
 
 __all__ += [
     "AttentionRollout",
@@ -26,5 +26,7 @@ __all__ += [
     "SimpleInsertion",
     "TransformerAttribution",
     "available_methods",
+    "family_of",
     "get_method",
+    "method_class",
 ]

@@ -1,12 +1,17 @@
-"""Baseline attribution methods with CAAP's call shape.
+"""Baseline attribution methods with CAAP's call shape, for timm ViTs and supported CNNs.
 
 Every method is ``Method(model, ...).attribute(images, target=None, upsample=False)`` and
 returns float patch maps ``(B, gh, gw)`` (higher = more important for the target class), so
 the callback and the benchmarks can swap them for CAAP by name (see ``registry.py``).
 ``target`` is an int, a list or a tensor of classes, or ``None`` for the predicted class;
-images and targets are checked as CAAP checks them (the same helpers in ``vit.py``). A ViT
-built with ``num_classes=0`` takes ``head=``, the module that maps its pooled features to
-logits, as CAAP does.
+images and targets are checked as CAAP (``vit.py``) or ConvCAAP (``cnn.py``) checks them.
+
+A ViT's patches are its own; a ViT built with ``num_classes=0`` takes ``head=``, the module
+that maps its pooled features to logits, as CAAP does. A CNN (``cnn.SUPPORTED``) has no
+patches of its own: the pixel methods take ``grid=`` (``None``: the grid of the last stage's
+feature map at the images' size) and a pixel belongs to the patch holding its centre, the
+rule ConvCAAP maps cells by. Grad-CAM reads the last stage's map, on that map's grid.
+
 The model is left as it was found: training flags restored, hooks removed, no ``.grad``
 written (gradients are taken with ``torch.autograd.grad`` w.r.t. activations only), and
 gradient methods also work when called under ``torch.no_grad()`` or inference mode.
@@ -15,20 +20,120 @@ gradient methods also work when called under ``torch.no_grad()`` or inference mo
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from caap_lightning.attribution import vit
+from caap_lightning.attribution import cnn, vit
 from caap_lightning.attribution.blanks import BlankSpec, check_blank, make_blank
 from caap_lightning.attribution.selection import selection_members
 from caap_lightning.utils import eval_mode, model_normalization, target_score, upsample_maps
 
 TargetLike = vit.TargetLike
+GridLike = cnn.GridLike
 SCORES = ("probability", "logit")
+FAMILIES = ("vit", "cnn")
 
 _INSTALL_BASELINES = 'pip install "caap-lightning[baselines]"'
+# Logits, the activations Grad-CAM reads (in the graph) and how to lay them out as (B, C, gh, gw).
+_CamForward = Tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
+
+
+def family_of(model: nn.Module) -> str:
+    """``"vit"`` for a timm Vision Transformer (it has ``patch_embed.patch_size``), ``"cnn"`` for a
+    CNN that ConvCAAP reads (:func:`cnn.conv_stages`); a ``ValueError`` naming both otherwise."""
+    if getattr(getattr(model, "patch_embed", None), "patch_size", None) is not None:
+        return "vit"
+    if cnn.is_supported(model):
+        return "cnn"
+    raise ValueError(
+        f"{type(model).__name__} is not a model the attribution methods read: they take a timm Vision "
+        f"Transformer (a model with `patch_embed.patch_size`) or a CNN ({cnn.SUPPORTED}); pass that model "
+        "itself, not a wrapper or a sub-module"
+    )
+
+
+class _ViTAdapter:
+    """How the baselines read a timm ViT: the ViT (and ``head``) as classifier, its patch grid."""
+
+    def __init__(self, model: nn.Module, head: Optional[nn.Module], grid: GridLike) -> None:
+        if grid is not None:
+            raise ValueError(
+                f"grid={grid!r} is for CNNs: a ViT's maps are on its own patch grid (image size / patch size); "
+                "remove grid="
+            )
+        self.classifier = vit.Classifier(model, head)
+        self.num_classes = self.classifier.num_classes
+        self.model, self.head = model, head
+
+    def check_images(self, images: torch.Tensor) -> None:
+        vit.check_images(self.model, images)
+
+    def check_weights(self) -> None:
+        vit.check_finite_weights(self.model, self.head)
+
+    def grid(self, images: torch.Tensor) -> Tuple[int, int]:
+        return vit.grid_size(self.model, *images.shape[-2:])
+
+    def cam_forward(self, images: torch.Tensor) -> _CamForward:
+        """Grad-CAM's activations: the output of ``blocks[-1].norm1``, at the patch tokens."""
+        captured = []
+        hook = self.model.blocks[-1].norm1.register_forward_hook(lambda m, args, out: captured.append(out))
+        try:
+            logits = self.classifier(images)
+        finally:
+            hook.remove()
+        P, grid = self.model.num_prefix_tokens, self.grid(images)
+        return logits, captured[-1], lambda tokens: tokens[:, P:].unflatten(1, grid).movedim(-1, 1)
+
+
+class _CNNAdapter:
+    """How the baselines read a supported CNN: the model as classifier, ``grid`` or its last map's grid."""
+
+    def __init__(self, model: nn.Module, head: Optional[nn.Module], grid: GridLike) -> None:
+        if head is not None:
+            raise ValueError(
+                f"head= is for a ViT built with num_classes=0; {type(model).__name__}'s own head gives its "
+                "logits: remove head="
+            )
+        self.table = cnn.conv_stages(model)
+        cnn.check_classifier(model, self.table)
+        self.classifier = model
+        self.num_classes = self.table.num_classes
+        self.model = model
+        self.fixed_grid = cnn.check_grid(grid)
+
+    def check_images(self, images: torch.Tensor) -> None:
+        cnn.check_images(self.table, images)
+
+    def check_weights(self) -> None:
+        vit.check_finite_weights(self.model)
+
+    def grid(self, images: torch.Tensor) -> Tuple[int, int]:
+        size = tuple(images.shape[-2:])
+        if self.fixed_grid is None:
+            with torch.no_grad():
+                x = images[:1]
+                for stage in self.table.stages:
+                    x = stage(x)
+            return tuple(x.shape[-2:])
+        if self.fixed_grid[0] > size[0] or self.fixed_grid[1] > size[1]:
+            raise ValueError(
+                f"grid={self.fixed_grid} is finer than the images ({size[0]}x{size[1]} pixels); pick a grid of "
+                f"at most {size}"
+            )
+        return self.fixed_grid
+
+    def cam_forward(self, images: torch.Tensor) -> _CamForward:
+        """Grad-CAM's activations: the last stage's feature map, already laid out as maps."""
+        x = images
+        for stage in self.table.stages:
+            x = stage(x)
+        return self.table.head(x), x, lambda maps: maps
+
+
+_ADAPTERS = {"vit": _ViTAdapter, "cnn": _CNNAdapter}
 
 
 class PatchAttribution:
@@ -37,23 +142,16 @@ class PatchAttribution:
     Subclasses implement ``_attribute(images, targets) -> (B, gh, gw)``; ``images`` are
     already checked and on the model's device and dtype, ``targets`` are checked class
     indices (or ``None``), and the model and head are in eval mode. Logits come from
-    ``self.classifier`` (the ViT, then ``head`` where given).
+    ``self.classifier`` (a ViT, then ``head`` where given; or the CNN itself); ``self.adapter``
+    holds what differs between the families (input checks, grid, Grad-CAM's layer).
     """
 
-    def __init__(self, model: nn.Module, head: Optional[nn.Module] = None) -> None:
-        patch_size = getattr(getattr(model, "patch_embed", None), "patch_size", None)
-        if patch_size is None:
-            raise ValueError(
-                f"{type(self).__name__} needs a timm Vision Transformer (a model with "
-                f"`patch_embed.patch_size`); got {type(model).__name__}"
-            )
-        self.classifier = vit.Classifier(model, head)
+    def __init__(self, model: nn.Module, head: Optional[nn.Module] = None, grid: GridLike = None) -> None:
+        self.family = family_of(model)
+        self.adapter = _ADAPTERS[self.family](model, head, grid)
+        self.classifier = self.adapter.classifier
         self.model = model
         self.head = head
-
-    @property
-    def patch_size(self) -> Tuple[int, int]:
-        return tuple(self.model.patch_embed.patch_size)
 
     def attribute(self, images: torch.Tensor, target: TargetLike = None, upsample: bool = False) -> torch.Tensor:
         """Maps for a batch of normalised images ``(B, 3, H, W)``.
@@ -62,11 +160,11 @@ class PatchAttribution:
             target: class per image (int, list or tensor); ``None`` = the predicted class.
             upsample: return pixel maps ``(B, H, W)`` (bilinear) instead of ``(B, gh, gw)``.
         """
-        vit.check_images(self.model, images)
+        self.adapter.check_images(images)
         device, dtype = vit.model_device_dtype(self.model)
         if target is not None:
-            target = vit.check_target(target, len(images), self.classifier.num_classes, device)
-        vit.check_finite_weights(self.model, self.head)
+            target = vit.check_target(target, len(images), self.adapter.num_classes, device)
+        self.adapter.check_weights()
         images = images.to(device=device, dtype=dtype)
         with eval_mode(self.classifier):
             maps = self._attribute(images, target).detach().float()
@@ -86,7 +184,14 @@ class PatchAttribution:
         return targets.clone()
 
     def _grid(self, images: torch.Tensor) -> Tuple[int, int]:
-        return vit.grid_size(self.model, *images.shape[-2:])
+        return self.adapter.grid(images)
+
+
+def _patch_sums(per_pixel: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """``(B, H, W)`` pixel values summed over each patch of ``grid`` (a pixel counts where its centre lies)."""
+    index = cnn.cell_patches(grid, tuple(per_pixel.shape[-2:]), per_pixel.device).flatten()
+    sums = per_pixel.new_zeros(len(per_pixel), grid[0] * grid[1])
+    return sums.index_add_(1, index, per_pixel.flatten(1)).unflatten(1, grid)
 
 
 @contextlib.contextmanager
@@ -103,6 +208,11 @@ def _check_score(score: str) -> None:
 
 def _check_plain_vit(model: nn.Module, method: str) -> None:
     """The attention methods run the blocks by hand, as CAAP does: the same models only."""
+    if family_of(model) == "cnn":
+        raise ValueError(
+            f"{method} reads attention, which {type(model).__name__} (a CNN) does not have; "
+            "registry.available_methods('cnn') lists the methods for CNNs"
+        )
     try:
         vit.check_supported_vit(model)
     except ValueError as err:
@@ -137,33 +247,29 @@ def _attention_forward(
 
 
 class GradCAM(PatchAttribution):
-    """Grad-CAM on the patch tokens entering the last block, as pytorch-grad-cam adapts it to ViTs.
+    """Grad-CAM (Selvaraju et al., 2017) at pytorch-grad-cam's default layer for each family.
 
-    The activations are the output of ``blocks[-1].norm1`` at the patch tokens; each channel
-    is weighted by its gradient (of the target's logit) averaged over the patches, and the
-    map is the positive part of the weighted sum over channels.
+    A CNN's activations are the last stage's feature map (``conv_stages(model).stages[-1]``,
+    e.g. ResNet's ``layer4``), on that map's grid; a ViT's are the output of
+    ``blocks[-1].norm1`` at the patch tokens, as pytorch-grad-cam adapts it to ViTs. Each
+    channel is weighted by its gradient (of the target's logit) averaged over the cells, and
+    the map is the positive part of the weighted sum over channels.
     """
 
     def __init__(self, model: nn.Module, head: Optional[nn.Module] = None) -> None:
         super().__init__(model, head)
         blocks = getattr(model, "blocks", None)
-        if not blocks or not hasattr(blocks[-1], "norm1"):
+        if self.family == "vit" and (not blocks or not hasattr(blocks[-1], "norm1")):
             raise ValueError(f"GradCAM needs a timm ViT whose last block has `norm1`; got {type(model).__name__}")
 
     def _attribute(self, images, target):
-        captured = []
-        hook = self.model.blocks[-1].norm1.register_forward_hook(lambda m, args, out: captured.append(out))
-        try:
-            with _gradients():
-                logits = self.classifier(images.clone().requires_grad_())
-                targets = self._targets(target, logits)
-                (grads,) = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), captured[-1])
-        finally:
-            hook.remove()
-        P = self.model.num_prefix_tokens
-        activations, grads = captured[-1][:, P:].detach(), grads[:, P:]
-        cam = (activations * grads.mean(1, keepdim=True)).sum(-1).clamp_min(0)
-        return cam.unflatten(1, self._grid(images))
+        with _gradients():
+            # An input that requires grad keeps the graph when every weight is frozen.
+            logits, activations, as_maps = self.adapter.cam_forward(images.clone().requires_grad_())
+            targets = self._targets(target, logits)
+            (grads,) = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), activations)
+        activations, grads = as_maps(activations.detach()), as_maps(grads)
+        return (activations * grads.mean((2, 3), keepdim=True)).sum(1).clamp_min(0)
 
 
 class AttentionRollout(PatchAttribution):
@@ -226,7 +332,15 @@ class TransformerAttribution(PatchAttribution):
 
 
 class InputXGradient(PatchAttribution):
-    """Input x gradient of the target's logit, ``|x * dx|`` summed over each patch's pixels and channels."""
+    """Input x gradient of the target's logit, ``|x * dx|`` summed over each patch's pixels and channels.
+
+    Args:
+        grid: a CNN's patch grid (an int or ``(gh, gw)``); ``None`` = its last feature map's grid.
+        head: a headless ViT's head, as for :class:`~caap_lightning.CAAP`.
+    """
+
+    def __init__(self, model: nn.Module, grid: GridLike = None, head: Optional[nn.Module] = None) -> None:
+        super().__init__(model, head, grid)
 
     def _attribute(self, images, target):
         with _gradients():
@@ -234,9 +348,7 @@ class InputXGradient(PatchAttribution):
             logits = self.classifier(inputs)
             targets = self._targets(target, logits)
             (grads,) = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), inputs)
-        (gh, gw), (ph, pw) = self._grid(images), self.patch_size
-        per_pixel = (images * grads).abs().sum(1)
-        return per_pixel.view(len(images), gh, ph, gw, pw).sum((2, 4))
+        return _patch_sums((images * grads).abs().sum(1), self._grid(images))
 
 
 class _InputPatching(PatchAttribution):
@@ -252,9 +364,10 @@ class _InputPatching(PatchAttribution):
         mean: Optional[Sequence[float]] = None,
         std: Optional[Sequence[float]] = None,
         blank_seed: int = 0,
+        grid: GridLike = None,
         head: Optional[nn.Module] = None,
     ) -> None:
-        super().__init__(model, head)
+        super().__init__(model, head, grid)
         selection_members(selection, (1, 1))  # validates the name
         check_blank(blank)
         _check_score(score)
@@ -269,12 +382,9 @@ class _InputPatching(PatchAttribution):
 
     def _pixel_selections(self, images: torch.Tensor) -> torch.Tensor:
         """``(N, H, W)`` bool: the pixels of the patches in ``S(p)``, for every patch ``p``."""
-        grid, (ph, pw) = self._grid(images), self.patch_size
-        n = grid[0] * grid[1]
-        index, _ = selection_members(self.selection, grid, images.device)
-        # Padding slots repeat p, itself a member, so scattering True everywhere is exact.
-        members = torch.zeros(n, n, dtype=torch.bool, device=images.device).scatter_(1, index, True)
-        return members.view(n, *grid).repeat_interleave(ph, 1).repeat_interleave(pw, 2)
+        # ConvCAAP's cells-to-patches rule, with pixels as the cells.
+        size = tuple(images.shape[-2:])
+        return cnn.region_masks(self._grid(images), self.selection, size, device=images.device)[0]
 
     def _patched_scores(self, images: torch.Tensor, target: TargetLike, insert: bool):
         """Scores of every image with ``S(p)`` inserted into the blank (``insert``) or
@@ -302,6 +412,7 @@ class SimpleInsertion(_InputPatching):
     Args:
         selection, blank, score, mean, std, blank_seed, head: as for :class:`~caap_lightning.CAAP`.
         batch_size: patched images per forward pass.
+        grid: a CNN's patch grid (an int or ``(gh, gw)``); ``None`` = its last feature map's grid.
     """
 
     def _attribute(self, images, target):
@@ -316,6 +427,7 @@ class SimpleDeletion(_InputPatching):
     Args:
         selection, blank, score, mean, std, blank_seed, head: as for :class:`~caap_lightning.CAAP`.
         batch_size: patched images per forward pass.
+        grid: a CNN's patch grid (an int or ``(gh, gw)``); ``None`` = its last feature map's grid.
     """
 
     def _attribute(self, images, target):
@@ -327,7 +439,9 @@ class PatchOcclusion(PatchAttribution):
     """captum's ``Occlusion`` with one patch as window and stride: the drop in score when a
     patch is set to ``baseline`` (the normalised zero, i.e. the dataset mean, by default).
 
-    Needs the optional ``baselines`` extra (``pip install "caap-lightning[baselines]"``).
+    A CNN's ``grid`` (``None``: its last feature map's grid) must divide the image size, so
+    that every window is one whole patch. Needs the optional ``baselines`` extra
+    (``pip install "caap-lightning[baselines]"``).
     """
 
     def __init__(
@@ -336,9 +450,10 @@ class PatchOcclusion(PatchAttribution):
         baseline: float = 0.0,
         score: str = "probability",
         batch_size: int = 64,
+        grid: GridLike = None,
         head: Optional[nn.Module] = None,
     ) -> None:
-        super().__init__(model, head)
+        super().__init__(model, head, grid)
         try:
             from captum.attr import Occlusion
         except ImportError as err:
@@ -356,7 +471,8 @@ class PatchOcclusion(PatchAttribution):
         return logits.float().softmax(-1) if self.score == "probability" else logits
 
     def _attribute(self, images, target):
-        (gh, gw), (ph, pw) = self._grid(images), self.patch_size
+        (gh, gw) = grid = self._grid(images)
+        ph, pw = _window(images, grid)
         channels = images.shape[1]
         with torch.no_grad():
             targets = self._targets(target, self.classifier(images))
@@ -372,11 +488,28 @@ class PatchOcclusion(PatchAttribution):
         return attributions.mean(1).view(len(images), gh, ph, gw, pw).mean((2, 4))
 
 
-class RandomMap(PatchAttribution):
-    """Uniform random maps from a seeded generator: the reference row of the benchmarks."""
+def _window(images: torch.Tensor, grid: Tuple[int, int]) -> Tuple[int, int]:
+    """One patch's pixels ``(ph, pw)``; a ``ValueError`` naming a grid that fits when the size does not divide."""
+    (h, w), (gh, gw) = images.shape[-2:], grid
+    if h % gh or w % gw:
+        fits = (max(d for d in range(1, gh + 1) if h % d == 0), max(d for d in range(1, gw + 1) if w % d == 0))
+        raise ValueError(
+            f"occlusion slides one patch as its window, so the image size {h}x{w} must divide into the grid "
+            f"{gh}x{gw}; pass grid={fits} (the finest grid of at most {gh}x{gw} that divides it) or resize the images"
+        )
+    return h // gh, w // gw
 
-    def __init__(self, model: nn.Module, seed: int = 0, head: Optional[nn.Module] = None) -> None:
-        super().__init__(model, head)
+
+class RandomMap(PatchAttribution):
+    """Uniform random maps from a seeded generator: the reference row of the benchmarks.
+
+    ``grid``: a CNN's patch grid (an int or ``(gh, gw)``); ``None`` = its last feature map's grid.
+    """
+
+    def __init__(
+        self, model: nn.Module, seed: int = 0, grid: GridLike = None, head: Optional[nn.Module] = None
+    ) -> None:
+        super().__init__(model, head, grid)
         self.generator = torch.Generator().manual_seed(seed)
 
     def _attribute(self, images, target):

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from caap_lightning.attribution.blanks import BlankSpec, check_blank, make_blank, warn_saturated_blank
 from caap_lightning.attribution.selection import selection_members
-from caap_lightning.attribution.vit import TargetLike, check_target
+from caap_lightning.attribution.vit import TargetLike, check_finite_weights, check_target
 from caap_lightning.utils import eval_mode, model_normalization, target_score, upsample_maps
 
 CONSTRUCTIONS = ("standard", "frozen")
@@ -28,6 +28,7 @@ SUPPORTED = (
     "timm ResNet, VGG, DenseNet and ConvNeXt"
 )
 CutLike = Union[None, int, str]
+GridLike = Union[None, int, Tuple[int, int]]
 
 # Bytes the patched maps of one chunk may take when chunk_size=None (CAAP's budget).
 _CHUNK_BUDGET_BYTES = 256 * 2**20
@@ -41,17 +42,26 @@ class ConvStages:
 
     ``stages[0]`` is the stem; ``names[k]`` names the cut at the output of ``stages[k]``
     (``k = 0`` is the stem's output, ``k = len(stages) - 1`` the map entering the head).
+    ``num_classes`` is what the head gives (``0``: a timm model built without a classifier;
+    ``None``: the head has no ``Linear`` to read it from).
     """
 
     family: str
     names: Tuple[str, ...]
     stages: Tuple[Callable[[Tensor], Tensor], ...]
     head: Callable[[Tensor], Tensor]
+    num_classes: Optional[int] = None
 
     @property
     def depth(self) -> int:
         """``S``: the number of stages after the stem (cuts are ``0..S``)."""
         return len(self.stages) - 1
+
+
+def _linear_classes(module: nn.Module) -> Optional[int]:
+    """A torchvision head's class count: its last ``Linear`` (a replaced head may wrap it in a Sequential)."""
+    linears = [layer for layer in module.modules() if isinstance(layer, nn.Linear)]
+    return linears[-1].out_features if linears else None
 
 
 def _tv_resnet(m) -> ConvStages:
@@ -62,16 +72,18 @@ def _tv_resnet(m) -> ConvStages:
         ("stem", "layer1", "layer2", "layer3", "layer4"),
         (stem, *layers),
         lambda x: m.fc(torch.flatten(m.avgpool(x), 1)),
+        _linear_classes(m.fc),
     )
 
 
 def _timm_resnet(m) -> ConvStages:
     stem = nn.Sequential(m.conv1, m.bn1, m.act1, m.maxpool)
     layers = (m.layer1, m.layer2, m.layer3, m.layer4)
-    return ConvStages("timm ResNet", ("stem", "layer1", "layer2", "layer3", "layer4"), (stem, *layers), m.forward_head)
+    names = ("stem", "layer1", "layer2", "layer3", "layer4")
+    return ConvStages("timm ResNet", names, (stem, *layers), m.forward_head, m.num_classes)
 
 
-def _vgg_blocks(m, family: str, head: Callable[[Tensor], Tensor]) -> ConvStages:
+def _vgg_blocks(m, family: str, head: Callable[[Tensor], Tensor], num_classes: Optional[int]) -> ConvStages:
     """``features`` split after each MaxPool; each block is named by its closing pool."""
     names, blocks, current = [], [], []
     for i, layer in enumerate(m.features):
@@ -85,18 +97,23 @@ def _vgg_blocks(m, family: str, head: Callable[[Tensor], Tensor]) -> ConvStages:
             f"{type(m).__name__}.features has {len(blocks)} MaxPool2d; ConvCAAP cuts VGG at its pools and needs two"
         )
     tail = nn.Sequential(*current)  # layers after the last pool, if any, run before the head
-    return ConvStages(family, tuple(names), tuple(blocks), lambda x: head(tail(x)))
+    return ConvStages(family, tuple(names), tuple(blocks), lambda x: head(tail(x)), num_classes)
 
 
 def _tv_vgg(m) -> ConvStages:
-    return _vgg_blocks(m, "torchvision VGG", lambda x: m.classifier(torch.flatten(m.avgpool(x), 1)))
+    def head(x):
+        return m.classifier(torch.flatten(m.avgpool(x), 1))
+
+    return _vgg_blocks(m, "torchvision VGG", head, _linear_classes(m.classifier))
 
 
 def _timm_vgg(m) -> ConvStages:
-    return _vgg_blocks(m, "timm VGG", m.forward_head)
+    return _vgg_blocks(m, "timm VGG", m.forward_head, m.num_classes)
 
 
-def _densenet_blocks(m, family: str, head: Callable[[Tensor, nn.Module], Tensor]) -> ConvStages:
+def _densenet_blocks(
+    m, family: str, head: Callable[[Tensor, nn.Module], Tensor], num_classes: Optional[int]
+) -> ConvStages:
     """The stem (everything before ``denseblock1``), each dense block and transition, then the head."""
     children = list(m.features.named_children())
     first = next(i for i, (name, _) in enumerate(children) if name.startswith("denseblock"))
@@ -109,6 +126,7 @@ def _densenet_blocks(m, family: str, head: Callable[[Tensor, nn.Module], Tensor]
         ("stem", *(f"features.{name}" for name, _ in body)),
         (stem, *(module for _, module in body)),
         lambda x: head(x, tail),
+        num_classes,
     )
 
 
@@ -116,21 +134,25 @@ def _tv_densenet(m) -> ConvStages:
     def head(x, tail):
         return m.classifier(torch.flatten(F.adaptive_avg_pool2d(F.relu(tail(x)), (1, 1)), 1))
 
-    return _densenet_blocks(m, "torchvision DenseNet", head)
+    return _densenet_blocks(m, "torchvision DenseNet", head, _linear_classes(m.classifier))
 
 
 def _timm_densenet(m) -> ConvStages:
-    return _densenet_blocks(m, "timm DenseNet", lambda x, tail: m.forward_head(tail(x)))
+    return _densenet_blocks(m, "timm DenseNet", lambda x, tail: m.forward_head(tail(x)), m.num_classes)
 
 
 def _timm_convnext(m) -> ConvStages:
     names = ("stem", *(f"stages.{i}" for i in range(len(m.stages))))
-    return ConvStages("timm ConvNeXt", names, (m.stem, *m.stages), lambda x: m.forward_head(m.norm_pre(x)))
+    stages = (m.stem, *m.stages)
+    return ConvStages("timm ConvNeXt", names, stages, lambda x: m.forward_head(m.norm_pre(x)), m.num_classes)
 
 
 def _tv_convnext(m) -> ConvStages:
     names = tuple(f"features.{i}" for i in range(len(m.features)))
-    return ConvStages("torchvision ConvNeXt", names, tuple(m.features), lambda x: m.classifier(m.avgpool(x)))
+    def head(x):
+        return m.classifier(m.avgpool(x))
+
+    return ConvStages("torchvision ConvNeXt", names, tuple(m.features), head, _linear_classes(m.classifier))
 
 
 def _family_table() -> List[Tuple[type, Callable[[nn.Module], ConvStages]]]:
@@ -152,12 +174,68 @@ def _family_table() -> List[Tuple[type, Callable[[nn.Module], ConvStages]]]:
     ]
 
 
+def _builder(model: nn.Module) -> Optional[Callable[[nn.Module], ConvStages]]:
+    return next((build for cls, build in _family_table() if isinstance(model, cls)), None)
+
+
+def is_supported(model: nn.Module) -> bool:
+    """Whether ``model`` is of a CNN family that :func:`conv_stages` reads."""
+    return _builder(model) is not None
+
+
 def conv_stages(model: nn.Module) -> ConvStages:
     """The stage table of a supported CNN; ``ValueError`` naming what is supported otherwise."""
-    for cls, build in _family_table():
-        if type(model) is cls or isinstance(model, cls):
-            return build(model)
-    raise ValueError(f"ConvCAAP does not support {type(model).__name__}; supported: {SUPPORTED}")
+    build = _builder(model)
+    if build is None:
+        raise ValueError(f"ConvCAAP does not support {type(model).__name__}; supported: {SUPPORTED}")
+    return build(model)
+
+
+def check_classifier(model: nn.Module, table: ConvStages) -> None:
+    """Refuse a CNN whose outputs are features (timm's ``num_classes=0``): there is no class to attribute."""
+    if table.num_classes == 0:
+        raise ValueError(
+            f"{type(model).__name__} has num_classes=0: its outputs are features, not class scores; build it "
+            "with its classifier (num_classes > 0) or give it one with model.reset_classifier(num_classes)"
+        )
+
+
+def check_images(table: ConvStages, images: Tensor) -> None:
+    """Clear errors for a batch the CNN cannot take, before any work is done (ConvCAAP and the baselines)."""
+    if not isinstance(images, Tensor) or images.dim() != 4:
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"images must be a (B, C, H, W) tensor, got {shape}")
+    if images.shape[0] == 0:
+        raise ValueError("images is an empty batch (B = 0); pass at least one image")
+    if not images.is_floating_point():
+        raise TypeError(
+            f"images must be float, normalised with the model's mean/std, got {images.dtype}; "
+            "convert them (e.g. images.float() / 255) and normalise them as the model's inputs were"
+        )
+    channels = _in_channels(table)
+    if images.shape[1] != channels:
+        raise ValueError(
+            f"images have {images.shape[1]} channels but the model expects {channels}; "
+            "convert grey-scale or RGBA images to RGB first"
+        )
+    bad = (~torch.isfinite(images.flatten(1)).all(1)).nonzero()[:, 0].tolist()
+    if bad:
+        raise ValueError(f"images contain NaN or inf pixels (image(s) {bad} of the batch); fix or drop those images")
+
+
+def check_grid(grid: GridLike) -> Optional[Tuple[int, int]]:
+    """``grid`` as a pair ``(gh, gw)`` (an int is a square grid), or ``None``."""
+    if grid is None:
+        return None
+    if isinstance(grid, int) and not isinstance(grid, bool):
+        grid = (grid, grid)
+    ok = (
+        isinstance(grid, (tuple, list)) and len(grid) == 2
+        and all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in grid)
+    )
+    if not ok:
+        raise ValueError(f"grid must be None, a positive int or a pair of positive ints (gh, gw), got {grid!r}")
+    return tuple(grid)
 
 
 # ---------------------------------------------------------------------- patch regions
@@ -165,6 +243,14 @@ def _cell_patch(cells: int, patches: int, device) -> Tensor:
     """For each of ``cells`` feature cells along one axis, the patch holding its centre."""
     i = torch.arange(cells, device=device)
     return ((2 * i + 1) * patches) // (2 * cells)
+
+
+def cell_patches(grid: Tuple[int, int], size: Tuple[int, int], device=None) -> Tensor:
+    """``(H, W)`` long: the patch (row-major on ``grid``) holding the centre of each cell of an
+    ``H x W`` map. For pixels of an image that divides into the grid, that is the patch they lie in."""
+    gh, gw = grid
+    h, w = size
+    return _cell_patch(h, gh, device)[:, None] * gw + _cell_patch(w, gw, device)[None, :]
 
 
 def _overlap(cells: int, cut_cells: int, device) -> Tensor:
@@ -194,8 +280,7 @@ def region_masks(
     # Padding slots repeat p, itself a member, so scattering True over them is exact.
     in_s = torch.zeros(n, n, dtype=torch.bool, device=device).scatter_(1, index, True)
     h, w = cut_size
-    cell = _cell_patch(h, gh, device)[:, None] * gw + _cell_patch(w, gw, device)[None, :]
-    cut = in_s[:, cell]  # (N, H, W)
+    cut = in_s[:, cell_patches(grid, cut_size, device)]  # (N, H, W)
     masks = [cut]
     for hj, wj in later_sizes:
         rows = _overlap(hj, h, device).float()
@@ -294,7 +379,7 @@ class ConvCAAP:
         self,
         model: nn.Module,
         layer_cutoff: CutLike = None,
-        grid: Union[None, int, Tuple[int, int]] = None,
+        grid: GridLike = None,
         selection: str = "box1",
         blank: BlankSpec = "white",
         construction: Literal["standard", "frozen"] = "standard",
@@ -305,9 +390,10 @@ class ConvCAAP:
         blank_seed: int = 0,
     ) -> None:
         self.table = conv_stages(model)
+        check_classifier(model, self.table)
         self.model = model
         self.layer_cutoff = self._resolve_cut(layer_cutoff)
-        self.grid = _check_grid(grid)
+        self.grid = check_grid(grid)
         selection_members(selection, (1, 1))  # validates the name
         check_blank(blank)
         if construction not in CONSTRUCTIONS:
@@ -353,7 +439,8 @@ class ConvCAAP:
             relative: return ``A - A_blank``, the evidence for the class relative to the blank.
         """
         k = self._cut()
-        self._check_images(images)
+        check_images(self.table, images)
+        check_finite_weights(self.model)
         p = next(self.model.parameters())
         images = images.to(device=p.device, dtype=p.dtype)
         size = tuple(images.shape[-2:])
@@ -456,9 +543,10 @@ class ConvCAAP:
     def cost(self, image_size: Tuple[int, int] = (224, 224)) -> Dict[str, Union[int, float, str]]:
         """Analytic multiply-adds of one attribution per image, against a plain forward.
 
-        One source forward, then per patch the stages after the cut and the head (the
-        blank's forward is cached per image size and left out). ``frozen`` costs what
-        ``standard`` costs: both run the full later maps. Conv and linear layers only.
+        One source forward, then per patch the stages after the cut and the head. The
+        blank's forward (one per call, whatever the batch size) is left out, so this is the
+        cost per image of a large batch. ``frozen`` costs what ``standard`` costs: both run
+        the full later maps. Conv and linear layers only.
 
         Returns ``{"cut", "patches", "forward_macs", "per_patch_macs", "caap_macs", "ratio"}``
         (``ratio``: CAAP over a plain forward).
@@ -520,22 +608,6 @@ class ConvCAAP:
             )
         return self.grid
 
-    def _check_images(self, images: Tensor) -> None:
-        if not isinstance(images, Tensor) or images.dim() != 4:
-            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-            raise ValueError(f"images must be a (B, C, H, W) tensor, got {shape}")
-        if images.shape[0] == 0:
-            raise ValueError("images is an empty batch (B = 0); pass at least one image")
-        channels = _in_channels(self.table)
-        if images.shape[1] != channels:
-            raise ValueError(
-                f"images have {images.shape[1]} channels but the model expects {channels}; "
-                "convert grey-scale or RGBA images to RGB first"
-            )
-        bad = (~torch.isfinite(images.flatten(1)).all(1)).nonzero()[:, 0].tolist()
-        if bad:
-            raise ValueError(f"images contain NaN or inf pixels (image(s) {bad} of the batch); fix or drop those images")
-
     def _targets(self, target: TargetLike, batch: Optional[int], blank: _BlankMaps, device) -> Tensor:
         return check_target(target, batch, blank.logits.shape[-1], device)
 
@@ -593,16 +665,3 @@ class ConvCAAP:
             out.append(self._score(logits, targets.repeat_interleave(c)).view(batch, c))
         return torch.cat(out, dim=1)
 
-
-def _check_grid(grid) -> Optional[Tuple[int, int]]:
-    if grid is None:
-        return None
-    if isinstance(grid, int) and not isinstance(grid, bool):
-        grid = (grid, grid)
-    ok = (
-        isinstance(grid, (tuple, list)) and len(grid) == 2
-        and all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in grid)
-    )
-    if not ok:
-        raise ValueError(f"grid must be None, a positive int or a pair of positive ints (gh, gw), got {grid!r}")
-    return tuple(grid)

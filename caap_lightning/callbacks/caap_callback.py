@@ -18,11 +18,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.utils.data import Dataset
 
-from caap_lightning.attribution import registry
+from caap_lightning.attribution import cnn, registry, vit
 from caap_lightning.attribution.blanks import BLANK_KINDS
-from caap_lightning.attribution.caap import CAAP, CONSTRUCTIONS
+from caap_lightning.attribution.caap import CONSTRUCTIONS as VIT_CONSTRUCTIONS
 from caap_lightning.attribution.selection import SELECTIONS
-from caap_lightning.attribution.vit import Classifier, check_images
 from caap_lightning.callbacks import figures
 from caap_lightning.callbacks.discovery import find_attribution_model
 from caap_lightning.callbacks.probe import (
@@ -38,7 +37,18 @@ from caap_lightning.callbacks.probe import (
     to_probe_batch,
 )
 from caap_lightning.datamodules.base import ProbeBatch
-from caap_lightning.metrics import AUPR, AttributionMass, InsertionDeletion, PointingGame, attribution_mass
+from caap_lightning.metrics import (
+    AUPR,
+    AttributionMass,
+    DensityRatio,
+    FixedPositionRatio,
+    InsertionDeletion,
+    PointingGame,
+    attribution_mass,
+    fixed_position_evidence,
+    ratio_of_densities,
+    region_evidence,
+)
 from caap_lightning.utils import eval_mode, unnormalize, upsample_maps
 
 TARGETS = ("predicted", "label")
@@ -47,6 +57,12 @@ PRECISIONS = ("trainer", "32")
 SCORES = ("probability", "logit")
 # Heatmap-grid column titles of the attribution methods (others: the method's name).
 COLUMN_TITLES = {"caap": "CAAP (A - A_blank)"}
+# CAAP's constructions on each model family (registry.family_of), and the one used where none is given:
+# on a ViT the windowed one (see the `construction` argument), on a CNN ConvCAAP's own default.
+CONSTRUCTIONS = {"vit": VIT_CONSTRUCTIONS, "cnn": cnn.CONSTRUCTIONS}
+DEFAULT_CONSTRUCTION = {"vit": "windowed", "cnn": "standard"}
+DEFAULT_WINDOW = 2  # patches around each patch that construction="windowed" recomputes
+FAMILY_NAMES = {"vit": "a timm ViT", "cnn": "a CNN"}
 
 
 @dataclass(frozen=True)
@@ -55,7 +71,10 @@ class MetricSpec:
 
     ``scalars`` maps each logged scalar (``caap/<scalar>``) to a key of the meter's
     ``compute_details()``. ``region``/``by_area`` are set for mass metrics, which also have a
-    per-image value (published in :attr:`ProbeResult.per_image`).
+    per-image value (published in :attr:`ProbeResult.per_image`). ``per_image`` gives a metric's
+    per-image values from the pixel maps and the masks it needs (``None`` for none), as the
+    :class:`SpuriousCueMonitor` reads them to name the images behind an alarm. ``maps_only``
+    meters take the maps alone.
     """
 
     needs: Optional[str]  # "masks", "cue_masks" or None
@@ -63,9 +82,13 @@ class MetricSpec:
     scalars: Dict[str, str]
     region: Optional[str] = None
     by_area: bool = False
+    per_image: Optional[Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]] = None
+    maps_only: bool = False
 
     def update(self, meter: Any, pixel_maps: torch.Tensor, shard: "_ProbeShard") -> None:
-        if self.needs is None:  # Insertion/Deletion scores the images themselves
+        if self.maps_only:
+            meter.update(pixel_maps)
+        elif self.needs is None:  # Insertion/Deletion scores the images themselves
             meter.update(shard.images, pixel_maps, target=shard.targets)
         else:
             meter.update(pixel_maps, shard.masks[self.needs])
@@ -82,7 +105,20 @@ def _mass(needs: str, region: str, by_area: bool, scalar: str) -> MetricSpec:
     return MetricSpec(
         needs, lambda ctx: AttributionMass(region=region, normalize_by_area=by_area),
         {scalar: "attribution_mass"}, region=region, by_area=by_area,
+        per_image=lambda maps, masks: attribution_mass(maps, masks, region=region, normalize_by_area=by_area),
     )
+
+
+def _density(needs: str, region: str, scalar: str) -> MetricSpec:
+    return MetricSpec(
+        needs, lambda ctx: DensityRatio(region=region), {scalar: "density_ratio"},
+        per_image=lambda maps, masks: ratio_of_densities(*region_evidence(maps, masks, region=region)),
+    )
+
+
+def _fixed_position_per_image(maps: torch.Tensor, masks: Optional[torch.Tensor] = None) -> torch.Tensor:
+    found = fixed_position_evidence(maps)
+    return ratio_of_densities(found.share, found.area)
 
 
 # One entry per metric: adding a metric is adding a line here.
@@ -100,6 +136,13 @@ METRICS: Dict[str, MetricSpec] = {
     "background_mass_ratio": _mass("masks", "outside", True, "background_mass_ratio"),
     "cue_mass": _mass("cue_masks", "mask", False, "cue_mass"),
     "cue_mass_ratio": _mass("cue_masks", "mask", True, "cue_mass_ratio"),
+    # Density on the region over density off it: 1 for a uniform map at any region size.
+    "background_density_ratio": _density("masks", "outside", "background_density_ratio"),
+    "cue_density_ratio": _density("cue_masks", "mask", "cue_density_ratio"),
+    "fixed_position_ratio": MetricSpec(
+        None, lambda ctx: FixedPositionRatio(), {"fixed_position_ratio": "fixed_position_ratio"},
+        per_image=_fixed_position_per_image, maps_only=True,
+    ),
 }
 
 
@@ -199,11 +242,16 @@ class CAAPCallback(Callback):
     metrics sync, and rank zero draws the images. The history of metric values survives a
     resume from checkpoint; several instances (with different ``prefix``) run in one Trainer.
 
-    The model attributed is found at every check (so a module swapped during the fit is
-    picked up): ``pl_module.get_attribution_model()``, else ``pl_module.model`` (or the ViT in
-    it), else the one timm ``VisionTransformer`` among the module's submodules. A ViT built with
+    The model attributed, a timm ``VisionTransformer`` or a CNN that
+    :class:`~caap_lightning.attribution.cnn.ConvCAAP` reads (a torchvision or timm ResNet, VGG,
+    DenseNet or ConvNeXt), is found at every check (so a module swapped during the fit is
+    picked up): ``pl_module.get_attribution_model()``, else ``pl_module.model`` (or the one
+    supported model in it), else the one supported model among the module's submodules. Each
+    method is built for the model's family (``registry.get_method``): ``caap`` is
+    :class:`~caap_lightning.CAAP` on a ViT and ``ConvCAAP`` on a CNN. A ViT built with
     ``num_classes=0`` is completed by the module's own head: ``get_attribution_head()``, else
-    the submodule named by ``head``, else the one ``nn.Linear`` that takes the ViT's features.
+    the submodule named by ``head``, else the one ``nn.Linear`` that takes the ViT's features;
+    a CNN is attributed through its own head.
 
     Args:
         every_n_epochs: run after the validation of every n-th epoch of a fit.
@@ -224,32 +272,47 @@ class CAAPCallback(Callback):
             ``rollout``, ``tattr``, ``input_x_gradient``, ``simple_insertion``,
             ``simple_deletion``, ``occlusion``, ``random``); the first is the primary one.
             Default ``["caap"]``. CAAP's maps are relative (``A - A_blank``), the others' as the
-            method returns them.
+            method returns them. ``rollout`` and ``tattr`` read attention, so a CNN takes the others.
         method_kwargs: constructor arguments per method other than ``caap``, e.g.
             ``{"simple_insertion": {"batch_size": 32}}``. Methods that take ``mean``/``std``
             get the data's normalisation unless given here.
-        layer_cutoff, selection, blank, score: CAAP's settings (see :class:`~caap_lightning.CAAP`).
-            ``layer_cutoff="auto"`` picks it once, at the first check, with :meth:`CAAP.calibrate`
-            on the probe batch: the cutoff sweep ``k = 0..L`` by InsDel, with the check's
-            Insertion/Deletion steps. The first check rather than the fit's start, because a
+        layer_cutoff, selection, blank, score: CAAP's settings (see :class:`~caap_lightning.CAAP`
+            and :class:`~caap_lightning.attribution.cnn.ConvCAAP`). ``layer_cutoff`` is a number of
+            blocks on a ViT; on a CNN a cut index or a stage name (e.g. ``"layer2"``), checked in
+            setup against the CNN's stages; ``None`` takes the middle one.
+            ``layer_cutoff="auto"`` picks it once, at the first check, with the method's
+            ``calibrate`` on the probe batch: the cutoff sweep ``k = 0..L`` by InsDel, with the
+            check's Insertion/Deletion steps. The first check rather than the fit's start, because a
             fine-tune's new head is untrained at the start and the sweep would rank noise. The
             sweep costs about ``L + 1`` checks, once; its table is logged as
             ``<prefix>/layer_cutoff_sweep`` (text) and the pick survives a resume.
-        construction: *how* CAAP computes its maps, not which methods run: ``"windowed"`` (the
-            default here: also recomputes the blank tokens within ``window`` patches of each
-            patch), ``"parallel"`` (exact, batched, CAAP's own default), ``"efficient"``
-            (E-CAAP, approximate) or ``"standard"`` (textbook activation patching, one forward
-            per patch). Its quality and cost against the others: ``benchmarks/results/quality.md``
-            and ``callback-overhead.md``.
-        window: radius, in patches, of the recomputed window of ``construction="windowed"``.
+        construction: *how* CAAP computes its maps, not which methods run. On a ViT:
+            ``"windowed"`` (the default here: also recomputes the blank tokens within ``window``
+            patches of each patch), ``"parallel"`` (exact, batched, CAAP's own default),
+            ``"efficient"`` (E-CAAP, approximate) or ``"standard"`` (textbook activation patching,
+            one forward per patch); their quality and cost against each other:
+            ``benchmarks/results/quality.md`` and ``callback-overhead.md``. On a CNN:
+            ``"standard"`` (the default there) or ``"frozen"`` (``docs/cnn.md``). ``None`` takes
+            the model family's default; one of the other family's is refused in setup.
+        window: radius, in patches, of the recomputed window of a ViT's ``construction="windowed"``
+            (``None``: 2); a CNN has none, and refuses it in setup.
+        grid: a CNN's patch grid for CAAP (``(gh, gw)`` or an int; see ``ConvCAAP``): ``None`` puts
+            one patch on each cell of the cut's feature map. CAAP's cost grows with the patches, so
+            a coarser grid (e.g. ``7`` at 224 px) keeps the check cheap on large images
+            (``benchmarks/results/speed-cpu-resnet50.json``). A ViT refuses it in setup.
         metrics: any of ``aupr_fg``, ``aupr_bg``, ``pointing_game``, ``insertion_deletion``,
-            ``background_mass``, ``background_mass_ratio``, ``cue_mass``, ``cue_mass_ratio``;
+            ``background_mass``, ``background_mass_ratio``, ``cue_mass``, ``cue_mass_ratio``,
+            ``background_density_ratio``, ``cue_density_ratio``, ``fixed_position_ratio``;
             ``None`` takes every metric the probe batch's masks allow. Mass metrics read the
-            map's positive part; ``*_ratio`` divides by the region's share of the image.
+            map's positive part; ``*_mass_ratio`` divides by the region's share of the image;
+            ``*_density_ratio`` is the evidence density on the region over that off it, and
+            ``fixed_position_ratio`` the same for the place that the other probe images' evidence
+            shares (``docs/metrics.md``).
         target: the class each map explains: ``"predicted"`` (the model's top-1) or ``"label"``.
         insertion_deletion_steps: steps of each Insertion/Deletion curve (``ceil(H * W / steps)``
-            pixels each); the default 16 keeps the check cheap. ``None`` takes one patch per step,
-            the benchmark protocol, at about ``num_patches / 16`` times the cost.
+            pixels each); the default 16 keeps the check cheap. ``None`` takes one patch per step
+            on a ViT, the benchmark protocol, at about ``num_patches / 16`` times the cost, and
+            one image row per step on a CNN (RISE's protocol for CNNs).
         log_images: log the heatmap grid and the curve figure.
         max_images_logged: rows of the heatmap grid.
         precision: ``"trainer"`` runs the check's forwards as the Trainer runs its validation
@@ -277,8 +340,9 @@ class CAAPCallback(Callback):
         layer_cutoff: Optional[Union[int, str]] = None,
         selection: str = "box1",
         blank: str = "white",
-        construction: str = "windowed",
-        window: int = 2,
+        construction: Optional[str] = None,
+        window: Optional[int] = None,
+        grid: Optional[Union[int, Tuple[int, int]]] = None,
         score: str = "probability",
         metrics: Optional[List[str]] = None,
         target: str = "predicted",
@@ -296,12 +360,14 @@ class CAAPCallback(Callback):
                 f"need every_n_epochs >= 1, num_images >= 1 and max_images_logged >= 0; got every_n_epochs="
                 f"{every_n_epochs}, num_images={num_images}, max_images_logged={max_images_logged}"
             )
-        if isinstance(layer_cutoff, str) and layer_cutoff != "auto" or isinstance(layer_cutoff, int) and layer_cutoff < 0:
+        check_cutoff_form(layer_cutoff)
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 0):
+            raise ValueError(f"window must be an int >= 0 (patches around each patch) or None, got {window!r}")
+        if construction is not None and construction not in {c for family in CONSTRUCTIONS.values() for c in family}:
             raise ValueError(
-                f"layer_cutoff must be an int >= 0, None (half the blocks) or 'auto' (calibrated), got {layer_cutoff!r}"
+                f"construction={construction!r} is not one of {VIT_CONSTRUCTIONS} (a ViT's) or {cnn.CONSTRUCTIONS} "
+                "(a CNN's), or None (the model family's default)"
             )
-        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
-            raise ValueError(f"window must be an int >= 0 (patches around each patch), got {window!r}")
         if insertion_deletion_steps is not None and insertion_deletion_steps < 1:
             raise ValueError(f"insertion_deletion_steps must be >= 1 or None (one patch per step), got {insertion_deletion_steps}")
         if not prefix or "/" in prefix:
@@ -309,7 +375,6 @@ class CAAPCallback(Callback):
         for name, value, choices in (
             ("selection", selection, tuple(SELECTIONS)),
             ("blank", blank, BLANK_KINDS),
-            ("construction", construction, CONSTRUCTIONS),
             ("score", score, SCORES),
             ("target", target, TARGETS),
             ("on_error", on_error, ON_ERROR),
@@ -338,8 +403,9 @@ class CAAPCallback(Callback):
         self.layer_cutoff = layer_cutoff
         self.selection = selection
         self.blank = blank
-        self.construction = construction
-        self.window = window
+        self._construction = construction
+        self._window = window
+        self.grid = None if grid is None else cnn.check_grid(grid)
         self.score = score
         self.metrics = None if metrics is None else list(metrics)
         self.target = target
@@ -357,9 +423,10 @@ class CAAPCallback(Callback):
         self.mean: Optional[tuple] = None
         self.std: Optional[tuple] = None
         self.active_metrics: List[str] = []
-        self._model: Optional[nn.Module] = None  # the ViT
+        self._model: Optional[nn.Module] = None  # the ViT or CNN attributed
+        self._family: Optional[str] = None  # its registry.family_of: "vit" or "cnn"
         self._head: Optional[nn.Module] = None  # the module's own head of a headless ViT
-        self._classifier: Optional[nn.Module] = None  # the ViT and that head: what the metrics' forwards run
+        self._classifier: Optional[nn.Module] = None  # the model (and that head): what the metrics' forwards run
         self._methods: Dict[str, Any] = {}  # name -> the attribution method, in `methods` order
         self._meters: Dict[str, Dict[str, Any]] = {}  # method -> metric -> meter
         self._probe_for: Optional[tuple] = None
@@ -373,6 +440,28 @@ class CAAPCallback(Callback):
     def state_key(self) -> str:
         # Several instances in one Trainer each keep their own state, as EarlyStopping's do.
         return self._generate_state_key(prefix=self.prefix, methods=self.methods)
+
+    @property
+    def construction(self) -> Optional[str]:
+        """The construction given, else the attributed model family's default (``None`` until setup finds the model)."""
+        if self._construction is not None or self._family is None:
+            return self._construction
+        return DEFAULT_CONSTRUCTION[self._family]
+
+    @construction.setter
+    def construction(self, value: Optional[str]) -> None:
+        self._construction = value
+
+    @property
+    def window(self) -> Optional[int]:
+        """The window given, else ``DEFAULT_WINDOW`` on a ViT (``None`` on a CNN, which has none, and before setup)."""
+        if self._window is not None or self._family != "vit":
+            return self._window
+        return DEFAULT_WINDOW
+
+    @window.setter
+    def window(self, value: Optional[int]) -> None:
+        self._window = value
 
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -437,29 +526,31 @@ class CAAPCallback(Callback):
             model, head = find_attribution_model(pl_module, self.head)
         except ValueError as exc:
             raise ValueError(f"CAAPCallback cannot attribute {type(pl_module).__name__}: {exc}") from exc
-        # What the built methods depend on: setting e.g. `callback.construction` between runs rebuilds them.
-        settings = (tuple(self.methods), self.layer_cutoff, self.selection, self.blank, self.construction, self.window,
-                    self.score)
-        key = (id(model), id(head), settings)
-        if self._built_for == key:
-            return
-        mean, std, message = resolve_normalization(self.user_mean, self.user_std, trainer.datamodule, pl_module, model)
-        if message and self._built_for is None:
-            rank_zero_info(f"CAAPCallback: {message}")
-        methods: Dict[str, Any] = {}
         building: Optional[str] = None  # the method being built, named in the error
         try:
+            self._family = registry.family_of(model)
+            self._check_family_settings(self._family)
+            # What the built methods depend on: setting e.g. `callback.construction` between runs rebuilds them.
+            settings = (tuple(self.methods), self.layer_cutoff, self.selection, self.blank, self.construction,
+                        self.window, self.grid, self.score)
+            key = (id(model), id(head), settings)
+            if self._built_for == key:
+                return
+            mean, std, message = resolve_normalization(self.user_mean, self.user_std, trainer.datamodule, pl_module, model)
+            if message and self._built_for is None:
+                rank_zero_info(f"CAAPCallback: {message}")
+            methods: Dict[str, Any] = {}
             self.mean, self.std = mean, std
             for building in self.methods:
                 methods[building] = self._build_method(building, model, head)
             building = None
-            check_images(model, self.probe.images[:1])
+            check_model_images(self._family, model, self.probe.images[:1])
         except ValueError as exc:
             which = "" if building is None else f" with {display_name(building)}"
             raise ValueError(
                 f"CAAPCallback cannot attribute {type(pl_module).__name__} (attribution model: "
-                f"{type(model).__name__}){which}: {exc} Return a supported timm VisionTransformer from "
-                "get_attribution_model(), change the method's settings, or remove the callback."
+                f"{type(model).__name__}){which}: {exc} Return a timm VisionTransformer or a supported CNN "
+                f"({cnn.SUPPORTED}) from get_attribution_model(), change the method's settings, or remove the callback."
             ) from exc
         if self._built_for is None:
             warning = check_pixel_range(self.probe.images, self.mean, self.std)
@@ -467,9 +558,34 @@ class CAAPCallback(Callback):
                 rank_zero_warn(f"CAAPCallback: {warning}")
         self._model, self._head = model, head
         self._methods = methods
-        self._classifier = Classifier(model, head)
+        # A CNN is its own classifier; a ViT's needs the module's head where it is headless.
+        self._classifier = vit.Classifier(model, head) if self._family == "vit" else model
         self._meters = self._build_meters(self._classifier, tuple(self.probe.images.shape[-2:]))
         self._built_for = key
+
+    def _check_family_settings(self, family: str) -> None:
+        """CAAP settings given that only the other model family takes: refused, saying what to change."""
+        given, choices = self._construction, CONSTRUCTIONS[family]
+        if given is not None and given not in choices:
+            raise ValueError(
+                f"construction={given!r} does not apply to {FAMILY_NAMES[family]}, whose CAAP constructions are "
+                f"{choices} (default {DEFAULT_CONSTRUCTION[family]!r}); pass one of those, or leave construction unset."
+            )
+        if family == "vit" and self.grid is not None:
+            raise ValueError(
+                f"grid={self.grid} sets a CNN's patch grid; a ViT's maps are on its own patches (image size / "
+                "patch size): remove grid=."
+            )
+        if family == "cnn" and self._window is not None:
+            raise ValueError(
+                f"window={self._window} is the radius of a ViT's windowed construction, which a CNN does not have; "
+                "remove window=."
+            )
+        if family == "vit" and isinstance(self.layer_cutoff, str) and self.layer_cutoff != "auto":
+            raise ValueError(
+                f"layer_cutoff={self.layer_cutoff!r} names a stage, which only a CNN has; a ViT's layer_cutoff is a "
+                "number of blocks (an int), None (half of them) or 'auto'."
+            )
 
     def _check_siblings(self, trainer: L.Trainer) -> None:
         """Two instances logging under one prefix would overwrite each other's scalars."""
@@ -499,16 +615,21 @@ class CAAPCallback(Callback):
             )
 
     def _build_method(self, name: str, model: nn.Module, head: Optional[nn.Module]) -> Any:
-        """CAAP with the callback's settings, or a baseline with its ``method_kwargs`` (and the data's mean/std)."""
+        """The model family's ``name``: CAAP with the callback's settings, or a baseline with its ``method_kwargs``
+        (and the data's mean/std)."""
+        method_class = registry.method_class(name, model)
+        takes = inspect.signature(method_class).parameters
         if name == "caap":
-            # "auto" starts at half the blocks until calibrate_cutoff picks one (or a resume restores it).
+            # "auto" starts at the middle cutoff until calibrate_cutoff picks one (or a resume restores it).
             cutoff = self.calibrated_cutoff if self.layer_cutoff == "auto" else self.layer_cutoff
-            return CAAP(
-                model, layer_cutoff=cutoff, selection=self.selection, blank=self.blank, construction=self.construction,
-                window=self.window, score=self.score, mean=self.mean, std=self.std, head=head,
+            settings = dict(
+                layer_cutoff=cutoff, selection=self.selection, blank=self.blank, construction=self.construction,
+                window=self.window, grid=self.grid, score=self.score, mean=self.mean, std=self.std, head=head,
             )
+            # A CNN's CAAP takes no window or head: _check_family_settings refused them where given.
+            return registry.get_method(name, model, **{k: v for k, v in settings.items() if k in takes})
         kwargs = dict(self.method_kwargs.get(name, {}))
-        takes = inspect.signature(registry.METHODS[name]).parameters
+        check_method_kwargs(name, method_class, kwargs)
         for arg, value in (("mean", self.mean), ("std", self.std), ("head", head)):
             if arg in takes:
                 kwargs.setdefault(arg, value)
@@ -576,7 +697,7 @@ class CAAPCallback(Callback):
             with self._forward_context(trainer):
                 rows = self.guard(
                     trainer, "CAAPCallback: calibrating layer_cutoff", trainer.current_epoch, self._sweep_cutoffs, trainer, pl_module,
-                    skipped=f"the cutoff stays at half the blocks ({caap.layer_cutoff})",
+                    skipped=f"the cutoff stays at the middle one ({caap.layer_cutoff})",
                 )
         except CheckFailed:
             rows = None
@@ -590,7 +711,7 @@ class CAAPCallback(Callback):
         lines = [f"k={r['layer_cutoff']}: InsDel {r['insdel']:.3f}" + (f", AUPR1 {r['aupr_fg']:.3f}" if "aupr_fg" in r else "")
                  for r in rows]
         rank_zero_info(
-            f"CAAPCallback: layer_cutoff='auto' picked k={self.calibrated_cutoff} of 0..{caap.depth} on the "
+            f"CAAPCallback: layer_cutoff='auto' picked k={self.calibrated_cutoff} of 0..{cutoff_depth(caap)} on the "
             f"{len(self.probe)} probe images ({'; '.join(lines)})."
         )
         if trainer.is_global_zero:
@@ -611,9 +732,15 @@ class CAAPCallback(Callback):
             )
 
     def _step_pixels(self, size: tuple) -> Optional[int]:
-        """Pixels per Insertion/Deletion step: ``insertion_deletion_steps`` steps per curve (None: one patch)."""
+        """Pixels per Insertion/Deletion step: ``insertion_deletion_steps`` steps per curve.
+
+        ``None``: one patch of a ViT (``None`` here: the metric reads it), one image row of a CNN (RISE's choice
+        for CNNs, as ``ConvCAAP.calibrate``'s).
+        """
         steps = self.insertion_deletion_steps
-        return None if steps is None else math.ceil(size[0] * size[1] / steps)
+        if steps is None:
+            return None if self._family == "vit" else size[1]
+        return math.ceil(size[0] * size[1] / steps)
 
     # ------------------------------------------------------------------ the check
     def run_check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Optional[ProbeResult]:
@@ -770,15 +897,17 @@ class CAAPCallback(Callback):
         )
 
     def _per_image(self, method_maps: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Each mass metric per probe image, under its logged name: which images carry the reliance."""
+        """Each region metric per probe image, under its logged name: which images carry the reliance."""
+        size = tuple(self.probe.images.shape[-2:])
         out = {}
         for name, maps in method_maps.items():
+            pixel_maps = upsample_maps(maps.float(), size)  # as the metrics saw them
             for metric in self.active_metrics:
                 spec = METRICS[metric]
-                if spec.region is None:
+                if spec.per_image is None:
                     continue
-                values = attribution_mass(maps, getattr(self.probe, spec.needs), region=spec.region,
-                                          normalize_by_area=spec.by_area).float()
+                masks = None if spec.needs is None else getattr(self.probe, spec.needs)
+                values = spec.per_image(pixel_maps, masks).float()
                 for scalar in spec.scalars:
                     out[self.tag(name, scalar)] = values
         return out
@@ -868,14 +997,42 @@ def check_methods(methods: List[str], method_kwargs: Dict[str, Dict[str, Any]]) 
             "CAAP takes the callback's own layer_cutoff, selection, blank, construction and window"
         )
     for name, kwargs in method_kwargs.items():
-        takes = [p for p in inspect.signature(registry.METHODS[name]).parameters if p != "model"]
-        wrong = [k for k in kwargs if k not in takes]
-        if wrong:
-            raise ValueError(
-                f"method_kwargs[{name!r}] has {wrong}, which {registry.METHODS[name].__name__} does not take; it takes {takes}"
-            )
+        check_method_kwargs(name, registry.METHODS[name], kwargs)
     if "occlusion" in methods and importlib.util.find_spec("captum") is None:
         raise ValueError("the occlusion method needs captum, which is not installed: pip install 'caap-lightning[baselines]'")
+
+
+def check_cutoff_form(layer_cutoff: Any) -> None:
+    """``ValueError`` for a ``layer_cutoff`` of no valid form; a stage name is checked in setup, against the CNN's."""
+    if layer_cutoff is None or isinstance(layer_cutoff, str) and layer_cutoff:
+        return
+    if isinstance(layer_cutoff, int) and not isinstance(layer_cutoff, bool) and layer_cutoff >= 0:
+        return
+    raise ValueError(
+        f"layer_cutoff must be an int >= 0, None (the middle), a CNN's stage name or 'auto' (calibrated), "
+        f"got {layer_cutoff!r}"
+    )
+
+
+def check_method_kwargs(name: str, method_class: type, kwargs: Dict[str, Any]) -> None:
+    """``ValueError`` for a ``method_kwargs[name]`` argument that ``method_class`` does not take."""
+    takes = [p for p in inspect.signature(method_class).parameters if p != "model"]
+    wrong = [k for k in kwargs if k not in takes]
+    if wrong:
+        raise ValueError(f"method_kwargs[{name!r}] has {wrong}, which {method_class.__name__} does not take; it takes {takes}")
+
+
+def check_model_images(family: str, model: nn.Module, images: torch.Tensor) -> None:
+    """The checks that the attribution methods of ``model``'s family make of their images, in setup."""
+    if family == "vit":
+        vit.check_images(model, images)
+    else:
+        cnn.check_images(cnn.conv_stages(model), images)
+
+
+def cutoff_depth(method: Any) -> int:
+    """The deepest ``layer_cutoff`` of a CAAP method: a ViT's blocks, a CNN's stages after the stem."""
+    return method.table.depth if isinstance(method, cnn.ConvCAAP) else method.depth
 
 
 def display_name(method: str) -> str:

@@ -1,9 +1,9 @@
-"""SpuriousCueMonitor: an alarm when the model comes to rely on a spurious cue or on the background."""
+"""SpuriousCueMonitor: an alarm when the model comes to rely on a spurious cue, the background or a fixed position."""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
 import lightning as L
 import torch
@@ -11,11 +11,48 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from caap_lightning.callbacks import figures
-from caap_lightning.callbacks.caap_callback import ON_ERROR, CAAPCallback, CheckFailed, ProbeResult, guarded
+from caap_lightning.callbacks.caap_callback import (
+    COLUMN_TITLES,
+    METRICS,
+    ON_ERROR,
+    CAAPCallback,
+    CheckFailed,
+    MetricSpec,
+    ProbeResult,
+    guarded,
+)
+from caap_lightning.callbacks.strategies import (
+    ALL,
+    MIN_GROUP_IMAGES,
+    StrategyGroup,
+    discover_strategies,
+    log_strategies,
+    place_of,
+)
+from caap_lightning.metrics import fixed_position_evidence, region_evidence
+from caap_lightning.metrics._checks import check_int
+from caap_lightning.metrics.functional import HOT_REGION_SHARE
+from caap_lightning.utils import unnormalize, upsample_maps
 
 ALARM_ON = ("high", "low")
-# The default scores, in order of preference: cue masks say most, object masks less.
-DEFAULT_SCORES = ("cue_mass_ratio", "background_mass_ratio")
+STRATEGIES = (True, False, "auto")
+# The default scores, in order of preference: cue masks say most, object masks less, the maps alone least.
+DEFAULT_SCORES = ("cue_density_ratio", "background_density_ratio", "fixed_position_ratio")
+# One threshold for the three default scores: each is 1 for a uniform map and has no ceiling set by a region's
+# area, so "the region is twice as dense in evidence as the rest" means the same for a cue, a background and
+# a fixed position.
+DEFAULT_THRESHOLD = 2.0
+# Below this many probe images, strategy discovery warns that its clusters are anecdotes.
+STRATEGY_PROBE_IMAGES = 64
+# What each default score measures, for the alarm's text.
+SCORE_MEANINGS = {
+    "cue_density_ratio": "the evidence density on the cue over its density off it",
+    "background_density_ratio": "the evidence density off the object over its density on it",
+    "fixed_position_ratio": (
+        f"the evidence density in each image's hot region (the top {HOT_REGION_SHARE:.0%} of the pixels of the other "
+        "images' mean evidence) over its density elsewhere"
+    ),
+}
 
 
 class SpuriousCueMonitor(Callback):
@@ -25,28 +62,35 @@ class SpuriousCueMonitor(Callback):
     ``<prefix>/score``. As in ``EarlyStopping``, a check that improves on the best value so far
     by more than ``min_delta`` becomes the best (with ``alarm_on="high"`` a higher score means
     more reliance, so the best is the lowest); a check is *bad* when the score is past
-    ``threshold`` and is no such improvement. So a score that rises past the threshold alarms,
-    and so does one that is past it from the first check and stays there (a cue learnt before
-    the first check); a score that keeps falling does not, nor does anything below the
+    ``threshold`` and is no such improvement. The first check sets the best value, and is bad when
+    it is past the threshold: the default scores mean the same at every check (1 = a uniform map),
+    so a cue learnt before the first check alarms as early as patience allows. A score that rises
+    past the threshold alarms; one that keeps falling does not, nor does anything below the
     threshold. After ``patience`` bad checks in a row the alarm goes off: ``<prefix>/alarm`` = 1,
-    a warning naming the epoch and the metric, and a text entry (``<prefix>/alarm``) with the
-    probe images that rely most on the cue or background and their heatmaps
-    (``<prefix>/alarm_images``); with ``stop_training`` the fit stops. ``<prefix>/alarm`` stays 1
-    while the bad checks go on and is 0 at every other check. Checks of ``validate``/``test`` runs do not count: they see the same
-    weights as the fit's last check. The best value, the count and the alarms survive a resume
-    from checkpoint; several monitors (with different ``prefix``) run in one Trainer.
+    a warning naming the epoch and the score that fired, and a text entry (``<prefix>/alarm``) with
+    the probe images that rely most on the cue, the background or the fixed position and their
+    heatmaps (``<prefix>/alarm_images``; for the fixed-position score with each image's hot region);
+    with ``stop_training`` the fit stops. ``<prefix>/alarm`` stays 1 while the bad checks go on and
+    is 0 at every other check. Checks of ``validate``/``test`` runs do not count: they see the same
+    weights as the fit's last check. The best value, the count and the alarms survive a resume from
+    checkpoint; several monitors (with different ``prefix``) run in one Trainer.
+
+    With ``strategies`` on, every check of a fit or a validation also clusters the probe's maps, per
+    explained class and overall, in the manner of SpRAy (see
+    :mod:`~caap_lightning.callbacks.strategies`), and logs each cluster's mean map, size and most
+    typical images (``<prefix>/strategies``, ``<prefix>/strategies/<group>``,
+    ``<prefix>/strategies/<group>/clusters``): it shows *how* a class is recognised, e.g. in two
+    ways, one of them a corner. The last result is :attr:`last_strategies`.
 
     Args:
-        monitor: a metric logged by a ``CAAPCallback``, e.g. ``"caap/cue_mass_ratio"`` (the first
-            of its ``methods``) or ``"caap/gradcam/cue_mass_ratio"``. ``None`` picks
-            ``caap/cue_mass_ratio`` when the probe has cue masks, else
-            ``caap/background_mass_ratio``: area-normalised masses (a uniform map scores 1),
-            since raw mass follows the region's area.
+        monitor: a metric logged by a ``CAAPCallback``, e.g. ``"caap/cue_density_ratio"`` (the first
+            of its ``methods``) or ``"caap/gradcam/cue_density_ratio"``. ``None`` picks
+            ``caap/cue_density_ratio`` when the probe has cue masks, else
+            ``caap/background_density_ratio`` with object masks, else ``caap/fixed_position_ratio``
+            (from the maps alone): each 1 for a uniform map at any region size.
         threshold: the score must be past this to count (above for ``alarm_on="high"``); ``None``
-            counts every check that does not improve. The default suits the ``*_ratio``
-            metrics (a uniform map scores 1; ``benchmarks/results/spurious.md`` shows how it was
-            chosen). The ratio cannot exceed 1 / (the region's share of the image), so lower it
-            for large regions.
+            counts every check that does not improve (and the first check only sets the best).
+            The default, :data:`DEFAULT_THRESHOLD`, serves the three default scores.
         min_delta: how much better than the best value so far a score must be to count as an
             improvement (which resets the count).
         patience: bad checks in a row that raise the alarm.
@@ -54,19 +98,28 @@ class SpuriousCueMonitor(Callback):
             the background), ``"low"`` if a lower one does (e.g. ``caap/pointing_game``).
         stop_training: stop the fit when the alarm goes off.
         num_images: probe images named (and drawn) in the alarm's text entry.
-        on_error: ``"warn"`` reports a failing alarm report and lets training go on; ``"raise"`` stops.
+        strategies: strategy discovery: ``"auto"`` when the probe has neither object nor cue masks,
+            ``True`` always, ``False`` never. It wants a probe of 64 to 256 images
+            (``CAAPCallback(num_images=...)``); a class with fewer than 8 is clustered only among all.
+        strategy_max_clusters: the most strategies a group may split into (the eigengap picks 1 to this).
+        strategy_examples: images drawn per strategy.
+        on_error: ``"warn"`` reports a failing alarm report or strategy step and lets training go on;
+            ``"raise"`` stops.
         prefix: the first part of the names logged; give each monitor of a Trainer its own.
     """
 
     def __init__(
         self,
         monitor: Optional[str] = None,
-        threshold: Optional[float] = 4.0,
+        threshold: Optional[float] = DEFAULT_THRESHOLD,
         min_delta: float = 0.1,
         patience: int = 2,
         alarm_on: str = "high",
         stop_training: bool = False,
         num_images: int = 4,
+        strategies: Union[bool, Literal["auto"]] = "auto",
+        strategy_max_clusters: int = 6,
+        strategy_examples: int = 3,
         on_error: str = "warn",
         prefix: str = "spurious",
     ) -> None:
@@ -74,10 +127,16 @@ class SpuriousCueMonitor(Callback):
         for name, value, choices in (("alarm_on", alarm_on, ALARM_ON), ("on_error", on_error, ON_ERROR)):
             if value not in choices:
                 raise ValueError(f"{name}={value!r} is not one of {choices}")
+        if not (isinstance(strategies, bool) or strategies == "auto"):
+            raise ValueError(f"strategies={strategies!r} is not one of {STRATEGIES}")
         if patience < 1 or min_delta < 0 or num_images < 0:
             raise ValueError(f"need patience >= 1, min_delta >= 0 and num_images >= 0; got {patience}, {min_delta}, {num_images}")
+        check_int("strategy_max_clusters", strategy_max_clusters, 2, "the most strategies a group splits into")
+        check_int("strategy_examples", strategy_examples, 1, "images drawn per strategy")
         if monitor is not None and "/" not in monitor:
-            raise ValueError(f"monitor={monitor!r} must be a metric logged by CAAPCallback, e.g. 'caap/cue_mass_ratio'")
+            raise ValueError(
+                f"monitor={monitor!r} must be a metric logged by CAAPCallback, e.g. 'caap/cue_density_ratio'"
+            )
         if not prefix or "/" in prefix:
             raise ValueError(f"prefix must be a non-empty name without '/', got {prefix!r}")
         self.monitor = monitor
@@ -87,6 +146,9 @@ class SpuriousCueMonitor(Callback):
         self.alarm_on = alarm_on
         self.stop_training = stop_training
         self.num_images = num_images
+        self.strategies = strategies
+        self.strategy_max_clusters = strategy_max_clusters
+        self.strategy_examples = strategy_examples
         self.on_error = on_error
         self.prefix = prefix
 
@@ -95,7 +157,11 @@ class SpuriousCueMonitor(Callback):
         self.wait = 0
         self.alarms: List[Dict[str, float]] = []  # one row per alarm: epoch, step, score
         self.history: List[Dict[str, float]] = []  # one row per counted check: epoch, step, score, alarm
+        self.discovers_strategies = False  # `strategies` resolved against the probe, in setup
+        self.last_strategies: Dict[str, StrategyGroup] = {}  # group -> its strategies, at the last check
         self._source: Optional[CAAPCallback] = None
+        self._method: Optional[str] = None  # the attribution method whose scalar is watched
+        self._spec: Optional[MetricSpec] = None  # the watched scalar's metric, where it is one of METRICS
         self._seen: Optional[ProbeResult] = None
 
     @property
@@ -108,7 +174,7 @@ class SpuriousCueMonitor(Callback):
         if len(siblings) > 1:
             raise ValueError(
                 f"the Trainer has {len(siblings)} SpuriousCueMonitors with prefix={self.prefix!r}; give each its own "
-                "prefix (e.g. SpuriousCueMonitor(monitor='caap/background_mass_ratio', prefix='spurious_background'))"
+                "prefix (e.g. SpuriousCueMonitor(monitor='caap/background_density_ratio', prefix='spurious_bg'))"
             )
         sources = [cb for cb in trainer.callbacks if isinstance(cb, CAAPCallback)]
         if not sources:
@@ -124,6 +190,9 @@ class SpuriousCueMonitor(Callback):
         elif self.monitor not in logged:
             raise ValueError(f"monitor={self.monitor!r} is not among the metrics CAAPCallback logs here: {sorted(logged)}")
         self._source = logged[self.monitor_key]
+        self._method, self._spec = self._watched(self._source, self.monitor_key)
+        self._check_scorable(self._source)
+        self._resolve_strategies(self._source)
 
     @staticmethod
     def _default_key(sources: List[CAAPCallback], logged: List[str]) -> str:
@@ -134,18 +203,63 @@ class SpuriousCueMonitor(Callback):
             if keys:
                 return keys[0]
         raise ValueError(
-            "SpuriousCueMonitor's default watches caap/cue_mass_ratio or caap/background_mass_ratio, which "
-            f"need cue or object masks; the probe batch has neither (the CAAPCallbacks log {logged}). "
-            "Use probe data with masks, or set `monitor` to one of those metrics."
+            "SpuriousCueMonitor's default watches caap/cue_density_ratio (with cue masks), "
+            "caap/background_density_ratio (with object masks) or caap/fixed_position_ratio (from the maps alone), "
+            f"but the CAAPCallbacks log none of them (they log {logged}): add 'fixed_position_ratio' (or a density "
+            "ratio the probe's masks allow) to CAAPCallback's `metrics`, or set `monitor` to one of those it logs."
         )
+
+    @staticmethod
+    def _watched(source: CAAPCallback, key: str) -> Tuple[str, Optional[MetricSpec]]:
+        """The method whose scalar ``key`` is, and that scalar's metric (``None`` for one outside METRICS)."""
+        for method in source.methods:
+            for metric in source.active_metrics:
+                if any(source.tag(method, scalar) == key for scalar in METRICS[metric].scalars):
+                    return method, METRICS[metric]
+        return source.methods[0], None
+
+    def _check_scorable(self, source: CAAPCallback) -> None:
+        """Fail in setup, not at every check, on a probe the watched metric refuses (blank masks for a density
+        ratio, a single image for the fixed-position ratio): its per-image values of blank maps say so."""
+        spec, probe = self._spec, source.probe
+        if spec is None or spec.per_image is None:
+            return
+        masks = None if spec.needs is None else getattr(probe, spec.needs)
+        try:
+            spec.per_image(torch.zeros(len(probe), *probe.images.shape[-2:]), masks)
+        except ValueError as exc:
+            raise ValueError(
+                f"SpuriousCueMonitor cannot watch {self.monitor_key} on this probe of {len(probe)} image(s): {exc}"
+            ) from exc
+
+    def _resolve_strategies(self, source: CAAPCallback) -> None:
+        probe = source.probe
+        if self.strategies == "auto":
+            self.discovers_strategies = probe.masks is None and probe.cue_masks is None
+        else:
+            self.discovers_strategies = bool(self.strategies)
+        if self.discovers_strategies and len(probe) < STRATEGY_PROBE_IMAGES:
+            rank_zero_warn(
+                f"SpuriousCueMonitor: strategy discovery clusters the {len(probe)} probe images; clusters of so few "
+                f"are anecdotes, and a class with fewer than {MIN_GROUP_IMAGES} is not clustered on its "
+                f"own. Give CAAPCallback num_images={STRATEGY_PROBE_IMAGES} to 256, or strategies=False."
+            )
 
     # ------------------------------------------------------------------ checks
     def update(self, score: float) -> bool:
-        """Take one score; ``True`` when it raises the alarm (the count reaches ``patience``)."""
+        """Take one score; ``True`` when it raises the alarm (the count reaches ``patience``).
+
+        The first score sets the best value; it is bad when it is past the threshold (with no
+        threshold it only sets the best).
+        """
         sign = 1.0 if self.alarm_on == "high" else -1.0
-        improved = sign * (self.best - score) > self.min_delta  # always the first score (best is +-inf)
-        past = self.threshold is None or sign * (score - self.threshold) > 0
-        if improved:
+        first = math.isinf(self.best)
+        improved = not first and sign * (self.best - score) > self.min_delta
+        if self.threshold is None:
+            past = not first
+        else:
+            past = sign * (score - self.threshold) > 0
+        if first or improved:
             self.best = score
         self.wait = self.wait + 1 if past and not improved else 0
         return self.wait == self.patience
@@ -159,9 +273,19 @@ class SpuriousCueMonitor(Callback):
         if trainer.sanity_checking or self._source is None:
             return
         result = self._source.last
-        if result is None or result is self._seen or result.stage != "fit":
-            return  # no new check of a fit since the last one
+        if result is None or result is self._seen:
+            return  # no new check since the last one
         self._seen = result
+        if self.discovers_strategies:
+            try:
+                guarded(trainer, self.on_error, "SpuriousCueMonitor: discovering strategies", result.epoch,
+                        self._discover, trainer, result, skipped="the strategies are left out of this check")
+            except CheckFailed:
+                self.last_strategies = {}
+        if result.stage == "fit":
+            self._count(trainer, result)
+
+    def _count(self, trainer: L.Trainer, result: ProbeResult) -> None:
         score = result.metrics.get(self.monitor_key)
         if score is None or not math.isfinite(score):
             rank_zero_warn(
@@ -185,24 +309,50 @@ class SpuriousCueMonitor(Callback):
         if self.stop_training and self.alarmed:
             trainer.should_stop = trainer.strategy.reduce_boolean_decision(True, all=False)
 
+    def _discover(self, trainer: L.Trainer, result: ProbeResult) -> None:
+        self.last_strategies = {}  # a failure below leaves none rather than the last check's
+        maps = result.method_maps[self._method]
+        self.last_strategies = discover_strategies(
+            maps, result.targets, result.class_name, max_clusters=self.strategy_max_clusters
+        )
+        if trainer.is_global_zero:
+            log_strategies(
+                trainer, self.prefix, result, self.last_strategies, self._method, self._map_title,
+                self.strategy_examples,
+            )
+
+    @property
+    def _map_title(self) -> str:
+        method = self._method or "caap"
+        return COLUMN_TITLES.get(method, method)
+
+    # ------------------------------------------------------------------ the alarm's report
     def _report(self, trainer: L.Trainer, result: ProbeResult, score: float) -> None:
         threshold = "" if self.threshold is None else f", past the threshold {self.threshold}"
         where = figures.describe_destinations(trainer)
         see = f" See '{self.monitor_key}' and the '{self.prefix}/alarm' text in {where}." if where else ""
+        meaning = self._meaning
         rank_zero_warn(
             f"SpuriousCueMonitor: alarm at epoch {result.epoch} (step {result.step}): {self.monitor_key} = {score:.3f} "
             f"has not improved on its best {self.best:.3f} by more than {self.min_delta} for {self.patience} checks in a row"
-            f"{threshold}; the model relies on the {self.region}.{see}"
+            f"{threshold}; the model relies on the {self.region}{f' ({meaning})' if meaning else ''}.{see}"
         )
         if not trainer.is_global_zero or self.num_images == 0:
             return
-        per_image = result.per_image.get(self.monitor_key)
+        per_image = self.per_image_scores(result)
         rows = self.top_images(per_image, len(result.targets))
         probe = result.probe
         lines = [
             f"**Alarm at epoch {result.epoch}, step {result.step}**: `{self.monitor_key}` = {score:.3f} "
             f"(best {self.best:.3f}; {self.patience} checks in a row without improving on it by more than "
             f"{self.min_delta}{threshold}).",
+        ]
+        if meaning:
+            lines += ["", f"The score is {meaning}; 1 for a uniform map."]
+        found = self._fixed_position(result) if self._is_fixed_position else None
+        if found is not None:
+            lines += ["", *self._fixed_position_lines(result, found)]
+        lines += [
             "",
             f"Probe images that rely most on the {self.region}:",
             "",
@@ -216,14 +366,76 @@ class SpuriousCueMonitor(Callback):
                 f"| #{i} | {result.class_name(int(probe.labels[i]))}{cue} | {result.class_name(int(result.targets[i]))} "
                 f"| {float(result.scores[i]):.2f} | {value} |"
             )
-        lines += ["", f"Their heatmaps: image `{self.prefix}/alarm_images` at this step."]
+        extra = " with each image's hot region" if found is not None else ""
+        lines += ["", f"Their heatmaps{extra}: image `{self.prefix}/alarm_images` at this step."]
         figures.log_text(trainer, f"{self.prefix}/alarm", "\n".join(lines), result.step)
         if rows:
-            figures.log_image(trainer, f"{self.prefix}/alarm_images", result.draw_rows(rows), result.step)
+            image = result.draw_rows(rows) if found is None else self._draw_hot_regions(result, rows, found)
+            figures.log_image(trainer, f"{self.prefix}/alarm_images", image, result.step)
+
+    @property
+    def _is_fixed_position(self) -> bool:
+        return (self.monitor_key or "").endswith("/fixed_position_ratio")
+
+    @property
+    def _meaning(self) -> str:
+        scalar = (self.monitor_key or "").rsplit("/", 1)[-1]
+        return SCORE_MEANINGS.get(scalar, "")
+
+    def _pixel_maps(self, result: ProbeResult) -> torch.Tensor:
+        """The watched method's maps at the probe's image size, as its metrics saw them."""
+        return upsample_maps(result.method_maps[self._method].float(), tuple(result.probe.images.shape[-2:]))
+
+    def _fixed_position(self, result: ProbeResult) -> Any:
+        return fixed_position_evidence(self._pixel_maps(result))
+
+    def _fixed_position_lines(self, result: ProbeResult, found: Any) -> List[str]:
+        """Where the hot region sits, and the strategy (if discovered) that puts most evidence there."""
+        area = float(found.area[0])
+        lines = [
+            f"The hot region of all the probe's maps together sits at the {place_of(found.hot_region.float())} "
+            f"({area:.0%} of the image); each image's own hot region is chosen from the other images' maps."
+        ]
+        group = self.last_strategies.get(ALL)
+        if group is not None and group.strategies:
+            size = tuple(found.hot_region.shape)
+            means = upsample_maps(torch.stack([s.mean_map for s in group.strategies]), size)
+            shares = ((means * found.hot_region).sum((1, 2)) / means.sum((1, 2))).tolist()
+            j = max(range(len(shares)), key=shares.__getitem__)
+            strategy = group.strategies[j]
+            members = ", ".join(f"#{i}" for i in strategy.members[: self.strategy_examples].tolist())
+            lines.append(
+                f"Of the {len(group.strategies)} strategies among all classes (`{self.prefix}/strategies/all`), "
+                f"strategy {j + 1} ({len(strategy.members)} images, e.g. {members}) puts the most evidence there: "
+                f"{shares[j]:.0%} of its mean map, at the {strategy.place}."
+            )
+        return lines
+
+    def _draw_hot_regions(self, result: ProbeResult, rows: List[int], found: Any) -> Any:
+        """The alarm's images: image | the watched maps | each image's hot region."""
+        index = torch.as_tensor(rows, dtype=torch.long)
+        overlays = {
+            self._map_title: self._pixel_maps(result)[index],
+            "hot region": found.regions[index].float(),
+        }
+        probe = result.probe
+        return figures.heatmap_grid(
+            unnormalize(probe.images[index], result.mean, result.std), overlays, [result.row_title(i) for i in rows]
+        )
+
+    def per_image_scores(self, result: ProbeResult) -> Optional[torch.Tensor]:
+        """The watched scalar per probe image (``None`` for a scalar without per-image values)."""
+        published = result.per_image.get(self.monitor_key)
+        if published is not None or self._spec is None or self._spec.per_image is None:
+            return published
+        masks = None if self._spec.needs is None else getattr(result.probe, self._spec.needs)
+        return self._spec.per_image(self._pixel_maps(result), masks).float()
 
     @property
     def region(self) -> str:
         key = self.monitor_key or ""
+        if key.endswith("fixed_position_ratio"):
+            return "fixed position"
         return "cue" if "cue" in key else "background" if "background" in key else "monitored region"
 
     def top_images(self, per_image: Optional[torch.Tensor], n: int) -> List[int]:

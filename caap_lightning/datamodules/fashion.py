@@ -9,38 +9,19 @@ from pathlib import Path
 from typing import Dict, List, Literal, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 import torchvision.transforms.v2 as v2
 from PIL import Image
-from torch.utils.data import Dataset
-from torchvision import tv_tensors
 from torchvision.datasets import FashionMNIST
 
-from caap_lightning.datamodules.base import MaskedImageDataModule, as_mask
-from caap_lightning.datamodules.synthetic import _SPLIT_IDS, CUE_COLOURS, SyntheticShapes
+from caap_lightning.datamodules.base import MaskedImageDataModule
+from caap_lightning.datamodules.cues import CUE_KINDS, DrawnSplit, as_sample, check_cue_kind, compose, cue_margin, draw_cue
 from caap_lightning.utils import IMAGENET_MEAN, IMAGENET_STD
 
-CUES = ("none", "marker", "watermark", "border", "background")
-CueKind = Literal["none", "marker", "watermark", "border", "background"]
+CUES = ("none", *CUE_KINDS)
+CueOrNone = Literal["none", "marker", "watermark", "border", "background"]
 # Where Debian's package dataset-fashion-mnist installs the four gzip'd IDX files.
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-# The synthetic set's six marker colours and four hues between them: one per garment class.
-FASHION_CUE_COLOURS = CUE_COLOURS + ((1.0, 0.5, 0.0), (0.5, 1.0, 0.0), (0.0, 0.5, 1.0), (1.0, 0.0, 0.5))
-WATERMARK_COLOUR = (1.0, 1.0, 1.0)
-# 3x5 pixel digits: the watermark of class k is the digit k.
-DIGIT_GLYPHS = (
-    ("111", "101", "101", "101", "111"),
-    ("010", "110", "010", "010", "111"),
-    ("111", "001", "111", "100", "111"),
-    ("111", "001", "111", "001", "111"),
-    ("101", "101", "111", "001", "001"),
-    ("111", "100", "111", "001", "111"),
-    ("111", "100", "111", "101", "111"),
-    ("111", "001", "010", "010", "010"),
-    ("111", "101", "111", "101", "111"),
-    ("111", "101", "111", "001", "111"),
-)
 
 
 def find_fashion_mnist(root: str) -> None:
@@ -74,55 +55,50 @@ def find_fashion_mnist(root: str) -> None:
         )
 
 
-class FashionCanvas(Dataset):
+class FashionCanvas(DrawnSplit):
     """One split of the canvas set; sample ``i`` shows garment ``indices[i % len(indices)]``.
 
     Its size, position and cue come from a generator seeded with ``(seed, split, i)``, so a
     split longer than its garments shows each garment several times, placed anew.
-    ``cue_correlation`` is the probability that the cue's class equals the label.
+    ``labels`` maps a Fashion-MNIST label to the class index; ``cue_correlation`` is the
+    probability that the cue's class equals the label. With ``cache`` each canvas is drawn once
+    and kept.
     """
-
-    # The marker follows the synthetic set: its cue-label draw and its free-corner choice.
-    cue_label = SyntheticShapes.cue_label
-    cue_box = SyntheticShapes.cue_box
 
     def __init__(
         self,
         garments: FashionMNIST,
         indices: Sequence[int],
+        labels: Dict[int, int],
         length: int,
         img_size: int,
-        cue: CueKind,
+        cue: CueOrNone,
         cue_correlation: float,
         object_size: Tuple[float, float],
         cue_size: int,
         mask_threshold: float,
         seed: int,
         split: str,
+        cache: bool = False,
     ):
+        super().__init__(length, seed, split, cache)
         self.garments = garments
         self.indices = list(indices)
-        self.length = length
-        self.num_classes = len(FashionMNIST.classes)
+        self.labels = dict(labels)
+        self.num_classes = len(self.labels)
         self.img_size = img_size
         self.cue = cue
         self.cue_correlation = cue_correlation
         self.object_size = object_size
         self.cue_size = cue_size
-        self.margin = max(1, cue_size // 4)  # the border's width; garments keep inside it
+        self.margin = cue_margin(cue_size)  # garments keep inside the border's width
         self.mask_threshold = mask_threshold
-        self.seed = seed
-        self.split_id = _SPLIT_IDS[split]
 
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, i: int) -> Dict[str, object]:
-        if not 0 <= i < self.length:
-            raise IndexError(i)
-        garment, label = self.garments[self.indices[i % len(self.indices)]]
+    def draw(self, i: int) -> Dict[str, object]:
+        garment, fashion_label = self.garments[self.indices[i % len(self.indices)]]
+        label = self.labels[int(fashion_label)]
         # Placement and background are drawn before the cue, so they do not depend on the cue kind.
-        rng = np.random.default_rng([self.seed, self.split_id, i])
+        rng = self.rng(i)
         s, m = self.img_size, self.margin
         size = int(np.clip(round(rng.uniform(*self.object_size) * s), 4, s - 2 * m))
         y, x = (int(v) for v in rng.integers(m, s - m - size, 2, endpoint=True))
@@ -131,47 +107,13 @@ class FashionCanvas(Dataset):
         obj[y : y + size, x : x + size] = grey > self.mask_threshold
         value = np.zeros((s, s), np.float32)
         value[y : y + size, x : x + size] = grey
-        base = rng.uniform(0.05, 0.25)
+        level = np.full((3, 1, 1), rng.uniform(0.05, 0.25), np.float32)
         noise = rng.normal(0.0, 0.02, (s, s)).astype(np.float32)
-
-        sample: Dict[str, object] = {"label": int(label)}
-        background = np.full((3, 1, 1), base, np.float32)
         cue = None
         if self.cue != "none":
-            cue_label = self.cue_label(rng, int(label))
-            colour = np.asarray(FASHION_CUE_COLOURS[cue_label], np.float32)[:, None, None]
-            if self.cue == "background":
-                background, cue = 0.5 * colour, ~obj
-            else:
-                cue = self.cue_region(rng, cue_label, obj)
-            sample["cue_label"] = cue_label
-        image = np.where(obj[None], value[None], background + noise[None])
-        if cue is not None:
-            if self.cue != "background":
-                paint = WATERMARK_COLOUR if self.cue == "watermark" else FASHION_CUE_COLOURS[cue_label]
-                image = np.where(cue[None], np.asarray(paint, np.float32)[:, None, None], image)
-                obj = obj & ~cue
-            sample["cue_mask"] = as_mask(cue)
-        pixels = np.rint(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)
-        sample["image"] = tv_tensors.Image(torch.from_numpy(pixels))
-        sample["mask"] = as_mask(obj)
-        return sample
-
-    def cue_region(self, rng: np.random.Generator, cue_label: int, obj: np.ndarray) -> np.ndarray:
-        """Pixels of a marker, watermark or border cue, drawn on top of the garment."""
-        s, m, c = self.img_size, self.margin, self.cue_size
-        region = np.zeros((s, s), bool)
-        if self.cue == "marker":
-            y, x = self.cue_box(rng, obj)
-            region[y : y + c, x : x + c] = True
-        elif self.cue == "watermark":
-            glyph = np.array([[ch == "1" for ch in row] for row in DIGIT_GLYPHS[cue_label]])
-            glyph = glyph.repeat(m, 0).repeat(m, 1)  # 3x5 digits scaled by the margin: 6x10 px at cue_size 8
-            h, w = glyph.shape
-            region[s - m - h : s - m, s - m - w : s - m] = glyph
-        else:
-            region[:m], region[-m:], region[:, :m], region[:, -m:] = True, True, True, True
-        return region
+            cue = draw_cue(self.cue, rng, label, self.num_classes, self.cue_correlation, obj, self.cue_size)
+        image, obj = compose(obj, value[None], level, noise[None], cue)
+        return as_sample(label, image, obj, cue)
 
 
 class FashionCanvasDataModule(MaskedImageDataModule):
@@ -182,36 +124,40 @@ class FashionCanvasDataModule(MaskedImageDataModule):
     brighter than ``mask_threshold``. ``cue`` adds a spurious cue whose class is drawn as in the
     synthetic set: in training it matches the label with probability ``cue_correlation``; in
     validation and test (so the probe batch) it is drawn independently of the label, so
-    ``cue_labels != labels`` marks the cue-conflicting images. ``cue_masks`` are its pixels:
+    ``cue_labels != labels`` marks the cue-conflicting images. The cue kinds are drawn as on the
+    shapes (:mod:`caap_lightning.datamodules.cues`); ``cue_masks`` are their pixels:
 
-    * ``"marker"``: a ``cue_size`` square in a free corner, coloured ``FASHION_CUE_COLOURS[k]``;
+    * ``"marker"``: a ``cue_size`` square in a free corner, coloured ``CUE_COLOURS[k]``;
     * ``"watermark"``: the digit ``k`` (3x5 pixel font scaled by ``cue_size // 4``) in white,
       always at the bottom-right;
-    * ``"border"``: a frame ``cue_size // 4`` wide around the canvas in ``FASHION_CUE_COLOURS[k]``;
-    * ``"background"``: the canvas itself is ``FASHION_CUE_COLOURS[k]`` at half brightness; the cue
+    * ``"border"``: a frame ``cue_size // 4`` wide around the canvas in ``CUE_COLOURS[k]``;
+    * ``"background"``: the canvas itself is ``CUE_COLOURS[k]`` at half brightness; the cue
       never overlaps the garment, and its mask is everything but the garment.
 
     Marker and watermark are drawn over the garment where they meet it, and those pixels leave the
     object mask; garments keep ``cue_size // 4`` pixels from the edges, so the border never covers
     them. ``cue="none"`` draws no cue (``cue_masks``/``cue_labels`` are ``None``).
 
-    Training uses the 60000 training garments; validation and test the first and second halves of
-    the 10000 test garments. ``num_train``/``num_val``/``num_test`` set a split's length (default:
-    one canvas per garment; longer splits show garments again, placed anew). Canvas ``i`` of a
-    split is drawn from ``(seed, split, i)`` whenever it is read: the same for every instance and
-    epoch, and for every cue kind except for the cue itself.
+    ``classes`` keeps some Fashion-MNIST classes (their label indices, e.g. ``[1, 8, 7, 6]``:
+    trouser, bag, sneaker, shirt), relabelled ``0..len(classes) - 1`` in that order; by default
+    all ten. Training uses the training garments of those classes (all 60000 by default);
+    validation and test the first and second halves of their test garments.
+    ``num_train``/``num_val``/``num_test`` set a split's length (default: one canvas per garment;
+    longer splits show garments again, placed anew). Canvas ``i`` of a split is drawn from
+    ``(seed, split, i)`` whenever it is read: the same for every instance and epoch, and for every
+    cue kind except for the cue itself. ``cache`` keeps every canvas drawn (drawing one costs about
+    as much as a tiny ViT's training step on it), at the price of memory: an image and two masks,
+    ``5 * img_size**2`` bytes, per canvas.
 
     Data never downloads: ``prepare_data`` takes the IDX files from ``<root>/FashionMNIST/raw``,
     ``root`` or Debian's ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``),
     unpacking ``.gz`` into ``<root>/FashionMNIST/raw``, and fails saying how to get them.
     """
 
-    num_classes = len(FashionMNIST.classes)
-
     def __init__(
         self,
         root: str = "data",
-        cue: CueKind = "none",
+        cue: CueOrNone = "none",
         cue_correlation: float = 0.9,
         img_size: int = 64,
         object_size: Tuple[float, float] = (0.4, 0.8),
@@ -225,10 +171,15 @@ class FashionCanvasDataModule(MaskedImageDataModule):
         mean: Tuple[float, float, float] = IMAGENET_MEAN,
         std: Tuple[float, float, float] = IMAGENET_STD,
         seed: int = 0,
+        classes: Optional[List[int]] = None,
+        cache: bool = False,
     ):
         super().__init__(img_size=img_size, batch_size=batch_size, num_workers=num_workers, mean=mean, std=std, seed=seed)
-        if cue not in CUES:
-            raise ValueError(f"cue must be one of {CUES}, got {cue!r}")
+        check_cue_kind(cue, CUES)
+        every = list(range(len(FashionMNIST.classes)))
+        classes = every if classes is None else [int(c) for c in classes]
+        if len(classes) < 2 or len(set(classes)) != len(classes) or not set(classes) <= set(every):
+            raise ValueError(f"classes must be 2 or more distinct Fashion-MNIST labels in 0..9, got {classes}")
         if not 0.0 <= cue_correlation <= 1.0:
             raise ValueError(f"cue_correlation must be in [0, 1], got {cue_correlation}")
         if not 0.0 < object_size[0] <= object_size[1] <= 1.0:
@@ -242,26 +193,30 @@ class FashionCanvasDataModule(MaskedImageDataModule):
                 f"num_train, num_val and num_test must be positive or None, got {num_train}, {num_val}, {num_test}"
             )
         self.root = root
+        self.classes = classes
+        self.num_classes = len(classes)
         self.cue = cue
         self.cue_correlation = float(cue_correlation)
         self.object_size = (float(object_size[0]), float(object_size[1]))
         self.cue_size = int(cue_size)
         self.mask_threshold = float(mask_threshold)
+        self.cache = bool(cache)
         self.num_train, self.num_val, self.num_test = num_train, num_val, num_test
 
     @property
     def class_names(self) -> List[str]:
-        return list(FashionMNIST.classes)
+        return [FashionMNIST.classes[c] for c in self.classes]
 
     def prepare_data(self) -> None:
         find_fashion_mnist(self.root)
 
-    def split(self, garments: FashionMNIST, indices: range, split: str, length: Optional[int]) -> FashionCanvas:
+    def split(self, garments: FashionMNIST, indices: Sequence[int], split: str, length: Optional[int]) -> FashionCanvas:
         # Outside training the cue is independent of the label: correlation 1/num_classes.
         correlation = self.cue_correlation if split == "train" else 1.0 / self.num_classes
         return FashionCanvas(
             garments=garments,
             indices=indices,
+            labels={fashion: k for k, fashion in enumerate(self.classes)},
             length=len(indices) if length is None else length,
             img_size=self.img_size,
             cue=self.cue,
@@ -271,18 +226,28 @@ class FashionCanvasDataModule(MaskedImageDataModule):
             mask_threshold=self.mask_threshold,
             seed=self.seed,
             split=split,
+            cache=self.cache,
         )
 
     def build_sources(self) -> Tuple[FashionCanvas, FashionCanvas, FashionCanvas]:
         self.prepare_data()  # probe_batch without a Trainer; only a check once the files are there
         train = FashionMNIST(self.root, train=True, download=False)
         test = FashionMNIST(self.root, train=False, download=False)
-        half = len(test) // 2
+        train_indices, test_indices = self.garments_of_classes(train), self.garments_of_classes(test)
+        half = len(test_indices) // 2
         return (
-            self.split(train, range(len(train)), "train", self.num_train),
-            self.split(test, range(half), "val", self.num_val),
-            self.split(test, range(half, len(test)), "test", self.num_test),
+            self.split(train, train_indices, "train", self.num_train),
+            self.split(test, test_indices[:half], "val", self.num_val),
+            self.split(test, test_indices[half:], "test", self.num_test),
         )
+
+    def garments_of_classes(self, garments: FashionMNIST) -> List[int]:
+        """Indices of the garments of ``classes``, in their file order."""
+        keep = np.isin(np.asarray(garments.targets), self.classes)
+        indices = np.flatnonzero(keep).tolist()
+        if not indices:
+            raise ValueError(f"the Fashion-MNIST files under {self.root!r} have no garment of classes {self.classes}")
+        return indices
 
     def train_transform(self) -> v2.Transform:
         # Canvases are already drawn at img_size with random placement; a flip would move the watermark.

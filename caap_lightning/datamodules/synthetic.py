@@ -5,25 +5,13 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
-import torch
 import torchvision.transforms.v2 as v2
-from torch.utils.data import Dataset
-from torchvision import tv_tensors
 
-from caap_lightning.datamodules.base import MaskedImageDataModule, as_mask
+from caap_lightning.datamodules.base import MaskedImageDataModule
+from caap_lightning.datamodules.cues import CueKind, DrawnSplit, as_sample, check_cue_kind, compose, draw_cue
 from caap_lightning.utils import IMAGENET_MEAN, IMAGENET_STD
 
 SHAPES = ("disc", "square", "triangle", "cross", "ring", "diamond")
-# One saturated marker colour per class; the cue says "class k" by its colour.
-CUE_COLOURS = (
-    (1.0, 0.0, 0.0),
-    (0.0, 1.0, 0.0),
-    (0.0, 0.0, 1.0),
-    (1.0, 1.0, 0.0),
-    (1.0, 0.0, 1.0),
-    (0.0, 1.0, 1.0),
-)
-_SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 
 
 def shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, size: float) -> np.ndarray:
@@ -46,7 +34,7 @@ def shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, size: float) -> np.nd
     raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
 
 
-class SyntheticShapes(Dataset):
+class SyntheticShapes(DrawnSplit):
     """One split of the synthetic set; sample ``i`` is drawn from its own seeded generator.
 
     ``cue_correlation`` is the probability that the cue's class equals the label; ``None``
@@ -58,6 +46,7 @@ class SyntheticShapes(Dataset):
         length: int,
         num_classes: int,
         img_size: int,
+        cue: CueKind,
         cue_correlation: Optional[float],
         shape_contrast: float,
         object_size: Tuple[float, float],
@@ -65,30 +54,22 @@ class SyntheticShapes(Dataset):
         seed: int,
         split: str,
     ):
-        self.length = length
+        # Drawing costs about as much as a tiny ViT's step on it, so each sample is drawn once.
+        super().__init__(length, seed, split, cache=True)
         self.num_classes = num_classes
         self.img_size = img_size
+        self.cue = cue
         self.cue_correlation = cue_correlation
         self.shape_contrast = shape_contrast
         self.object_size = object_size
         self.cue_size = cue_size
-        self.seed = seed
-        self.split_id = _SPLIT_IDS[split]
         self.yy, self.xx = np.mgrid[0:img_size, 0:img_size].astype(np.float32) + 0.5
-        # Drawing costs about as much as a tiny ViT's step on it, so each sample is drawn once.
-        self._drawn: Dict[int, Dict[str, object]] = {}
 
-    def __len__(self) -> int:
-        return self.length
+    def background(self, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray, float]:
+        """A grey, softly textured background: its tinted level ``(3, 1, 1)``, its texture ``(1, H, W)``, its grey.
 
-    def cue_label(self, rng: np.random.Generator, label: int) -> int:
-        if rng.random() < self.cue_correlation:
-            return label
-        others = [k for k in range(self.num_classes) if k != label]
-        return int(others[rng.integers(len(others))])
-
-    def background(self, rng: np.random.Generator) -> Tuple[np.ndarray, float]:
-        """A grey, softly textured background (random oriented gratings plus pixel noise)."""
+        The texture is random oriented gratings plus pixel noise.
+        """
         s = self.img_size
         base = rng.uniform(0.3, 0.7)
         texture = np.zeros((s, s), np.float32)
@@ -98,28 +79,12 @@ class SyntheticShapes(Dataset):
             texture += np.sin(freq * (np.cos(angle) * self.xx + np.sin(angle) * self.yy) + rng.uniform(0, 2 * np.pi))
         texture = 0.04 * texture + rng.normal(0.0, 0.02, (s, s)).astype(np.float32)
         tint = rng.uniform(-0.04, 0.04, 3).astype(np.float32)
-        return base + tint[:, None, None] + texture[None], base
-
-    def cue_box(self, rng: np.random.Generator, obj: np.ndarray) -> Tuple[int, int]:
-        """Top-left corner of the marker: a random image corner that the object leaves free."""
-        s, c = self.img_size, self.cue_size
-        margin = max(1, c // 4)
-        corners = [(margin, margin), (margin, s - margin - c), (s - margin - c, margin), (s - margin - c, s - margin - c)]
-        overlap = [obj[max(0, y - 1) : y + c + 1, max(0, x - 1) : x + c + 1].sum() for y, x in corners]
-        free = [k for k, o in enumerate(overlap) if o == 0] or [int(np.argmin(overlap))]
-        return corners[free[rng.integers(len(free))]]
-
-    def __getitem__(self, i: int) -> Dict[str, object]:
-        if not 0 <= i < self.length:
-            raise IndexError(i)
-        if i not in self._drawn:
-            self._drawn[i] = self.draw(i)
-        return dict(self._drawn[i])
+        return base + tint[:, None, None], texture[None], base
 
     def draw(self, i: int) -> Dict[str, object]:
-        rng = np.random.default_rng([self.seed, self.split_id, i])
+        rng = self.rng(i)
         label = i % self.num_classes
-        image, base = self.background(rng)
+        level, texture, base = self.background(rng)
 
         s = self.img_size
         size = rng.uniform(*self.object_size) * s
@@ -128,36 +93,38 @@ class SyntheticShapes(Dataset):
         # Brightness sets the contrast to the background; hue is random, so only the shape tells the class.
         sign = 1.0 if rng.random() < 0.5 else -1.0
         colour = base + sign * self.shape_contrast + rng.uniform(-0.15, 0.15, 3)
-        image = np.where(obj[None], colour[:, None, None].astype(np.float32), image)
-
-        sample: Dict[str, object] = {"label": label}
+        cue = None
         if self.cue_correlation is not None:
-            cue_label = self.cue_label(rng, label)
-            y, x = self.cue_box(rng, obj)
-            cue = np.zeros((s, s), bool)
-            cue[y : y + self.cue_size, x : x + self.cue_size] = True
-            image = np.where(cue[None], np.asarray(CUE_COLOURS[cue_label], np.float32)[:, None, None], image)
-            obj = obj & ~cue
-            sample["cue_mask"] = as_mask(cue)
-            sample["cue_label"] = cue_label
-        pixels = np.rint(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)
-        sample["image"] = tv_tensors.Image(torch.from_numpy(pixels))
-        sample["mask"] = as_mask(obj)
-        return sample
+            cue = draw_cue(self.cue, rng, label, self.num_classes, self.cue_correlation, obj, self.cue_size)
+        image, obj = compose(obj, colour[:, None, None].astype(np.float32), level, texture, cue)
+        return as_sample(label, image, obj, cue)
 
 
 class SyntheticSpuriousDataModule(MaskedImageDataModule):
-    """Coloured shapes on a textured background, with an optional spurious colour marker.
+    """Coloured shapes on a textured background, with an optional spurious cue.
 
     Class ``k`` is the shape ``SHAPES[k]`` (disc, square, triangle, cross, ring, diamond) with
-    random colour, size and position; ``masks`` are its exact pixels. The cue is a small
-    square in a free image corner whose colour (``CUE_COLOURS[k]``) names a class: in training it
-    matches the label with probability ``cue_correlation``; in validation (and so the probe
-    batch) it is drawn independently of the label, so ``cue_labels != labels`` marks the
-    cue-conflicting images. ``cue_correlation=None`` draws no cue anywhere. A low
-    ``shape_contrast`` (brightness step between shape and background) makes the shape harder
-    to see than the cue. No files: sample ``i`` of a split is drawn from ``(seed, split, i)`` on
-    first use and kept in memory.
+    random colour, size and position; ``masks`` are its exact visible pixels. The cue names a
+    class: in training it matches the label with probability ``cue_correlation``; in validation
+    (and so the probe batch) and test it is drawn independently of the label, so
+    ``cue_labels != labels`` marks the cue-conflicting images. ``cue_correlation=None`` draws no
+    cue anywhere (``cue_masks``/``cue_labels`` are ``None``). ``cue`` sets its kind, drawn as by
+    ``FashionCanvasDataModule`` (:mod:`caap_lightning.datamodules.cues`); ``cue_masks`` are its pixels:
+
+    * ``"marker"`` (the default): a ``cue_size`` square in an image corner that the shape leaves
+      free, coloured ``CUE_COLOURS[k]``;
+    * ``"watermark"``: the digit ``k`` (3x5 pixel font scaled by ``cue_size // 4``) in white,
+      always at the bottom-right;
+    * ``"border"``: a frame ``cue_size // 4`` wide around the image in ``CUE_COLOURS[k]``;
+    * ``"background"``: the background's level is ``CUE_COLOURS[k]`` at half brightness, under its
+      usual texture; the cue never covers the shape, and its mask is everything but the shape.
+
+    Watermark and border are drawn over the shape where they meet it, and those pixels leave the
+    object mask. A low ``shape_contrast`` (brightness step between shape and background) makes
+    the shape harder to see than the cue. Training images are flipped horizontally, except with a
+    watermark, which a flip would mirror and move. No files: sample ``i`` of a split is drawn from
+    ``(seed, split, i)`` on first use and kept in memory; every cue kind gets the same shapes and
+    backgrounds (but for a background cue's level).
 
     Tuning (``benchmarks/train_synthetic.py``, whose defaults are this recipe): without a cue,
     these defaults (4 classes, 64 px, ``shape_contrast`` 0.4, shapes 0.45-0.8 of the image side,
@@ -186,8 +153,10 @@ class SyntheticSpuriousDataModule(MaskedImageDataModule):
         mean: Tuple[float, float, float] = IMAGENET_MEAN,
         std: Tuple[float, float, float] = IMAGENET_STD,
         seed: int = 0,
+        cue: CueKind = "marker",
     ):
         super().__init__(img_size=img_size, batch_size=batch_size, num_workers=num_workers, mean=mean, std=std, seed=seed)
+        check_cue_kind(cue)
         if not 2 <= num_classes <= len(SHAPES):
             raise ValueError(f"num_classes must be in [2, {len(SHAPES)}] (one shape per class), got {num_classes}")
         if cue_correlation is not None and not 0.0 <= cue_correlation <= 1.0:
@@ -199,6 +168,7 @@ class SyntheticSpuriousDataModule(MaskedImageDataModule):
         if min(num_train, num_val, num_test) < 1:
             raise ValueError("num_train, num_val and num_test must be positive")
         self.num_classes = num_classes
+        self.cue = cue
         self.cue_correlation = cue_correlation
         self.shape_contrast = float(shape_contrast)
         self.object_size = (float(object_size[0]), float(object_size[1]))
@@ -218,6 +188,7 @@ class SyntheticSpuriousDataModule(MaskedImageDataModule):
             length=length,
             num_classes=self.num_classes,
             img_size=self.img_size,
+            cue=self.cue,
             cue_correlation=correlation,
             shape_contrast=self.shape_contrast,
             object_size=self.object_size,
@@ -230,8 +201,10 @@ class SyntheticSpuriousDataModule(MaskedImageDataModule):
         return self.split("train", self.num_train), self.split("val", self.num_val), self.split("test", self.num_test)
 
     def train_transform(self) -> v2.Transform:
-        # Shapes are already drawn at img_size and at random positions; a flip is all they need.
-        return v2.Compose([v2.RandomHorizontalFlip(), *self.normalize_transform()])
+        # Shapes are already drawn at img_size and at random positions; a flip is all they need,
+        # but it would mirror the watermark and move it to the other corner.
+        flip = [] if self.cue == "watermark" else [v2.RandomHorizontalFlip()]
+        return v2.Compose([*flip, *self.normalize_transform()])
 
     def eval_transform(self) -> v2.Transform:
         return v2.Compose(self.normalize_transform())

@@ -1,7 +1,9 @@
 """The maths of the attribution metrics, one function per metric, per image.
 
 Each function returns per-image values; an image the metric cannot score (an empty
-region) gets NaN, and the ``Metric`` classes count it as skipped. Maps may be patch-level
+region) gets NaN, and the ``Metric`` classes count it as skipped. The density ratios
+(:func:`density_ratio`, :func:`fixed_position_ratio`) pool the batch into one value; their
+per-image parts are :func:`region_evidence` and :func:`fixed_position_evidence`. Maps may be patch-level
 ``(B, gh, gw)`` or pixel-level ``(B, H, W)``, finite; patch maps are upsampled bilinearly
 to the mask or image size with :func:`~caap_lightning.utils.upsample_maps`, only when
 their aspect ratio is the same (``gh * W == gw * H``). Masks are binary: ``bool``, or
@@ -22,6 +24,7 @@ from caap_lightning.metrics._checks import (
     check_choice,
     check_grid,
     check_images,
+    check_int,
     check_maps,
     check_masks,
     check_protocol,
@@ -262,3 +265,143 @@ def attribution_mass(
     if normalize_by_area:
         mass = mass / area
     return torch.where(area > 0, mass, math.nan)
+
+
+# Each map's evidence is mixed with a uniform map of this weight (relative to its own total), so that a
+# region holding all the evidence gives a large finite ratio (at most 1 + 1 / (floor * area share)), not inf.
+DENSITY_FLOOR = 0.01
+# The fixed-position score's hot region: this share of the pixels, the top of the other images' mean map.
+HOT_REGION_SHARE = 0.1
+
+
+class RegionEvidence(NamedTuple):
+    """Per image: the region's share of the evidence and of the pixels; NaN where the image is not scored."""
+
+    share: Tensor
+    area: Tensor
+
+
+class FixedPositionEvidence(NamedTuple):
+    """Per image, the evidence share in its hot region (chosen from the other images); the region's area share;
+    each image's hot region ``(B, h, w)``; and the hot region of all the maps together ``(h, w)``, for display."""
+
+    share: Tensor
+    area: Tensor
+    regions: Tensor
+    hot_region: Tensor
+
+
+def evidence(maps: Tensor) -> Tensor:
+    """Each map's positive part as a distribution over its pixels, ``(B, h * w)`` float64, rows summing to 1.
+
+    A map with no positive part (every value <= 0) prefers no pixel: it becomes uniform. Every row is
+    mixed with a uniform floor of weight :data:`DENSITY_FLOOR`, which changes no ranking.
+    """
+    positive = maps.double().clamp_min(0).flatten(1)
+    pixels = positive.shape[1]
+    total = positive.sum(1, keepdim=True)
+    share = torch.where(total > 0, positive / torch.where(total > 0, total, 1.0), 1.0 / pixels)
+    return (share + DENSITY_FLOOR / pixels) / (1 + DENSITY_FLOOR)
+
+
+def ratio_of_densities(share: Tensor, area: Tensor) -> Tensor:
+    """Evidence density inside a region over the density outside it, from the region's share of the
+    evidence and of the pixels: ``(share / area) / ((1 - share) / (1 - area))``; 1 where they are equal."""
+    return (share / area) * ((1 - area) / (1 - share))
+
+
+def region_evidence(maps: Tensor, masks: Tensor, region: str = "mask") -> RegionEvidence:
+    """Each image's share of the evidence (see :func:`evidence`) inside the mask (``"mask"``) or outside it.
+
+    An image whose region is empty or covers it whole has nothing to compare: NaN, skipped by the
+    callers. A batch in which no image has such a region (blank or inverted masks) is refused.
+    """
+    check_choice("region", region, MASS_REGIONS)
+    pixel_maps, masks = _pixel_maps(maps, masks)
+    inside = masks.flatten(1)
+    if region == "outside":
+        inside = ~inside
+    area = inside.double().mean(1)
+    scored = (area > 0) & (area < 1)
+    if not bool(scored.any()):
+        marked = masks.flatten(1)
+        which = "is empty" if not bool(marked.any()) else "covers the whole image" if bool(marked.all()) else (
+            "is empty or covers the whole image")
+        raise ValueError(
+            f"every one of the {len(area)} masks {which}, so no image has an inside and an outside to compare: a "
+            "density ratio needs masks that mark part of an image; check that the masks are not blank or inverted"
+        )
+    share = (evidence(pixel_maps) * inside).sum(1)
+    return RegionEvidence(share=torch.where(scored, share, math.nan), area=torch.where(scored, area, math.nan))
+
+
+def density_ratio(maps: Tensor, masks: Tensor, region: str = "mask") -> Tensor:
+    """The batch's evidence density inside the region over its density outside, a 0-dim float64 tensor.
+
+    Pooled over the scored images (see :func:`region_evidence`), each image's evidence weighing the
+    same: :func:`ratio_of_densities` of the mean evidence share and the mean area share. A uniform
+    map scores 1 whatever the region's size, a map preferring the region more, one avoiding it less.
+    """
+    shares = region_evidence(maps, masks, region)
+    scored = ~torch.isnan(shares.share)
+    return ratio_of_densities(shares.share[scored].mean(), shares.area[scored].mean())
+
+
+def check_region_share(region_share: float) -> None:
+    """Raise unless the hot region's share of the image is in (0, 1)."""
+    if isinstance(region_share, bool) or not isinstance(region_share, (int, float)) or not 0 < region_share < 1:
+        raise ValueError(f"region_share must be a share of the image in (0, 1), got {region_share!r}")
+
+
+def hot_pixel_count(pixels: int, region_share: float) -> int:
+    """Pixels in a hot region of ``region_share`` of ``pixels``: at least one, and never all of them."""
+    return min(max(round(region_share * pixels), 1), pixels - 1)
+
+
+def top_pixels(scores: Tensor, count: int) -> Tensor:
+    """``(B, N)`` bool: each row's ``count`` highest scores; ties go to the lower index, as in the RISE ranking."""
+    order = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :count]
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, True)
+
+
+def fixed_position_evidence(
+    maps: Tensor, region_share: float = HOT_REGION_SHARE, chunk: int = 64
+) -> FixedPositionEvidence:
+    """Evidence that sits in the same place in every image, from the maps alone.
+
+    Image ``i``'s hot region is the ``region_share`` of the pixels where the *other* images' mean
+    evidence (see :func:`evidence`) is highest: leave-one-out, so that an image never selects its
+    own peak, and a map that merely has a peak somewhere scores as a uniform one does. Maps are
+    compared at their own resolution and must share it; rows are ranked ``chunk`` at a time.
+    """
+    check_region_share(region_share)
+    check_int("chunk", chunk, 1, "maps per step")
+    if not isinstance(maps, Tensor) or maps.dim() != 3:
+        shape = tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__
+        raise ValueError(f"maps must be a (B, h, w) tensor, got {shape}")
+    check_maps(maps, maps.shape[0], "maps")
+    b, h, w = maps.shape
+    if b < 2:
+        raise ValueError(
+            f"the fixed-position score needs at least 2 maps, got {b}: each image's hot region is chosen from the "
+            "other images' maps; pass the maps of 2 or more images"
+        )
+    if h * w < 2:
+        raise ValueError(f"maps of {h}x{w} pixels have no region to single out; pass maps of at least 2 pixels")
+    count = hot_pixel_count(h * w, region_share)
+    mass = evidence(maps)
+    total = mass.sum(0, keepdim=True)
+    regions = torch.cat([top_pixels(total - rows, count) for rows in mass.split(chunk)])
+    share = (mass * regions).sum(1)
+    area = torch.full_like(share, count / (h * w))
+    return FixedPositionEvidence(
+        share=share, area=area, regions=regions.view(b, h, w), hot_region=top_pixels(total, count).view(h, w)
+    )
+
+
+def fixed_position_ratio(maps: Tensor, region_share: float = HOT_REGION_SHARE) -> Tensor:
+    """Evidence density in each image's hot region over the rest (see :func:`fixed_position_evidence`), pooled
+    over the images as :func:`density_ratio` is: a 0-dim float64 tensor, 1 for uniform maps or for peaks
+    that move from image to image, high when the evidence keeps to one place."""
+    found = fixed_position_evidence(maps, region_share)
+    return ratio_of_densities(found.share.mean(), found.area.mean())

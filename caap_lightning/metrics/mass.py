@@ -18,10 +18,12 @@ class AttributionMass(PerImageMean):
     rest (background reliance). With ``normalize_by_area`` the share is divided by the
     region's share of the image: a uniform map scores 1, a map preferring the region
     more. A map with no positive part (every value <= 0) has no evidence in the region:
-    mass 0 (normalised too), and the image counts. ``compute()`` returns the mean mass,
-    a 0-dim tensor; ``compute_details()`` returns ``attribution_mass`` (the same),
-    ``count`` (images scored) and ``skipped`` (images whose region is empty). Masks are
-    binary, ``(B, H, W)`` or ``(B, 1, H, W)``.
+    mass 0 (normalised too), and the image counts. The normalised mass cannot exceed
+    1 / (the region's share): for a large region, such as the background, use
+    :class:`~caap_lightning.metrics.DensityRatio`, which compares the region with the rest.
+    ``compute()`` returns the mean mass, a 0-dim tensor; ``compute_details()`` returns
+    ``attribution_mass`` (the same), ``count`` (images scored) and ``skipped`` (images whose
+    region is empty). Masks are binary, ``(B, H, W)`` or ``(B, 1, H, W)``.
     """
 
     def __init__(self, region: str = "mask", normalize_by_area: bool = False, **kwargs: Any) -> None:

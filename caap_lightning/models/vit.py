@@ -1,4 +1,4 @@
-"""``ViTClassifier``: a timm model fine-tuned (or trained from scratch) as a LightningModule."""
+"""``ViTClassifier``: a timm model (a ViT or a CNN) fine-tuned (or trained from scratch) as a LightningModule."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ from caap_lightning.utils import model_normalization
 _LIGHTNING_PREFIX = "model."
 # torch.save writes a zip archive; its legacy format (and plain pickles) start with pickle's PROTO opcode.
 _PICKLE_PROTO = b"\x80"
+# ViTClassifier arguments that reshape a timm ViT: other architectures (CNNs) take none of them.
+_VIT_SHAPE = ("patch_size", "embed_dim", "depth", "num_heads")
 
 
 def check_checkpoint_file(path: Union[str, Path], safetensors: bool = False) -> Path:
@@ -119,9 +121,13 @@ class _CheckedCheckpointIO(_WrappingCheckpointIO):
 class ViTClassifier(L.LightningModule):
     """An image classifier around any timm model, with AdamW, warmup + cosine and accuracy logging.
 
+    ``model_name`` is any timm architecture: a ViT (``vit_tiny_patch16_224``) or a CNN
+    (``resnet18``, ``convnext_atto``, ...); the callbacks attribute it through ``.model``.
     ``pretrained`` downloads timm's weights; ``checkpoint_path`` loads local ones instead (a
-    head of another size is re-initialised). ``patch_size``, ``embed_dim``, ``depth`` and
-    ``num_heads`` override the named architecture, for tiny models trained from scratch.
+    head of another size is re-initialised). ``img_size`` is given to architectures whose input
+    size timm fixes (``pretrained_cfg.fixed_input_size``: ViTs); a CNN takes any size.
+    ``patch_size``, ``embed_dim``, ``depth`` and ``num_heads`` override a ViT's architecture,
+    for tiny models trained from scratch; ``drop_path_rate`` needs a model with stochastic depth.
     ``mean``/``std`` (the input normalisation) come from timm's ``pretrained_cfg`` unless given.
     Batches are :class:`~caap_lightning.datamodules.ProbeBatch` or ``(images, labels)`` pairs.
     """
@@ -159,12 +165,17 @@ class ViTClassifier(L.LightningModule):
             raise ValueError(f"label_smoothing must be in [0, 1) and min_lr_ratio in [0, 1], got {label_smoothing}, {min_lr_ratio}")
         self.save_hyperparameters()
 
+        overrides = architecture_overrides(
+            model_name, img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+            num_heads=num_heads, drop_path_rate=drop_path_rate,
+        )
         try:
-            # timm drops the None arguments: the architecture's own values stand.
-            self.model = timm.create_model(
-                model_name, pretrained=pretrained, num_classes=num_classes, img_size=img_size, patch_size=patch_size,
-                embed_dim=embed_dim, depth=depth, num_heads=num_heads, drop_path_rate=drop_path_rate,
-            )
+            self.model = timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes, **overrides)
+        except TypeError as error:
+            raise ValueError(
+                f"timm's {model_name!r} does not take {overrides} ({error}); {', '.join(_VIT_SHAPE)} reshape a ViT "
+                "(leave them unset for other architectures) and drop_path_rate needs a model with stochastic depth"
+            ) from error
         except OSError as error:
             if not pretrained:
                 raise
@@ -276,10 +287,11 @@ class ViTClassifier(L.LightningModule):
             hparams["checkpoint_path"] = None
 
     def configure_optimizers(self) -> Dict[str, Any]:
-        # timm's grouping: no weight decay on biases, norms and the model's no_weight_decay() tokens;
-        # frozen parameters left out.
+        # timm's grouping: no weight decay on biases, norms and the tokens a ViT names in no_weight_decay()
+        # (a CNN has no such list); frozen parameters left out.
+        no_decay = getattr(self.model, "no_weight_decay", None)
         groups = timm.optim.param_groups_weight_decay(
-            self.model, self.hparams.weight_decay, no_weight_decay_list=self.model.no_weight_decay()
+            self.model, self.hparams.weight_decay, no_weight_decay_list=no_decay() if callable(no_decay) else ()
         )
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.hparams.lr)
         total = self.trainer.estimated_stepping_batches  # also sets up the train loader, for the line below
@@ -287,6 +299,26 @@ class ViTClassifier(L.LightningModule):
         warmup = int(self.hparams.warmup_epochs * per_epoch) if math.isfinite(per_epoch) else 0
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, total, self.hparams.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def architecture_overrides(
+    model_name: str, img_size: Optional[int], drop_path_rate: float, **vit_shape: Any
+) -> Dict[str, Any]:
+    """The arguments of ``ViTClassifier`` that ``timm.create_model(model_name)`` is to get.
+
+    ``img_size`` only where timm fixes the input size (a ViT's position embeddings; a CNN takes
+    any size, and most do not take the argument), ``drop_path_rate`` only where set (not every
+    CNN has stochastic depth), the ViT shape arguments where given: the architecture's own
+    values stand for the rest.
+    """
+    cfg = timm.models.get_pretrained_cfg(model_name)
+    fixed_size = cfg is None or cfg.fixed_input_size  # an unknown name is left for create_model to name
+    overrides = {k: v for k, v in vit_shape.items() if v is not None}
+    if img_size is not None and fixed_size:
+        overrides["img_size"] = img_size
+    if drop_path_rate:
+        overrides["drop_path_rate"] = drop_path_rate
+    return overrides
 
 
 def warmup_cosine(warmup_steps: int, total_steps: float, min_ratio: float = 0.0):

@@ -1,103 +1,156 @@
-"""The spurious-cue benchmark's bookkeeping on scripted histories (no training)."""
+"""The spurious-cue benchmark's bookkeeping on scripted histories, and one tiny smoke run."""
 
 from __future__ import annotations
 
 import json
-import math
-import shutil
-from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+import pytest
+
+from caap_lightning.callbacks import SpuriousCueMonitor
+
+SCORES = ("cue_density_ratio", "background_density_ratio", "fixed_position_ratio")
 
 
-def history(consistent, conflicting, scores, alarms=None):
-    alarms = alarms or [False] * len(scores)
+def history(consistent, conflicting, reliance=None, accuracy=None, **scores):
+    """Rows as the recorder writes them; each regime's score defaults to 1 (a uniform map)."""
+    n = len(consistent)
+    reliance = reliance or [0.0] * n
+    accuracy = accuracy or [90.0] * n
+    columns = {name: scores.get(name, [1.0] * n) for name in SCORES}
     return [
-        {"epoch": e, "acc_consistent": a, "acc_conflicting": b, "score": s, "alarm": al}
-        for e, (a, b, s, al) in enumerate(zip(consistent, conflicting, scores, alarms), start=1)
+        {"epoch": e + 1, "accuracy": accuracy[e], "acc_consistent": consistent[e], "acc_conflicting": conflicting[e],
+         "reliance": reliance[e], **{name: columns[name][e] for name in SCORES}}
+        for e in range(n)
     ]
 
 
+def run(cue, strength, seed, rows, control=False, dataset="shapes", method="caap"):
+    return {"dataset": dataset, "cue": cue, "cue_correlation": strength, "seed": seed, "method": method,
+            "control": control, "history": rows}
+
+
 def test_gap_epoch_is_the_first_epoch_ten_points_apart(spurious):
-    rows = history([50, 70, 90, 95], [45, 61, 80, 20], [1, 1, 1, 1])
+    rows = history([50, 70, 90, 95], [45, 61, 80, 20])
     assert spurious.gap_epoch(rows) == 3  # 9 points at epoch 2 is not yet a gap; exactly 10 is
-    assert spurious.gap_epoch(history([50, 60], [50, 59], [1, 1])) is None
+    assert spurious.gap_epoch(history([50, 60], [50, 59])) is None
     assert spurious.gap_epoch(rows, points=50) == 4
 
 
-def test_alarm_epoch_and_lead_time(spurious):
-    rows = history([1] * 4, [1] * 4, [1] * 4, alarms=[False, False, True, True])
-    assert spurious.alarm_epoch(rows) == 3
-    assert spurious.alarm_epoch(history([1], [1], [1])) is None
+def test_lead_time(spurious):
     assert spurious.lead_time(alarm=2, gap=5) == 3
     assert spurious.lead_time(alarm=5, gap=2) == -3
     assert spurious.lead_time(alarm=None, gap=2) is None
 
 
-def test_signal_epoch_is_the_first_score_past_the_threshold(spurious):
-    rows = history([1] * 4, [1] * 4, [0.5, None, 4.5, 3.0])
-    assert spurious.signal_epoch(rows, threshold=4.0) == 3
-    assert spurious.signal_epoch(rows, threshold=5.0) is None
-    assert spurious.signal_epoch(rows, threshold=None) is None
-
-
-def test_replay_goes_through_the_monitor(spurious):
-    rising = history([1] * 5, [1] * 5, [1.0, 2.0, 3.0, 4.0, 5.0])
-    assert spurious.replay_alarm_epoch(rising, threshold=1.5, patience=2, min_delta=0.0) == 3
-    assert spurious.replay_alarm_epoch(rising, threshold=3.5, patience=2, min_delta=0.0) == 5
-    flat = history([1] * 5, [1] * 5, [1.0] * 5)
-    assert spurious.replay_alarm_epoch(flat, threshold=1.5, patience=1, min_delta=0.0) is None
+def test_each_regime_replays_its_own_score_through_the_monitor(spurious):
+    rising = [1.0, 2.0, 3.0, 4.0, 5.0]
+    rows = history([1] * 5, [1] * 5, cue_density_ratio=rising, background_density_ratio=[1.0] * 5)
+    assert spurious.replay_alarm_epoch(rows, "cue_density_ratio", threshold=1.5, patience=2, min_delta=0.0) == 3
+    assert spurious.replay_alarm_epoch(rows, "cue_density_ratio", threshold=3.5, patience=2, min_delta=0.0) == 5
+    assert spurious.replay_alarm_epoch(rows, "background_density_ratio", threshold=1.5, patience=1, min_delta=0.0) is None
+    # A score past the threshold from the first check: the monitor's own rule decides, check by check.
+    flat = history([1] * 4, [1] * 4, fixed_position_ratio=[9.0] * 4)
+    monitor = SpuriousCueMonitor(threshold=4.0, patience=2, min_delta=0.1)
+    expected = []
+    for row in flat:
+        monitor.update(row["fixed_position_ratio"])
+        expected.append(monitor.alarmed)
+    assert spurious.replay_alarms(flat, "fixed_position_ratio", threshold=4.0, patience=2, min_delta=0.1) == expected
     # An epoch without a score (a failed check) is no check at all.
-    gappy = history([1] * 4, [1] * 4, [1.0, None, 2.0, 3.0])
-    assert spurious.replay_alarm_epoch(gappy, threshold=1.5, patience=2, min_delta=0.0) == 4
+    gappy = history([1] * 4, [1] * 4, cue_density_ratio=[1.0, None, 2.0, 3.0])
+    assert spurious.replay_alarm_epoch(gappy, "cue_density_ratio", threshold=1.5, patience=2, min_delta=0.0) == 4
 
 
-def test_summary_counts_detections_false_alarms_and_leads(spurious):
-    def run(cue, seed, alarm, gap):
-        return {"method": "caap", "cue_correlation": cue, "seed": seed, "alarm_epoch": alarm, "gap_epoch": gap}
-
-    runs = [run(0.25, 0, None, None), run(0.25, 1, 4, None), run(0.95, 0, 2, 3), run(0.95, 1, None, 2), run(1.0, 0, 3, 1)]
-    by_cue = spurious.detection(runs, control=0.25)
-    assert by_cue["0.25"]["control"] and by_cue["0.25"]["alarmed"] == 1
-    assert by_cue["0.95"]["detection_rate"] == 0.5
-    assert by_cue["0.95"]["lead_epochs"] == [1, None]
-    assert by_cue["1.0"]["median_lead_epochs"] == -2
-    targets = spurious.target_check(runs, control=0.25)
-    assert not targets["all_strong_alarmed"] and targets["missed_runs"] == ["0.95/seed 1"]
-    assert not targets["no_control_alarm"] and targets["false_alarm_runs"] == ["seed 1 (epoch 4)"]
-
-
-def test_a_baseline_replays_the_caap_runs_weights_through_the_callback(spurious):
-    settings = spurious.demo_setup(spurious.DEFAULT_CONFIG)
-    settings["model"].update(embed_dim=32, depth=2, num_heads=2)
-    settings["data"].update(img_size=32, cue_size=6, num_train=64, num_val=32, batch_size=32)
-    settings.update(max_epochs=2, num_images=4, construction="parallel", monitor={})
-    trained, snapshots = spurious.fit_run("caap", 1.0, 0, settings)
-    replayed, _ = spurious.fit_run("gradcam", 1.0, 0, settings, snapshots)
-    assert replayed["method"] == "gradcam" and len(replayed["history"]) == 2
-    for ours, theirs in zip(replayed["history"], trained["history"]):
-        assert (ours["acc_consistent"], ours["acc_conflicting"]) == (theirs["acc_consistent"], theirs["acc_conflicting"])
-        assert all(math.isfinite(ours[k]) for k in ("aupr_fg", "background_mass_ratio", "score"))
+def test_ground_truth_is_measured_reliance(spurious):
+    shortcut = run("marker", 0.95, 0, history([99, 99], [40, 2], reliance=[45.0, 96.5]))
+    weak = run("marker", 0.8, 0, history([95, 95], [80, 80], reliance=[10.0, 49.9]))
+    control = run("marker", 0.25, 0, history([90, 90], [90, 90], reliance=[26.0, 3.0], accuracy=[80.0, 84.9]), control=True)
+    assert [spurious.run_kind(r) for r in (shortcut, weak, control)] == ["shortcut", "other", "control"]
+    assert spurious.control_problems(control) == ["accuracy 84.9% < 85%", "reliance reached 26% >= 25%"]
+    clean = run("marker", 0.25, 1, history([90], [91], reliance=[4.0], accuracy=[90.5]), control=True)
+    assert spurious.control_problems(clean) == []
+    truth = spurious.ground_truth([shortcut, weak, control, clean])
+    assert truth["by_group"]["shapes/marker/0.95"]["shortcut_runs"] == 1
+    assert truth["by_group"]["shapes/marker/0.25"]["reliance"] == [3.0, 4.0]
+    assert list(truth["flawed_controls"]) == ["shapes/marker/0.25/seed 0"]
+    assert truth["not_shortcut"] == ["shapes/marker/0.8/seed 0"]
 
 
-def test_rescore_replays_a_recorded_run_through_todays_monitor(spurious, tmp_path):
-    """The learnable-shapes record, with its alarms wiped, gets back the alarms of the current rule."""
-    recorded = RESULTS / "spurious-learnable-shapes" / "spurious-windowed.json"
-    path = tmp_path / recorded.name
-    shutil.copy(recorded, path)
-    result = json.loads(path.read_text())
-    for run in result["runs"]:
-        run["alarm_epoch"] = None
-        for row in run["history"]:
-            row["alarm"] = False
-    path.write_text(json.dumps(result))
+def scripted_grid(high=9.0):
+    """Shortcut runs whose scores step to ``high`` one epoch before their gap, and quiet controls at 1.5."""
+    runs = []
+    for cue, seed in [(c, s) for c in ("marker", "watermark") for s in (0, 1)]:
+        gap = history([50, 60, 99, 99, 99], [50, 60, 50, 5, 2], reliance=[20, 20, 40, 90, 95],
+                      **{name: [1.0, high, high, high, high] for name in SCORES})
+        runs.append(run(cue, 1.0, seed, gap))
+        quiet = history([90] * 5, [90] * 5, reliance=[5] * 5, **{name: [1.2, 1.5, 1.4, 1.5, 1.3] for name in SCORES})
+        runs.append(run(cue, 0.25, seed, quiet, control=True))
+    return runs
 
-    rescored = spurious.rescore(path)
-    alarms = {(r["cue_correlation"], r["seed"]): r["alarm_epoch"] for r in rescored["runs"]}
-    # Seed 1's cue mass ratio is past the threshold from the first check and flat: 11.83, 11.36, 11.16, 11.23, ...
-    assert alarms == {(0.25, 0): None, (1.0, 0): 3, (0.25, 1): None, (1.0, 1): 5, (0.25, 2): None, (1.0, 2): 3}
-    assert rescored["summary"]["caap"]["targets"] == {
-        "all_strong_alarmed": True, "missed_runs": [], "no_control_alarm": True, "false_alarm_runs": [],
-    }
-    assert "replayed from the recorded scores" in path.with_suffix(".md").read_text()
-    assert (tmp_path / result["setup"]["plot"]).exists()
+
+def test_detection_and_targets_per_regime(spurious):
+    runs = scripted_grid()
+    monitor = dict(threshold=4.0, patience=2, min_delta=0.1)
+    replayed = spurious.with_alarms(runs, "cue+object masks", monitor)
+    d = spurious.detection(replayed)
+    assert (d["shortcut_runs"], d["alarmed"], d["controls"], d["false_alarms"]) == (4, 4, 4, 0)
+    assert d["gap_epochs"] == [3] * 4 and d["lead_epochs"] == [3 - a for a in d["alarm_epochs"]]
+    assert spurious.by_cue_kind(replayed)["shapes/watermark"]["shortcut_runs"] == 2
+    check = spurious.target_check(replayed, "cue+object masks")
+    assert check["all_shortcuts_alarmed"] and check["no_control_alarm"]
+    assert check["lead"] == (d["median_lead_epochs"] >= 0 and min(d["lead_epochs"]) >= -1)
+    # Without masks only the watermark's shortcut runs are the target; every control still counts.
+    none = spurious.target_check(spurious.with_alarms(runs, "none", monitor), "none")
+    assert none["detail"]["shortcut_runs"] == 2 and none["detail"]["controls"] == 4
+    # A threshold under the controls' scores alarms on them and misses nothing.
+    low = spurious.target_check(spurious.with_alarms(runs, "none", dict(monitor, threshold=1.1)), "none")
+    assert not low["no_control_alarm"] and low["detail"]["false_alarms"] == 4 and low["all_shortcuts_alarmed"]
+
+
+def test_a_late_alarm_fails_the_lead_target(spurious):
+    late = history([99] * 5, [2] * 5, reliance=[95] * 5, cue_density_ratio=[1.0, 1.0, 1.0, 9.0, 9.0])
+    replayed = spurious.with_alarms([run("marker", 1.0, 0, late)], "cue+object masks", dict(threshold=4.0, patience=1, min_delta=0.1))
+    check = spurious.target_check(replayed, "cue+object masks")
+    assert check["detail"]["lead_epochs"] == [1 - 4] and check["detail"]["late_runs"] == ["shapes/marker/1.0/seed 0"]
+    assert check["all_shortcuts_alarmed"] and not check["lead"]
+
+
+def test_the_threshold_is_chosen_on_the_tuning_runs_and_confirmed_on_the_others(spurious):
+    tuning = scripted_grid(high=9.0)
+    # Held out: fashion runs whose shortcut scores reach only 5, so a threshold of 6 or more would miss them.
+    held_out = [{**r, "dataset": "fashion"} for r in scripted_grid(high=5.0)]
+    summary = spurious.summarize(tuning + held_out, dict(threshold=4.0, patience=1, min_delta=0.1))["caap"]
+    choice = summary["threshold_choice"]
+    # Thresholds from 1.5 (the controls' peak is not past it) to 8 separate the tuning runs; the middle is taken.
+    assert choice["tied"] == [1.5, 2.0, 3.0, 4.0, 6.0, 8.0] and choice["threshold"] == 3.0
+    held = summary["regimes"]["object masks only"]["held_out_at_chosen"]
+    assert held["all_shortcuts_alarmed"] and held["no_control_alarm"] and held["detail"]["shortcut_runs"] == 4
+    assert spurious.choose_threshold(held_out, dict(threshold=4.0, patience=1, min_delta=0.1)) is None
+
+
+def test_a_quick_run_writes_its_report_and_rescores_it(spurious, tmp_path, monkeypatch):
+    """One tiny fit of CAAP and Grad-CAM's replay of its weights, through main() and --rescore."""
+    monkeypatch.setattr(spurious, "QUICK", dict(spurious.QUICK, num_train=64, num_val=32))
+    result = spurious.main(["--quick", "--data", "shapes", "--cues", "watermark", "--cue-correlations", "1.0",
+                            "--num-images", "4", "--output-dir", str(tmp_path)])
+    caap, gradcam = result["runs"]
+    assert (caap["method"], gradcam["method"]) == ("caap", "gradcam") and len(caap["history"]) == 2
+    assert result["setup"]["baselines_replay_caap_weights"] and result["setup"]["replay_matches_live"]
+    for row in caap["history"] + gradcam["history"]:
+        assert all(row[name] is not None and row[name] > 0 for name in SCORES)
+    report = (tmp_path / "spurious.md").read_text()
+    assert "cue+object masks (marker, watermark, border, background cues): every shortcut run alarmed" in report
+    assert all((tmp_path / name).stat().st_size > 0 for name in ("spurious_shapes_caap.png", "spurious_shapes_gradcam.png"))
+
+    rescored = spurious.main(["--rescore", str(tmp_path / "spurious.json"), "--threshold", "1e9"])
+    assert rescored["setup"]["monitor"]["threshold"] == 1e9
+    assert all(d["alarmed"] == 0 for d in rescored["summary"]["caap"]["regimes"]["none"]["by_cue"].values())
+    assert "--rescore spurious.json --threshold 1000000000.0`" in (tmp_path / "spurious.md").read_text()
+    assert json.loads((tmp_path / "spurious.json").read_text())["setup"]["monitor"]["threshold"] == 1e9
+
+
+def test_rescore_refuses_the_single_cue_format(spurious, tmp_path):
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"setup": {"monitor": {}}, "runs": []}))
+    with pytest.raises(ValueError, match="single-cue version"):
+        spurious.rescore(old, {})

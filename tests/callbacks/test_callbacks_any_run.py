@@ -232,7 +232,7 @@ def test_two_callbacks_and_two_monitors_in_one_trainer_across_a_resume(tmp_path,
 
 def test_validate_after_a_fit_does_not_advance_the_alarm(tmp_path, scripted, data_factory, classifier_factory):
     caap = scripted(CAAPCallback(num_images=4, metrics=["cue_mass_ratio"], log_images=False), [1.0, 2.0, 2.0, 2.0])
-    monitor = SpuriousCueMonitor(threshold=1.5, patience=2)
+    monitor = SpuriousCueMonitor(monitor="caap/cue_mass_ratio", threshold=1.5, patience=2)
     trainer = quiet_trainer(tmp_path, [caap, monitor], max_epochs=2, limit_train_batches=1)
     model, data = classifier_factory(), data_factory()
     trainer.fit(model, datamodule=data)

@@ -87,7 +87,8 @@ def test_default_metrics_are_those_the_probe_allows(tmp_path, data_factory, clas
     caap = CAAPCallback(num_images=4)
     trainer_factory(tmp_path, [caap]).validate(classifier_factory(), datamodule=data_factory(cue_correlation=None), verbose=False)
     assert caap.active_metrics == [
-        "aupr_fg", "aupr_bg", "pointing_game", "insertion_deletion", "background_mass", "background_mass_ratio"
+        "aupr_fg", "aupr_bg", "pointing_game", "insertion_deletion", "background_mass", "background_mass_ratio",
+        "background_density_ratio", "fixed_position_ratio",
     ]
 
 
@@ -142,7 +143,6 @@ def test_plain_dataloaders_give_the_probe(tmp_path, data_factory, classifier_fac
         ({"target": "true"}, "target='true'"),
         ({"on_error": "ignore"}, "on_error='ignore'"),
         ({"precision": "bf16"}, "precision='bf16'"),
-        ({"layer_cutoff": "best"}, "or 'auto'"),
         ({"layer_cutoff": "auto", "methods": ["gradcam"]}, "calibrates CAAP"),
         ({"insertion_deletion_steps": 0}, "insertion_deletion_steps"),
     ],
@@ -182,7 +182,7 @@ def test_resume_restores_both_histories(tmp_path, monkeypatch, data_factory, cla
         checkpoint = ModelCheckpoint(dirpath=tmp_path / f"ckpt{len(runs)}", save_last=True)
         runs.append(checkpoint)
         caap = CAAPCallback(num_images=4, metrics=["cue_mass_ratio"], log_images=False)
-        monitor = SpuriousCueMonitor(threshold=None, min_delta=0.0)
+        monitor = SpuriousCueMonitor(monitor="caap/cue_mass_ratio", threshold=None, min_delta=0.0)
         return [caap, monitor, checkpoint]
 
     first = callbacks()

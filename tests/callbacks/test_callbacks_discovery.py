@@ -1,9 +1,11 @@
-"""find_attribution_model: which ViT of a LightningModule is explained, and the head of a headless one."""
+"""find_attribution_model: which ViT or CNN of a LightningModule is explained, and the head of a headless ViT."""
 
 from __future__ import annotations
 
 import lightning as L
 import pytest
+import timm
+import torchvision
 from torch import nn
 
 from caap_lightning.callbacks.discovery import find_attribution_model
@@ -60,8 +62,8 @@ def test_model_that_wraps_a_headless_vit_and_its_head(vit_factory):
 
 def test_several_vits_name_their_paths(vit_factory):
     module = Holder(teacher=vit_factory(), student=vit_factory(seed=1))
-    with pytest.raises(ValueError, match=r"2 timm VisionTransformers \('teacher', 'student'\).*define "
-                                         r"get_attribution_model\(\) returning the one to explain"):
+    with pytest.raises(ValueError, match=r"2 supported models \('teacher' \(VisionTransformer\), 'student' "
+                                         r"\(VisionTransformer\)\).*define get_attribution_model\(\) returning the one"):
         find_attribution_model(module)
 
 
@@ -71,9 +73,46 @@ def test_one_vit_shared_by_two_attributes_counts_once(vit_factory):
     assert find_attribution_model(module) == (vit, None)
 
 
-def test_no_vit_says_what_is_supported():
-    module = Holder(net=nn.Linear(4, 2))
-    with pytest.raises(ValueError, match="no timm VisionTransformer found.*get_attribution_model.*`model` attribute"):
+def test_nothing_supported_names_both_families():
+    module = Holder(net=nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()))
+    with pytest.raises(ValueError, match=r"no timm VisionTransformer nor supported CNN found.*get_attribution_model.*"
+                                         r"`model` attribute.*timm VisionTransformer, or a CNN that ConvCAAP reads "
+                                         r"\(torchvision ResNet"):
+        find_attribution_model(module)
+
+
+def tiny_resnet(num_classes: int = 3) -> nn.Module:
+    return torchvision.models.resnet18(num_classes=num_classes)
+
+
+@pytest.mark.parametrize("name", ["model", "net", "backbone"])
+def test_a_supported_cnn_under_any_name_keeps_its_own_head(name):
+    module = Holder(**{name: tiny_resnet()}, classifier=nn.Linear(512, 3))
+    assert find_attribution_model(module) == (getattr(module, name), None)
+
+
+def test_model_that_wraps_a_cnn_gives_the_cnn():
+    wrapper = nn.Sequential(nn.Identity(), timm.create_model("resnet18", pretrained=False, num_classes=3))
+    module = Holder(model=wrapper)
+    assert find_attribution_model(module) == (wrapper[1], None)
+
+
+def test_a_vit_and_a_cnn_are_two_candidates(vit_factory):
+    module = Holder(student=vit_factory(), teacher=tiny_resnet())
+    with pytest.raises(ValueError, match=r"2 supported models \('student' \(VisionTransformer\), 'teacher' \(ResNet\)\)"):
+        find_attribution_model(module)
+
+
+def test_head_argument_with_a_cnn_is_refused():
+    module = Holder(model=tiny_resnet(), classifier=nn.Linear(512, 3))
+    with pytest.raises(ValueError, match=r"head='classifier' completes a timm ViT built with num_classes=0, but the "
+                                         r"attribution model \(ResNet\) is a CNN.*remove head="):
+        find_attribution_model(module, head="classifier")
+
+
+def test_a_headless_timm_cnn_is_refused():
+    module = Holder(backbone=timm.create_model("resnet18", pretrained=False, num_classes=0), classifier=nn.Linear(512, 3))
+    with pytest.raises(ValueError, match=r"ResNet has num_classes=0: its outputs are features"):
         find_attribution_model(module)
 
 

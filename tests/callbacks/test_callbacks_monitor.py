@@ -1,13 +1,18 @@
-"""SpuriousCueMonitor: alarms on a series past the threshold that does not improve, quiet below it, in a Trainer and alone."""
+"""SpuriousCueMonitor: alarms on a series past the threshold that does not improve, from the first check on; quiet
+below it; its default score follows the probe's masks; in a Trainer and alone."""
 
 from __future__ import annotations
 
 import warnings
 
 import pytest
+import torch
 
 from caap_lightning.callbacks import CAAPCallback, SpuriousCueMonitor
 from caap_lightning.callbacks.caap_callback import ProbeResult
+from caap_lightning.callbacks.spurious_cue_monitor import DEFAULT_THRESHOLD
+
+CUE = "caap/cue_density_ratio"
 
 RISING = [0.8, 1.0, 1.6, 2.4, 3.0]
 FLAT = [2.0, 2.02, 1.98, 2.0, 2.01]
@@ -21,8 +26,9 @@ def test_alarm_after_patience_checks_past_the_threshold_without_improvement():
     assert alarms(SpuriousCueMonitor(threshold=1.5, patience=2), RISING) == [3]  # 1.6 and 2.4 are past 1.5
     assert alarms(SpuriousCueMonitor(threshold=None, patience=2), RISING) == [2]
     assert alarms(SpuriousCueMonitor(threshold=2.5, patience=2), FLAT) == []  # below the threshold
-    # Past it from the first check and flat: a cue learnt before the first check still alarms.
-    assert alarms(SpuriousCueMonitor(threshold=1.5, patience=2), FLAT) == [2]
+    # Past it from the first check and flat: the first check is bad too, so patience 2 alarms at the second.
+    assert alarms(SpuriousCueMonitor(threshold=1.5, patience=2), FLAT) == [1]
+    # 11.8 is bad, 11.4 and 11.2 improve by more than min_delta (each resets), then two flat checks alarm.
     assert alarms(SpuriousCueMonitor(threshold=4.0, patience=2), [11.8, 11.4, 11.2, 11.2, 11.2]) == [4]
     # Falling by more than min_delta at every check is improvement, however high the score.
     assert alarms(SpuriousCueMonitor(threshold=1.5, patience=2), [3.0, 2.8, 2.6, 2.4, 2.2]) == []
@@ -30,6 +36,22 @@ def test_alarm_after_patience_checks_past_the_threshold_without_improvement():
     assert alarms(SpuriousCueMonitor(threshold=None, patience=1, min_delta=0.5), [1.0, 0.8, 0.2, 0.5]) == [1, 3]
     # alarm_on="low": a falling score (e.g. pointing game) is the bad direction.
     assert alarms(SpuriousCueMonitor(threshold=0.5, patience=2, alarm_on="low"), [0.9, 0.6, 0.4, 0.3]) == [3]
+
+
+def test_the_first_check_past_the_threshold_is_bad():
+    """The scores mean the same at every check (1 = uniform map): a first check past the threshold counts."""
+    monitor = SpuriousCueMonitor(threshold=2.0, patience=1)
+    assert monitor.update(3.0) and monitor.best == 3.0 and monitor.wait == 1
+    monitor = SpuriousCueMonitor(threshold=2.0, patience=2)
+    assert alarms(monitor, [3.0, 3.05]) == [1]
+    # Below the threshold the first check only sets the best value.
+    monitor = SpuriousCueMonitor(threshold=2.0, patience=1)
+    assert not monitor.update(1.5) and (monitor.best, monitor.wait) == (1.5, 0)
+    # With no threshold there is nothing absolute to be past: the first check only sets the best, as before.
+    assert alarms(SpuriousCueMonitor(threshold=None, patience=1), [3.0, 3.0, 2.0]) == [1]
+    # alarm_on="low": a first check below the threshold is bad.
+    assert alarms(SpuriousCueMonitor(threshold=0.5, patience=1, alarm_on="low"), [0.2]) == [0]
+    assert DEFAULT_THRESHOLD == SpuriousCueMonitor().threshold == 2.0
 
 
 def test_an_improving_check_resets_the_count():
@@ -50,6 +72,9 @@ def test_an_improving_check_resets_the_count():
         ({"patience": 0}, "patience >= 1"),
         ({"min_delta": -1}, "min_delta >= 0"),
         ({"monitor": "acc"}, "must be a metric logged by CAAPCallback"),
+        ({"strategies": "yes"}, "strategies='yes'"),
+        ({"strategy_max_clusters": 1}, "strategy_max_clusters"),
+        ({"strategy_examples": 0}, "strategy_examples"),
     ],
 )
 def test_arguments_are_validated_in_init(kwargs, message):
@@ -68,7 +93,8 @@ def test_the_count_and_best_carry_over_a_resume():
 
 
 def fit(tmp_path, data_factory, classifier_factory, trainer_factory, scripted, series, **monitor_kwargs):
-    caap = scripted(CAAPCallback(num_images=4, metrics=["cue_mass_ratio", "background_mass"], log_images=False), series)
+    caap = scripted(CAAPCallback(num_images=4, metrics=["cue_density_ratio", "background_mass"], log_images=False),
+                    series, CUE)
     # The scripted series rise past 1.5, not past the default threshold.
     monitor = SpuriousCueMonitor(num_images=2, **{"threshold": 1.5, **monitor_kwargs})
     trainer = trainer_factory(tmp_path, [caap, monitor], max_epochs=len(series), limit_train_batches=1)
@@ -79,9 +105,11 @@ def fit(tmp_path, data_factory, classifier_factory, trainer_factory, scripted, s
 def test_in_a_fit_rising_series_alarms_with_warning_scalar_and_text(
     tmp_path, scripted, data_factory, classifier_factory, trainer_factory, events_reader
 ):
-    with pytest.warns(UserWarning, match=r"SpuriousCueMonitor: alarm at epoch 3 \(step \d+\): caap/cue_mass_ratio = 2\.400"):
+    with pytest.warns(UserWarning, match=r"SpuriousCueMonitor: alarm at epoch 3 \(step \d+\): caap/cue_density_ratio = 2\.400") as record:
         trainer, monitor = fit(tmp_path, data_factory, classifier_factory, trainer_factory, scripted, RISING)
-    assert monitor.monitor_key == "caap/cue_mass_ratio"
+    assert monitor.monitor_key == CUE and not monitor.discovers_strategies
+    # The warning says which score fired and what it measures.
+    assert any("relies on the cue (the evidence density on the cue over its density off it)" in str(w.message) for w in record)
     assert [a["epoch"] for a in monitor.alarms] == [3]
 
     events = events_reader(trainer.logger.log_dir)
@@ -92,6 +120,7 @@ def test_in_a_fit_rising_series_alarms_with_warning_scalar_and_text(
     text = events["texts"]["spurious/alarm/text_summary"]
     assert list(text) == [steps[3]]
     assert "epoch 3" in text[steps[3]] and "rely most on the cue" in text[steps[3]] and "| #" in text[steps[3]]
+    assert "`caap/cue_density_ratio` = 2.400" in text[steps[3]] and "density on the cue over" in text[steps[3]]
     assert events["images"]["spurious/alarm_images"] == [steps[3]]
 
 
@@ -122,16 +151,60 @@ def test_setup_errors_say_what_to_change(tmp_path, data_factory, classifier_fact
     with pytest.raises(ValueError, match=r"monitor='caap/cue_mass_ratio' is not among the metrics CAAPCallback logs"):
         trainer.fit(classifier_factory(), datamodule=data_factory())
     trainer = trainer_factory(tmp_path, [CAAPCallback(metrics=["insertion_deletion"]), SpuriousCueMonitor()])
-    with pytest.raises(ValueError, match="need cue or object masks"):
+    with pytest.raises(ValueError, match="log none of them .* add 'fixed_position_ratio'"):
         trainer.fit(classifier_factory(), datamodule=data_factory())
 
 
+def probe_of(data, n: int, masks=None):
+    data.setup("fit")
+    batch = data.probe_batch(n)
+    return (batch.images, batch.labels) if masks is None else (batch.images, batch.labels, masks)
+
+
+def test_setup_refuses_a_probe_the_watched_density_cannot_score(tmp_path, data_factory, classifier_factory, trainer_factory):
+    data = data_factory(cue_correlation=None)
+    blank = torch.zeros(4, 32, 32, dtype=torch.bool)  # no object anywhere: no "on the object" to compare with
+    caap = CAAPCallback(probe=probe_of(data, 4, blank), metrics=["background_density_ratio"], log_images=False)
+    with pytest.raises(ValueError, match=r"cannot watch caap/background_density_ratio on this probe of 4 image\(s\): every one of the 4 masks is empty"):
+        trainer_factory(tmp_path, [caap, SpuriousCueMonitor()]).fit(classifier_factory(), datamodule=data)
+    caap = CAAPCallback(probe=probe_of(data, 1), num_images=1, metrics=["fixed_position_ratio"], log_images=False)
+    with pytest.raises(ValueError, match=r"fixed_position_ratio on this probe of 1 image\(s\): .* at least 2 maps"):
+        trainer_factory(tmp_path, [caap, SpuriousCueMonitor()]).fit(classifier_factory(), datamodule=data)
+
+
+@pytest.mark.filterwarnings("ignore:SpuriousCueMonitor")
 def test_default_monitor_follows_the_masks(tmp_path, data_factory, classifier_factory, trainer_factory):
-    for cue, expected in ((0.9, "caap/cue_mass_ratio"), (None, "caap/background_mass_ratio")):
+    """Cue masks, object masks, no masks: one default threshold for the three scores, strategies without masks."""
+    data = data_factory(cue_correlation=None)
+    regimes = [
+        (data_factory(cue_correlation=0.9), None, "caap/cue_density_ratio", False),
+        (data, None, "caap/background_density_ratio", False),
+        (data, probe_of(data, 8), "caap/fixed_position_ratio", True),
+    ]
+    for datamodule, probe, expected, strategies in regimes:
         monitor = SpuriousCueMonitor()
-        trainer = trainer_factory(tmp_path, [CAAPCallback(num_images=4, log_images=False), monitor])
-        trainer.fit(classifier_factory(), datamodule=data_factory(cue_correlation=cue))
+        caap = CAAPCallback(probe=probe, num_images=8, log_images=False)
+        trainer_factory(tmp_path, [caap, monitor]).fit(classifier_factory(), datamodule=datamodule)
         assert monitor.monitor_key == expected and len(monitor.history) == 2
+        assert monitor.threshold == DEFAULT_THRESHOLD and monitor.discovers_strategies is strategies
+        assert [row["score"] for row in monitor.history] == [row[expected] for row in caap.history]
+        # The scores of untrained models sit near 1 (uniform), below the threshold.
+        assert all(0.2 < row["score"] < DEFAULT_THRESHOLD for row in monitor.history)
+    # Without masks, strategies are on: 8 probe images are enough for the group of all classes only.
+    assert sorted(monitor.last_strategies) == ["all"]
+
+
+def test_a_small_probe_with_strategies_warns_in_setup(tmp_path, data_factory, classifier_factory, trainer_factory):
+    data = data_factory(cue_correlation=None)
+    caap = CAAPCallback(probe=probe_of(data, 4), num_images=4, metrics=["fixed_position_ratio"], log_images=False)
+    with pytest.warns(UserWarning, match=r"clusters the 4 probe images.* num_images=64 to 256, or strategies=False"):
+        trainer_factory(tmp_path, [caap, SpuriousCueMonitor()], max_epochs=1).fit(classifier_factory(), datamodule=data)
+    # On a masked probe strategies are off unless asked for.
+    caap = CAAPCallback(num_images=4, metrics=["cue_density_ratio"], log_images=False)
+    monitor = SpuriousCueMonitor(strategies=True)
+    with pytest.warns(UserWarning, match="clusters the 4 probe images"):
+        trainer_factory(tmp_path, [caap, monitor], max_epochs=1).fit(classifier_factory(), datamodule=data_factory())
+    assert monitor.discovers_strategies and monitor.last_strategies == {}  # 4 images: no group to cluster
 
 
 def test_a_failing_alarm_report_warns_and_training_goes_on(
@@ -152,19 +225,44 @@ def test_a_failing_alarm_report_warns_and_training_goes_on(
 def test_a_check_without_the_monitored_score_is_skipped_with_a_reason(
     tmp_path, data_factory, classifier_factory, trainer_factory
 ):
-    caap = CAAPCallback(num_images=4, metrics=["cue_mass_ratio"], log_images=False)
+    caap = CAAPCallback(num_images=4, metrics=["cue_density_ratio"], log_images=False)
     finish = caap._finish
 
     def drops_epoch_one(*args):  # as when no probe image could be scored for the metric
         result = finish(*args)
         if result.epoch == 1:
-            del result.metrics["caap/cue_mass_ratio"]
+            del result.metrics[CUE]
         return result
 
     caap._finish = drops_epoch_one
     monitor = SpuriousCueMonitor(threshold=None)
-    with pytest.warns(UserWarning, match=r"the check at epoch 1 is not counted: caap/cue_mass_ratio was not logged"):
+    with pytest.warns(UserWarning, match=r"the check at epoch 1 is not counted: caap/cue_density_ratio was not logged"):
         trainer_factory(tmp_path, [caap, monitor], max_epochs=3, limit_train_batches=1).fit(
             classifier_factory(), datamodule=data_factory()
         )
     assert [h["epoch"] for h in monitor.history] == [0, 2]
+
+
+def test_without_masks_a_fixed_position_score_past_the_threshold_alarms_from_the_first_check(
+    tmp_path, scripted, data_factory, classifier_factory, trainer_factory, events_reader
+):
+    data = data_factory(cue_correlation=None)
+    caap = scripted(CAAPCallback(probe=probe_of(data, 8), num_images=8, metrics=["fixed_position_ratio"],
+                                 log_images=False), [2.5, 2.55], "caap/fixed_position_ratio")
+    monitor = SpuriousCueMonitor(num_images=2, strategies=False)
+    trainer = trainer_factory(tmp_path, [caap, monitor], max_epochs=2, limit_train_batches=1)
+    with pytest.warns(UserWarning, match=r"alarm at epoch 1 \(step \d+\): caap/fixed_position_ratio = 2\.550"):
+        trainer.fit(classifier_factory(), datamodule=data)
+    # The first check is already bad: patience 2 is reached at the second.
+    assert [h["alarm"] for h in monitor.history] == [0.0, 1.0] and monitor.last_strategies == {}
+    events = events_reader(trainer.logger.log_dir)
+    steps = sorted(events["scalars"]["spurious/score"])
+    text = events["texts"]["spurious/alarm/text_summary"][steps[1]]
+    assert "The hot region of all the probe's maps together sits at the" in text and "(10% of the image)" in text
+    assert "Probe images that rely most on the fixed position" in text and "strategies among all" not in text
+    # Their per-image fixed-position scores, as the metric computes them from the (last) check's maps.
+    per_image = monitor.per_image_scores(caap.last)
+    rows = [line for line in text.splitlines() if line.startswith("| #")]
+    assert [int(r.split("|")[1].strip()[1:]) for r in rows] == torch.argsort(per_image, descending=True)[:2].tolist()
+    assert f"{float(per_image.max()):.3f}" in rows[0]
+    assert events["images"]["spurious/alarm_images"] == [steps[1]]

@@ -10,7 +10,8 @@ from jsonargparse import ArgumentParser
 
 from caap_lightning.datamodules import ProbeBatch
 from caap_lightning.datamodules import fashion
-from caap_lightning.datamodules.fashion import FASHION_CUE_COLOURS, IDX_FILES, WATERMARK_COLOUR, FashionCanvasDataModule
+from caap_lightning.datamodules.cues import CUE_COLOURS, WATERMARK_COLOUR
+from caap_lightning.datamodules.fashion import IDX_FILES, FashionCanvasDataModule
 from caap_lightning.utils import unnormalize
 
 FASHION_CLASSES = [
@@ -157,9 +158,9 @@ def test_cue_masks_cover_the_drawn_cue(root, cue):
         assert torch.equal(s["mask"].bool() | cue_mask, base["mask"].bool() | cue_mask)  # same garment, same place
         if cue == "background":
             assert torch.equal(cue_mask, ~s["mask"].bool())
-            assert (pixels(s)[:, cue_mask].mean(1) - 0.5 * torch.tensor(FASHION_CUE_COLOURS[label])).abs().max() < 0.03
+            assert (pixels(s)[:, cue_mask].mean(1) - 0.5 * torch.tensor(CUE_COLOURS[label])).abs().max() < 0.03
             continue
-        paint = WATERMARK_COLOUR if cue == "watermark" else FASHION_CUE_COLOURS[label]
+        paint = WATERMARK_COLOUR if cue == "watermark" else CUE_COLOURS[label]
         inside = pixels(s)[:, cue_mask]
         assert (inside - torch.tensor(paint)[:, None]).abs().max() <= 1 / 255  # the colour, to uint8 rounding
         if cue == "marker":
@@ -174,6 +175,53 @@ def test_cue_masks_cover_the_drawn_cue(root, cue):
             assert torch.equal(glyphs.setdefault(label, cue_mask), cue_mask)  # one glyph per class, in one place
     if cue == "watermark":
         assert len(glyphs) >= 5 and len({tuple(m.flatten().tolist()) for m in glyphs.values()}) == len(glyphs)
+
+
+def test_the_marker_draws_what_it_drew_before_the_shared_cue_module(root):
+    """Fixture canvases as the code before ``cues.py`` drew them: label, cue class, marker corner, pixels."""
+    train, val, _ = small(root, cue="marker").sources()
+    known = [  # split, i, label, cue label, marker's top-left, garment pixels, sum of all pixels
+        (train, 0, 0, 0, (2, 2), 305, 341733),
+        (train, 1, 1, 1, (54, 54), 519, 744360),
+        (val, 0, 0, 6, (54, 54), 746, 956006),
+        (val, 1, 1, 1, (2, 54), 807, 685803),
+    ]
+    for split, i, label, cue_label, corner, area, total in known:
+        s = split[i]
+        ys, xs = torch.nonzero(s["cue_mask"], as_tuple=True)
+        assert (s["label"], s["cue_label"], (int(ys.min()), int(xs.min()))) == (label, cue_label, corner)
+        assert int(s["mask"].sum()) == area and int(s["image"].sum()) == total
+
+
+def test_classes_keeps_some_garments_and_relabels_them(root):
+    dm = small(root, classes=[1, 8, 7, 6], cue="border", cue_correlation=1.0)
+    train, val, test = dm.sources()
+    assert dm.num_classes == 4 and dm.class_names == ["Trouser", "Bag", "Sneaker", "Shirt"]
+    # The fixture's garment j has label j % 10: the kept ones are 1, 6, 7, 8, 11, ... in file order.
+    assert (len(train), len(val), len(test)) == (16, 4, 4)
+    assert [train[i]["label"] for i in range(8)] == [0, 3, 2, 1, 0, 3, 2, 1]
+    assert all(train[i]["cue_label"] == train[i]["label"] for i in range(16))
+    assert {val[i]["cue_label"] for i in range(4)} <= set(range(4))
+
+
+def test_classes_sets_the_validation_cue_chance(root):
+    n = 400
+    val = small(root, classes=[1, 8, 7, 6], cue="watermark", cue_correlation=1.0, num_val=n).sources()[1]
+    match = sum(val[i]["cue_label"] == val[i]["label"] for i in range(n)) / n
+    assert abs(match - 0.25) < 4 * math.sqrt(0.25 * 0.75 / n)
+    assert {val[i]["cue_label"] for i in range(n)} == {0, 1, 2, 3}
+
+
+def test_cache_keeps_the_canvases_it_draws(root):
+    drawn = small(root, cue="marker").sources()[0]
+    cached = small(root, cue="marker", cache=True).sources()[0]
+    for i in (0, 7, 39):
+        first, again = cached[i], cached[i]
+        assert all(torch.equal(first[k], drawn[i][k]) for k in ("image", "mask", "cue_mask"))
+        assert first["image"] is again["image"]  # kept, not drawn again
+        first["label"] = -1
+        assert cached[i]["label"] == drawn[i]["label"]  # each read gets its own dict
+    assert sorted(cached._drawn) == [0, 7, 39]
 
 
 def test_train_cue_correlation_is_what_was_asked(root):
@@ -229,6 +277,9 @@ def test_yaml_configures_datamodule():
         (dict(cue_size=30), "cue_size must be in"),
         (dict(mask_threshold=1.0), "mask_threshold must be in"),
         (dict(num_val=0), "must be positive or None"),
+        (dict(classes=[3]), "classes must be 2 or more distinct"),
+        (dict(classes=[1, 1]), "classes must be 2 or more distinct"),
+        (dict(classes=[0, 10]), "classes must be 2 or more distinct"),
     ],
 )
 def test_rejects_bad_arguments(kwargs, message):

@@ -1,10 +1,13 @@
+import json
 import math
 
 import pytest
 import torch
+from jsonargparse import ArgumentError, ArgumentParser
 
-from caap_lightning.datamodules import ProbeBatch, SyntheticSpuriousDataModule
-from caap_lightning.datamodules.synthetic import CUE_COLOURS, SHAPES
+from caap_lightning.datamodules import CUE_KINDS, ProbeBatch, SyntheticSpuriousDataModule
+from caap_lightning.datamodules.cues import BACKGROUND_BRIGHTNESS, CUE_COLOURS, WATERMARK_COLOUR
+from caap_lightning.datamodules.synthetic import SHAPES
 from caap_lightning.utils import unnormalize
 
 
@@ -77,6 +80,96 @@ def test_validation_cue_is_independent_of_label():
     assert 0 < (probe.cue_labels == probe.labels).float().mean() < 0.6
 
 
+def test_the_default_marker_draws_what_it_drew_before_cue_kinds():
+    """Samples of ``small()`` as the code before ``cue=`` drew them: label, cue class, marker corner, pixels."""
+    train, val, _ = small().sources()
+    known = [  # split, i, label, cue label, marker's top-left, object pixels, RGB at (16, 16), sum of all pixels
+        (train, 0, 0, 0, (1, 27), 173, [164, 147, 161], 496500),
+        (train, 1, 1, 1, (1, 1), 196, [43, 14, 40], 311004),
+        (val, 0, 0, 2, (1, 27), 411, [234, 255, 255], 607017),
+        (val, 1, 1, 0, (27, 27), 441, [255, 255, 235], 612113),
+    ]
+    for split, i, label, cue_label, corner, area, centre, total in known:
+        s = split[i]
+        assert (s["label"], s["cue_label"]) == (label, cue_label)
+        ys, xs = torch.nonzero(s["cue_mask"], as_tuple=True)
+        assert (int(ys.min()), int(xs.min())) == corner and int(s["cue_mask"].sum()) == 16
+        assert int(s["mask"].sum()) == area
+        assert s["image"][:, 16, 16].tolist() == centre and int(s["image"].sum()) == total
+    assert small().cue == "marker"
+
+
+def expected_cue_mask(cue: str, label: int, obj: torch.Tensor) -> torch.Tensor:
+    """The naive picture of each fixed cue at 64 px, cue_size 8 (margin 2)."""
+    mask = torch.zeros(64, 64, dtype=torch.bool)
+    if cue == "border":
+        mask[:2], mask[-2:], mask[:, :2], mask[:, -2:] = True, True, True, True
+    elif cue == "watermark":
+        glyphs = {0: ["111", "101", "101", "101", "111"], 1: ["010", "110", "010", "010", "111"],
+                  2: ["111", "001", "111", "100", "111"], 3: ["111", "001", "111", "001", "111"]}
+        for row, text in enumerate(glyphs[label]):
+            for col, ch in enumerate(text):
+                # Each font pixel is 2x2; the 6x10 glyph ends 2 pixels from the right and bottom edges.
+                mask[52 + 2 * row : 54 + 2 * row, 56 + 2 * col : 58 + 2 * col] = ch == "1"
+    else:
+        mask = ~obj
+    return mask
+
+
+@pytest.mark.parametrize("cue", ["watermark", "border", "background"])
+def test_fixed_cue_kinds_are_drawn_where_and_as_documented(cue):
+    plain = small(img_size=64, cue_size=8, cue_correlation=None).sources()[0]
+    cued = small(img_size=64, cue_size=8, cue=cue).sources()[0]
+    for i in range(12):
+        s, base = cued[i], plain[i]
+        cue_mask, obj = s["cue_mask"].bool(), s["mask"].bool()
+        assert torch.equal(cue_mask, expected_cue_mask(cue, s["cue_label"], obj))
+        assert not (obj & cue_mask).any()
+        # The same shape in the same place: the cue only covers some of it.
+        assert torch.equal(obj | cue_mask, base["mask"].bool() | cue_mask)
+        image, before = s["image"].float() / 255, base["image"].float() / 255
+        changed = (image != before).any(0)
+        if cue == "background":
+            # The background's level is the cue colour at half brightness, its texture kept.
+            assert not changed[obj].any() and changed[cue_mask].float().mean() > 0.9
+            level = BACKGROUND_BRIGHTNESS * torch.tensor(CUE_COLOURS[s["cue_label"]])
+            assert (image[:, cue_mask].mean(1) - level).abs().max() < 0.03
+        else:
+            assert not (changed & ~cue_mask).any()
+            paint = WATERMARK_COLOUR if cue == "watermark" else CUE_COLOURS[s["cue_label"]]
+            assert (image[:, cue_mask] - torch.tensor(paint)[:, None]).abs().max() == 0
+
+
+def test_every_cue_kind_keeps_the_label_correlation():
+    n, p = 1200, 0.7
+    for cue in CUE_KINDS:
+        train, val, _ = small(img_size=16, num_train=n, num_val=n, cue_correlation=p, cue=cue).sources()
+        match = sum(train[i]["cue_label"] == train[i]["label"] for i in range(n)) / n
+        assert abs(match - p) < 4 * math.sqrt(p * (1 - p) / n), cue
+        independent = sum(val[i]["cue_label"] == val[i]["label"] for i in range(n)) / n
+        assert abs(independent - 0.25) < 4 * math.sqrt(0.25 * 0.75 / n), cue
+
+
+def test_a_watermark_is_never_flipped():
+    dm = small(cue="watermark", cue_correlation=0.5)
+    dm.setup("fit")
+    for batch in dm.train_dataloader():
+        for cue_mask, cue_label in zip(batch.cue_masks, batch.cue_labels):
+            # Margin 1 at cue_size 4: the 3x5 digit in rows 26-30, columns 28-30.
+            assert not cue_mask[:26].any() and not cue_mask[:, :28].any() and cue_mask[30, 28:31].all()
+            assert int(cue_mask.sum()) == {0: 12, 1: 8, 2: 11, 3: 11}[int(cue_label)]
+
+
+def test_yaml_sets_the_cue_kind():
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(SyntheticSpuriousDataModule, "data")
+    config = parser.parse_string(json.dumps({"data": {"cue": "border", "cue_correlation": 0.8}}))
+    data = parser.instantiate_classes(config).data
+    assert (data.cue, data.cue_correlation) == ("border", 0.8)
+    with pytest.raises(ArgumentError, match="data.cue"):
+        parser.parse_string(json.dumps({"data": {"cue": "stripes"}}))
+
+
 def test_no_cue():
     batch = small(cue_correlation=None).probe_batch(4)
     assert batch.cue_masks is None and batch.cue_labels is None and batch.masks is not None
@@ -105,6 +198,7 @@ def test_custom_normalisation():
         (dict(cue_correlation=1.5), "cue_correlation must be in"),
         (dict(object_size=(0.9, 0.5)), "object_size must be"),
         (dict(cue_size=20), "cue_size must be in"),
+        (dict(cue="stripes"), "cue must be one of"),
     ],
 )
 def test_rejects_bad_arguments(kwargs, message):

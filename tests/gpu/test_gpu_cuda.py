@@ -114,7 +114,7 @@ def test_callback_and_monitor_under_bf16_mixed_on_the_gpu(tmp_path, monkeypatch)
     L.seed_everything(0, verbose=False)
     model = ViTClassifier(num_classes=3, img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, warmup_epochs=0)
     callback = CAAPCallback(num_images=8, methods=["caap", "gradcam", "rollout"], layer_cutoff="auto", on_error="raise")
-    monitor = SpuriousCueMonitor()
+    monitor = SpuriousCueMonitor(monitor="caap/cue_mass_ratio")
     trainer = L.Trainer(
         max_epochs=2, accelerator="gpu", devices=1, precision="bf16-mixed", callbacks=[callback, monitor],
         default_root_dir=tmp_path, enable_progress_bar=False, enable_checkpointing=False, num_sanity_val_steps=0,

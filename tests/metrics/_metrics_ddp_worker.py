@@ -39,3 +39,21 @@ def run(rank: int, world_size: int, port: int, model: nn.Module, data, out_path:
             torch.save(results, out_path)
     finally:
         dist.destroy_process_group()
+
+
+def density_shard(rank: int, port: int, maps: torch.Tensor, masks: torch.Tensor, out_path: str) -> None:
+    """The density and fixed-position ratios on uneven shares (3 and 2 images); rank 0 saves what it computed."""
+    from caap_lightning.metrics import DensityRatio, FixedPositionRatio
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        part = slice(0, 3) if rank == 0 else slice(3, None)
+        density, fixed = DensityRatio(region="outside"), FixedPositionRatio()
+        density.update(maps[part], masks[part])
+        fixed.update(maps[part])
+        values = {"density": density.compute_details(), "fixed": fixed.compute_details()}
+        if rank == 0:
+            torch.save(values, out_path)
+    finally:
+        dist.destroy_process_group()

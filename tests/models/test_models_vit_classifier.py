@@ -267,3 +267,71 @@ def test_fit_with_an_empty_ckpt_path_names_it_and_a_sound_one_resumes(tmp_path):
     resumed.fit(tiny(mean=data.mean, std=data.std), datamodule=data, ckpt_path=tmp_path / "epoch1.ckpt")
     assert resumed.global_step == 4  # 2 batches an epoch, 2 epochs
     assert type(resumed.strategy.checkpoint_io) is TorchCheckpointIO  # the Trainer's own IO is back after the fit
+
+
+def resnet(**kwargs) -> ViTClassifier:
+    cfg = dict(model_name="resnet18", num_classes=4, img_size=32, warmup_epochs=0.0)
+    cfg.update(kwargs)
+    return ViTClassifier(**cfg)
+
+
+def test_a_timm_cnn_takes_any_image_size_and_is_the_attribution_model():
+    model = resnet()  # img_size is the CLI's link from the data: a CNN has no fixed size to set
+    assert type(model.model).__name__ == "ResNet" and model.get_attribution_model() is model.model
+    assert model.patch_size is None
+    assert model.mean == (0.485, 0.456, 0.406) and model.std == (0.229, 0.224, 0.225)  # resnet18's pretrained_cfg
+    assert model.eval()(torch.zeros(2, 3, 48, 40)).shape == (2, 4)
+
+
+@pytest.mark.parametrize("override", [{"patch_size": 8}, {"embed_dim": 32}])
+def test_vit_shape_arguments_on_a_cnn_are_refused_by_name(override):
+    (name,) = override
+    with pytest.raises(ValueError, match=rf"'resnet18' does not take \{{'{name}'.*reshape a ViT"):
+        resnet(**override)
+
+
+@pytest.mark.parametrize("freeze_backbone", [False, True])
+def test_a_cnn_trains_with_weight_decay_on_its_conv_and_linear_weights_only(freeze_backbone):
+    model = resnet(weight_decay=0.05, freeze_backbone=freeze_backbone)
+    data = SyntheticSpuriousDataModule(num_classes=4, img_size=32, cue_size=4, num_train=8, num_val=4, batch_size=4,
+                                       mean=model.mean, std=model.std)
+    before = model.model.fc.weight.detach().clone()
+    fit = trainer(max_steps=1, limit_val_batches=0)
+    fit.fit(model, datamodule=data)
+    assert not torch.equal(model.model.fc.weight, before)
+    names = {id(p): n for n, p in model.model.named_parameters()}
+    groups = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in fit.optimizers[0].param_groups}
+    trainable = {n for n, p in model.model.named_parameters() if p.requires_grad}
+    if freeze_backbone:
+        assert trainable == {"fc.weight", "fc.bias"}
+    assert set().union(*groups.values()) == trainable
+    assert groups[0.05] == {n for n in trainable if n.endswith(".weight") and "bn" not in n and "downsample.1" not in n}
+
+
+def test_a_cnn_checkpoint_with_another_head_loads_its_backbone(tmp_path):
+    source = resnet(num_classes=10)
+    path = tmp_path / "run.ckpt"
+    save_lightning_checkpoint(source, path)
+    loaded = resnet(num_classes=3, checkpoint_path=str(path))
+    assert loaded.model.fc.weight.shape == (3, 512)
+    assert torch.equal(loaded.model.layer3[0].conv1.weight, source.model.layer3[0].conv1.weight)
+
+
+def test_the_cli_fits_a_cnn_by_name(tmp_path):
+    from caap_lightning.callbacks import CAAPCallback
+    from caap_lightning.cli import cli
+
+    run = cli([
+        "fit", "--model.model_name=resnet18", "--model.warmup_epochs=0",
+        "--data=caap_lightning.datamodules.SyntheticSpuriousDataModule", "--data.img_size=64", "--data.num_train=8",
+        "--data.num_val=4", "--data.batch_size=4", "--trainer.accelerator=cpu", "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=1", "--trainer.num_sanity_val_steps=0", "--trainer.logger=false",
+        "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.callbacks+=caap_lightning.callbacks.CAAPCallback", "--trainer.callbacks.num_images=2",
+        "--trainer.callbacks.metrics=[pointing_game]", "--trainer.callbacks.log_images=false",
+        "--trainer.callbacks.on_error=raise",
+    ])
+    (callback,) = [cb for cb in run.trainer.callbacks if isinstance(cb, CAAPCallback)]
+    assert type(run.model.model).__name__ == "ResNet" and run.model.hparams.img_size == 64
+    assert callback._model is run.model.model and callback.construction == "standard"
+    assert len(callback.history) == 1 and 0.0 <= callback.history[0]["caap/pointing_game"] <= 1.0

@@ -1,0 +1,107 @@
+"""What the shortcut alarm shows on a real run where the probe has object masks only, or no masks.
+
+Trains the ViT of ``spurious.py``'s Fashion-MNIST recipe on garments whose fixed-position
+watermark (the digit of a class) names the label in every training image, with two
+``CAAPCallback``/``SpuriousCueMonitor`` pairs on one fit: one whose probe has the garments'
+masks but no cue masks (it watches ``background_density_ratio``), one whose probe has images
+and labels only (it watches ``fixed_position_ratio`` and discovers strategies). A
+``CSVLogger`` makes the callbacks save their figures as PNG files; the ones the README shows
+are copied to ``--out``, and a JSON summary of the scores and alarms is printed and saved.
+
+    python benchmarks/shortcut_pictures.py            # writes docs/images/shortcut-*.png and a JSON next to them
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from caap_lightning.callbacks import CAAPCallback, SpuriousCueMonitor
+from caap_lightning.datamodules import FashionCanvasDataModule
+from caap_lightning.models import ViTClassifier
+
+from _common import quiet_trainer
+from spurious import RECIPES
+
+DOCS_IMAGES = Path(__file__).resolve().parents[1] / "docs" / "images"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cue", default="watermark", choices=("marker", "watermark", "border", "background"))
+    parser.add_argument("--cue-correlation", type=float, default=1.0)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--probe-masked", type=int, default=16, help="probe images of the object-masks-only pair")
+    parser.add_argument("--probe-unmasked", type=int, default=64, help="probe images of the no-masks pair")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fashion-root", default=str(Path(tempfile.gettempdir()) / "caap-fashion"))
+    parser.add_argument("--out", type=Path, default=DOCS_IMAGES)
+    return parser.parse_args()
+
+
+def main() -> Dict[str, Any]:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    L.seed_everything(args.seed, verbose=False)
+    recipe = RECIPES["fashion"]
+    data = FashionCanvasDataModule(root=args.fashion_root, cue=args.cue, cue_correlation=args.cue_correlation,
+                                   seed=args.seed, num_val=512, **recipe["data"])
+    data.prepare_data()
+    data.setup("fit")
+    masked = data.probe_batch(args.probe_masked)
+    unmasked = data.probe_batch(args.probe_unmasked)
+    model = ViTClassifier(**recipe["model"], num_classes=data.num_classes, img_size=data.img_size,
+                          mean=data.mean, std=data.std)
+    callbacks = [
+        CAAPCallback(probe=(masked.images, masked.labels, masked.masks), prefix="caap_object", max_images_logged=6),
+        SpuriousCueMonitor(prefix="spurious_object"),
+        CAAPCallback(probe=(unmasked.images, unmasked.labels), prefix="caap_none", max_images_logged=6),
+        SpuriousCueMonitor(prefix="spurious_none"),
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        logger = CSVLogger(tmp, name="shortcut")
+        trainer = quiet_trainer(max_epochs=args.epochs, limit_train_batches=recipe["batches_per_epoch"],
+                                callbacks=callbacks, logger=logger)
+        start = time.perf_counter()
+        trainer.fit(model, datamodule=data)
+        wall = time.perf_counter() - start
+        images = Path(logger.log_dir) / "caap_images"
+        args.out.mkdir(parents=True, exist_ok=True)
+        copied = []
+        for pattern in ("spurious_object_alarm_images_step*.png", "spurious_none_alarm_images_step*.png",
+                        "spurious_none_strategies_all_step*.png"):
+            found = sorted(images.glob(pattern), key=lambda p: int(p.stem.rsplit("step", 1)[1]))
+            if found:  # the first alarm's figure, and the last check's strategies
+                chosen = found[0] if "alarm" in pattern else found[-1]
+                target = args.out / f"shortcut-{pattern.split('_step')[0].replace('_', '-')}.png"
+                shutil.copy(chosen, target)
+                copied.append(str(target.relative_to(args.out.parents[1])))
+    summary = {
+        "command": "python benchmarks/shortcut_pictures.py",
+        "setup": f"Fashion-MNIST classes {recipe['data']['classes']} at {data.img_size} px, cue {args.cue!r} at "
+                 f"correlation {args.cue_correlation}, {args.epochs} epochs of {recipe['batches_per_epoch']} batches",
+        "wall_s": round(wall, 1),
+        "scores": {cb.prefix: [row["score"] for row in cb.history] for cb in callbacks if isinstance(cb, SpuriousCueMonitor)},
+        "watched": {cb.prefix: cb.monitor_key for cb in callbacks if isinstance(cb, SpuriousCueMonitor)},
+        "alarm_epochs": {cb.prefix: [row["epoch"] for row in cb.alarms] for cb in callbacks
+                         if isinstance(cb, SpuriousCueMonitor)},
+        "strategies": {group: len(found.strategies) for group, found in callbacks[3].last_strategies.items()},
+        "pictures": copied,
+    }
+    (args.out / "shortcut-pictures.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(json.dumps(summary, indent=1))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
