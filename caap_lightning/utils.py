@@ -113,3 +113,26 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+def check_image_batch(images: torch.Tensor, channels: Optional[int] = None) -> None:
+    """What every consumer of an image batch checks first: a float ``(B, C, H, W)`` tensor of at least
+    one image, with ``channels`` channels where the model fixes them, and finite pixels."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be a (B, C, H, W) tensor, got {shape}")
+    if images.shape[0] == 0:
+        raise ValueError("images is an empty batch (B = 0); pass at least one image")
+    if not images.is_floating_point():
+        raise TypeError(
+            f"images must be float, normalised with the model's mean/std, got {images.dtype}; "
+            "convert them (e.g. images.float() / 255) and normalise them as the model's inputs were"
+        )
+    if channels is not None and images.shape[1] != channels:
+        raise ValueError(
+            f"images have {images.shape[1]} channels but the model expects {channels}; "
+            "convert grey-scale or RGBA images to RGB first"
+        )
+    bad = (~torch.isfinite(images.flatten(1)).all(1)).nonzero()[:, 0].tolist()
+    if bad:
+        raise ValueError(f"images contain NaN or inf pixels (image(s) {bad} of the batch); fix or drop those images")

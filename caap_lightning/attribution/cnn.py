@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from caap_lightning.attribution.blanks import BlankSpec, check_blank, make_blank, warn_saturated_blank
 from caap_lightning.attribution.selection import selection_members
 from caap_lightning.attribution.vit import TargetLike, check_finite_weights, check_target
-from caap_lightning.utils import eval_mode, model_normalization, target_score, upsample_maps
+from caap_lightning.utils import check_image_batch, eval_mode, model_normalization, target_score, upsample_maps
 
 CONSTRUCTIONS = ("standard", "frozen")
 SCORES = ("probability", "logit")
@@ -202,25 +202,7 @@ def check_classifier(model: nn.Module, table: ConvStages) -> None:
 
 def check_images(table: ConvStages, images: Tensor) -> None:
     """Clear errors for a batch the CNN cannot take, before any work is done (ConvCAAP and the baselines)."""
-    if not isinstance(images, Tensor) or images.dim() != 4:
-        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise ValueError(f"images must be a (B, C, H, W) tensor, got {shape}")
-    if images.shape[0] == 0:
-        raise ValueError("images is an empty batch (B = 0); pass at least one image")
-    if not images.is_floating_point():
-        raise TypeError(
-            f"images must be float, normalised with the model's mean/std, got {images.dtype}; "
-            "convert them (e.g. images.float() / 255) and normalise them as the model's inputs were"
-        )
-    channels = _in_channels(table)
-    if images.shape[1] != channels:
-        raise ValueError(
-            f"images have {images.shape[1]} channels but the model expects {channels}; "
-            "convert grey-scale or RGBA images to RGB first"
-        )
-    bad = (~torch.isfinite(images.flatten(1)).all(1)).nonzero()[:, 0].tolist()
-    if bad:
-        raise ValueError(f"images contain NaN or inf pixels (image(s) {bad} of the batch); fix or drop those images")
+    check_image_batch(images, _in_channels(table))
 
 
 def check_grid(grid: GridLike) -> Optional[Tuple[int, int]]:

@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from caap_lightning.utils import eval_mode
+from caap_lightning.utils import check_image_batch, eval_mode
 
 TargetLike = Union[None, int, Sequence[int], torch.Tensor]
 _SUPPORTED_POOLS = ("token", "avg")
@@ -80,22 +80,7 @@ def grid_size(model: nn.Module, height: int, width: int) -> Tuple[int, int]:
 
 def check_images(model: nn.Module, images: torch.Tensor) -> None:
     """Clear errors for inputs the model cannot take, before any work is done."""
-    if not isinstance(images, torch.Tensor) or images.dim() != 4:
-        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"images must be a (B, C, H, W) tensor, got {shape}")
-    if images.shape[0] == 0:
-        raise ValueError("images is an empty batch (B = 0); pass at least one image")
-    if not images.is_floating_point():
-        raise TypeError(
-            f"images must be float, normalised with the model's mean/std, got {images.dtype}; "
-            "convert them (e.g. images.float() / 255) and normalise them as the model's inputs were"
-        )
-    in_chans = model.patch_embed.proj.in_channels
-    if images.shape[1] != in_chans:
-        raise ValueError(
-            f"images have {images.shape[1]} channels but the model expects {in_chans}; "
-            "convert grey-scale or RGBA images to RGB first"
-        )
+    check_image_batch(images, model.patch_embed.proj.in_channels)
     ph, pw = model.patch_embed.patch_size
     h, w = images.shape[-2:]
     if h % ph or w % pw:
@@ -109,9 +94,6 @@ def check_images(model: nn.Module, images: torch.Tensor) -> None:
             f"image size {h}x{w} differs from the model's img_size {tuple(fixed)}; resize the "
             "images, or build the model with dynamic_img_size=True to accept other sizes"
         )
-    bad = (~torch.isfinite(images.flatten(1)).all(1)).nonzero()[:, 0].tolist()
-    if bad:
-        raise ValueError(f"images contain NaN or inf pixels (image(s) {bad} of the batch); fix or drop those images")
 
 
 def check_target(

@@ -8,6 +8,8 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from caap_lightning.utils import check_image_batch
+
 TargetLike = Union[None, int, Sequence[int], Tensor]
 # How many distinct mask values an error message lists before it elides the rest.
 _SHOWN_VALUES = 6
@@ -116,13 +118,7 @@ def check_images(model: nn.Module, images: Tensor) -> None:
     Channels and size are checked against a timm ViT's ``patch_embed`` where it has one,
     so a wrong input fails here, with the expected shape, and not inside timm.
     """
-    if not isinstance(images, Tensor) or images.dim() != 4:
-        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise ValueError(f"images must be a (B, C, H, W) tensor, got {shape}")
-    if images.shape[0] == 0:
-        raise ValueError("images is an empty batch (B = 0); pass at least one image")
-    if not images.is_floating_point():
-        raise TypeError(f"images must be float, normalised as the model expects, got {images.dtype}")
+    check_image_batch(images)  # the channels are checked below, with the size where the model fixes it
     patch_embed = getattr(model, "patch_embed", None)
     proj = getattr(patch_embed, "proj", None)
     channels = getattr(proj, "in_channels", None) or images.shape[1]
@@ -148,9 +144,6 @@ def check_images(model: nn.Module, images: Tensor) -> None:
                 f"images of size {size[0]}x{size[1]} do not divide into the model's {ph}x{pw} "
                 "patches; resize or crop them to a multiple of the patch size"
             )
-    bad = _bad_images(images)
-    if bad:
-        raise ValueError(f"images contain NaN or inf in image(s) {bad} of the batch")
 
 
 def check_target(target: TargetLike, batch: int) -> Optional[Tensor]:

@@ -196,7 +196,7 @@ def test_float64_images_are_cast_and_integer_images_refused():
     assert set(seen) == {torch.float32}
     torch.testing.assert_close(as_double.insertion, as_float.insertion)
     for dtype in (torch.uint8, torch.long, torch.bool):
-        with pytest.raises(TypeError, match="images must be float, normalised as the model expects"):
+        with pytest.raises(TypeError, match="images must be float, normalised with the model's mean/std"):
             insertion_deletion(model, images.to(dtype), maps, step=9)
 
 

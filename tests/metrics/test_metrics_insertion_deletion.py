@@ -283,5 +283,5 @@ def test_non_finite_maps_rejected_naming_every_image():
     assert int(metric.count) == 0 and float(metric.insertion_sum) == 0.0
     images = torch.randn(4, 3, 4, 4)
     images[3, 1, 0, 0] = float("nan")
-    with pytest.raises(ValueError, match=r"images contain NaN or inf in image\(s\) \[3\]"):
+    with pytest.raises(ValueError, match=r"images contain NaN or inf pixels \(image\(s\) \[3\] of the batch\)"):
         metric.update(images, torch.rand(4, 4, 4))
