@@ -1,9 +1,9 @@
 """What the shortcut alarm shows on a real run where the probe has object masks only, or no masks.
 
-Trains the ViT of ``spurious.py``'s Fashion-MNIST recipe on garments whose fixed-position
-watermark (the digit of a class) names the label in every training image, with two
+Trains the ViT of ``spurious.py``'s recipe (``--data shapes`` or ``fashion``) on images whose
+fixed-position watermark (the digit of a class) names the label in every training image, with two
 ``CAAPCallback``/``SpuriousCueMonitor`` pairs on one fit: one whose probe has the garments'
-masks but no cue masks (it watches ``background_density_ratio``), one whose probe has images
+objects' masks but no cue masks (it watches ``background_density_ratio``), one whose probe has images
 and labels only (it watches ``fixed_position_ratio`` and discovers strategies). A
 ``CSVLogger`` makes the callbacks save their figures as PNG files; the ones the README shows
 are copied to ``--out``, and a JSON summary of the scores and alarms is printed and saved.
@@ -26,17 +26,17 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from caap_lightning.callbacks import CAAPCallback, SpuriousCueMonitor
-from caap_lightning.datamodules import FashionCanvasDataModule
 from caap_lightning.models import ViTClassifier
 
 from _common import quiet_trainer
-from spurious import RECIPES
+from spurious import RECIPES, build_data
 
 DOCS_IMAGES = Path(__file__).resolve().parents[1] / "docs" / "images"
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="shapes", choices=("shapes", "fashion"))
     parser.add_argument("--cue", default="watermark", choices=("marker", "watermark", "border", "background"))
     parser.add_argument("--cue-correlation", type=float, default=1.0)
     parser.add_argument("--epochs", type=int, default=8)
@@ -53,9 +53,9 @@ def main() -> Dict[str, Any]:
     args = parse_args()
     torch.set_num_threads(args.threads)
     L.seed_everything(args.seed, verbose=False)
-    recipe = RECIPES["fashion"]
-    data = FashionCanvasDataModule(root=args.fashion_root, cue=args.cue, cue_correlation=args.cue_correlation,
-                                   seed=args.seed, num_val=512, **recipe["data"])
+    recipe = RECIPES[args.data]
+    settings = {"recipes": RECIPES, "num_val": 512, "fashion_root": args.fashion_root}
+    data = build_data(args.data, args.cue, args.cue_correlation, args.seed, settings)
     data.prepare_data()
     data.setup("fit")
     masked = data.probe_batch(args.probe_masked)
@@ -64,9 +64,10 @@ def main() -> Dict[str, Any]:
                           mean=data.mean, std=data.std)
     callbacks = [
         CAAPCallback(probe=(masked.images, masked.labels, masked.masks), prefix="caap_object", max_images_logged=6),
-        SpuriousCueMonitor(prefix="spurious_object"),
+        SpuriousCueMonitor(monitor="caap_object/background_density_ratio", prefix="spurious_object"),
         CAAPCallback(probe=(unmasked.images, unmasked.labels), prefix="caap_none", max_images_logged=6),
-        SpuriousCueMonitor(prefix="spurious_none"),
+        # Named: with two CAAPCallbacks the default would take the first one's score.
+        SpuriousCueMonitor(monitor="caap_none/fixed_position_ratio", prefix="spurious_none"),
     ]
     with tempfile.TemporaryDirectory() as tmp:
         logger = CSVLogger(tmp, name="shortcut")
@@ -88,7 +89,7 @@ def main() -> Dict[str, Any]:
                 copied.append(str(target.relative_to(args.out.parents[1])))
     summary = {
         "command": "python benchmarks/shortcut_pictures.py",
-        "setup": f"Fashion-MNIST classes {recipe['data']['classes']} at {data.img_size} px, cue {args.cue!r} at "
+        "setup": f"spurious.py's {args.data} recipe at {data.img_size} px, cue {args.cue!r} at "
                  f"correlation {args.cue_correlation}, {args.epochs} epochs of {recipe['batches_per_epoch']} batches",
         "wall_s": round(wall, 1),
         "scores": {cb.prefix: [row["score"] for row in cb.history] for cb in callbacks if isinstance(cb, SpuriousCueMonitor)},
