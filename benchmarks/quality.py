@@ -208,6 +208,15 @@ def per_image_scores(model, maps, images, labels, masks, step: int, metric_batch
     }
 
 
+def score_method(method, model, images, labels, masks, step: int, batch: int, metric_batch: int):
+    """One method's per-image scores on the held-out images and their summary row (with CPU seconds per image)."""
+    maps, cpu = attribute_all(method, images, labels, batch)
+    scores = per_image_scores(model, maps, images, labels, masks, step, metric_batch)
+    row = summarise(scores)
+    row["cpu_seconds_per_image"] = round(cpu / len(images), 5)
+    return scores, row, maps
+
+
 def mean_sem(values: torch.Tensor) -> Dict[str, float]:
     values = values[torch.isfinite(values)].double()
     n = values.numel()
@@ -528,12 +537,8 @@ def main() -> Dict[str, Any]:
 
     def run(label: str, registry_name: str, kwargs: Dict[str, Any], n: int) -> Dict[str, Any]:
         method = get_method(registry_name, model, **kwargs)
-        maps, cpu = attribute_all(method, images[:n], labels[:n], args.batch)
-        scores = per_image_scores(model, maps, images[:n], labels[:n], masks[:n], step, args.metric_batch)
-        per_image[label] = scores
-        timed[label] = method
-        row = summarise(scores)
-        row["cpu_seconds_per_image"] = round(cpu / n, 5)
+        scores, row, _ = score_method(method, model, images[:n], labels[:n], masks[:n], step, args.batch, args.metric_batch)
+        per_image[label], timed[label] = scores, method
         print(json.dumps({"config": label, **{m: row[m]["mean"] for m in METRICS},
                           "elapsed_s": round(time.perf_counter() - started)}), flush=True)
         return row

@@ -40,7 +40,7 @@ from caap_lightning.datamodules import FashionCanvasDataModule, SyntheticSpuriou
 from caap_lightning.models import ViTClassifier
 
 from _common import quiet_trainer
-from quality import METRICS, attribute_all, fmt, fmt_diff, paired, per_image_scores, seconds_per_image, summarise, table
+from quality import METRICS, accuracy, fmt, fmt_diff, paired, score_method, seconds_per_image, table
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Four Fashion-MNIST classes that differ in silhouette (trouser, bag, sneaker, shirt): a small
@@ -92,15 +92,6 @@ def train(module: ViTClassifier, data: L.LightningDataModule, args: argparse.Nam
     quiet_trainer(max_epochs=args.epochs, limit_val_batches=0).fit(module, datamodule=data)
     return {"epochs": args.epochs, "num_train": args.num_train, "train_seconds": round(time.perf_counter() - start, 1),
             "train_cpu_seconds": round(time.process_time() - cpu, 1)}
-
-
-@torch.no_grad()
-def accuracy(model: torch.nn.Module, data: L.LightningDataModule) -> float:
-    correct = total = 0
-    for batch in data.val_dataloader():
-        correct += int((model(batch.images).argmax(-1) == batch.labels).sum())
-        total += len(batch.labels)
-    return correct / total
 
 
 def main_methods(grid: Tuple[int, int]) -> Dict[str, Tuple[str, Dict[str, Any]]]:
@@ -239,11 +230,8 @@ def main() -> Dict[str, Any]:
 
     def run(label: str, name: str, kwargs: Dict[str, Any], n: int) -> Dict[str, Any]:
         method = get_method(name, model, **kwargs)
-        maps, cpu = attribute_all(method, images[:n], labels[:n], args.batch)
-        scores = per_image_scores(model, maps, images[:n], labels[:n], masks[:n], step, args.metric_batch)
+        scores, row, maps = score_method(method, model, images[:n], labels[:n], masks[:n], step, args.batch, args.metric_batch)
         per_image[label], timed[label] = scores, method
-        row = summarise(scores)
-        row["cpu_seconds_per_image"] = round(cpu / n, 5)
         row["grid"] = list(maps.shape[-2:])
         print(json.dumps({"config": label, **{m: row[m]["mean"] for m in METRICS},
                           "elapsed_s": round(time.perf_counter() - started)}), flush=True)

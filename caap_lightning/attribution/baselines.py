@@ -20,19 +20,19 @@ gradient methods also work when called under ``torch.no_grad()`` or inference mo
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from caap_lightning.attribution import cnn, vit
+from caap_lightning.attribution.caap import SCORES
 from caap_lightning.attribution.blanks import BlankSpec, check_blank, make_blank
 from caap_lightning.attribution.selection import selection_members
 from caap_lightning.utils import eval_mode, model_normalization, target_score, upsample_maps
 
 TargetLike = vit.TargetLike
 GridLike = cnn.GridLike
-SCORES = ("probability", "logit")
 FAMILIES = ("vit", "cnn")
 
 _INSTALL_BASELINES = 'pip install "caap-lightning[baselines]"'
@@ -103,6 +103,7 @@ class _CNNAdapter:
         self.num_classes = self.table.num_classes
         self.model = model
         self.fixed_grid = cnn.check_grid(grid)
+        self._stage_grids: Dict[Tuple[int, int], Tuple[int, int]] = {}  # image size -> the last stage's grid
 
     def check_images(self, images: torch.Tensor) -> None:
         cnn.check_images(self.table, images)
@@ -113,11 +114,14 @@ class _CNNAdapter:
     def grid(self, images: torch.Tensor) -> Tuple[int, int]:
         size = tuple(images.shape[-2:])
         if self.fixed_grid is None:
-            with torch.no_grad():
-                x = images[:1]
-                for stage in self.table.stages:
-                    x = stage(x)
-            return tuple(x.shape[-2:])
+            # The last map's size depends on the image size only: one forward of one image per size.
+            if size not in self._stage_grids:
+                with torch.no_grad():
+                    x = images[:1]
+                    for stage in self.table.stages:
+                        x = stage(x)
+                self._stage_grids[size] = tuple(x.shape[-2:])
+            return self._stage_grids[size]
         if self.fixed_grid[0] > size[0] or self.fixed_grid[1] > size[1]:
             raise ValueError(
                 f"grid={self.fixed_grid} is finer than the images ({size[0]}x{size[1]} pixels); pick a grid of "

@@ -21,6 +21,52 @@ from caap_lightning.utils import eval_mode, model_normalization, target_score, u
 
 CONSTRUCTIONS = ("parallel", "efficient", "windowed", "standard")
 SCORES = ("probability", "logit")
+
+
+def check_settings(
+    selection: str, blank: BlankSpec, construction: str, constructions: Sequence[str], score: str,
+    chunk_size: Optional[int],
+) -> None:
+    """The settings CAAP and ConvCAAP share, checked at construction with the same messages."""
+    selection_members(selection, (1, 1))  # validates the name
+    check_blank(blank)
+    if construction not in constructions:
+        raise ValueError(f"construction={construction!r} is not one of {tuple(constructions)}")
+    if score not in SCORES:
+        raise ValueError(f"score={score!r} is not one of {SCORES}")
+    positive_int = isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size >= 1
+    if chunk_size is not None and not positive_int:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
+def sweep_cutoffs(
+    method, classifier: nn.Module, cutoffs: Sequence[int], images: torch.Tensor, target: Optional[torch.Tensor],
+    masks: Optional[torch.Tensor], step: Optional[int], progress: bool, name=None,
+) -> List[dict]:
+    """The calibration sweep of CAAP and ConvCAAP: ``method`` attributes ``images`` at each cutoff, the
+    maps are scored with the RISE protocol on ``classifier`` (and AUPR1 where ``masks`` are given),
+    and ``method.layer_cutoff`` is left at the best mean InsDel. ``name(k)``, where given, adds a
+    ``"cut"`` column. Returns one row per cutoff."""
+    from tqdm.auto import tqdm
+
+    from caap_lightning.metrics.functional import aupr, insertion_deletion
+
+    original, rows = method.layer_cutoff, []
+    try:
+        for k in tqdm(cutoffs, desc=f"{type(method).__name__} layer-cutoff sweep", disable=not progress):
+            method.layer_cutoff = k
+            maps = method.attribute(images, target=target)
+            scores = insertion_deletion(classifier, images.to(maps.device), maps, target=target, step=step)
+            row = {"layer_cutoff": k, **({} if name is None else {"cut": name(k)}),
+                   "insertion": scores.insertion.mean().item(), "deletion": scores.deletion.mean().item()}
+            row["insdel"] = row["insertion"] - row["deletion"]
+            if masks is not None:
+                row["aupr_fg"] = aupr(maps, masks.to(maps.device)).aupr.nanmean().item()
+            rows.append(row)
+    finally:
+        method.layer_cutoff = original
+    method.layer_cutoff = max(rows, key=lambda r: r["insdel"])["layer_cutoff"]
+    return rows
 TargetLike = vit.TargetLike
 
 # Bytes the chunk's largest temporary (the blank-score tensor) may take when chunk_size=None.
@@ -94,14 +140,7 @@ class CAAP:
             layer_cutoff = depth // 2
         if isinstance(layer_cutoff, bool) or not isinstance(layer_cutoff, int) or not 0 <= layer_cutoff <= depth:
             raise ValueError(f"layer_cutoff must be an int in 0..{depth} (the model has {depth} blocks), got {layer_cutoff!r}")
-        selection_members(selection, (1, 1))  # validates the name
-        check_blank(blank)
-        if construction not in CONSTRUCTIONS:
-            raise ValueError(f"construction={construction!r} is not one of {CONSTRUCTIONS}")
-        if score not in SCORES:
-            raise ValueError(f"score={score!r} is not one of {SCORES}")
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        check_settings(selection, blank, construction, CONSTRUCTIONS, score, chunk_size)
         if not isinstance(window, int) or window < 0:
             raise ValueError(f"window must be a non-negative int, got {window!r}")
         self.model = model
@@ -210,10 +249,6 @@ class CAAP:
             One row per cutoff: ``{"layer_cutoff", "insertion", "deletion", "insdel"
             [, "aupr_fg"]}`` (means over the probe images).
         """
-        from tqdm.auto import tqdm
-
-        from caap_lightning.metrics.functional import aupr, insertion_deletion
-
         images = getattr(probe, "images", probe)
         target = getattr(probe, "labels", None) if target is None else target
         masks = getattr(probe, "masks", None) if masks is None else masks
@@ -223,25 +258,7 @@ class CAAP:
             raise ValueError(f"layer_cutoffs must be ints in 0..{self.depth}, got {cutoffs}")
         if target is not None:
             target = vit.check_target(target, len(images), self.classifier.num_classes, images.device)
-        original, rows = self.layer_cutoff, []
-        try:
-            for k in tqdm(cutoffs, desc="CAAP layer-cutoff sweep", disable=not progress):
-                self.layer_cutoff = k
-                maps = self.attribute(images, target=target)
-                scores = insertion_deletion(self.classifier, images.to(maps.device), maps, target=target, step=step)
-                row = {
-                    "layer_cutoff": k,
-                    "insertion": scores.insertion.mean().item(),
-                    "deletion": scores.deletion.mean().item(),
-                }
-                row["insdel"] = row["insertion"] - row["deletion"]
-                if masks is not None:
-                    row["aupr_fg"] = aupr(maps, masks.to(maps.device)).aupr.nanmean().item()
-                rows.append(row)
-        finally:
-            self.layer_cutoff = original
-        self.layer_cutoff = max(rows, key=lambda r: r["insdel"])["layer_cutoff"]
-        return rows
+        return sweep_cutoffs(self, self.classifier, cutoffs, images, target, masks, step, progress)
 
     # ------------------------------------------------------------------ set-up pieces
     def _score(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -16,13 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from caap_lightning.attribution.blanks import BlankSpec, check_blank, make_blank, warn_saturated_blank
+from caap_lightning.attribution.blanks import BlankSpec, make_blank, warn_saturated_blank
+from caap_lightning.attribution.caap import SCORES, check_settings, sweep_cutoffs
 from caap_lightning.attribution.selection import selection_members
 from caap_lightning.attribution.vit import TargetLike, check_finite_weights, check_target
 from caap_lightning.utils import check_image_batch, eval_mode, model_normalization, target_score, upsample_maps
 
 CONSTRUCTIONS = ("standard", "frozen")
-SCORES = ("probability", "logit")
 SUPPORTED = (
     "torchvision ResNet, VGG, DenseNet and ConvNeXt; "
     "timm ResNet, VGG, DenseNet and ConvNeXt"
@@ -376,15 +376,7 @@ class ConvCAAP:
         self.model = model
         self.layer_cutoff = self._resolve_cut(layer_cutoff)
         self.grid = check_grid(grid)
-        selection_members(selection, (1, 1))  # validates the name
-        check_blank(blank)
-        if construction not in CONSTRUCTIONS:
-            raise ValueError(f"construction={construction!r} is not one of {CONSTRUCTIONS}")
-        if score not in SCORES:
-            raise ValueError(f"score={score!r} is not one of {SCORES}")
-        positive_int = isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size >= 1
-        if chunk_size is not None and not positive_int:
-            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        check_settings(selection, blank, construction, CONSTRUCTIONS, score, chunk_size)
         self.selection = selection
         self.blank = blank
         self.construction = construction
@@ -394,6 +386,11 @@ class ConvCAAP:
         self.blank_seed = blank_seed
         self._last_size: Optional[Tuple[int, int]] = None
         self._warned_classes: set = set()
+
+    @property
+    def depth(self) -> int:
+        """The deepest cut, ``S`` (cuts are ``0..S``), as :attr:`CAAP.depth` is a ViT's deepest cutoff."""
+        return self.table.depth
 
     @property
     def cut_names(self) -> Tuple[str, ...]:
@@ -488,10 +485,6 @@ class ConvCAAP:
             One row per cut: ``{"layer_cutoff", "cut", "insertion", "deletion", "insdel"
             [, "aupr_fg"]}`` (means over the probe images).
         """
-        from tqdm.auto import tqdm
-
-        from caap_lightning.metrics.functional import aupr, insertion_deletion
-
         images = getattr(probe, "images", probe)
         target = getattr(probe, "labels", None) if target is None else target
         masks = getattr(probe, "masks", None) if masks is None else masks
@@ -500,27 +493,9 @@ class ConvCAAP:
         if not cuts:
             raise ValueError("layer_cutoffs is empty; pass the cuts to try, or None for all")
         step = images.shape[-1] if step is None else step
-        original, rows = self.layer_cutoff, []
-        try:
-            for k in tqdm(cuts, desc="ConvCAAP cut sweep", disable=not progress):
-                self.layer_cutoff = k
-                maps = self.attribute(images, target=target)
-                targets = None if target is None else check_target(target, len(images), None, maps.device)
-                scores = insertion_deletion(self.model, images.to(maps.device), maps, target=targets, step=step)
-                row = {
-                    "layer_cutoff": k,
-                    "cut": self.table.names[k],
-                    "insertion": scores.insertion.mean().item(),
-                    "deletion": scores.deletion.mean().item(),
-                }
-                row["insdel"] = row["insertion"] - row["deletion"]
-                if masks is not None:
-                    row["aupr_fg"] = aupr(maps, masks.to(maps.device)).aupr.nanmean().item()
-                rows.append(row)
-        finally:
-            self.layer_cutoff = original
-        self.layer_cutoff = max(rows, key=lambda r: r["insdel"])["layer_cutoff"]
-        return rows
+        if target is not None:
+            target = check_target(target, len(images), self.table.num_classes, images.device)
+        return sweep_cutoffs(self, self.model, cuts, images, target, masks, step, progress, name=self.table.names.__getitem__)
 
     def cost(self, image_size: Tuple[int, int] = (224, 224)) -> Dict[str, Union[int, float, str]]:
         """Analytic multiply-adds of one attribution per image, against a plain forward.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import inspect
 import math
@@ -20,7 +21,7 @@ from torch.utils.data import Dataset
 
 from caap_lightning.attribution import cnn, registry, vit
 from caap_lightning.attribution.blanks import BLANK_KINDS
-from caap_lightning.attribution.caap import CONSTRUCTIONS as VIT_CONSTRUCTIONS
+from caap_lightning.attribution.caap import CONSTRUCTIONS as VIT_CONSTRUCTIONS, SCORES
 from caap_lightning.attribution.selection import SELECTIONS
 from caap_lightning.callbacks import figures
 from caap_lightning.callbacks.discovery import find_attribution_model
@@ -54,7 +55,6 @@ from caap_lightning.utils import eval_mode, unnormalize, upsample_maps
 TARGETS = ("predicted", "label")
 ON_ERROR = ("warn", "raise")
 PRECISIONS = ("trainer", "32")
-SCORES = ("probability", "logit")
 # Heatmap-grid column titles of the attribution methods (others: the method's name).
 COLUMN_TITLES = {"caap": "CAAP (A - A_blank)"}
 # CAAP's constructions on each model family (registry.family_of), and the one used where none is given:
@@ -150,6 +150,24 @@ class CheckFailed(Exception):
     """A step of a check failed and was reported (``on_error="warn"``); the step is skipped."""
 
 
+def per_image_values(
+    method_maps: Dict[str, torch.Tensor], probe: ProbeBatch, metrics: List[str], tag: Callable[[str, str], str]
+) -> Dict[str, torch.Tensor]:
+    """Each region metric of ``metrics`` per probe image, for every method's maps, under its logged name."""
+    size = tuple(probe.images.shape[-2:])
+    out = {}
+    for name, maps in method_maps.items():
+        pixel_maps = upsample_maps(maps.float(), size)  # as the metrics saw them
+        for metric in metrics:
+            spec = METRICS[metric]
+            if spec.per_image is None:
+                continue
+            values = spec.per_image(pixel_maps, None if spec.needs is None else getattr(probe, spec.needs)).float()
+            for scalar in spec.scalars:
+                out[tag(name, scalar)] = values
+    return out
+
+
 @dataclass
 class ProbeResult:
     """One check on the whole probe batch (gathered across ranks, identical on every rank).
@@ -171,7 +189,16 @@ class ProbeResult:
     std: Tuple[float, ...]
     class_names: List[str] = field(default_factory=list)
     method_curves: Dict[str, Dict[str, torch.Tensor]] = field(default_factory=dict)  # their mean ins/del curves
-    per_image: Dict[str, torch.Tensor] = field(default_factory=dict)  # logged name -> (n,) values, mass metrics
+    # What per_image computes on its first read: only an alarm report needs it, not every check.
+    per_image_values: Optional[Callable[[], Dict[str, torch.Tensor]]] = field(default=None, repr=False)
+    _per_image: Optional[Dict[str, torch.Tensor]] = field(default=None, init=False, repr=False)
+
+    @property
+    def per_image(self) -> Dict[str, torch.Tensor]:
+        """Each region metric per probe image under its logged name, ``(n,)``: which images carry the reliance."""
+        if self._per_image is None:
+            self._per_image = {} if self.per_image_values is None else self.per_image_values()
+        return self._per_image
 
     @property
     def maps(self) -> torch.Tensor:
@@ -711,7 +738,7 @@ class CAAPCallback(Callback):
         lines = [f"k={r['layer_cutoff']}: InsDel {r['insdel']:.3f}" + (f", AUPR1 {r['aupr_fg']:.3f}" if "aupr_fg" in r else "")
                  for r in rows]
         rank_zero_info(
-            f"CAAPCallback: layer_cutoff='auto' picked k={self.calibrated_cutoff} of 0..{cutoff_depth(caap)} on the "
+            f"CAAPCallback: layer_cutoff='auto' picked k={self.calibrated_cutoff} of 0..{caap.depth} on the "
             f"{len(self.probe)} probe images ({'; '.join(lines)})."
         )
         if trainer.is_global_zero:
@@ -893,24 +920,10 @@ class CAAPCallback(Callback):
             epoch=epoch, step=step, stage=stage, metrics=metrics,
             targets=_gather_shards(trainer, shard.targets, n).long(), scores=_gather_shards(trainer, shard.scores, n),
             method_maps=method_maps, probe=self.probe, mean=tuple(self.mean), std=tuple(self.std),
-            class_names=list(self.class_names), method_curves=curves, per_image=self._per_image(method_maps),
+            class_names=list(self.class_names), method_curves=curves, per_image_values=functools.partial(
+                per_image_values, method_maps, self.probe, list(self.active_metrics), self.tag
+            ),
         )
-
-    def _per_image(self, method_maps: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Each region metric per probe image, under its logged name: which images carry the reliance."""
-        size = tuple(self.probe.images.shape[-2:])
-        out = {}
-        for name, maps in method_maps.items():
-            pixel_maps = upsample_maps(maps.float(), size)  # as the metrics saw them
-            for metric in self.active_metrics:
-                spec = METRICS[metric]
-                if spec.per_image is None:
-                    continue
-                masks = None if spec.needs is None else getattr(self.probe, spec.needs)
-                values = spec.per_image(pixel_maps, masks).float()
-                for scalar in spec.scalars:
-                    out[self.tag(name, scalar)] = values
-        return out
 
     # ------------------------------------------------------------------ images
     def _log_images(self, trainer: L.Trainer, result: ProbeResult) -> None:
@@ -1028,11 +1041,6 @@ def check_model_images(family: str, model: nn.Module, images: torch.Tensor) -> N
         vit.check_images(model, images)
     else:
         cnn.check_images(cnn.conv_stages(model), images)
-
-
-def cutoff_depth(method: Any) -> int:
-    """The deepest ``layer_cutoff`` of a CAAP method: a ViT's blocks, a CNN's stages after the stem."""
-    return method.table.depth if isinstance(method, cnn.ConvCAAP) else method.depth
 
 
 def display_name(method: str) -> str:

@@ -4,7 +4,6 @@ and the model left as found."""
 from __future__ import annotations
 
 import copy
-from fractions import Fraction
 
 import pytest
 import timm
@@ -29,7 +28,7 @@ from caap_lightning.attribution import (
     method_class,
 )
 from caap_lightning.attribution.blanks import make_blank
-from caap_lightning.attribution.selection import SELECTIONS
+from _cnn_reference import assert_spread as _assert_spread, members as _members, patch_of as _patch_of, random_images
 
 # Random-weight CNNs often classify the white blank confidently (ConvCAAP warns).
 pytestmark = pytest.mark.filterwarnings("ignore:ConvCAAP. the 'white' blank is itself classified")
@@ -63,8 +62,9 @@ LAST_STAGE = {
 _MODELS = {}
 
 
+
 def _images(n, size=SIZE, seed=1):
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    return random_images(n, size, seed)
 
 
 def _model(name: str) -> nn.Module:
@@ -81,37 +81,13 @@ def _model(name: str) -> nn.Module:
     return _MODELS[name]
 
 
-def _assert_spread(maps, floor):
-    spread = (maps.amax((1, 2)) - maps.amin((1, 2))).min().item()
-    assert spread > floor, f"maps too flat to test anything (spread {spread:.2e})"
-
-
 # ---------------------------------------------------------------------- the naive references
-def _patch_of(i, cells, patches):
-    """The patch of ``patches`` along one axis that holds the centre of cell (pixel) ``i`` of ``cells``."""
-    centre = Fraction(2 * i + 1, 2 * cells)
-    return next(q for q in range(patches) if Fraction(q, patches) <= centre < Fraction(q + 1, patches))
-
-
 def _pixel_patch(grid, size):
     """``(H, W)`` long: each pixel's patch, row-major, by its centre."""
     (gh, gw), (h, w) = grid, size
     rows = [_patch_of(i, h, gh) for i in range(h)]
     cols = [_patch_of(j, w, gw) for j in range(w)]
     return torch.tensor([[r * gw + c for c in cols] for r in rows])
-
-
-def _members(grid, p, selection):
-    radius, metric = SELECTIONS[selection]
-    gh, gw = grid
-    r, c = divmod(p, gw)
-    out = set()
-    for q in range(gh * gw):
-        rq, cq = divmod(q, gw)
-        d = max(abs(r - rq), abs(c - cq)) if metric == "chebyshev" else abs(r - rq) + abs(c - cq)
-        if d <= radius:
-            out.add(q)
-    return out
 
 
 def _scores(model, images, targets, score):

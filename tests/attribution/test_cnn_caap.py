@@ -14,6 +14,7 @@ from torch import nn
 
 from caap_lightning.attribution.blanks import make_blank
 from caap_lightning.attribution.cnn import ConvCAAP, conv_stages, region_masks, stage_macs
+from _cnn_reference import assert_spread as _assert_spread, members as _members, patch_of as _patch_of, random_images
 from caap_lightning.attribution.selection import SELECTIONS
 
 # Random-weight models often classify the white blank confidently; one test checks the warning.
@@ -98,6 +99,11 @@ CUT_NAMES = {
 _MODELS = {}
 
 
+
+def _images(n, size=32, seed=1):
+    return random_images(n, size, seed)
+
+
 def _model(name: str) -> nn.Module:
     """Built once per session (seeded); every test leaves it as found, which one test checks."""
     if name not in _MODELS:
@@ -106,34 +112,7 @@ def _model(name: str) -> nn.Module:
     return _MODELS[name]
 
 
-def _images(n, size=32, seed=1):
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def _assert_spread(maps, floor):
-    spread = (maps.amax((1, 2)) - maps.amin((1, 2))).min().item()
-    assert spread > floor, f"maps too flat to test anything (spread {spread:.2e})"
-
-
 # ---------------------------------------------------------------------- the naive oracle
-def _members(grid, p, selection):
-    radius, metric = SELECTIONS[selection]
-    gh, gw = grid
-    r, c = divmod(p, gw)
-    out = set()
-    for q in range(gh * gw):
-        rq, cq = divmod(q, gw)
-        d = max(abs(r - rq), abs(c - cq)) if metric == "chebyshev" else abs(r - rq) + abs(c - cq)
-        if d <= radius:
-            out.add(q)
-    return out
-
-
-def _patch_of(cell, cells, patches):
-    centre = Fraction(2 * cell + 1, 2 * cells)
-    return next(q for q in range(patches) if Fraction(q, patches) <= centre < Fraction(q + 1, patches))
-
-
 @functools.lru_cache(maxsize=None)
 def _spans_overlap(a, n, b, m):
     return Fraction(a, n) < Fraction(b + 1, m) and Fraction(b, m) < Fraction(a + 1, n)

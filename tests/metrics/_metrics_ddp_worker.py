@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Dict
 
 import torch
@@ -9,6 +10,12 @@ import torch.distributed as dist
 from torch import nn
 
 from caap_lightning.metrics import AUPR, AttributionMass, InsertionDeletion, PointingGame
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def compute_all(model: nn.Module, data: Dict[str, torch.Tensor], rank: int = 0, world_size: int = 1):

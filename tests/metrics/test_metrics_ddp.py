@@ -3,18 +3,11 @@
 from __future__ import annotations
 
 import importlib
-import socket
 from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
 from torch import nn
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_ddp_two_processes_match_one(tmp_path, monkeypatch):
@@ -36,7 +29,7 @@ def test_ddp_two_processes_match_one(tmp_path, monkeypatch):
         "target": torch.arange(8) % 3,
     }
     out_path = tmp_path / "ddp.pt"
-    mp.spawn(worker.run, args=(2, free_port(), model, data, str(out_path)), nprocs=2, join=True)
+    mp.spawn(worker.run, args=(2, worker.free_port(), model, data, str(out_path)), nprocs=2, join=True)
 
     distributed = torch.load(out_path)
     single = worker.compute_all(model, data)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import socket
 from pathlib import Path
 
 import pytest
@@ -204,12 +203,6 @@ def test_bad_input_fails_with_what_to_change(call, message):
         call()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_processes_report_what_one_does(tmp_path, monkeypatch):
     # Spawned (not forked: a forked child would inherit a process group an earlier test left) processes
     # import the worker by name, so its folder goes on sys.path.
@@ -221,7 +214,7 @@ def test_two_processes_report_what_one_does(tmp_path, monkeypatch):
     masks = square_masks(5, 3, side=6)
     masks[4] = False
     out_path = tmp_path / "density.pt"
-    mp.spawn(worker.density_shard, args=(_free_port(), maps, masks, str(out_path)), nprocs=2, join=True)
+    mp.spawn(worker.density_shard, args=(worker.free_port(), maps, masks, str(out_path)), nprocs=2, join=True)
     out = torch.load(out_path, weights_only=True)
     single_density, single_fixed = DensityRatio(region="outside"), FixedPositionRatio()
     single_density.update(maps, masks)
