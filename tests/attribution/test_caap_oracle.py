@@ -8,18 +8,7 @@ import torch
 from caap_lightning import CAAP
 from caap_lightning.attribution.blanks import make_blank
 from caap_lightning.attribution.selection import SELECTIONS
-
-
-def _members(grid, p, radius, metric):
-    gh, gw = grid
-    r, c = divmod(p, gw)
-    out = []
-    for q in range(gh * gw):
-        rq, cq = divmod(q, gw)
-        d = max(abs(r - rq), abs(c - cq)) if metric == "chebyshev" else abs(r - rq) + abs(c - cq)
-        if d <= radius:
-            out.append(q)
-    return out
+from _oracle_reference import within
 
 
 def _stage_inputs(model, image):
@@ -47,8 +36,8 @@ def oracle(model, images, targets, k, selection, blank_image, score, constructio
     for b in range(len(images)):
         src_in, _ = _stage_inputs(model, images[b:b + 1])
         for p in range(gh * gw):
-            sel = [P + q for q in _members((gh, gw), p, radius, metric)]
-            keep = [P + q for q in _members((gh, gw), p, window, "chebyshev")] if construction == "windowed" else sel
+            sel = [P + q for q in within((gh, gw), p, radius, metric)]
+            keep = [P + q for q in within((gh, gw), p, window, "chebyshev")] if construction == "windowed" else sel
             outside = [P + q for q in range(gh * gw) if P + q not in keep]
 
             def make_hook(stage):

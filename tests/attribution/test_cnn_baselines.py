@@ -28,7 +28,7 @@ from caap_lightning.attribution import (
     method_class,
 )
 from caap_lightning.attribution.blanks import make_blank
-from _cnn_reference import assert_spread as _assert_spread, members as _members, patch_of as _patch_of, random_images
+from _oracle_reference import assert_spread as _assert_spread, members as _members, patch_of as _patch_of, random_images
 
 # Random-weight CNNs often classify the white blank confidently (ConvCAAP warns).
 pytestmark = pytest.mark.filterwarnings("ignore:ConvCAAP. the 'white' blank is itself classified")

@@ -14,7 +14,7 @@ from torch import nn
 
 from caap_lightning.attribution.blanks import make_blank
 from caap_lightning.attribution.cnn import ConvCAAP, conv_stages, region_masks, stage_macs
-from _cnn_reference import assert_spread as _assert_spread, members as _members, patch_of as _patch_of, random_images
+from _oracle_reference import assert_spread as _assert_spread, members as _members, patch_of as _patch_of, random_images
 from caap_lightning.attribution.selection import SELECTIONS
 
 # Random-weight models often classify the white blank confidently; one test checks the warning.

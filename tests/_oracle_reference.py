@@ -1,4 +1,4 @@
-"""The naive rules the CNN tests check ConvCAAP and the CNN baselines against, written once."""
+"""The naive rules the oracle tests check CAAP, ConvCAAP and the CNN baselines against, written once."""
 
 from __future__ import annotations
 
@@ -18,18 +18,22 @@ def assert_spread(maps, floor):
     assert spread > floor, f"maps too flat to test anything (spread {spread:.2e})"
 
 
-def members(grid, p, selection):
-    """The patches of ``S(p)`` on ``grid``, by the selection's radius and metric."""
-    radius, metric = SELECTIONS[selection]
+def within(grid, p, radius, metric):
+    """The patches of ``grid`` within ``radius`` of patch ``p`` (``"chebyshev"``, else city-block), in order."""
     gh, gw = grid
     r, c = divmod(p, gw)
-    out = set()
+    out = []
     for q in range(gh * gw):
         rq, cq = divmod(q, gw)
         d = max(abs(r - rq), abs(c - cq)) if metric == "chebyshev" else abs(r - rq) + abs(c - cq)
         if d <= radius:
-            out.add(q)
+            out.append(q)
     return out
+
+
+def members(grid, p, selection):
+    """The patches of ``S(p)`` on ``grid``, by the selection's radius and metric."""
+    return set(within(grid, p, *SELECTIONS[selection]))
 
 
 def patch_of(i, cells, patches):
