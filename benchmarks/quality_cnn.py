@@ -39,13 +39,10 @@ from caap_lightning.attribution import get_method
 from caap_lightning.datamodules import FashionCanvasDataModule, SyntheticSpuriousDataModule
 from caap_lightning.models import ViTClassifier
 
-from _common import quiet_trainer
+from _common import FASHION_CLASSES, quiet_trainer
 from quality import METRICS, accuracy, fmt, fmt_diff, paired, score_method, seconds_per_image, table
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# Four Fashion-MNIST classes that differ in silhouette (trouser, bag, sneaker, shirt): a small
-# ResNet learns them on the CPU in minutes.
-FASHION_CLASSES = [1, 8, 7, 6]
 LABELS = {
     "random": "Random", "gradcam": "Grad-CAM", "input_x_gradient": "Input×Gradient",
     "simple_insertion": "Simple Insertion", "simple_deletion": "Simple Deletion", "occlusion": "Occlusion (captum)",

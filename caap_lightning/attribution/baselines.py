@@ -27,7 +27,7 @@ from torch import nn
 
 from caap_lightning.attribution import cnn, vit
 from caap_lightning.attribution.caap import SCORES
-from caap_lightning.attribution.blanks import BlankSpec, check_blank, make_blank
+from caap_lightning.attribution.blanks import FIXED_BLANKS, BlankSpec, check_blank, make_blank
 from caap_lightning.attribution.selection import selection_members
 from caap_lightning.utils import eval_mode, model_normalization, target_score, upsample_maps
 
@@ -373,7 +373,7 @@ class _InputPatching(PatchAttribution):
     ) -> None:
         super().__init__(model, head, grid)
         selection_members(selection, (1, 1))  # validates the name
-        check_blank(blank)
+        check_blank(blank, FIXED_BLANKS)  # "auto" is CAAP's: these scores are their own
         _check_score(score)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import warnings
-from typing import Sequence, Tuple, Union
+from typing import Callable, Sequence, Tuple, Union
 
 import torch
 
 from caap_lightning.utils import gaussian_blur, normalize
 
-BLANK_KINDS = ("white", "black", "mean", "noise", "blur_noise")
+# The blanks built from the image size alone; "auto" picks one of them per model (choose_blank).
+FIXED_BLANKS = ("white", "black", "mean", "noise", "blur_noise")
+BLANK_KINDS = (*FIXED_BLANKS, "auto")
 
 BlankSpec = Union[str, torch.Tensor]
 
 
-def check_blank(blank: BlankSpec) -> None:
+def check_blank(blank: BlankSpec, kinds: Sequence[str] = BLANK_KINDS) -> None:
     if isinstance(blank, torch.Tensor):
         if blank.dim() != 4 or blank.shape[0] != 1 or blank.shape[1] != 3:
             raise ValueError(
@@ -23,8 +25,36 @@ def check_blank(blank: BlankSpec) -> None:
             )
         if not torch.isfinite(blank).all():
             raise ValueError("the custom blank image contains NaN or inf")
-    elif blank not in BLANK_KINDS:
-        raise ValueError(f"blank={blank!r} is not one of {BLANK_KINDS} or a (1, 3, H, W) tensor")
+    elif blank not in kinds:
+        raise ValueError(f"blank={blank!r} is not one of {tuple(kinds)} or a (1, 3, H, W) tensor")
+
+
+@torch.no_grad()
+def choose_blank(
+    blank: BlankSpec,
+    logits_of: Callable[[torch.Tensor], torch.Tensor],
+    size: Tuple[int, int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    seed: int = 0,
+    device=None,
+    dtype=None,
+) -> BlankSpec:
+    """``blank`` itself, or for ``"auto"`` the fixed blank the model reads as closest to no class.
+
+    Closest to uniform means the highest entropy of the predicted distribution (the smallest KL
+    divergence to the uniform one). A blank the model reads as one class saturates that class's
+    maps (every patch can then only lower the score); this picks, per model and image size, the
+    one of :data:`FIXED_BLANKS` that does so least. ``logits_of`` maps normalised images
+    ``(n, 3, H, W)`` to logits; it runs once on all candidates, so the choice follows the
+    current weights at every call.
+    """
+    if not (isinstance(blank, str) and blank == "auto"):
+        return blank
+    candidates = torch.cat([make_blank(kind, size, mean, std, seed) for kind in FIXED_BLANKS]).to(device, dtype)
+    probs = logits_of(candidates).float().softmax(-1)
+    entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1)
+    return FIXED_BLANKS[int(entropy.argmax())]
 
 
 def make_blank(
@@ -40,6 +70,8 @@ def make_blank(
     after normalisation) and a user's tensor, which is taken as already normalised.
     """
     h, w = size
+    if isinstance(blank, str) and blank == "auto":
+        raise ValueError('blank="auto" depends on the model: resolve it with choose_blank first')
     if isinstance(blank, torch.Tensor):
         if tuple(blank.shape[-2:]) != (h, w):
             raise ValueError(

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from caap_lightning.attribution import vit
-from caap_lightning.attribution.blanks import BlankSpec, check_blank, make_blank, warn_saturated_blank
+from caap_lightning.attribution.blanks import BlankSpec, check_blank, choose_blank, make_blank, warn_saturated_blank
 from caap_lightning.attribution.selection import neighbourhoods, selection_members
 from caap_lightning.utils import eval_mode, model_normalization, target_score, upsample_maps
 
@@ -156,6 +156,8 @@ class CAAP:
         self.head = head
         self._last_size: Optional[Tuple[int, int]] = None
         self._warned_classes: set = set()
+        # The blank of the last call: ``blank`` itself, or the kind ``"auto"`` chose then.
+        self.last_blank: BlankSpec = blank
 
     @property
     def depth(self) -> int:
@@ -265,14 +267,15 @@ class CAAP:
         return target_score(logits, targets, self.score)
 
     def _blank_context(self, size, device, dtype) -> _BlankContext:
-        image = make_blank(self.blank, size, self.mean, self.std, self.blank_seed).to(device, dtype)
+        self.last_blank = choose_blank(self.blank, self.classifier, size, self.mean, self.std, self.blank_seed, device, dtype)
+        image = make_blank(self.last_blank, size, self.mean, self.std, self.blank_seed).to(device, dtype)
         states = vit.forward_states(self.model, image)
         logits = self.classifier.pooled_logits(vit.pool_final(self.model, states.states[-1]))
         final_normed = self.model.norm(states.states[-1][0, self.model.num_prefix_tokens:])
         return _BlankContext(states, logits, final_normed)
 
     def _warn_saturated(self, blank: _BlankContext, targets: torch.Tensor) -> None:
-        warn_saturated_blank("CAAP", self.blank, blank.logits, targets, self._warned_classes)
+        warn_saturated_blank("CAAP", self.last_blank, blank.logits, targets, self._warned_classes)
 
     def _chunk(self, batch: int, rows: int, per_patch_elems: int) -> int:
         if self.chunk_size is not None:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from caap_lightning.attribution.blanks import BlankSpec, make_blank, warn_saturated_blank
+from caap_lightning.attribution.blanks import BlankSpec, choose_blank, make_blank, warn_saturated_blank
 from caap_lightning.attribution.caap import SCORES, check_settings, sweep_cutoffs
 from caap_lightning.attribution.selection import selection_members
 from caap_lightning.attribution.vit import TargetLike, check_finite_weights, check_target
@@ -386,6 +386,8 @@ class ConvCAAP:
         self.blank_seed = blank_seed
         self._last_size: Optional[Tuple[int, int]] = None
         self._warned_classes: set = set()
+        # The blank of the last call: ``blank`` itself, or the kind ``"auto"`` chose then.
+        self.last_blank: BlankSpec = blank
 
     @property
     def depth(self) -> int:
@@ -571,10 +573,17 @@ class ConvCAAP:
     def _score(self, logits: Tensor, targets: Tensor) -> Tensor:
         return target_score(logits.float(), targets, self.score)
 
+    def _logits(self, images: Tensor) -> Tensor:
+        x = images
+        for stage in self.table.stages:
+            x = stage(x)
+        return self.table.head(x)
+
     def _blank_maps(self, size, device, dtype) -> _BlankMaps:
         # No cache across calls: fused optimisers and writes through p.data change weights without a trace.
         self._last_size = size
-        x = make_blank(self.blank, size, self.mean, self.std, self.blank_seed).to(device, dtype)
+        self.last_blank = choose_blank(self.blank, self._logits, size, self.mean, self.std, self.blank_seed, device, dtype)
+        x = make_blank(self.last_blank, size, self.mean, self.std, self.blank_seed).to(device, dtype)
         maps = []
         for stage in self.table.stages:
             x = stage(x)
@@ -594,7 +603,7 @@ class ConvCAAP:
         return x, self.table.head(y)
 
     def _warn_saturated(self, blank: _BlankMaps, targets: Tensor) -> None:
-        warn_saturated_blank("ConvCAAP", self.blank, blank.logits, targets, self._warned_classes)
+        warn_saturated_blank("ConvCAAP", self.last_blank, blank.logits, targets, self._warned_classes)
 
     def _chunk(self, batch: int, blank: _BlankMaps, k: int) -> int:
         if self.chunk_size is not None:

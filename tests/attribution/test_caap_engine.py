@@ -280,6 +280,59 @@ def test_custom_blank_tensor(model):
         CAAP(model, blank=torch.zeros(1, 3, 16, 16)).attribute(_images(1))
 
 
+def _entropies(model, caap, size=(32, 32)):
+    """The predicted distribution's entropy for each fixed blank, written out from the definition."""
+    from caap_lightning.attribution.blanks import FIXED_BLANKS, make_blank
+
+    out = {}
+    for kind in FIXED_BLANKS:
+        p = model(make_blank(kind, size, caap.mean, caap.std)).softmax(-1)[0].double()
+        out[kind] = float(-(p * p.log()).sum())
+    return out
+
+
+def test_auto_blank_is_the_fixed_blank_read_as_closest_to_uniform(model):
+    images = _images(2)
+    caap = CAAP(model, blank="auto")
+    maps = caap.attribute(images, target=[0, 1])
+    with torch.no_grad():
+        entropies = _entropies(model, caap)
+    assert max(entropies.values()) - min(entropies.values()) > 1e-2  # the choice is not a tie
+    chosen = max(entropies, key=entropies.get)
+    assert caap.last_blank == chosen
+    torch.testing.assert_close(maps, CAAP(model, blank=chosen).attribute(images, target=[0, 1]), atol=0, rtol=0)
+    torch.testing.assert_close(caap.blank_score([0]), CAAP(model, blank=chosen).blank_score([0]))
+
+
+def test_auto_blank_follows_the_weights(vit_factory):
+    model = vit_factory(scale=8.0, seed=0)
+    caap = CAAP(model, blank="auto")
+    caap.attribute(_images(1), target=[0])
+    first = caap.last_blank
+    # Redraw the head until the definition picks another blank; the next call must follow it.
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(20):
+        with torch.no_grad():
+            model.head.weight.copy_(3.0 * torch.randn(model.head.weight.shape, generator=gen))
+            entropies = _entropies(model, caap)
+        expected = max(entropies, key=entropies.get)
+        if expected != first:
+            break
+    assert expected != first, "no head redraw changed the choice"
+    caap.attribute(_images(1), target=[0])
+    assert caap.last_blank == expected
+
+
+def test_auto_blank_is_refused_where_it_has_no_meaning(model):
+    from caap_lightning.attribution import get_method
+    from caap_lightning.attribution.blanks import make_blank
+
+    with pytest.raises(ValueError, match="choose_blank"):
+        make_blank("auto", (32, 32), (0.5,) * 3, (0.5,) * 3)
+    with pytest.raises(ValueError, match="not one of"):
+        get_method("simple_insertion", model, blank="auto")
+
+
 @pytest.mark.parametrize("kind", ["noise", "blur_noise"])
 def test_noise_blanks_are_seeded(kind):
     from caap_lightning.attribution.blanks import make_blank

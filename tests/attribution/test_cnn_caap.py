@@ -420,3 +420,18 @@ def test_saturated_blank_warns_once_per_class():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         caap.attribute(_images(1), target=saturated)
+
+
+def test_auto_blank_is_the_fixed_blank_read_as_closest_to_uniform():
+    from caap_lightning.attribution.blanks import FIXED_BLANKS, make_blank
+
+    model, images = _model("timm_resnet18"), _images(2)
+    caap = ConvCAAP(model, blank="auto")
+    maps = caap.attribute(images, target=[0, 1])
+    with torch.no_grad():
+        probs = {kind: model(make_blank(kind, (32, 32), caap.mean, caap.std)).softmax(-1)[0].double() for kind in FIXED_BLANKS}
+    entropies = {kind: float(-(p * p.log()).sum()) for kind, p in probs.items()}
+    assert max(entropies.values()) - min(entropies.values()) > 1e-2  # the choice is not a tie
+    chosen = max(entropies, key=entropies.get)
+    assert caap.last_blank == chosen
+    torch.testing.assert_close(maps, ConvCAAP(model, blank=chosen).attribute(images, target=[0, 1]), atol=0, rtol=0)

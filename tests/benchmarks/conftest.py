@@ -30,3 +30,13 @@ def spurious() -> ModuleType:
 @pytest.fixture(scope="session")
 def metrics_speed() -> ModuleType:
     return load_script("metrics_speed")
+
+
+@pytest.fixture(scope="session")
+def diagnose() -> ModuleType:
+    return load_script("_diagnose")
+
+
+@pytest.fixture(scope="session")
+def quality() -> ModuleType:
+    return load_script("quality")
