@@ -1,22 +1,30 @@
 """Attribution quality of CAAP and the baselines, in the paper's format, with its ablations.
 
-Trains a tiny ViT from scratch on the synthetic shapes *without* a spurious cue (the recipe
-of ``benchmarks/train_synthetic.py``: fixed seed, CPU), or loads it from ``--checkpoint``;
-then, on a fixed held-out probe set (``probe_batch``: seeded validation images, not used for
-training or model selection), scores every method's maps for the true class with the
-project's metrics: Deletion, Insertion, InsDel (RISE protocol, one patch per step), AUPR1,
-AUPR0 and the pointing game, as mean ± standard error over images, plus seconds per image.
+Two testbeds (``--data``): ``shapes`` trains the tiny ViT (4 blocks) on the synthetic shapes
+without a spurious cue (the recipe of ``benchmarks/train_synthetic.py``); ``fashion`` trains a
+deeper ViT (8 blocks, dim 128) on Fashion-MNIST garments placed on a canvas, with silhouette
+masks (real images; Debian's ``dataset-fashion-mnist`` provides them offline). Either model is
+trained here (fixed seed, CPU) or loaded from ``--checkpoint``. On a fixed held-out probe set
+(``probe_batch``: seeded validation images, not used for training or model selection) every
+method's maps for the true class are scored with the project's metrics: Deletion, Insertion,
+InsDel (RISE protocol, one patch per step), AUPR1, AUPR0 and the pointing game, as mean ±
+standard error over images, plus seconds per image.
 
 CAAP runs as ``parallel``, ``efficient``, ``windowed`` (w = 2, 3, 4) and ``standard``
 (textbook patching); the ablations vary one CAAP setting at a time around the defaults
-(cumulative layer cutoff k = 0..L as in the paper's Fig. 7, selection, blank, score).
-Differences between settings are paired (same images), with their standard error.
+(cumulative layer cutoff k = 0..L as in the paper's Fig. 7, selection, blank, score), and
+"CAAP tuned" puts the ablations' winners together (chosen on the ablation images, scored on all).
+Differences between settings are paired (same images), with their standard error. The
+diagnoses say where CAAP loses, per image: saturated blanks, the border bias of the selection,
+and E-CAAP's rank agreement with CAAP (``_diagnose.py``).
 
-Writes ``quality.json``, ``quality.md``, ``quality_layer_sweep.png`` and
-``quality_vs_cost.png`` to ``--out``.
+Writes ``<prefix>.json``, ``<prefix>.md``, ``<prefix>-per-image.csv`` (every score of every
+image), ``<prefix>_layer_sweep.png`` and ``<prefix>_vs_cost.png`` to ``--out``, with prefix
+``quality`` (shapes) or ``quality-fashion``.
 
-    python benchmarks/quality.py                 # the full run (~10 min on 2 idle cores)
-    python benchmarks/quality.py --quick         # smoke run (a few minutes): tiny training, 8 images
+    python benchmarks/quality.py                 # shapes: the full run (the report gives its time)
+    python benchmarks/quality.py --data fashion  # Fashion-MNIST: the same, on the deeper ViT
+    python benchmarks/quality.py --quick         # smoke run: tiny training, 8 images
     python benchmarks/quality.py --checkpoint vit.pt   # skip training
 """
 
@@ -75,7 +83,7 @@ LABELS = {
 
 # Per testbed: the model, the training length and the held-out images (the paper scores 500).
 TESTBEDS = {
-    "shapes": {"vit": TINY_VIT, "epochs": 10, "num_train": 8000, "num_images": 200, "prefix": "quality"},
+    "shapes": {"vit": TINY_VIT, "epochs": 10, "num_train": 8000, "num_images": 500, "prefix": "quality"},
     "fashion": {"vit": DEEP_VIT, "epochs": 8, "num_train": 12000, "num_images": 500, "prefix": "quality-fashion"},
 }
 
@@ -100,6 +108,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--fashion-root", default=str(Path(tempfile.gettempdir()) / "caap-fashion"),
                         help="where Fashion-MNIST's IDX files are or get unpacked (from Debian's dataset-fashion-mnist)")
     parser.add_argument("--out", help=f"output folder (default {RESULTS}; a temporary one with --quick)")
+    parser.add_argument("--render", metavar="JSON", help="only rewrite the markdown report from a saved JSON report")
     args = parser.parse_args()
     testbed = TESTBEDS[args.data]
     for name in ("epochs", "num_train", "num_images"):
@@ -715,8 +724,17 @@ def verdicts_for(report: Dict[str, Any], per_image: Dict[str, Dict[str, torch.Te
 
 
 # ---------------------------------------------------------------- main
+def render(path: str) -> None:
+    """Rewrite ``<prefix>.md`` beside a saved ``<prefix>.json``: report text changes need no rerun."""
+    report = json.loads(Path(path).read_text())
+    Path(path).with_suffix(".md").write_text(markdown(report, report["verdicts"]))
+
+
 def main() -> Dict[str, Any]:
     args = parse_args()
+    if args.render:
+        render(args.render)
+        return {}
     torch.set_num_threads(args.threads)
     L.seed_everything(args.seed, verbose=False)
     started = time.perf_counter()

@@ -27,7 +27,7 @@ from torch import nn
 
 from caap_lightning.attribution import cnn, vit
 from caap_lightning.attribution.caap import SCORES
-from caap_lightning.attribution.blanks import FIXED_BLANKS, BlankSpec, check_blank, make_blank
+from caap_lightning.attribution.blanks import BlankSpec, check_blank, choose_blank, make_blank
 from caap_lightning.attribution.selection import selection_members
 from caap_lightning.utils import eval_mode, model_normalization, target_score, upsample_maps
 
@@ -373,12 +373,13 @@ class _InputPatching(PatchAttribution):
     ) -> None:
         super().__init__(model, head, grid)
         selection_members(selection, (1, 1))  # validates the name
-        check_blank(blank, FIXED_BLANKS)  # "auto" is CAAP's: these scores are their own
+        check_blank(blank)
         _check_score(score)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.selection = selection
         self.blank = blank
+        self.last_blank: BlankSpec = blank  # as CAAP's: the kind "auto" chose at the last call
         self.score = score
         self.batch_size = batch_size
         self.mean, self.std = model_normalization(model, mean, std)
@@ -393,11 +394,14 @@ class _InputPatching(PatchAttribution):
     def _patched_scores(self, images: torch.Tensor, target: TargetLike, insert: bool):
         """Scores of every image with ``S(p)`` inserted into the blank (``insert``) or
         replaced by it, ``(B, N)``, and the clean images' scores ``(B,)``."""
-        blank = make_blank(self.blank, tuple(images.shape[-2:]), self.mean, self.std, self.blank_seed)
-        blank = blank.to(images.device, images.dtype)[0]
+        size = tuple(images.shape[-2:])
         selections = self._pixel_selections(images)[:, None]  # (N, 1, H, W)
         B, n = len(images), selections.shape[0]
         with torch.no_grad():
+            self.last_blank = choose_blank(self.blank, self.classifier, size, self.mean, self.std, self.blank_seed,
+                                           images.device, images.dtype)
+            blank = make_blank(self.last_blank, size, self.mean, self.std, self.blank_seed)
+            blank = blank.to(images.device, images.dtype)[0]
             clean_logits = self.classifier(images)
             targets = self._targets(target, clean_logits)
             flat = torch.arange(B * n, device=images.device)

@@ -94,7 +94,8 @@ class CAAP:
             ``"cross1"``. Border patches have fewer members, which biases their scores
             towards the blank's.
         blank: the context image: ``"white"``, ``"black"``, ``"mean"``, ``"noise"``,
-            ``"blur_noise"`` or a normalised ``(1, 3, H, W)`` tensor.
+            ``"blur_noise"``, ``"auto"`` (per call, the one of those the model reads as closest
+            to no class; ``last_blank`` names it) or a normalised ``(1, 3, H, W)`` tensor.
         construction: ``"parallel"`` (exact, batched), ``"efficient"`` (E-CAAP, approximate),
             ``"windowed"`` (also recomputes blank tokens within ``window`` patches of ``p``)
             or ``"standard"`` (textbook activation patching, ``N`` forwards).

@@ -323,14 +323,21 @@ def test_auto_blank_follows_the_weights(vit_factory):
     assert caap.last_blank == expected
 
 
-def test_auto_blank_is_refused_where_it_has_no_meaning(model):
+def test_auto_blank_in_the_input_patching_baselines_is_the_same_choice(model):
     from caap_lightning.attribution import get_method
     from caap_lightning.attribution.blanks import make_blank
 
+    images = _images(2)
+    caap = CAAP(model, blank="auto")
+    caap.attribute(images, target=[0, 1])
+    for name in ("simple_insertion", "simple_deletion"):
+        method = get_method(name, model, blank="auto")
+        maps = method.attribute(images, target=[0, 1])
+        assert method.last_blank == caap.last_blank
+        fixed = get_method(name, model, blank=caap.last_blank).attribute(images, target=[0, 1])
+        torch.testing.assert_close(maps, fixed, atol=0, rtol=0)
     with pytest.raises(ValueError, match="choose_blank"):
         make_blank("auto", (32, 32), (0.5,) * 3, (0.5,) * 3)
-    with pytest.raises(ValueError, match="not one of"):
-        get_method("simple_insertion", model, blank="auto")
 
 
 @pytest.mark.parametrize("kind", ["noise", "blur_noise"])

@@ -76,6 +76,18 @@ def test_maps_are_the_engines_relative_maps(tmp_path, data_factory, classifier_f
     assert torch.equal(caap.last.targets, probe.labels)
 
 
+def test_auto_blank_maps_are_relative_to_the_blank_it_chose(tmp_path, data_factory, classifier_factory, trainer_factory):
+    caap = CAAPCallback(num_images=4, metrics=["insertion_deletion"], target="label", log_images=False, blank="auto")
+    model, data = classifier_factory(), data_factory()
+    trainer_factory(tmp_path, [caap]).validate(model, datamodule=data, verbose=False)
+    probe = data.probe_batch(4)
+    engine = CAAP(model.model, construction="windowed", window=2, mean=data.mean, std=data.std, blank="auto")
+    expected = engine.attribute(probe.images, target=probe.labels, relative=True)
+    fixed = CAAP(model.model, construction="windowed", window=2, mean=data.mean, std=data.std, blank=engine.last_blank)
+    torch.testing.assert_close(caap.last.maps, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(expected, fixed.attribute(probe.images, target=probe.labels, relative=True))
+
+
 def test_metric_that_needs_missing_masks_fails_in_setup(tmp_path, data_factory, classifier_factory, trainer_factory):
     trainer = trainer_factory(tmp_path, [CAAPCallback(metrics=["pointing_game", "cue_mass_ratio"])])
     with pytest.raises(ValueError, match=r"\['cue_mass_ratio'\] need cue_masks.*remove them from `metrics`"):
