@@ -611,12 +611,12 @@ def why_section(report: Dict[str, Any]) -> List[str]:
             f"| not saturated (n = {split['insdel']['not_saturated']['n']}) | {fmt(split['insdel']['not_saturated'])} | "
             f"{fmt(split['aupr_fg']['not_saturated'])} |", "",
             "### Border bias", "",
-            "Per image, `m` = the object's patches (at least half covered). Map ring share: the share of the map's "
-            "`m` highest patches on the grid's outer ring, where a box selection is clipped; object ring share: the "
-            "same for the object's own patches; bias = their difference (negative: the map shuns the border). "
-            "AUPR1 is split by whether the object reaches the ring.", "",
-            "| configuration | bias | map ring share | object ring share | AUPR1, object on the ring | AUPR1, object inside |",
-            "|---|---|---|---|---|---|"]
+            "Bias: per image, the mean score of the background patches on the grid's outer ring (where a box "
+            "selection is clipped) minus that of the inner background patches, over the map's range, in percent: 0 "
+            "for a map blind to position, negative where the map shuns the border. AUPR1 is split by whether the "
+            "object reaches the ring.", "",
+            "| configuration | bias | AUPR1, object on the ring | AUPR1, object inside |",
+            "|---|---|---|---|"]
     for label, row in diag["border"].items():
         if label in methods or label.startswith("selection="):
             out.append(f"| {LABELS.get(label, label)} | {fmt_diff(row['bias'])} | "
