@@ -318,7 +318,7 @@ class CAAPCallback(Callback):
             patches of each patch), ``"parallel"`` (exact, batched, CAAP's own default),
             ``"efficient"`` (E-CAAP, approximate) or ``"standard"`` (textbook activation patching,
             one forward per patch); their quality and cost against each other:
-            ``benchmarks/results/quality.md`` and ``callback-overhead.md``. On a CNN:
+            ``benchmarks/results/quality.md``, ``quality-fashion.md`` and ``callback-overhead.md``. On a CNN:
             ``"standard"`` (the default there) or ``"frozen"`` (``docs/cnn.md``). ``None`` takes
             the model family's default; one of the other family's is refused in setup.
         window: radius, in patches, of the recomputed window of a ViT's ``construction="windowed"``
