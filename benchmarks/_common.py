@@ -14,7 +14,7 @@ import torch
 TINY_VIT = dict(patch_size=8, embed_dim=64, depth=4, num_heads=4)
 TINY_VIT_RECIPE = dict(lr=1e-3, weight_decay=0.05, warmup_epochs=0.5)
 # The deeper ViT that ``quality.py --data fashion`` trains: twice the blocks (so k = L//2 = 4) and
-# twice the width of the tiny one, the most a 30 CPU-minute training reaches 90% with.
+# twice the width of the tiny one, sized so that its training fits about 30 CPU-minutes.
 DEEP_VIT = dict(patch_size=8, embed_dim=128, depth=8, num_heads=4)
 # Four Fashion-MNIST classes that differ in silhouette (trouser, bag, sneaker, shirt): small
 # models learn them on the CPU in minutes.
