@@ -74,9 +74,3 @@ def _average_ranks(x: torch.Tensor) -> torch.Tensor:
 def _pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
     return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-30)
-
-
-def blank_entropy(logits: torch.Tensor) -> float:
-    """The entropy (nats) of a blank's predicted distribution: ``log C`` when uniform."""
-    p = logits.double().softmax(-1)
-    return float(-(p * p.clamp_min(1e-300).log()).sum())

@@ -45,14 +45,14 @@ import lightning as L
 import torch
 
 from caap_lightning.attribution import CAAP, get_method
-from caap_lightning.attribution.blanks import BLANK_KINDS
+from caap_lightning.attribution.blanks import BLANK_KINDS, prediction_entropy
 from caap_lightning.attribution.selection import SELECTIONS
 from caap_lightning.datamodules import FashionCanvasDataModule, SyntheticSpuriousDataModule
 from caap_lightning.metrics import aupr, insertion_deletion, pointing_game
 from caap_lightning.models import ViTClassifier
 
 from _common import DEEP_VIT, FASHION_CLASSES, TINY_VIT, TINY_VIT_RECIPE, quiet_trainer
-from _diagnose import blank_entropy, border_bias, saturated, spearman
+from _diagnose import border_bias, saturated, spearman
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METRICS = ("deletion", "insertion", "insdel", "aupr_fg", "aupr_bg", "pointing_game")
@@ -123,14 +123,18 @@ def parse_args() -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------- the model and the data
-def build(args: argparse.Namespace) -> Tuple[ViTClassifier, L.LightningDataModule]:
-    """The testbed's data without a cue, and its ViT (the recipe of ``benchmarks/train_synthetic.py``)."""
+def testbed_data(args: argparse.Namespace) -> L.LightningDataModule:
+    """The testbed's data without a cue (``args.data``, ``num_train``, ``seed``, ``fashion_root``)."""
     if args.data == "shapes":
-        data = SyntheticSpuriousDataModule(cue_correlation=None, num_train=args.num_train, seed=args.seed)
-    else:
-        # Cached: a canvas is drawn once, not once per epoch.
-        data = FashionCanvasDataModule(root=args.fashion_root, cue="none", classes=FASHION_CLASSES,
-                                       num_train=args.num_train, num_val=1000, seed=args.seed, cache=True)
+        return SyntheticSpuriousDataModule(cue_correlation=None, num_train=args.num_train, seed=args.seed)
+    # Cached: a canvas is drawn once, not once per epoch.
+    return FashionCanvasDataModule(root=args.fashion_root, cue="none", classes=FASHION_CLASSES,
+                                   num_train=args.num_train, num_val=1000, seed=args.seed, cache=True)
+
+
+def build(args: argparse.Namespace) -> Tuple[ViTClassifier, L.LightningDataModule]:
+    """The testbed's data, and its ViT (the recipe of ``benchmarks/train_synthetic.py``)."""
+    data = testbed_data(args)
     module = ViTClassifier(
         num_classes=data.num_classes, img_size=data.img_size, **TESTBEDS[args.data]["vit"], **TINY_VIT_RECIPE,
         checkpoint_path=args.checkpoint, mean=data.mean, std=data.std,
@@ -359,12 +363,11 @@ def write_per_image(path: Path, per_image: Dict[str, Dict[str, torch.Tensor]], l
     for label, scores in per_image.items():
         if label not in extra:
             continue  # an ablation's default row: caap_parallel's first images again
-        diag = extra.get(label, {})
+        sat, bias = extra[label]["saturated"], extra[label]["border_bias"]
         for i in range(len(scores["insdel"])):
             values = [float(scores[m][i]) for m in METRICS] + [int(scores["substrate_is_target"][i])]
-            sat = diag.get("saturated")
             values.append("" if sat is None else int(sat[i]))
-            values.append(f"{float(diag['border_bias'][i]):.4f}" if "border_bias" in diag else "")
+            values.append(f"{float(bias[i]):.4f}")
             lines.append(",".join([label, str(i), str(int(labels[i])),
                                    *[f"{v:.5f}" if isinstance(v, float) else str(v) for v in values]]))
     path.write_text("\n".join(lines) + "\n")
@@ -787,7 +790,7 @@ def blank_table(model, data) -> Dict[str, Any]:
         logits = caap.blank_score(list(range(data.num_classes)), image_size=(data.img_size, data.img_size))
         probs = logits.softmax(-1)
         blanks[kind] = {"class": int(probs.argmax()), "probability": round(float(probs.max()), 4),
-                        "entropy": round(blank_entropy(logits), 4), "is": caap.last_blank}
+                        "entropy": round(float(prediction_entropy(logits[None])[0]), 4), "is": caap.last_blank}
     return blanks
 
 

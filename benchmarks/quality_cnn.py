@@ -36,11 +36,10 @@ import lightning as L
 import torch
 
 from caap_lightning.attribution import get_method
-from caap_lightning.datamodules import FashionCanvasDataModule, SyntheticSpuriousDataModule
 from caap_lightning.models import ViTClassifier
 
 from _common import FASHION_CLASSES, quiet_trainer
-from quality import METRICS, accuracy, fmt, fmt_diff, paired, score_method, seconds_per_image, table
+from quality import METRICS, accuracy, fmt, fmt_diff, paired, score_method, seconds_per_image, table, testbed_data
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LABELS = {
@@ -74,11 +73,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def build(args: argparse.Namespace) -> Tuple[ViTClassifier, L.LightningDataModule]:
-    if args.data == "shapes":
-        data = SyntheticSpuriousDataModule(cue_correlation=None, num_train=args.num_train, seed=args.seed)
-    else:
-        data = FashionCanvasDataModule(root=args.fashion_root, cue="none", classes=FASHION_CLASSES,
-                                       num_train=args.num_train, num_val=1000, seed=args.seed)
+    data = testbed_data(args)
     module = ViTClassifier(model_name=args.model, pretrained=False, num_classes=data.num_classes, img_size=data.img_size,
                            lr=2e-3, weight_decay=0.05, warmup_epochs=0.5, mean=data.mean, std=data.std)
     return module, data

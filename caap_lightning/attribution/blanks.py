@@ -52,9 +52,13 @@ def choose_blank(
     if not (isinstance(blank, str) and blank == "auto"):
         return blank
     candidates = torch.cat([make_blank(kind, size, mean, std, seed) for kind in FIXED_BLANKS]).to(device, dtype)
-    probs = logits_of(candidates).float().softmax(-1)
-    entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1)
-    return FIXED_BLANKS[int(entropy.argmax())]
+    return FIXED_BLANKS[int(prediction_entropy(logits_of(candidates)).argmax())]
+
+
+def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """``(n,)``: the entropy (nats) of each row's predicted distribution, ``log C`` when uniform."""
+    log_p = logits.double().log_softmax(-1)
+    return -(log_p.exp() * log_p).sum(-1)
 
 
 def make_blank(

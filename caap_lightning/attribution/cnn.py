@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from caap_lightning.attribution.blanks import BlankSpec, choose_blank, make_blank, warn_saturated_blank
-from caap_lightning.attribution.caap import SCORES, check_settings, sweep_cutoffs
+from caap_lightning.attribution.caap import check_settings, sweep_cutoffs
 from caap_lightning.attribution.selection import selection_members
 from caap_lightning.attribution.vit import TargetLike, check_finite_weights, check_target
 from caap_lightning.utils import check_image_batch, eval_mode, model_normalization, target_score, upsample_maps
@@ -573,16 +573,10 @@ class ConvCAAP:
     def _score(self, logits: Tensor, targets: Tensor) -> Tensor:
         return target_score(logits.float(), targets, self.score)
 
-    def _logits(self, images: Tensor) -> Tensor:
-        x = images
-        for stage in self.table.stages:
-            x = stage(x)
-        return self.table.head(x)
-
     def _blank_maps(self, size, device, dtype) -> _BlankMaps:
         # No cache across calls: fused optimisers and writes through p.data change weights without a trace.
         self._last_size = size
-        self.last_blank = choose_blank(self.blank, self._logits, size, self.mean, self.std, self.blank_seed, device, dtype)
+        self.last_blank = choose_blank(self.blank, self.model, size, self.mean, self.std, self.blank_seed, device, dtype)
         x = make_blank(self.last_blank, size, self.mean, self.std, self.blank_seed).to(device, dtype)
         maps = []
         for stage in self.table.stages:

@@ -29,7 +29,7 @@ from caap_lightning.callbacks.strategies import (
     log_strategies,
     place_of,
 )
-from caap_lightning.metrics import fixed_position_evidence, region_evidence
+from caap_lightning.metrics import fixed_position_evidence
 from caap_lightning.metrics._checks import check_int
 from caap_lightning.metrics.functional import HOT_REGION_SHARE
 from caap_lightning.utils import unnormalize, upsample_maps

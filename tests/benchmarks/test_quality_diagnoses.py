@@ -45,9 +45,12 @@ def test_border_bias_compares_background_patches_on_the_ring_and_inside(diagnose
     assert diagnose.border_bias(maps, masks)["touches"].tolist() == [False, False, True]
 
 
-def test_blank_entropy_is_log_classes_when_uniform(diagnose):
-    assert diagnose.blank_entropy(torch.zeros(1, 4)) == pytest.approx(math.log(4))
-    assert diagnose.blank_entropy(torch.tensor([[50.0, 0.0, 0.0, 0.0]])) < 1e-15
+def test_prediction_entropy_is_log_classes_when_uniform_and_zero_when_certain():
+    from caap_lightning.attribution.blanks import prediction_entropy
+
+    entropy = prediction_entropy(torch.tensor([[0.0, 0.0, 0.0, 0.0], [50.0, 0.0, 0.0, 0.0]]))
+    assert entropy[0].item() == pytest.approx(math.log(4))
+    assert entropy[1].item() < 1e-15
 
 
 def _stat(mean, sem=0.01):
