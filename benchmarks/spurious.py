@@ -14,17 +14,19 @@ keep its reliance below 25% throughout (the report names controls that do not).
 
 Each fit has ``CAAPCallback`` logging, after every epoch, the score of each *mask regime*:
 what a user who has cue and object masks, only object masks, or no masks would monitor
-(``REGIMES``). One trained run serves all three: each regime's ``SpuriousCueMonitor`` is
-replayed from the recorded per-epoch scores through ``SpuriousCueMonitor.update``; a live
-monitor on the first regime checks that the replay is faithful. Each baseline (Grad-CAM by
-default) then drives the same callbacks on a replay of the fit's weights, epoch by epoch.
+(``REGIMES``: the monitor's defaults, insertion ratios that test the model itself), and the
+map-based scores they are compared with (``MAP_REGIMES``). One trained run serves every
+regime: each regime's ``SpuriousCueMonitor`` is replayed from the recorded per-epoch scores
+through ``SpuriousCueMonitor.update``; a live monitor on the first regime checks that the
+replay is faithful. Each baseline (Grad-CAM by default) then drives the same callbacks on a
+replay of the fit's weights, epoch by epoch, so its maps' scores are compared on the same models.
 
 The report gives, per method, regime, dataset and cue kind, the detection rate over shortcut
 runs, the false alarms over controls and the lead time against the accuracy-gap detector (the
 first epoch at which cue-conflicting accuracy is 10 points below cue-consistent accuracy, a
 detector that needs labelled conflicting data), the issue's targets as met / NOT met, and the
-score trajectories. The monitor's threshold is chosen on part of the grid (``TUNING``) and
-confirmed on the held-out cue kinds and dataset.
+score trajectories. The monitor's threshold and patience are chosen on part of the grid
+(``TUNING``) and confirmed on the held-out cue kinds and dataset.
 
     python benchmarks/spurious.py --quick                        # a smoke run: prints the summary
     python benchmarks/spurious.py --workers 2                    # the grid; writes benchmarks/results/spurious.*
@@ -71,11 +73,28 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DATASETS = ("shapes", "fashion")
 METHOD_NAMES = {"caap": "CAAP", "gradcam": "Grad-CAM"}
 STRONG_CUES = (0.8, 0.95, 1.0)
-# Mask regime -> the callback metric its monitor watches: the best score a user with those masks can compute.
+# Mask regime -> the callback metric its monitor watches by default (SpuriousCueMonitor's DEFAULT_SCORES): with
+# object masks the background test, with or without cue masks (the cue test alone is in the report's table of
+# every score). These test the model (the same for every method); the map-based scores read a method's maps.
 REGIMES = {
+    "cue+object masks": "background_insertion_ratio",
+    "object masks only": "background_insertion_ratio",
+    "none": "border_insertion_ratio",
+}
+MAP_REGIMES = {
     "cue+object masks": "cue_density_ratio",
     "object masks only": "background_density_ratio",
     "none": "fixed_position_ratio",
+}
+# Every score each fit records: the model tests, then the map-based scores.
+RECORDED = ("background_insertion_ratio", "cue_insertion_ratio", "border_insertion_ratio", *MAP_REGIMES.values())
+MODEL_TESTS = RECORDED[:3]
+# The monitors compared: name -> (the runs whose scores it reads, its scores per regime, its title). The insertion
+# ratios are read from CAAP's fits (a baseline's replay sees the same models, so the same values).
+WATCHES = {
+    "insertion": ("caap", REGIMES, "Insertion ratios (the monitor's defaults; they test the model, not a map)"),
+    "caap": ("caap", MAP_REGIMES, "CAAP maps (density ratios and the fixed-position ratio)"),
+    "gradcam": ("gradcam", MAP_REGIMES, "Grad-CAM maps (density ratios and the fixed-position ratio)"),
 }
 # The cue kinds each regime's target covers: without masks only a cue at a fixed position can be found.
 TARGET_CUES = {
@@ -92,8 +111,9 @@ CONTROL_ACCURACY = 85.0
 LATEST_LEAD = -1
 # The threshold is chosen on these (dataset, cue kind) pairs and confirmed on the others.
 TUNING = (("shapes", "marker"), ("shapes", "watermark"))
-# The replay grid for the threshold (the scores are density ratios: a uniform map scores 1).
+# The replay grid for the threshold and patience (every score is 1 when the suspect region and the rest are equal).
 SWEEP_THRESHOLDS = (1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0)
+SWEEP_PATIENCE = (1, 2)
 
 HALF = (0.5, 0.5, 0.5)
 # The demo's ViT at 32 px (16 patches), so that a CPU step is cheap; twice the demo's lr, as the runs are
@@ -171,7 +191,7 @@ class EpochRecorder(L.Callback):
             "acc_conflicting": percent(conflicting, n_conflicting),
             "reliance": percent(*counts["follows-cue"]),
         }
-        row.update({score: rounded(metrics.get("caap/" + score)) for score in REGIMES.values()})
+        row.update({score: rounded(metrics.get("caap/" + score)) for score in RECORDED})
         row["live_alarm"] = bool(check.get("alarm", 0.0))
         row["attribution_s"] = rounded(metrics.get("caap/seconds"), 2)
         row["wall_s"] = round(time.perf_counter() - self.start, 1)
@@ -231,7 +251,7 @@ def fit_run(
     if snapshots is not None:
         model.snapshots = snapshots
     caap = CAAPCallback(methods=[method], num_images=settings["num_images"], construction=settings["construction"],
-                        metrics=list(REGIMES.values()), log_images=False)
+                        metrics=list(RECORDED), log_images=False)
     monitor = SpuriousCueMonitor(monitor="caap/" + REGIMES[LIVE_REGIME], **settings["monitor"], num_images=0)
     data.setup("fit")
     recorder = EpochRecorder(data.probe_batch(data.num_val), caap, monitor)
@@ -293,7 +313,7 @@ def report_progress(runs: Sequence[Dict[str, Any]]) -> None:
     for run in runs:
         last = run["history"][-1]
         progress = {k: run[k] for k in ("dataset", "cue", "cue_correlation", "seed", "method", "live_alarm_epoch", "wall_s", "cpu_s")}
-        progress["final"] = {k: last[k] for k in ("accuracy", "reliance", *REGIMES.values())}
+        progress["final"] = {k: last[k] for k in ("accuracy", "reliance", *RECORDED)}
         print(json.dumps(progress), flush=True)
 
 
@@ -376,9 +396,12 @@ def in_tuning(run: Dict[str, Any]) -> bool:
 
 
 # ---------------------------------------------------------------------- detection and targets
-def with_alarms(runs: Sequence[Dict[str, Any]], regime: str, monitor: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """``runs`` with their ``alarm_epoch`` under ``regime``'s monitor (``monitor``: threshold, patience, min_delta)."""
-    key = REGIMES[regime]
+def with_alarms(
+    runs: Sequence[Dict[str, Any]], regime: str, monitor: Dict[str, Any], regimes: Dict[str, str] = REGIMES
+) -> List[Dict[str, Any]]:
+    """``runs`` with their ``alarm_epoch`` under ``regime``'s monitor (``monitor``: threshold, patience, min_delta)
+    watching its score of ``regimes``."""
+    key = regimes[regime]
     return [{**r, "alarm_epoch": replay_alarm_epoch(r["history"], key, **monitor), "gap_epoch": gap_epoch(r["history"])} for r in runs]
 
 
@@ -432,25 +455,32 @@ def targets_met(check: Dict[str, Any]) -> int:
     return sum(check[k] for k in ("all_shortcuts_alarmed", "no_control_alarm", "lead"))
 
 
-def choose_threshold(runs: Sequence[Dict[str, Any]], monitor: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-    """The sweep threshold that meets most targets of every regime on the tuning runs (``None``: no tuning runs).
+def choose_threshold(
+    runs: Sequence[Dict[str, Any]], monitor: Dict[str, Any], regimes: Dict[str, str] = REGIMES
+) -> Optional[Dict[str, Any]]:
+    """The sweep's threshold and patience that meet most targets of every regime on the tuning runs (``None``: no
+    tuning runs).
 
-    Ties go to the fewest missed shortcut runs plus false alarms, then to the middle of the tied
+    Ties go to the fewest missed shortcut runs plus false alarms, then to the larger patience (the
+    one less likely to alarm on a noisy check), then to the middle of that patience's tied
     thresholds: a plateau's middle is the choice least likely to tip over on held-out runs.
     """
     tuning = [r for r in runs if in_tuning(r)]
     if not tuning:
         return None
     rows = []
-    for threshold in SWEEP_THRESHOLDS:
-        settings = {**monitor, "threshold": threshold}
-        checks = {regime: target_check(with_alarms(tuning, regime, settings), regime) for regime in REGIMES}
+    for patience, threshold in itertools.product(SWEEP_PATIENCE, SWEEP_THRESHOLDS):
+        settings = {**monitor, "threshold": threshold, "patience": patience}
+        checks = {regime: target_check(with_alarms(tuning, regime, settings, regimes), regime) for regime in regimes}
         errors = sum(len(c["detail"]["missed"]) + len(c["detail"]["false_alarm_runs"]) for c in checks.values())
-        rows.append({"threshold": threshold, "targets_met": sum(targets_met(c) for c in checks.values()), "errors": errors,
-                     "checks": {regime: compact(c) for regime, c in checks.items()}})
+        rows.append({"threshold": threshold, "patience": patience, "targets_met": sum(targets_met(c) for c in checks.values()),
+                     "errors": errors, "checks": {regime: compact(c) for regime, c in checks.items()}})
     best = max((r["targets_met"], -r["errors"]) for r in rows)
-    tied = [r["threshold"] for r in rows if (r["targets_met"], -r["errors"]) == best]
-    return {"tuning": [f"{d}/{c}" for d, c in TUNING], "sweep": rows, "tied": tied, "threshold": tied[(len(tied) - 1) // 2]}
+    tied = [r for r in rows if (r["targets_met"], -r["errors"]) == best]
+    patience = max(r["patience"] for r in tied)
+    thresholds = [r["threshold"] for r in tied if r["patience"] == patience]
+    return {"tuning": [f"{d}/{c}" for d, c in TUNING], "sweep": rows, "patience": patience, "tied": thresholds,
+            "threshold": thresholds[(len(thresholds) - 1) // 2]}
 
 
 def compact(check: Dict[str, Any]) -> Dict[str, Any]:
@@ -462,24 +492,33 @@ def compact(check: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
+def watches_of(runs: Sequence[Dict[str, Any]]) -> List[str]:
+    """The monitors of ``WATCHES`` whose runs are among ``runs``."""
+    methods = methods_of(runs)
+    return [name for name, (method, _, _) in WATCHES.items() if method in methods]
+
+
 def summarize(runs: Sequence[Dict[str, Any]], monitor: Dict[str, Any]) -> Dict[str, Any]:
-    """Per method: per regime, detection by cue kind and the targets with ``monitor``; the threshold chosen on
-    the tuning runs and the targets it gets on the held-out runs."""
+    """Per monitor compared (``WATCHES``): per regime, detection by cue kind and the targets with ``monitor``; the
+    threshold and patience chosen on the tuning runs and the targets they get on the held-out runs."""
     summary: Dict[str, Any] = {}
-    for method in methods_of(runs):
+    for name in watches_of(runs):
+        method, regimes_of, _ = WATCHES[name]
         group = [r for r in runs if r["method"] == method]
-        choice = choose_threshold(group, monitor)
+        choice = choose_threshold(group, monitor, regimes_of)
         held_out = [r for r in group if not in_tuning(r)] if choice is not None else []
-        chosen = {**monitor, "threshold": choice["threshold"] if choice is not None else None}
+        chosen = monitor if choice is None else {**monitor, "threshold": choice["threshold"], "patience": choice["patience"]}
         regimes = {}
-        for regime in REGIMES:
-            replayed = with_alarms(group, regime, monitor)
+        for regime in regimes_of:
+            replayed = with_alarms(group, regime, monitor, regimes_of)
             regimes[regime] = {
                 "by_cue": by_cue_kind(replayed),
                 "targets": target_check(replayed, regime),
-                "held_out_at_chosen": target_check(with_alarms(held_out, regime, chosen), regime) if held_out else None,
+                "held_out_at_chosen": (
+                    target_check(with_alarms(held_out, regime, chosen, regimes_of), regime) if held_out else None
+                ),
             }
-        summary[method] = {"regimes": regimes, "threshold_choice": choice}
+        summary[name] = {"regimes": regimes, "threshold_choice": choice}
     return summary
 
 
@@ -558,7 +597,7 @@ def setup_section(setup: Dict[str, Any], n_runs: int) -> List[str]:
         "",
         f"Monitor: `SpuriousCueMonitor` settings `threshold={live['threshold']}`, `patience={live['patience']}`, "
         f"`min_delta={live['min_delta']}` (its defaults: {defaults_text(setup['monitor_defaults'])}). A live monitor on "
-        f"`caap/{REGIMES[LIVE_REGIME]}` watched each fit; replaying the recorded scores reproduces its alarms: "
+        f"`{live['monitor']}` watched each fit; replaying the recorded scores reproduces its alarms: "
         f"{'checked' if setup['replay_matches_live'] else 'NO, see the JSON'}. "
         + ("Each baseline replays the CAAP fit's weights epoch by epoch (same accuracies every epoch: "
            f"{'checked' if setup['baselines_replay_caap_weights'] else 'MISMATCH, see the JSON'})." if setup["methods"][1:] else ""),
@@ -571,7 +610,9 @@ def setup_section(setup: Dict[str, Any], n_runs: int) -> List[str]:
         f">= {CONTROL_ACCURACY:g}% validation accuracy with reliance < {CONTROL_RELIANCE:g}% at every epoch. *Gap epoch*: "
         f"the first epoch at which cue-conflicting accuracy is {GAP_POINTS:g} points below cue-consistent accuracy. "
         "*Lead* = gap epoch - alarm epoch (positive: the alarm came first). Mask regimes and the score each "
-        "monitor watches: " + "; ".join(f"{regime}: `caap/{score}`" for regime, score in REGIMES.items()) + ". A "
+        "monitor watches: " + "; ".join(f"{regime}: `caap/{score}`" for regime, score in REGIMES.items())
+        + " (the monitor's defaults); the map-based scores compared with them: "
+        + "; ".join(f"{regime}: `{score}`" for regime, score in MAP_REGIMES.items()) + ". A "
         "background cue's mask is every pixel but the object, so for it the first two regimes watch the same region.",
     ]
     return lines
@@ -594,8 +635,12 @@ def ground_truth_section(truth: Dict[str, Any]) -> List[str]:
     return lines
 
 
-def detection_section(method: str, part: Dict[str, Any]) -> List[str]:
-    lines = ["", f"## {display(method)}: detection with the monitor's settings", ""]
+def watch_title(name: str) -> str:
+    return WATCHES[name][2]
+
+
+def detection_section(name: str, part: Dict[str, Any]) -> List[str]:
+    lines = ["", f"## {watch_title(name)}: detection with the monitor's settings", ""]
     rows = []
     for regime, result in part["regimes"].items():
         for name, d in result["by_cue"].items():
@@ -622,31 +667,35 @@ def target_line(regime: str, check: Dict[str, Any]) -> str:
     )
 
 
-def threshold_section(method: str, part: Dict[str, Any], live_threshold: Optional[float]) -> List[str]:
+def threshold_section(name: str, part: Dict[str, Any], live: Dict[str, Any]) -> List[str]:
     choice = part["threshold_choice"]
-    lines = ["", f"## {display(method)}: choosing the threshold", ""]
+    lines = ["", f"## {watch_title(name)}: choosing the threshold and patience", ""]
     if choice is None:
         return lines + [f"No tuning runs ({', '.join(f'{d}/{c}' for d, c in TUNING)}) in this run: no threshold chosen."]
+    regimes = list(part["regimes"])
     lines += [
-        f"Each regime's monitor replayed on the tuning runs ({', '.join(choice['tuning'])}) for each threshold, the "
-        "monitor's patience and min_delta. A cell: shortcut runs alarmed · controls alarmed · median lead, **bold** "
-        "when the regime's three targets are met.",
+        f"Each regime's monitor replayed on the tuning runs ({', '.join(choice['tuning'])}) for each patience and "
+        "threshold, with the monitor's min_delta. A cell: shortcut runs alarmed · controls alarmed · median lead, "
+        "**bold** when the regime's three targets are met.",
         "",
     ]
     rows = []
     for row in choice["sweep"]:
-        rows.append([fmt(row["threshold"])] + [sweep_cell(row["checks"][regime]) for regime in REGIMES] + [row["targets_met"]])
-    lines += table(["threshold", *REGIMES, f"targets met (of {3 * len(REGIMES)})"], rows)
-    chosen = choice["threshold"]
+        rows.append([row["patience"], fmt(row["threshold"])] + [sweep_cell(row["checks"][regime]) for regime in regimes]
+                    + [row["targets_met"]])
+    lines += table(["patience", "threshold", *regimes, f"targets met (of {3 * len(regimes)})"], rows)
+    chosen, patience = choice["threshold"], choice["patience"]
+    same = chosen == live["threshold"] and patience == live["patience"]
     lines += [
         "",
-        f"Chosen: threshold {fmt(chosen)} (best on the tuning runs: {cells(choice['tied'])}; ties go to the middle). "
-        f"The tables above used {fmt(live_threshold)}: {'the same' if chosen == live_threshold else 'a different one'}.",
+        f"Chosen: patience {patience}, threshold {fmt(chosen)} (best on the tuning runs at that patience: "
+        f"{cells(choice['tied'])}; ties go to the larger patience, then to the middle threshold). The tables above used "
+        f"patience {live['patience']}, threshold {fmt(live['threshold'])}: {'the same' if same else 'a different setting'}.",
     ]
     held = {regime: result["held_out_at_chosen"] for regime, result in part["regimes"].items()}
     if all(h is None for h in held.values()):
         return lines + ["No held-out runs in this run: nothing to confirm the threshold on."]
-    lines += ["", f"Held-out runs (every other dataset/cue kind) at threshold {fmt(chosen)}:", ""]
+    lines += ["", f"Held-out runs (every other dataset/cue kind) at patience {patience}, threshold {fmt(chosen)}:", ""]
     lines += [target_line(regime, check) for regime, check in held.items() if check is not None]
     return lines
 
@@ -656,19 +705,49 @@ def sweep_cell(check: Dict[str, Any]) -> str:
     return f"**{text}**" if check["all_shortcuts_alarmed"] and check["no_control_alarm"] and check["lead"] else text
 
 
+def scores_section(runs: Sequence[Dict[str, Any]], monitor: Dict[str, Any]) -> List[str]:
+    """Every recorded score as the only score of a monitor with ``monitor``'s settings, per cue kind: what each
+    would catch in any regime whose masks allow it."""
+    cues = list(dict.fromkeys(r["cue"] for r in runs))
+    lines = [
+        "", "## Every recorded score, per cue kind", "",
+        "Each score watched alone by a monitor with the settings above, over both datasets. A cell: shortcut runs "
+        "alarmed · controls alarmed · median lead. The insertion ratios are read from CAAP's fits (they do not "
+        "depend on the maps); the map-based scores from each method's own.", "",
+    ]
+    rows = []
+    for method in methods_of(runs):
+        group = [r for r in runs if r["method"] == method]
+        for key in RECORDED if method == "caap" else MAP_REGIMES.values():
+            if key in MODEL_TESTS and method != "caap":
+                continue
+            cell = []
+            for cue in cues:
+                d = detection(with_alarms([r for r in group if r["cue"] == cue], key, monitor, {key: key}))
+                cell.append(f"{d['alarmed']}/{d['shortcut_runs']} · {d['false_alarms']}/{d['controls']} · "
+                            f"{fmt(d['median_lead_epochs'])}")
+            source = "the model" if key in MODEL_TESTS else f"{display(method)} maps"
+            rows.append([f"`{key}`", source, *cell])
+    return lines + table(["score", "reads", *cues], rows)
+
+
 def runs_section(runs: Sequence[Dict[str, Any]], monitor: Dict[str, Any]) -> List[str]:
-    lines = ["", "## Per run: final epoch", "", "Scores: final (maximum); alarms with the monitor's settings.", ""]
+    lines = [
+        "", "## Per run: final epoch", "",
+        "Scores: final (maximum); alarms of the default scores with the monitor's settings. The insertion ratios of "
+        "a baseline's row are those of the CAAP fit (the same models); its map-based scores are from its own maps.", "",
+    ]
     rows = []
     for run in runs:
         last = run["history"][-1]
         scores = []
-        for regime, key in REGIMES.items():
-            peak = max((row[key] for row in run["history"] if row[key] is not None), default=None)
-            scores.append(f"{fmt(last[key])} ({fmt(peak)})")
+        for key in RECORDED:
+            peak = max((row[key] for row in run["history"] if row.get(key) is not None), default=None)
+            scores.append(f"{fmt(last.get(key))} ({fmt(peak)})")
         alarms = [fmt(replay_alarm_epoch(run["history"], key, **monitor)) for key in REGIMES.values()]
         rows.append([display(run["method"]), run["dataset"], run["cue"], run["cue_correlation"], run["seed"], run_kind(run),
                      fmt(last["accuracy"], 1), fmt(last["reliance"], 1), *scores, fmt(gap_epoch(run["history"])), *alarms])
-    header = ["method", "dataset", "cue", "strength", "seed", "kind", "accuracy %", "reliance %", *REGIMES.values(), "gap",
+    header = ["method", "dataset", "cue", "strength", "seed", "kind", "accuracy %", "reliance %", *RECORDED, "gap",
               *(f"alarm ({regime})" for regime in REGIMES)]
     return lines + table(header, rows)
 
@@ -678,9 +757,10 @@ def markdown(result: Dict[str, Any]) -> str:
     monitor = monitor_settings(setup)
     lines = setup_section(setup, len(runs))
     lines += ground_truth_section(result["ground_truth"])
-    for method, part in summary.items():
-        lines += detection_section(method, part)
-        lines += threshold_section(method, part, monitor["threshold"])
+    for name, part in summary.items():
+        lines += detection_section(name, part)
+        lines += threshold_section(name, part, monitor)
+    lines += scores_section(runs, monitor)
     lines += runs_section(runs, monitor)
     lines += ["", "Score trajectories (one panel per regime and cue kind; v = alarm with the monitor's settings):", ""]
     lines += [f"![{name}]({name})" for name in setup["plots"]]
@@ -695,12 +775,13 @@ def monitor_settings(setup: Dict[str, Any]) -> Dict[str, Any]:
     return {k: setup["monitor"][k] for k in ("threshold", "patience", "min_delta")}
 
 
-def plot_name(stem: str, dataset: str, method: str) -> str:
-    return f"{stem}_{dataset}_{method}.png"
+def plot_name(stem: str, dataset: str, watch: str) -> str:
+    return f"{stem}_{dataset}_{watch}.png"
 
 
-def plot(runs: Sequence[Dict[str, Any]], path: Path, monitor: Dict[str, Any]) -> None:
-    """The regimes' scores per epoch: a row per regime, a column per cue kind, a colour per cue strength."""
+def plot(runs: Sequence[Dict[str, Any]], path: Path, monitor: Dict[str, Any], watch: str) -> None:
+    """A monitor's scores per epoch: a row per regime, a column per cue kind, a colour per cue strength."""
+    regimes = WATCHES[watch][1]
     from matplotlib.figure import Figure
     from matplotlib.ticker import FormatStrFormatter, LogLocator, MaxNLocator, NullFormatter
 
@@ -709,9 +790,9 @@ def plot(runs: Sequence[Dict[str, Any]], path: Path, monitor: Dict[str, Any]) ->
     palette = iter(("tab:orange", "tab:red", "tab:purple", "tab:blue", "tab:green", "tab:brown"))
     colours = {s: "tab:grey" if any(r["control"] for r in runs if r["cue_correlation"] == s) else next(palette) for s in strengths}
     first_seed = min(r["seed"] for r in runs)
-    figure = Figure(figsize=(max(3.6 * len(cues), 6.0), 2.8 * len(REGIMES)), dpi=100)
-    axes = figure.subplots(len(REGIMES), len(cues), squeeze=False, sharex=True)
-    for (row, (regime, key)), (col, cue) in itertools.product(enumerate(REGIMES.items()), enumerate(cues)):
+    figure = Figure(figsize=(max(3.6 * len(cues), 6.0), 2.8 * len(regimes)), dpi=100)
+    axes = figure.subplots(len(regimes), len(cues), squeeze=False, sharex=True)
+    for (row, (regime, key)), (col, cue) in itertools.product(enumerate(regimes.items()), enumerate(cues)):
         ax = axes[row, col]
         for run in (r for r in runs if r["cue"] == cue):
             epochs = [h["epoch"] for h in run["history"]]
@@ -732,11 +813,10 @@ def plot(runs: Sequence[Dict[str, Any]], path: Path, monitor: Dict[str, Any]) ->
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if col == 0:
             ax.set_ylabel(key, fontsize=8)
-        if row == len(REGIMES) - 1:
+        if row == len(regimes) - 1:
             ax.set_xlabel("epoch")
     axes[0, 0].legend(fontsize=7)
-    figure.suptitle(f"{runs[0]['dataset']}, {display(runs[0]['method'])}: score per epoch (1 = uniform map; dashed: threshold)",
-                    fontsize=10)
+    figure.suptitle(f"{runs[0]['dataset']}, {watch_title(watch)}: score per epoch (dashed: threshold)", fontsize=10)
     figure.tight_layout()
     figure.savefig(path)
 
@@ -744,9 +824,9 @@ def plot(runs: Sequence[Dict[str, Any]], path: Path, monitor: Dict[str, Any]) ->
 def write_outputs(result: Dict[str, Any], runs: Sequence[Dict[str, Any]], output: Path, stem: str) -> None:
     output.mkdir(parents=True, exist_ok=True)
     monitor = monitor_settings(result["setup"])
-    for dataset, method in itertools.product(dict.fromkeys(r["dataset"] for r in runs), methods_of(runs)):
-        group = [r for r in runs if r["dataset"] == dataset and r["method"] == method]
-        plot(group, output / plot_name(stem, dataset, method), monitor)
+    for dataset, watch in itertools.product(dict.fromkeys(r["dataset"] for r in runs), watches_of(runs)):
+        group = [r for r in runs if r["dataset"] == dataset and r["method"] == WATCHES[watch][0]]
+        plot(group, output / plot_name(stem, dataset, watch), monitor, watch)
     (output / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     (output / f"{stem}.md").write_text(markdown(result))
     print(f"wrote {output / stem}.md, {stem}.json and {len(result['setup']['plots'])} plots", file=sys.stderr)
@@ -847,6 +927,8 @@ def rescore(path: Path, given: Dict[str, Any]) -> Dict[str, Any]:
     setup, runs = result["setup"], result["runs"]
     if "recipes" not in setup:
         raise ValueError(f"{path} was written by the single-cue version of this script; --rescore reads this version's JSON")
+    if runs and any(key not in runs[0]["history"][0] for key in RECORDED):
+        raise ValueError(f"{path} has no insertion ratios (written before they were recorded); run the grid again")
     setup["monitor"].update(given)
     setup["rescored"] = (
         "The alarms were replayed from the recorded scores through the `SpuriousCueMonitor` of the code that "
@@ -854,6 +936,8 @@ def rescore(path: Path, given: Dict[str, Any]) -> Dict[str, Any]:
         + " ".join([path.name, *(f"--{k.replace('_', '-')} {v}" for k, v in given.items())]) + "`."
     )
     result["ground_truth"] = ground_truth(runs)
+    stem = path.stem
+    setup["plots"] = [plot_name(stem, d, w) for d in dict.fromkeys(r["dataset"] for r in runs) for w in watches_of(runs)]
     result["summary"] = summarize(runs, monitor_settings(setup))
     write_outputs(result, runs, path.parent, path.stem)
     return result
@@ -907,7 +991,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         "load_average": f"{load[0]:.1f}",
         "wall_min": (time.perf_counter() - start) / 60,
         "run_seconds": run_seconds(runs),
-        "plots": [plot_name(stem, d, m) for d in args.data for m in methods],
+        "plots": [plot_name(stem, d, w) for d in args.data for w in WATCHES if WATCHES[w][0] in methods],
     }
     result = {"setup": setup, "runs": runs, "ground_truth": ground_truth(runs), "summary": summarize(runs, monitor)}
     print(markdown(result))

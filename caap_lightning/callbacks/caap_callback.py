@@ -44,8 +44,10 @@ from caap_lightning.metrics import (
     DensityRatio,
     FixedPositionRatio,
     InsertionDeletion,
+    InsertionRatio,
     PointingGame,
     attribution_mass,
+    border_masks,
     fixed_position_evidence,
     ratio_of_densities,
     region_evidence,
@@ -84,9 +86,19 @@ class MetricSpec:
     by_area: bool = False
     per_image: Optional[Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]] = None
     maps_only: bool = False
+    # A test of the model itself, not of a method's maps: computed once per check, logged under the primary
+    # method's name; its per-image values are this key of the meter's compute_details().
+    model_test_per_image: Optional[str] = None
+
+    def test_regions(self, images: torch.Tensor, masks: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """A model test's masks for ``images``: the probe's, or the border ring where it needs none."""
+        return border_masks(len(images), tuple(images.shape[-2:])) if self.needs is None else masks[self.needs]
 
     def update(self, meter: Any, pixel_maps: torch.Tensor, shard: "_ProbeShard") -> None:
-        if self.maps_only:
+        if self.model_test_per_image is not None:
+            images = shard.images
+            meter.update(images, self.test_regions(images, shard.masks).to(images.device), target=shard.targets)
+        elif self.maps_only:
             meter.update(pixel_maps)
         elif self.needs is None:  # Insertion/Deletion scores the images themselves
             meter.update(shard.images, pixel_maps, target=shard.targets)
@@ -113,6 +125,13 @@ def _density(needs: str, region: str, scalar: str) -> MetricSpec:
     return MetricSpec(
         needs, lambda ctx: DensityRatio(region=region), {scalar: "density_ratio"},
         per_image=lambda maps, masks: ratio_of_densities(*region_evidence(maps, masks, region=region)),
+    )
+
+
+def _insertion(needs: Optional[str], region: str, scalar: str) -> MetricSpec:
+    return MetricSpec(
+        needs, lambda ctx: InsertionRatio(ctx.model, region=region, per_image=True), {scalar: "insertion_ratio"},
+        region=region, model_test_per_image="insertion_ratio_per_image",
     )
 
 
@@ -143,7 +162,13 @@ METRICS: Dict[str, MetricSpec] = {
         None, lambda ctx: FixedPositionRatio(), {"fixed_position_ratio": "fixed_position_ratio"},
         per_image=_fixed_position_per_image, maps_only=True,
     ),
+    # The model's class restored by a region alone over the rest alone: 1 when they restore it equally.
+    "background_insertion_ratio": _insertion("masks", "outside", "background_insertion_ratio"),
+    "cue_insertion_ratio": _insertion("cue_masks", "mask", "cue_insertion_ratio"),
+    "border_insertion_ratio": _insertion(None, "mask", "border_insertion_ratio"),
 }
+# The metrics that test the model rather than a method's maps.
+MODEL_TESTS = tuple(name for name, spec in METRICS.items() if spec.model_test_per_image is not None)
 
 
 class CheckFailed(Exception):
@@ -191,13 +216,16 @@ class ProbeResult:
     method_curves: Dict[str, Dict[str, torch.Tensor]] = field(default_factory=dict)  # their mean ins/del curves
     # What per_image computes on its first read: only an alarm report needs it, not every check.
     per_image_values: Optional[Callable[[], Dict[str, torch.Tensor]]] = field(default=None, repr=False)
+    # The model tests' per-image values, computed with the check (they need the model, not the maps).
+    model_test_per_image: Dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _per_image: Optional[Dict[str, torch.Tensor]] = field(default=None, init=False, repr=False)
 
     @property
     def per_image(self) -> Dict[str, torch.Tensor]:
         """Each region metric per probe image under its logged name, ``(n,)``: which images carry the reliance."""
         if self._per_image is None:
-            self._per_image = {} if self.per_image_values is None else self.per_image_values()
+            computed = {} if self.per_image_values is None else self.per_image_values()
+            self._per_image = {**computed, **self.model_test_per_image}
         return self._per_image
 
     @property
@@ -222,8 +250,9 @@ class ProbeResult:
             title += f", cue: {self.class_name(int(probe.cue_labels[i]))}"
         return title
 
-    def draw_rows(self, rows: List[int]) -> Any:
-        """The heatmap grid of the given probe rows (image | an overlay per method | masks), ``(H, W, 3)`` uint8."""
+    def draw_rows(self, rows: List[int], views: Optional[Dict[str, torch.Tensor]] = None) -> Any:
+        """The heatmap grid of the given probe rows (image | an overlay per method | masks | ``views``), ``(H, W, 3)``
+        uint8; ``views`` are further columns of normalised images of those rows, by title."""
         probe = self.probe
         index = torch.as_tensor(rows, dtype=torch.long)
         size = tuple(probe.images.shape[-2:])
@@ -236,6 +265,7 @@ class ProbeResult:
             [self.row_title(i) for i in rows],
             masks=None if probe.masks is None else probe.masks[index],
             cue_masks=None if probe.cue_masks is None else probe.cue_masks[index],
+            views={title: unnormalize(v, self.mean, self.std) for title, v in (views or {}).items()},
         )
 
 
@@ -329,12 +359,16 @@ class CAAPCallback(Callback):
             (``benchmarks/results/speed-cpu-resnet50.json``). A ViT refuses it in setup.
         metrics: any of ``aupr_fg``, ``aupr_bg``, ``pointing_game``, ``insertion_deletion``,
             ``background_mass``, ``background_mass_ratio``, ``cue_mass``, ``cue_mass_ratio``,
-            ``background_density_ratio``, ``cue_density_ratio``, ``fixed_position_ratio``;
+            ``background_density_ratio``, ``cue_density_ratio``, ``fixed_position_ratio``,
+            ``background_insertion_ratio``, ``cue_insertion_ratio``, ``border_insertion_ratio``;
             ``None`` takes every metric the probe batch's masks allow. Mass metrics read the
             map's positive part; ``*_mass_ratio`` divides by the region's share of the image;
             ``*_density_ratio`` is the evidence density on the region over that off it, and
             ``fixed_position_ratio`` the same for the place that the other probe images' evidence
-            shares (``docs/metrics.md``).
+            shares. The ``*_insertion_ratio`` scores test the model rather than a map: the class
+            probability the background (the cue, the image's border) alone restores over what the
+            rest alone restores (:class:`~caap_lightning.metrics.InsertionRatio`); they run once per
+            check, under the primary method's name (``docs/metrics.md``).
         target: the class each map explains: ``"predicted"`` (the model's top-1) or ``"label"``.
         insertion_deletion_steps: steps of each Insertion/Deletion curve (``ceil(H * W / steps)``
             pixels each); the default 16 keeps the check cheap. ``None`` takes one patch per step
@@ -670,8 +704,15 @@ class CAAPCallback(Callback):
     @property
     def logged_metrics(self) -> List[str]:
         """The scalars this callback logs with the methods and metrics in use (known after ``setup``)."""
-        scalars = [s for m in self.active_metrics for s in METRICS[m].scalars]
-        return [self.tag(name, s) for name in self.methods for s in scalars] + [f"{self.prefix}/seconds"]
+        return [self.tag(name, s) for name in self.methods for m in self.metrics_of(name) for s in METRICS[m].scalars] + [
+            f"{self.prefix}/seconds"
+        ]
+
+    def metrics_of(self, method: str) -> List[str]:
+        """The active metrics computed for ``method``: the model tests run once, with the primary method."""
+        if method == self.methods[0]:
+            return list(self.active_metrics)
+        return [m for m in self.active_metrics if m not in MODEL_TESTS]
 
     def _resolve_metrics(self, probe: ProbeBatch) -> List[str]:
         available = [m for m, spec in METRICS.items() if spec.needs is None or getattr(probe, spec.needs) is not None]
@@ -689,7 +730,7 @@ class CAAPCallback(Callback):
     def _build_meters(self, model: nn.Module, size: tuple) -> Dict[str, Dict[str, Any]]:
         """One set of metric meters per method: the meters accumulate state between update and compute."""
         context = _MeterContext(model=model, step=self._step_pixels(size), curves=self.log_images)
-        return {method: {name: METRICS[name].build(context) for name in self.active_metrics} for method in self.methods}
+        return {method: {name: METRICS[name].build(context) for name in self.metrics_of(method)} for method in self.methods}
 
     # ------------------------------------------------------------------ hooks
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -904,6 +945,8 @@ class CAAPCallback(Callback):
         """Synced metric values of each method in ``maps`` and the shards gathered into one result for the whole probe."""
         metrics: Dict[str, float] = {}
         curves: Dict[str, Dict[str, torch.Tensor]] = {}
+        n = len(self.probe)
+        tested: Dict[str, torch.Tensor] = {}
         for name in maps:
             for metric, meter in self._meters[name].items():
                 out = meter.compute_details()
@@ -912,9 +955,11 @@ class CAAPCallback(Callback):
                     # A metric with no scorable image (e.g. every mask empty) gives NaN: nothing to log.
                     if math.isfinite(value):
                         metrics[self.tag(name, scalar)] = value
+                    per_image_key = METRICS[metric].model_test_per_image
+                    if per_image_key is not None:
+                        tested[self.tag(name, scalar)] = in_probe_order(out[per_image_key].float().cpu(), n, trainer.world_size)
                 if metric == "insertion_deletion":
                     curves[name] = {k: out[f"{k}_curve"].cpu() for k in ("insertion", "deletion") if f"{k}_curve" in out}
-        n = len(self.probe)
         method_maps = {name: _gather_shards(trainer, m, n) for name, m in maps.items()}
         return ProbeResult(
             epoch=epoch, step=step, stage=stage, metrics=metrics,
@@ -923,6 +968,7 @@ class CAAPCallback(Callback):
             class_names=list(self.class_names), method_curves=curves, per_image_values=functools.partial(
                 per_image_values, method_maps, self.probe, list(self.active_metrics), self.tag
             ),
+            model_test_per_image=tested,
         )
 
     # ------------------------------------------------------------------ images
@@ -993,6 +1039,15 @@ def _gather_shards(trainer: L.Trainer, shard: torch.Tensor, n: int) -> torch.Ten
     for rank in range(world):
         count = len(range(rank, n, world))
         out[rank::world] = gathered[rank, :count]
+    return out
+
+
+def in_probe_order(gathered: torch.Tensor, n: int, world: int) -> torch.Tensor:
+    """Per-image values that torchmetrics gathered rank by rank (the shards ``probe[rank::world]`` one after
+    another) in the probe's own order."""
+    order = torch.cat([torch.arange(rank, n, world) for rank in range(world)])
+    out = torch.empty_like(gathered)
+    out[order] = gathered
     return out
 
 

@@ -25,11 +25,13 @@ def heatmap_grid(
     masks: Optional[torch.Tensor] = None,
     cue_masks: Optional[torch.Tensor] = None,
     min_tile: int = 112,
+    views: Optional[Mapping[str, torch.Tensor]] = None,
 ) -> np.ndarray:
-    """One row per image: image | one overlay per map | object mask | cue mask, as ``(H, W, 3)`` uint8.
+    """One row per image: image | one overlay per map | object mask | cue mask | views, as ``(H, W, 3)`` uint8.
 
     ``images`` are pixel-space ``(n, 3, H, W)`` in [0, 1]; ``maps`` gives the overlay columns
-    in order, as ``{column title: pixel maps (n, H, W)}``.
+    in order, as ``{column title: pixel maps (n, H, W)}``; ``views`` further image columns
+    (pixel-space ``(n, 3, H, W)``), e.g. what a model test showed the model.
     Maps are drawn red where they favour the target and blue where they oppose it (a
     non-negative map, e.g. Grad-CAM's, only goes red), each tile scaled to its own largest
     magnitude. Mask columns dim the image outside the mask; a column whose masks are ``None``
@@ -43,7 +45,8 @@ def heatmap_grid(
     if not overlays:
         raise ValueError("heatmap_grid needs at least one map column")
     mask_columns = [(name, m) for name, m in (("object mask", masks), ("cue mask", cue_masks)) if m is not None]
-    columns = ["image"] + [name for name, _ in overlays] + [name for name, _ in mask_columns]
+    view_columns = list((views or {}).items())
+    columns = ["image"] + [name for name, _ in overlays] + [name for name, _ in mask_columns] + [name for name, _ in view_columns]
     n, _, h, w = images.shape
     scale = max(1, -(-min_tile // min(h, w)))  # nearest-neighbour upscaling of small images
     th, tw, gap, caption = h * scale, w * scale, 4, 16
@@ -53,12 +56,14 @@ def heatmap_grid(
     heats = [m.float().cpu().numpy() for _, m in overlays]
     limits = [np.abs(heat).reshape(n, -1).max(1) for heat in heats]  # per column, per row
     shades = [0.2 + 0.8 * m.float().cpu().numpy()[..., None] for _, m in mask_columns]
+    shown = [v.permute(0, 2, 3, 1).float().clamp(0, 1).cpu().numpy() for _, v in view_columns]
     cmap = colormaps["RdBu_r"]
     for i in range(n):
         tiles = [pixels[i]]
         for heat, limit in zip(heats, limits):
             tiles.append(0.35 * pixels[i] + 0.65 * cmap(0.5 + 0.5 * heat[i] / (float(limit[i]) or 1.0))[..., :3])
         tiles += [pixels[i] * shade[i] for shade in shades]
+        tiles += [view[i] for view in shown]
         top = caption + i * (caption + th + gap) + caption
         for col, tile in enumerate(tiles):
             big = np.repeat(np.repeat(tile, scale, axis=0), scale, axis=1)

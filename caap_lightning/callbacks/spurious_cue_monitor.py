@@ -29,30 +29,50 @@ from caap_lightning.callbacks.strategies import (
     log_strategies,
     place_of,
 )
-from caap_lightning.metrics import fixed_position_evidence
+from caap_lightning.metrics import border_masks, fixed_position_evidence, region_evidence
 from caap_lightning.metrics._checks import check_int
 from caap_lightning.metrics.functional import HOT_REGION_SHARE
+from caap_lightning.metrics.region_insertion import BORDER_SHARE, suspect_views
 from caap_lightning.utils import unnormalize, upsample_maps
 
 ALARM_ON = ("high", "low")
 STRATEGIES = (True, False, "auto")
-# The default scores, in order of preference: cue masks say most, object masks less, the maps alone least.
-DEFAULT_SCORES = ("cue_density_ratio", "background_density_ratio", "fixed_position_ratio")
-# One threshold for the three default scores: each is 1 for a uniform map and has no ceiling set by a region's
-# area, so "the region is twice as dense in evidence as the rest" means the same for a cue, a background and
-# a fixed position.
+# The default scores, in order of preference. The insertion ratios ask the model itself, not a map, so a cue
+# spread over many patches (a background colour, a frame) counts too. Object masks come first: the background
+# alone holds every cue outside the object in its own context, which the benchmark found a cue shown alone on
+# the blank can lack (benchmarks/results/spurious.md); then cue masks, then the border, which needs no masks.
+# The map-based ratios are the fallback where a callback's `metrics` leave the insertion ratios out.
+DEFAULT_SCORES = (
+    "background_insertion_ratio", "cue_insertion_ratio", "border_insertion_ratio",
+    "cue_density_ratio", "background_density_ratio", "fixed_position_ratio",
+)
+# One threshold for the default scores: each is 1 when the suspect region and the rest are equal (in the class
+# they restore alone, or in evidence density), whatever the region's size, so "twice as much" means the same
+# for a cue, a background, a border and a fixed position.
 DEFAULT_THRESHOLD = 2.0
 # Below this many probe images, strategy discovery warns that its clusters are anecdotes.
 STRATEGY_PROBE_IMAGES = 64
-# What each default score measures, for the alarm's text.
+_RESTORES = "the class probability that {} alone restores over what {} alone restores; 1 when they restore it equally"
+# What each score measures, for the alarm's text.
 SCORE_MEANINGS = {
-    "cue_density_ratio": "the evidence density on the cue over its density off it",
-    "background_density_ratio": "the evidence density off the object over its density on it",
+    "cue_insertion_ratio": _RESTORES.format("the cue", "the rest of the image"),
+    "background_insertion_ratio": _RESTORES.format("the background", "the object"),
+    "border_insertion_ratio": _RESTORES.format(
+        f"the image's border (its outer {BORDER_SHARE:.1%} on each side)", "the inside"),
+    "cue_density_ratio": "the evidence density on the cue over its density off it; 1 for a uniform map",
+    "background_density_ratio": "the evidence density off the object over its density on it; 1 for a uniform map",
     "fixed_position_ratio": (
         f"the evidence density in each image's hot region (the top {HOT_REGION_SHARE:.0%} of the pixels of the other "
-        "images' mean evidence) over its density elsewhere"
+        "images' mean evidence) over its density elsewhere; 1 for a uniform map"
     ),
 }
+# The region each score is about, for the alarm's text.
+SCORE_REGIONS = (("fixed_position", "fixed position"), ("border", "border"), ("cue", "cue"), ("background", "background"))
+
+
+def _check_test_regions(maps: torch.Tensor, masks: Optional[torch.Tensor]) -> None:
+    """A model test's regions must have an inside and an outside, as a density ratio's must."""
+    region_evidence(maps, border_masks(len(maps), tuple(maps.shape[-2:])) if masks is None else masks)
 
 
 class SpuriousCueMonitor(Callback):
@@ -63,7 +83,7 @@ class SpuriousCueMonitor(Callback):
     by more than ``min_delta`` becomes the best (with ``alarm_on="high"`` a higher score means
     more reliance, so the best is the lowest); a check is *bad* when the score is past
     ``threshold`` and is no such improvement. The first check sets the best value, and is bad when
-    it is past the threshold: the default scores mean the same at every check (1 = a uniform map),
+    it is past the threshold: the default scores mean the same at every check (1 = both parts restore the class equally),
     so a cue learnt before the first check alarms as early as patience allows. A score that rises
     past the threshold alarms; one that keeps falling does not, nor does anything below the
     threshold. After ``patience`` bad checks in a row the alarm goes off: ``<prefix>/alarm`` = 1,
@@ -85,9 +105,11 @@ class SpuriousCueMonitor(Callback):
     Args:
         monitor: a metric logged by a ``CAAPCallback``, e.g. ``"caap/cue_density_ratio"`` (the first
             of its ``methods``) or ``"caap/gradcam/cue_density_ratio"``. ``None`` picks
-            ``caap/cue_density_ratio`` when the probe has cue masks, else
-            ``caap/background_density_ratio`` with object masks, else ``caap/fixed_position_ratio``
-            (from the maps alone): each 1 for a uniform map at any region size.
+            ``caap/background_insertion_ratio`` when the probe has object masks (with or without cue
+            masks), else ``caap/cue_insertion_ratio`` with cue masks, else
+            ``caap/border_insertion_ratio`` (no masks): each the class probability the suspect region
+            alone restores over what the rest alone restores, 1 when they restore it equally, at any
+            region size (``docs/metrics.md``; how they were chosen: ``benchmarks/results/spurious.md``).
         threshold: the score must be past this to count (above for ``alarm_on="high"``); ``None``
             counts every check that does not improve (and the first check only sets the best).
             The default, :data:`DEFAULT_THRESHOLD`, serves the three default scores.
@@ -203,10 +225,10 @@ class SpuriousCueMonitor(Callback):
             if keys:
                 return keys[0]
         raise ValueError(
-            "SpuriousCueMonitor's default watches caap/cue_density_ratio (with cue masks), "
-            "caap/background_density_ratio (with object masks) or caap/fixed_position_ratio (from the maps alone), "
-            f"but the CAAPCallbacks log none of them (they log {logged}): add 'fixed_position_ratio' (or a density "
-            "ratio the probe's masks allow) to CAAPCallback's `metrics`, or set `monitor` to one of those it logs."
+            "SpuriousCueMonitor's default watches caap/background_insertion_ratio (with object masks), "
+            "caap/cue_insertion_ratio (with cue masks) or caap/border_insertion_ratio (without masks), "
+            f"but the CAAPCallbacks log none of them (they log {logged}): add 'border_insertion_ratio' (or an "
+            "insertion ratio the probe's masks allow) to CAAPCallback's `metrics`, or set `monitor` to one of those it logs."
         )
 
     @staticmethod
@@ -222,11 +244,14 @@ class SpuriousCueMonitor(Callback):
         """Fail in setup, not at every check, on a probe the watched metric refuses (blank masks for a density
         ratio, a single image for the fixed-position ratio): its per-image values of blank maps say so."""
         spec, probe = self._spec, source.probe
-        if spec is None or spec.per_image is None:
+        if spec is None:
             return
         masks = None if spec.needs is None else getattr(probe, spec.needs)
+        check = spec.per_image if spec.model_test_per_image is None else _check_test_regions
+        if check is None:
+            return
         try:
-            spec.per_image(torch.zeros(len(probe), *probe.images.shape[-2:]), masks)
+            check(torch.zeros(len(probe), *probe.images.shape[-2:]), masks)
         except ValueError as exc:
             raise ValueError(
                 f"SpuriousCueMonitor cannot watch {self.monitor_key} on this probe of {len(probe)} image(s): {exc}"
@@ -348,7 +373,7 @@ class SpuriousCueMonitor(Callback):
             f"{self.min_delta}{threshold}).",
         ]
         if meaning:
-            lines += ["", f"The score is {meaning}; 1 for a uniform map."]
+            lines += ["", f"The score is {meaning}."]
         found = self._fixed_position(result) if self._is_fixed_position else None
         if found is not None:
             lines += ["", *self._fixed_position_lines(result, found)]
@@ -367,11 +392,25 @@ class SpuriousCueMonitor(Callback):
                 f"| {float(result.scores[i]):.2f} | {value} |"
             )
         extra = " with each image's hot region" if found is not None else ""
+        if self._spec is not None and self._spec.model_test_per_image is not None:
+            extra = f", and what the test showed the model: the {self.region} alone and the image without it"
         lines += ["", f"Their heatmaps{extra}: image `{self.prefix}/alarm_images` at this step."]
         figures.log_text(trainer, f"{self.prefix}/alarm", "\n".join(lines), result.step)
         if rows:
-            image = result.draw_rows(rows) if found is None else self._draw_hot_regions(result, rows, found)
+            image = result.draw_rows(rows, self._test_views(result, rows)) if found is None else self._draw_hot_regions(
+                result, rows, found)
             figures.log_image(trainer, f"{self.prefix}/alarm_images", image, result.step)
+
+    def _test_views(self, result: ProbeResult, rows: List[int]) -> Optional[Dict[str, torch.Tensor]]:
+        """For a model test, the views it showed the model of ``rows`` (normalised images), by column title."""
+        spec = self._spec
+        if spec is None or spec.model_test_per_image is None:
+            return None
+        probe = result.probe
+        index = torch.as_tensor(rows, dtype=torch.long)
+        masks = {k: getattr(probe, k)[index] for k in ("masks", "cue_masks") if getattr(probe, k) is not None}
+        alone, without = suspect_views(probe.images[index], spec.test_regions(probe.images[index], masks), spec.region)
+        return {f"{self.region} alone": alone, f"without the {self.region}": without}
 
     @property
     def _is_fixed_position(self) -> bool:
@@ -433,10 +472,8 @@ class SpuriousCueMonitor(Callback):
 
     @property
     def region(self) -> str:
-        key = self.monitor_key or ""
-        if key.endswith("fixed_position_ratio"):
-            return "fixed position"
-        return "cue" if "cue" in key else "background" if "background" in key else "monitored region"
+        scalar = (self.monitor_key or "").rsplit("/", 1)[-1]
+        return next((name for part, name in SCORE_REGIONS if part in scalar), "monitored region")
 
     def top_images(self, per_image: Optional[torch.Tensor], n: int) -> List[int]:
         """Probe indices whose maps score worst on the monitored region (most reliance first)."""

@@ -17,6 +17,7 @@ from caap_lightning.metrics.functional import (
 from caap_lightning.metrics.insdel import InsertionDeletion
 from caap_lightning.metrics.mass import AttributionMass
 from caap_lightning.metrics.pointing import PointingGame
+from caap_lightning.metrics.region_insertion import InsertionRatio, border_masks, insertion_ratio, region_insertion
 from caap_lightning.metrics.precision_recall import AUPR
 
 __all__ = [
@@ -25,15 +26,19 @@ __all__ = [
     "DensityRatio",
     "FixedPositionRatio",
     "InsertionDeletion",
+    "InsertionRatio",
     "PointingGame",
     "attribution_mass",
+    "border_masks",
     "aupr",
     "density_ratio",
     "evidence",
     "fixed_position_evidence",
     "fixed_position_ratio",
     "insertion_deletion",
+    "insertion_ratio",
     "pointing_game",
     "ratio_of_densities",
     "region_evidence",
+    "region_insertion",
 ]

@@ -8,11 +8,12 @@ import pytest
 
 from caap_lightning.callbacks import SpuriousCueMonitor
 
-SCORES = ("cue_density_ratio", "background_density_ratio", "fixed_position_ratio")
+SCORES = ("background_insertion_ratio", "cue_insertion_ratio", "border_insertion_ratio",
+          "cue_density_ratio", "background_density_ratio", "fixed_position_ratio")
 
 
 def history(consistent, conflicting, reliance=None, accuracy=None, **scores):
-    """Rows as the recorder writes them; each regime's score defaults to 1 (a uniform map)."""
+    """Rows as the recorder writes them; each score defaults to 1 (neither region preferred)."""
     n = len(consistent)
     reliance = reliance or [0.0] * n
     accuracy = accuracy or [90.0] * n
@@ -108,7 +109,7 @@ def test_detection_and_targets_per_regime(spurious):
 
 
 def test_a_late_alarm_fails_the_lead_target(spurious):
-    late = history([99] * 5, [2] * 5, reliance=[95] * 5, cue_density_ratio=[1.0, 1.0, 1.0, 9.0, 9.0])
+    late = history([99] * 5, [2] * 5, reliance=[95] * 5, background_insertion_ratio=[1.0, 1.0, 1.0, 9.0, 9.0])
     replayed = spurious.with_alarms([run("marker", 1.0, 0, late)], "cue+object masks", dict(threshold=4.0, patience=1, min_delta=0.1))
     check = spurious.target_check(replayed, "cue+object masks")
     assert check["detail"]["lead_epochs"] == [1 - 4] and check["detail"]["late_runs"] == ["shapes/marker/1.0/seed 0"]
@@ -121,8 +122,12 @@ def test_the_threshold_is_chosen_on_the_tuning_runs_and_confirmed_on_the_others(
     held_out = [{**r, "dataset": "fashion"} for r in scripted_grid(high=5.0)]
     summary = spurious.summarize(tuning + held_out, dict(threshold=4.0, patience=1, min_delta=0.1))["caap"]
     choice = summary["threshold_choice"]
-    # Thresholds from 1.5 (the controls' peak is not past it) to 8 separate the tuning runs; the middle is taken.
-    assert choice["tied"] == [1.5, 2.0, 3.0, 4.0, 6.0, 8.0] and choice["threshold"] == 3.0
+    # Thresholds from 1.5 (the controls' peak is not past it) to 8 separate the tuning runs at either patience (the
+    # scores step up a check before the gap); the larger patience and then the middle threshold are taken.
+    assert choice["patience"] == 2 and choice["tied"] == [1.5, 2.0, 3.0, 4.0, 6.0, 8.0] and choice["threshold"] == 3.0
+    assert len(choice["sweep"]) == len(spurious.SWEEP_THRESHOLDS) * len(spurious.SWEEP_PATIENCE)
+    # The default scores are watched too, with the same rule.
+    assert spurious.summarize(tuning, dict(threshold=4.0, patience=1, min_delta=0.1))["insertion"]["threshold_choice"]["threshold"] == 3.0
     held = summary["regimes"]["object masks only"]["held_out_at_chosen"]
     assert held["all_shortcuts_alarmed"] and held["no_control_alarm"] and held["detail"]["shortcut_runs"] == 4
     assert spurious.choose_threshold(held_out, dict(threshold=4.0, patience=1, min_delta=0.1)) is None
@@ -140,11 +145,16 @@ def test_a_quick_run_writes_its_report_and_rescores_it(spurious, tmp_path, monke
         assert all(row[name] is not None and row[name] > 0 for name in SCORES)
     report = (tmp_path / "spurious.md").read_text()
     assert "cue+object masks (marker, watermark, border, background cues): every shortcut run alarmed" in report
-    assert all((tmp_path / name).stat().st_size > 0 for name in ("spurious_shapes_caap.png", "spurious_shapes_gradcam.png"))
+    plots = ("spurious_shapes_insertion.png", "spurious_shapes_caap.png", "spurious_shapes_gradcam.png")
+    assert result["setup"]["plots"] == list(plots) and all((tmp_path / name).stat().st_size > 0 for name in plots)
+    # The model tests are the same on the replayed models; the map-based scores are each method's own.
+    for a, b in zip(caap["history"], gradcam["history"]):
+        assert all(a[key] == b[key] for key in spurious.MODEL_TESTS)
 
     rescored = spurious.main(["--rescore", str(tmp_path / "spurious.json"), "--threshold", "1e9"])
     assert rescored["setup"]["monitor"]["threshold"] == 1e9
-    assert all(d["alarmed"] == 0 for d in rescored["summary"]["caap"]["regimes"]["none"]["by_cue"].values())
+    for watch in ("insertion", "caap", "gradcam"):
+        assert all(d["alarmed"] == 0 for d in rescored["summary"][watch]["regimes"]["none"]["by_cue"].values())
     assert "--rescore spurious.json --threshold 1000000000.0`" in (tmp_path / "spurious.md").read_text()
     assert json.loads((tmp_path / "spurious.json").read_text())["setup"]["monitor"]["threshold"] == 1e9
 

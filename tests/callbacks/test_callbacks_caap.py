@@ -14,7 +14,9 @@ from torch import nn
 
 from caap_lightning import CAAP
 from caap_lightning.callbacks import CAAPCallback, SpuriousCueMonitor
+from caap_lightning.callbacks.caap_callback import in_probe_order
 from caap_lightning.callbacks.discovery import find_attribution_model
+from caap_lightning.metrics import InsertionRatio, border_masks
 
 
 def test_fit_logs_heatmaps_and_finite_scalars_at_the_validation_steps(
@@ -100,8 +102,42 @@ def test_default_metrics_are_those_the_probe_allows(tmp_path, data_factory, clas
     trainer_factory(tmp_path, [caap]).validate(classifier_factory(), datamodule=data_factory(cue_correlation=None), verbose=False)
     assert caap.active_metrics == [
         "aupr_fg", "aupr_bg", "pointing_game", "insertion_deletion", "background_mass", "background_mass_ratio",
-        "background_density_ratio", "fixed_position_ratio",
+        "background_density_ratio", "fixed_position_ratio", "background_insertion_ratio", "border_insertion_ratio",
     ]
+
+
+def test_model_tests_run_once_with_the_primary_method_and_match_a_direct_call(
+    tmp_path, data_factory, classifier_factory, trainer_factory
+):
+    """The insertion ratios test the model, not a map: logged under the callback's name only, per image in probe order."""
+    data = data_factory(cue_correlation=0.9)
+    metrics = ["background_insertion_ratio", "cue_insertion_ratio", "border_insertion_ratio", "cue_density_ratio"]
+    caap = CAAPCallback(num_images=6, methods=["caap", "gradcam"], metrics=metrics, log_images=False)
+    model = classifier_factory()
+    trainer_factory(tmp_path, [caap]).validate(model, datamodule=data, verbose=False)
+    logged = set(caap.last.metrics)
+    assert {"caap/background_insertion_ratio", "caap/cue_insertion_ratio", "caap/border_insertion_ratio",
+            "caap/gradcam/cue_density_ratio"} <= logged
+    assert not any(key.startswith("caap/gradcam/") and "insertion" in key for key in logged)
+    assert not any("gradcam" in key and "insertion" in key for key in caap.logged_metrics)
+    probe = caap.probe
+    for scalar, masks, region in (
+        ("background_insertion_ratio", probe.masks, "outside"),
+        ("cue_insertion_ratio", probe.cue_masks, "mask"),
+        ("border_insertion_ratio", border_masks(len(probe), tuple(probe.images.shape[-2:])), "mask"),
+    ):
+        metric = InsertionRatio(model, region=region, per_image=True)
+        metric.update(probe.images, masks, target=caap.last.targets)
+        out = metric.compute_details()
+        assert caap.last.metrics[f"caap/{scalar}"] == pytest.approx(float(out["insertion_ratio"]), rel=1e-5)
+        torch.testing.assert_close(caap.last.per_image[f"caap/{scalar}"], out["insertion_ratio_per_image"].float())
+
+
+def test_per_image_values_gathered_rank_by_rank_return_to_the_probe_order():
+    # 5 images on 2 ranks: rank 0 holds images 0, 2, 4 and rank 1 images 1, 3; torchmetrics gathers them in that order.
+    gathered = torch.tensor([0.0, 2.0, 4.0, 1.0, 3.0])
+    assert in_probe_order(gathered, 5, 2).tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert in_probe_order(gathered, 5, 1).tolist() == gathered.tolist()
 
 
 class ConvClassifier(L.LightningModule):

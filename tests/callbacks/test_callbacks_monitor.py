@@ -96,7 +96,7 @@ def fit(tmp_path, data_factory, classifier_factory, trainer_factory, scripted, s
     caap = scripted(CAAPCallback(num_images=4, metrics=["cue_density_ratio", "background_mass"], log_images=False),
                     series, CUE)
     # The scripted series rise past 1.5, not past the default threshold.
-    monitor = SpuriousCueMonitor(num_images=2, **{"threshold": 1.5, **monitor_kwargs})
+    monitor = SpuriousCueMonitor(monitor=CUE, num_images=2, **{"threshold": 1.5, **monitor_kwargs})
     trainer = trainer_factory(tmp_path, [caap, monitor], max_epochs=len(series), limit_train_batches=1)
     trainer.fit(classifier_factory(), datamodule=data_factory())
     return trainer, monitor
@@ -109,7 +109,7 @@ def test_in_a_fit_rising_series_alarms_with_warning_scalar_and_text(
         trainer, monitor = fit(tmp_path, data_factory, classifier_factory, trainer_factory, scripted, RISING)
     assert monitor.monitor_key == CUE and not monitor.discovers_strategies
     # The warning says which score fired and what it measures.
-    assert any("relies on the cue (the evidence density on the cue over its density off it)" in str(w.message) for w in record)
+    assert any("relies on the cue (the evidence density on the cue over its density off it; 1 for a uniform map)" in str(w.message) for w in record)
     assert [a["epoch"] for a in monitor.alarms] == [3]
 
     events = events_reader(trainer.logger.log_dir)
@@ -151,7 +151,7 @@ def test_setup_errors_say_what_to_change(tmp_path, data_factory, classifier_fact
     with pytest.raises(ValueError, match=r"monitor='caap/cue_mass_ratio' is not among the metrics CAAPCallback logs"):
         trainer.fit(classifier_factory(), datamodule=data_factory())
     trainer = trainer_factory(tmp_path, [CAAPCallback(metrics=["insertion_deletion"]), SpuriousCueMonitor()])
-    with pytest.raises(ValueError, match="log none of them .* add 'fixed_position_ratio'"):
+    with pytest.raises(ValueError, match="log none of them .* add 'border_insertion_ratio'"):
         trainer.fit(classifier_factory(), datamodule=data_factory())
 
 
@@ -167,6 +167,10 @@ def test_setup_refuses_a_probe_the_watched_density_cannot_score(tmp_path, data_f
     caap = CAAPCallback(probe=probe_of(data, 4, blank), metrics=["background_density_ratio"], log_images=False)
     with pytest.raises(ValueError, match=r"cannot watch caap/background_density_ratio on this probe of 4 image\(s\): every one of the 4 masks is empty"):
         trainer_factory(tmp_path, [caap, SpuriousCueMonitor()]).fit(classifier_factory(), datamodule=data)
+    # The model tests refuse such masks as early.
+    caap = CAAPCallback(probe=probe_of(data, 4, blank), metrics=["background_insertion_ratio"], log_images=False)
+    with pytest.raises(ValueError, match=r"cannot watch caap/background_insertion_ratio on this probe of 4 image\(s\): every one of the 4 masks is empty"):
+        trainer_factory(tmp_path, [caap, SpuriousCueMonitor()]).fit(classifier_factory(), datamodule=data)
     caap = CAAPCallback(probe=probe_of(data, 1), num_images=1, metrics=["fixed_position_ratio"], log_images=False)
     with pytest.raises(ValueError, match=r"fixed_position_ratio on this probe of 1 image\(s\): .* at least 2 maps"):
         trainer_factory(tmp_path, [caap, SpuriousCueMonitor()]).fit(classifier_factory(), datamodule=data)
@@ -176,10 +180,16 @@ def test_setup_refuses_a_probe_the_watched_density_cannot_score(tmp_path, data_f
 def test_default_monitor_follows_the_masks(tmp_path, data_factory, classifier_factory, trainer_factory):
     """Cue masks, object masks, no masks: one default threshold for the three scores, strategies without masks."""
     data = data_factory(cue_correlation=None)
+    cued = data_factory(cue_correlation=0.9)
+    cued.setup("fit")
+    batch = cued.probe_batch(8)
     regimes = [
-        (data_factory(cue_correlation=0.9), None, "caap/cue_density_ratio", False),
-        (data, None, "caap/background_density_ratio", False),
-        (data, probe_of(data, 8), "caap/fixed_position_ratio", True),
+        # Object masks come first, with or without cue masks: the background alone holds the cue in its context.
+        (cued, None, "caap/background_insertion_ratio", False),
+        (cued, {"images": batch.images, "labels": batch.labels, "cue_masks": batch.cue_masks},
+         "caap/cue_insertion_ratio", False),
+        (data, None, "caap/background_insertion_ratio", False),
+        (data, probe_of(data, 8), "caap/border_insertion_ratio", True),
     ]
     for datamodule, probe, expected, strategies in regimes:
         monitor = SpuriousCueMonitor()
@@ -188,7 +198,7 @@ def test_default_monitor_follows_the_masks(tmp_path, data_factory, classifier_fa
         assert monitor.monitor_key == expected and len(monitor.history) == 2
         assert monitor.threshold == DEFAULT_THRESHOLD and monitor.discovers_strategies is strategies
         assert [row["score"] for row in monitor.history] == [row[expected] for row in caap.history]
-        # The scores of untrained models sit near 1 (uniform), below the threshold.
+        # The scores of untrained models sit near 1 (neither part restores the class), below the threshold.
         assert all(0.2 < row["score"] < DEFAULT_THRESHOLD for row in monitor.history)
     # Without masks, strategies are on: 8 probe images are enough for the group of all classes only.
     assert sorted(monitor.last_strategies) == ["all"]
@@ -266,3 +276,37 @@ def test_without_masks_a_fixed_position_score_past_the_threshold_alarms_from_the
     assert [int(r.split("|")[1].strip()[1:]) for r in rows] == torch.argsort(per_image, descending=True)[:2].tolist()
     assert f"{float(per_image.max()):.3f}" in rows[0]
     assert events["images"]["spurious/alarm_images"] == [steps[1]]
+
+
+def test_an_alarm_on_a_model_test_names_the_images_by_their_own_ratio(
+    tmp_path, scripted, data_factory, classifier_factory, trainer_factory, events_reader
+):
+    """The insertion ratio's alarm: what the score means, and the probe images whose own ratio is highest."""
+    data = data_factory(cue_correlation=None)
+    key = "caap/background_insertion_ratio"
+    caap = scripted(CAAPCallback(num_images=4, metrics=["background_insertion_ratio"], log_images=False), [3.0], key)
+    monitor = SpuriousCueMonitor(num_images=4, patience=1)
+    trainer = trainer_factory(tmp_path, [caap, monitor], max_epochs=1, limit_train_batches=1)
+    with pytest.warns(UserWarning, match=r"alarm at epoch 0 .* relies on the background \(the class probability that "
+                      r"the background alone restores over what the object alone restores"):
+        trainer.fit(classifier_factory(), datamodule=data)
+    per_image = caap.last.per_image[key]
+    assert per_image.shape == (4,) and torch.isfinite(per_image).all()
+    text = next(iter(events_reader(trainer.logger.log_dir)["texts"]["spurious/alarm/text_summary"].values()))
+    order = torch.argsort(per_image, descending=True, stable=True).tolist()
+    rows = [line for line in text.splitlines() if line.startswith("| #")]
+    assert [int(row.split("#")[1].split(" ")[0]) for row in rows] == order
+    assert [row.rsplit("|", 2)[-2].strip() for row in rows] == [f"{float(per_image[i]):.3f}" for i in order]
+    # The alarm's images add what the test showed the model: the background alone and the image without it.
+    assert "the background alone and the image without it" in text
+    probe = caap.last.probe
+    rows = order[:4]
+    grid = caap.last.draw_rows(rows, monitor._test_views(caap.last, rows))
+    plain = caap.last.draw_rows(rows)
+    assert grid.shape[0] == plain.shape[0] and grid.shape[1] > plain.shape[1]
+    views = monitor._test_views(caap.last, rows)
+    alone, without = views["background alone"], views["without the background"]
+    objects = probe.masks[torch.as_tensor(rows)]
+    # Without the background: the object's pixels as they are, the rest the blank (the normalised zero).
+    assert torch.equal(without[:, :, ~objects[0]][0], torch.zeros_like(without[:, :, ~objects[0]][0]))
+    assert torch.equal(alone[:, :, ~objects[0]][0], probe.images[rows[0]][:, ~objects[0]])

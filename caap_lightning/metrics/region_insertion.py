@@ -1,0 +1,216 @@
+"""Insertion ratio: does a region alone restore the model's class better than the rest of the image alone?
+
+The map-based ratios (:class:`~caap_lightning.metrics.DensityRatio`) ask where a map puts its
+evidence; patch maps cannot see a cue spread over many patches (a background colour, a frame),
+because no single patch carries it. This test asks the model directly, as activation patching
+does with whole regions: the *suspect* part of each image is shown alone, then the image with
+the suspect removed, and the class probability each restores is compared.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torchmetrics.utilities import dim_zero_cat
+
+from caap_lightning.metrics._checks import (
+    TargetLike,
+    check_choice,
+    check_images,
+    check_int,
+    check_masks,
+    check_target,
+    check_target_range,
+    model_device_dtype,
+)
+from caap_lightning.metrics._detailed_metric import DetailedMetric
+from caap_lightning.metrics.functional import MASS_REGIONS
+from caap_lightning.utils import eval_mode
+
+# Probability added to both gains: it keeps the ratio finite and near 1 when neither part restores the class.
+INSERTION_FLOOR = 0.05
+# The border ring's width as a share of each side: the outer eighth holds frames, corner tags and edge text.
+BORDER_SHARE = 1 / 8
+
+
+class RegionInsertion(NamedTuple):
+    """Per image: the target probability the suspect alone and the rest alone add over the blank's."""
+
+    suspect: Tensor  # (B,) float64, >= 0
+    rest: Tensor  # (B,) float64, >= 0
+    target: Tensor  # (B,) the classes scored
+    scored: Tensor  # (B,) bool: the image has both a suspect part and a rest
+
+
+def border_masks(n: int, size: tuple, share: float = BORDER_SHARE) -> Tensor:
+    """``(n, H, W)`` bool: a ring ``round(share * side)`` pixels wide (at least 1) around each image."""
+    if not 0 < share < 0.5:
+        raise ValueError(f"the border's share of each side must be in (0, 0.5), got {share!r}")
+    h, w = size
+    dy, dx = max(1, round(share * h)), max(1, round(share * w))
+    if 2 * dy >= h or 2 * dx >= w:
+        raise ValueError(f"images of {h}x{w} pixels have no inside within a border {dy}x{dx} pixels wide")
+    ring = torch.ones(h, w, dtype=torch.bool)
+    ring[dy : h - dy, dx : w - dx] = False
+    return ring.expand(n, h, w).clone()
+
+
+def fill_with_mean_of_rest(images: Tensor, masks: Tensor) -> Tensor:
+    """``images`` with each mask's pixels set to the mean colour of that image's other pixels.
+
+    A region painted in the colour around it keeps no outline: removing an object or a cue this
+    way does not leave its silhouette behind for the model to read.
+    """
+    keep = (~masks)[:, None].to(images.dtype)
+    mean = (images * keep).sum((2, 3), keepdim=True) / keep.sum((2, 3), keepdim=True).clamp_min(1)
+    return torch.where(masks[:, None], mean, images)
+
+
+def suspect_views(images: Tensor, masks: Tensor, region: str) -> tuple[Tensor, Tensor]:
+    """The suspect alone and the image without it, for ``region`` ``"mask"`` (the mask is the suspect)
+    or ``"outside"`` (everything but the mask is: the background of an object mask).
+
+    One rule for both: the mask's pixels, when removed, take the mean colour of the rest
+    (:func:`fill_with_mean_of_rest`); the rest, when removed, takes the normalised zero (the
+    dataset's mean colour, as RISE's deletion does), which keeps the mask's outline.
+    """
+    hidden = fill_with_mean_of_rest(images, masks)
+    only_mask = torch.where(masks[:, None], images, torch.zeros_like(images))
+    if region == "mask":
+        return only_mask, hidden
+    return hidden, only_mask
+
+
+def region_insertion(
+    model: nn.Module,
+    images: Tensor,
+    masks: Tensor,
+    region: str = "mask",
+    target: TargetLike = None,
+    batch_size: int = 64,
+) -> RegionInsertion:
+    """How much of the target's probability the suspect region alone, and the rest alone, restore.
+
+    The suspect is the mask (``region="mask"``: a cue, a border ring) or everything outside it
+    (``"outside"``: the background of an object mask); see :func:`suspect_views` for how each
+    part is removed. Each gain is the positive part of the view's target probability minus the
+    blank's (the normalised zero image), so a part that explains nothing adds 0. ``target`` as
+    :func:`~caap_lightning.metrics.functional.insertion_deletion` takes it (``None``: the clean
+    image's top-1). An image whose mask is empty or whole has nothing to compare (``scored``
+    False); a batch with no other image is refused.
+    """
+    check_choice("region", region, MASS_REGIONS)
+    check_images(model, images)
+    masks = check_masks(masks)
+    b = images.shape[0]
+    if masks.shape != (b, *images.shape[-2:]):
+        raise ValueError(f"masks {tuple(masks.shape)} do not match the images {tuple(images.shape)}: need (B, H, W)")
+    check_int("batch_size", batch_size, 1, "images per forward pass")
+    targets = check_target(target, b)
+    area = masks.flatten(1).double().mean(1)
+    scored = (area > 0) & (area < 1)
+    if not bool(scored.any()):
+        raise ValueError(
+            f"every one of the {b} masks is empty or covers the whole image, so no image has a region and a rest to "
+            "compare: check that the masks are not blank or inverted"
+        )
+    device, dtype = model_device_dtype(model)
+    images = images.to(device=device or images.device, dtype=dtype or images.dtype)
+    masks = masks.to(images.device)
+    suspect, rest = suspect_views(images, masks, region)
+    batch = torch.cat([images, suspect, rest, torch.zeros_like(images[:1])])
+    with eval_mode(model), torch.no_grad():
+        probs = torch.cat([model(chunk).float().softmax(1) for chunk in batch.split(batch_size)]).double()
+    if targets is None:
+        targets = probs[:b].argmax(1)
+    else:
+        targets = targets.to(images.device)
+        check_target_range(targets, probs.shape[1])
+    blank = probs[-1][targets]
+    gains = [(probs[lo : lo + b].gather(1, targets[:, None])[:, 0] - blank).clamp_min(0) for lo in (b, 2 * b)]
+    return RegionInsertion(suspect=gains[0], rest=gains[1], target=targets, scored=scored)
+
+
+def insertion_ratio(suspect: Tensor, rest: Tensor, floor: float = INSERTION_FLOOR) -> Tensor:
+    """``(suspect + floor) / (rest + floor)``, elementwise: 1 when both parts restore the class equally,
+    above 1 when the suspect alone restores more of it than the rest does."""
+    return (suspect + floor) / (rest + floor)
+
+
+class InsertionRatio(DetailedMetric):
+    """The class probability a suspect region alone restores over what the rest alone restores, pooled.
+
+    ``region="outside"`` with object masks asks whether the background alone explains the
+    prediction better than the object alone; ``region="mask"`` with cue masks (or
+    :func:`border_masks`) the same of the cue (or the image's border). Gains are pooled over the
+    scored images before the ratio (:func:`insertion_ratio` of the mean gains), so images that
+    neither part explains weigh little. No ceiling is set by the region's area: a model that
+    reads only the suspect scores about ``(1 + floor) / floor`` whatever its size. Each update
+    costs ``2B + 1`` forward passes. ``compute()`` returns the ratio; ``compute_details()`` also
+    ``suspect_gain`` and ``rest_gain`` (the means), ``count`` and ``skipped``, and with
+    ``per_image`` each scored image's own ratio as ``insertion_ratio_per_image`` (NaN where
+    skipped; under DDP gathered rank by rank).
+
+    The model is held by reference, as :class:`~caap_lightning.metrics.InsertionDeletion` holds it.
+    """
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+    main_key = "insertion_ratio"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        region: str = "mask",
+        floor: float = INSERTION_FLOOR,
+        batch_size: int = 64,
+        per_image: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        check_choice("region", region, MASS_REGIONS)
+        if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not floor > 0:
+            raise ValueError(f"floor must be a probability > 0, got {floor!r}")
+        check_int("batch_size", batch_size, 1, "images per forward pass")
+        object.__setattr__(self, "model", model)
+        self.region = region
+        self.floor = float(floor)
+        self.batch_size = batch_size
+        self.per_image = per_image
+        # The region in the state names, so that a MetricCollection never merges two regions' states.
+        self._states = {name: f"{name}_{region}" for name in ("suspect_sum", "rest_sum")}
+        for state in self._states.values():
+            self.add_state(state, torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0), dist_reduce_fx="sum")
+        self.add_state("skipped", torch.tensor(0), dist_reduce_fx="sum")
+        if per_image:
+            self.add_state("ratio_per_image", [], dist_reduce_fx="cat")
+
+    def update(self, images: Tensor, masks: Tensor, target: TargetLike = None) -> None:
+        found = region_insertion(self.model, images, masks, self.region, target, self.batch_size)
+        scored = found.scored.to(found.suspect.device)
+        for name, gains in (("suspect_sum", found.suspect), ("rest_sum", found.rest)):
+            total = getattr(self, self._states[name])
+            setattr(self, self._states[name], total + gains[scored].sum().to(total))
+        self.count += int(scored.sum())
+        self.skipped += int((~scored).sum())
+        if self.per_image:
+            ratio = insertion_ratio(found.suspect, found.rest, self.floor)
+            self.ratio_per_image.append(torch.where(scored, ratio, torch.nan).to(self.device))
+
+    def _details(self) -> Dict[str, Tensor]:
+        suspect = getattr(self, self._states["suspect_sum"]) / self.count
+        rest = getattr(self, self._states["rest_sum"]) / self.count
+        out = {
+            "insertion_ratio": insertion_ratio(suspect, rest, self.floor),
+            "suspect_gain": suspect,
+            "rest_gain": rest,
+            "count": self.count,
+            "skipped": self.skipped,
+        }
+        if self.per_image:
+            out["insertion_ratio_per_image"] = dim_zero_cat(self.ratio_per_image)
+        return out
