@@ -15,6 +15,18 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from caap_lightning.callbacks import CAAPCallback, SpuriousCueMonitor
 
 
+class SavesPerImage(L.Callback):
+    """Rank zero saves the model tests' per-image values of the last check (ddp_spawn keeps the callbacks' state
+    in the spawned processes)."""
+
+    def __init__(self, caap: CAAPCallback, path) -> None:
+        self.caap, self.path = caap, path
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.is_global_zero and self.caap.last is not None:
+            torch.save(self.caap.last.model_test_per_image, self.path)
+
+
 def test_ddp_two_processes_log_once_and_match_one_process(
     tmp_path, data_factory, classifier_factory, trainer_factory, events_reader
 ):
@@ -28,7 +40,7 @@ def test_ddp_two_processes_log_once_and_match_one_process(
         limit_train_batches=1,
         num_sanity_val_steps=0,
         logger=TensorBoardLogger(str(tmp_path), name="ddp", version=0),
-        callbacks=[caap, SpuriousCueMonitor()],
+        callbacks=[caap, SpuriousCueMonitor(), SavesPerImage(caap, tmp_path / "per_image.pt")],
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
@@ -51,6 +63,11 @@ def test_ddp_two_processes_log_once_and_match_one_process(
     assert distributed.keys() == expected.keys()
     for name, value in expected.items():
         assert distributed[name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
+    # The model tests' per-image values, gathered rank by rank, come back in the probe's order.
+    per_image = torch.load(tmp_path / "per_image.pt")
+    assert set(per_image) == {"caap/background_insertion_ratio", "caap/cue_insertion_ratio", "caap/border_insertion_ratio"}
+    for name, values in per_image.items():
+        torch.testing.assert_close(values, single.last.per_image[name], rtol=1e-4, atol=1e-5)
 
 
 class FailsOnRankOne(VisionTransformer):
