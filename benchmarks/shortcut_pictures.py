@@ -1,14 +1,16 @@
 """What the shortcut alarm shows on a real run where the probe has object masks only, or no masks.
 
-Trains the ViT of ``spurious.py``'s recipe (``--data shapes`` or ``fashion``) on images whose
-fixed-position watermark (the digit of a class) names the label in every training image, with two
-``CAAPCallback``/``SpuriousCueMonitor`` pairs on one fit: one whose probe has the garments'
-objects' masks but no cue masks (it watches ``background_density_ratio``), one whose probe has images
-and labels only (it watches ``fixed_position_ratio`` and discovers strategies). A
-``CSVLogger`` makes the callbacks save their figures as PNG files; the ones the README shows
-are copied to ``--out``, and a JSON summary of the scores and alarms is printed and saved.
+Trains the ViT of ``spurious.py``'s recipe (``--data shapes`` or ``fashion``) on images whose cue
+(``--cue``: by default a background colour) names the label in every training image, with two
+``CAAPCallback``/``SpuriousCueMonitor`` pairs on one fit, each on the monitor's defaults: one whose
+probe has the objects' masks but no cue masks (it watches ``background_insertion_ratio``), one
+whose probe has images and labels only (it watches ``border_insertion_ratio`` and discovers
+strategies). A ``CSVLogger`` makes the callbacks save their figures as PNG files; the ones the
+README shows are copied to ``--out`` (named by ``--name``), and a JSON summary of the scores and
+alarms is printed and saved.
 
-    python benchmarks/shortcut_pictures.py            # writes docs/images/shortcut-*.png and a JSON next to them
+    python benchmarks/shortcut_pictures.py --data fashion --cue background --name shortcut-background
+    python benchmarks/shortcut_pictures.py --data fashion --cue border --name shortcut-border
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ DOCS_IMAGES = Path(__file__).resolve().parents[1] / "docs" / "images"
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="shapes", choices=("shapes", "fashion"))
-    parser.add_argument("--cue", default="watermark", choices=("marker", "watermark", "border", "background"))
+    parser.add_argument("--cue", default="background", choices=("marker", "watermark", "border", "background"))
     parser.add_argument("--cue-correlation", type=float, default=1.0)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--probe-masked", type=int, default=16, help="probe images of the object-masks-only pair")
@@ -46,6 +48,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fashion-root", default=str(Path(tempfile.gettempdir()) / "caap-fashion"))
     parser.add_argument("--out", type=Path, default=DOCS_IMAGES)
+    parser.add_argument("--name", default="shortcut", help="the stem of the pictures and the JSON")
     return parser.parse_args()
 
 
@@ -64,10 +67,10 @@ def main() -> Dict[str, Any]:
                           mean=data.mean, std=data.std)
     callbacks = [
         CAAPCallback(probe=(masked.images, masked.labels, masked.masks), prefix="caap_object", max_images_logged=6),
-        SpuriousCueMonitor(monitor="caap_object/background_density_ratio", prefix="spurious_object"),
+        SpuriousCueMonitor(monitor="caap_object/background_insertion_ratio", prefix="spurious_object"),
         CAAPCallback(probe=(unmasked.images, unmasked.labels), prefix="caap_none", max_images_logged=6),
         # Named: with two CAAPCallbacks the default would take the first one's score.
-        SpuriousCueMonitor(monitor="caap_none/fixed_position_ratio", prefix="spurious_none"),
+        SpuriousCueMonitor(monitor="caap_none/border_insertion_ratio", prefix="spurious_none"),
     ]
     with tempfile.TemporaryDirectory() as tmp:
         logger = CSVLogger(tmp, name="shortcut")
@@ -84,11 +87,11 @@ def main() -> Dict[str, Any]:
             found = sorted(images.glob(pattern), key=lambda p: int(p.stem.rsplit("step", 1)[1]))
             if found:  # the first alarm's figure, and the last check's strategies
                 chosen = found[0] if "alarm" in pattern else found[-1]
-                target = args.out / f"shortcut-{pattern.split('_step')[0].replace('_', '-')}.png"
+                target = args.out / f"{args.name}-{pattern.split('_step')[0].replace('_', '-')}.png"
                 shutil.copy(chosen, target)
                 copied.append(str(target.relative_to(args.out.parents[1])))
     summary = {
-        "command": "python benchmarks/shortcut_pictures.py",
+        "command": f"python benchmarks/shortcut_pictures.py --data {args.data} --cue {args.cue} --name {args.name}",
         "setup": f"spurious.py's {args.data} recipe at {data.img_size} px, cue {args.cue!r} at "
                  f"correlation {args.cue_correlation}, {args.epochs} epochs of {recipe['batches_per_epoch']} batches",
         "wall_s": round(wall, 1),
@@ -99,7 +102,7 @@ def main() -> Dict[str, Any]:
         "strategies": {group: len(found.strategies) for group, found in callbacks[3].last_strategies.items()},
         "pictures": copied,
     }
-    (args.out / "shortcut-pictures.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (args.out / f"{args.name}.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps(summary, indent=1))
     return summary
 

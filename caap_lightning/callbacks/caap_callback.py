@@ -49,6 +49,7 @@ from caap_lightning.metrics import (
     attribution_mass,
     border_masks,
     fixed_position_evidence,
+    rest_colour,
     ratio_of_densities,
     region_evidence,
 )
@@ -94,6 +95,11 @@ class MetricSpec:
         """A model test's masks for ``images``: the probe's, or the border ring where it needs none."""
         return border_masks(len(images), tuple(images.shape[-2:])) if self.needs is None else masks[self.needs]
 
+    def test_colour(self, probe: ProbeBatch) -> torch.Tensor:
+        """A model test's stand-in for a removed rest, from the whole probe: the same on every rank and check."""
+        masks = {k: getattr(probe, k) for k in ("masks", "cue_masks") if getattr(probe, k) is not None}
+        return rest_colour(probe.images, self.test_regions(probe.images, masks))
+
     def update(self, meter: Any, pixel_maps: torch.Tensor, shard: "_ProbeShard") -> None:
         if self.model_test_per_image is not None:
             images = shard.images
@@ -111,6 +117,7 @@ class _MeterContext:
     model: nn.Module
     step: Optional[int]
     curves: bool
+    probe: ProbeBatch
 
 
 def _mass(needs: str, region: str, by_area: bool, scalar: str) -> MetricSpec:
@@ -129,10 +136,11 @@ def _density(needs: str, region: str, scalar: str) -> MetricSpec:
 
 
 def _insertion(needs: Optional[str], region: str, scalar: str) -> MetricSpec:
-    return MetricSpec(
-        needs, lambda ctx: InsertionRatio(ctx.model, region=region, per_image=True), {scalar: "insertion_ratio"},
-        region=region, model_test_per_image="insertion_ratio_per_image",
+    spec = MetricSpec(
+        needs, lambda ctx: InsertionRatio(ctx.model, region=region, colour=spec.test_colour(ctx.probe), per_image=True),
+        {scalar: "insertion_ratio"}, region=region, model_test_per_image="insertion_ratio_per_image",
     )
+    return spec
 
 
 def _fixed_position_per_image(maps: torch.Tensor, masks: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -729,7 +737,7 @@ class CAAPCallback(Callback):
 
     def _build_meters(self, model: nn.Module, size: tuple) -> Dict[str, Dict[str, Any]]:
         """One set of metric meters per method: the meters accumulate state between update and compute."""
-        context = _MeterContext(model=model, step=self._step_pixels(size), curves=self.log_images)
+        context = _MeterContext(model=model, step=self._step_pixels(size), curves=self.log_images, probe=self.probe)
         return {method: {name: METRICS[name].build(context) for name in self.metrics_of(method)} for method in self.methods}
 
     # ------------------------------------------------------------------ hooks

@@ -32,7 +32,7 @@ from caap_lightning.callbacks.strategies import (
 from caap_lightning.metrics import border_masks, fixed_position_evidence, region_evidence
 from caap_lightning.metrics._checks import check_int
 from caap_lightning.metrics.functional import HOT_REGION_SHARE
-from caap_lightning.metrics.region_insertion import BORDER_SHARE, suspect_views
+from caap_lightning.metrics.region_insertion_ratio import BORDER_SHARE, suspect_views
 from caap_lightning.utils import unnormalize, upsample_maps
 
 ALARM_ON = ("high", "low")
@@ -409,7 +409,8 @@ class SpuriousCueMonitor(Callback):
         probe = result.probe
         index = torch.as_tensor(rows, dtype=torch.long)
         masks = {k: getattr(probe, k)[index] for k in ("masks", "cue_masks") if getattr(probe, k) is not None}
-        alone, without = suspect_views(probe.images[index], spec.test_regions(probe.images[index], masks), spec.region)
+        regions = spec.test_regions(probe.images[index], masks)
+        alone, without = suspect_views(probe.images[index], regions, spec.region, spec.test_colour(probe))
         return {f"{self.region} alone": alone, f"without the {self.region}": without}
 
     @property

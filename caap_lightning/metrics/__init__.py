@@ -17,7 +17,13 @@ from caap_lightning.metrics.functional import (
 from caap_lightning.metrics.insdel import InsertionDeletion
 from caap_lightning.metrics.mass import AttributionMass
 from caap_lightning.metrics.pointing import PointingGame
-from caap_lightning.metrics.region_insertion import InsertionRatio, border_masks, insertion_ratio, region_insertion
+from caap_lightning.metrics.region_insertion_ratio import (
+    InsertionRatio,
+    border_masks,
+    insertion_ratio,
+    region_insertion,
+    rest_colour,
+)
 from caap_lightning.metrics.precision_recall import AUPR
 
 __all__ = [
@@ -41,4 +47,5 @@ __all__ = [
     "ratio_of_densities",
     "region_evidence",
     "region_insertion",
+    "rest_colour",
 ]

@@ -16,7 +16,7 @@ from caap_lightning import CAAP
 from caap_lightning.callbacks import CAAPCallback, SpuriousCueMonitor
 from caap_lightning.callbacks.caap_callback import in_probe_order
 from caap_lightning.callbacks.discovery import find_attribution_model
-from caap_lightning.metrics import InsertionRatio, border_masks
+from caap_lightning.metrics import InsertionRatio, border_masks, rest_colour
 
 
 def test_fit_logs_heatmaps_and_finite_scalars_at_the_validation_steps(
@@ -126,7 +126,8 @@ def test_model_tests_run_once_with_the_primary_method_and_match_a_direct_call(
         ("cue_insertion_ratio", probe.cue_masks, "mask"),
         ("border_insertion_ratio", border_masks(len(probe), tuple(probe.images.shape[-2:])), "mask"),
     ):
-        metric = InsertionRatio(model, region=region, per_image=True)
+        # The stand-in colour is the whole probe's, so that every rank shows the same one.
+        metric = InsertionRatio(model, region=region, colour=rest_colour(probe.images, masks), per_image=True)
         metric.update(probe.images, masks, target=caap.last.targets)
         out = metric.compute_details()
         assert caap.last.metrics[f"caap/{scalar}"] == pytest.approx(float(out["insertion_ratio"]), rel=1e-5)

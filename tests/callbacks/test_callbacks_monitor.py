@@ -11,6 +11,8 @@ import torch
 from caap_lightning.callbacks import CAAPCallback, SpuriousCueMonitor
 from caap_lightning.callbacks.caap_callback import ProbeResult
 from caap_lightning.callbacks.spurious_cue_monitor import DEFAULT_THRESHOLD
+from caap_lightning.metrics import rest_colour
+from caap_lightning.metrics.region_insertion_ratio import dilate, edge_width
 
 CUE = "caap/cue_density_ratio"
 
@@ -307,6 +309,9 @@ def test_an_alarm_on_a_model_test_names_the_images_by_their_own_ratio(
     views = monitor._test_views(caap.last, rows)
     alone, without = views["background alone"], views["without the background"]
     objects = probe.masks[torch.as_tensor(rows)]
-    # Without the background: the object's pixels as they are, the rest the blank (the normalised zero).
-    assert torch.equal(without[:, :, ~objects[0]][0], torch.zeros_like(without[:, :, ~objects[0]][0]))
-    assert torch.equal(alone[:, :, ~objects[0]][0], probe.images[rows[0]][:, ~objects[0]])
+    # Without the background: the object's pixels as they are, the rest the probe's mean background colour.
+    colour = rest_colour(probe.images, probe.masks)
+    assert torch.allclose(without[0][:, ~objects[0]], colour[:, None].expand(3, int((~objects[0]).sum())))
+    # The background alone: the image as it is beyond the object and its edge.
+    beyond = ~dilate(objects, edge_width(tuple(objects.shape[-2:])))[0]
+    assert torch.equal(alone[0][:, beyond], probe.images[rows[0]][:, beyond])

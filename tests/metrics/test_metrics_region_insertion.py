@@ -10,8 +10,14 @@ import torch
 from torch import nn
 from torchmetrics import MetricCollection
 
-from caap_lightning.metrics import InsertionRatio, border_masks, insertion_ratio, region_insertion
-from caap_lightning.metrics.region_insertion import INSERTION_FLOOR, fill_with_mean_of_rest, suspect_views
+from caap_lightning.metrics import InsertionRatio, border_masks, insertion_ratio, region_insertion, rest_colour
+from caap_lightning.metrics.region_insertion_ratio import (
+    INSERTION_FLOOR,
+    dilate,
+    edge_width,
+    fill_with_mean_of_rest,
+    suspect_views,
+)
 
 F = INSERTION_FLOOR
 SIZE = 16
@@ -74,16 +80,21 @@ def test_the_views_keep_the_mask_outline_only_where_the_mask_is_shown():
     images = torch.rand(2, 3, SIZE, SIZE)
     masks = torch.zeros(2, SIZE, SIZE, dtype=torch.bool)
     masks[:, 4:10, 5:12] = True
-    hidden, only_mask = fill_with_mean_of_rest(images, masks), torch.where(masks[:, None], images, 0.0)
-    # region="mask": the mask alone on the normalised zero; the image with the mask painted over.
-    suspect, rest = suspect_views(images, masks, "mask")
+    edge = dilate(masks, edge_width((SIZE, SIZE)))  # a pixel around the mask at 16 px: neither view keeps it
+    assert edge_width((SIZE, SIZE)) == 1 and edge_width((224, 224)) == 7 and int(edge[0].sum()) == 8 * 9
+    colour = torch.tensor([0.1, 0.2, 0.3])
+    hidden, only_mask = fill_with_mean_of_rest(images, edge), torch.where(masks[:, None], images, colour.view(1, 3, 1, 1))
+    # region="mask": the mask alone on the colour; the image with the mask painted over.
+    suspect, rest = suspect_views(images, masks, "mask", colour)
     assert torch.equal(suspect, only_mask) and torch.equal(rest, hidden)
     # region="outside" (an object mask): the background with the object painted over; the object alone.
-    suspect, rest = suspect_views(images, masks, "outside")
+    suspect, rest = suspect_views(images, masks, "outside", colour)
     assert torch.equal(suspect, hidden) and torch.equal(rest, only_mask)
-    # Painted over, the object leaves no outline: inside it every pixel has the background's mean colour.
-    inside = suspect[0][:, masks[0]]
-    assert torch.allclose(inside, images[0][:, ~masks[0]].mean(1, keepdim=True).expand_as(inside))
+    # Painted over, the object and its edge leave no outline: there every pixel has the mean colour of the rest.
+    inside = suspect[0][:, edge[0]]
+    assert torch.allclose(inside, images[0][:, ~edge[0]].mean(1, keepdim=True).expand_as(inside))
+    ring = edge[0] & ~masks[0]
+    assert torch.allclose(rest[0][:, ring], colour[:, None].expand(3, int(ring.sum())))
 
 
 def test_a_model_reading_only_the_border_restores_its_class_from_the_border_alone():
@@ -131,11 +142,13 @@ def test_the_metric_pools_gains_before_the_ratio_and_skips_empty_masks():
     masks[3] = False  # nothing to compare: skipped
     model = PixelReader(border_masks(1, (SIZE, SIZE))[0])
     images[1, 0] = 0.5 * images[1, 0]  # a fainter border: a smaller gain
-    metric = InsertionRatio(model, per_image=True)
+    # With one colour for the whole set, batches accumulate to what one batch of the scored images gives.
+    colour = rest_colour(images[:3], masks[:3])
+    metric = InsertionRatio(model, colour=colour, per_image=True)
     metric.update(images[:2], masks[:2])
     metric.update(images[2:], masks[2:])
     out = metric.compute_details()
-    found = region_insertion(model, images[:3], masks[:3])
+    found = region_insertion(model, images[:3], masks[:3], colour=colour)
     assert int(out["count"]) == 3 and int(out["skipped"]) == 1
     assert float(out["suspect_gain"]) == pytest.approx(float(found.suspect.mean()))
     assert float(out["insertion_ratio"]) == pytest.approx(float(insertion_ratio(found.suspect.mean(), found.rest.mean())))
@@ -159,3 +172,21 @@ def test_bad_input_is_refused_with_what_to_change():
         InsertionRatio(model, region="inside")
     with pytest.raises(ValueError, match="floor must be a probability > 0"):
         InsertionRatio(model, floor=0)
+
+
+def test_the_removed_rest_takes_the_batch_colour_of_that_region_and_the_blank_is_that_colour():
+    images = ring_images(3)
+    masks = border_masks(3, (SIZE, SIZE))
+    colour = rest_colour(images, masks)
+    # The mean over every image's inside pixels, per channel: channel 0 is 0 inside the ring.
+    assert colour.shape == (3,) and colour[0] == 0
+    assert torch.allclose(colour, images.permute(1, 0, 2, 3)[:, ~masks].mean(1))
+    model = PixelReader(border_masks(1, (SIZE, SIZE))[0])
+    found = region_insertion(model, images, masks)
+    assert torch.equal(found.colour, colour)
+    # A colour given is used instead: channel 0 at 1 makes the blank read as the border does, so nothing gains.
+    bright = torch.tensor([1.0, 0.5, 0.5])
+    found = region_insertion(model, images, masks, colour=bright)
+    assert torch.allclose(found.suspect, torch.zeros(3, dtype=torch.float64), atol=1e-6)
+    with pytest.raises(ValueError, match="colour has 2 channels but the images 3"):
+        region_insertion(model, images, masks, colour=torch.zeros(2))

@@ -9,9 +9,10 @@ the suspect removed, and the class probability each restores is compared.
 
 from __future__ import annotations
 
-from typing import Any, Dict, NamedTuple
+from typing import Any, Dict, NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.utilities import dim_zero_cat
 
@@ -33,6 +34,9 @@ from caap_lightning.utils import eval_mode
 INSERTION_FLOOR = 0.05
 # The border ring's width as a share of each side: the outer eighth holds frames, corner tags and edge text.
 BORDER_SHARE = 1 / 8
+# The width of the edge around a mask that neither view keeps, as a share of the shorter side: a mask's edge is
+# uncertain (anti-aliased outlines, a trimap's boundary), and an edge left behind draws the removed part's outline.
+EDGE_SHARE = 1 / 32
 
 
 class RegionInsertion(NamedTuple):
@@ -42,6 +46,7 @@ class RegionInsertion(NamedTuple):
     rest: Tensor  # (B,) float64, >= 0
     target: Tensor  # (B,) the classes scored
     scored: Tensor  # (B,) bool: the image has both a suspect part and a rest
+    colour: Tensor  # (C,) the colour that stood in for the removed rest, and filled the blank image
 
 
 def border_masks(n: int, size: tuple, share: float = BORDER_SHARE) -> Tensor:
@@ -57,6 +62,17 @@ def border_masks(n: int, size: tuple, share: float = BORDER_SHARE) -> Tensor:
     return ring.expand(n, h, w).clone()
 
 
+def edge_width(size: tuple, share: float = EDGE_SHARE) -> int:
+    """The edge's width in pixels for images of ``size``: ``round(share * shorter side)``, at least 1."""
+    return max(1, round(share * min(size)))
+
+
+def dilate(masks: Tensor, width: int) -> Tensor:
+    """``masks`` grown by ``width`` pixels in every direction (a square neighbourhood)."""
+    grown = F.max_pool2d(masks[:, None].float(), 2 * width + 1, stride=1, padding=width)
+    return grown[:, 0] > 0
+
+
 def fill_with_mean_of_rest(images: Tensor, masks: Tensor) -> Tensor:
     """``images`` with each mask's pixels set to the mean colour of that image's other pixels.
 
@@ -68,16 +84,30 @@ def fill_with_mean_of_rest(images: Tensor, masks: Tensor) -> Tensor:
     return torch.where(masks[:, None], mean, images)
 
 
-def suspect_views(images: Tensor, masks: Tensor, region: str) -> tuple[Tensor, Tensor]:
+def rest_colour(images: Tensor, masks: Tensor) -> Tensor:
+    """``(C,)``: the mean colour of the pixels outside the masks, over every image of the batch.
+
+    What stands in for a removed rest: the typical colour of that region across the images, which
+    no single image's cue sets (a background colour that names one class is averaged with the
+    others), and against which an object keeps its contrast (a grey or white stand-in can swallow a
+    grey garment that a dark background shows).
+    """
+    outside = (~masks)[:, None].to(images.dtype)
+    return (images * outside).sum((0, 2, 3)) / outside.sum((0, 2, 3)).clamp_min(1)
+
+
+def suspect_views(images: Tensor, masks: Tensor, region: str, colour: Tensor) -> tuple[Tensor, Tensor]:
     """The suspect alone and the image without it, for ``region`` ``"mask"`` (the mask is the suspect)
     or ``"outside"`` (everything but the mask is: the background of an object mask).
 
-    One rule for both: the mask's pixels, when removed, take the mean colour of the rest
-    (:func:`fill_with_mean_of_rest`); the rest, when removed, takes the normalised zero (the
-    dataset's mean colour, as RISE's deletion does), which keeps the mask's outline.
+    One rule for both: the mask's pixels, when removed, take the mean colour of that image's rest,
+    and so does an edge :func:`edge_width` pixels wide around the mask
+    (:func:`fill_with_mean_of_rest`), so that no outline of what was removed is left; the rest,
+    when removed, takes ``colour`` (see :func:`rest_colour`), which keeps the mask's outline. The
+    edge belongs to neither view.
     """
-    hidden = fill_with_mean_of_rest(images, masks)
-    only_mask = torch.where(masks[:, None], images, torch.zeros_like(images))
+    hidden = fill_with_mean_of_rest(images, dilate(masks, edge_width(tuple(images.shape[-2:]))))
+    only_mask = torch.where(masks[:, None], images, colour.to(images).view(1, -1, 1, 1))
     if region == "mask":
         return only_mask, hidden
     return hidden, only_mask
@@ -89,6 +119,7 @@ def region_insertion(
     masks: Tensor,
     region: str = "mask",
     target: TargetLike = None,
+    colour: Optional[Tensor] = None,
     batch_size: int = 64,
 ) -> RegionInsertion:
     """How much of the target's probability the suspect region alone, and the rest alone, restore.
@@ -96,7 +127,8 @@ def region_insertion(
     The suspect is the mask (``region="mask"``: a cue, a border ring) or everything outside it
     (``"outside"``: the background of an object mask); see :func:`suspect_views` for how each
     part is removed. Each gain is the positive part of the view's target probability minus the
-    blank's (the normalised zero image), so a part that explains nothing adds 0. ``target`` as
+    blank's, the blank being the image of one ``colour`` (``(C,)``, normalised; ``None``: the
+    batch's :func:`rest_colour`), so a part that explains nothing adds 0. ``target`` as
     :func:`~caap_lightning.metrics.functional.insertion_deletion` takes it (``None``: the clean
     image's top-1). An image whose mask is empty or whole has nothing to compare (``scored``
     False); a batch with no other image is refused.
@@ -119,8 +151,11 @@ def region_insertion(
     device, dtype = model_device_dtype(model)
     images = images.to(device=device or images.device, dtype=dtype or images.dtype)
     masks = masks.to(images.device)
-    suspect, rest = suspect_views(images, masks, region)
-    batch = torch.cat([images, suspect, rest, torch.zeros_like(images[:1])])
+    colour = rest_colour(images, masks) if colour is None else colour.to(images).flatten()
+    if colour.numel() != images.shape[1]:
+        raise ValueError(f"colour has {colour.numel()} channels but the images {images.shape[1]}: pass one value per channel")
+    suspect, rest = suspect_views(images, masks, region, colour)
+    batch = torch.cat([images, suspect, rest, colour.view(1, -1, 1, 1).expand_as(images[:1])])
     with eval_mode(model), torch.no_grad():
         probs = torch.cat([model(chunk).float().softmax(1) for chunk in batch.split(batch_size)]).double()
     if targets is None:
@@ -128,9 +163,9 @@ def region_insertion(
     else:
         targets = targets.to(images.device)
         check_target_range(targets, probs.shape[1])
-    blank = probs[-1][targets]
-    gains = [(probs[lo : lo + b].gather(1, targets[:, None])[:, 0] - blank).clamp_min(0) for lo in (b, 2 * b)]
-    return RegionInsertion(suspect=gains[0], rest=gains[1], target=targets, scored=scored)
+    base = probs[-1][targets]
+    gains = [(probs[lo : lo + b].gather(1, targets[:, None])[:, 0] - base).clamp_min(0) for lo in (b, 2 * b)]
+    return RegionInsertion(suspect=gains[0], rest=gains[1], target=targets, scored=scored, colour=colour)
 
 
 def insertion_ratio(suspect: Tensor, rest: Tensor, floor: float = INSERTION_FLOOR) -> Tensor:
@@ -147,8 +182,10 @@ class InsertionRatio(DetailedMetric):
     :func:`border_masks`) the same of the cue (or the image's border). Gains are pooled over the
     scored images before the ratio (:func:`insertion_ratio` of the mean gains), so images that
     neither part explains weigh little. No ceiling is set by the region's area: a model that
-    reads only the suspect scores about ``(1 + floor) / floor`` whatever its size. Each update
-    costs ``2B + 1`` forward passes. ``compute()`` returns the ratio; ``compute_details()`` also
+    reads only the suspect scores about ``(1 + floor) / floor`` whatever its size. ``colour`` as
+    :func:`region_insertion` takes it: give the colour of a whole set (e.g. :func:`rest_colour` of
+    a probe batch) so that every batch of it, and every process under DDP, is shown against the
+    same stand-in; ``None`` takes each batch's own. Each update costs ``2B + 1`` forward passes. ``compute()`` returns the ratio; ``compute_details()`` also
     ``suspect_gain`` and ``rest_gain`` (the means), ``count`` and ``skipped``, and with
     ``per_image`` each scored image's own ratio as ``insertion_ratio_per_image`` (NaN where
     skipped; under DDP gathered rank by rank).
@@ -165,6 +202,7 @@ class InsertionRatio(DetailedMetric):
         self,
         model: nn.Module,
         region: str = "mask",
+        colour: Optional[Tensor] = None,
         floor: float = INSERTION_FLOOR,
         batch_size: int = 64,
         per_image: bool = False,
@@ -177,6 +215,7 @@ class InsertionRatio(DetailedMetric):
         check_int("batch_size", batch_size, 1, "images per forward pass")
         object.__setattr__(self, "model", model)
         self.region = region
+        self.colour = colour
         self.floor = float(floor)
         self.batch_size = batch_size
         self.per_image = per_image
@@ -190,7 +229,7 @@ class InsertionRatio(DetailedMetric):
             self.add_state("ratio_per_image", [], dist_reduce_fx="cat")
 
     def update(self, images: Tensor, masks: Tensor, target: TargetLike = None) -> None:
-        found = region_insertion(self.model, images, masks, self.region, target, self.batch_size)
+        found = region_insertion(self.model, images, masks, self.region, target, self.colour, self.batch_size)
         scored = found.scored.to(found.suspect.device)
         for name, gains in (("suspect_sum", found.suspect), ("rest_sum", found.rest)):
             total = getattr(self, self._states[name])
