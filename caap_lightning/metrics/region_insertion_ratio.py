@@ -155,16 +155,17 @@ def region_insertion(
     if colour.numel() != images.shape[1]:
         raise ValueError(f"colour has {colour.numel()} channels but the images {images.shape[1]}: pass one value per channel")
     suspect, rest = suspect_views(images, masks, region, colour)
-    batch = torch.cat([images, suspect, rest, colour.view(1, -1, 1, 1).expand_as(images[:1])])
+    # The clean images are classified only when no target is given.
+    views = [suspect, rest, colour.view(1, -1, 1, 1).expand_as(images[:1])] + ([images] if targets is None else [])
     with eval_mode(model), torch.no_grad():
-        probs = torch.cat([model(chunk).float().softmax(1) for chunk in batch.split(batch_size)]).double()
+        probs = torch.cat([model(chunk).float().softmax(1) for chunk in torch.cat(views).split(batch_size)]).double()
     if targets is None:
-        targets = probs[:b].argmax(1)
+        targets = probs[2 * b + 1 :].argmax(1)
     else:
         targets = targets.to(images.device)
         check_target_range(targets, probs.shape[1])
-    base = probs[-1][targets]
-    gains = [(probs[lo : lo + b].gather(1, targets[:, None])[:, 0] - base).clamp_min(0) for lo in (b, 2 * b)]
+    base = probs[2 * b][targets]
+    gains = [(probs[lo : lo + b].gather(1, targets[:, None])[:, 0] - base).clamp_min(0) for lo in (0, b)]
     return RegionInsertion(suspect=gains[0], rest=gains[1], target=targets, scored=scored, colour=colour)
 
 
@@ -185,7 +186,8 @@ class InsertionRatio(DetailedMetric):
     reads only the suspect scores about ``(1 + floor) / floor`` whatever its size. ``colour`` as
     :func:`region_insertion` takes it: give the colour of a whole set (e.g. :func:`rest_colour` of
     a probe batch) so that every batch of it, and every process under DDP, is shown against the
-    same stand-in; ``None`` takes each batch's own. Each update costs ``2B + 1`` forward passes. ``compute()`` returns the ratio; ``compute_details()`` also
+    same stand-in; ``None`` takes each batch's own. Each update costs ``2B + 1`` forward passes
+    (``3B + 1`` without a ``target``, which classifies the images first). ``compute()`` returns the ratio; ``compute_details()`` also
     ``suspect_gain`` and ``rest_gain`` (the means), ``count`` and ``skipped``, and with
     ``per_image`` each scored image's own ratio as ``insertion_ratio_per_image`` (NaN where
     skipped; under DDP gathered rank by rank).
