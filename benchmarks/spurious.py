@@ -461,9 +461,11 @@ def choose_threshold(
     """The sweep's threshold and patience that meet most targets of every regime on the tuning runs (``None``: no
     tuning runs).
 
-    Ties go to the fewest missed shortcut runs plus false alarms, then to the larger patience (the
-    one less likely to alarm on a noisy check), then to the middle of that patience's tied
-    thresholds: a plateau's middle is the choice least likely to tip over on held-out runs.
+    Ties go to the fewest missed shortcut runs plus false alarms, then to the fewest alarms more
+    than one epoch after the gap and the earliest alarms (the sum of the regimes' median leads),
+    then to the larger patience (the one less likely to alarm on a noisy check), then to the middle
+    of that patience's tied thresholds: a plateau's middle is the choice least likely to tip over on
+    held-out runs.
     """
     tuning = [r for r in runs if in_tuning(r)]
     if not tuning:
@@ -473,10 +475,17 @@ def choose_threshold(
         settings = {**monitor, "threshold": threshold, "patience": patience}
         checks = {regime: target_check(with_alarms(tuning, regime, settings, regimes), regime) for regime in regimes}
         errors = sum(len(c["detail"]["missed"]) + len(c["detail"]["false_alarm_runs"]) for c in checks.values())
+        late = sum(len(c["detail"]["late_runs"]) for c in checks.values())
+        leads = [c["detail"]["median_lead_epochs"] for c in checks.values()]
+        lead = sum(leads) if all(v is not None for v in leads) else -math.inf
         rows.append({"threshold": threshold, "patience": patience, "targets_met": sum(targets_met(c) for c in checks.values()),
-                     "errors": errors, "checks": {regime: compact(c) for regime, c in checks.items()}})
-    best = max((r["targets_met"], -r["errors"]) for r in rows)
-    tied = [r for r in rows if (r["targets_met"], -r["errors"]) == best]
+                     "errors": errors, "late": late, "lead": lead, "checks": {regime: compact(c) for regime, c in checks.items()}})
+
+    def rank(row: Dict[str, Any]) -> Tuple[int, int, int, float]:
+        return row["targets_met"], -row["errors"], -row["late"], row["lead"]
+
+    best = max(rank(r) for r in rows)
+    tied = [r for r in rows if rank(r) == best]
     patience = max(r["patience"] for r in tied)
     thresholds = [r["threshold"] for r in tied if r["patience"] == patience]
     return {"tuning": [f"{d}/{c}" for d, c in TUNING], "sweep": rows, "patience": patience, "tied": thresholds,
@@ -689,7 +698,8 @@ def threshold_section(name: str, part: Dict[str, Any], live: Dict[str, Any]) -> 
     lines += [
         "",
         f"Chosen: patience {patience}, threshold {fmt(chosen)} (best on the tuning runs at that patience: "
-        f"{cells(choice['tied'])}; ties go to the larger patience, then to the middle threshold). The tables above used "
+        f"{cells(choice['tied'])}; ties go to the fewest late alarms, the earliest alarms, the larger patience, then the "
+        "middle threshold). The tables above used "
         f"patience {live['patience']}, threshold {fmt(live['threshold'])}: {'the same' if same else 'a different setting'}.",
     ]
     held = {regime: result["held_out_at_chosen"] for regime, result in part["regimes"].items()}

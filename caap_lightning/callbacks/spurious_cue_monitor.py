@@ -50,6 +50,10 @@ DEFAULT_SCORES = (
 # they restore alone, or in evidence density), whatever the region's size, so "twice as much" means the same
 # for a cue, a background, a border and a fixed position.
 DEFAULT_THRESHOLD = 2.0
+# One check past the threshold alarms: the scores mean the same from the first check on, and on the benchmark
+# waiting for a second check delayed every alarm by a check and prevented no false alarm, there being none at
+# either patience (benchmarks/results/spurious.md).
+DEFAULT_PATIENCE = 1
 # Below this many probe images, strategy discovery warns that its clusters are anecdotes.
 STRATEGY_PROBE_IMAGES = 64
 _RESTORES = "the class probability that {} alone restores over what {} alone restores; 1 when they restore it equally"
@@ -135,7 +139,7 @@ class SpuriousCueMonitor(Callback):
         monitor: Optional[str] = None,
         threshold: Optional[float] = DEFAULT_THRESHOLD,
         min_delta: float = 0.1,
-        patience: int = 2,
+        patience: int = DEFAULT_PATIENCE,
         alarm_on: str = "high",
         stop_training: bool = False,
         num_images: int = 4,

@@ -123,8 +123,12 @@ def test_the_threshold_is_chosen_on_the_tuning_runs_and_confirmed_on_the_others(
     summary = spurious.summarize(tuning + held_out, dict(threshold=4.0, patience=1, min_delta=0.1))["caap"]
     choice = summary["threshold_choice"]
     # Thresholds from 1.5 (the controls' peak is not past it) to 8 separate the tuning runs at either patience (the
-    # scores step up a check before the gap); the larger patience and then the middle threshold are taken.
-    assert choice["patience"] == 2 and choice["tied"] == [1.5, 2.0, 3.0, 4.0, 6.0, 8.0] and choice["threshold"] == 3.0
+    # scores step up a check before the gap); patience 1 alarms a check earlier (lead 1, not 0), so it is taken,
+    # and then the middle threshold.
+    assert choice["patience"] == 1 and choice["tied"] == [1.5, 2.0, 3.0, 4.0, 6.0, 8.0] and choice["threshold"] == 3.0
+    by_setting = {(row["patience"], row["threshold"]): row for row in choice["sweep"]}
+    assert by_setting[(1, 3.0)]["lead"] == 1 + 1 + 1 and by_setting[(2, 3.0)]["lead"] == 0  # three regimes' medians
+    assert by_setting[(1, 3.0)]["targets_met"] == by_setting[(2, 3.0)]["targets_met"] == 9
     assert len(choice["sweep"]) == len(spurious.SWEEP_THRESHOLDS) * len(spurious.SWEEP_PATIENCE)
     # The default scores are watched too, with the same rule.
     assert spurious.summarize(tuning, dict(threshold=4.0, patience=1, min_delta=0.1))["insertion"]["threshold_choice"]["threshold"] == 3.0

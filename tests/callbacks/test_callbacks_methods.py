@@ -10,6 +10,7 @@ import torch
 
 from caap_lightning.attribution.baselines import GradCAM, InputXGradient, TransformerAttribution
 from caap_lightning.callbacks import CAAPCallback, SpuriousCueMonitor
+from caap_lightning.callbacks.caap_callback import METRICS, MODEL_TESTS
 from caap_lightning.callbacks import figures
 from caap_lightning.metrics import attribution_mass
 
@@ -93,11 +94,16 @@ def test_the_primary_is_the_same_with_or_without_other_methods(tmp_path, data_fa
     alone, together, swapped = check(["caap"]), check(["caap", "gradcam", "rollout"]), check(["gradcam", "caap"])
     assert primary_metrics(alone.history[-1]) == primary_metrics(together.history[-1])
     assert torch.equal(alone.last.maps, together.last.maps)
-    # The first method is the primary whichever it is: gradcam's scalars move to caap/<scalar>.
+    # The first method is the primary whichever it is: gradcam's scalars move to caap/<scalar>. The model tests
+    # (insertion ratios) are logged once, under the primary's names, whichever method that is.
+    tests = {f"caap/{scalar}" for name in MODEL_TESTS for scalar in METRICS[name].scalars}
+    assert tests & set(alone.history[-1]) and not any(k.startswith("caap/gradcam/") and "insertion_ratio" in k
+                                                        for k in together.history[-1])
     gradcam = {k.replace("gradcam/", ""): v for k, v in together.history[-1].items() if k.startswith("caap/gradcam/")}
-    assert primary_metrics(swapped.history[-1]) == gradcam
+    model_tests = {k: v for k, v in alone.history[-1].items() if k in tests}
+    assert primary_metrics(swapped.history[-1]) == {**gradcam, **model_tests}
     assert {k.replace("caap/caap/", "caap/"): v for k, v in swapped.history[-1].items() if k.startswith("caap/caap/")} == (
-        primary_metrics(alone.history[-1])
+        {k: v for k, v in primary_metrics(alone.history[-1]).items() if k not in tests}
     )
     assert torch.equal(swapped.last.maps, together.last.method_maps["gradcam"])
 

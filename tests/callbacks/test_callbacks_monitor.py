@@ -10,7 +10,7 @@ import torch
 
 from caap_lightning.callbacks import CAAPCallback, SpuriousCueMonitor
 from caap_lightning.callbacks.caap_callback import ProbeResult
-from caap_lightning.callbacks.spurious_cue_monitor import DEFAULT_THRESHOLD
+from caap_lightning.callbacks.spurious_cue_monitor import DEFAULT_PATIENCE, DEFAULT_THRESHOLD
 from caap_lightning.metrics import rest_colour
 from caap_lightning.metrics.region_insertion_ratio import dilate, edge_width
 
@@ -54,6 +54,7 @@ def test_the_first_check_past_the_threshold_is_bad():
     # alarm_on="low": a first check below the threshold is bad.
     assert alarms(SpuriousCueMonitor(threshold=0.5, patience=1, alarm_on="low"), [0.2]) == [0]
     assert DEFAULT_THRESHOLD == SpuriousCueMonitor().threshold == 2.0
+    assert DEFAULT_PATIENCE == SpuriousCueMonitor().patience == 1  # one check past the threshold alarms
 
 
 def test_an_improving_check_resets_the_count():
@@ -98,7 +99,7 @@ def fit(tmp_path, data_factory, classifier_factory, trainer_factory, scripted, s
     caap = scripted(CAAPCallback(num_images=4, metrics=["cue_density_ratio", "background_mass"], log_images=False),
                     series, CUE)
     # The scripted series rise past 1.5, not past the default threshold.
-    monitor = SpuriousCueMonitor(monitor=CUE, num_images=2, **{"threshold": 1.5, **monitor_kwargs})
+    monitor = SpuriousCueMonitor(monitor=CUE, num_images=2, **{"threshold": 1.5, "patience": 2, **monitor_kwargs})
     trainer = trainer_factory(tmp_path, [caap, monitor], max_epochs=len(series), limit_train_batches=1)
     trainer.fit(classifier_factory(), datamodule=data_factory())
     return trainer, monitor
@@ -261,7 +262,7 @@ def test_without_masks_a_fixed_position_score_past_the_threshold_alarms_from_the
     data = data_factory(cue_correlation=None)
     caap = scripted(CAAPCallback(probe=probe_of(data, 8), num_images=8, metrics=["fixed_position_ratio"],
                                  log_images=False), [2.5, 2.55], "caap/fixed_position_ratio")
-    monitor = SpuriousCueMonitor(num_images=2, strategies=False)
+    monitor = SpuriousCueMonitor(num_images=2, strategies=False, patience=2)
     trainer = trainer_factory(tmp_path, [caap, monitor], max_epochs=2, limit_train_batches=1)
     with pytest.warns(UserWarning, match=r"alarm at epoch 1 \(step \d+\): caap/fixed_position_ratio = 2\.550"):
         trainer.fit(classifier_factory(), datamodule=data)

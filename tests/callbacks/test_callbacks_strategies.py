@@ -158,7 +158,7 @@ def test_a_fit_without_masks_logs_strategies_and_alarms_on_a_fixed_position(
     images, labels, corner = scripted_probe()
     caap = CAAPCallback(probe=(images, labels), num_images=64, metrics=["fixed_position_ratio"], target="label",
                         log_images=False, mean=HALF, std=HALF)
-    monitor = SpuriousCueMonitor(num_images=3)
+    monitor = SpuriousCueMonitor(num_images=3, patience=2)
     trainer = trainer_factory(tmp_path, [caap, monitor], max_epochs=3, limit_train_batches=1)
     with pytest.warns(UserWarning, match=r"alarm at epoch 1 \(step \d+\): caap/fixed_position_ratio = \d+\.\d+") as record:
         trainer.fit(classifier_factory(), datamodule=data_factory())
