@@ -940,6 +940,7 @@ def rescore(path: Path, given: Dict[str, Any]) -> Dict[str, Any]:
     if runs and any(key not in runs[0]["history"][0] for key in RECORDED):
         raise ValueError(f"{path} has no insertion ratios (written before they were recorded); run the grid again")
     setup["monitor"].update(given)
+    setup["monitor_defaults"] = settings_of(SpuriousCueMonitor())  # today's, which the report compares with
     setup["rescored"] = (
         "The alarms were replayed from the recorded scores through the `SpuriousCueMonitor` of the code that "
         "wrote this report, not taken from the live run: `python benchmarks/spurious.py --rescore "
