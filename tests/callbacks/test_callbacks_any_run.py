@@ -108,7 +108,7 @@ def test_plain_loaders_and_a_backbone_with_its_own_head(tmp_path, events_reader)
     state = {k: v for k, v in model.backbone.state_dict().items()}
     state.update({"head.weight": model.classifier.weight, "head.bias": model.classifier.bias})
     built_in.load_state_dict(state)
-    expected = CAAP(built_in.eval(), construction="windowed", window=2, mean=HALF, std=HALF).attribute(
+    expected = CAAP(built_in.eval(), construction="parallel", mean=HALF, std=HALF).attribute(
         images[:4], target=caap.last.targets, relative=True
     )
     torch.testing.assert_close(caap.last.maps, expected, atol=1e-5, rtol=1e-4)
@@ -335,7 +335,7 @@ def test_a_module_swapped_during_the_fit_is_attributed_fresh(tmp_path):
     module = Swaps()
     quiet_trainer(tmp_path, [caap], max_epochs=2, limit_train_batches=1).fit(module, *loaders())
     images, _, _ = image_data()
-    expected = CAAP(module.net.eval(), construction="windowed", window=2, mean=HALF, std=HALF).attribute(
+    expected = CAAP(module.net.eval(), construction="parallel", mean=HALF, std=HALF).attribute(
         images[:4], target=caap.last.targets, relative=True
     )
     torch.testing.assert_close(caap.last.maps, expected, atol=1e-5, rtol=1e-4)

@@ -71,8 +71,8 @@ def test_maps_are_the_engines_relative_maps(tmp_path, data_factory, classifier_f
     model, data = classifier_factory(), data_factory()
     trainer_factory(tmp_path, [caap]).validate(model, datamodule=data, verbose=False)
     probe = data.probe_batch(4)
-    # The callback's default construction is windowed (window 2), CAAP's own parallel.
-    engine = CAAP(model.model, construction="windowed", window=2, mean=data.mean, std=data.std)
+    # The callback's default construction is CAAP's own, parallel.
+    engine = CAAP(model.model, construction="parallel", mean=data.mean, std=data.std)
     expected = engine.attribute(probe.images, target=probe.labels, relative=True)
     torch.testing.assert_close(caap.last.maps, expected, atol=1e-5, rtol=1e-4)
     assert torch.equal(caap.last.targets, probe.labels)
@@ -83,9 +83,9 @@ def test_auto_blank_maps_are_relative_to_the_blank_it_chose(tmp_path, data_facto
     model, data = classifier_factory(), data_factory()
     trainer_factory(tmp_path, [caap]).validate(model, datamodule=data, verbose=False)
     probe = data.probe_batch(4)
-    engine = CAAP(model.model, construction="windowed", window=2, mean=data.mean, std=data.std, blank="auto")
+    engine = CAAP(model.model, construction="parallel", mean=data.mean, std=data.std, blank="auto")
     expected = engine.attribute(probe.images, target=probe.labels, relative=True)
-    fixed = CAAP(model.model, construction="windowed", window=2, mean=data.mean, std=data.std, blank=engine.last_blank)
+    fixed = CAAP(model.model, construction="parallel", mean=data.mean, std=data.std, blank=engine.last_blank)
     torch.testing.assert_close(caap.last.maps, expected, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(expected, fixed.attribute(probe.images, target=probe.labels, relative=True))
 
@@ -395,11 +395,11 @@ def test_a_setting_changed_between_runs_rebuilds_caap(tmp_path, data_factory, cl
     caap = CAAPCallback(num_images=4, metrics=["pointing_game"], log_images=False, on_error="raise")
     model, data = classifier_factory(), data_factory()
     trainer_factory(tmp_path, [caap]).validate(model, datamodule=data, verbose=False)
-    assert caap._methods["caap"].construction == "windowed"
-    caap.construction = "parallel"
-    trainer_factory(tmp_path, [caap]).validate(model, datamodule=data, verbose=False)
     assert caap._methods["caap"].construction == "parallel"
-    expected = CAAP(model.model, construction="parallel", mean=caap.mean, std=caap.std).attribute(
+    caap.construction = "windowed"
+    trainer_factory(tmp_path, [caap]).validate(model, datamodule=data, verbose=False)
+    assert caap._methods["caap"].construction == "windowed"
+    expected = CAAP(model.model, construction="windowed", window=2, mean=caap.mean, std=caap.std).attribute(
         caap.probe.images, target=caap.last.targets, relative=True
     )
     torch.testing.assert_close(caap.last.maps, expected, atol=1e-6, rtol=0)
