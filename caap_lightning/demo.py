@@ -84,7 +84,7 @@ def summary(run, wall_s: float) -> List[str]:
         lines.append(f"CAAP metrics on the probe batch, first check (epoch {first['epoch']}) -> last (epoch {last['epoch']}):")
         for name in SUMMARY_METRICS:
             if name in last:
-                lines.append(f"  {name:<30} {first.get(name, float('nan')):8.3f} -> {last[name]:8.3f}")
+                lines.append(f"  {name:<32} {first.get(name, float('nan')):8.3f} -> {last[name]:8.3f}")
 
     if monitor is not None:
         if monitor.alarms:

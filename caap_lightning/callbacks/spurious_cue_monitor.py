@@ -60,7 +60,8 @@ _RESTORES = "the class probability that {} alone restores over what {} alone res
 # What each score measures, for the alarm's text.
 SCORE_MEANINGS = {
     "cue_insertion_ratio": _RESTORES.format("the cue", "the rest of the image"),
-    "background_insertion_ratio": _RESTORES.format("the background", "the object"),
+    "background_insertion_ratio": _RESTORES.format("the background (everything off the object, any cue there included)",
+                                                   "the object"),
     "border_insertion_ratio": _RESTORES.format(
         f"the image's border (its outer {BORDER_SHARE:.1%} on each side)", "the inside"),
     "cue_density_ratio": "the evidence density on the cue over its density off it; 1 for a uniform map",

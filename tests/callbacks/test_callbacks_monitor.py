@@ -291,7 +291,8 @@ def test_an_alarm_on_a_model_test_names_the_images_by_their_own_ratio(
     monitor = SpuriousCueMonitor(num_images=4, patience=1)
     trainer = trainer_factory(tmp_path, [caap, monitor], max_epochs=1, limit_train_batches=1)
     with pytest.warns(UserWarning, match=r"alarm at epoch 0 .* relies on the background \(the class probability that "
-                      r"the background alone restores over what the object alone restores"):
+                      r"the background \(everything off the object, any cue there included\) alone restores over what "
+                      r"the object alone restores"):
         trainer.fit(classifier_factory(), datamodule=data)
     per_image = caap.last.per_image[key]
     assert per_image.shape == (4,) and torch.isfinite(per_image).all()
