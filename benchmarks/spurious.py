@@ -61,6 +61,7 @@ from lightning.pytorch.utilities import disable_possible_user_warnings
 from caap_lightning.attribution.caap import CONSTRUCTIONS
 from caap_lightning.attribution.registry import available_methods
 from caap_lightning.callbacks import CAAPCallback, SpuriousCueMonitor
+from caap_lightning.callbacks.caap_callback import MODEL_TESTS
 from caap_lightning.datamodules import CUE_KINDS, FashionCanvasDataModule, SyntheticSpuriousDataModule
 from caap_lightning.datamodules.base import MaskedImageDataModule
 from caap_lightning.datamodules.fashion import find_fashion_mnist
@@ -86,9 +87,8 @@ MAP_REGIMES = {
     "object masks only": "background_density_ratio",
     "none": "fixed_position_ratio",
 }
-# Every score each fit records: the model tests, then the map-based scores.
-RECORDED = ("background_insertion_ratio", "cue_insertion_ratio", "border_insertion_ratio", *MAP_REGIMES.values())
-MODEL_TESTS = RECORDED[:3]
+# Every score each fit records: the model tests (the callback's MODEL_TESTS), then the map-based scores.
+RECORDED = (*MODEL_TESTS, *MAP_REGIMES.values())
 # The monitors compared: name -> (the runs whose scores it reads, its scores per regime, its title). The insertion
 # ratios are read from CAAP's fits (a baseline's replay sees the same models, so the same values).
 WATCHES = {
@@ -729,8 +729,6 @@ def scores_section(runs: Sequence[Dict[str, Any]], monitor: Dict[str, Any]) -> L
     for method in methods_of(runs):
         group = [r for r in runs if r["method"] == method]
         for key in RECORDED if method == "caap" else MAP_REGIMES.values():
-            if key in MODEL_TESTS and method != "caap":
-                continue
             cell = []
             for cue in cues:
                 d = detection(with_alarms([r for r in group if r["cue"] == cue], key, monitor, {key: key}))

@@ -29,9 +29,9 @@ from caap_lightning.callbacks.strategies import (
     log_strategies,
     place_of,
 )
-from caap_lightning.metrics import border_masks, fixed_position_evidence, region_evidence
-from caap_lightning.metrics._checks import check_int
-from caap_lightning.metrics.functional import HOT_REGION_SHARE
+from caap_lightning.metrics import border_masks, fixed_position_evidence
+from caap_lightning.metrics._checks import check_int, check_masks
+from caap_lightning.metrics.functional import HOT_REGION_SHARE, scorable_regions
 from caap_lightning.metrics.region_insertion_ratio import BORDER_SHARE, suspect_views
 from caap_lightning.utils import unnormalize, upsample_maps
 
@@ -39,8 +39,9 @@ ALARM_ON = ("high", "low")
 STRATEGIES = (True, False, "auto")
 # The default scores, in order of preference. The insertion ratios ask the model itself, not a map, so a cue
 # spread over many patches (a background colour, a frame) counts too. Object masks come first: the background
-# alone holds every cue outside the object in its own context, which the benchmark found a cue shown alone on
-# the blank can lack (benchmarks/results/spurious.md); then cue masks, then the border, which needs no masks.
+# alone holds every cue off the object, and on the benchmark the cue test alone false-alarmed on controls whose
+# cue mask is the whole background (the object's silhouette shows as its hole) and alarmed later on markers
+# (benchmarks/results/spurious.md); then cue masks, then the border, which needs no masks.
 # The map-based ratios are the fallback where a callback's `metrics` leave the insertion ratios out.
 DEFAULT_SCORES = (
     "background_insertion_ratio", "cue_insertion_ratio", "border_insertion_ratio",
@@ -77,7 +78,7 @@ SCORE_REGIONS = (("fixed_position", "fixed position"), ("border", "border"), ("c
 
 def _check_test_regions(maps: torch.Tensor, masks: Optional[torch.Tensor]) -> None:
     """A model test's regions must have an inside and an outside, as a density ratio's must."""
-    region_evidence(maps, border_masks(len(maps), tuple(maps.shape[-2:])) if masks is None else masks)
+    scorable_regions(border_masks(len(maps), tuple(maps.shape[-2:])) if masks is None else check_masks(masks))
 
 
 class SpuriousCueMonitor(Callback):

@@ -310,6 +310,25 @@ def ratio_of_densities(share: Tensor, area: Tensor) -> Tensor:
     return (share / area) * ((1 - area) / (1 - share))
 
 
+def scorable_regions(masks: Tensor) -> Tensor:
+    """``(B,)`` bool: the images whose ``(B, H, W)`` bool mask marks part of the image, neither none nor all of it.
+
+    Raises when no image has such a mask (blank or inverted masks): a region score compares the
+    region with the rest, and then has nothing to compare.
+    """
+    marked = masks.flatten(1)
+    area = marked.double().mean(1)
+    scored = (area > 0) & (area < 1)
+    if not bool(scored.any()):
+        which = "is empty" if not bool(marked.any()) else "covers the whole image" if bool(marked.all()) else (
+            "is empty or covers the whole image")
+        raise ValueError(
+            f"every one of the {len(area)} masks {which}, so no image has an inside and an outside to compare: a "
+            "region score needs masks that mark part of an image; check that the masks are not blank or inverted"
+        )
+    return scored
+
+
 def region_evidence(maps: Tensor, masks: Tensor, region: str = "mask") -> RegionEvidence:
     """Each image's share of the evidence (see :func:`evidence`) inside the mask (``"mask"``) or outside it.
 
@@ -322,15 +341,7 @@ def region_evidence(maps: Tensor, masks: Tensor, region: str = "mask") -> Region
     if region == "outside":
         inside = ~inside
     area = inside.double().mean(1)
-    scored = (area > 0) & (area < 1)
-    if not bool(scored.any()):
-        marked = masks.flatten(1)
-        which = "is empty" if not bool(marked.any()) else "covers the whole image" if bool(marked.all()) else (
-            "is empty or covers the whole image")
-        raise ValueError(
-            f"every one of the {len(area)} masks {which}, so no image has an inside and an outside to compare: a "
-            "density ratio needs masks that mark part of an image; check that the masks are not blank or inverted"
-        )
+    scored = scorable_regions(masks)
     share = (evidence(pixel_maps) * inside).sum(1)
     return RegionEvidence(share=torch.where(scored, share, math.nan), area=torch.where(scored, area, math.nan))
 

@@ -27,7 +27,7 @@ from caap_lightning.metrics._checks import (
     model_device_dtype,
 )
 from caap_lightning.metrics._detailed_metric import DetailedMetric
-from caap_lightning.metrics.functional import MASS_REGIONS
+from caap_lightning.metrics.functional import MASS_REGIONS, scorable_regions
 from caap_lightning.utils import eval_mode
 
 # Probability added to both gains: it keeps the ratio finite and near 1 when neither part restores the class.
@@ -141,13 +141,7 @@ def region_insertion(
         raise ValueError(f"masks {tuple(masks.shape)} do not match the images {tuple(images.shape)}: need (B, H, W)")
     check_int("batch_size", batch_size, 1, "images per forward pass")
     targets = check_target(target, b)
-    area = masks.flatten(1).double().mean(1)
-    scored = (area > 0) & (area < 1)
-    if not bool(scored.any()):
-        raise ValueError(
-            f"every one of the {b} masks is empty or covers the whole image, so no image has a region and a rest to "
-            "compare: check that the masks are not blank or inverted"
-        )
+    scored = scorable_regions(masks)
     device, dtype = model_device_dtype(model)
     images = images.to(device=device or images.device, dtype=dtype or images.dtype)
     masks = masks.to(images.device)

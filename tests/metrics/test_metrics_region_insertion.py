@@ -164,7 +164,7 @@ def test_the_metric_pools_gains_before_the_ratio_and_skips_empty_masks():
 def test_bad_input_is_refused_with_what_to_change():
     model = PixelReader(border_masks(1, (SIZE, SIZE))[0])
     images = ring_images(2)
-    with pytest.raises(ValueError, match="empty or covers the whole image"):
+    with pytest.raises(ValueError, match="every one of the 2 masks covers the whole image"):
         region_insertion(model, images, torch.ones(2, SIZE, SIZE, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"do not match the images"):
         region_insertion(model, images, border_masks(2, (8, 8)))
