@@ -296,9 +296,10 @@ class CAAPCallback(Callback):
     ``every_n_epochs``-th validation of a fit, and of every ``validate``/``test`` run, the
     callback attributes the probe images with each of ``methods`` (CAAP alone by default) and
     logs, per method, each metric as a scalar. The first method is the primary one: its scalars
-    are ``<prefix>/<scalar>`` (e.g. ``caap/insdel``, ``caap/cue_mass_ratio``, what
-    :class:`SpuriousCueMonitor` watches); every further method's are
-    ``<prefix>/<method>/<scalar>`` (e.g. ``caap/gradcam/insdel``). It also logs
+    are ``<prefix>/<scalar>`` (e.g. ``caap/insdel``, ``caap/cue_density_ratio``); every further
+    method's are ``<prefix>/<method>/<scalar>`` (e.g. ``caap/gradcam/insdel``). The model tests
+    (``caap/background_insertion_ratio`` and the other insertion ratios, what
+    :class:`SpuriousCueMonitor` watches by default) are logged once, under the primary's names. It also logs
     ``<prefix>/seconds`` (the whole check's wall time), a heatmap grid with one overlay column per
     method (``<prefix>/heatmaps``) and the mean Insertion/Deletion curves of every method
     (``<prefix>/insertion_deletion``); loggers that cannot show images get PNG files under the
