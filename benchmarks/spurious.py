@@ -117,7 +117,7 @@ SWEEP_PATIENCE = (1, 2)
 
 HALF = (0.5, 0.5, 0.5)
 # The demo's ViT at 32 px (16 patches), so that a CPU step is cheap; twice the demo's lr, as the runs are
-# short; warm-up over the first 2048 images.
+# short (the shapes take the demo's own, below); warm-up over the first 2048 images.
 MODEL = dict(model_name="vit_tiny_patch16_224", **{**TINY_VIT, **TINY_VIT_RECIPE, "lr": 2e-3, "warmup_epochs": 2.0})
 # Per dataset: the data and schedule with which a control learns the object (>= 85% validation
 # accuracy) on one CPU thread in about a minute; the report records what each run reached. An
@@ -128,7 +128,9 @@ RECIPES: Dict[str, Dict[str, Any]] = {
         # A large, clearly visible shape (the demo's faint one is for a cue that must win), so that controls learn it.
         "data": dict(num_classes=4, img_size=32, cue_size=6, shape_contrast=0.6, object_size=(0.55, 0.9), num_train=4000,
                      batch_size=64, mean=HALF, std=HALF),
-        "model": MODEL,
+        # The demo's lr (TINY_VIT_RECIPE's): at twice it, the seed-1 controls stayed at chance or learnt too
+        # slowly to reach 85% in 32 epochs, on every cue kind.
+        "model": {**MODEL, "lr": TINY_VIT_RECIPE["lr"]},
         "epochs": 32,
         "batches_per_epoch": 16,
     },
@@ -550,7 +552,43 @@ def ground_truth(runs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     }
     flawed = {label(r): control_problems(r) for r in trained if r["control"] and control_problems(r)}
     other = [label(r) for r in trained if run_kind(r) == "other"]
-    return {"by_group": table, "flawed_controls": flawed, "not_shortcut": other}
+    # The reference detector's own false alarms: a gap on a control is noise of the accuracies, not a cue.
+    gap_on_controls = [f"{label(r)} (epoch {gap_epoch(r['history'])})" for r in trained
+                       if r["control"] and gap_epoch(r["history"]) is not None]
+    return {"by_group": table, "flawed_controls": flawed, "not_shortcut": other,
+            "controls": sum(r["control"] for r in trained), "gap_on_controls": gap_on_controls}
+
+
+def late_alarms(runs: Sequence[Dict[str, Any]], monitor: Dict[str, Any]) -> Dict[str, Any]:
+    """Per regime (regimes of one score together), CAAP's shortcut runs of the regime's cue kinds whose alarm came later than the lead target
+    allows: the gap, reliance and watched score at the gap epoch and the one after; and the highest score any
+    control reached, which a threshold must stay above to leave every control clean."""
+    trained = [r for r in runs if r["method"] == "caap"]
+    # Regimes that watch the same score over the same cue kinds replay the same alarms: one entry for them.
+    merged: Dict[Tuple[str, Tuple[str, ...]], List[str]] = {}
+    for regime, key in REGIMES.items():
+        merged.setdefault((key, tuple(TARGET_CUES[regime])), []).append(regime)
+    out = {}
+    for (key, cues), names in merged.items():
+        regime = names[0]
+        peaks = [(row[key], label(r), row["epoch"]) for r in trained if r["control"] for row in r["history"] if row[key] is not None]
+        late = []
+        covered = [r for r in trained if r["cue"] in cues and run_kind(r) == "shortcut"]
+        for run in with_alarms(covered, regime, monitor):
+            lead = lead_time(run["alarm_epoch"], run["gap_epoch"])
+            if lead is None or lead >= LATEST_LEAD:
+                continue
+            # History rows are epochs 1, 2, ...: row gap - 1 is the gap epoch; an alarm this late has a row after it.
+            at, after = run["history"][run["gap_epoch"] - 1], run["history"][run["gap_epoch"]]
+            late.append({
+                "run": label(run), "gap_epoch": run["gap_epoch"], "alarm_epoch": run["alarm_epoch"],
+                "gap_points": rounded(at["acc_consistent"] - at["acc_conflicting"], 1),
+                "reliance": [at["reliance"], after["reliance"]], "score": [at[key], after[key]],
+            })
+        peak = max(peaks, default=None)
+        out[", ".join(names)] = {"score": key, "late": late,
+                       "control_peak": None if peak is None else {"score": peak[0], "run": peak[1], "epoch": peak[2]}}
+    return out
 
 
 # ---------------------------------------------------------------------- reports
@@ -640,7 +678,34 @@ def ground_truth_section(truth: Dict[str, Any]) -> List[str]:
         "Controls that are not clean: " + ("none." if not flawed else "; ".join(f"{k}: {', '.join(v)}" for k, v in flawed.items()) + "."),
         "Runs with an informative cue that did not become shortcut runs (counted in neither detections nor false alarms): "
         + (", ".join(truth["not_shortcut"]) if truth["not_shortcut"] else "none") + ".",
+        f"The accuracy-gap detector itself fires on {len(truth['gap_on_controls'])} of {truth['controls']} controls"
+        + (": " + ", ".join(truth["gap_on_controls"]) if truth["gap_on_controls"] else "") + ".",
     ]
+    return lines
+
+
+def late_section(late: Dict[str, Any]) -> List[str]:
+    lines = [
+        "", f"## CAAP's insertion monitor: alarms more than {-LATEST_LEAD} epoch after the gap", "",
+        "What the shortcut runs behind each late alarm showed when the accuracy gap opened (the gap epoch, g) and "
+        "one epoch later (g + 1), against the highest score any control reached in that regime. Where a late "
+        "run's score at g + 1 is below that peak, no threshold of that score alarms by g + 1 and leaves every "
+        "control clean.", "",
+    ]
+    rows = [[regime, f"`{part['score']}`", item["run"], f"{item['gap_epoch']} ({fmt(item['gap_points'], 1)})",
+             cells(item["reliance"], 1), cells(item["score"]), item["alarm_epoch"]]
+            for regime, part in late.items() for item in part["late"]]
+    if not rows:
+        return lines + ["None: every alarm came at most one epoch after the gap."]
+    lines += table(["regime", "score", "run", "gap epoch g (gap, points)", "reliance % at g, g + 1", "score at g, g + 1",
+                    "alarm epoch"], rows)
+    lines.append("")
+    for regime, part in late.items():
+        peak = part["control_peak"]
+        if part["late"] and peak is not None:
+            below = sum(item["score"][1] is not None and item["score"][1] <= peak["score"] for item in part["late"])
+            lines.append(f"- {regime}: controls' highest `{part['score']}` {fmt(peak['score'])} ({peak['run']}, epoch "
+                         f"{peak['epoch']}); {below} of {len(part['late'])} late runs are at or below it at g + 1.")
     return lines
 
 
@@ -768,6 +833,7 @@ def markdown(result: Dict[str, Any]) -> str:
     for name, part in summary.items():
         lines += detection_section(name, part)
         lines += threshold_section(name, part, monitor)
+    lines += late_section(result["late_alarms"])
     lines += scores_section(runs, monitor)
     lines += runs_section(runs, monitor)
     lines += ["", "Score trajectories (one panel per regime and cue kind; v = alarm with the monitor's settings):", ""]
@@ -948,6 +1014,7 @@ def rescore(path: Path, given: Dict[str, Any]) -> Dict[str, Any]:
     stem = path.stem
     setup["plots"] = [plot_name(stem, d, w) for d in dict.fromkeys(r["dataset"] for r in runs) for w in watches_of(runs)]
     result["summary"] = summarize(runs, monitor_settings(setup))
+    result["late_alarms"] = late_alarms(runs, monitor_settings(setup))
     write_outputs(result, runs, path.parent, path.stem)
     return result
 
@@ -1002,7 +1069,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         "run_seconds": run_seconds(runs),
         "plots": [plot_name(stem, d, w) for d in args.data for w in WATCHES if WATCHES[w][0] in methods],
     }
-    result = {"setup": setup, "runs": runs, "ground_truth": ground_truth(runs), "summary": summarize(runs, monitor)}
+    result = {"setup": setup, "runs": runs, "ground_truth": ground_truth(runs), "summary": summarize(runs, monitor),
+              "late_alarms": late_alarms(runs, monitor)}
     print(markdown(result))
     if output is not None:
         write_outputs(result, runs, output, stem)

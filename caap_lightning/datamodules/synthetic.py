@@ -92,6 +92,10 @@ class SyntheticShapes(DrawnSplit):
         obj = shape_mask(SHAPES[label], self.xx - cx, self.yy - cy, size)
         # Brightness sets the contrast to the background; hue is random, so only the shape tells the class.
         sign = 1.0 if rng.random() < 0.5 else -1.0
+        if self.cue == "background" and self.cue_correlation is not None:
+            # A background cue dims the background to a class colour at half brightness, on which a dark
+            # shape can vanish (black on dark blue): the shape is brighter than it, in every class.
+            sign = 1.0
         colour = base + sign * self.shape_contrast + rng.uniform(-0.15, 0.15, 3)
         cue = None
         if self.cue_correlation is not None:
@@ -117,14 +121,15 @@ class SyntheticSpuriousDataModule(MaskedImageDataModule):
       always at the bottom-right;
     * ``"border"``: a frame ``cue_size // 4`` wide around the image in ``CUE_COLOURS[k]``;
     * ``"background"``: the background's level is ``CUE_COLOURS[k]`` at half brightness, under its
-      usual texture; the cue never covers the shape, and its mask is everything but the shape.
+      usual texture, and the shape is always the brighter side of ``shape_contrast``; the cue never
+      covers the shape, and its mask is everything but the shape.
 
     Watermark and border are drawn over the shape where they meet it, and those pixels leave the
     object mask. A low ``shape_contrast`` (brightness step between shape and background) makes
     the shape harder to see than the cue. Training images are flipped horizontally, except with a
     watermark, which a flip would mirror and move. No files: sample ``i`` of a split is drawn from
     ``(seed, split, i)`` on first use and kept in memory; every cue kind gets the same shapes and
-    backgrounds (but for a background cue's level).
+    backgrounds (but for a background cue's level and the shape's brightness on it).
 
     Tuning (``benchmarks/train_synthetic.py``, whose defaults are this recipe): without a cue,
     these defaults (4 classes, 64 px, ``shape_contrast`` 0.4, shapes 0.45-0.8 of the image side,

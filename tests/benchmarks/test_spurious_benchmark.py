@@ -116,6 +116,27 @@ def test_a_late_alarm_fails_the_lead_target(spurious):
     assert check["all_shortcuts_alarmed"] and not check["lead"]
 
 
+def test_late_alarms_show_the_gap_and_score_against_the_controls_peak(spurious):
+    # Gap at epoch 2 (12 points), the score still under the control's peak of 2.5 at epoch 3, alarm at epoch 4.
+    late = history([40, 52, 80, 99, 99], [40, 40, 30, 5, 2], reliance=[25, 33, 60, 90, 95],
+                   background_insertion_ratio=[1.0, 1.2, 2.1, 9.0, 9.0], border_insertion_ratio=[1.0, 1.0, 3.0, 3.0, 3.0])
+    noisy = history([50, 50, 70, 50, 50], [50, 50, 50, 50, 50], reliance=[5] * 5,
+                    background_insertion_ratio=[1.0, 2.5, 1.0, 1.0, 1.0], border_insertion_ratio=[1.4] * 5)
+    runs = [run("marker", 1.0, 0, late), run("marker", 0.25, 0, noisy, control=True)]
+    found = spurious.late_alarms(runs, dict(threshold=4.0, patience=1, min_delta=0.1))
+    # The two mask regimes watch one score: one entry; without masks a marker is not a target cue.
+    assert list(found) == ["cue+object masks, object masks only", "none"] and found["none"]["late"] == []
+    masked = found["cue+object masks, object masks only"]
+    assert masked["late"] == [{"run": "shapes/marker/1.0/seed 0", "gap_epoch": 2, "alarm_epoch": 4, "gap_points": 12.0,
+                               "reliance": [33, 60], "score": [1.2, 2.1]}]
+    assert masked["control_peak"] == {"score": 2.5, "run": "shapes/marker/0.25/seed 0", "epoch": 2}
+    # The reference detector fired on the control too (20 points at epoch 3).
+    truth = spurious.ground_truth(runs)
+    assert truth["controls"] == 1 and truth["gap_on_controls"] == ["shapes/marker/0.25/seed 0 (epoch 3)"]
+    text = "\n".join(spurious.late_section(found))
+    assert "| 2 (12) | 33, 60 | 1.2, 2.1 | 4 |" in text and "1 of 1 late runs are at or below it at g + 1" in text
+
+
 def test_the_threshold_is_chosen_on_the_tuning_runs_and_confirmed_on_the_others(spurious):
     tuning = scripted_grid(high=9.0)
     # Held out: fashion runs whose shortcut scores reach only 5, so a threshold of 6 or more would miss them.
