@@ -150,12 +150,16 @@ def data_recipe(data: L.LightningDataModule) -> str:
             f"object_size {data.object_size}, no cue")
 
 
-def train(module: ViTClassifier, data: L.LightningDataModule, args: argparse.Namespace) -> Dict[str, Any]:
+def fit_timed(module: L.LightningModule, data: L.LightningDataModule, epochs: int, num_train: int) -> Dict[str, Any]:
+    """Train ``module`` for ``epochs`` without validation; the training record (size, wall and CPU seconds)."""
     start, cpu = time.perf_counter(), time.process_time()
-    trainer = quiet_trainer(max_epochs=args.epochs, limit_val_batches=0)
-    trainer.fit(module, datamodule=data)
-    training = {"epochs": args.epochs, "num_train": args.num_train, "train_seconds": round(time.perf_counter() - start, 1),
-                "train_cpu_seconds": round(time.process_time() - cpu, 1)}
+    quiet_trainer(max_epochs=epochs, limit_val_batches=0).fit(module, datamodule=data)
+    return {"epochs": epochs, "num_train": num_train, "train_seconds": round(time.perf_counter() - start, 1),
+            "train_cpu_seconds": round(time.process_time() - cpu, 1)}
+
+
+def train(module: ViTClassifier, data: L.LightningDataModule, args: argparse.Namespace) -> Dict[str, Any]:
+    training = fit_timed(module, data, args.epochs, args.num_train)
     if args.save_checkpoint:
         # timm's loader reads "state_dict"; "training" lets a --checkpoint run report how it was trained.
         torch.save({"state_dict": module.model.state_dict(), "training": training}, args.save_checkpoint)

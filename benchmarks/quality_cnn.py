@@ -38,8 +38,8 @@ import torch
 from caap_lightning.attribution import get_method
 from caap_lightning.models import ViTClassifier
 
-from _common import FASHION_CLASSES, quiet_trainer
-from quality import METRICS, accuracy, fmt, fmt_diff, paired, score_method, seconds_per_image, table, testbed_data
+from _common import FASHION_CLASSES
+from quality import METRICS, accuracy, fit_timed, fmt, fmt_diff, paired, score_method, seconds_per_image, table, testbed_data
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LABELS = {
@@ -77,13 +77,6 @@ def build(args: argparse.Namespace) -> Tuple[ViTClassifier, L.LightningDataModul
     module = ViTClassifier(model_name=args.model, pretrained=False, num_classes=data.num_classes, img_size=data.img_size,
                            lr=2e-3, weight_decay=0.05, warmup_epochs=0.5, mean=data.mean, std=data.std)
     return module, data
-
-
-def train(module: ViTClassifier, data: L.LightningDataModule, args: argparse.Namespace) -> Dict[str, Any]:
-    start, cpu = time.perf_counter(), time.process_time()
-    quiet_trainer(max_epochs=args.epochs, limit_val_batches=0).fit(module, datamodule=data)
-    return {"epochs": args.epochs, "num_train": args.num_train, "train_seconds": round(time.perf_counter() - start, 1),
-            "train_cpu_seconds": round(time.process_time() - cpu, 1)}
 
 
 def main_methods(grid: Tuple[int, int]) -> Dict[str, Tuple[str, Dict[str, Any]]]:
@@ -196,7 +189,7 @@ def main() -> Dict[str, Any]:
     module, data = build(args)
     data.prepare_data()
     data.setup()
-    training = train(module, data, args)
+    training = fit_timed(module, data, args.epochs, args.num_train)
     model = module.model.eval()
     probe = data.probe_batch(args.num_images)
     images, labels, masks = probe.images, probe.labels, probe.masks

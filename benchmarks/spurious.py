@@ -366,12 +366,15 @@ def run_kind(run: Dict[str, Any]) -> str:
 def control_problems(run: Dict[str, Any]) -> List[str]:
     """Why a control is not the clean control it should be: it did not learn the object, or it leant on the cue."""
     accuracy = run["history"][-1]["accuracy"]
-    peak = max((row["reliance"] for row in run["history"] if row["reliance"] is not None), default=None)
+    rows = [row for row in run["history"] if row["reliance"] is not None]
+    peak = max(rows, key=lambda row: row["reliance"], default=None)
     problems = []
     if accuracy is None or accuracy < CONTROL_ACCURACY:
         problems.append(f"accuracy {fmt(accuracy, 1)}% < {CONTROL_ACCURACY:g}%")
-    if peak is not None and peak >= CONTROL_RELIANCE:
-        problems.append(f"reliance reached {fmt(peak, 1)}% >= {CONTROL_RELIANCE:g}%")
+    if peak is not None and peak["reliance"] >= CONTROL_RELIANCE:
+        # Where: a model still at chance (accuracy 1 / classes) predicts the cue's class on 1 / classes of the images.
+        problems.append(f"reliance reached {fmt(peak['reliance'], 1)}% >= {CONTROL_RELIANCE:g}% "
+                        f"(epoch {peak['epoch']}, accuracy {fmt(peak['accuracy'], 1)}%)")
     return problems
 
 

@@ -67,7 +67,7 @@ def test_ground_truth_is_measured_reliance(spurious):
     weak = run("marker", 0.8, 0, history([95, 95], [80, 80], reliance=[10.0, 49.9]))
     control = run("marker", 0.25, 0, history([90, 90], [90, 90], reliance=[26.0, 3.0], accuracy=[80.0, 84.9]), control=True)
     assert [spurious.run_kind(r) for r in (shortcut, weak, control)] == ["shortcut", "other", "control"]
-    assert spurious.control_problems(control) == ["accuracy 84.9% < 85%", "reliance reached 26% >= 25%"]
+    assert spurious.control_problems(control) == ["accuracy 84.9% < 85%", "reliance reached 26% >= 25% (epoch 1, accuracy 80%)"]
     clean = run("marker", 0.25, 1, history([90], [91], reliance=[4.0], accuracy=[90.5]), control=True)
     assert spurious.control_problems(clean) == []
     truth = spurious.ground_truth([shortcut, weak, control, clean])
