@@ -40,8 +40,8 @@ STRATEGIES = (True, False, "auto")
 # The default scores, in order of preference. The insertion ratios ask the model itself, not a map, so a cue
 # spread over many patches (a background colour, a frame) counts too. Object masks come first: the background
 # alone holds every cue off the object, and on the benchmark the cue test alone false-alarmed on controls whose
-# cue mask is the whole background (the object's silhouette shows as its hole) and alarmed later on markers
-# (benchmarks/results/spurious.md); then cue masks, then the border, which needs no masks.
+# cue mask is the whole background (the object's silhouette shows as its hole; benchmarks/results/spurious.md);
+# then cue masks, then the border, which needs no masks.
 # The map-based ratios are the fallback where a callback's `metrics` leave the insertion ratios out.
 DEFAULT_SCORES = (
     "background_insertion_ratio", "cue_insertion_ratio", "border_insertion_ratio",
@@ -52,8 +52,8 @@ DEFAULT_SCORES = (
 # for a cue, a background, a border and a fixed position.
 DEFAULT_THRESHOLD = 2.0
 # One check past the threshold alarms: the scores mean the same from the first check on, and on the benchmark
-# waiting for a second check delayed every alarm by a check and prevented no false alarm, there being none at
-# either patience (benchmarks/results/spurious.md).
+# waiting for a second check delayed the alarms (far more of them over an epoch after the accuracy gap) and
+# prevented no false alarm (benchmarks/results/spurious.md).
 DEFAULT_PATIENCE = 1
 # Below this many probe images, strategy discovery warns that its clusters are anecdotes.
 STRATEGY_PROBE_IMAGES = 64
