@@ -564,9 +564,9 @@ def ground_truth(runs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
 
 
 def late_alarms(runs: Sequence[Dict[str, Any]], monitor: Dict[str, Any]) -> Dict[str, Any]:
-    """Per regime (regimes of one score together), CAAP's shortcut runs of the regime's cue kinds whose alarm came later than the lead target
-    allows: the gap, reliance and watched score at the gap epoch and the one after; and the highest score any
-    control reached, which a threshold must stay above to leave every control clean."""
+    """Per regime (regimes of one score together), CAAP's shortcut runs of its cue kinds that alarmed later than
+    the lead target allows: the gap, reliance and watched score at the gap epoch and the one after; and the
+    highest score any control reached, which a threshold must stay above to leave every control clean."""
     trained = [r for r in runs if r["method"] == "caap"]
     # Regimes that watch the same score over the same cue kinds replay the same alarms: one entry for them.
     merged: Dict[Tuple[str, Tuple[str, ...]], List[str]] = {}
@@ -575,7 +575,8 @@ def late_alarms(runs: Sequence[Dict[str, Any]], monitor: Dict[str, Any]) -> Dict
     out = {}
     for (key, cues), names in merged.items():
         regime = names[0]
-        peaks = [(row[key], label(r), row["epoch"]) for r in trained if r["control"] for row in r["history"] if row[key] is not None]
+        peaks = [(row[key], label(r), row["epoch"])
+                 for r in trained if r["control"] for row in r["history"] if row[key] is not None]
         late = []
         covered = [r for r in trained if r["cue"] in cues and run_kind(r) == "shortcut"]
         for run in with_alarms(covered, regime, monitor):
@@ -590,8 +591,10 @@ def late_alarms(runs: Sequence[Dict[str, Any]], monitor: Dict[str, Any]) -> Dict
                 "reliance": [at["reliance"], after["reliance"]], "score": [at[key], after[key]],
             })
         peak = max(peaks, default=None)
-        out[", ".join(names)] = {"score": key, "late": late,
-                       "control_peak": None if peak is None else {"score": peak[0], "run": peak[1], "epoch": peak[2]}}
+        out[", ".join(names)] = {
+            "score": key, "late": late,
+            "control_peak": None if peak is None else {"score": peak[0], "run": peak[1], "epoch": peak[2]},
+        }
     return out
 
 
