@@ -400,3 +400,27 @@ def test_lightning_cli_with_the_users_own_module(tmp_path, monkeypatch):
     (callback,) = [cb for cb in run.trainer.callbacks if isinstance(cb, CAAPCallback)]
     assert len(callback.history) == 1 and "caap/insdel" in callback.history[0]
     sys.modules.pop("user_module", None)
+
+
+def test_the_callbacks_leave_the_training_run_as_it_was(tmp_path, data_factory, classifier_factory, trainer_factory):
+    """A fit with every check on (maps of two methods, a noise blank, images, the monitor's strategies) ends with the
+    weights of the same fit without callbacks: no check draws from the training's random streams or moves a weight."""
+
+    def fit(callbacks):
+        data, module = data_factory(cue_correlation=0.9), classifier_factory(seed=0)
+        L.seed_everything(0, verbose=False)
+        trainer_factory(tmp_path / str(len(callbacks)), callbacks, max_epochs=2).fit(module, datamodule=data)
+        return module.state_dict()
+
+    plain = fit([])
+    caap = CAAPCallback(methods=["caap", "gradcam"], num_images=8, blank="noise")
+    monitor = SpuriousCueMonitor(strategies=True, num_images=2, threshold=0.5)
+    with pytest.warns(UserWarning):  # a probe of 8 for strategies, and the alarm the low threshold raises
+        watched = fit([caap, monitor])
+    # Both checks ran in full: maps of both methods, the monitor's score, strategies and its alarm report.
+    assert caap.last.epoch == 1 and list(caap.last.method_maps) == ["caap", "gradcam"]
+    assert len(monitor.history) == 2 and monitor.alarmed and "all" in monitor.last_strategies
+    assert plain.keys() == watched.keys()
+    assert all(torch.equal(plain[k], watched[k]) for k in plain)
+    # The fit did train: the weights are not the initial ones.
+    assert not torch.equal(classifier_factory(seed=0).state_dict()["model.head.weight"], plain["model.head.weight"])
