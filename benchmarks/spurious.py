@@ -24,7 +24,8 @@ replay of the fit's weights, epoch by epoch, so its maps' scores are compared on
 The report gives, per method, regime, dataset and cue kind, the detection rate over shortcut
 runs, the false alarms over controls and the lead time against the accuracy-gap detector (the
 first epoch at which cue-conflicting accuracy is 10 points below cue-consistent accuracy, a
-detector that needs labelled conflicting data), the issue's targets as met / NOT met, and the
+detector that needs labelled conflicting data, and how often it fires on the controls), the
+issue's targets as met / NOT met, what each late alarm's run showed when the gap opened, and the
 score trajectories. The monitor's threshold and patience are chosen on part of the grid
 (``TUNING``) and confirmed on the held-out cue kinds and dataset.
 
@@ -33,7 +34,7 @@ score trajectories. The monitor's threshold and patience are chosen on part of t
     python benchmarks/spurious.py --data shapes --cues marker    # part of it
     python benchmarks/spurious.py --rescore benchmarks/results/spurious.json   # replay today's monitor
 
-An epoch here is 16 batches (``RECIPES``), and epochs are counted from 1 (epoch ``e`` = the checks
+An epoch here is a fixed number of batches (``RECIPES``: 32 on the shapes, 16 on Fashion-MNIST), and epochs are counted from 1 (epoch ``e`` = the checks
 after ``e`` epochs of training). Fashion-MNIST is read as ``FashionCanvasDataModule`` reads it
 (Debian's ``dataset-fashion-mnist``, or IDX files under ``--fashion-root``); nothing is downloaded.
 """
