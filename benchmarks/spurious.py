@@ -34,9 +34,10 @@ score trajectories. The monitor's threshold and patience are chosen on part of t
     python benchmarks/spurious.py --data shapes --cues marker    # part of it
     python benchmarks/spurious.py --rescore benchmarks/results/spurious.json   # replay today's monitor
 
-An epoch here is a fixed number of batches (``RECIPES``: 32 on the shapes, 16 on Fashion-MNIST), and epochs are counted from 1 (epoch ``e`` = the checks
-after ``e`` epochs of training). Fashion-MNIST is read as ``FashionCanvasDataModule`` reads it
-(Debian's ``dataset-fashion-mnist``, or IDX files under ``--fashion-root``); nothing is downloaded.
+An epoch here is a fixed number of batches (``RECIPES``: 32 on the shapes, 16 on Fashion-MNIST),
+and epochs are counted from 1 (epoch ``e`` = the checks after ``e`` epochs of training).
+Fashion-MNIST is read as ``FashionCanvasDataModule`` reads it (Debian's ``dataset-fashion-mnist``,
+or IDX files under ``--fashion-root``); nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -357,6 +358,11 @@ def lead_time(alarm: Optional[int], gap: Optional[int]) -> Optional[int]:
     return None if alarm is None or gap is None else gap - alarm
 
 
+def is_late(lead: Optional[int]) -> bool:
+    """Whether an alarm with this lead (``None``: no alarm or no gap) came later than the lead target allows."""
+    return lead is not None and lead < LATEST_LEAD
+
+
 def run_kind(run: Dict[str, Any]) -> str:
     """``"control"``, ``"shortcut"`` (final reliance >= 50%) or ``"other"`` (a cue the model did not come to rely on)."""
     if run["control"]:
@@ -430,7 +436,7 @@ def detection(runs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
         "median_lead_epochs": median(leads),
         "missed": [label(r) for r in shortcut if r["alarm_epoch"] is None],
         "false_alarm_runs": [f"{label(r)} (epoch {r['alarm_epoch']})" for r in controls if r["alarm_epoch"] is not None],
-        "late_runs": [label(r) for r, lead in zip(shortcut, leads) if lead is not None and lead < LATEST_LEAD],
+        "late_runs": [label(r) for r, lead in zip(shortcut, leads) if is_late(lead)],
     }
 
 
@@ -558,10 +564,10 @@ def ground_truth(runs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     flawed = {label(r): control_problems(r) for r in trained if r["control"] and control_problems(r)}
     other = [label(r) for r in trained if run_kind(r) == "other"]
     # The reference detector's own false alarms: a gap on a control is noise of the accuracies, not a cue.
-    gap_on_controls = [f"{label(r)} (epoch {gap_epoch(r['history'])})" for r in trained
-                       if r["control"] and gap_epoch(r["history"]) is not None]
+    control_gaps = [(label(r), gap_epoch(r["history"])) for r in trained if r["control"]]
+    gap_on_controls = [f"{name} (epoch {gap})" for name, gap in control_gaps if gap is not None]
     return {"by_group": table, "flawed_controls": flawed, "not_shortcut": other,
-            "controls": sum(r["control"] for r in trained), "gap_on_controls": gap_on_controls}
+            "controls": len(control_gaps), "gap_on_controls": gap_on_controls}
 
 
 def late_alarms(runs: Sequence[Dict[str, Any]], monitor: Dict[str, Any]) -> Dict[str, Any]:
@@ -581,8 +587,7 @@ def late_alarms(runs: Sequence[Dict[str, Any]], monitor: Dict[str, Any]) -> Dict
         late = []
         covered = [r for r in trained if r["cue"] in cues and run_kind(r) == "shortcut"]
         for run in with_alarms(covered, regime, monitor):
-            lead = lead_time(run["alarm_epoch"], run["gap_epoch"])
-            if lead is None or lead >= LATEST_LEAD:
+            if not is_late(lead_time(run["alarm_epoch"], run["gap_epoch"])):
                 continue
             # History rows are epochs 1, 2, ...: row gap - 1 is the gap epoch; an alarm this late has a row after it.
             at, after = run["history"][run["gap_epoch"] - 1], run["history"][run["gap_epoch"]]
@@ -697,7 +702,7 @@ def late_section(late: Dict[str, Any]) -> List[str]:
         "", f"## CAAP's insertion monitor: alarms more than {-LATEST_LEAD} epoch after the gap", "",
         "What the shortcut runs behind each late alarm showed when the accuracy gap opened (the gap epoch, g) and "
         "one epoch later (g + 1), against the highest score any control reached in that regime. Where a late "
-        "run's score at g + 1 is below that peak, no threshold of that score alarms by g + 1 and leaves every "
+        "run's score at g + 1 is at or below that peak, no threshold of that score alarms by g + 1 and leaves every "
         "control clean.", "",
     ]
     rows = [[regime, f"`{part['score']}`", item["run"], f"{item['gap_epoch']} ({fmt(item['gap_points'], 1)})",
