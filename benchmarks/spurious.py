@@ -14,8 +14,9 @@ keep its reliance below 25% throughout (the report names controls that do not).
 
 Each fit has ``CAAPCallback`` logging, after every epoch, the score of each *mask regime*:
 what a user who has cue and object masks, only object masks, or no masks would monitor
-(``REGIMES``: the monitor's defaults, insertion ratios that test the model itself), and the
-map-based scores they are compared with (``MAP_REGIMES``). One trained run serves every
+(``REGIMES``: the monitor's defaults, swap ratios that test the model itself), the insertion
+ratios that were the defaults before them (``INSERTION_REGIMES``), and the map-based scores
+(``MAP_REGIMES``). One trained run serves every
 regime: each regime's ``SpuriousCueMonitor`` is replayed from the recorded per-epoch scores
 through ``SpuriousCueMonitor.update``; a live monitor on the first regime checks that the
 replay is faithful. Each baseline (Grad-CAM by default) then drives the same callbacks on a
@@ -80,10 +81,12 @@ STRONG_CUES = (0.8, 0.95, 1.0)
 # object masks the background test, with or without cue masks (the cue test alone is in the report's table of
 # every score). These test the model (the same for every method); the map-based scores read a method's maps.
 REGIMES = {
-    "cue+object masks": "background_insertion_ratio",
-    "object masks only": "background_insertion_ratio",
-    "none": "border_insertion_ratio",
+    "cue+object masks": "background_swap_ratio",
+    "object masks only": "background_swap_ratio",
+    "none": "border_swap_ratio",
 }
+# The same regimes' insertion ratios, the defaults before the swap ratios: compared with them.
+INSERTION_REGIMES = {regime: key.replace("_swap_", "_insertion_") for regime, key in REGIMES.items()}
 MAP_REGIMES = {
     "cue+object masks": "cue_density_ratio",
     "object masks only": "background_density_ratio",
@@ -91,10 +94,11 @@ MAP_REGIMES = {
 }
 # Every score each fit records: the model tests (the callback's MODEL_TESTS), then the map-based scores.
 RECORDED = (*MODEL_TESTS, *MAP_REGIMES.values())
-# The monitors compared: name -> (the runs whose scores it reads, its scores per regime, its title). The insertion
-# ratios are read from CAAP's fits (a baseline's replay sees the same models, so the same values).
+# The monitors compared: name -> (the runs whose scores it reads, its scores per regime, its title). The model
+# tests are read from CAAP's fits (a baseline's replay sees the same models, so the same values).
 WATCHES = {
-    "insertion": ("caap", REGIMES, "Insertion ratios (the monitor's defaults; they test the model, not a map)"),
+    "swap": ("caap", REGIMES, "Swap ratios (the monitor's defaults; they test the model, not a map)"),
+    "insertion": ("caap", INSERTION_REGIMES, "Insertion ratios (the defaults before the swap ratios; they test the model)"),
     "caap": ("caap", MAP_REGIMES, "CAAP maps (density ratios and the fixed-position ratio)"),
     "gradcam": ("gradcam", MAP_REGIMES, "Grad-CAM maps (density ratios and the fixed-position ratio)"),
 }
@@ -671,7 +675,9 @@ def setup_section(setup: Dict[str, Any], n_runs: int) -> List[str]:
         f"the first epoch at which cue-conflicting accuracy is {GAP_POINTS:g} points below cue-consistent accuracy. "
         "*Lead* = gap epoch - alarm epoch (positive: the alarm came first). Mask regimes and the score each "
         "monitor watches: " + "; ".join(f"{regime}: `caap/{score}`" for regime, score in REGIMES.items())
-        + " (the monitor's defaults); the map-based scores compared with them: "
+        + " (the monitor's defaults); the insertion ratios compared with them (the defaults before): "
+        + "; ".join(f"{regime}: `{score}`" for regime, score in INSERTION_REGIMES.items())
+        + "; the map-based scores: "
         + "; ".join(f"{regime}: `{score}`" for regime, score in MAP_REGIMES.items()) + ". A "
         "background cue's mask is every pixel but the object, so for it the first two regimes watch the same region.",
     ]
@@ -699,7 +705,7 @@ def ground_truth_section(truth: Dict[str, Any]) -> List[str]:
 
 def late_section(late: Dict[str, Any]) -> List[str]:
     lines = [
-        "", f"## CAAP's insertion monitor: alarms more than {-LATEST_LEAD} epoch after the gap", "",
+        "", f"## The default monitor (swap ratios): alarms more than {-LATEST_LEAD} epoch after the gap", "",
         "What the shortcut runs behind each late alarm showed when the accuracy gap opened (the gap epoch, g) and "
         "one epoch later (g + 1), against the highest score any control reached in that regime. Where a late "
         "run's score at g + 1 is at or below that peak, no threshold of that score alarms by g + 1 and leaves every "
@@ -800,8 +806,8 @@ def scores_section(runs: Sequence[Dict[str, Any]], monitor: Dict[str, Any]) -> L
     lines = [
         "", "## Every recorded score, per cue kind", "",
         "Each score watched alone by a monitor with the settings above, over both datasets. A cell: shortcut runs "
-        "alarmed · controls alarmed · median lead. The insertion ratios are read from CAAP's fits (they do not "
-        "depend on the maps); the map-based scores from each method's own.", "",
+        "alarmed · controls alarmed · median lead. The model tests (swap and insertion ratios) are read from CAAP's "
+        "fits (they do not depend on the maps); the map-based scores from each method's own.", "",
     ]
     rows = []
     for method in methods_of(runs):
@@ -820,7 +826,7 @@ def scores_section(runs: Sequence[Dict[str, Any]], monitor: Dict[str, Any]) -> L
 def runs_section(runs: Sequence[Dict[str, Any]], monitor: Dict[str, Any]) -> List[str]:
     lines = [
         "", "## Per run: final epoch", "",
-        "Scores: final (maximum); alarms of the default scores with the monitor's settings. The insertion ratios of "
+        "Scores: final (maximum); alarms of the default scores with the monitor's settings. The model tests of "
         "a baseline's row are those of the CAAP fit (the same models); its map-based scores are from its own maps.", "",
     ]
     rows = []
@@ -1015,7 +1021,7 @@ def rescore(path: Path, given: Dict[str, Any]) -> Dict[str, Any]:
     if "recipes" not in setup:
         raise ValueError(f"{path} was written by the single-cue version of this script; --rescore reads this version's JSON")
     if runs and any(key not in runs[0]["history"][0] for key in RECORDED):
-        raise ValueError(f"{path} has no insertion ratios (written before they were recorded); run the grid again")
+        raise ValueError(f"{path} lacks some of today's model tests (written before they were recorded); run the grid again")
     setup["monitor"].update(given)
     setup["monitor_defaults"] = settings_of(SpuriousCueMonitor())  # today's, which the report compares with
     setup["rescored"] = (

@@ -46,12 +46,14 @@ from caap_lightning.metrics import (
     InsertionDeletion,
     InsertionRatio,
     PointingGame,
+    SwapRatio,
     attribution_mass,
     border_masks,
     fixed_position_evidence,
     rest_colour,
     ratio_of_densities,
     region_evidence,
+    swap_donors,
 )
 from caap_lightning.utils import eval_mode, unnormalize, upsample_maps
 
@@ -90,6 +92,8 @@ class MetricSpec:
     # A test of the model itself, not of a method's maps: computed once per check, logged under the primary
     # method's name; its per-image values are this key of the meter's compute_details().
     model_test_per_image: Optional[str] = None
+    # A model test on pairs of probe images (each with its donor's region): its update also takes the donors.
+    swap: bool = False
 
     def test_regions(self, images: torch.Tensor, masks: Dict[str, torch.Tensor]) -> torch.Tensor:
         """A model test's masks for ``images``: the probe's, or the border ring where it needs none."""
@@ -101,7 +105,14 @@ class MetricSpec:
         return rest_colour(probe.images, self.test_regions(probe.images, masks))
 
     def update(self, meter: Any, pixel_maps: torch.Tensor, shard: "_ProbeShard") -> None:
-        if self.model_test_per_image is not None:
+        if self.swap:
+            images, donors = shard.images, shard.donor_images
+            meter.update(
+                images, self.test_regions(images, shard.masks).to(images.device),
+                donors, self.test_regions(donors, shard.donor_masks).to(images.device),
+                target=shard.top1, donor_target=shard.donor_top1,
+            )
+        elif self.model_test_per_image is not None:
             images = shard.images
             meter.update(images, self.test_regions(images, shard.masks).to(images.device), target=shard.targets)
         elif self.maps_only:
@@ -143,6 +154,13 @@ def _insertion(needs: Optional[str], region: str, scalar: str) -> MetricSpec:
     return spec
 
 
+def _swap(needs: Optional[str], region: str, scalar: str) -> MetricSpec:
+    return MetricSpec(
+        needs, lambda ctx: SwapRatio(ctx.model, region=region, per_image=True), {scalar: "swap_ratio"}, region=region,
+        model_test_per_image="swap_ratio_per_image", swap=True,
+    )
+
+
 def _fixed_position_per_image(maps: torch.Tensor, masks: Optional[torch.Tensor] = None) -> torch.Tensor:
     found = fixed_position_evidence(maps)
     return ratio_of_densities(found.share, found.area)
@@ -174,6 +192,10 @@ METRICS: Dict[str, MetricSpec] = {
     "background_insertion_ratio": _insertion("masks", "outside", "background_insertion_ratio"),
     "cue_insertion_ratio": _insertion("cue_masks", "mask", "cue_insertion_ratio"),
     "border_insertion_ratio": _insertion(None, "mask", "border_insertion_ratio"),
+    # On each image with its region swapped for another image's: the donor's class over the own, 1 = equal.
+    "background_swap_ratio": _swap("masks", "outside", "background_swap_ratio"),
+    "cue_swap_ratio": _swap("cue_masks", "mask", "cue_swap_ratio"),
+    "border_swap_ratio": _swap(None, "mask", "border_swap_ratio"),
 }
 # The metrics that test the model rather than a method's maps.
 MODEL_TESTS = tuple(name for name, spec in METRICS.items() if spec.model_test_per_image is not None)
@@ -285,6 +307,13 @@ class _ProbeShard:
     masks: Dict[str, torch.Tensor]  # "masks" and "cue_masks", where the probe has them
     targets: torch.Tensor
     scores: torch.Tensor
+    # The swap tests' pairs: each image's donor (swap_donors over the whole probe) and its masks, and the top-1
+    # class of each image and of its donor (a swap compares the class the model sees in the image with the one
+    # it sees in the donor); the donors' classes are None where no swap test runs.
+    donor_images: torch.Tensor
+    donor_masks: Dict[str, torch.Tensor]
+    top1: torch.Tensor
+    donor_top1: Optional[torch.Tensor]
 
 
 class CAAPCallback(Callback):
@@ -728,6 +757,14 @@ class CAAPCallback(Callback):
 
     def _resolve_metrics(self, probe: ProbeBatch) -> List[str]:
         available = [m for m, spec in METRICS.items() if spec.needs is None or getattr(probe, spec.needs) is not None]
+        if len(probe) < 2:  # a swap pairs each image with another
+            unpaired = [m for m in available if METRICS[m].swap]
+            if self.metrics is not None and set(unpaired) & set(self.metrics):
+                raise ValueError(
+                    f"CAAPCallback metrics {sorted(set(unpaired) & set(self.metrics))} swap a region between probe "
+                    f"images, but the probe has {len(probe)}; give the probe at least 2 images, or remove them."
+                )
+            available = [m for m in available if m not in unpaired]
         if self.metrics is None:
             return available
         missing = [m for m in self.metrics if m not in available]
@@ -930,13 +967,25 @@ class CAAPCallback(Callback):
         device = pl_module.device
         probe = self.probe
         index = torch.arange(len(probe))[trainer.global_rank :: trainer.world_size]
-        # As Lightning does to batches: e.g. bf16 under "bf16-true", whose weights are bf16.
-        images = trainer.precision_plugin.convert_input(probe.images[index].to(device))
-        masks = {k: getattr(probe, k)[index].to(device) for k in ("masks", "cue_masks") if getattr(probe, k) is not None}
+        donors = swap_donors(len(probe))[index] if len(probe) > 1 else index
+
+        def shard_of(rows: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+            # As Lightning does to batches: e.g. bf16 under "bf16-true", whose weights are bf16.
+            images = trainer.precision_plugin.convert_input(probe.images[rows].to(device))
+            return images, {k: getattr(probe, k)[rows].to(device) for k in ("masks", "cue_masks") if getattr(probe, k) is not None}
+
+        images, masks = shard_of(index)
+        donor_images, donor_masks = shard_of(donors)
+        swaps = any(METRICS[m].swap for m in self.active_metrics)
         with torch.no_grad(), eval_mode(self._classifier):
-            probs = self._classifier(images).float().softmax(-1)
-        targets = probe.labels[index].to(device) if self.target == "label" else probs.argmax(-1)
-        return _ProbeShard(images, masks, targets, probs.gather(1, targets[:, None])[:, 0])
+            # The donors in the same forward pass: every swap test then takes their classes from here.
+            probs = self._classifier(torch.cat([images, donor_images]) if swaps else images).float().softmax(-1)
+        top1 = probs.argmax(-1)
+        donor_top1 = top1[len(index) :] if swaps else None
+        probs, top1 = probs[: len(index)], top1[: len(index)]
+        targets = probe.labels[index].to(device) if self.target == "label" else top1
+        return _ProbeShard(images, masks, targets, probs.gather(1, targets[:, None])[:, 0], donor_images, donor_masks, top1,
+                           donor_top1)
 
     def _attribute_shard(self, pl_module: L.LightningModule, name: str, shard: _ProbeShard) -> torch.Tensor:
         """``name``'s maps of this rank's share of the probe; updates that method's metric states."""

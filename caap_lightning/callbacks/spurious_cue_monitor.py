@@ -33,17 +33,20 @@ from caap_lightning.metrics import border_masks, fixed_position_evidence
 from caap_lightning.metrics._checks import check_int, check_masks
 from caap_lightning.metrics.functional import HOT_REGION_SHARE, scorable_regions
 from caap_lightning.metrics.region_insertion_ratio import BORDER_SHARE, suspect_views
+from caap_lightning.metrics.region_swap_ratio import swap_donors, swapped_images
 from caap_lightning.utils import unnormalize, upsample_maps
 
 ALARM_ON = ("high", "low")
 STRATEGIES = (True, False, "auto")
-# The default scores, in order of preference. The insertion ratios ask the model itself, not a map, so a cue
-# spread over many patches (a background colour, a frame) counts too. Object masks come first: the background
-# alone holds every cue off the object, and on the benchmark the cue test alone false-alarmed on controls whose
-# cue mask is the whole background (the object's silhouette shows as its hole; benchmarks/results/spurious.md);
-# then cue masks, then the border, which needs no masks.
-# The map-based ratios are the fallback where a callback's `metrics` leave the insertion ratios out.
+# The default scores, in order of preference. The model tests ask the model itself, not a map, so a cue spread
+# over many patches (a background colour, a frame) counts too. The swap ratios come first: they ask which part
+# the model follows where the region and the rest disagree, which is what a shortcut changes, while a part that
+# restores the class alone (the insertion ratios) does so for a model that knows both the object and the cue;
+# on the benchmark the insertion ratios alarmed later (benchmarks/results/spurious.md). Object masks come first:
+# the background holds every cue off the object; then cue masks, then the border, which needs no masks.
+# The map-based ratios are the fallback where a callback's `metrics` leave the model tests out.
 DEFAULT_SCORES = (
+    "background_swap_ratio", "cue_swap_ratio", "border_swap_ratio",
     "background_insertion_ratio", "cue_insertion_ratio", "border_insertion_ratio",
     "cue_density_ratio", "background_density_ratio", "fixed_position_ratio",
 )
@@ -58,13 +61,18 @@ DEFAULT_PATIENCE = 1
 # Below this many probe images, strategy discovery warns that its clusters are anecdotes.
 STRATEGY_PROBE_IMAGES = 64
 _RESTORES = "the class probability that {} alone restores over what {} alone restores; 1 when they restore it equally"
+_FOLLOWS = ("on probe images given {} of another probe image, the probability of that image's class over the "
+            "probability of their own; 1 when the model follows both parts equally")
+_BORDER = f"the image's border (its outer {BORDER_SHARE:.1%} on each side)"
 # What each score measures, for the alarm's text.
 SCORE_MEANINGS = {
     "cue_insertion_ratio": _RESTORES.format("the cue", "the rest of the image"),
     "background_insertion_ratio": _RESTORES.format("the background (everything off the object, any cue there included)",
                                                    "the object"),
-    "border_insertion_ratio": _RESTORES.format(
-        f"the image's border (its outer {BORDER_SHARE:.1%} on each side)", "the inside"),
+    "border_insertion_ratio": _RESTORES.format(_BORDER, "the inside"),
+    "cue_swap_ratio": _FOLLOWS.format("the cue"),
+    "background_swap_ratio": _FOLLOWS.format("the background (everything off the object, any cue there included)"),
+    "border_swap_ratio": _FOLLOWS.format(_BORDER),
     "cue_density_ratio": "the evidence density on the cue over its density off it; 1 for a uniform map",
     "background_density_ratio": "the evidence density off the object over its density on it; 1 for a uniform map",
     "fixed_position_ratio": (
@@ -231,10 +239,11 @@ class SpuriousCueMonitor(Callback):
             if keys:
                 return keys[0]
         raise ValueError(
-            "SpuriousCueMonitor's default watches caap/background_insertion_ratio (with object masks), "
-            "caap/cue_insertion_ratio (with cue masks) or caap/border_insertion_ratio (without masks), "
-            f"but the CAAPCallbacks log none of them (they log {logged}): add 'border_insertion_ratio' (or an "
-            "insertion ratio the probe's masks allow) to CAAPCallback's `metrics`, or set `monitor` to one of those it logs."
+            "SpuriousCueMonitor's default watches caap/background_swap_ratio (with object masks), "
+            "caap/cue_swap_ratio (with cue masks) or caap/border_swap_ratio (without masks), or else an insertion "
+            f"ratio or a density ratio, but the CAAPCallbacks log none of them (they log {logged}): add "
+            "'border_swap_ratio' (or a swap ratio the probe's masks allow) to CAAPCallback's `metrics`, or set "
+            "`monitor` to one of those it logs."
         )
 
     @staticmethod
@@ -399,7 +408,9 @@ class SpuriousCueMonitor(Callback):
             )
         extra = " with each image's hot region" if found is not None else ""
         if self._spec is not None and self._spec.model_test_per_image is not None:
-            extra = f", and what the test showed the model: the {self.region} alone and the image without it"
+            shown = (f"the image with another probe image's {self.region}" if self._spec.swap
+                     else f"the {self.region} alone and the image without it")
+            extra = f", and what the test showed the model: {shown}"
         lines += ["", f"Their heatmaps{extra}: image `{self.prefix}/alarm_images` at this step."]
         figures.log_text(trainer, f"{self.prefix}/alarm", "\n".join(lines), result.step)
         if rows:
@@ -416,6 +427,12 @@ class SpuriousCueMonitor(Callback):
         index = torch.as_tensor(rows, dtype=torch.long)
         masks = {k: getattr(probe, k)[index] for k in ("masks", "cue_masks") if getattr(probe, k) is not None}
         regions = spec.test_regions(probe.images[index], masks)
+        if spec.swap:
+            donors = swap_donors(len(probe))[index]
+            donor_masks = {k: getattr(probe, k)[donors] for k in masks}
+            donor_regions = spec.test_regions(probe.images[donors], donor_masks)
+            swapped = swapped_images(probe.images[index], regions, probe.images[donors], donor_regions, spec.region)
+            return {f"with another image's {self.region}": swapped}
         alone, without = suspect_views(probe.images[index], regions, spec.region, spec.test_colour(probe))
         return {f"{self.region} alone": alone, f"without the {self.region}": without}
 

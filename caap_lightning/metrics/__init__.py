@@ -25,6 +25,7 @@ from caap_lightning.metrics.region_insertion_ratio import (
     rest_colour,
 )
 from caap_lightning.metrics.precision_recall import AUPR
+from caap_lightning.metrics.region_swap_ratio import SwapRatio, region_swap, swap_donors, swapped_images
 
 __all__ = [
     "AUPR",
@@ -34,6 +35,7 @@ __all__ = [
     "InsertionDeletion",
     "InsertionRatio",
     "PointingGame",
+    "SwapRatio",
     "attribution_mass",
     "border_masks",
     "aupr",
@@ -47,5 +49,8 @@ __all__ = [
     "ratio_of_densities",
     "region_evidence",
     "region_insertion",
+    "region_swap",
     "rest_colour",
+    "swap_donors",
+    "swapped_images",
 ]

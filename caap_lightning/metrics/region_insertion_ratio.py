@@ -169,7 +169,69 @@ def insertion_ratio(suspect: Tensor, rest: Tensor, floor: float = INSERTION_FLOO
     return (suspect + floor) / (rest + floor)
 
 
-class InsertionRatio(DetailedMetric):
+class PooledRegionRatio(DetailedMetric):
+    """The state of a region test that pools a per-image suspect value and rest value into one ratio.
+
+    Subclasses name the values (``main_key``, ``suspect_key``, ``rest_key``) and compute them in
+    ``update`` with :meth:`_add`; the ratio is :func:`insertion_ratio` of the pooled means, so
+    images where neither value is large weigh little.
+    """
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+    suspect_key: str
+    rest_key: str
+
+    def __init__(
+        self, region: str, floor: float = INSERTION_FLOOR, batch_size: int = 64, per_image: bool = False, **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        check_choice("region", region, MASS_REGIONS)
+        if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not floor > 0:
+            raise ValueError(f"floor must be a probability > 0, got {floor!r}")
+        check_int("batch_size", batch_size, 1, "images per forward pass")
+        self.region = region
+        self.floor = float(floor)
+        self.batch_size = batch_size
+        self.per_image = per_image
+        # The test and the region in the state names, so that a MetricCollection never merges two tests' states.
+        self._states = {name: f"{name}_{self.main_key}_{region}" for name in ("suspect_sum", "rest_sum")}
+        for state in self._states.values():
+            self.add_state(state, torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0), dist_reduce_fx="sum")
+        self.add_state("skipped", torch.tensor(0), dist_reduce_fx="sum")
+        if per_image:
+            self.add_state("ratio_per_image", [], dist_reduce_fx="cat")
+
+    def _add(self, suspect: Tensor, rest: Tensor, scored: Tensor) -> None:
+        """Pool one batch's per-image values of the images ``scored``; the rest count as skipped."""
+        scored = scored.to(suspect.device)
+        for name, values in (("suspect_sum", suspect), ("rest_sum", rest)):
+            total = getattr(self, self._states[name])
+            setattr(self, self._states[name], total + values[scored].sum().to(total))
+        self.count += int(scored.sum())
+        self.skipped += int((~scored).sum())
+        if self.per_image:
+            ratio = insertion_ratio(suspect, rest, self.floor)
+            self.ratio_per_image.append(torch.where(scored, ratio, torch.nan).to(self.device))
+
+    def _details(self) -> Dict[str, Tensor]:
+        suspect = getattr(self, self._states["suspect_sum"]) / self.count
+        rest = getattr(self, self._states["rest_sum"]) / self.count
+        out = {
+            self.main_key: insertion_ratio(suspect, rest, self.floor),
+            self.suspect_key: suspect,
+            self.rest_key: rest,
+            "count": self.count,
+            "skipped": self.skipped,
+        }
+        if self.per_image:
+            out[f"{self.main_key}_per_image"] = dim_zero_cat(self.ratio_per_image)
+        return out
+
+
+class InsertionRatio(PooledRegionRatio):
     """The class probability a suspect region alone restores over what the rest alone restores, pooled.
 
     ``region="outside"`` with object masks asks whether the background alone explains the
@@ -189,10 +251,9 @@ class InsertionRatio(DetailedMetric):
     The model is held by reference, as :class:`~caap_lightning.metrics.InsertionDeletion` holds it.
     """
 
-    is_differentiable = False
-    higher_is_better = False
-    full_state_update = False
     main_key = "insertion_ratio"
+    suspect_key = "suspect_gain"
+    rest_key = "rest_gain"
 
     def __init__(
         self,
@@ -204,48 +265,10 @@ class InsertionRatio(DetailedMetric):
         per_image: bool = False,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
-        check_choice("region", region, MASS_REGIONS)
-        if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not floor > 0:
-            raise ValueError(f"floor must be a probability > 0, got {floor!r}")
-        check_int("batch_size", batch_size, 1, "images per forward pass")
+        super().__init__(region, floor, batch_size, per_image, **kwargs)
         object.__setattr__(self, "model", model)
-        self.region = region
         self.colour = colour
-        self.floor = float(floor)
-        self.batch_size = batch_size
-        self.per_image = per_image
-        # The region in the state names, so that a MetricCollection never merges two regions' states.
-        self._states = {name: f"{name}_{region}" for name in ("suspect_sum", "rest_sum")}
-        for state in self._states.values():
-            self.add_state(state, torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.tensor(0), dist_reduce_fx="sum")
-        self.add_state("skipped", torch.tensor(0), dist_reduce_fx="sum")
-        if per_image:
-            self.add_state("ratio_per_image", [], dist_reduce_fx="cat")
 
     def update(self, images: Tensor, masks: Tensor, target: TargetLike = None) -> None:
         found = region_insertion(self.model, images, masks, self.region, target, self.colour, self.batch_size)
-        scored = found.scored.to(found.suspect.device)
-        for name, gains in (("suspect_sum", found.suspect), ("rest_sum", found.rest)):
-            total = getattr(self, self._states[name])
-            setattr(self, self._states[name], total + gains[scored].sum().to(total))
-        self.count += int(scored.sum())
-        self.skipped += int((~scored).sum())
-        if self.per_image:
-            ratio = insertion_ratio(found.suspect, found.rest, self.floor)
-            self.ratio_per_image.append(torch.where(scored, ratio, torch.nan).to(self.device))
-
-    def _details(self) -> Dict[str, Tensor]:
-        suspect = getattr(self, self._states["suspect_sum"]) / self.count
-        rest = getattr(self, self._states["rest_sum"]) / self.count
-        out = {
-            "insertion_ratio": insertion_ratio(suspect, rest, self.floor),
-            "suspect_gain": suspect,
-            "rest_gain": rest,
-            "count": self.count,
-            "skipped": self.skipped,
-        }
-        if self.per_image:
-            out["insertion_ratio_per_image"] = dim_zero_cat(self.ratio_per_image)
-        return out
+        self._add(found.suspect, found.rest, found.scored)

@@ -8,7 +8,8 @@ import pytest
 
 from caap_lightning.callbacks import SpuriousCueMonitor
 
-SCORES = ("background_insertion_ratio", "cue_insertion_ratio", "border_insertion_ratio",
+SCORES = ("background_swap_ratio", "cue_swap_ratio", "border_swap_ratio",
+          "background_insertion_ratio", "cue_insertion_ratio", "border_insertion_ratio",
           "cue_density_ratio", "background_density_ratio", "fixed_position_ratio")
 
 
@@ -109,7 +110,7 @@ def test_detection_and_targets_per_regime(spurious):
 
 
 def test_a_late_alarm_fails_the_lead_target(spurious):
-    late = history([99] * 5, [2] * 5, reliance=[95] * 5, background_insertion_ratio=[1.0, 1.0, 1.0, 9.0, 9.0])
+    late = history([99] * 5, [2] * 5, reliance=[95] * 5, background_swap_ratio=[1.0, 1.0, 1.0, 9.0, 9.0])
     replayed = spurious.with_alarms([run("marker", 1.0, 0, late)], "cue+object masks", dict(threshold=4.0, patience=1, min_delta=0.1))
     check = spurious.target_check(replayed, "cue+object masks")
     assert check["detail"]["lead_epochs"] == [1 - 4] and check["detail"]["late_runs"] == ["shapes/marker/1.0/seed 0"]
@@ -119,9 +120,9 @@ def test_a_late_alarm_fails_the_lead_target(spurious):
 def test_late_alarms_show_the_gap_and_score_against_the_controls_peak(spurious):
     # Gap at epoch 2 (12 points), the score still under the control's peak of 2.5 at epoch 3, alarm at epoch 4.
     late = history([40, 52, 80, 99, 99], [40, 40, 30, 5, 2], reliance=[25, 33, 60, 90, 95],
-                   background_insertion_ratio=[1.0, 1.2, 2.1, 9.0, 9.0], border_insertion_ratio=[1.0, 1.0, 3.0, 3.0, 3.0])
+                   background_swap_ratio=[1.0, 1.2, 2.1, 9.0, 9.0], border_swap_ratio=[1.0, 1.0, 3.0, 3.0, 3.0])
     noisy = history([50, 50, 70, 50, 50], [50, 50, 50, 50, 50], reliance=[5] * 5,
-                    background_insertion_ratio=[1.0, 2.5, 1.0, 1.0, 1.0], border_insertion_ratio=[1.4] * 5)
+                    background_swap_ratio=[1.0, 2.5, 1.0, 1.0, 1.0], border_swap_ratio=[1.4] * 5)
     runs = [run("marker", 1.0, 0, late), run("marker", 0.25, 0, noisy, control=True)]
     found = spurious.late_alarms(runs, dict(threshold=4.0, patience=1, min_delta=0.1))
     # The two mask regimes watch one score: one entry; without masks a marker is not a target cue.
@@ -151,8 +152,9 @@ def test_the_threshold_is_chosen_on_the_tuning_runs_and_confirmed_on_the_others(
     assert by_setting[(1, 3.0)]["lead"] == 1 + 1 + 1 and by_setting[(2, 3.0)]["lead"] == 0  # three regimes' medians
     assert by_setting[(1, 3.0)]["targets_met"] == by_setting[(2, 3.0)]["targets_met"] == 9
     assert len(choice["sweep"]) == len(spurious.SWEEP_THRESHOLDS) * len(spurious.SWEEP_PATIENCE)
-    # The default scores are watched too, with the same rule.
-    assert spurious.summarize(tuning, dict(threshold=4.0, patience=1, min_delta=0.1))["insertion"]["threshold_choice"]["threshold"] == 3.0
+    # The default scores and the insertion ratios are watched too, with the same rule.
+    model_tests = spurious.summarize(tuning, dict(threshold=4.0, patience=1, min_delta=0.1))
+    assert [model_tests[watch]["threshold_choice"]["threshold"] for watch in ("swap", "insertion")] == [3.0, 3.0]
     held = summary["regimes"]["object masks only"]["held_out_at_chosen"]
     assert held["all_shortcuts_alarmed"] and held["no_control_alarm"] and held["detail"]["shortcut_runs"] == 4
     assert spurious.choose_threshold(held_out, dict(threshold=4.0, patience=1, min_delta=0.1)) is None
@@ -167,10 +169,13 @@ def test_a_quick_run_writes_its_report_and_rescores_it(spurious, tmp_path, monke
     assert (caap["method"], gradcam["method"]) == ("caap", "gradcam") and len(caap["history"]) == 2
     assert result["setup"]["baselines_replay_caap_weights"] and result["setup"]["replay_matches_live"]
     for row in caap["history"] + gradcam["history"]:
-        assert all(row[name] is not None and row[name] > 0 for name in SCORES)
+        # A swap ratio has no value where the model gives an image and its donor one class (every pair, at chance).
+        assert all(row[name] is not None and row[name] > 0 for name in SCORES if "swap" not in name)
+        assert all(row[name] is None or row[name] > 0 for name in SCORES if "swap" in name)
     report = (tmp_path / "spurious.md").read_text()
     assert "cue+object masks (marker, watermark, border, background cues): every shortcut run alarmed" in report
-    plots = ("spurious_shapes_insertion.png", "spurious_shapes_caap.png", "spurious_shapes_gradcam.png")
+    plots = ("spurious_shapes_swap.png", "spurious_shapes_insertion.png", "spurious_shapes_caap.png",
+             "spurious_shapes_gradcam.png")
     assert result["setup"]["plots"] == list(plots) and all((tmp_path / name).stat().st_size > 0 for name in plots)
     # The model tests are the same on the replayed models; the map-based scores are each method's own.
     for a, b in zip(caap["history"], gradcam["history"]):
@@ -178,7 +183,7 @@ def test_a_quick_run_writes_its_report_and_rescores_it(spurious, tmp_path, monke
 
     rescored = spurious.main(["--rescore", str(tmp_path / "spurious.json"), "--threshold", "1e9"])
     assert rescored["setup"]["monitor"]["threshold"] == 1e9
-    for watch in ("insertion", "caap", "gradcam"):
+    for watch in ("swap", "insertion", "caap", "gradcam"):
         assert all(d["alarmed"] == 0 for d in rescored["summary"][watch]["regimes"]["none"]["by_cue"].values())
     assert "--rescore spurious.json --threshold 1000000000.0`" in (tmp_path / "spurious.md").read_text()
     assert json.loads((tmp_path / "spurious.json").read_text())["setup"]["monitor"]["threshold"] == 1e9

@@ -16,7 +16,7 @@ from caap_lightning import CAAP
 from caap_lightning.callbacks import CAAPCallback, SpuriousCueMonitor
 from caap_lightning.callbacks.caap_callback import in_probe_order
 from caap_lightning.callbacks.discovery import find_attribution_model
-from caap_lightning.metrics import InsertionRatio, border_masks, rest_colour
+from caap_lightning.metrics import InsertionRatio, SwapRatio, border_masks, rest_colour, swap_donors
 
 
 def test_fit_logs_heatmaps_and_finite_scalars_at_the_validation_steps(
@@ -103,6 +103,7 @@ def test_default_metrics_are_those_the_probe_allows(tmp_path, data_factory, clas
     assert caap.active_metrics == [
         "aupr_fg", "aupr_bg", "pointing_game", "insertion_deletion", "background_mass", "background_mass_ratio",
         "background_density_ratio", "fixed_position_ratio", "background_insertion_ratio", "border_insertion_ratio",
+        "background_swap_ratio", "border_swap_ratio",
     ]
 
 
@@ -132,6 +133,46 @@ def test_model_tests_run_once_with_the_primary_method_and_match_a_direct_call(
         out = metric.compute_details()
         assert caap.last.metrics[f"caap/{scalar}"] == pytest.approx(float(out["insertion_ratio"]), rel=1e-5)
         torch.testing.assert_close(caap.last.per_image[f"caap/{scalar}"], out["insertion_ratio_per_image"].float())
+
+
+def test_swap_tests_pair_each_probe_image_with_the_one_half_the_probe_on_and_match_a_direct_call(
+    tmp_path, data_factory, classifier_factory, trainer_factory
+):
+    """The swap ratios compare the top-1 classes of each image and its donor, whatever class the maps explain."""
+    data = data_factory(cue_correlation=0.9)
+    metrics = ["background_swap_ratio", "cue_swap_ratio", "border_swap_ratio"]
+    caap = CAAPCallback(num_images=6, methods=["caap", "gradcam"], metrics=metrics, target="label", log_images=False)
+    model = classifier_factory(seed=1)  # its top-1 classes on the probe: 2, 2, 2, 1, 1, 1
+    trainer_factory(tmp_path, [caap]).validate(model, datamodule=data, verbose=False)
+    assert not any("gradcam" in key for key in caap.logged_metrics)
+    probe = caap.probe
+    donors = swap_donors(len(probe))
+    assert donors.tolist() == [3, 4, 5, 0, 1, 2] and caap.last.targets.tolist() == probe.labels.tolist()
+    for scalar, masks, region in (
+        ("background_swap_ratio", probe.masks, "outside"),
+        ("cue_swap_ratio", probe.cue_masks, "mask"),
+        ("border_swap_ratio", border_masks(len(probe), tuple(probe.images.shape[-2:])), "mask"),
+    ):
+        metric = SwapRatio(model, region=region, per_image=True)
+        metric.update(probe.images, masks, probe.images[donors], masks[donors])  # no targets: each clean image's top-1
+        out = metric.compute_details()
+        assert int(out["count"]) == 6  # every pair's two classes differ
+        assert caap.last.metrics[f"caap/{scalar}"] == pytest.approx(float(out["swap_ratio"]), rel=1e-5)
+        torch.testing.assert_close(caap.last.per_image[f"caap/{scalar}"], out["swap_ratio_per_image"].float())
+    # A model that gives every probe image one class has no pair to score: the ratios are not logged.
+    collapsed = CAAPCallback(num_images=6, metrics=metrics, log_images=False)
+    trainer_factory(tmp_path, [collapsed]).validate(classifier_factory(seed=0), datamodule=data, verbose=False)
+    assert not any("swap" in key for key in collapsed.last.metrics)
+
+
+def test_a_probe_of_one_image_has_no_swap_tests(tmp_path, data_factory, classifier_factory, trainer_factory):
+    data = data_factory(cue_correlation=0.9)
+    caap = CAAPCallback(num_images=1, log_images=False)
+    trainer_factory(tmp_path, [caap]).validate(classifier_factory(), datamodule=data, verbose=False)
+    assert "border_insertion_ratio" in caap.active_metrics and not any("swap" in m for m in caap.active_metrics)
+    asked = CAAPCallback(num_images=1, metrics=["border_swap_ratio"], log_images=False)
+    with pytest.raises(ValueError, match=r"\['border_swap_ratio'\] swap a region between probe images, but the probe has 1"):
+        trainer_factory(tmp_path, [asked]).validate(classifier_factory(), datamodule=data, verbose=False)
 
 
 def test_per_image_values_gathered_rank_by_rank_return_to_the_probe_order():

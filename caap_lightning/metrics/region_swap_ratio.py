@@ -1,0 +1,183 @@
+"""Swap ratio: when a region and the rest of the image name different classes, which does the model follow?
+
+The insertion ratio (:mod:`~caap_lightning.metrics.region_insertion_ratio`) asks whether a
+suspect region *alone* restores the class. A model that has learnt both the object and a cue
+passes that test for both parts, so the ratio stays near 1 until the cue has all but replaced the
+object. A shortcut shows where the two disagree: on an image whose cue names another class. The
+swap test makes such images from the probe, as background-swap benchmarks do (the "mixed-rand"
+images of Xiao et al., 2021, "Noise or signal: the role of image backgrounds in object
+recognition"): each image's suspect region is replaced with a donor image's, and the probability
+the model gives the donor's class is compared with the probability it gives the image's own.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import torch
+from torch import Tensor, nn
+
+from caap_lightning.metrics._checks import (
+    TargetLike,
+    check_choice,
+    check_images,
+    check_int,
+    check_masks,
+    check_target,
+    check_target_range,
+    model_device_dtype,
+)
+from caap_lightning.metrics.functional import MASS_REGIONS, scorable_regions
+from caap_lightning.metrics.region_insertion_ratio import (
+    INSERTION_FLOOR,
+    PooledRegionRatio,
+    dilate,
+    edge_width,
+    fill_with_mean_of_rest,
+)
+from caap_lightning.utils import eval_mode
+
+
+class RegionSwap(NamedTuple):
+    """Per image: the probability of the donor's class and of the image's own class on the swapped image."""
+
+    suspect: Tensor  # (B,) float64: the donor's target, whose suspect region the swapped image shows
+    rest: Tensor  # (B,) float64: the image's own target, whose rest the swapped image shows
+    target: Tensor  # (B,) the images' classes
+    donor_target: Tensor  # (B,) the donors' classes
+    scored: Tensor  # (B,) bool: both masks mark part of their image and the two classes differ
+
+
+def swap_donors(n: int) -> Tensor:
+    """``(n,)`` long: each image's donor, the image half the batch further on (cyclically).
+
+    A fixed pairing that needs no labels (a probe may have none) and is the same on every
+    process, so a probe split across ranks swaps the same pairs as on one; a pair whose two
+    classes agree is skipped by :func:`region_swap`.
+    """
+    check_int("n", n, 2, "images to pair (a swap needs a donor other than the image)")
+    return (torch.arange(n) + n // 2) % n
+
+
+def swapped_images(images: Tensor, masks: Tensor, donor_images: Tensor, donor_masks: Tensor, region: str) -> Tensor:
+    """Each image with its suspect part taken from its donor.
+
+    ``region="mask"`` (the mask is the suspect: a cue, the border ring): the image with its own mask
+    removed as :func:`~caap_lightning.metrics.region_insertion_ratio.suspect_views` removes it (its
+    pixels and an edge around them take the mean colour of the image's rest), then the donor's mask
+    pixels laid on top. ``"outside"`` (the background of an object mask is the suspect): the
+    donor with its object so removed, then the image's object laid on top.
+    """
+    check_choice("region", region, MASS_REGIONS)
+    width = edge_width(tuple(images.shape[-2:]))
+    if region == "mask":
+        base = fill_with_mean_of_rest(images, dilate(masks, width))
+        return torch.where(donor_masks[:, None], donor_images, base)
+    base = fill_with_mean_of_rest(donor_images, dilate(donor_masks, width))
+    return torch.where(masks[:, None], images, base)
+
+
+def region_swap(
+    model: nn.Module,
+    images: Tensor,
+    masks: Tensor,
+    donor_images: Tensor,
+    donor_masks: Tensor,
+    region: str = "mask",
+    target: TargetLike = None,
+    donor_target: TargetLike = None,
+    batch_size: int = 64,
+) -> RegionSwap:
+    """The probabilities, on each image with its suspect part swapped for its donor's, of the two classes.
+
+    ``donor_images``/``donor_masks`` hold each image's donor at the same index (see
+    :func:`swap_donors`); :func:`swapped_images` builds the swapped images. ``target`` and
+    ``donor_target`` as :func:`~caap_lightning.metrics.functional.insertion_deletion` takes a
+    target (``None``: the top-1 class of the clean image, or of the clean donor, each costing
+    ``B`` forward passes more). A pair is scored where both masks mark part of their image and the
+    two classes differ: a donor of the same class tells nothing.
+    """
+    check_choice("region", region, MASS_REGIONS)
+    check_images(model, images)
+    check_images(model, donor_images)
+    masks, donor_masks = check_masks(masks), check_masks(donor_masks)
+    b = images.shape[0]
+    for name, value, reference in (("masks", masks, images), ("donor_images", donor_images, images),
+                                   ("donor_masks", donor_masks, donor_images)):
+        wanted = (b, *reference.shape[1:]) if name == "donor_images" else (b, *reference.shape[-2:])
+        if tuple(value.shape) != wanted:
+            raise ValueError(f"{name} {tuple(value.shape)} do not match the images {tuple(reference.shape)}: need {wanted}")
+    check_int("batch_size", batch_size, 1, "images per forward pass")
+    targets, donor_targets = check_target(target, b), check_target(donor_target, b)
+    scored = scorable_regions(masks) & scorable_regions(donor_masks)
+    device, dtype = model_device_dtype(model)
+    images = images.to(device=device or images.device, dtype=dtype or images.dtype)
+    donor_images = donor_images.to(images)
+    masks, donor_masks = masks.to(images.device), donor_masks.to(images.device)
+    views = [swapped_images(images, masks, donor_images, donor_masks, region)]
+    # The clean images are classified only where no target is given.
+    views += ([images] if targets is None else []) + ([donor_images] if donor_targets is None else [])
+    with eval_mode(model), torch.no_grad():
+        probs = torch.cat([model(chunk).float().softmax(1) for chunk in torch.cat(views).split(batch_size)]).double()
+    clean = iter(probs[lo : lo + b].argmax(1) for lo in range(b, len(probs), b))
+    targets = next(clean) if targets is None else targets.to(images.device)
+    donor_targets = next(clean) if donor_targets is None else donor_targets.to(images.device)
+    for given in (targets, donor_targets):
+        check_target_range(given, probs.shape[1])
+    swapped = probs[:b]
+    return RegionSwap(
+        suspect=swapped.gather(1, donor_targets[:, None])[:, 0],
+        rest=swapped.gather(1, targets[:, None])[:, 0],
+        target=targets,
+        donor_target=donor_targets,
+        scored=scored.to(images.device) & (targets != donor_targets),
+    )
+
+
+class SwapRatio(PooledRegionRatio):
+    """On images whose suspect region comes from an image of another class: the donor's class over the own, pooled.
+
+    ``region="outside"`` with object masks puts each object on another image's background;
+    ``region="mask"`` with cue masks (or :func:`~caap_lightning.metrics.border_masks`) gives each
+    image another image's cue (or border). The ratio is ``(mean p(donor's class) + floor) /
+    (mean p(own class) + floor)`` over the scored pairs: 1 when the model follows the swapped
+    region and the rest equally (a model at chance too), below 1 when it follows the rest (the
+    object), above 1 when it follows the region: the share of conflicting images a shortcut
+    decides, which the insertion ratio, asking each part alone, does not see while the model still
+    knows the object too. Each update costs ``B`` forward passes, ``B`` more for each of
+    ``target`` and ``donor_target`` not given. ``compute()`` returns the ratio;
+    ``compute_details()`` also ``suspect_probability`` and ``rest_probability`` (the means),
+    ``count`` and ``skipped``, and with ``per_image`` each scored pair's own ratio as
+    ``swap_ratio_per_image`` (NaN where skipped).
+
+    The model is held by reference, as :class:`~caap_lightning.metrics.InsertionDeletion` holds it.
+    """
+
+    main_key = "swap_ratio"
+    suspect_key = "suspect_probability"
+    rest_key = "rest_probability"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        region: str = "mask",
+        floor: float = INSERTION_FLOOR,
+        batch_size: int = 64,
+        per_image: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(region, floor, batch_size, per_image, **kwargs)
+        object.__setattr__(self, "model", model)
+
+    def update(
+        self,
+        images: Tensor,
+        masks: Tensor,
+        donor_images: Tensor,
+        donor_masks: Tensor,
+        target: TargetLike = None,
+        donor_target: Optional[TargetLike] = None,
+    ) -> None:
+        found = region_swap(self.model, images, masks, donor_images, donor_masks, self.region, target, donor_target,
+                            self.batch_size)
+        self._add(found.suspect, found.rest, found.scored)
