@@ -3,8 +3,8 @@
 Trains the ViT of ``spurious.py``'s recipe (``--data shapes`` or ``fashion``) on images whose cue
 (``--cue``: by default a background colour) names the label in every training image, with two
 ``CAAPCallback``/``SpuriousCueMonitor`` pairs on one fit, each on the monitor's defaults: one whose
-probe has the objects' masks but no cue masks (it watches ``background_insertion_ratio``), one
-whose probe has images and labels only (it watches ``border_insertion_ratio`` and discovers
+probe has the objects' masks but no cue masks (it watches ``background_swap_ratio``), one
+whose probe has images and labels only (it watches ``border_swap_ratio`` and discovers
 strategies). A ``CSVLogger`` makes the callbacks save their figures as PNG files; the ones the
 README shows are copied to ``--out`` (named by ``--name``), and a JSON summary of the scores and
 alarms is printed and saved.
@@ -67,10 +67,10 @@ def main() -> Dict[str, Any]:
                           mean=data.mean, std=data.std)
     callbacks = [
         CAAPCallback(probe=(masked.images, masked.labels, masked.masks), prefix="caap_object", max_images_logged=6),
-        SpuriousCueMonitor(monitor="caap_object/background_insertion_ratio", prefix="spurious_object"),
+        SpuriousCueMonitor(monitor="caap_object/background_swap_ratio", prefix="spurious_object"),
         CAAPCallback(probe=(unmasked.images, unmasked.labels), prefix="caap_none", max_images_logged=6),
         # Named: with two CAAPCallbacks the default would take the first one's score.
-        SpuriousCueMonitor(monitor="caap_none/border_insertion_ratio", prefix="spurious_none"),
+        SpuriousCueMonitor(monitor="caap_none/border_swap_ratio", prefix="spurious_none"),
     ]
     with tempfile.TemporaryDirectory() as tmp:
         logger = CSVLogger(tmp, name="shortcut")

@@ -24,6 +24,9 @@ from caap_lightning.utils import eval_mode
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 # Metrics shown in the summary, in this order, when logged.
 SUMMARY_METRICS = (
+    "caap/cue_swap_ratio",
+    "caap/background_swap_ratio",
+    "caap/border_swap_ratio",
     "caap/cue_insertion_ratio",
     "caap/background_insertion_ratio",
     "caap/border_insertion_ratio",

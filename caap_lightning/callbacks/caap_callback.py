@@ -327,8 +327,8 @@ class CAAPCallback(Callback):
     logs, per method, each metric as a scalar. The first method is the primary one: its scalars
     are ``<prefix>/<scalar>`` (e.g. ``caap/insdel``, ``caap/cue_density_ratio``); every further
     method's are ``<prefix>/<method>/<scalar>`` (e.g. ``caap/gradcam/insdel``). The model tests
-    (``caap/background_insertion_ratio`` and the other insertion ratios, what
-    :class:`SpuriousCueMonitor` watches by default) are logged once, under the primary's names. It also logs
+    (the swap ratios such as ``caap/background_swap_ratio``, what :class:`SpuriousCueMonitor`
+    watches by default, and the insertion ratios) are logged once, under the primary's names. It also logs
     ``<prefix>/seconds`` (the whole check's wall time), a heatmap grid with one overlay column per
     method (``<prefix>/heatmaps``) and the mean Insertion/Deletion curves of every method
     (``<prefix>/insertion_deletion``); loggers that cannot show images get PNG files under the
@@ -401,14 +401,18 @@ class CAAPCallback(Callback):
         metrics: any of ``aupr_fg``, ``aupr_bg``, ``pointing_game``, ``insertion_deletion``,
             ``background_mass``, ``background_mass_ratio``, ``cue_mass``, ``cue_mass_ratio``,
             ``background_density_ratio``, ``cue_density_ratio``, ``fixed_position_ratio``,
-            ``background_insertion_ratio``, ``cue_insertion_ratio``, ``border_insertion_ratio``;
-            ``None`` takes every metric the probe batch's masks allow. Mass metrics read the
+            ``background_insertion_ratio``, ``cue_insertion_ratio``, ``border_insertion_ratio``,
+            ``background_swap_ratio``, ``cue_swap_ratio``, ``border_swap_ratio``;
+            ``None`` takes every metric the probe batch's masks allow (the swap ratios need 2 images). Mass metrics read the
             map's positive part; ``*_mass_ratio`` divides by the region's share of the image;
             ``*_density_ratio`` is the evidence density on the region over that off it, and
             ``fixed_position_ratio`` the same for the place that the other probe images' evidence
             shares. The ``*_insertion_ratio`` scores test the model rather than a map: the class
             probability the background (the cue, the image's border) alone restores over what the
-            rest alone restores (:class:`~caap_lightning.metrics.InsertionRatio`); they run once per
+            rest alone restores (:class:`~caap_lightning.metrics.InsertionRatio`); so do the
+            ``*_swap_ratio`` scores: on each image with its background (cue, border) taken from the
+            image half the probe further on, the probability of that image's top-1 class over the
+            image's own (:class:`~caap_lightning.metrics.SwapRatio`). The model tests run once per
             check, under the primary method's name (``docs/metrics.md``).
         target: the class each map explains: ``"predicted"`` (the model's top-1) or ``"label"``.
         insertion_deletion_steps: steps of each Insertion/Deletion curve (``ceil(H * W / steps)``

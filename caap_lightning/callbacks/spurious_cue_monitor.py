@@ -119,11 +119,13 @@ class SpuriousCueMonitor(Callback):
     Args:
         monitor: a metric logged by a ``CAAPCallback``, e.g. ``"caap/cue_density_ratio"`` (the first
             of its ``methods``) or ``"caap/gradcam/cue_density_ratio"``. ``None`` picks
-            ``caap/background_insertion_ratio`` when the probe has object masks (with or without cue
-            masks), else ``caap/cue_insertion_ratio`` with cue masks, else
-            ``caap/border_insertion_ratio`` (no masks): each the class probability the suspect region
-            alone restores over what the rest alone restores, 1 when they restore it equally, at any
-            region size (``docs/metrics.md``; how they were chosen: ``benchmarks/results/spurious.md``).
+            ``caap/background_swap_ratio`` when the probe has object masks (with or without cue
+            masks), else ``caap/cue_swap_ratio`` with cue masks, else ``caap/border_swap_ratio`` (no
+            masks): each, on probe images given another probe image's region, the probability of
+            that image's class over that of their own, 1 when the model follows both parts equally,
+            at any region size; where the callback logs none, the insertion ratios, then the density
+            ratios (``DEFAULT_SCORES``; ``docs/metrics.md``; how they were chosen:
+            ``benchmarks/results/spurious.md``).
         threshold: the score must be past this to count (above for ``alarm_on="high"``); ``None``
             counts every check that does not improve (and the first check only sets the best).
             The default, :data:`DEFAULT_THRESHOLD`, serves the three default scores.
@@ -328,9 +330,11 @@ class SpuriousCueMonitor(Callback):
     def _count(self, trainer: L.Trainer, result: ProbeResult) -> None:
         score = result.metrics.get(self.monitor_key)
         if score is None or not math.isfinite(score):
+            why = ("the model gave every probe image the class of its partner" if self._spec is not None and self._spec.swap
+                   else "no probe image could be scored for it")
             rank_zero_warn(
                 f"SpuriousCueMonitor: the check at epoch {result.epoch} is not counted: {self.monitor_key} was not "
-                "logged there (no probe image could be scored for it); the count stays at "
+                f"logged there ({why}); the count stays at "
                 f"{self.wait} of {self.patience}."
             )
             return

@@ -84,6 +84,12 @@ def fill_with_mean_of_rest(images: Tensor, masks: Tensor) -> Tensor:
     return torch.where(masks[:, None], mean, images)
 
 
+def hide_regions(images: Tensor, masks: Tensor) -> Tensor:
+    """``images`` with each mask, and an edge :func:`edge_width` pixels wide around it, painted in the mean
+    colour of that image's other pixels (:func:`fill_with_mean_of_rest`): the region removed, no outline left."""
+    return fill_with_mean_of_rest(images, dilate(masks, edge_width(tuple(images.shape[-2:]))))
+
+
 def rest_colour(images: Tensor, masks: Tensor) -> Tensor:
     """``(C,)``: the mean colour of the pixels outside the masks, over every image of the batch.
 
@@ -106,7 +112,7 @@ def suspect_views(images: Tensor, masks: Tensor, region: str, colour: Tensor) ->
     when removed, takes ``colour`` (see :func:`rest_colour`), which keeps the mask's outline. The
     edge belongs to neither view.
     """
-    hidden = fill_with_mean_of_rest(images, dilate(masks, edge_width(tuple(images.shape[-2:]))))
+    hidden = hide_regions(images, masks)
     only_mask = torch.where(masks[:, None], images, colour.to(images).view(1, -1, 1, 1))
     if region == "mask":
         return only_mask, hidden

@@ -28,13 +28,7 @@ from caap_lightning.metrics._checks import (
     model_device_dtype,
 )
 from caap_lightning.metrics.functional import MASS_REGIONS, scorable_regions
-from caap_lightning.metrics.region_insertion_ratio import (
-    INSERTION_FLOOR,
-    PooledRegionRatio,
-    dilate,
-    edge_width,
-    fill_with_mean_of_rest,
-)
+from caap_lightning.metrics.region_insertion_ratio import INSERTION_FLOOR, PooledRegionRatio, hide_regions
 from caap_lightning.utils import eval_mode
 
 
@@ -63,18 +57,15 @@ def swapped_images(images: Tensor, masks: Tensor, donor_images: Tensor, donor_ma
     """Each image with its suspect part taken from its donor.
 
     ``region="mask"`` (the mask is the suspect: a cue, the border ring): the image with its own mask
-    removed as :func:`~caap_lightning.metrics.region_insertion_ratio.suspect_views` removes it (its
-    pixels and an edge around them take the mean colour of the image's rest), then the donor's mask
-    pixels laid on top. ``"outside"`` (the background of an object mask is the suspect): the
+    removed as the insertion ratio removes it (:func:`~caap_lightning.metrics.region_insertion_ratio.hide_regions`:
+    its pixels and an edge around them take the mean colour of the image's rest), then the donor's
+    mask pixels laid on top. ``"outside"`` (the background of an object mask is the suspect): the
     donor with its object so removed, then the image's object laid on top.
     """
     check_choice("region", region, MASS_REGIONS)
-    width = edge_width(tuple(images.shape[-2:]))
     if region == "mask":
-        base = fill_with_mean_of_rest(images, dilate(masks, width))
-        return torch.where(donor_masks[:, None], donor_images, base)
-    base = fill_with_mean_of_rest(donor_images, dilate(donor_masks, width))
-    return torch.where(masks[:, None], images, base)
+        return torch.where(donor_masks[:, None], donor_images, hide_regions(images, masks))
+    return torch.where(masks[:, None], images, hide_regions(donor_images, donor_masks))
 
 
 def region_swap(

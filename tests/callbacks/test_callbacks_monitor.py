@@ -11,7 +11,7 @@ import torch
 from caap_lightning.callbacks import CAAPCallback, SpuriousCueMonitor
 from caap_lightning.callbacks.caap_callback import ProbeResult
 from caap_lightning.callbacks.spurious_cue_monitor import DEFAULT_PATIENCE, DEFAULT_THRESHOLD
-from caap_lightning.metrics import rest_colour
+from caap_lightning.metrics import border_masks, rest_colour
 from caap_lightning.metrics.region_insertion_ratio import dilate, edge_width
 
 CUE = "caap/cue_density_ratio"
@@ -154,7 +154,7 @@ def test_setup_errors_say_what_to_change(tmp_path, data_factory, classifier_fact
     with pytest.raises(ValueError, match=r"monitor='caap/cue_mass_ratio' is not among the metrics CAAPCallback logs"):
         trainer.fit(classifier_factory(), datamodule=data_factory())
     trainer = trainer_factory(tmp_path, [CAAPCallback(metrics=["insertion_deletion"]), SpuriousCueMonitor()])
-    with pytest.raises(ValueError, match="log none of them .* add 'border_insertion_ratio'"):
+    with pytest.raises(ValueError, match="log none of them .* add 'border_swap_ratio'"):
         trainer.fit(classifier_factory(), datamodule=data_factory())
 
 
@@ -188,11 +188,11 @@ def test_default_monitor_follows_the_masks(tmp_path, data_factory, classifier_fa
     batch = cued.probe_batch(8)
     regimes = [
         # Object masks come first, with or without cue masks: the background alone holds the cue in its context.
-        (cued, None, "caap/background_insertion_ratio", False),
+        (cued, None, "caap/background_swap_ratio", False),
         (cued, {"images": batch.images, "labels": batch.labels, "cue_masks": batch.cue_masks},
-         "caap/cue_insertion_ratio", False),
-        (data, None, "caap/background_insertion_ratio", False),
-        (data, probe_of(data, 8), "caap/border_insertion_ratio", True),
+         "caap/cue_swap_ratio", False),
+        (data, None, "caap/background_swap_ratio", False),
+        (data, probe_of(data, 8), "caap/border_swap_ratio", True),
     ]
     for datamodule, probe, expected, strategies in regimes:
         monitor = SpuriousCueMonitor()
@@ -201,7 +201,7 @@ def test_default_monitor_follows_the_masks(tmp_path, data_factory, classifier_fa
         assert monitor.monitor_key == expected and len(monitor.history) == 2
         assert monitor.threshold == DEFAULT_THRESHOLD and monitor.discovers_strategies is strategies
         assert [row["score"] for row in monitor.history] == [row[expected] for row in caap.history]
-        # The scores of untrained models sit near 1 (neither part restores the class), below the threshold.
+        # The scores of untrained models sit near 1 (they follow neither part), below the threshold.
         assert all(0.2 < row["score"] < DEFAULT_THRESHOLD for row in monitor.history)
     # Without masks, strategies are on: 8 probe images are enough for the group of all classes only.
     assert sorted(monitor.last_strategies) == ["all"]
@@ -317,3 +317,47 @@ def test_an_alarm_on_a_model_test_names_the_images_by_their_own_ratio(
     # The background alone: the image as it is beyond the object and its edge.
     beyond = ~dilate(objects, edge_width(tuple(objects.shape[-2:])))[0]
     assert torch.equal(alone[0][:, beyond], probe.images[rows[0]][:, beyond])
+
+
+def test_an_alarm_on_a_swap_test_shows_each_image_with_its_donor_region(
+    tmp_path, scripted, data_factory, classifier_factory, trainer_factory, events_reader
+):
+    """The swap ratio's alarm: what the score means, and each named image as the test showed it, with its donor's border."""
+    data = data_factory(cue_correlation=None)
+    key = "caap/border_swap_ratio"
+    caap = scripted(CAAPCallback(num_images=4, metrics=["border_swap_ratio"], log_images=False), [3.0], key)
+    monitor = SpuriousCueMonitor(num_images=4, patience=1)
+    trainer = trainer_factory(tmp_path, [caap, monitor], max_epochs=1, limit_train_batches=1)
+    with pytest.warns(UserWarning, match=r"relies on the border \(on probe images given the image's border \(its outer "
+                      r"12.5% on each side\) of another probe image, the probability of that image's class over"):
+        trainer.fit(classifier_factory(seed=1), datamodule=data)
+    text = next(iter(events_reader(trainer.logger.log_dir)["texts"]["spurious/alarm/text_summary"].values()))
+    assert "what the test showed the model: the image with another probe image's border" in text
+    probe = caap.last.probe
+    rows = [0, 3]
+    (title, swapped), = monitor._test_views(caap.last, rows).items()
+    assert title == "with another image's border"
+    # Image 0's donor is image 2, image 3's is image 1 (half the probe on): their borders, each image's own inside.
+    ring = border_masks(1, tuple(probe.images.shape[-2:]))[0]
+    inside = ~dilate(ring[None], edge_width(tuple(ring.shape)))[0]
+    for view, image, donor in zip(swapped, rows, (2, 1)):
+        assert torch.equal(view[:, ring], probe.images[donor][:, ring])
+        assert torch.equal(view[:, inside], probe.images[image][:, inside])
+
+
+def test_a_model_that_names_one_class_for_every_image_leaves_the_swap_ratio_uncounted(
+    tmp_path, data_factory, classifier_factory, trainer_factory
+):
+    classifier = classifier_factory()
+    head = classifier.model.head
+    with torch.no_grad():  # every image class 0, by a margin one training step cannot undo
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([20.0, 0.0, 0.0]))
+    caap = CAAPCallback(num_images=4, metrics=["border_swap_ratio"], log_images=False)
+    monitor = SpuriousCueMonitor()
+    with pytest.warns(UserWarning, match=r"the check at epoch 0 is not counted: caap/border_swap_ratio was not logged "
+                      r"there \(the model gave every probe image the class of its partner\); the count stays at 0 of 1"):
+        trainer_factory(tmp_path, [caap, monitor], max_epochs=1, limit_train_batches=1).fit(
+            classifier, datamodule=data_factory(cue_correlation=None)
+        )
+    assert monitor.history == [] and "caap/border_swap_ratio" not in caap.last.metrics
