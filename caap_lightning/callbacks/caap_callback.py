@@ -309,8 +309,8 @@ class _ProbeShard:
     scores: torch.Tensor
     # The swap tests' pairs: each image's donor (swap_donors over the whole probe) and its masks, and the top-1
     # class of each image and of its donor (a swap compares the class the model sees in the image with the one
-    # it sees in the donor); the donors' classes are None where no swap test runs.
-    donor_images: torch.Tensor
+    # it sees in the donor); no donors (None, {}) where no swap test runs.
+    donor_images: Optional[torch.Tensor]
     donor_masks: Dict[str, torch.Tensor]
     top1: torch.Tensor
     donor_top1: Optional[torch.Tensor]
@@ -403,8 +403,8 @@ class CAAPCallback(Callback):
             ``background_density_ratio``, ``cue_density_ratio``, ``fixed_position_ratio``,
             ``background_insertion_ratio``, ``cue_insertion_ratio``, ``border_insertion_ratio``,
             ``background_swap_ratio``, ``cue_swap_ratio``, ``border_swap_ratio``;
-            ``None`` takes every metric the probe batch's masks allow (the swap ratios need 2 images). Mass metrics read the
-            map's positive part; ``*_mass_ratio`` divides by the region's share of the image;
+            ``None`` takes every metric the probe batch's masks allow (the swap ratios need 2
+            images). Mass metrics read the map's positive part; ``*_mass_ratio`` divides by the region's share of the image;
             ``*_density_ratio`` is the evidence density on the region over that off it, and
             ``fixed_position_ratio`` the same for the place that the other probe images' evidence
             shares. The ``*_insertion_ratio`` scores test the model rather than a map: the class
@@ -971,16 +971,17 @@ class CAAPCallback(Callback):
         device = pl_module.device
         probe = self.probe
         index = torch.arange(len(probe))[trainer.global_rank :: trainer.world_size]
-        donors = swap_donors(len(probe))[index] if len(probe) > 1 else index
+        donors = swap_donors(len(probe))[index] if len(probe) > 1 else index  # one image: no swap test runs
 
         def shard_of(rows: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
             # As Lightning does to batches: e.g. bf16 under "bf16-true", whose weights are bf16.
             images = trainer.precision_plugin.convert_input(probe.images[rows].to(device))
-            return images, {k: getattr(probe, k)[rows].to(device) for k in ("masks", "cue_masks") if getattr(probe, k) is not None}
+            masks = {k: getattr(probe, k)[rows].to(device) for k in ("masks", "cue_masks") if getattr(probe, k) is not None}
+            return images, masks
 
         images, masks = shard_of(index)
-        donor_images, donor_masks = shard_of(donors)
         swaps = any(METRICS[m].swap for m in self.active_metrics)
+        donor_images, donor_masks = shard_of(donors) if swaps else (None, {})
         with torch.no_grad(), eval_mode(self._classifier):
             # The donors in the same forward pass: every swap test then takes their classes from here.
             probs = self._classifier(torch.cat([images, donor_images]) if swaps else images).float().softmax(-1)
@@ -988,8 +989,8 @@ class CAAPCallback(Callback):
         donor_top1 = top1[len(index) :] if swaps else None
         probs, top1 = probs[: len(index)], top1[: len(index)]
         targets = probe.labels[index].to(device) if self.target == "label" else top1
-        return _ProbeShard(images, masks, targets, probs.gather(1, targets[:, None])[:, 0], donor_images, donor_masks, top1,
-                           donor_top1)
+        scores = probs.gather(1, targets[:, None])[:, 0]
+        return _ProbeShard(images, masks, targets, scores, donor_images, donor_masks, top1, donor_top1)
 
     def _attribute_shard(self, pl_module: L.LightningModule, name: str, shard: _ProbeShard) -> torch.Tensor:
         """``name``'s maps of this rank's share of the probe; updates that method's metric states."""

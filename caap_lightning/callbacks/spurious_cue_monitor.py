@@ -330,8 +330,8 @@ class SpuriousCueMonitor(Callback):
     def _count(self, trainer: L.Trainer, result: ProbeResult) -> None:
         score = result.metrics.get(self.monitor_key)
         if score is None or not math.isfinite(score):
-            why = ("the model gave every probe image the class of its partner" if self._spec is not None and self._spec.swap
-                   else "no probe image could be scored for it")
+            swap = self._spec is not None and self._spec.swap
+            why = "the model gave every probe image the class of its partner" if swap else "no probe image could be scored for it"
             rank_zero_warn(
                 f"SpuriousCueMonitor: the check at epoch {result.epoch} is not counted: {self.monitor_key} was not "
                 f"logged there ({why}); the count stays at "

@@ -249,8 +249,9 @@ class InsertionRatio(PooledRegionRatio):
     :func:`region_insertion` takes it: give the colour of a whole set (e.g. :func:`rest_colour` of
     a probe batch) so that every batch of it, and every process under DDP, is shown against the
     same stand-in; ``None`` takes each batch's own. Each update costs ``2B + 1`` forward passes
-    (``3B + 1`` without a ``target``, which classifies the images first). ``compute()`` returns the ratio; ``compute_details()`` also
-    ``suspect_gain`` and ``rest_gain`` (the means), ``count`` and ``skipped``, and with
+    (``3B + 1`` without a ``target``, which classifies the images first). ``compute()`` returns
+    the ratio; ``compute_details()`` also ``suspect_gain`` and ``rest_gain`` (the means),
+    ``count`` and ``skipped``, and with
     ``per_image`` each scored image's own ratio as ``insertion_ratio_per_image`` (NaN where
     skipped; under DDP gathered rank by rank).
 

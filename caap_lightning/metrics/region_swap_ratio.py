@@ -97,7 +97,9 @@ def region_swap(
                                    ("donor_masks", donor_masks, donor_images)):
         wanted = (b, *reference.shape[1:]) if name == "donor_images" else (b, *reference.shape[-2:])
         if tuple(value.shape) != wanted:
-            raise ValueError(f"{name} {tuple(value.shape)} do not match the images {tuple(reference.shape)}: need {wanted}")
+            raise ValueError(
+                f"{name} {tuple(value.shape)} do not match the images {tuple(reference.shape)}: need {wanted}"
+            )
     check_int("batch_size", batch_size, 1, "images per forward pass")
     targets, donor_targets = check_target(target, b), check_target(donor_target, b)
     scored = scorable_regions(masks) & scorable_regions(donor_masks)
