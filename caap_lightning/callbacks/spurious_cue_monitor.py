@@ -51,9 +51,11 @@ DEFAULT_SCORES = (
     "cue_density_ratio", "background_density_ratio", "fixed_position_ratio",
 )
 # One threshold for the default scores: each is 1 when the suspect region and the rest are equal (in the class
-# they restore alone, or in evidence density), whatever the region's size, so "twice as much" means the same
-# for a cue, a background, a border and a fixed position.
-DEFAULT_THRESHOLD = 2.0
+# the model follows, the class they restore alone, or evidence density), whatever the region's size, so "half as
+# much again" means the same for a cue, a background, a border and a fixed position. Chosen by the benchmark's
+# sweep on its tuning runs, where 1.5 and 2 met every target and 1.5 alarmed earlier, and confirmed on the
+# held-out cue kinds and dataset, where no control's swap ratio came near it (benchmarks/results/spurious.md).
+DEFAULT_THRESHOLD = 1.5
 # One check past the threshold alarms: the scores mean the same from the first check on, and on the benchmark
 # waiting for a second check delayed the alarms (far more of them over an epoch after the accuracy gap) and
 # prevented no false alarm (benchmarks/results/spurious.md).
