@@ -438,7 +438,7 @@ class SpuriousCueMonitor(Callback):
             donor_masks = {k: getattr(probe, k)[donors] for k in masks}
             donor_regions = spec.test_regions(probe.images[donors], donor_masks)
             swapped = swapped_images(probe.images[index], regions, probe.images[donors], donor_regions, spec.region)
-            return {f"with another image's {self.region}": swapped}
+            return {f"swapped {self.region}": swapped}  # a short title: it heads a narrow column
         alone, without = suspect_views(probe.images[index], regions, spec.region, spec.test_colour(probe))
         return {f"{self.region} alone": alone, f"without the {self.region}": without}
 

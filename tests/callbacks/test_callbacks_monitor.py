@@ -336,7 +336,7 @@ def test_an_alarm_on_a_swap_test_shows_each_image_with_its_donor_region(
     probe = caap.last.probe
     rows = [0, 3]
     (title, swapped), = monitor._test_views(caap.last, rows).items()
-    assert title == "with another image's border"
+    assert title == "swapped border"
     # Image 0's donor is image 2, image 3's is image 1 (half the probe on): their borders, each image's own inside.
     ring = border_masks(1, tuple(probe.images.shape[-2:]))[0]
     inside = ~dilate(ring[None], edge_width(tuple(ring.shape)))[0]
