@@ -180,7 +180,8 @@ class PooledRegionRatio(DetailedMetric):
 
     Subclasses name the values (``main_key``, ``suspect_key``, ``rest_key``) and compute them in
     ``update`` with :meth:`_add`; the ratio is :func:`insertion_ratio` of the pooled means, so
-    images where neither value is large weigh little.
+    images where neither value is large weigh little. The model is held by reference, as
+    :class:`~caap_lightning.metrics.InsertionDeletion` holds it.
     """
 
     is_differentiable = False
@@ -190,13 +191,20 @@ class PooledRegionRatio(DetailedMetric):
     rest_key: str
 
     def __init__(
-        self, region: str, floor: float = INSERTION_FLOOR, batch_size: int = 64, per_image: bool = False, **kwargs: Any
+        self,
+        model: nn.Module,
+        region: str = "mask",
+        floor: float = INSERTION_FLOOR,
+        batch_size: int = 64,
+        per_image: bool = False,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         check_choice("region", region, MASS_REGIONS)
         if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not floor > 0:
             raise ValueError(f"floor must be a probability > 0, got {floor!r}")
         check_int("batch_size", batch_size, 1, "images per forward pass")
+        object.__setattr__(self, "model", model)  # a reference, not a submodule: outside the state and the .to() moves
         self.region = region
         self.floor = float(floor)
         self.batch_size = batch_size
@@ -254,8 +262,6 @@ class InsertionRatio(PooledRegionRatio):
     ``count`` and ``skipped``, and with
     ``per_image`` each scored image's own ratio as ``insertion_ratio_per_image`` (NaN where
     skipped; under DDP gathered rank by rank).
-
-    The model is held by reference, as :class:`~caap_lightning.metrics.InsertionDeletion` holds it.
     """
 
     main_key = "insertion_ratio"
@@ -272,8 +278,7 @@ class InsertionRatio(PooledRegionRatio):
         per_image: bool = False,
         **kwargs: Any,
     ) -> None:
-        super().__init__(region, floor, batch_size, per_image, **kwargs)
-        object.__setattr__(self, "model", model)
+        super().__init__(model, region, floor, batch_size, per_image, **kwargs)
         self.colour = colour
 
     def update(self, images: Tensor, masks: Tensor, target: TargetLike = None) -> None:

@@ -12,7 +12,7 @@ the model gives the donor's class is compared with the probability it gives the 
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +28,7 @@ from caap_lightning.metrics._checks import (
     model_device_dtype,
 )
 from caap_lightning.metrics.functional import MASS_REGIONS, scorable_regions
-from caap_lightning.metrics.region_insertion_ratio import INSERTION_FLOOR, PooledRegionRatio, hide_regions
+from caap_lightning.metrics.region_insertion_ratio import PooledRegionRatio, hide_regions
 from caap_lightning.utils import eval_mode
 
 
@@ -142,25 +142,11 @@ class SwapRatio(PooledRegionRatio):
     ``compute_details()`` also ``suspect_probability`` and ``rest_probability`` (the means),
     ``count`` and ``skipped``, and with ``per_image`` each scored pair's own ratio as
     ``swap_ratio_per_image`` (NaN where skipped).
-
-    The model is held by reference, as :class:`~caap_lightning.metrics.InsertionDeletion` holds it.
     """
 
     main_key = "swap_ratio"
     suspect_key = "suspect_probability"
     rest_key = "rest_probability"
-
-    def __init__(
-        self,
-        model: nn.Module,
-        region: str = "mask",
-        floor: float = INSERTION_FLOOR,
-        batch_size: int = 64,
-        per_image: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(region, floor, batch_size, per_image, **kwargs)
-        object.__setattr__(self, "model", model)
 
     def update(
         self,
