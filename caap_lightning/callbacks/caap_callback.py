@@ -971,7 +971,6 @@ class CAAPCallback(Callback):
         device = pl_module.device
         probe = self.probe
         index = torch.arange(len(probe))[trainer.global_rank :: trainer.world_size]
-        donors = swap_donors(len(probe))[index] if len(probe) > 1 else index  # one image: no swap test runs
 
         def shard_of(rows: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
             # As Lightning does to batches: e.g. bf16 under "bf16-true", whose weights are bf16.
@@ -980,16 +979,24 @@ class CAAPCallback(Callback):
             return images, masks
 
         images, masks = shard_of(index)
-        swaps = any(METRICS[m].swap for m in self.active_metrics)
-        donor_images, donor_masks = shard_of(donors) if swaps else (None, {})
         with torch.no_grad(), eval_mode(self._classifier):
-            # The donors in the same forward pass: every swap test then takes their classes from here.
-            probs = self._classifier(torch.cat([images, donor_images]) if swaps else images).float().softmax(-1)
+            probs = self._classifier(images).float().softmax(-1)
         top1 = probs.argmax(-1)
-        donor_top1 = top1[len(index) :] if swaps else None
-        probs, top1 = probs[: len(index)], top1[: len(index)]
         targets = probe.labels[index].to(device) if self.target == "label" else top1
         scores = probs.gather(1, targets[:, None])[:, 0]
+        donor_images, donor_masks, donor_top1 = None, {}, None
+        if any(METRICS[m].swap for m in self.active_metrics):
+            donors = swap_donors(len(probe))[index]
+            held = torch.full((len(probe),), -1, dtype=torch.long)
+            held[index] = torch.arange(len(index))
+            local = held[donors].to(device)
+            if bool((local >= 0).all()):
+                # This rank holds every donor (one process does): its own images and classes, nothing recomputed.
+                donor_images, donor_masks, donor_top1 = images[local], {k: m[local] for k, m in masks.items()}, top1[local]
+            else:
+                donor_images, donor_masks = shard_of(donors)
+                with torch.no_grad(), eval_mode(self._classifier):
+                    donor_top1 = self._classifier(donor_images).float().argmax(-1)
         return _ProbeShard(images, masks, targets, scores, donor_images, donor_masks, top1, donor_top1)
 
     def _attribute_shard(self, pl_module: L.LightningModule, name: str, shard: _ProbeShard) -> torch.Tensor:
