@@ -70,6 +70,17 @@ DEFAULT_WINDOW = 2  # patches around each patch that construction="windowed" rec
 FAMILY_NAMES = {"vit": "a timm ViT", "cnn": "a CNN"}
 
 
+def model_test_regions(needs: Optional[str], images: torch.Tensor, masks: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """A model test's masks for ``images``: the probe's ``needs`` field, or the border ring where it needs none."""
+    return border_masks(len(images), tuple(images.shape[-2:])) if needs is None else masks[needs]
+
+
+def model_test_colour(needs: Optional[str], probe: ProbeBatch) -> torch.Tensor:
+    """A model test's stand-in for a removed rest, from the whole probe: the same on every rank and check."""
+    masks = {k: getattr(probe, k) for k in ("masks", "cue_masks") if getattr(probe, k) is not None}
+    return rest_colour(probe.images, model_test_regions(needs, probe.images, masks))
+
+
 @dataclass(frozen=True)
 class MetricSpec:
     """One metric of the check: the probe field it needs, its meter, its update and its logged scalars.
@@ -96,13 +107,10 @@ class MetricSpec:
     swap: bool = False
 
     def test_regions(self, images: torch.Tensor, masks: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """A model test's masks for ``images``: the probe's, or the border ring where it needs none."""
-        return border_masks(len(images), tuple(images.shape[-2:])) if self.needs is None else masks[self.needs]
+        return model_test_regions(self.needs, images, masks)
 
     def test_colour(self, probe: ProbeBatch) -> torch.Tensor:
-        """A model test's stand-in for a removed rest, from the whole probe: the same on every rank and check."""
-        masks = {k: getattr(probe, k) for k in ("masks", "cue_masks") if getattr(probe, k) is not None}
-        return rest_colour(probe.images, self.test_regions(probe.images, masks))
+        return model_test_colour(self.needs, probe)
 
     def update(self, meter: Any, pixel_maps: torch.Tensor, shard: "_ProbeShard") -> None:
         if self.swap:
@@ -147,11 +155,10 @@ def _density(needs: str, region: str, scalar: str) -> MetricSpec:
 
 
 def _insertion(needs: Optional[str], region: str, scalar: str) -> MetricSpec:
-    spec = MetricSpec(
-        needs, lambda ctx: InsertionRatio(ctx.model, region=region, colour=spec.test_colour(ctx.probe), per_image=True),
+    return MetricSpec(
+        needs, lambda ctx: InsertionRatio(ctx.model, region=region, colour=model_test_colour(needs, ctx.probe), per_image=True),
         {scalar: "insertion_ratio"}, region=region, model_test_per_image="insertion_ratio_per_image",
     )
-    return spec
 
 
 def _swap(needs: Optional[str], region: str, scalar: str) -> MetricSpec:
