@@ -1115,11 +1115,8 @@ def _gather_shards(trainer: L.Trainer, shard: torch.Tensor, n: int) -> torch.Ten
     padded = shard.new_zeros((size, *shard.shape[1:]))
     padded[: len(shard)] = shard
     gathered = trainer.strategy.all_gather(padded).cpu()  # (world, size, ...)
-    out = shard.new_zeros((n, *shard.shape[1:]), device="cpu")
-    for rank in range(world):
-        count = len(range(rank, n, world))
-        out[rank::world] = gathered[rank, :count]
-    return out
+    rank_by_rank = torch.cat([gathered[rank, : len(range(rank, n, world))] for rank in range(world)])
+    return in_probe_order(rank_by_rank, n, world)
 
 
 def in_probe_order(gathered: torch.Tensor, n: int, world: int) -> torch.Tensor:

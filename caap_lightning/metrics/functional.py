@@ -401,7 +401,9 @@ def fixed_position_evidence(
         raise ValueError(f"maps of {h}x{w} pixels have no region to single out; pass maps of at least 2 pixels")
     count = hot_pixel_count(h * w, region_share)
     mass = evidence(maps)
-    total = mass.sum(0, keepdim=True)
+    # Summed in sorted order: the hot region is a ranking, and pixels whose totals tie but for rounding would
+    # otherwise change places with the order of the images (DDP gathers them rank by rank).
+    total = mass.sort(0).values.sum(0, keepdim=True)
     regions = torch.cat([top_pixels(total - rows, count) for rows in mass.split(chunk)])
     share = (mass * regions).sum(1)
     area = torch.full_like(share, count / (h * w))

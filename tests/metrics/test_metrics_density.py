@@ -168,6 +168,20 @@ def test_leave_one_out_a_peak_that_moves_never_selects_itself():
     assert float(fixed_position_ratio(mixed, 0.25)) == pytest.approx((mean / 0.25) / ((1 - mean) / 0.75), rel=1e-12)
 
 
+def test_fixed_position_regions_do_not_depend_on_the_order_of_the_images():
+    # Three pixels hold the same three values in three orders: their totals tie but for rounding, which
+    # depends on the order of summation. DDP gathers the probe rank by rank, so the order must not matter.
+    values = [0.13203048706054688, 0.30742281675338745, 0.6340786814689636]
+    maps = torch.full((5, 16), 0.01)
+    for pixel in range(3):
+        maps[:3, pixel] = torch.tensor(values[pixel:] + values[:pixel])
+        maps[3:, pixel] = 0.5
+    maps = maps.view(5, 4, 4)
+    order = [0, 2, 4, 1, 3]  # two ranks' shards, one after the other
+    assert torch.equal(fixed_position_evidence(maps[order]).regions, fixed_position_evidence(maps).regions[order])
+    assert float(fixed_position_ratio(maps[order])) == pytest.approx(float(fixed_position_ratio(maps)), rel=1e-12)
+
+
 def test_fixed_position_class_keeps_the_maps_and_matches_the_function():
     generator = torch.Generator().manual_seed(0)
     maps = torch.rand(7, 6, 6, generator=generator)
