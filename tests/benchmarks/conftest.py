@@ -40,3 +40,8 @@ def diagnose() -> ModuleType:
 @pytest.fixture(scope="session")
 def quality() -> ModuleType:
     return load_script("quality")
+
+
+@pytest.fixture(scope="session")
+def swap_probe_size() -> ModuleType:
+    return load_script("swap_probe_size")

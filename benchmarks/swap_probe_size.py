@@ -1,0 +1,285 @@
+"""Why one shortcut run alarms late: the swap test's statistic, or the probe's size?
+
+``spurious.py`` finds one shortcut run whose alarm comes two epochs after the accuracy gap: at
+the epoch after the gap the model follows the cue on about two thirds of the cue-conflicting
+validation images, yet the 16-image probe's swap ratio reads barely above 1. This script trains
+the runs of ``spurious.py``'s grid again (its recipes, data and ``fit_run``) and, at every
+epoch's weights, scores the swap test four ways on a probe of 16 images (the default) and of 64:
+
+- ``probability, clean classes``: ``SwapRatio`` as the callback logs it, the mean probability
+  of the donor's class over the mean of the own, the classes being each clean image's top-1;
+- ``votes, clean classes``: how many swapped images the model names as the donor's class over
+  how many it names as the own (each count plus 1);
+- ``votes, part classes``: the classes are those each part names alone (the donor's region
+  alone, the image's rest alone, shown as ``InsertionRatio`` shows them), the votes as above;
+- ``probability, part classes``: those classes, pooled probabilities.
+
+Part classes matter on a probe whose images are themselves cue-conflicting (the benchmark's
+validation set, where the cue is independent of the label): there a half-shortcut model's clean
+top-1 is sometimes the cue's class and sometimes the object's, so neither clean class says
+what the swapped parts name. Each statistic drives the monitor's rule (``SpuriousCueMonitor``'s
+patience and ``min_delta``) at thresholds 1.5 and 2, for the two regions the monitor's
+defaults use: the background (object masks) and the border ring (no masks). The report gives
+per setting the shortcut runs alarmed, those more than one epoch after the gap, the controls
+alarmed and their highest score; the votes behind each late run; and the seconds each test
+costs against the run's whole check.
+
+    python benchmarks/swap_probe_size.py --workers 2      # writes benchmarks/results/swap-probe-size.*
+    python benchmarks/swap_probe_size.py --quick          # a smoke run: prints the summary
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from lightning.pytorch.utilities import disable_possible_user_warnings
+
+import spurious
+from caap_lightning.callbacks import SpuriousCueMonitor
+from caap_lightning.datamodules import CUE_KINDS
+from caap_lightning.metrics import border_masks
+from caap_lightning.metrics.region_insertion_ratio import INSERTION_FLOOR, rest_colour, suspect_views
+from caap_lightning.metrics.region_swap_ratio import swap_donors, swapped_images
+from caap_lightning.models import ViTClassifier
+from caap_lightning.utils import eval_mode
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PROBE_SIZES = (16, 64)
+# The monitor's default regions: the background with object masks, the border ring with none.
+REGIONS = {"background": ("masks", "outside"), "border": (None, "mask")}
+STATISTICS = ("probability, clean classes", "votes, clean classes", "votes, part classes", "probability, part classes")
+THRESHOLDS = (1.5, 2.0)
+VOTE_PRIOR = 1.0  # added to each count, so that a probe with no vote either way reads 1
+
+
+# ---------------------------------------------------------------------- one test
+def swap_votes(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor, region: str) -> Dict[str, Any]:
+    """Per pair of the probe: the swapped image's probabilities and top-1, with both ways of naming each part's class."""
+    n = len(images)
+    donors = swap_donors(n)
+    start = time.perf_counter()
+    with torch.no_grad(), eval_mode(model):
+        clean = model(images).argmax(1)
+        swapped = model(swapped_images(images, masks, images[donors], masks[donors], region)).softmax(1).double()
+    clean_s = time.perf_counter() - start
+    with torch.no_grad(), eval_mode(model):
+        alone, rest = suspect_views(images, masks, region, rest_colour(images, masks))
+        region_class, rest_class = model(alone).argmax(1)[donors], model(rest).argmax(1)
+    return {
+        "top1": swapped.argmax(1), "probs": swapped,
+        "clean": (clean[donors], clean), "parts": (region_class, rest_class),
+        "seconds": {"clean": clean_s, "parts": time.perf_counter() - start},
+    }
+
+
+def score(found: Dict[str, Any], statistic: str) -> Tuple[Optional[float], int, int, int]:
+    """``statistic``'s value (``None`` when no pair is scored), the votes for the region and the rest, the pairs scored."""
+    kind, classes = statistic.split(", ")
+    suspect, own = found["clean" if classes == "clean classes" else "parts"]
+    scored = suspect != own  # a pair whose two classes agree tells nothing
+    votes_region = int((found["top1"] == suspect)[scored].sum())
+    votes_rest = int((found["top1"] == own)[scored].sum())
+    count = int(scored.sum())
+    if not count:
+        return None, 0, 0, 0
+    if kind == "votes":
+        value = (votes_region + VOTE_PRIOR) / (votes_rest + VOTE_PRIOR)
+    else:
+        p_region = found["probs"].gather(1, suspect[:, None])[:, 0][scored].mean()
+        p_rest = found["probs"].gather(1, own[:, None])[:, 0][scored].mean()
+        value = float((p_region + INSERTION_FLOOR) / (p_rest + INSERTION_FLOOR))
+    return round(value, 4), votes_region, votes_rest, count
+
+
+# ---------------------------------------------------------------------- one run
+def run_job(job: Tuple[str, str, float, int], settings: Dict[str, Any]) -> Dict[str, Any]:
+    """Train one run as ``spurious.py`` does, then score every statistic at each epoch's weights."""
+    record, snapshots = spurious.fit_run(job, "caap", settings)
+    data = spurious.build_data(*job, settings)
+    data.setup("fit")
+    model = ViTClassifier(**settings["recipes"][job[0]]["model"], num_classes=data.num_classes, img_size=data.img_size,
+                          mean=data.mean, std=data.std)
+    probes = {n: data.probe_batch(n) for n in settings["probe_sizes"]}
+    for row, weights in zip(record["history"], snapshots):
+        model.model.load_state_dict(weights)
+        row["swap"] = {}
+        for (n, probe), (region, (needs, kind)) in itertools.product(probes.items(), REGIONS.items()):
+            masks = probe.masks if needs else border_masks(n, tuple(probe.images.shape[-2:]))
+            found = swap_votes(model, probe.images, masks, kind)
+            row["swap"][f"{region}/{n}"] = {
+                "scores": {s: score(found, s) for s in STATISTICS},
+                "seconds": {k: round(v, 4) for k, v in found["seconds"].items()},
+            }
+    return {k: record[k] for k in ("dataset", "cue", "cue_correlation", "seed", "control", "history")}
+
+
+# ---------------------------------------------------------------------- what the runs say
+def series(run: Dict[str, Any], key: str, statistic: str) -> List[Dict[str, Any]]:
+    return [{"epoch": h["epoch"], "s": h["swap"][key]["scores"][statistic][0]} for h in run["history"]]
+
+
+def evaluate(runs: Sequence[Dict[str, Any]], key: str, statistic: str, threshold: float, monitor: Dict[str, Any]) -> Dict[str, Any]:
+    """The monitor's alarms on one statistic: shortcut runs alarmed and late, controls alarmed, the controls' peak."""
+    settings = {**monitor, "threshold": threshold}
+    shortcut = [r for r in runs if not r["control"] and r["history"][-1]["reliance"] >= spurious.SHORTCUT_RELIANCE]
+    controls = [r for r in runs if r["control"]]
+    leads, late, missed = [], [], []
+    for run in shortcut:
+        alarm = spurious.replay_alarm_epoch(series(run, key, statistic), "s", **settings)
+        lead = spurious.lead_time(alarm, spurious.gap_epoch(run["history"]))
+        if alarm is None:
+            missed.append(spurious.label(run))
+        elif lead is not None:
+            leads.append(lead)
+            if spurious.is_late(lead):
+                late.append(spurious.label(run))
+    false_alarms = [spurious.label(r) for r in controls
+                    if spurious.replay_alarm_epoch(series(r, key, statistic), "s", **settings) is not None]
+    peaks = [max((x["s"] for x in series(r, key, statistic) if x["s"] is not None), default=None) for r in controls]
+    return {
+        "shortcut_runs": len(shortcut), "alarmed": len(shortcut) - len(missed), "missed": missed,
+        "late": late, "median_lead": statistics.median(leads) if leads else None,
+        "controls": len(controls), "false_alarms": false_alarms,
+        "controls_peak": max((p for p in peaks if p is not None), default=None),
+    }
+
+
+def late_votes(runs: Sequence[Dict[str, Any]], late: Sequence[str], sizes: Sequence[int]) -> List[Dict[str, Any]]:
+    """For each run late at any setting: reliance and the background votes at the gap epoch and the one after."""
+    rows = []
+    for run in (r for r in runs if spurious.label(r) in late):
+        gap = spurious.gap_epoch(run["history"])
+        for h in run["history"][gap - 1 : gap + 1]:
+            rows.append({"run": spurious.label(run), "epoch": h["epoch"], "gap_epoch": gap, "reliance": h["reliance"],
+                         **{f"{s} ({n})": h["swap"][f"background/{n}"]["scores"][s][1:] for n in sizes
+                            for s in STATISTICS if s.startswith("votes")}})
+    return rows
+
+
+def costs(runs: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, float]]:
+    """Median seconds per test (clean classes: 2 forward passes of the probe; part classes: 2 more) against the whole check."""
+    out: Dict[str, Dict[str, float]] = {}
+    for key in next(iter(runs))["history"][0]["swap"]:
+        rows = [h for r in runs for h in r["history"] if h["attribution_s"]]
+        out[key] = {
+            kind: round(statistics.median(h["swap"][key]["seconds"][kind] / h["attribution_s"] for h in rows), 4)
+            for kind in ("clean", "parts")
+        }
+    return out
+
+
+def summarize(runs: Sequence[Dict[str, Any]], sizes: Sequence[int], monitor: Dict[str, Any]) -> Dict[str, Any]:
+    table = {
+        f"{region}/{n}/{statistic}/{threshold}": evaluate(runs, f"{region}/{n}", statistic, threshold, monitor)
+        for region, n, statistic, threshold in itertools.product(REGIONS, sizes, STATISTICS, THRESHOLDS)
+    }
+    late = sorted({name for row in table.values() for name in row["late"]})
+    return {"settings": table, "late_votes": late_votes(runs, late, sizes), "cost_of_check": costs(runs)}
+
+
+# ---------------------------------------------------------------------- report
+def markdown(result: Dict[str, Any]) -> str:
+    setup, summary = result["setup"], result["summary"]
+    lines = [
+        "# Swap test: statistic and probe size against the lead bound",
+        "",
+        f"Made by `{setup['command']}` ({setup['runs']} trained runs of `spurious.py`'s grid: {', '.join(setup['datasets'])}; "
+        f"cues {', '.join(setup['cues'])}; cue strengths {setup['cue_correlations']}; seeds {setup['seeds']}; "
+        f"{setup['wall_min']:.0f} min on {setup['machine']}). Monitor rule: patience {setup['monitor']['patience']}, "
+        f"min_delta {setup['monitor']['min_delta']}. A run is *late* when its alarm comes more than one epoch after "
+        "the accuracy gap; the controls' peak is their highest score at any epoch.",
+        "",
+        "| region / probe | statistic | threshold | shortcut runs alarmed | late | median lead | controls alarmed | controls' peak |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in summary["settings"].items():
+        region_size, statistic, threshold = name.rsplit("/", 2)
+        lines.append(
+            f"| {region_size} | {statistic} | {threshold} | {row['alarmed']}/{row['shortcut_runs']} | "
+            f"{len(row['late'])}{' (' + ', '.join(row['late']) + ')' if row['late'] else ''} | {spurious.fmt(row['median_lead'])} | "
+            f"{len(row['false_alarms'])}/{row['controls']} | {spurious.fmt(row['controls_peak'])} |"
+        )
+    lines += ["", "## The votes behind the late runs (background; votes for the region, for the rest, pairs scored)", ""]
+    if summary["late_votes"]:
+        keys = [k for k in summary["late_votes"][0] if k not in ("run", "epoch", "gap_epoch", "reliance")]
+        lines += ["| run | epoch (gap epoch) | reliance % | " + " | ".join(keys) + " |", "|---" * (3 + len(keys)) + "|"]
+        for row in summary["late_votes"]:
+            lines.append(f"| {row['run']} | {row['epoch']} ({row['gap_epoch']}) | {spurious.fmt(row['reliance'], 1)} | "
+                         + " | ".join("/".join(map(str, row[k])) for k in keys) + " |")
+    else:
+        lines.append("No run is late at any setting.")
+    lines += ["", "## Cost: seconds of each test over the seconds of the run's whole check (medians over epochs)", "",
+              "| region / probe | clean classes | part classes |", "|---|---|---|"]
+    lines += [f"| {key} | {spurious.fmt(c['clean'], 3)} | {spurious.fmt(c['parts'], 3)} |" for key, c in summary["cost_of_check"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="shapes, marker, one seed, tiny data, 2 epochs; writes nothing")
+    parser.add_argument("--data", nargs="+", default=list(spurious.DATASETS), choices=spurious.DATASETS)
+    parser.add_argument("--cues", nargs="+", default=list(CUE_KINDS), choices=CUE_KINDS)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--cue-correlations", type=float, nargs="+", default=None,
+                        help="default: the control (1 / classes) and 0.95, the strength of the late run")
+    parser.add_argument("--workers", type=int, default=1, help="processes, one torch thread each")
+    parser.add_argument("--fashion-root", default=spurious.parse_args([]).fashion_root)
+    parser.add_argument("--output-dir", type=Path, default=None, help="default: benchmarks/results (none with --quick)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    args = parse_args(argv)
+    disable_possible_user_warnings()
+    data = ["shapes"] if args.quick else args.data
+    settings = {
+        "recipes": {name: spurious.recipe(name, args.quick) for name in data},
+        "num_val": spurious.QUICK["num_val"] if args.quick else 512,
+        "num_images": 16, "construction": "parallel", "baselines": [], "fashion_root": args.fashion_root,
+        "monitor": spurious.settings_of(SpuriousCueMonitor()), "probe_sizes": PROBE_SIZES,
+    }
+    if "fashion" in data:
+        spurious.find_fashion_mnist(args.fashion_root)
+    jobs = [(d, cue, strength, seed)
+            for d in data
+            for cue, strength, seed in itertools.product(
+                ["marker"] if args.quick else args.cues,
+                args.cue_correlations or [spurious.control_of(d, settings), 0.95],
+                args.seeds[:1] if args.quick else args.seeds)]
+    start = time.perf_counter()
+    with ProcessPoolExecutor(args.workers, initializer=spurious.init_worker) as pool:
+        runs = []
+        for run in pool.map(run_job, jobs, itertools.repeat(settings)):
+            runs.append(run)
+            print(json.dumps({"done": spurious.label(run), "of": len(jobs), "runs": len(runs)}), flush=True)
+    monitor = settings["monitor"]
+    setup = {
+        "command": " ".join(["python benchmarks/swap_probe_size.py", *(argv if argv is not None else sys.argv[1:])]),
+        "runs": len(runs), "datasets": data, "cues": sorted({j[1] for j in jobs}), "seeds": sorted({j[3] for j in jobs}),
+        "cue_correlations": sorted({j[2] for j in jobs}), "probe_sizes": list(PROBE_SIZES), "monitor": monitor,
+        "machine": f"{os.cpu_count()} cores",
+        "wall_min": (time.perf_counter() - start) / 60,
+    }
+    result = {"setup": setup, "summary": summarize(runs, PROBE_SIZES, monitor), "runs": runs}
+    report = markdown(result)
+    print(report)
+    output = args.output_dir or (None if args.quick else RESULTS)
+    if output is not None:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "swap-probe-size.json").write_text(json.dumps(result, indent=1) + "\n")
+        (output / "swap-probe-size.md").write_text(report)
+    return result
+
+
+if __name__ == "__main__":
+    main()
