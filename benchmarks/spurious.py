@@ -660,9 +660,8 @@ def setup_section(setup: Dict[str, Any], n_runs: int) -> List[str]:
     lines += [
         "",
         f"Monitor: `SpuriousCueMonitor` settings `threshold={live['threshold']}`, `patience={live['patience']}`, "
-        f"`min_delta={live['min_delta']}` (its defaults: {defaults_text(setup['monitor_defaults'])}). A live monitor on "
-        f"`{live['monitor']}` watched each fit; replaying the recorded scores reproduces its alarms: "
-        f"{'checked' if setup['replay_matches_live'] else 'NO, see the JSON'}. "
+        f"`min_delta={live['min_delta']}` (its defaults: {defaults_text(setup['monitor_defaults'])}). "
+        + live_monitor_text(setup) + " "
         + ("Each baseline replays the CAAP fit's weights epoch by epoch (same accuracies every epoch: "
            f"{'checked' if setup['baselines_replay_caap_weights'] else 'MISMATCH, see the JSON'})." if setup["methods"][1:] else ""),
         "",
@@ -682,6 +681,19 @@ def setup_section(setup: Dict[str, Any], n_runs: int) -> List[str]:
         "background cue's mask is every pixel but the object, so for it the first two regimes watch the same region.",
     ]
     return lines
+
+
+def live_monitor_text(setup: Dict[str, Any]) -> str:
+    """What the live monitor ran with, and whether the replay reproduced it when the grid ran."""
+    checked = "checked" if setup["replay_matches_live"] else "NO, see the JSON"
+    ran = setup.get("live_monitor", None if setup.get("rescored") else setup["monitor"])
+    if ran is None:  # rescored before the live settings were kept apart from the replayed ones
+        return (f"A live monitor on `{setup['monitor']['monitor']}` watched each fit with the settings of the code that ran "
+                f"the grid, which this rescored file no longer holds; replaying the recorded scores with those settings "
+                f"reproduced its alarms: {checked}.")
+    return (f"A live monitor on `{setup['monitor']['monitor']}` watched each fit (`threshold={ran['threshold']}`, "
+            f"`patience={ran['patience']}`, `min_delta={ran['min_delta']}`); replaying the recorded scores with those "
+            f"settings reproduces its alarms: {checked}.")
 
 
 def ground_truth_section(truth: Dict[str, Any]) -> List[str]:
@@ -1022,6 +1034,8 @@ def rescore(path: Path, given: Dict[str, Any]) -> Dict[str, Any]:
         raise ValueError(f"{path} was written by the single-cue version of this script; --rescore reads this version's JSON")
     if runs and any(key not in runs[0]["history"][0] for key in RECORDED):
         raise ValueError(f"{path} lacks some of today's model tests (written before they were recorded); run the grid again")
+    if "rescored" not in setup:  # the live run's settings, before the first replay replaces them
+        setup["live_monitor"] = dict(setup["monitor"])
     setup["monitor"].update(given)
     setup["monitor_defaults"] = settings_of(SpuriousCueMonitor())  # today's, which the report compares with
     setup["rescored"] = (

@@ -187,6 +187,10 @@ def test_a_quick_run_writes_its_report_and_rescores_it(spurious, tmp_path, monke
         assert all(d["alarmed"] == 0 for d in rescored["summary"][watch]["regimes"]["none"]["by_cue"].values())
     assert "--rescore spurious.json --threshold 1000000000.0`" in (tmp_path / "spurious.md").read_text()
     assert json.loads((tmp_path / "spurious.json").read_text())["setup"]["monitor"]["threshold"] == 1e9
+    # The report keeps the live run's own settings apart from the replayed ones, through a second rescore too.
+    live = f"watched each fit (`threshold={result['setup']['monitor']['threshold']}`"
+    spurious.main(["--rescore", str(tmp_path / "spurious.json"), "--threshold", "7"])
+    assert live in (tmp_path / "spurious.md").read_text() and "`threshold=7.0`" in (tmp_path / "spurious.md").read_text()
 
 
 def test_rescore_refuses_the_single_cue_format(spurious, tmp_path):
