@@ -48,7 +48,7 @@ import spurious
 from caap_lightning.callbacks import SpuriousCueMonitor
 from caap_lightning.datamodules import CUE_KINDS
 from caap_lightning.metrics import border_masks
-from caap_lightning.metrics.region_insertion_ratio import INSERTION_FLOOR, rest_colour, suspect_views
+from caap_lightning.metrics.region_insertion_ratio import insertion_ratio, rest_colour, suspect_views
 from caap_lightning.metrics.region_swap_ratio import swap_donors, swapped_images
 from caap_lightning.models import ViTClassifier
 from caap_lightning.utils import eval_mode
@@ -97,7 +97,7 @@ def score(found: Dict[str, Any], statistic: str) -> Tuple[Optional[float], int, 
     else:
         p_region = found["probs"].gather(1, suspect[:, None])[:, 0][scored].mean()
         p_rest = found["probs"].gather(1, own[:, None])[:, 0][scored].mean()
-        value = float((p_region + INSERTION_FLOOR) / (p_rest + INSERTION_FLOOR))
+        value = float(insertion_ratio(p_region, p_rest))  # SwapRatio's own pooling
     return round(value, 4), votes_region, votes_rest, count
 
 
@@ -169,8 +169,8 @@ def late_votes(runs: Sequence[Dict[str, Any]], late: Sequence[str], sizes: Seque
 def costs(runs: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, float]]:
     """Median seconds per test (clean classes: 2 forward passes of the probe; part classes: 2 more) against the whole check."""
     out: Dict[str, Dict[str, float]] = {}
-    for key in next(iter(runs))["history"][0]["swap"]:
-        rows = [h for r in runs for h in r["history"] if h["attribution_s"]]
+    rows = [h for r in runs for h in r["history"] if h["attribution_s"]]
+    for key in rows[0]["swap"]:
         out[key] = {
             kind: round(statistics.median(h["swap"][key]["seconds"][kind] / h["attribution_s"] for h in rows), 4)
             for kind in ("clean", "parts")
