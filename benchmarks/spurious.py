@@ -118,7 +118,7 @@ LATEST_LEAD = -1
 # The threshold is chosen on these (dataset, cue kind) pairs and confirmed on the others.
 TUNING = (("shapes", "marker"), ("shapes", "watermark"))
 # The replay grid for the threshold and patience (every score is 1 when the suspect region and the rest are equal).
-SWEEP_THRESHOLDS = (1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0)
+SWEEP_THRESHOLDS = (1.1, 1.2, 1.3, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0)
 SWEEP_PATIENCE = (1, 2)
 
 HALF = (0.5, 0.5, 0.5)
@@ -259,8 +259,8 @@ def fit_run(
                         mean=data.mean, std=data.std)
     if snapshots is not None:
         model.snapshots = snapshots
-    caap = CAAPCallback(methods=[method], num_images=settings["num_images"], construction=settings["construction"],
-                        metrics=list(RECORDED), log_images=False)
+    caap = CAAPCallback(methods=[method], num_images=settings["num_images"], swap_images=settings["swap_images"],
+                        construction=settings["construction"], metrics=list(RECORDED), log_images=False)
     monitor = SpuriousCueMonitor(monitor="caap/" + REGIMES[LIVE_REGIME], **settings["monitor"], num_images=0)
     data.setup("fit")
     recorder = EpochRecorder(data.probe_batch(data.num_val), caap, monitor)
@@ -609,6 +609,12 @@ def late_alarms(runs: Sequence[Dict[str, Any]], monitor: Dict[str, Any]) -> Dict
 
 
 # ---------------------------------------------------------------------- reports
+def swap_probe_size(setup: Dict[str, Any]) -> str:
+    """The images the swap ratios ran on: the probe or ``swap_images``, the larger (runs recorded before
+    ``swap_images`` existed swapped within the probe)."""
+    return f"{max(setup['num_images'], setup.get('swap_images', 0))} images"
+
+
 def fmt(value: Any, digits: int = 2) -> str:
     """A table cell: ``-`` for none, floats with at most ``digits`` decimals."""
     if value is None:
@@ -645,8 +651,8 @@ def setup_section(setup: Dict[str, Any], n_runs: int) -> List[str]:
         *([setup["rescored"]] if setup.get("rescored") else []),
         "",
         "Recipes (a tiny ViT from scratch, `configs/demo.yaml`'s: "
-        f"{setup['model_summary']}; `CAAPCallback` with a probe of {setup['num_images']} images, "
-        f"`construction=\"{setup['construction']}\"`):",
+        f"{setup['model_summary']}; `CAAPCallback` with a probe of {setup['num_images']} images "
+        f"(the swap ratios: {swap_probe_size(setup)}), `construction=\"{setup['construction']}\"`):",
         "",
     ]
     seconds = setup["run_seconds"]
@@ -955,6 +961,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--construction", default="parallel", choices=CONSTRUCTIONS, help="CAAP's construction in the callback")
     parser.add_argument("--num-val", type=int, default=512, help="validation images, all used for the accuracies and reliance")
     parser.add_argument("--num-images", type=int, default=16, help="CAAPCallback's probe batch (its default)")
+    parser.add_argument("--swap-images", type=int, default=CAAPCallback().swap_images,
+                        help="CAAPCallback's swap probe (its default)")
     parser.add_argument("--threshold", type=float, default=None, help="default: SpuriousCueMonitor's")
     parser.add_argument("--patience", type=int, default=None, help="default: SpuriousCueMonitor's")
     parser.add_argument("--min-delta", type=float, default=None, help="default: SpuriousCueMonitor's")
@@ -1063,6 +1071,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         "recipes": {name: recipe(name, args.quick) for name in args.data},
         "num_val": QUICK["num_val"] if args.quick else args.num_val,
         "num_images": args.num_images,
+        "swap_images": args.swap_images,
         "construction": args.construction,
         "monitor": monitor,
         "baselines": list(args.baselines),
@@ -1088,6 +1097,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         "cue_correlations": {d: sorted({j[2] for j in jobs if j[0] == d}) for d in args.data},
         "num_val": settings["num_val"],
         "num_images": args.num_images,
+        "swap_images": args.swap_images,
         "construction": args.construction,
         "methods": methods,
         "monitor": {"monitor": "caap/" + REGIMES[LIVE_REGIME], **monitor},

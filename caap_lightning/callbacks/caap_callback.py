@@ -114,11 +114,11 @@ class MetricSpec:
 
     def update(self, meter: Any, pixel_maps: torch.Tensor, shard: "_ProbeShard") -> None:
         if self.swap:
-            images, donors = shard.images, shard.donor_images
+            images, donors = shard.swap_images, shard.donor_images
             meter.update(
-                images, self.test_regions(images, shard.masks).to(images.device),
+                images, self.test_regions(images, shard.swap_masks).to(images.device),
                 donors, self.test_regions(donors, shard.donor_masks).to(images.device),
-                target=shard.top1, donor_target=shard.donor_top1,
+                target=shard.swap_top1, donor_target=shard.donor_top1,
             )
         elif self.model_test_per_image is not None:
             images = shard.images
@@ -249,6 +249,8 @@ class ProbeResult:
     probe: ProbeBatch  # the probe images (normalised), labels and masks, on the CPU
     mean: Tuple[float, ...]
     std: Tuple[float, ...]
+    # The swap ratios' probe (``probe`` its first images), None where no swap ratio runs.
+    swap_probe: Optional[ProbeBatch] = None
     class_names: List[str] = field(default_factory=list)
     method_curves: Dict[str, Dict[str, torch.Tensor]] = field(default_factory=dict)  # their mean ins/del curves
     # What per_image computes on its first read: only an alarm report needs it, not every check.
@@ -314,12 +316,15 @@ class _ProbeShard:
     masks: Dict[str, torch.Tensor]  # "masks" and "cue_masks", where the probe has them
     targets: torch.Tensor
     scores: torch.Tensor
-    # The swap tests' pairs: each image's donor (swap_donors over the whole probe) and its masks, and the top-1
-    # class of each image and of its donor (a swap compares the class the model sees in the image with the one
-    # it sees in the donor); no donors (None, {}) where no swap test runs.
+    # The swap tests' pairs, from this rank's share of the swap probe: its images and masks, each one's donor
+    # (swap_donors over the whole swap probe) with its masks, and the top-1 class of each image and of its donor
+    # (a swap compares the class the model sees in the image with the one it sees in the donor); all None (and
+    # {}) where no swap test runs.
+    swap_images: Optional[torch.Tensor]
+    swap_masks: Dict[str, torch.Tensor]
+    swap_top1: Optional[torch.Tensor]
     donor_images: Optional[torch.Tensor]
     donor_masks: Dict[str, torch.Tensor]
-    top1: torch.Tensor
     donor_top1: Optional[torch.Tensor]
 
 
@@ -328,7 +333,8 @@ class CAAPCallback(Callback):
 
     The probe batch is taken once, in ``setup``: ``probe`` if given, else the datamodule's
     ``probe_batch(num_images)``, else the first ``num_images`` samples of the validation (or
-    test) dataloader, in the same order on every rank. At the end of every
+    test) dataloader, in the same order on every rank. Where a swap ratio runs, ``swap_images``
+    are taken instead when they are more, and the maps explain the first ``num_images``. At the end of every
     ``every_n_epochs``-th validation of a fit, and of every ``validate``/``test`` run, the
     callback attributes the probe images with each of ``methods`` (CAAP alone by default) and
     logs, per method, each metric as a scalar. The first method is the primary one: its scalars
@@ -358,6 +364,12 @@ class CAAPCallback(Callback):
     Args:
         every_n_epochs: run after the validation of every n-th epoch of a fit.
         num_images: size of the probe batch (each rank attributes a share under DDP).
+        swap_images: the least size of the swap ratios' probe: the first ``max(num_images,
+            swap_images)`` images of the same source (the maps' probe is its first ``num_images``), or
+            fewer where the source has fewer. A swap costs one forward pass per image, not an attribution, and on 16 images the
+            ratio is too noisy for the monitor's threshold: while a model follows a cue on two thirds
+            of the conflicting images, 16 swaps can still split evenly
+            (``benchmarks/results/swap-probe-size.md``).
         probe: the probe itself: images ``(n, 3, H, W)``, a tuple ``(images, labels[, masks[,
             cue_masks]])``, a dict with those keys, a ``ProbeBatch`` or a ``Dataset`` (its first
             ``num_images`` samples). Images are normalised as the model expects; masks are
@@ -443,6 +455,7 @@ class CAAPCallback(Callback):
         self,
         every_n_epochs: int = 1,
         num_images: int = 16,
+        swap_images: int = 64,
         probe: Any = None,
         probe_keys: Optional[Dict[str, Union[str, List[str]]]] = None,
         mean: Optional[List[float]] = None,
@@ -468,10 +481,11 @@ class CAAPCallback(Callback):
     ) -> None:
         super().__init__()
         precision = str(precision)  # 32, as Lightning's own precision flag accepts it
-        if every_n_epochs < 1 or num_images < 1 or max_images_logged < 0:
+        if every_n_epochs < 1 or num_images < 1 or swap_images < 2 or max_images_logged < 0:
             raise ValueError(
-                f"need every_n_epochs >= 1, num_images >= 1 and max_images_logged >= 0; got every_n_epochs="
-                f"{every_n_epochs}, num_images={num_images}, max_images_logged={max_images_logged}"
+                f"need every_n_epochs >= 1, num_images >= 1, swap_images >= 2 (a swap pairs two images) and "
+                f"max_images_logged >= 0; got every_n_epochs={every_n_epochs}, num_images={num_images}, "
+                f"swap_images={swap_images}, max_images_logged={max_images_logged}"
             )
         check_cutoff_form(layer_cutoff)
         if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 0):
@@ -505,9 +519,9 @@ class CAAPCallback(Callback):
         if layer_cutoff == "auto" and "caap" not in methods:
             raise ValueError(f"layer_cutoff='auto' calibrates CAAP, which is not in methods={methods}; add 'caap' or drop it")
         self.probe_keys = ProbeKeys.from_mapping(probe_keys)
-        self.user_probe = None if probe is None else _own_probe(probe, num_images, self.probe_keys)
         self.every_n_epochs = every_n_epochs
         self.num_images = num_images
+        self.swap_images = swap_images
         self.user_mean = None if mean is None else tuple(float(m) for m in mean)
         self.user_std = None if std is None else tuple(float(s) for s in std)
         self.head = head
@@ -528,10 +542,12 @@ class CAAPCallback(Callback):
         self.on_error = on_error
         self.precision = precision
         self.prefix = prefix
+        self.user_probe = None if probe is None else _own_probe(probe, self._probe_size, self.probe_keys)
 
         self.history: List[Dict[str, Any]] = []
         self.last: Optional[ProbeResult] = None
-        self.probe: Optional[ProbeBatch] = None  # the full probe batch, on the CPU
+        self.probe: Optional[ProbeBatch] = None  # the probe batch the maps explain, on the CPU
+        self.swap_probe: Optional[ProbeBatch] = None  # the swap ratios' probe (None where none runs), on the CPU
         self.class_names: List[str] = []
         self.mean: Optional[tuple] = None
         self.std: Optional[tuple] = None
@@ -605,13 +621,21 @@ class CAAPCallback(Callback):
             raise ValueError(f"num_images={self.num_images} is below the {trainer.world_size} processes; raise num_images")
         datamodule = trainer.datamodule
         if self._probe_for != (id(datamodule),) or self.probe is None:
-            self.probe = self._take_probe(trainer, pl_module, stage or trainer_stage(trainer))
+            taken = self._take_probe(trainer, pl_module, stage or trainer_stage(trainer))
+            self.probe = first_samples(taken, self.num_images)
             if self.target == "label" and bool((self.probe.labels < 0).any()):
                 raise ValueError(
                     "CAAPCallback(target='label') explains each image's label, but the probe has images without "
                     "labels; give the probe labels, or use target='predicted'"
                 )
-            self.active_metrics = self._resolve_metrics(self.probe)
+            self.active_metrics = self._resolve_metrics(self.probe, len(taken))
+            self.swap_probe = taken if any(METRICS[m].swap for m in self.active_metrics) else None
+            if self.swap_probe is not None and len(taken) < self.swap_images:
+                rank_zero_warn(
+                    f"CAAPCallback: the swap ratios run on the {len(taken)} probe images there are, fewer than "
+                    f"swap_images={self.swap_images}; on few images they are noisy, and SpuriousCueMonitor's default "
+                    "threshold was chosen on 64 (benchmarks/results/spurious.md). Give a larger probe where you can."
+                )
             self.class_names = _class_names(datamodule)
             self._probe_for = (id(datamodule),)
             self._built_for = None
@@ -622,7 +646,7 @@ class CAAPCallback(Callback):
         if self.user_probe is not None:
             probe = self.user_probe
         elif callable(getattr(datamodule, "probe_batch", None)):
-            probe = to_probe_batch(datamodule.probe_batch(self.num_images), self.probe_keys)
+            probe = to_probe_batch(datamodule.probe_batch(self._probe_size), self.probe_keys)
         else:
             loader = raw_eval_loader(trainer, pl_module, stage)
             if loader is None:
@@ -630,8 +654,14 @@ class CAAPCallback(Callback):
                     "CAAPCallback found no probe images: pass probe=... (images, a tuple, a dict or a Dataset), give "
                     f"the datamodule a probe_batch(n) method, or give the Trainer's {stage} a validation dataloader."
                 )
-            probe = probe_from_loader(loader, self.num_images, self.probe_keys)
+            probe = probe_from_loader(loader, self._probe_size, self.probe_keys)
         return check_probe(probe.to("cpu"))
+
+    @property
+    def _probe_size(self) -> int:
+        """Images to take from the probe's source: the maps' and, where more, the swap ratios'."""
+        swaps = self.metrics is None or any(METRICS[m].swap for m in self.metrics)
+        return max(self.num_images, self.swap_images) if swaps else self.num_images
 
     def _build(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Find the model and (re)build the methods and meters when it, or a build setting, changed."""
@@ -766,14 +796,14 @@ class CAAPCallback(Callback):
             return list(self.active_metrics)
         return [m for m in self.active_metrics if m not in MODEL_TESTS]
 
-    def _resolve_metrics(self, probe: ProbeBatch) -> List[str]:
+    def _resolve_metrics(self, probe: ProbeBatch, swap_images: int) -> List[str]:
         available = [m for m, spec in METRICS.items() if spec.needs is None or getattr(probe, spec.needs) is not None]
-        if len(probe) < 2:  # a swap pairs each image with another
+        if swap_images < 2:  # a swap pairs each image with another
             unpaired = [m for m in available if METRICS[m].swap]
             if self.metrics is not None and set(unpaired) & set(self.metrics):
                 raise ValueError(
                     f"CAAPCallback metrics {sorted(set(unpaired) & set(self.metrics))} swap a region between probe "
-                    f"images, but the probe has {len(probe)}; give the probe at least 2 images, or remove them."
+                    f"images, but the probe has {swap_images}; give the probe at least 2 images, or remove them."
                 )
             available = [m for m in available if m not in unpaired]
         if self.metrics is None:
@@ -973,38 +1003,53 @@ class CAAPCallback(Callback):
                 meter.reset()
 
     def _classify_shard(self, pl_module: L.LightningModule) -> _ProbeShard:
-        """This rank's share of the probe on the device, the classes its maps explain and their probabilities."""
+        """This rank's share of the probe (and of the swap probe) on the device, the classes its maps explain and
+        their probabilities.
+
+        The probe is the start of the swap probe, so this rank's share of it is the start of its share of the swap
+        probe (``probe[rank::world]``): one forward pass classifies both.
+        """
         trainer = pl_module.trainer
         device = pl_module.device
-        probe = self.probe
-        index = torch.arange(len(probe))[trainer.global_rank :: trainer.world_size]
+        swap_probe = self.swap_probe
+        larger = self.probe if swap_probe is None else swap_probe
 
         def shard_of(rows: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
             # As Lightning does to batches: e.g. bf16 under "bf16-true", whose weights are bf16.
-            images = trainer.precision_plugin.convert_input(probe.images[rows].to(device))
-            masks = {k: getattr(probe, k)[rows].to(device) for k in ("masks", "cue_masks") if getattr(probe, k) is not None}
+            images = trainer.precision_plugin.convert_input(larger.images[rows].to(device))
+            masks = {k: getattr(larger, k)[rows].to(device) for k in ("masks", "cue_masks") if getattr(larger, k) is not None}
             return images, masks
 
-        images, masks = shard_of(index)
+        def share(n: int) -> torch.Tensor:
+            return torch.arange(n)[trainer.global_rank :: trainer.world_size]
+
+        all_images, all_masks = shard_of(share(len(larger)))
         with torch.no_grad(), eval_mode(self._classifier):
-            probs = self._classifier(images).float().softmax(-1)
-        top1 = probs.argmax(-1)
-        targets = probe.labels[index].to(device) if self.target == "label" else top1
-        scores = probs.gather(1, targets[:, None])[:, 0]
-        donor_images, donor_masks, donor_top1 = None, {}, None
-        if any(METRICS[m].swap for m in self.active_metrics):
-            donors = swap_donors(len(probe))[index]
-            held = torch.full((len(probe),), -1, dtype=torch.long)
-            held[index] = torch.arange(len(index))
-            local = held[donors].to(device)
-            if bool((local >= 0).all()):
-                # This rank holds every donor (one process does): its own images and classes, nothing recomputed.
-                donor_images, donor_masks, donor_top1 = images[local], {k: m[local] for k, m in masks.items()}, top1[local]
-            else:
-                donor_images, donor_masks = shard_of(donors)
-                with torch.no_grad(), eval_mode(self._classifier):
-                    donor_top1 = self._classifier(donor_images).float().argmax(-1)
-        return _ProbeShard(images, masks, targets, scores, donor_images, donor_masks, top1, donor_top1)
+            probs = self._classifier(all_images).float().softmax(-1)
+        all_top1 = probs.argmax(-1)
+        index = share(len(self.probe))
+        mine = len(index)
+        images, masks = all_images[:mine], {k: m[:mine] for k, m in all_masks.items()}
+        targets = self.probe.labels[index].to(device) if self.target == "label" else all_top1[:mine]
+        scores = probs[:mine].gather(1, targets[:, None])[:, 0]
+        if swap_probe is None:
+            return _ProbeShard(images, masks, targets, scores, None, {}, None, None, {}, None)
+        index = share(len(swap_probe))
+        mine = len(index)
+        swap_images, swap_masks, swap_top1 = all_images[:mine], {k: m[:mine] for k, m in all_masks.items()}, all_top1[:mine]
+        donors = swap_donors(len(swap_probe))[index]
+        held = torch.full((len(swap_probe),), -1, dtype=torch.long)
+        held[index] = torch.arange(mine)
+        local = held[donors].to(device)
+        if bool((local >= 0).all()):
+            # This rank holds every donor (one process does): its own images and classes, nothing recomputed.
+            donor_images, donor_masks, donor_top1 = swap_images[local], {k: m[local] for k, m in swap_masks.items()}, swap_top1[local]
+        else:
+            donor_images, donor_masks = shard_of(donors)
+            with torch.no_grad(), eval_mode(self._classifier):
+                donor_top1 = self._classifier(donor_images).float().argmax(-1)
+        return _ProbeShard(images, masks, targets, scores, swap_images, swap_masks, swap_top1, donor_images, donor_masks,
+                           donor_top1)
 
     def _attribute_shard(self, pl_module: L.LightningModule, name: str, shard: _ProbeShard) -> torch.Tensor:
         """``name``'s maps of this rank's share of the probe; updates that method's metric states."""
@@ -1037,14 +1082,17 @@ class CAAPCallback(Callback):
                         metrics[self.tag(name, scalar)] = value
                     per_image_key = METRICS[metric].model_test_per_image
                     if per_image_key is not None:
-                        tested[self.tag(name, scalar)] = in_probe_order(out[per_image_key].float().cpu(), n, trainer.world_size)
+                        # A swap ratio's per-image values are those of the maps' images (the first of its probe).
+                        tested_n = len(self.swap_probe) if METRICS[metric].swap else n
+                        values = in_probe_order(out[per_image_key].float().cpu(), tested_n, trainer.world_size)
+                        tested[self.tag(name, scalar)] = values[:n]
                 if metric == "insertion_deletion":
                     curves[name] = {k: out[f"{k}_curve"].cpu() for k in ("insertion", "deletion") if f"{k}_curve" in out}
         method_maps = {name: _gather_shards(trainer, m, n) for name, m in maps.items()}
         return ProbeResult(
             epoch=epoch, step=step, stage=stage, metrics=metrics,
             targets=_gather_shards(trainer, shard.targets, n).long(), scores=_gather_shards(trainer, shard.scores, n),
-            method_maps=method_maps, probe=self.probe, mean=tuple(self.mean), std=tuple(self.std),
+            method_maps=method_maps, probe=self.probe, swap_probe=self.swap_probe, mean=tuple(self.mean), std=tuple(self.std),
             class_names=list(self.class_names), method_curves=curves, per_image_values=functools.partial(
                 per_image_values, method_maps, self.probe, list(self.active_metrics), self.tag
             ),
@@ -1066,8 +1114,7 @@ class CAAPCallback(Callback):
                 for name, pair in result.method_curves.items()
                 for label, curve in pair.items()
             }
-            figure = figures.curves_figure(curves, title)
-            figures.log_figure(trainer, f"{self.prefix}/insertion_deletion", figure, result.step)
+            figures.log_image(trainer, f"{self.prefix}/insertion_deletion", figures.curves_image(curves, title), result.step)
 
 
 def guarded(

@@ -15,7 +15,6 @@ from typing import Any, Callable, Dict, Literal, Mapping, Optional, Sequence
 import numpy as np
 import torch
 from lightning.pytorch import Trainer
-from matplotlib.figure import Figure
 
 
 def heatmap_grid(
@@ -79,20 +78,52 @@ def heatmap_grid(
     return np.asarray(image)
 
 
-def curves_figure(curves: Dict[str, torch.Tensor], title: str) -> Figure:
-    """Mean insertion/deletion curves (target probability against the share of pixels changed)."""
-    figure = Figure(figsize=(4.0, 3.0), dpi=72)
-    ax = figure.subplots()
-    for name, curve in curves.items():
-        values = curve.float().cpu().numpy()
-        ax.plot(np.linspace(0, 1, len(values)), values, label=name)
-    ax.set_xlabel("share of pixels inserted / deleted")
-    ax.set_ylabel("target probability")
-    ax.set_ylim(0, 1)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    figure.subplots_adjust(left=0.16, right=0.97, bottom=0.16, top=0.9)
-    return figure
+# matplotlib's "tab10", the colours its line plots cycle through.
+CURVE_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+                 (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
+
+
+def curves_image(curves: Dict[str, torch.Tensor], title: str) -> np.ndarray:
+    """Mean insertion/deletion curves (target probability against the share of pixels changed), ``(H, W, 3)`` uint8.
+
+    A line plot on [0, 1] x [0, 1] with its legend to the right, drawn with PIL as :func:`heatmap_grid` is:
+    matplotlib's rendering of the same plot took a large share of a check on a CPU
+    (``benchmarks/results/callback-overhead.md``).
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=11)
+    legend = 30 + max((font.getlength(name) for name in curves), default=0)
+    left, top, side = 44, 22, 180  # the axes box: a square of `side` pixels
+    right, bottom = left + side, top + side
+    width, height = int(right + 12 + legend), bottom + 34
+    image = Image.new("RGB", (max(width, int(font.getlength(title)) + 8), height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((image.width / 2, 4), title, fill="black", font=font, anchor="ma")
+
+    def point(x: float, y: float) -> tuple:
+        return left + x * side, bottom - y * side
+
+    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
+        x, y = point(tick, tick)
+        draw.line([(x, bottom), (x, bottom + 4)], fill="black")
+        draw.line([(left - 4, y), (left, y)], fill="black")
+        draw.text((x, bottom + 6), f"{tick:g}", fill="black", font=font, anchor="ma")
+        draw.text((left - 6, y), f"{tick:g}", fill="black", font=font, anchor="rm")
+    draw.text(((left + right) / 2, height - 4), "share of pixels inserted / deleted", fill="black", font=font, anchor="md")
+    label = Image.new("RGB", (side, 14), "white")
+    ImageDraw.Draw(label).text((side / 2, 7), "target probability", fill="black", font=font, anchor="mm")
+    image.paste(label.rotate(90, expand=True), (2, top))
+    for row, (name, curve) in enumerate(curves.items()):
+        colour = CURVE_COLOURS[row % len(CURVE_COLOURS)]
+        values = curve.float().cpu().clamp(0, 1).tolist()
+        steps = max(len(values) - 1, 1)
+        draw.line([point(i / steps, v) for i, v in enumerate(values)], fill=colour, width=2, joint="curve")
+        y = top + 8 + 16 * row  # its legend entry, right of the axes
+        draw.line([(right + 10, y), (right + 28, y)], fill=colour, width=2)
+        draw.text((right + 32, y), name, fill="black", font=font, anchor="lm")
+    draw.rectangle([left, top, right, bottom], outline="black")
+    return np.asarray(image)
 
 
 Destination = Literal["tensorboard", "wandb", "mlflow", "comet"]
@@ -151,15 +182,6 @@ def describe_destinations(trainer: Trainer) -> str:
 def file_stem(tag: str, step: int) -> str:
     """``caap/heatmaps`` at step 12 -> ``caap_heatmaps_step12``: a file name per tag and step."""
     return f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', tag)}_step{step}"
-
-
-def figure_pixels(figure: Figure) -> np.ndarray:
-    """A matplotlib figure rendered as ``(H, W, 3)`` uint8, as TensorBoard's ``add_figure`` renders it."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    canvas = FigureCanvasAgg(figure)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 def _image_to_tensorboard(logger: Any, tag: str, image: np.ndarray, step: int) -> None:
@@ -225,12 +247,6 @@ def log_image(trainer: Trainer, tag: str, image: np.ndarray, step: int) -> None:
     folder = image_dir(trainer)
     folder.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.ascontiguousarray(image)).save(folder / f"{file_stem(tag, step)}.png")
-
-
-def log_figure(trainer: Trainer, tag: str, figure: Figure, step: int) -> None:
-    """A matplotlib figure, rendered, wherever :func:`log_image` sends images."""
-    if trainer.is_global_zero:
-        log_image(trainer, tag, figure_pixels(figure), step)
 
 
 def log_text(trainer: Trainer, tag: str, text: str, step: int) -> None:

@@ -262,9 +262,10 @@ class SpuriousCueMonitor(Callback):
     def _check_scorable(self, source: CAAPCallback) -> None:
         """Fail in setup, not at every check, on a probe the watched metric refuses (blank masks for a density
         ratio, a single image for the fixed-position ratio): its per-image values of blank maps say so."""
-        spec, probe = self._spec, source.probe
+        spec = self._spec
         if spec is None:
             return
+        probe = source.swap_probe if spec.swap and source.swap_probe is not None else source.probe
         masks = None if spec.needs is None else getattr(probe, spec.needs)
         check = spec.per_image if spec.model_test_per_image is None else _check_test_regions
         if check is None:
@@ -429,7 +430,8 @@ class SpuriousCueMonitor(Callback):
         spec = self._spec
         if spec is None or spec.model_test_per_image is None:
             return None
-        probe = result.probe
+        # A swap paired the images across the swap probe, whose first images are the maps' probe.
+        probe = result.swap_probe if spec.swap and result.swap_probe is not None else result.probe
         index = torch.as_tensor(rows, dtype=torch.long)
         masks = {k: getattr(probe, k)[index] for k in ("masks", "cue_masks") if getattr(probe, k) is not None}
         regions = spec.test_regions(probe.images[index], masks)

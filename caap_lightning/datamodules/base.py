@@ -233,10 +233,12 @@ class MaskedImageDataModule(L.LightningDataModule):
         return order[:n].tolist()
 
     def probe_batch(self, n: int) -> ProbeBatch:
-        """``n`` validation images in a fixed seeded order: the same ``n`` gives the same batch."""
+        """The first ``n`` validation images of a fixed seeded order (all of them where the set has fewer): the
+        same ``n`` gives the same batch, and a smaller ``n`` its first images, as a dataloader's first batch would."""
         source = self.sources()[1]
-        if not 1 <= n <= len(source):
-            raise ValueError(f"probe_batch needs 1 <= n <= {len(source)} (the validation set), got n={n}")
+        if n < 1:
+            raise ValueError(f"probe_batch needs n >= 1, got n={n}")
+        n = min(n, len(source))
         dataset = TransformedDataset(Subset(source, self.probe_order(n)), self.eval_transform())
         return collate_samples([dataset[i] for i in range(n)])
 

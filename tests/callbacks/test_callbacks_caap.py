@@ -141,7 +141,9 @@ def test_swap_tests_pair_each_probe_image_with_the_one_half_the_probe_on_and_mat
     """The swap ratios compare the top-1 classes of each image and its donor, whatever class the maps explain."""
     data = data_factory(cue_correlation=0.9)
     metrics = ["background_swap_ratio", "cue_swap_ratio", "border_swap_ratio"]
-    caap = CAAPCallback(num_images=6, methods=["caap", "gradcam"], metrics=metrics, target="label", log_images=False)
+    caap = CAAPCallback(
+        num_images=6, swap_images=6, methods=["caap", "gradcam"], metrics=metrics, target="label", log_images=False
+    )
     model = classifier_factory(seed=1)
     trainer_factory(tmp_path, [caap]).validate(model, datamodule=data, verbose=False)
     assert not any("gradcam" in key for key in caap.logged_metrics)
@@ -164,17 +166,54 @@ def test_swap_tests_pair_each_probe_image_with_the_one_half_the_probe_on_and_mat
         assert caap.last.metrics[f"caap/{scalar}"] == pytest.approx(float(out["swap_ratio"]), rel=1e-5)
         torch.testing.assert_close(caap.last.per_image[f"caap/{scalar}"], out["swap_ratio_per_image"].float())
     # A model that gives every probe image one class has no pair to score: the ratios are not logged.
-    collapsed = CAAPCallback(num_images=6, metrics=metrics, log_images=False)
+    collapsed = CAAPCallback(num_images=6, swap_images=6, metrics=metrics, log_images=False)
     trainer_factory(tmp_path, [collapsed]).validate(classifier_factory(seed=0), datamodule=data, verbose=False)
     assert not any("swap" in key for key in collapsed.last.metrics)
 
 
+def test_swap_ratios_run_on_their_own_larger_probe_whose_start_the_maps_explain(
+    tmp_path, data_factory, classifier_factory, trainer_factory
+):
+    data = data_factory(cue_correlation=0.9)
+    caap = CAAPCallback(num_images=3, swap_images=8, log_images=False)
+    model = classifier_factory(seed=1)
+    trainer_factory(tmp_path, [caap]).validate(model, datamodule=data, verbose=False)
+    swap_probe, probe = caap.swap_probe, caap.probe
+    assert len(probe) == 3 and len(swap_probe) == 8 and caap.last.maps.shape[0] == 3
+    torch.testing.assert_close(probe.images, swap_probe.images[:3])
+    assert caap.last.swap_probe is swap_probe
+    donors = swap_donors(8)
+    metric = SwapRatio(model, region="outside", per_image=True)
+    metric.update(swap_probe.images, swap_probe.masks, swap_probe.images[donors], swap_probe.masks[donors])
+    out = metric.compute_details()
+    assert caap.last.metrics["caap/background_swap_ratio"] == pytest.approx(float(out["swap_ratio"]), rel=1e-5)
+    # Per image: the maps' images only, as the alarm report names and draws them.
+    torch.testing.assert_close(
+        caap.last.per_image["caap/background_swap_ratio"], out["swap_ratio_per_image"][:3].float(), equal_nan=True
+    )
+    # Without a swap ratio only the maps' images are taken.
+    plain = CAAPCallback(num_images=3, swap_images=8, metrics=["border_insertion_ratio"], log_images=False)
+    trainer_factory(tmp_path, [plain]).validate(model, datamodule=data, verbose=False)
+    assert plain.swap_probe is None and len(plain.probe) == 3
+
+
+def test_a_swap_probe_smaller_than_asked_warns_that_the_ratios_are_noisy(
+    tmp_path, data_factory, classifier_factory, trainer_factory
+):
+    data = data_factory(cue_correlation=0.9)
+    caap = CAAPCallback(num_images=4, swap_images=10_000, log_images=False)
+    with pytest.warns(UserWarning, match=r"the swap ratios run on the \d+ probe images there are, fewer than swap_images=10000"):
+        trainer_factory(tmp_path, [caap]).validate(classifier_factory(), datamodule=data, verbose=False)
+    assert len(caap.swap_probe) == len(data.probe_batch(10_000)) and len(caap.probe) == 4
+
+
 def test_a_probe_of_one_image_has_no_swap_tests(tmp_path, data_factory, classifier_factory, trainer_factory):
     data = data_factory(cue_correlation=0.9)
-    caap = CAAPCallback(num_images=1, log_images=False)
+    one = data.probe_batch(1)
+    caap = CAAPCallback(num_images=1, probe=one, log_images=False)
     trainer_factory(tmp_path, [caap]).validate(classifier_factory(), datamodule=data, verbose=False)
     assert "border_insertion_ratio" in caap.active_metrics and not any("swap" in m for m in caap.active_metrics)
-    asked = CAAPCallback(num_images=1, metrics=["border_swap_ratio"], log_images=False)
+    asked = CAAPCallback(num_images=1, probe=one, metrics=["border_swap_ratio"], log_images=False)
     with pytest.raises(ValueError, match=r"\['border_swap_ratio'\] swap a region between probe images, but the probe has 1"):
         trainer_factory(tmp_path, [asked]).validate(classifier_factory(), datamodule=data, verbose=False)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -213,3 +214,24 @@ def test_heatmap_grid_draws_one_column_per_map_each_on_its_own_scale():
     assert redness.max() > 50 and redness.min() < -50  # the signed map goes red and blue
     redness = gradcam[..., 0] - gradcam[..., 2]
     assert redness.min() >= 0 and redness.max() > 50  # the non-negative one only red, as deep at its own scale
+
+
+def test_curves_image_draws_each_curve_in_its_own_colour_where_its_values_are():
+    flat = torch.full((5,), 0.75)  # a level line at 0.75
+    rising = torch.linspace(0, 1, 5)  # the diagonal
+    image = figures.curves_image({"flat": flat, "rising": rising}, "epoch 0")
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+    left, top, side = 44, 22, 180  # the axes box of curves_image
+    first, second = (np.array(c) for c in figures.CURVE_COLOURS[:2])
+
+    def colour_at(x: float, y: float) -> np.ndarray:
+        return image[round(top + (1 - y) * side), round(left + x * side)].astype(int)
+
+    for x in (0.2, 0.5, 0.8):
+        assert np.abs(colour_at(x, 0.75) - first).max() < 40
+        assert np.abs(colour_at(x, x) - second).max() < 40
+    assert (colour_at(0.5, 0.25) == 255).all()  # off both curves: the white background
+    # Each name in the legend, beside a sample of its colour.
+    legend = image[top : top + 40, left + side + 10 :]
+    for colour in (first, second):
+        assert (np.abs(legend.reshape(-1, 3).astype(int) - colour).max(1) < 10).any()

@@ -325,7 +325,7 @@ def test_an_alarm_on_a_swap_test_shows_each_image_with_its_donor_region(
     """The swap ratio's alarm: what the score means, and each named image as the test showed it, with its donor's border."""
     data = data_factory(cue_correlation=None)
     key = "caap/border_swap_ratio"
-    caap = scripted(CAAPCallback(num_images=4, metrics=["border_swap_ratio"], log_images=False), [3.0], key)
+    caap = scripted(CAAPCallback(num_images=4, swap_images=8, metrics=["border_swap_ratio"], log_images=False), [3.0], key)
     monitor = SpuriousCueMonitor(num_images=4, patience=1)
     trainer = trainer_factory(tmp_path, [caap, monitor], max_epochs=1, limit_train_batches=1)
     with pytest.warns(UserWarning, match=r"relies on the border \(on probe images given the image's border \(its outer "
@@ -333,14 +333,16 @@ def test_an_alarm_on_a_swap_test_shows_each_image_with_its_donor_region(
         trainer.fit(classifier_factory(seed=1), datamodule=data)
     text = next(iter(events_reader(trainer.logger.log_dir)["texts"]["spurious/alarm/text_summary"].values()))
     assert "what the test showed the model: the image with another probe image's border" in text
-    probe = caap.last.probe
+    probe = caap.last.swap_probe
+    assert len(probe) == 8 and len(caap.last.probe) == 4
     rows = [0, 3]
     (title, swapped), = monitor._test_views(caap.last, rows).items()
     assert title == "swapped border"
-    # Image 0's donor is image 2, image 3's is image 1 (half the probe on): their borders, each image's own inside.
+    # Image 0's donor is image 4, image 3's is image 7 (half the swap probe on, past the maps' 4 images): their
+    # borders, each image's own inside.
     ring = border_masks(1, tuple(probe.images.shape[-2:]))[0]
     inside = ~dilate(ring[None], edge_width(tuple(ring.shape)))[0]
-    for view, image, donor in zip(swapped, rows, (2, 1)):
+    for view, image, donor in zip(swapped, rows, (4, 7)):
         assert torch.equal(view[:, ring], probe.images[donor][:, ring])
         assert torch.equal(view[:, inside], probe.images[image][:, inside])
 

@@ -213,6 +213,11 @@ def test_rejects_bad_arguments(kwargs, message):
         small(**kwargs)
 
 
-def test_probe_batch_size_is_checked():
-    with pytest.raises(ValueError, match="n <= 32"):
-        small().probe_batch(33)
+def test_probe_batch_is_a_prefix_of_a_larger_one_and_stops_at_the_validation_set():
+    data = small()
+    with pytest.raises(ValueError, match="n >= 1"):
+        data.probe_batch(0)
+    whole, few = data.probe_batch(33), data.probe_batch(5)
+    assert len(whole) == 32  # the validation set
+    torch.testing.assert_close(few.images, whole.images[:5])
+    torch.testing.assert_close(few.labels, whole.labels[:5])
