@@ -201,7 +201,7 @@ def main() -> Dict[str, Any]:
     result = {
         "benchmark": "callback_overhead",
         "config": "configs/demo.yaml",
-        "callback": {k: getattr(caap, k) for k in ("num_images", "methods", "construction", "window", "selection", "insertion_deletion_steps")},
+        "callback": {k: getattr(caap, k) for k in ("num_images", "swap_images", "methods", "construction", "window", "selection", "insertion_deletion_steps")},
         "metrics": caap.active_metrics,
         "epochs": clock.rows,
         "overhead_wall_median": statistics.median(r["overhead_wall"] for r in clock.rows),

@@ -21,11 +21,13 @@ what the swapped parts name. Each statistic drives the monitor's rule (``Spuriou
 patience and ``min_delta``) at thresholds 1.5 and 2, for the two regions the monitor's
 defaults use: the background (object masks) and the border ring (no masks). The report gives
 per setting the shortcut runs alarmed, those more than one epoch after the gap, the controls
-alarmed and their highest score; the votes behind each late run; and the seconds each test
-costs against the run's whole check.
+alarmed and their highest score; for each statistic, the thresholds of a fine grid at which it
+meets every target (none: no threshold can); the votes behind each late run; and the seconds
+each test costs against the run's whole check.
 
     python benchmarks/swap_probe_size.py --workers 2      # writes benchmarks/results/swap-probe-size.*
     python benchmarks/swap_probe_size.py --quick          # a smoke run: prints the summary
+    python benchmarks/swap_probe_size.py --rescore benchmarks/results/swap-probe-size.json   # no training
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ PROBE_SIZES = (16, 64)
 REGIONS = {"background": ("masks", "outside"), "border": (None, "mask")}
 STATISTICS = ("probability, clean classes", "votes, clean classes", "votes, part classes", "probability, part classes")
 THRESHOLDS = (1.5, 2.0)
+# The fine grid on which each statistic's window is sought: every threshold that meets all the targets.
+WINDOW_GRID = tuple(round(1.0 + 0.02 * i, 2) for i in range(1, 101))
 VOTE_PRIOR = 1.0  # added to each count, so that a probe with no vote either way reads 1
 
 
@@ -154,6 +158,18 @@ def evaluate(runs: Sequence[Dict[str, Any]], key: str, statistic: str, threshold
     }
 
 
+def meets_targets(row: Dict[str, Any]) -> bool:
+    """Every shortcut run alarmed, none more than an epoch late, median lead >= 0, no control alarmed."""
+    return (row["alarmed"] == row["shortcut_runs"] and not row["late"] and not row["false_alarms"]
+            and row["median_lead"] is not None and row["median_lead"] >= 0)
+
+
+def threshold_window(runs: Sequence[Dict[str, Any]], key: str, statistic: str, monitor: Dict[str, Any]) -> Dict[str, Any]:
+    """The thresholds of ``WINDOW_GRID`` at which ``statistic`` meets every target (``None`` bounds: none does)."""
+    good = [t for t in WINDOW_GRID if meets_targets(evaluate(runs, key, statistic, t, monitor))]
+    return {"low": good[0] if good else None, "high": good[-1] if good else None, "count": len(good)}
+
+
 def late_votes(runs: Sequence[Dict[str, Any]], late: Sequence[str], sizes: Sequence[int]) -> List[Dict[str, Any]]:
     """For each run late at any setting: reliance and the background votes at the gap epoch and the one after."""
     rows = []
@@ -184,7 +200,9 @@ def summarize(runs: Sequence[Dict[str, Any]], sizes: Sequence[int], monitor: Dic
         for region, n, statistic, threshold in itertools.product(REGIONS, sizes, STATISTICS, THRESHOLDS)
     }
     late = sorted({name for row in table.values() for name in row["late"]})
-    return {"settings": table, "late_votes": late_votes(runs, late, sizes), "cost_of_check": costs(runs)}
+    windows = {f"{region}/{n}/{statistic}": threshold_window(runs, f"{region}/{n}", statistic, monitor)
+               for region, n, statistic in itertools.product(REGIONS, sizes, STATISTICS)}
+    return {"settings": table, "windows": windows, "late_votes": late_votes(runs, late, sizes), "cost_of_check": costs(runs)}
 
 
 # ---------------------------------------------------------------------- report
@@ -196,7 +214,9 @@ def markdown(result: Dict[str, Any]) -> str:
         f"Made by `{setup['command']}` ({setup['runs']} trained runs of `spurious.py`'s grid: {', '.join(setup['datasets'])}; "
         f"cues {', '.join(setup['cues'])}; cue strengths {setup['cue_correlations']}; seeds {setup['seeds']}; "
         f"{setup['wall_min']:.0f} min on {setup['machine']}). Monitor rule: patience {setup['monitor']['patience']}, "
-        f"min_delta {setup['monitor']['min_delta']}. A run is *late* when its alarm comes more than one epoch after "
+        f"min_delta {setup['monitor']['min_delta']}."
+        + (f" Summarised again, without training, by `{setup['rescored']}`." if setup.get("rescored") else "")
+        + " A run is *late* when its alarm comes more than one epoch after "
         "the accuracy gap; the controls' peak is their highest score at any epoch.",
         "",
         "| region / probe | statistic | threshold | shortcut runs alarmed | late | median lead | controls alarmed | controls' peak |",
@@ -209,6 +229,17 @@ def markdown(result: Dict[str, Any]) -> str:
             f"{len(row['late'])}{' (' + ', '.join(row['late']) + ')' if row['late'] else ''} | {spurious.fmt(row['median_lead'])} | "
             f"{len(row['false_alarms'])}/{row['controls']} | {spurious.fmt(row['controls_peak'])} |"
         )
+    grid = f"{WINDOW_GRID[0]:g} to {WINDOW_GRID[-1]:g} in steps of {WINDOW_GRID[1] - WINDOW_GRID[0]:.2f}"
+    lines += ["", "## Thresholds that meet every target", "",
+              f"Of the thresholds {grid}, those at which a statistic alarms on every shortcut run, none more than one "
+              "epoch after its gap, with a median lead of at least 0, and on no control. A statistic with none cannot "
+              "meet the targets at any threshold on these runs.", "",
+              "| region / probe | statistic | thresholds that meet every target |", "|---|---|---|"]
+    for name, window in summary["windows"].items():
+        region_size, statistic = name.rsplit("/", 1)
+        found = ("none" if not window["count"] else
+                 f"{window['low']:g} to {window['high']:g} ({window['count']} of {len(WINDOW_GRID)})")
+        lines.append(f"| {region_size} | {statistic} | {found} |")
     lines += ["", "## The votes behind the late runs (background; votes for the region, for the rest, pairs scored)", ""]
     if summary["late_votes"]:
         keys = [k for k in summary["late_votes"][0] if k not in ("run", "epoch", "gap_epoch", "reliance")]
@@ -235,17 +266,22 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=1, help="processes, one torch thread each")
     parser.add_argument("--fashion-root", default=spurious.parse_args([]).fashion_root)
     parser.add_argument("--output-dir", type=Path, default=None, help="default: benchmarks/results (none with --quick)")
+    parser.add_argument("--rescore", type=Path, default=None,
+                        help="a swap-probe-size.json: summarise its recorded runs again (no training), rewrite it and its .md")
     return parser.parse_args(argv)
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
+    if args.rescore is not None:
+        return rescore(args.rescore, argv)
     disable_possible_user_warnings()
     data = ["shapes"] if args.quick else args.data
     settings = {
         "recipes": {name: spurious.recipe(name, args.quick) for name in data},
         "num_val": spurious.QUICK["num_val"] if args.quick else 512,
-        "num_images": 16, "construction": "parallel", "baselines": [], "fashion_root": args.fashion_root,
+        # The callback as the grid it studies ran it: its swaps on the 16-image probe (it scores its own 16 and 64).
+        "num_images": 16, "swap_images": 16, "construction": "parallel", "baselines": [], "fashion_root": args.fashion_root,
         "monitor": spurious.settings_of(SpuriousCueMonitor()), "probe_sizes": PROBE_SIZES,
     }
     if "fashion" in data:
@@ -271,14 +307,27 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         "wall_min": (time.perf_counter() - start) / 60,
     }
     result = {"setup": setup, "summary": summarize(runs, PROBE_SIZES, monitor), "runs": runs}
+    write(result, args.output_dir or (None if args.quick else RESULTS))
+    return result
+
+
+def rescore(path: Path, argv: Optional[List[str]]) -> Dict[str, Any]:
+    """The recorded runs of ``path`` summarised by this code, written back beside it."""
+    result = json.loads(path.read_text())
+    setup = result["setup"]
+    result["summary"] = summarize(result["runs"], setup["probe_sizes"], setup["monitor"])
+    setup["rescored"] = " ".join(["python benchmarks/swap_probe_size.py", *(argv if argv is not None else sys.argv[1:])])
+    write(result, path.parent)
+    return result
+
+
+def write(result: Dict[str, Any], output: Optional[Path]) -> None:
     report = markdown(result)
     print(report)
-    output = args.output_dir or (None if args.quick else RESULTS)
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
         (output / "swap-probe-size.json").write_text(json.dumps(result, indent=1) + "\n")
         (output / "swap-probe-size.md").write_text(report)
-    return result
 
 
 if __name__ == "__main__":

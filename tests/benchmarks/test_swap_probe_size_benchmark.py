@@ -70,3 +70,24 @@ def test_a_late_run_and_a_false_alarm_are_counted(swap_probe_size):
     assert (row["shortcut_runs"], row["alarmed"], row["late"]) == (2, 2, ["shapes/marker/0.95/seed 0"])
     assert row["false_alarms"] == ["shapes/marker/0.25/seed 0"] and row["controls_peak"] == 2.5
     assert row["median_lead"] == -1.0  # leads -2 and 0
+
+
+def test_the_threshold_window_is_every_grid_threshold_that_meets_all_targets(swap_probe_size):
+    def run(control, scores):
+        consistent, conflicting = [50, 80, 90, 95], ([50, 80, 90, 95] if control else [50, 60, 40, 20])
+        history = [{"epoch": e + 1, "acc_consistent": a, "acc_conflicting": c, "reliance": 5 if control else 80,
+                    "swap": {"border/64": {"scores": {"probability, clean classes": (s, 0, 0, 1)}}}}
+                   for e, (s, a, c) in enumerate(zip(scores, consistent, conflicting))]
+        return {"dataset": "fashion", "cue": "border", "cue_correlation": 0.25 if control else 0.95, "seed": 0,
+                "control": control, "history": history}
+
+    # The gap opens at epoch 2: the shortcut run alarms in time only below its 1.3 there, the control stays
+    # clean only at or above its peak of 1.1 (a score must be past the threshold to count).
+    runs = [run(False, [1.0, 1.3, 4.0, 8.0]), run(True, [0.5, 0.6, 1.1, 0.6])]
+    monitor = {"patience": 1, "min_delta": 0.1}
+    window = swap_probe_size.threshold_window(runs, "border/64", "probability, clean classes", monitor)
+    assert window == {"low": 1.1, "high": 1.28, "count": 10}
+    # A control peak above the shortcut run's score leaves no threshold.
+    runs[1] = run(True, [0.5, 0.6, 1.4, 0.6])
+    assert swap_probe_size.threshold_window(runs, "border/64", "probability, clean classes", monitor) == {
+        "low": None, "high": None, "count": 0}

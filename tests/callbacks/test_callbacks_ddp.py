@@ -13,6 +13,7 @@ import pytest
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from caap_lightning.callbacks import CAAPCallback, SpuriousCueMonitor
+from caap_lightning.callbacks.caap_callback import METRICS
 
 
 class SavesPerImage(L.Callback):
@@ -30,8 +31,10 @@ class SavesPerImage(L.Callback):
 def test_ddp_two_processes_log_once_and_match_one_process(
     tmp_path, data_factory, classifier_factory, trainer_factory, events_reader
 ):
-    # 5 probe images: the ranks get uneven shares (3 and 2); Grad-CAM takes gradients on each rank.
-    caap = CAAPCallback(num_images=5, methods=["caap", "gradcam"], max_images_logged=5)
+    # 5 probe images and 7 swap images: the ranks get uneven shares (3 and 2, 4 and 3), and some donors are on the
+    # other rank; Grad-CAM takes gradients on each rank. Every metric, the insertion ratios too.
+    settings = dict(num_images=5, swap_images=7, methods=["caap", "gradcam"], metrics=list(METRICS))
+    caap = CAAPCallback(**settings, max_images_logged=5)
     trainer = L.Trainer(
         strategy="ddp_spawn",
         accelerator="cpu",
@@ -57,7 +60,7 @@ def test_ddp_two_processes_log_once_and_match_one_process(
     assert events["images"]["caap/insertion_deletion"] == [step]
     assert list(events["scalars"]["spurious/score"]) == [step]
 
-    single = CAAPCallback(num_images=5, methods=["caap", "gradcam"], log_images=False)
+    single = CAAPCallback(**settings, log_images=False)
     trainer_factory(tmp_path, [single]).validate(model, datamodule=data, verbose=False)
     expected = {k: v for k, v in single.last.metrics.items() if k != "caap/seconds"}
     assert distributed.keys() == expected.keys()
