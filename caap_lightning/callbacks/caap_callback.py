@@ -369,14 +369,14 @@ class CAAPCallback(Callback):
         every_n_epochs: run after the validation of every n-th epoch of a fit.
         num_images: size of the probe batch (each rank attributes a share under DDP).
         swap_images: the least size of the swap ratios' probe: the first ``max(num_images,
-            swap_images)`` images of the same source (the maps' probe is its first ``num_images``), or
-            fewer where the source has fewer. A swap costs one forward pass per image, not an attribution, and on 16 images the
-            ratio is too noisy for the monitor's threshold: while a model follows a cue on two thirds
-            of the conflicting images, 16 swaps can still split evenly
-            (``benchmarks/results/swap-probe-size.md``).
+            swap_images)`` images of the same source (the maps' probe is its first ``num_images``),
+            or fewer where the source has fewer. A swap costs one forward pass per image, not an
+            attribution, and on 16 images the ratio is too noisy for any threshold to alarm in time
+            and never on a control: while a model follows a cue on two thirds of the conflicting
+            images, 16 swaps can still split evenly (``benchmarks/results/swap-probe-size.md``).
         probe: the probe itself: images ``(n, 3, H, W)``, a tuple ``(images, labels[, masks[,
             cue_masks]])``, a dict with those keys, a ``ProbeBatch`` or a ``Dataset`` (its first
-            ``num_images`` samples). Images are normalised as the model expects; masks are
+            ``num_images`` samples, or ``swap_images`` where more and a swap ratio runs). Images are normalised as the model expects; masks are
             ``(n, H, W)`` or ``(n, 1, H, W)``, bool or 0/1.
         probe_keys: the names of a dict batch's fields, e.g. ``{"images": "pixel_values",
             "labels": "label"}``, where the defaults (``image``/``images``/``pixel_values``/``x``,
@@ -427,7 +427,8 @@ class CAAPCallback(Callback):
             ``background_insertion_ratio``, ``cue_insertion_ratio``, ``border_insertion_ratio``,
             ``background_swap_ratio``, ``cue_swap_ratio``, ``border_swap_ratio``;
             ``None`` takes every metric the probe batch's masks allow (the swap ratios need 2
-            images) but the insertion ratios, which are computed where named. Mass metrics read the map's positive part; ``*_mass_ratio`` divides by the region's share of the image;
+            images) but the insertion ratios, which are computed where named. Mass metrics read
+            the map's positive part; ``*_mass_ratio`` divides by the region's share of the image;
             ``*_density_ratio`` is the evidence density on the region over that off it, and
             ``fixed_position_ratio`` the same for the place that the other probe images' evidence
             shares. The ``*_insertion_ratio`` scores test the model rather than a map: the class
@@ -1047,7 +1048,8 @@ class CAAPCallback(Callback):
         local = held[donors].to(device)
         if bool((local >= 0).all()):
             # This rank holds every donor (one process does): its own images and classes, nothing recomputed.
-            donor_images, donor_masks, donor_top1 = swap_images[local], {k: m[local] for k, m in swap_masks.items()}, swap_top1[local]
+            donor_images, donor_top1 = swap_images[local], swap_top1[local]
+            donor_masks = {k: m[local] for k, m in swap_masks.items()}
         else:
             donor_images, donor_masks = shard_of(donors)
             with torch.no_grad(), eval_mode(self._classifier):
