@@ -51,11 +51,14 @@ DEFAULT_SCORES = (
     "cue_density_ratio", "background_density_ratio", "fixed_position_ratio",
 )
 # One threshold for the default scores: each is 1 when the suspect region and the rest are equal (in the class
-# the model follows, the class they restore alone, or evidence density), whatever the region's size, so "half as
-# much again" means the same for a cue, a background, a border and a fixed position. Chosen by the benchmark's
-# sweep on its tuning runs, where 1.5 and 2 met every target and 1.5 alarmed earlier, and confirmed on the
-# held-out cue kinds and dataset, where no control's swap ratio came near it (benchmarks/results/spurious.md).
-DEFAULT_THRESHOLD = 1.5
+# the model follows, the class they restore alone, or evidence density), whatever the region's size, so "a tenth
+# more" means the same for a cue, a background and a border. Chosen by the benchmark's sweep on its tuning runs,
+# the swap ratios on CAAPCallback's 64-image swap probe, where it alone met every target (higher thresholds
+# left a run more than an epoch late), and confirmed on the held-out cue kinds and dataset; the controls' swap
+# ratios stayed at or below 1.06 (benchmarks/results/spurious.md). On 16 images they are too noisy for any
+# threshold (swap-probe-size.md). The fallback scores (insertion and density ratios) alarm on controls at it:
+# the same sweeps chose 1.5 for the insertion ratios and 2 (patience 2) for CAAP's map-based scores.
+DEFAULT_THRESHOLD = 1.1
 # One check past the threshold alarms: the scores mean the same from the first check on, and on the benchmark
 # waiting for a second check delayed the alarms (far more of them over an epoch after the accuracy gap) and
 # prevented no false alarm (benchmarks/results/spurious.md).

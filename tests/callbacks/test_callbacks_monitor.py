@@ -53,7 +53,7 @@ def test_the_first_check_past_the_threshold_is_bad():
     assert alarms(SpuriousCueMonitor(threshold=None, patience=1), [3.0, 3.0, 2.0]) == [1]
     # alarm_on="low": a first check below the threshold is bad.
     assert alarms(SpuriousCueMonitor(threshold=0.5, patience=1, alarm_on="low"), [0.2]) == [0]
-    assert DEFAULT_THRESHOLD == SpuriousCueMonitor().threshold == 1.5
+    assert DEFAULT_THRESHOLD == SpuriousCueMonitor().threshold == 1.1
     assert DEFAULT_PATIENCE == SpuriousCueMonitor().patience == 1  # one check past the threshold alarms
 
 
