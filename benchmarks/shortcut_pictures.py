@@ -42,8 +42,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cue", default="background", choices=("marker", "watermark", "border", "background"))
     parser.add_argument("--cue-correlation", type=float, default=1.0)
     parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--probe-masked", type=int, default=16, help="probe images of the object-masks-only pair")
-    parser.add_argument("--probe-unmasked", type=int, default=64, help="probe images of the no-masks pair")
+    parser.add_argument("--probe-images", type=int, default=64,
+                        help="probe images of each pair: the swap ratios swap them all; the object-masks pair's maps explain "
+                             "CAAPCallback's default 16 of them, the no-masks pair's all of them, for strategy discovery")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fashion-root", default=str(Path(tempfile.gettempdir()) / "caap-fashion"))
@@ -61,14 +62,14 @@ def main() -> Dict[str, Any]:
     data = build_data(args.data, args.cue, args.cue_correlation, args.seed, settings)
     data.prepare_data()
     data.setup("fit")
-    masked = data.probe_batch(args.probe_masked)
-    unmasked = data.probe_batch(args.probe_unmasked)
+    masked = unmasked = data.probe_batch(args.probe_images)
     model = ViTClassifier(**recipe["model"], num_classes=data.num_classes, img_size=data.img_size,
                           mean=data.mean, std=data.std)
     callbacks = [
         CAAPCallback(probe=(masked.images, masked.labels, masked.masks), prefix="caap_object", max_images_logged=6),
         SpuriousCueMonitor(monitor="caap_object/background_swap_ratio", prefix="spurious_object"),
-        CAAPCallback(probe=(unmasked.images, unmasked.labels), prefix="caap_none", max_images_logged=6),
+        CAAPCallback(probe=(unmasked.images, unmasked.labels), num_images=len(unmasked), prefix="caap_none",
+                     max_images_logged=6),
         # Named: with two CAAPCallbacks the default would take the first one's score.
         SpuriousCueMonitor(monitor="caap_none/border_swap_ratio", prefix="spurious_none"),
     ]
