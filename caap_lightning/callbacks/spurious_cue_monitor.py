@@ -133,7 +133,8 @@ class SpuriousCueMonitor(Callback):
             ``benchmarks/results/spurious.md``).
         threshold: the score must be past this to count (above for ``alarm_on="high"``); ``None``
             counts every check that does not improve (and the first check only sets the best).
-            The default, :data:`DEFAULT_THRESHOLD`, serves the three default scores.
+            The default, :data:`DEFAULT_THRESHOLD`, serves the three default scores on
+            ``CAAPCallback``'s 64-image swap probe; a fallback score wants its own (``docs/metrics.md``).
         min_delta: how much better than the best value so far a score must be to count as an
             improvement (which resets the count).
         patience: bad checks in a row that raise the alarm.
