@@ -190,6 +190,7 @@ class SpuriousCueMonitor(Callback):
         self.alarm_on = alarm_on
         self.stop_training = stop_training
         self.num_images = num_images
+        self._warned_threshold_for: Optional[str] = None
         self.strategies = strategies
         self.strategy_max_clusters = strategy_max_clusters
         self.strategy_examples = strategy_examples
@@ -237,6 +238,21 @@ class SpuriousCueMonitor(Callback):
         self._method, self._spec = self._watched(self._source, self.monitor_key)
         self._check_scorable(self._source)
         self._resolve_strategies(self._source)
+        self._warn_if_default_threshold_unsuited()
+
+    def _warn_if_default_threshold_unsuited(self) -> None:
+        """Once: a score other than a swap ratio at the default threshold, which was chosen for the swap ratios."""
+        if self._spec is None or self._spec.swap or self.threshold != DEFAULT_THRESHOLD:
+            return
+        if self._warned_threshold_for == self.monitor_key:
+            return
+        self._warned_threshold_for = self.monitor_key
+        rank_zero_warn(
+            f"SpuriousCueMonitor: watching {self.monitor_key} at the default threshold {DEFAULT_THRESHOLD}, which "
+            "was chosen for the swap ratios; on the benchmark this kind of score alarmed on controls at it "
+            "(benchmarks/results/spurious.md chose 1.5 for the insertion ratios, 2 with patience=2 for the density "
+            "ratios). Set `threshold` (and `patience`) for it, or let CAAPCallback log a swap ratio."
+        )
 
     @staticmethod
     def _default_key(sources: List[CAAPCallback], logged: List[str]) -> str:

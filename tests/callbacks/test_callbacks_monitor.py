@@ -363,3 +363,23 @@ def test_a_model_that_names_one_class_for_every_image_leaves_the_swap_ratio_unco
             classifier, datamodule=data_factory(cue_correlation=None)
         )
     assert monitor.history == [] and "caap/border_swap_ratio" not in caap.last.metrics
+
+
+def test_a_fallback_score_at_the_default_threshold_warns_once(tmp_path, data_factory, classifier_factory, trainer_factory):
+    data = data_factory(cue_correlation=None)
+    caap = CAAPCallback(num_images=4, metrics=["background_density_ratio"], log_images=False)
+    monitor = SpuriousCueMonitor()
+    trainer = trainer_factory(tmp_path, [caap, monitor], max_epochs=1, limit_train_batches=1)
+    with pytest.warns(UserWarning, match=r"watching caap/background_density_ratio at the default threshold 1.1, which was "
+                      r"chosen for the swap ratios.*Set `threshold`") as caught:
+        trainer.fit(classifier_factory(), datamodule=data)
+        trainer.validate(classifier_factory(), datamodule=data, verbose=False)  # setup again: no second warning
+    assert sum("chosen for the swap ratios" in str(w.message) for w in caught) == 1
+    # A swap ratio, or a threshold of one's own, is left alone.
+    for kwargs, metrics in (({}, ["border_swap_ratio"]), ({"threshold": 2.0}, ["background_density_ratio"])):
+        caap = CAAPCallback(num_images=4, swap_images=4, metrics=metrics, log_images=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer_factory(tmp_path, [caap, SpuriousCueMonitor(**kwargs)], max_epochs=1, limit_train_batches=1).fit(
+                classifier_factory(), datamodule=data)
+        assert not any("chosen for the swap ratios" in str(w.message) for w in caught)
