@@ -133,28 +133,18 @@ def series(run: Dict[str, Any], key: str, statistic: str) -> List[Dict[str, Any]
 
 
 def evaluate(runs: Sequence[Dict[str, Any]], key: str, statistic: str, threshold: float, monitor: Dict[str, Any]) -> Dict[str, Any]:
-    """The monitor's alarms on one statistic: shortcut runs alarmed and late, controls alarmed, the controls' peak."""
+    """The monitor's alarms on one statistic (``spurious.detection``'s bookkeeping), and the controls' peak."""
     settings = {**monitor, "threshold": threshold}
-    shortcut = [r for r in runs if not r["control"] and r["history"][-1]["reliance"] >= spurious.SHORTCUT_RELIANCE]
-    controls = [r for r in runs if r["control"]]
-    leads, late, missed = [], [], []
-    for run in shortcut:
-        alarm = spurious.replay_alarm_epoch(series(run, key, statistic), "s", **settings)
-        lead = spurious.lead_time(alarm, spurious.gap_epoch(run["history"]))
-        if alarm is None:
-            missed.append(spurious.label(run))
-        elif lead is not None:
-            leads.append(lead)
-            if spurious.is_late(lead):
-                late.append(spurious.label(run))
-    false_alarms = [spurious.label(r) for r in controls
-                    if spurious.replay_alarm_epoch(series(r, key, statistic), "s", **settings) is not None]
-    peaks = [max((x["s"] for x in series(r, key, statistic) if x["s"] is not None), default=None) for r in controls]
+    replayed = [{**r, "alarm_epoch": spurious.replay_alarm_epoch(series(r, key, statistic), "s", **settings),
+                 "gap_epoch": spurious.gap_epoch(r["history"])} for r in runs]
+    found = spurious.detection(replayed)
+    controls = [r for r in replayed if r["control"]]
+    peaks = [x["s"] for r in controls for x in series(r, key, statistic) if x["s"] is not None]
     return {
-        "shortcut_runs": len(shortcut), "alarmed": len(shortcut) - len(missed), "missed": missed,
-        "late": late, "median_lead": statistics.median(leads) if leads else None,
-        "controls": len(controls), "false_alarms": false_alarms,
-        "controls_peak": max((p for p in peaks if p is not None), default=None),
+        "shortcut_runs": found["shortcut_runs"], "alarmed": found["alarmed"], "missed": found["missed"],
+        "late": found["late_runs"], "median_lead": found["median_lead_epochs"], "controls": found["controls"],
+        "false_alarms": [spurious.label(r) for r in controls if r["alarm_epoch"] is not None],
+        "controls_peak": max(peaks, default=None),
     }
 
 

@@ -133,6 +133,11 @@ class MetricSpec:
             meter.update(pixel_maps, shard.masks[self.needs])
 
 
+def probe_tested_by(spec: MetricSpec, probe: ProbeBatch, swap_probe: Optional[ProbeBatch]) -> ProbeBatch:
+    """The probe a metric's updates saw: the swap probe for a swap ratio (where there is one), else the maps' probe."""
+    return swap_probe if spec.swap and swap_probe is not None else probe
+
+
 @dataclass(frozen=True)
 class _MeterContext:
     model: nn.Module
@@ -1089,7 +1094,7 @@ class CAAPCallback(Callback):
                     per_image_key = METRICS[metric].model_test_per_image
                     if per_image_key is not None:
                         # A swap ratio's per-image values are those of the maps' images (the first of its probe).
-                        tested_n = len(self.swap_probe) if METRICS[metric].swap else n
+                        tested_n = len(probe_tested_by(METRICS[metric], self.probe, self.swap_probe))
                         values = in_probe_order(out[per_image_key].float().cpu(), tested_n, trainer.world_size)
                         tested[self.tag(name, scalar)] = values[:n]
                 if metric == "insertion_deletion":

@@ -20,6 +20,7 @@ from caap_lightning.callbacks.caap_callback import (
     MetricSpec,
     ProbeResult,
     guarded,
+    probe_tested_by,
 )
 from caap_lightning.callbacks.strategies import (
     ALL,
@@ -285,7 +286,7 @@ class SpuriousCueMonitor(Callback):
         spec = self._spec
         if spec is None:
             return
-        probe = source.swap_probe if spec.swap and source.swap_probe is not None else source.probe
+        probe = probe_tested_by(spec, source.probe, source.swap_probe)
         masks = None if spec.needs is None else getattr(probe, spec.needs)
         check = spec.per_image if spec.model_test_per_image is None else _check_test_regions
         if check is None:
@@ -451,7 +452,7 @@ class SpuriousCueMonitor(Callback):
         if spec is None or spec.model_test_per_image is None:
             return None
         # A swap paired the images across the swap probe, whose first images are the maps' probe.
-        probe = result.swap_probe if spec.swap and result.swap_probe is not None else result.probe
+        probe = probe_tested_by(spec, result.probe, result.swap_probe)
         index = torch.as_tensor(rows, dtype=torch.long)
         masks = {k: getattr(probe, k)[index] for k in ("masks", "cue_masks") if getattr(probe, k) is not None}
         regions = spec.test_regions(probe.images[index], masks)

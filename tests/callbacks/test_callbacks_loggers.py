@@ -1,4 +1,4 @@
-"""figures.log_image / log_figure / log_text reach every logger that shows images, else PNG files."""
+"""figures.log_image / log_text reach every logger that shows images, else PNG files."""
 
 from __future__ import annotations
 
