@@ -19,9 +19,9 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import lightning as L
 import torch
 from lightning.pytorch.utilities import CombinedLoader
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, SequentialSampler
 
+from caap_lightning._lightning import is_overridden
 from caap_lightning.datamodules.base import ProbeBatch
 from caap_lightning.metrics._checks import check_masks
 from caap_lightning.utils import IMAGENET_MEAN, IMAGENET_STD, model_normalization
