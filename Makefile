@@ -2,12 +2,14 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The exact versions the developers and CI run; pyproject.toml declares the ranges users may hold.
+CONSTRAINTS := requirements/constraints.txt
 
 .PHONY: demo test install clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -d $(VENV) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q -e ".[dev,baselines]"
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[dev,baselines,hf]"
 	touch $(STAMP)
 
 install: $(STAMP)

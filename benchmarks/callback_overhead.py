@@ -1,6 +1,6 @@
 """What CAAPCallback adds to a training epoch of the demo, with its default settings; one JSON line.
 
-Runs ``configs/demo.yaml`` through the CLI (CPU, 2 threads, its 4 epochs) and times, in the
+Runs the packaged ``demo.yaml`` through the CLI (CPU, 2 threads, its 4 epochs) and times, in the
 same run, each epoch (training + validation + the check) and each ``CAAPCallback`` check, in
 wall-clock and process CPU seconds. The overhead is check / (epoch - check): the share the check
 adds to an epoch without it. The summary is the median over the epochs: on a shared machine a
@@ -28,7 +28,6 @@ import platform
 import statistics
 import tempfile
 import time
-from pathlib import Path
 from typing import Any, Callable, Dict, List
 
 import lightning as L
@@ -37,10 +36,11 @@ import torch
 from caap_lightning import CAAP
 from caap_lightning.callbacks import CAAPCallback
 from caap_lightning.cli import cli
+from caap_lightning.configs import config_path
 
 from _common import synchronize
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+CONFIG = config_path("demo.yaml")
 
 
 class EpochClock(L.Callback):
@@ -200,7 +200,7 @@ def main() -> Dict[str, Any]:
     caap = next(cb for cb in run.trainer.callbacks if isinstance(cb, CAAPCallback))
     result = {
         "benchmark": "callback_overhead",
-        "config": "configs/demo.yaml",
+        "config": "caap_lightning/configs/demo.yaml",
         "callback": {k: getattr(caap, k) for k in ("num_images", "swap_images", "methods", "construction", "window", "selection", "insertion_deletion_steps")},
         "metrics": caap.active_metrics,
         "epochs": clock.rows,

@@ -1,6 +1,6 @@
 """Spurious-cue detection: does ``SpuriousCueMonitor`` catch shortcut learning, early, without false alarms?
 
-A tiny ViT (``configs/demo.yaml``'s) is trained from scratch on CPU on two generated datasets,
+A tiny ViT (the packaged ``demo.yaml``'s) is trained from scratch on CPU on two generated datasets,
 ``shapes`` (``SyntheticSpuriousDataModule``) and ``fashion`` (``FashionCanvasDataModule``), each
 with every cue kind (marker, watermark, border, background) at several cue strengths: the
 training-set probability that the cue names the label, ``1 / num_classes`` for the control (the
@@ -650,7 +650,7 @@ def setup_section(setup: Dict[str, Any], n_runs: int) -> List[str]:
         + f" (the first: the control, 1 / classes); {setup['workers']} worker process(es) of 1 CPU thread ({setup['machine']}).",
         *([setup["rescored"]] if setup.get("rescored") else []),
         "",
-        "Recipes (a tiny ViT from scratch, `configs/demo.yaml`'s: "
+        "Recipes (a tiny ViT from scratch, `caap_lightning/configs/demo.yaml`'s: "
         f"{setup['model_summary']}; `CAAPCallback` with a probe of {setup['num_images']} images "
         f"(the swap ratios: {swap_probe_size(setup)}), `construction=\"{setup['construction']}\"`):",
         "",

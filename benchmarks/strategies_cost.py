@@ -41,7 +41,7 @@ from caap_lightning.utils import upsample_maps
 from _common import TINY_VIT, quiet_trainer, synchronize
 
 HALF = (0.5, 0.5, 0.5)
-IMAGE_SIZE = 64  # configs/demo.yaml
+IMAGE_SIZE = 64  # caap_lightning/configs/demo.yaml
 NUM_CLASSES = 4
 EXAMPLES = 3  # SpuriousCueMonitor's strategy_examples default
 MAX_CLUSTERS = 6  # its strategy_max_clusters default

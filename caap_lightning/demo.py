@@ -1,4 +1,4 @@
-"""``make demo``: fit ``configs/demo.yaml`` through the CLI on CPU, then summarise what the model learnt.
+"""``make demo``: fit the packaged ``demo.yaml`` through the CLI on CPU, then summarise what the model learnt.
 
     python -m caap_lightning.demo                       # the whole demo (2 CPU threads)
     python -m caap_lightning.demo --trainer.max_epochs=2   # extra arguments go to the CLI
@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 
 from caap_lightning.callbacks import CAAPCallback, SpuriousCueMonitor
 from caap_lightning.cli import cli
+from caap_lightning.configs import config_path
 from caap_lightning.utils import eval_mode
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+DEFAULT_CONFIG = config_path("demo.yaml")
 # Metrics shown in the summary, in this order, when logged.
 SUMMARY_METRICS = (
     "caap/cue_swap_ratio",
@@ -108,7 +108,9 @@ def summary(run, wall_s: float) -> List[str]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="LightningCLI YAML (default: configs/demo.yaml)")
+    parser.add_argument(
+        "--config", default=str(DEFAULT_CONFIG), help="LightningCLI YAML: a path or a packaged config's name (default: demo.yaml)"
+    )
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch (default: 2)")
     args, extra = parser.parse_known_args(argv)
     torch.set_num_threads(args.threads)

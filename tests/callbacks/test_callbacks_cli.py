@@ -11,8 +11,10 @@ import torch
 from caap_lightning import demo
 from caap_lightning.callbacks import CAAPCallback
 from caap_lightning.cli import cli, main
+from caap_lightning.configs import CONFIG_DIR as CONFIGS
+from _tiny_demo import TINY_DEMO_ARGS
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+BENCHMARK_CONFIGS = Path(__file__).resolve().parents[2] / "benchmarks" / "configs"
 
 
 @pytest.mark.parametrize(
@@ -22,7 +24,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
         ("fit", "pets_vitb16.yaml", "OxfordPetDataModule"),
         ("fit", "food101_vitb16.yaml", "Food101DataModule"),
         ("validate", "eval_pets.yaml", "OxfordPetDataModule"),
-        ("fit", "../benchmarks/configs/learnable_shapes.yaml", "SyntheticSpuriousDataModule"),
+        ("fit", BENCHMARK_CONFIGS / "learnable_shapes.yaml", "SyntheticSpuriousDataModule"),
     ],
 )
 def test_configs_parse(subcommand, config, expected, capsys):
@@ -62,20 +64,7 @@ def test_methods_parse_from_yaml(tmp_path, capsys):
 
 def test_demo_runs_through_the_cli_and_prints_the_summary(tmp_path, monkeypatch, capsys, events_reader):
     monkeypatch.chdir(tmp_path)
-    demo.main(
-        [
-            "--trainer.max_epochs=2",
-            "--trainer.enable_checkpointing=false",
-            "--data.init_args.img_size=32",
-            "--data.init_args.cue_size=6",
-            "--data.init_args.num_train=64",
-            "--data.init_args.num_val=32",
-            "--data.init_args.batch_size=32",
-            "--model.embed_dim=32",
-            "--model.depth=2",
-            "--model.num_heads=2",
-        ]
-    )
+    demo.main(["--trainer.max_epochs=2", *TINY_DEMO_ARGS])
     out = capsys.readouterr().out
     assert "caap-lightning demo: 2 epochs" in out
     assert "probe images (16): cue-consistent" in out and "all validation images (32)" in out
