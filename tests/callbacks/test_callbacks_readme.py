@@ -2,19 +2,9 @@
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import pytest
 
-README = Path(__file__).resolve().parents[2] / "README.md"
-
-
-def readme_block(name: str) -> str:
-    text = README.read_text()
-    match = re.search(rf"<!-- readme-example: {name} -->\n```python\n(.*?)```", text, re.S)
-    assert match, f"README has no example block {name!r}"
-    return match.group(1)
+from _readme import README, readme_block
 
 
 def test_the_own_module_example_runs_and_logs_heatmaps(tmp_path, monkeypatch, events_reader):
