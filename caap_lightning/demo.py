@@ -109,7 +109,8 @@ def summary(run, wall_s: float) -> List[str]:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--config", default=str(DEFAULT_CONFIG), help="LightningCLI YAML: a path or a packaged config's name (default: demo.yaml)"
+        "--config", default=str(DEFAULT_CONFIG),
+        help="LightningCLI YAML: a path or a packaged config's name (default: demo.yaml)",
     )
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch (default: 2)")
     args, extra = parser.parse_known_args(argv)

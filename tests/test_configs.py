@@ -40,7 +40,7 @@ def test_a_file_of_that_name_where_the_command_runs_wins(tmp_path, monkeypatch):
 
 def test_wrong_names_say_what_to_pass(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match="no packaged config 'dmeo.yaml'; the packaged configs are demo.yaml, eval_pets"):
+    with pytest.raises(ValueError, match="no packaged config 'dmeo.yaml'; the packaged configs are demo.yaml, eval"):
         resolve_config_args(["fit", "--config", "dmeo.yaml"])
     # The path the configs had in a clone before they moved into the package.
     with pytest.raises(ValueError, match="no such file; the packaged config of that name is --config demo.yaml"):
