@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from _readme import README, readme_block
 
 
-def test_the_own_module_example_runs_and_logs_heatmaps(tmp_path, monkeypatch, events_reader):
+def test_the_own_module_example_runs_and_logs_heatmaps_and_the_monitors_score(tmp_path, monkeypatch, events_reader):
     monkeypatch.chdir(tmp_path)  # Lightning's default logger writes lightning_logs/ here
+    torch.manual_seed(0)  # the example draws random data and weights; seeded, the monitor's checks are fixed
     namespace: dict = {}
     exec(compile(readme_block("own-module"), str(README), "exec"), namespace)
     caap = namespace["caap"]
@@ -17,3 +19,7 @@ def test_the_own_module_example_runs_and_logs_heatmaps(tmp_path, monkeypatch, ev
     assert len(events["images"]["caap/heatmaps"]) == 2
     last = events["scalars"]["caap/insdel"][max(events["scalars"]["caap/insdel"])]
     assert last == pytest.approx(caap.last.metrics["caap/insdel"], rel=1e-6)  # float32 in the event file
+    # Without masks the monitor watches the border swap ratio: its score at every check where the ratio was logged.
+    border, scores = events["scalars"]["caap/border_swap_ratio"], events["scalars"]["spurious/score"]
+    assert border and sorted(scores) == sorted(border)
+    assert all(scores[step] == pytest.approx(border[step]) for step in border)
