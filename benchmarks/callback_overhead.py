@@ -30,7 +30,6 @@ import tempfile
 import time
 from typing import Any, Callable, Dict, List
 
-import lightning as L
 import torch
 
 from caap_lightning import CAAP
@@ -38,65 +37,9 @@ from caap_lightning.callbacks import CAAPCallback
 from caap_lightning.cli import cli
 from caap_lightning.configs import config_path
 
-from _common import synchronize
+from harness import EpochClock
 
 CONFIG = config_path("demo.yaml")
-
-
-class EpochClock(L.Callback):
-    """Wall and CPU seconds of every epoch (train start to validation end) and of every CAAP check.
-
-    Each reading first drains the module's device queue (a no-op on the CPU), so that work queued
-    before a reading (the last validation step's, before the check) is not charged after it.
-    """
-
-    def __init__(self) -> None:
-        self.rows: List[Dict[str, float]] = []
-        self._start = (0.0, 0.0)
-        self._check = (0.0, 0.0)
-
-    @staticmethod
-    def _now(pl_module: L.LightningModule) -> tuple:
-        synchronize(pl_module.device)
-        return time.perf_counter(), time.process_time()
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return  # the check stays wrapped for the validate runs after the fit
-        caap = next(cb for cb in trainer.callbacks if isinstance(cb, CAAPCallback))
-        run_check = caap.run_check
-
-        def timed(trainer: L.Trainer, pl_module: L.LightningModule):
-            wall, cpu = self._now(pl_module)
-            try:
-                return run_check(trainer, pl_module)
-            finally:
-                end_wall, end_cpu = self._now(pl_module)
-                self._check = (end_wall - wall, end_cpu - cpu)
-
-        caap.run_check = timed
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start = self._now(pl_module)
-        self._check = (0.0, 0.0)
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "fit":
-            return
-        end_wall, end_cpu = self._now(pl_module)
-        epoch_wall, epoch_cpu = end_wall - self._start[0], end_cpu - self._start[1]
-        check_wall, check_cpu = self._check
-        self.rows.append(
-            {
-                "epoch": trainer.current_epoch,
-                "epoch_wall_s": round(epoch_wall, 2),
-                "epoch_cpu_s": round(epoch_cpu, 2),
-                "check_wall_s": round(check_wall, 2),
-                "check_cpu_s": round(check_cpu, 2),
-                "overhead_wall": round(check_wall / (epoch_wall - check_wall), 4),
-                "overhead_cpu": round(check_cpu / (epoch_cpu - check_cpu), 4),
-            }
-        )
 
 
 def interleave(run: Any, clock: EpochClock, rounds: int) -> Dict[str, Any]:

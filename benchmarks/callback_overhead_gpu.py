@@ -30,8 +30,7 @@ from caap_lightning.callbacks import CAAPCallback
 from caap_lightning.datamodules import SyntheticSpuriousDataModule
 from caap_lightning.models import ViTClassifier
 
-from _common import quiet_trainer
-from callback_overhead import EpochClock
+from harness import EpochClock, quiet_trainer
 
 
 class RandomImages(Dataset):

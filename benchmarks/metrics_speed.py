@@ -35,7 +35,7 @@ from caap_lightning.metrics import insertion_deletion
 from caap_lightning.metrics.functional import default_step
 from caap_lightning.utils import gaussian_blur, upsample_maps
 
-from _common import synchronize
+from harness import synchronize
 
 
 def forward_flops(model, image) -> int:

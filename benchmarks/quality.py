@@ -37,7 +37,6 @@ import math
 import platform
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
@@ -47,17 +46,15 @@ import torch
 from caap_lightning.attribution import CAAP, get_method
 from caap_lightning.attribution.blanks import BLANK_KINDS, prediction_entropy
 from caap_lightning.attribution.selection import SELECTIONS
-from caap_lightning.datamodules import FashionCanvasDataModule, SyntheticSpuriousDataModule
-from caap_lightning.metrics import aupr, insertion_deletion, pointing_game
+from caap_lightning.datamodules import SyntheticSpuriousDataModule
 from caap_lightning.models import ViTClassifier
 
-from _common import DEEP_VIT, FASHION_CLASSES, TINY_VIT, TINY_VIT_RECIPE, quiet_trainer
 from _diagnose import border_bias, saturated, spearman
+from harness import DEEP_VIT, METHOD_NAMES, RESULTS, TINY_VIT, TINY_VIT_RECIPE, accuracy, fit_timed
+from map_quality import (
+    METRICS, fmt_diff, fmt_stat, mean_sem, paired, score_method, score_table, seconds_per_image, summarise, testbed_data,
+)
 
-RESULTS = Path(__file__).resolve().parent / "results"
-METRICS = ("deletion", "insertion", "insdel", "aupr_fg", "aupr_bg", "pointing_game")
-HEADERS = {"deletion": "Del ↓", "insertion": "Ins ↑", "insdel": "InsDel ↑", "aupr_fg": "AUPR1 ↑",
-           "aupr_bg": "AUPR0 ↑", "pointing_game": "PG ↑"}
 WINDOWS = (2, 3, 4)
 # CAAP's defaults, read off its signature, around which each ablation varies one setting
 # (caap_parallel's scores are reused as each ablation's default row; k defaults to L // 2).
@@ -71,9 +68,7 @@ PROTOTYPE = {
     "random": (0.41, 0.14, 0.12),
 }
 LABELS = {
-    "random": "Random", "gradcam": "Grad-CAM", "rollout": "Rollout", "tattr": "T-Attr (grad)",
-    "input_x_gradient": "Input×Gradient", "simple_insertion": "Simple Insertion",
-    "simple_deletion": "Simple Deletion", "occlusion": "Occlusion (captum)",
+    **{name: label for name, label in METHOD_NAMES.items() if name != "caap"},
     "caap_parallel": "CAAP parallel", "caap_efficient": "CAAP efficient (E-CAAP)",
     "caap_standard": "CAAP standard (textbook patching)",
     **{f"caap_windowed_w{w}": f"CAAP windowed w={w}" for w in WINDOWS},
@@ -123,13 +118,6 @@ def parse_args() -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------- the model and the data
-def testbed_data(args: argparse.Namespace) -> L.LightningDataModule:
-    """The testbed's data without a cue (``args.data``, ``num_train``, ``seed``, ``fashion_root``)."""
-    if args.data == "shapes":
-        return SyntheticSpuriousDataModule(cue_correlation=None, num_train=args.num_train, seed=args.seed)
-    # Cached: a canvas is drawn once, not once per epoch.
-    return FashionCanvasDataModule(root=args.fashion_root, cue="none", classes=FASHION_CLASSES,
-                                   num_train=args.num_train, num_val=1000, seed=args.seed, cache=True)
 
 
 def build(args: argparse.Namespace) -> Tuple[ViTClassifier, L.LightningDataModule]:
@@ -150,14 +138,6 @@ def data_recipe(data: L.LightningDataModule) -> str:
             f"object_size {data.object_size}, no cue")
 
 
-def fit_timed(module: L.LightningModule, data: L.LightningDataModule, epochs: int, num_train: int) -> Dict[str, Any]:
-    """Train ``module`` for ``epochs`` without validation; the training record (size, wall and CPU seconds)."""
-    start, cpu = time.perf_counter(), time.process_time()
-    quiet_trainer(max_epochs=epochs, limit_val_batches=0).fit(module, datamodule=data)
-    return {"epochs": epochs, "num_train": num_train, "train_seconds": round(time.perf_counter() - start, 1),
-            "train_cpu_seconds": round(time.process_time() - cpu, 1)}
-
-
 def train(module: ViTClassifier, data: L.LightningDataModule, args: argparse.Namespace) -> Dict[str, Any]:
     training = fit_timed(module, data, args.epochs, args.num_train)
     if args.save_checkpoint:
@@ -170,15 +150,6 @@ def checkpoint_training(path: str) -> Dict[str, Any]:
     """The training record saved with ``--save-checkpoint`` (empty for other checkpoints)."""
     saved = torch.load(path, map_location="cpu", weights_only=True)
     return dict(saved.get("training", {})) if isinstance(saved, dict) else {}
-
-
-@torch.no_grad()
-def accuracy(model: torch.nn.Module, data: L.LightningDataModule) -> float:
-    correct = total = 0
-    for batch in data.val_dataloader():
-        correct += int((model(batch.images).argmax(-1) == batch.labels).sum())
-        total += len(batch.labels)
-    return correct / total
 
 
 # ---------------------------------------------------------------- the methods
@@ -232,72 +203,6 @@ def tuned_settings(ablations: Dict[str, Dict[str, Dict[str, Any]]], depth: int) 
 
 
 # ---------------------------------------------------------------- evaluation
-def attribute_all(method, images: torch.Tensor, labels: torch.Tensor, batch: int) -> Tuple[torch.Tensor, float]:
-    """Maps of every image, and the process-CPU seconds they took."""
-    cpu = time.process_time()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # CAAP's saturated-blank warning: the blank scores are recorded
-        maps = torch.cat([method.attribute(images[i:i + batch], target=labels[i:i + batch])
-                          for i in range(0, len(images), batch)])
-    return maps, time.process_time() - cpu
-
-
-def seconds_per_image(methods: Dict[str, Any], images: torch.Tensor, labels: torch.Tensor, rounds: int = 3) -> Dict[str, float]:
-    """Wall seconds per image of one ``attribute`` call on a fixed batch, for every method.
-
-    The machine is shared: the methods take turns in each round, so that they meet the same
-    load, and each keeps its fastest round, the least disturbed one.
-    """
-    fastest = {label: math.inf for label in methods}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for _ in range(rounds):
-            for label, method in methods.items():
-                start = time.perf_counter()
-                method.attribute(images, target=labels)
-                fastest[label] = min(fastest[label], time.perf_counter() - start)
-    return {label: round(t / len(images), 5) for label, t in fastest.items()}
-
-
-def per_image_scores(model, maps, images, labels, masks, step: int, metric_batch: int) -> Dict[str, torch.Tensor]:
-    result = insertion_deletion(model, images, maps, target=labels, step=step, batch_size=metric_batch)
-    insertion, deletion = result.insertion.double(), result.deletion.double()
-    return {
-        "deletion": deletion,
-        "insertion": insertion,
-        "insdel": insertion - deletion,
-        "aupr_fg": aupr(maps, masks, region="foreground").aupr,
-        "aupr_bg": aupr(maps, masks, region="background").aupr,
-        "pointing_game": pointing_game(maps, masks),
-        "substrate_is_target": result.substrate_is_target,
-    }
-
-
-def score_method(method, model, images, labels, masks, step: int, batch: int, metric_batch: int):
-    """One method's per-image scores on the held-out images and their summary row (with CPU seconds per image)."""
-    maps, cpu = attribute_all(method, images, labels, batch)
-    scores = per_image_scores(model, maps, images, labels, masks, step, metric_batch)
-    row = summarise(scores)
-    row["cpu_seconds_per_image"] = round(cpu / len(images), 5)
-    return scores, row, maps
-
-
-def mean_sem(values: torch.Tensor) -> Dict[str, float]:
-    values = values[torch.isfinite(values)].double()
-    n = values.numel()
-    sem = values.std().item() / math.sqrt(n) if n > 1 else float("nan")
-    return {"mean": round(values.mean().item(), 4), "sem": round(sem, 4), "n": n}
-
-
-def summarise(scores: Dict[str, torch.Tensor]) -> Dict[str, Any]:
-    row: Dict[str, Any] = {m: mean_sem(scores[m]) for m in METRICS}
-    row["insdel_informative"] = mean_sem(scores["insdel"][~scores["substrate_is_target"]])
-    return row
-
-
-def paired(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor], metric: str, n: int) -> Dict[str, float]:
-    """Mean ± sem of the per-image difference ``a - b`` over the first ``n`` images."""
-    return mean_sem(a[metric][:n] - b[metric][:n])
 
 
 def versus_best_baseline(methods: Dict[str, Any], per_image: Dict[str, Dict[str, torch.Tensor]], configs: List[str],
@@ -378,24 +283,6 @@ def write_per_image(path: Path, per_image: Dict[str, Dict[str, torch.Tensor]], l
 
 
 # ---------------------------------------------------------------- reports
-def fmt(stat: Dict[str, float]) -> str:
-    if stat["n"] == 0:
-        return "–"
-    return f"{100 * stat['mean']:.2f}±{100 * stat['sem']:.2f}"
-
-
-def fmt_diff(stat: Dict[str, float]) -> str:
-    return f"{100 * stat['mean']:+.2f}±{100 * stat['sem']:.2f}"
-
-
-def table(rows: Dict[str, Dict[str, Any]], names: List[str], first: str = "Method", label=LABELS.get) -> List[str]:
-    lines = [f"| {first} | " + " | ".join(HEADERS[m] for m in METRICS) + " | s / image |",
-             "|---|" + "---|" * (len(METRICS) + 1)]
-    for name in names:
-        row = rows[name]
-        lines.append(f"| {label(name) or name} | " + " | ".join(fmt(row[m]) for m in METRICS)
-                     + f" | {row['seconds_per_image']:.4f} |")
-    return lines
 
 
 def plot_layer_sweep(sweep: Dict[str, Dict[str, Any]], default_k: int, path: Path) -> None:
@@ -509,14 +396,14 @@ def header_section(report: Dict[str, Any]) -> List[str]:
         "",
         "## Main table",
         "",
-        *table(methods, list(methods)),
+        *score_table(methods, list(methods)),
         "",
         f"CAAP tuned: the ablations' best settings together ({tuned_text(report)}), chosen on the first {n_ab} "
         "images; *The ablations' best together* below scores it on the images not used to choose.",
         "",
         f"InsDel over the images whose deletion substrate is *not* classified as the target (the others "
         f"cannot show a falling deletion curve): see `insdel_informative` in the JSON "
-        f"(CAAP parallel: {fmt(methods['caap_parallel']['insdel_informative'])}, "
+        f"(CAAP parallel: {fmt_stat(methods['caap_parallel']['insdel_informative'])}, "
         f"n = {methods['caap_parallel']['insdel_informative']['n']}).",
         "",
     ]
@@ -546,7 +433,7 @@ def ablation_section(report: Dict[str, Any]) -> List[str]:
     titles = {"layer_cutoff": "Layer cutoff k (cumulative: blocks 1..k patched; paper Fig. 7)",
               "selection": "Selection operator", "blank": "Blank", "score": "Score"}
     for ablation, rows in report["ablations"].items():
-        out += [f"### {titles[ablation]}", "", *table(rows, list(rows), first=ablation, label=lambda v: v), ""]
+        out += [f"### {titles[ablation]}", "", *score_table(rows, list(rows), first=ablation, label=lambda v: v), ""]
         out += ["| " + ablation + " | ΔInsDel vs default | ΔAUPR1 vs default | ΔPG vs default |", "|---|---|---|---|"]
         for value, row in rows.items():
             d = row["vs_default"]
@@ -613,10 +500,10 @@ def why_section(report: Dict[str, Any]) -> List[str]:
         out.append(f"| {LABELS.get(label, label)} | {100 * row['share']:.1f}% of {row['n']} |")
     out += ["", "CAAP parallel's scores split by it:", "",
             "| | InsDel | AUPR1 |", "|---|---|---|",
-            f"| saturated (n = {split['insdel']['saturated']['n']}) | {fmt(split['insdel']['saturated'])} | "
-            f"{fmt(split['aupr_fg']['saturated'])} |",
-            f"| not saturated (n = {split['insdel']['not_saturated']['n']}) | {fmt(split['insdel']['not_saturated'])} | "
-            f"{fmt(split['aupr_fg']['not_saturated'])} |", "",
+            f"| saturated (n = {split['insdel']['saturated']['n']}) | {fmt_stat(split['insdel']['saturated'])} | "
+            f"{fmt_stat(split['aupr_fg']['saturated'])} |",
+            f"| not saturated (n = {split['insdel']['not_saturated']['n']}) | {fmt_stat(split['insdel']['not_saturated'])} | "
+            f"{fmt_stat(split['aupr_fg']['not_saturated'])} |", "",
             "### Border bias", "",
             "Bias: per image, the mean score of the background patches on the grid's outer ring (where a box "
             "selection is clipped) minus that of the inner background patches, over the map's range, in percent: 0 "
@@ -627,8 +514,8 @@ def why_section(report: Dict[str, Any]) -> List[str]:
     for label, row in diag["border"].items():
         if label in methods or label.startswith("selection="):
             out.append(f"| {LABELS.get(label, label)} | {fmt_diff(row['bias'])} | "
-                       f"{fmt(row['aupr_fg_touching'])} (n = {row['aupr_fg_touching']['n']}) | "
-                       f"{fmt(row['aupr_fg_inside'])} (n = {row['aupr_fg_inside']['n']}) |")
+                       f"{fmt_stat(row['aupr_fg_touching'])} (n = {row['aupr_fg_touching']['n']}) | "
+                       f"{fmt_stat(row['aupr_fg_inside'])} (n = {row['aupr_fg_inside']['n']}) |")
     sweep = report["ablations"]["layer_cutoff"]
     k_best = best(sweep, list(sweep), "insdel")
     out += ["", "### The cutoff and the blank", "",
@@ -673,7 +560,7 @@ def by_class_table(report: Dict[str, Any]) -> List[str]:
     lines = ["| Method | " + " | ".join(f"class {c}{notes.get(c, '')}, n = {n[c]}" for c in classes) + " |",
              "|---|" + "---|" * len(classes)]
     for name, row in report["by_class"].items():
-        lines.append(f"| {LABELS[name]} | " + " | ".join(fmt(row[c]) for c in classes) + " |")
+        lines.append(f"| {LABELS[name]} | " + " | ".join(fmt_stat(row[c]) for c in classes) + " |")
     return lines
 
 
@@ -710,8 +597,8 @@ def verdicts_for(report: Dict[str, Any], per_image: Dict[str, Dict[str, torch.Te
         top = best(methods, list(methods), metric)
         top_base = best(methods, baselines, metric)
         d = paired(per_image["caap_parallel"], per_image[top_base], metric, n)
-        says.append(f"{label}: best overall {LABELS[top]} ({fmt(methods[top][metric])}); best baseline "
-                    f"{LABELS[top_base]} ({fmt(methods[top_base][metric])}); CAAP parallel minus it: {fmt_diff(d)}"
+        says.append(f"{label}: best overall {LABELS[top]} ({fmt_stat(methods[top][metric])}); best baseline "
+                    f"{LABELS[top_base]} ({fmt_stat(methods[top_base][metric])}); CAAP parallel minus it: {fmt_diff(d)}"
                     f"{' (significant at 2 sem)' if significant(d) else ' (within 2 sem)'}.")
     for name in ["caap_efficient", *[f"caap_windowed_w{w}" for w in WINDOWS], "caap_standard"]:
         d_insdel = paired(per_image[name], per_image["caap_parallel"], "insdel", n)

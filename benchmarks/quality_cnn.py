@@ -38,13 +38,11 @@ import torch
 from caap_lightning.attribution import get_method
 from caap_lightning.models import ViTClassifier
 
-from _common import FASHION_CLASSES
-from quality import METRICS, accuracy, fit_timed, fmt, fmt_diff, paired, score_method, seconds_per_image, table, testbed_data
+from harness import FASHION_CLASSES, METHOD_NAMES, RESULTS, accuracy, fit_timed
+from map_quality import METRICS, fmt_diff, fmt_stat, paired, score_method, score_table, seconds_per_image, testbed_data
 
-RESULTS = Path(__file__).resolve().parent / "results"
 LABELS = {
-    "random": "Random", "gradcam": "Grad-CAM", "input_x_gradient": "Input×Gradient",
-    "simple_insertion": "Simple Insertion", "simple_deletion": "Simple Deletion", "occlusion": "Occlusion (captum)",
+    **METHOD_NAMES,
     "caap_standard": "ConvCAAP standard", "caap_frozen": "ConvCAAP frozen",
 }
 
@@ -145,13 +143,13 @@ def markdown(report: Dict[str, Any], verdicts: List[str]) -> str:
         "",
         "## Main table",
         "",
-        *table(report["methods"], list(report["methods"]), label=LABELS.get),
+        *score_table(report["methods"], list(report["methods"]), label=LABELS.get),
         "",
         f"## Cut sweep (cumulative: the stages after the cut run on the patched map; first {n_sweep} images)",
         "",
     ]
     for construction, rows in report["cut_sweep"].items():
-        out += [f"### {construction}", "", *table(rows, list(rows), first="cut", label=lambda v: v), ""]
+        out += [f"### {construction}", "", *score_table(rows, list(rows), first="cut", label=lambda v: v), ""]
     out += [f"![cut sweep]({stem}_cut_sweep.png)", "", "## What the numbers say", "", *[f"- {v}" for v in verdicts], "",
             "## Caveats", "",
             "- One small model, one seed, one data set per table: the standard errors cover the choice of images only.",
@@ -171,13 +169,13 @@ def verdicts_for(report: Dict[str, Any], per_image: Dict[str, Dict[str, torch.Te
         top_base = max(baselines, key=lambda m: methods[m][metric]["mean"])
         for caap in ("caap_standard", "caap_frozen"):
             d = paired(per_image[caap], per_image[top_base], metric, n)
-            says.append(f"{label}: best overall {LABELS[top]} ({fmt(methods[top][metric])}); {LABELS[caap]} minus the "
+            says.append(f"{label}: best overall {LABELS[top]} ({fmt_stat(methods[top][metric])}); {LABELS[caap]} minus the "
                         f"best baseline {LABELS[top_base]}: {fmt_diff(d)}"
                         f"{' (significant at 2 sem)' if abs(d['mean']) > 2 * d['sem'] else ' (within 2 sem)'}.")
     for construction, rows in report["cut_sweep"].items():
         best = max(rows, key=lambda c: rows[c]["insdel"]["mean"])
         says.append(f"{construction}: the cut with the best mean InsDel (what `layer_cutoff=\"auto\"` picks on such a "
-                    f"probe) is `{best}` ({fmt(rows[best]['insdel'])}).")
+                    f"probe) is `{best}` ({fmt_stat(rows[best]['insdel'])}).")
     return says
 
 

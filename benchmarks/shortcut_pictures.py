@@ -30,8 +30,8 @@ from lightning.pytorch.loggers import CSVLogger
 from caap_lightning.callbacks import CAAPCallback, SpuriousCueMonitor
 from caap_lightning.models import ViTClassifier
 
-from _common import quiet_trainer
-from spurious import RECIPES, build_data
+from cue_runs import RECIPES, build_data
+from harness import quiet_trainer
 
 DOCS_IMAGES = Path(__file__).resolve().parents[1] / "docs" / "images"
 

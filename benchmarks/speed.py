@@ -38,7 +38,7 @@ from caap_lightning.attribution.cnn import ConvCAAP
 from caap_lightning.attribution.registry import get_method
 from caap_lightning.attribution.selection import selection_members
 
-from _common import synchronize
+from harness import synchronize
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:

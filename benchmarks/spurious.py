@@ -47,53 +47,32 @@ import argparse
 import itertools
 import json
 import math
-import multiprocessing
 import os
-import statistics
 import sys
-import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-import lightning as L
-import torch
 from lightning.pytorch.utilities import disable_possible_user_warnings
 
 from caap_lightning.attribution.caap import CONSTRUCTIONS
 from caap_lightning.attribution.registry import available_methods
 from caap_lightning.callbacks import CAAPCallback, SpuriousCueMonitor
 from caap_lightning.callbacks.caap_callback import MODEL_TESTS
-from caap_lightning.datamodules import CUE_KINDS, FashionCanvasDataModule, SyntheticSpuriousDataModule
-from caap_lightning.datamodules.base import MaskedImageDataModule
+from caap_lightning.datamodules import CUE_KINDS
 from caap_lightning.datamodules.fashion import find_fashion_mnist
-from caap_lightning.demo import cue_accuracy
-from caap_lightning.models import ViTClassifier
 
-from _common import TINY_VIT, TINY_VIT_RECIPE, quiet_trainer
+import cue_runs
+from cue_runs import (
+    CONTROL_ACCURACY, CONTROL_RELIANCE, DATASETS, FASHION_ROOT, GAP_POINTS, LATEST_LEAD, LIVE_REGIME, MAP_REGIMES, MODEL,
+    RECORDED, REGIMES, SHORTCUT_RELIANCE, control_of, control_problems, detection, gap_epoch, is_late, label, lead_time,
+    recipe, replay_alarm_epoch, run_jobs, run_kind, settings_of,
+)
+from harness import RESULTS, display, fmt, median, rounded, table
 
-RESULTS = Path(__file__).resolve().parent / "results"
-DATASETS = ("shapes", "fashion")
-METHOD_NAMES = {"caap": "CAAP", "gradcam": "Grad-CAM"}
 STRONG_CUES = (0.8, 0.95, 1.0)
-# Mask regime -> the callback metric its monitor watches by default (SpuriousCueMonitor's DEFAULT_SCORES): with
-# object masks the background test, with or without cue masks (the cue test alone is in the report's table of
-# every score). These test the model (the same for every method); the map-based scores read a method's maps.
-REGIMES = {
-    "cue+object masks": "background_swap_ratio",
-    "object masks only": "background_swap_ratio",
-    "none": "border_swap_ratio",
-}
 # The same regimes' insertion ratios, the defaults before the swap ratios: compared with them.
 INSERTION_REGIMES = {regime: key.replace("_swap_", "_insertion_") for regime, key in REGIMES.items()}
-MAP_REGIMES = {
-    "cue+object masks": "cue_density_ratio",
-    "object masks only": "background_density_ratio",
-    "none": "fixed_position_ratio",
-}
-# Every score each fit records: the model tests (the callback's MODEL_TESTS), then the map-based scores.
-RECORDED = (*MODEL_TESTS, *MAP_REGIMES.values())
 # The monitors compared: name -> (the runs whose scores it reads, its scores per regime, its title). The model
 # tests are read from CAAP's fits (a baseline's replay sees the same models, so the same values).
 WATCHES = {
@@ -108,299 +87,14 @@ TARGET_CUES = {
     "object masks only": CUE_KINDS,
     "none": ("watermark", "border"),
 }
-LIVE_REGIME = "cue+object masks"
-GAP_POINTS = 10.0
-SHORTCUT_RELIANCE = 50.0
-CONTROL_RELIANCE = 25.0
-CONTROL_ACCURACY = 85.0
-# Lead target: median lead >= 0 epochs, and no alarm later than this many epochs after the gap.
-LATEST_LEAD = -1
 # The threshold is chosen on these (dataset, cue kind) pairs and confirmed on the others.
 TUNING = (("shapes", "marker"), ("shapes", "watermark"))
 # The replay grid for the threshold and patience (every score is 1 when the suspect region and the rest are equal).
 SWEEP_THRESHOLDS = (1.1, 1.2, 1.3, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0)
 SWEEP_PATIENCE = (1, 2)
 
-HALF = (0.5, 0.5, 0.5)
-# The demo's ViT at 32 px (16 patches), so that a CPU step is cheap; twice the demo's lr, as the runs are
-# short (the shapes take the demo's own, below); warm-up over the first 2 epochs.
-MODEL = dict(model_name="vit_tiny_patch16_224", **{**TINY_VIT, **TINY_VIT_RECIPE, "lr": 2e-3, "warmup_epochs": 2.0})
-# Per dataset: the data and schedule with which a control learns the object (>= 85% validation
-# accuracy) on one CPU thread in about a minute; the report records what each run reached. An
-# "epoch" is a fixed number of batches (a fresh draw from the training set each time), and one check:
-# 1024 images on Fashion, 2048 on the shapes, which a control needs twice as many of.
-RECIPES: Dict[str, Dict[str, Any]] = {
-    "shapes": {
-        # A large, clearly visible shape (the demo's faint one is for a cue that must win), so that controls learn it.
-        "data": dict(num_classes=4, img_size=32, cue_size=6, shape_contrast=0.6, object_size=(0.55, 0.9), num_train=4000,
-                     batch_size=64, mean=HALF, std=HALF),
-        # The demo's lr (TINY_VIT_RECIPE's) and 32 batches an epoch: at twice the lr and 16 batches, the seed-1
-        # controls stayed at chance or below 85% on every cue kind; at the demo's lr and 16 batches, 3 of 12
-        # controls still ended at 63-83%.
-        "model": {**MODEL, "lr": TINY_VIT_RECIPE["lr"]},
-        "epochs": 32,
-        "batches_per_epoch": 32,
-    },
-    "fashion": {
-        # Four garments of clearly different outline (trouser, bag, sneaker, shirt), drawn large: at 32 px
-        # a small garment loses the detail that tells them apart. Cached: drawing costs as much as training.
-        "data": dict(classes=[1, 8, 7, 6], img_size=32, object_size=(0.6, 0.95), cue_size=6, num_train=4000, batch_size=64,
-                     mean=HALF, std=HALF, cache=True),
-        "model": MODEL,
-        "epochs": 32,
-        "batches_per_epoch": 16,
-    },
-}
-# --quick: tiny data and two epochs, enough to run every step once.
-QUICK = dict(num_train=256, num_val=128, epochs=2, cues=("marker", "watermark"))
-
-
-# ---------------------------------------------------------------------- training
-class ReplayedClassifier(ViTClassifier):
-    """Loads, at the start of each epoch, the weights an earlier fit had at its end, instead of training.
-
-    A baseline's callbacks then watch exactly the model trajectory CAAP's watched. Set
-    ``snapshots`` (one ``model`` state dict per epoch) before fitting with ``limit_train_batches=1``.
-    """
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.automatic_optimization = False
-        self.snapshots: List[Dict[str, torch.Tensor]] = []
-
-    def training_step(self, batch: Any, batch_idx: int) -> None:
-        self.model.load_state_dict(self.snapshots[self.current_epoch])
-
-
-class EpochRecorder(L.Callback):
-    """After each validation (and the callbacks' check): accuracies, reliance, the regimes' scores, live alarm, weights."""
-
-    def __init__(self, accuracy_batch: Any, caap: CAAPCallback, monitor: SpuriousCueMonitor) -> None:
-        self.accuracy_batch = accuracy_batch
-        self.caap = caap
-        self.monitor = monitor
-        self.history: List[Dict[str, Any]] = []
-        self.snapshots: List[Dict[str, torch.Tensor]] = []
-        self.start = time.perf_counter()
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        counts = cue_accuracy(pl_module, self.accuracy_batch)
-        # A failed check leaves the previous check in place: then this epoch has no scores.
-        last = self.caap.last
-        metrics = last.metrics if last is not None and last.epoch == trainer.current_epoch else {}
-        latest = self.monitor.history[-1] if self.monitor.history else {}
-        check = latest if latest.get("epoch") == trainer.current_epoch else {}
-        (consistent, n_consistent), (conflicting, n_conflicting) = counts["cue-consistent"], counts["cue-conflicting"]
-        row: Dict[str, Any] = {
-            "epoch": trainer.current_epoch + 1,
-            "accuracy": percent(consistent + conflicting, n_consistent + n_conflicting),
-            "acc_consistent": percent(consistent, n_consistent),
-            "acc_conflicting": percent(conflicting, n_conflicting),
-            "reliance": percent(*counts["follows-cue"]),
-        }
-        row.update({score: rounded(metrics.get("caap/" + score)) for score in RECORDED})
-        row["live_alarm"] = bool(check.get("alarm", 0.0))
-        row["attribution_s"] = rounded(metrics.get("caap/seconds"), 2)
-        row["wall_s"] = round(time.perf_counter() - self.start, 1)
-        self.history.append(row)
-        self.snapshots.append({k: v.detach().clone() for k, v in pl_module.model.state_dict().items()})
-
-
-def percent(correct: int, total: int) -> Optional[float]:
-    return round(100.0 * correct / total, 2) if total else None
-
-
-def rounded(value: Optional[float], digits: int = 4) -> Optional[float]:
-    return None if value is None or not math.isfinite(value) else round(float(value), digits)
-
-
-def recipe(dataset: str, quick: bool) -> Dict[str, Any]:
-    """The dataset's recipe, shrunk for ``--quick``."""
-    chosen = {**RECIPES[dataset], "data": dict(RECIPES[dataset]["data"]), "model": dict(RECIPES[dataset]["model"])}
-    if quick:
-        chosen["data"]["num_train"] = QUICK["num_train"]
-        chosen["epochs"] = QUICK["epochs"]
-    return chosen
-
-
-def build_data(dataset: str, cue: str, cue_correlation: float, seed: int, settings: Dict[str, Any]) -> MaskedImageDataModule:
-    data = {**settings["recipes"][dataset]["data"], "cue": cue, "cue_correlation": cue_correlation, "seed": seed,
-            "num_val": settings["num_val"]}
-    if dataset == "shapes":
-        return SyntheticSpuriousDataModule(**data)
-    return FashionCanvasDataModule(root=settings["fashion_root"], **data)
-
-
-def control_of(dataset: str, settings: Dict[str, Any]) -> float:
-    """The control's cue strength: the cue names the label as often as chance does."""
-    data = settings["recipes"][dataset]["data"]
-    classes = data["num_classes"] if dataset == "shapes" else len(data["classes"])
-    return round(1.0 / classes, 4)
-
-
-def fit_run(
-    job: Tuple[str, str, float, int],
-    method: str,
-    settings: Dict[str, Any],
-    snapshots: Optional[List[Dict[str, torch.Tensor]]] = None,
-) -> Tuple[Dict[str, Any], List[Dict[str, torch.Tensor]]]:
-    """One fit, its callbacks driven by ``method``'s maps: the run's record and its weights per epoch.
-
-    With ``snapshots`` (the weights of a fit of the same job) the fit replays them instead of
-    training, so every method watches the same models.
-    """
-    dataset, cue, cue_correlation, seed = job
-    L.seed_everything(seed, verbose=False)
-    data = build_data(dataset, cue, cue_correlation, seed, settings)
-    model_class = ViTClassifier if snapshots is None else ReplayedClassifier
-    model = model_class(**settings["recipes"][dataset]["model"], num_classes=data.num_classes, img_size=data.img_size,
-                        mean=data.mean, std=data.std)
-    if snapshots is not None:
-        model.snapshots = snapshots
-    caap = CAAPCallback(methods=[method], num_images=settings["num_images"], swap_images=settings["swap_images"],
-                        construction=settings["construction"], metrics=list(RECORDED), log_images=False)
-    monitor = SpuriousCueMonitor(monitor="caap/" + REGIMES[LIVE_REGIME], **settings["monitor"], num_images=0)
-    data.setup("fit")
-    recorder = EpochRecorder(data.probe_batch(data.num_val), caap, monitor)
-    trainer = quiet_trainer(
-        max_epochs=settings["recipes"][dataset]["epochs"],
-        # The accuracies are the recorder's, on every validation image; the loop only triggers the check.
-        limit_val_batches=1,
-        limit_train_batches=settings["recipes"][dataset]["batches_per_epoch"] if snapshots is None else 1,
-        callbacks=[caap, monitor, recorder],
-    )
-    start, cpu = time.perf_counter(), time.process_time()
-    trainer.fit(model, datamodule=data)
-    record = {
-        "dataset": dataset,
-        "cue": cue,
-        "cue_correlation": cue_correlation,
-        "seed": seed,
-        "method": method,
-        "control": cue_correlation == control_of(dataset, settings),
-        "model": "trained" if snapshots is None else "replayed from the CAAP run's weights",
-        "live_alarm_epoch": next((row["epoch"] for row in recorder.history if row["live_alarm"]), None),
-        "wall_s": round(time.perf_counter() - start, 1),
-        "cpu_s": round(time.process_time() - cpu, 1),
-        "history": recorder.history,
-    }
-    return record, recorder.snapshots
-
-
-def run_job(job: Tuple[str, str, float, int], settings: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """The CAAP fit of one (dataset, cue kind, cue strength, seed) and each baseline's replay of its weights."""
-    trained, snapshots = fit_run(job, "caap", settings)
-    return [trained, *(fit_run(job, name, settings, snapshots)[0] for name in settings["baselines"])]
-
-
-def init_worker() -> None:
-    # Each worker process trains on one thread: the cores are the parallelism.
-    torch.set_num_threads(1)
-    disable_possible_user_warnings()
-
-
-def run_jobs(jobs: Sequence[Tuple[str, str, float, int]], settings: Dict[str, Any], workers: int) -> List[Dict[str, Any]]:
-    """Every job's runs, in the order of ``jobs``, on ``workers`` processes (1: in this process)."""
-    done: Dict[Tuple[str, str, float, int], List[Dict[str, Any]]] = {}
-    if workers == 1:
-        init_worker()
-        for job in jobs:
-            done[job] = run_job(job, settings)
-            report_progress(done[job])
-    else:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=init_worker) as pool:
-            futures = {pool.submit(run_job, job, settings): job for job in jobs}
-            for future in as_completed(futures):
-                done[futures[future]] = future.result()
-                report_progress(done[futures[future]])
-    return [run for job in jobs for run in done[job]]
-
-
-def report_progress(runs: Sequence[Dict[str, Any]]) -> None:
-    for run in runs:
-        last = run["history"][-1]
-        progress = {k: run[k] for k in ("dataset", "cue", "cue_correlation", "seed", "method", "live_alarm_epoch", "wall_s", "cpu_s")}
-        progress["final"] = {k: last[k] for k in ("accuracy", "reliance", *RECORDED)}
-        print(json.dumps(progress), flush=True)
-
 
 # ---------------------------------------------------------------------- what a run's history says
-def gap_epoch(history: Sequence[Dict[str, Any]], points: float = GAP_POINTS) -> Optional[int]:
-    """The first epoch at which cue-conflicting accuracy is ``points`` below cue-consistent accuracy."""
-    for row in history:
-        if row["acc_consistent"] is not None and row["acc_conflicting"] is not None:
-            if row["acc_consistent"] - row["acc_conflicting"] >= points:
-                return row["epoch"]
-    return None
-
-
-def replay_alarms(
-    history: Sequence[Dict[str, Any]], key: str, threshold: Optional[float], patience: int, min_delta: float
-) -> List[bool]:
-    """Whether a ``SpuriousCueMonitor`` with these settings, fed ``key``, has its alarm on after each recorded epoch."""
-    monitor = SpuriousCueMonitor(threshold=threshold, patience=patience, min_delta=min_delta)
-    alarms = []
-    for row in history:
-        if row[key] is not None:  # an epoch without a score (a failed check) is no check at all
-            monitor.update(row[key])
-        alarms.append(monitor.alarmed)
-    return alarms
-
-
-def replay_alarm_epoch(
-    history: Sequence[Dict[str, Any]], key: str, threshold: Optional[float], patience: int, min_delta: float
-) -> Optional[int]:
-    """The first epoch at which that monitor's alarm is on."""
-    alarms = replay_alarms(history, key, threshold, patience, min_delta)
-    return next((row["epoch"] for row, alarm in zip(history, alarms) if alarm), None)
-
-
-def lead_time(alarm: Optional[int], gap: Optional[int]) -> Optional[int]:
-    """Epochs by which the alarm preceded the accuracy gap (negative: it came later)."""
-    return None if alarm is None or gap is None else gap - alarm
-
-
-def is_late(lead: Optional[int]) -> bool:
-    """Whether an alarm with this lead (``None``: no alarm or no gap) came later than the lead target allows."""
-    return lead is not None and lead < LATEST_LEAD
-
-
-def run_kind(run: Dict[str, Any]) -> str:
-    """``"control"``, ``"shortcut"`` (final reliance >= 50%) or ``"other"`` (a cue the model did not come to rely on)."""
-    if run["control"]:
-        return "control"
-    reliance = run["history"][-1]["reliance"]
-    return "shortcut" if reliance is not None and reliance >= SHORTCUT_RELIANCE else "other"
-
-
-def control_problems(run: Dict[str, Any]) -> List[str]:
-    """Why a control is not the clean control it should be: it did not learn the object, or it leant on the cue."""
-    accuracy = run["history"][-1]["accuracy"]
-    rows = [row for row in run["history"] if row["reliance"] is not None]
-    peak = max(rows, key=lambda row: row["reliance"], default=None)
-    problems = []
-    if accuracy is None or accuracy < CONTROL_ACCURACY:
-        problems.append(f"accuracy {fmt(accuracy, 1)}% < {CONTROL_ACCURACY:g}%")
-    if peak is not None and peak["reliance"] >= CONTROL_RELIANCE:
-        # Where: a model still at chance (accuracy 1 / classes) predicts the cue's class on 1 / classes of the images.
-        problems.append(f"reliance reached {fmt(peak['reliance'], 1)}% >= {CONTROL_RELIANCE:g}% "
-                        f"(epoch {peak['epoch']}, accuracy {fmt(peak['accuracy'], 1)}%)")
-    return problems
-
-
-def label(run: Dict[str, Any]) -> str:
-    return f"{run['dataset']}/{run['cue']}/{run['cue_correlation']}/seed {run['seed']}"
-
-
-def median(values: Iterable[Optional[float]]) -> Optional[float]:
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
-
-
-def display(method: str) -> str:
-    return METHOD_NAMES.get(method, method)
 
 
 def methods_of(runs: Sequence[Dict[str, Any]]) -> List[str]:
@@ -420,28 +114,6 @@ def with_alarms(
     watching its score of ``regimes``."""
     key = regimes[regime]
     return [{**r, "alarm_epoch": replay_alarm_epoch(r["history"], key, **monitor), "gap_epoch": gap_epoch(r["history"])} for r in runs]
-
-
-def detection(runs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
-    """Shortcut runs alarmed, controls alarmed and lead times of runs that carry ``alarm_epoch``."""
-    shortcut = [r for r in runs if run_kind(r) == "shortcut"]
-    controls = [r for r in runs if r["control"]]
-    leads = [lead_time(r["alarm_epoch"], r["gap_epoch"]) for r in shortcut]
-    alarmed = [r for r in shortcut if r["alarm_epoch"] is not None]
-    return {
-        "shortcut_runs": len(shortcut),
-        "alarmed": len(alarmed),
-        "detection_rate": len(alarmed) / len(shortcut) if shortcut else None,
-        "controls": len(controls),
-        "false_alarms": sum(r["alarm_epoch"] is not None for r in controls),
-        "alarm_epochs": [r["alarm_epoch"] for r in shortcut],
-        "gap_epochs": [r["gap_epoch"] for r in shortcut],
-        "lead_epochs": leads,
-        "median_lead_epochs": median(leads),
-        "missed": [label(r) for r in shortcut if r["alarm_epoch"] is None],
-        "false_alarm_runs": [f"{label(r)} (epoch {r['alarm_epoch']})" for r in controls if r["alarm_epoch"] is not None],
-        "late_runs": [label(r) for r, lead in zip(shortcut, leads) if is_late(lead)],
-    }
 
 
 def by_cue_kind(runs: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
@@ -615,25 +287,8 @@ def swap_probe_size(setup: Dict[str, Any]) -> str:
     return f"{max(setup['num_images'], setup.get('swap_images', 0))} images"
 
 
-def fmt(value: Any, digits: int = 2) -> str:
-    """A table cell: ``-`` for none, floats with at most ``digits`` decimals."""
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        text = f"{value:.{digits}f}"
-        return text.rstrip("0").rstrip(".") if "." in text else text
-    return str(value)
-
-
 def cells(values: Iterable[Any], digits: int = 2) -> str:
     return ", ".join(fmt(v, digits) for v in values)
-
-
-def table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> List[str]:
-    """A markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return lines
 
 
 def met(ok: bool) -> str:
@@ -968,7 +623,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--min-delta", type=float, default=None, help="default: SpuriousCueMonitor's")
     parser.add_argument("--workers", type=int, default=1, help="processes, one torch thread each")
     parser.add_argument(
-        "--fashion-root", default=str(Path(tempfile.gettempdir()) / "caap-fashion-mnist"),
+        "--fashion-root", default=FASHION_ROOT,
         help="FashionCanvasDataModule's root, where it unpacks Debian's Fashion-MNIST (never downloaded); default: under the temp dir",
     )
     parser.add_argument("--output-dir", type=Path, default=None, help="default: benchmarks/results (none with --quick)")
@@ -983,10 +638,6 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     return args
 
 
-def settings_of(monitor: SpuriousCueMonitor) -> Dict[str, Any]:
-    return {"threshold": monitor.threshold, "patience": monitor.patience, "min_delta": monitor.min_delta}
-
-
 def given_monitor(args: argparse.Namespace) -> Dict[str, Any]:
     given = {"threshold": args.threshold, "patience": args.patience, "min_delta": args.min_delta}
     return {k: v for k, v in given.items() if v is not None}
@@ -995,7 +646,7 @@ def given_monitor(args: argparse.Namespace) -> Dict[str, Any]:
 def grid(args: argparse.Namespace, settings: Dict[str, Any]) -> List[Tuple[str, str, float, int]]:
     """Every (dataset, cue kind, cue strength, seed) of the run."""
     seeds = args.seeds[:1] if args.quick else args.seeds
-    cues = args.cues or (list(QUICK["cues"]) if args.quick else list(CUE_KINDS))
+    cues = args.cues or (list(cue_runs.QUICK["cues"]) if args.quick else list(CUE_KINDS))
     jobs = []
     for dataset in args.data:
         control = control_of(dataset, settings)
@@ -1069,7 +720,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     monitor = settings_of(SpuriousCueMonitor(**given_monitor(args)))
     settings = {
         "recipes": {name: recipe(name, args.quick) for name in args.data},
-        "num_val": QUICK["num_val"] if args.quick else args.num_val,
+        "num_val": cue_runs.QUICK["num_val"] if args.quick else args.num_val,
         "num_images": args.num_images,
         "swap_images": args.swap_images,
         "construction": args.construction,

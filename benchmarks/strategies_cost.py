@@ -38,7 +38,7 @@ from caap_lightning.datamodules.base import ProbeBatch
 from caap_lightning.metrics import fixed_position_ratio
 from caap_lightning.utils import upsample_maps
 
-from _common import TINY_VIT, quiet_trainer, synchronize
+from harness import TINY_VIT, quiet_trainer, synchronize
 
 HALF = (0.5, 0.5, 0.5)
 IMAGE_SIZE = 64  # caap_lightning/configs/demo.yaml

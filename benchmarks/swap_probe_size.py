@@ -1,9 +1,9 @@
 """Why one shortcut run alarms late: the swap test's statistic, or the probe's size?
 
-``spurious.py`` finds one shortcut run whose alarm comes two epochs after the accuracy gap: at
+``cue_runs.py`` finds one shortcut run whose alarm comes two epochs after the accuracy gap: at
 the epoch after the gap the model follows the cue on about two thirds of the cue-conflicting
 validation images, yet the 16-image probe's swap ratio reads barely above 1. This script trains
-the runs of ``spurious.py``'s grid again (its recipes, data and ``fit_run``) and, at every
+the runs of ``cue_runs.py``'s grid again (its recipes, data and ``fit_run``) and, at every
 epoch's weights, scores the swap test four ways on a probe of 16 images (the default) and of 64:
 
 - ``probability, clean classes``: ``SwapRatio`` as the callback logs it, the mean probability
@@ -46,16 +46,18 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from lightning.pytorch.utilities import disable_possible_user_warnings
 
-import spurious
 from caap_lightning.callbacks import SpuriousCueMonitor
 from caap_lightning.datamodules import CUE_KINDS
+from caap_lightning.datamodules.fashion import find_fashion_mnist
 from caap_lightning.metrics import border_masks
 from caap_lightning.metrics.region_insertion_ratio import insertion_ratio, rest_colour, suspect_views
 from caap_lightning.metrics.region_swap_ratio import swap_donors, swapped_images
 from caap_lightning.models import ViTClassifier
 from caap_lightning.utils import eval_mode
 
-RESULTS = Path(__file__).resolve().parent / "results"
+import cue_runs
+from harness import RESULTS, fmt, init_worker
+
 PROBE_SIZES = (16, 64)
 # The monitor's default regions: the background with object masks, the border ring with none.
 REGIONS = {"background": ("masks", "outside"), "border": (None, "mask")}
@@ -107,9 +109,9 @@ def score(found: Dict[str, Any], statistic: str) -> Tuple[Optional[float], int, 
 
 # ---------------------------------------------------------------------- one run
 def run_job(job: Tuple[str, str, float, int], settings: Dict[str, Any]) -> Dict[str, Any]:
-    """Train one run as ``spurious.py`` does, then score every statistic at each epoch's weights."""
-    record, snapshots = spurious.fit_run(job, "caap", settings)
-    data = spurious.build_data(*job, settings)
+    """Train one run as ``cue_runs.py`` does, then score every statistic at each epoch's weights."""
+    record, snapshots = cue_runs.fit_run(job, "caap", settings)
+    data = cue_runs.build_data(*job, settings)
     data.setup("fit")
     model = ViTClassifier(**settings["recipes"][job[0]]["model"], num_classes=data.num_classes, img_size=data.img_size,
                           mean=data.mean, std=data.std)
@@ -133,17 +135,17 @@ def series(run: Dict[str, Any], key: str, statistic: str) -> List[Dict[str, Any]
 
 
 def evaluate(runs: Sequence[Dict[str, Any]], key: str, statistic: str, threshold: float, monitor: Dict[str, Any]) -> Dict[str, Any]:
-    """The monitor's alarms on one statistic (``spurious.detection``'s bookkeeping), and the controls' peak."""
+    """The monitor's alarms on one statistic (``cue_runs.detection``'s bookkeeping), and the controls' peak."""
     settings = {**monitor, "threshold": threshold}
-    replayed = [{**r, "alarm_epoch": spurious.replay_alarm_epoch(series(r, key, statistic), "s", **settings),
-                 "gap_epoch": spurious.gap_epoch(r["history"])} for r in runs]
-    found = spurious.detection(replayed)
+    replayed = [{**r, "alarm_epoch": cue_runs.replay_alarm_epoch(series(r, key, statistic), "s", **settings),
+                 "gap_epoch": cue_runs.gap_epoch(r["history"])} for r in runs]
+    found = cue_runs.detection(replayed)
     controls = [r for r in replayed if r["control"]]
     peaks = [x["s"] for r in controls for x in series(r, key, statistic) if x["s"] is not None]
     return {
         "shortcut_runs": found["shortcut_runs"], "alarmed": found["alarmed"], "missed": found["missed"],
         "late": found["late_runs"], "median_lead": found["median_lead_epochs"], "controls": found["controls"],
-        "false_alarms": [spurious.label(r) for r in controls if r["alarm_epoch"] is not None],
+        "false_alarms": [cue_runs.label(r) for r in controls if r["alarm_epoch"] is not None],
         "controls_peak": max(peaks, default=None),
     }
 
@@ -163,10 +165,10 @@ def threshold_window(runs: Sequence[Dict[str, Any]], key: str, statistic: str, m
 def late_votes(runs: Sequence[Dict[str, Any]], late: Sequence[str], sizes: Sequence[int]) -> List[Dict[str, Any]]:
     """For each run late at any setting: reliance and the background votes at the gap epoch and the one after."""
     rows = []
-    for run in (r for r in runs if spurious.label(r) in late):
-        gap = spurious.gap_epoch(run["history"])
+    for run in (r for r in runs if cue_runs.label(r) in late):
+        gap = cue_runs.gap_epoch(run["history"])
         for h in run["history"][gap - 1 : gap + 1]:
-            rows.append({"run": spurious.label(run), "epoch": h["epoch"], "gap_epoch": gap, "reliance": h["reliance"],
+            rows.append({"run": cue_runs.label(run), "epoch": h["epoch"], "gap_epoch": gap, "reliance": h["reliance"],
                          **{f"{s} ({n})": h["swap"][f"background/{n}"]["scores"][s][1:] for n in sizes
                             for s in STATISTICS if s.startswith("votes")}})
     return rows
@@ -201,7 +203,7 @@ def markdown(result: Dict[str, Any]) -> str:
     lines = [
         "# Swap test: statistic and probe size against the lead bound",
         "",
-        f"Made by `{setup['command']}` ({setup['runs']} trained runs of `spurious.py`'s grid: {', '.join(setup['datasets'])}; "
+        f"Made by `{setup['command']}` ({setup['runs']} trained runs of `cue_runs.py`'s grid: {', '.join(setup['datasets'])}; "
         f"cues {', '.join(setup['cues'])}; cue strengths {setup['cue_correlations']}; seeds {setup['seeds']}; "
         f"{setup['wall_min']:.0f} min on {setup['machine']}). Monitor rule: patience {setup['monitor']['patience']}, "
         f"min_delta {setup['monitor']['min_delta']}."
@@ -216,8 +218,8 @@ def markdown(result: Dict[str, Any]) -> str:
         region_size, statistic, threshold = name.rsplit("/", 2)
         lines.append(
             f"| {region_size} | {statistic} | {threshold} | {row['alarmed']}/{row['shortcut_runs']} | "
-            f"{len(row['late'])}{' (' + ', '.join(row['late']) + ')' if row['late'] else ''} | {spurious.fmt(row['median_lead'])} | "
-            f"{len(row['false_alarms'])}/{row['controls']} | {spurious.fmt(row['controls_peak'])} |"
+            f"{len(row['late'])}{' (' + ', '.join(row['late']) + ')' if row['late'] else ''} | {fmt(row['median_lead'])} | "
+            f"{len(row['false_alarms'])}/{row['controls']} | {fmt(row['controls_peak'])} |"
         )
     grid = f"{WINDOW_GRID[0]:g} to {WINDOW_GRID[-1]:g} in steps of {WINDOW_GRID[1] - WINDOW_GRID[0]:.2f}"
     lines += ["", "## Thresholds that meet every target", "",
@@ -235,26 +237,26 @@ def markdown(result: Dict[str, Any]) -> str:
         keys = [k for k in summary["late_votes"][0] if k not in ("run", "epoch", "gap_epoch", "reliance")]
         lines += ["| run | epoch (gap epoch) | reliance % | " + " | ".join(keys) + " |", "|---" * (3 + len(keys)) + "|"]
         for row in summary["late_votes"]:
-            lines.append(f"| {row['run']} | {row['epoch']} ({row['gap_epoch']}) | {spurious.fmt(row['reliance'], 1)} | "
+            lines.append(f"| {row['run']} | {row['epoch']} ({row['gap_epoch']}) | {fmt(row['reliance'], 1)} | "
                          + " | ".join("/".join(map(str, row[k])) for k in keys) + " |")
     else:
         lines.append("No run is late at any setting.")
     lines += ["", "## Cost: seconds of each test over the seconds of the run's whole check (medians over epochs)", "",
               "| region / probe | clean classes | part classes |", "|---|---|---|"]
-    lines += [f"| {key} | {spurious.fmt(c['clean'], 3)} | {spurious.fmt(c['parts'], 3)} |" for key, c in summary["cost_of_check"].items()]
+    lines += [f"| {key} | {fmt(c['clean'], 3)} | {fmt(c['parts'], 3)} |" for key, c in summary["cost_of_check"].items()]
     return "\n".join(lines) + "\n"
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="shapes, marker, one seed, tiny data, 2 epochs; writes nothing")
-    parser.add_argument("--data", nargs="+", default=list(spurious.DATASETS), choices=spurious.DATASETS)
+    parser.add_argument("--data", nargs="+", default=list(cue_runs.DATASETS), choices=cue_runs.DATASETS)
     parser.add_argument("--cues", nargs="+", default=list(CUE_KINDS), choices=CUE_KINDS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--cue-correlations", type=float, nargs="+", default=None,
                         help="default: the control (1 / classes) and 0.95, the strength of the late run")
     parser.add_argument("--workers", type=int, default=1, help="processes, one torch thread each")
-    parser.add_argument("--fashion-root", default=spurious.parse_args([]).fashion_root)
+    parser.add_argument("--fashion-root", default=cue_runs.FASHION_ROOT)
     parser.add_argument("--output-dir", type=Path, default=None, help="default: benchmarks/results (none with --quick)")
     parser.add_argument("--rescore", type=Path, default=None,
                         help="a swap-probe-size.json: summarise its recorded runs again (no training), rewrite it and its .md")
@@ -268,26 +270,26 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     disable_possible_user_warnings()
     data = ["shapes"] if args.quick else args.data
     settings = {
-        "recipes": {name: spurious.recipe(name, args.quick) for name in data},
-        "num_val": spurious.QUICK["num_val"] if args.quick else 512,
+        "recipes": {name: cue_runs.recipe(name, args.quick) for name in data},
+        "num_val": cue_runs.QUICK["num_val"] if args.quick else 512,
         # The callback as the grid it studies ran it: its swaps on the 16-image probe (it scores its own 16 and 64).
         "num_images": 16, "swap_images": 16, "construction": "parallel", "baselines": [], "fashion_root": args.fashion_root,
-        "monitor": spurious.settings_of(SpuriousCueMonitor()), "probe_sizes": PROBE_SIZES,
+        "monitor": cue_runs.settings_of(SpuriousCueMonitor()), "probe_sizes": PROBE_SIZES,
     }
     if "fashion" in data:
-        spurious.find_fashion_mnist(args.fashion_root)
+        find_fashion_mnist(args.fashion_root)
     jobs = [(d, cue, strength, seed)
             for d in data
             for cue, strength, seed in itertools.product(
                 ["marker"] if args.quick else args.cues,
-                args.cue_correlations or [spurious.control_of(d, settings), 0.95],
+                args.cue_correlations or [cue_runs.control_of(d, settings), 0.95],
                 args.seeds[:1] if args.quick else args.seeds)]
     start = time.perf_counter()
-    with ProcessPoolExecutor(args.workers, initializer=spurious.init_worker) as pool:
+    with ProcessPoolExecutor(args.workers, initializer=init_worker) as pool:
         runs = []
         for run in pool.map(run_job, jobs, itertools.repeat(settings)):
             runs.append(run)
-            print(json.dumps({"done": spurious.label(run), "of": len(jobs), "runs": len(runs)}), flush=True)
+            print(json.dumps({"done": cue_runs.label(run), "of": len(jobs), "runs": len(runs)}), flush=True)
     monitor = settings["monitor"]
     setup = {
         "command": " ".join(["python benchmarks/swap_probe_size.py", *(argv if argv is not None else sys.argv[1:])]),

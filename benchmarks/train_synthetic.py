@@ -24,7 +24,7 @@ from caap_lightning.datamodules import SyntheticSpuriousDataModule
 from caap_lightning.demo import cue_accuracy
 from caap_lightning.models import ViTClassifier
 
-from _common import TINY_VIT, TINY_VIT_RECIPE, quiet_trainer
+from harness import TINY_VIT, TINY_VIT_RECIPE, quiet_trainer
 
 
 class EpochHistory(L.Callback):

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -22,6 +23,20 @@ def load_script(name: str) -> ModuleType:
     return module
 
 
+def load_library(name: str) -> ModuleType:
+    """Import ``benchmarks/<name>.py``, a module the scripts share, as they import it (the same module object)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+@pytest.fixture(scope="session")
+def cue_runs() -> ModuleType:
+    return load_library("cue_runs")
+
+
 @pytest.fixture(scope="session")
 def spurious() -> ModuleType:
     return load_script("spurious")
@@ -34,7 +49,7 @@ def metrics_speed() -> ModuleType:
 
 @pytest.fixture(scope="session")
 def diagnose() -> ModuleType:
-    return load_script("_diagnose")
+    return load_library("_diagnose")
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""The spurious-cue benchmark's bookkeeping on scripted histories, and one tiny smoke run."""
+"""The spurious-cue runs' bookkeeping (``cue_runs.py``) and report (``spurious.py``) on scripted histories, and one
+tiny smoke run."""
 
 from __future__ import annotations
 
@@ -31,25 +32,25 @@ def run(cue, strength, seed, rows, control=False, dataset="shapes", method="caap
             "control": control, "history": rows}
 
 
-def test_gap_epoch_is_the_first_epoch_ten_points_apart(spurious):
+def test_gap_epoch_is_the_first_epoch_ten_points_apart(cue_runs):
     rows = history([50, 70, 90, 95], [45, 61, 80, 20])
-    assert spurious.gap_epoch(rows) == 3  # 9 points at epoch 2 is not yet a gap; exactly 10 is
-    assert spurious.gap_epoch(history([50, 60], [50, 59])) is None
-    assert spurious.gap_epoch(rows, points=50) == 4
+    assert cue_runs.gap_epoch(rows) == 3  # 9 points at epoch 2 is not yet a gap; exactly 10 is
+    assert cue_runs.gap_epoch(history([50, 60], [50, 59])) is None
+    assert cue_runs.gap_epoch(rows, points=50) == 4
 
 
-def test_lead_time(spurious):
-    assert spurious.lead_time(alarm=2, gap=5) == 3
-    assert spurious.lead_time(alarm=5, gap=2) == -3
-    assert spurious.lead_time(alarm=None, gap=2) is None
+def test_lead_time(cue_runs):
+    assert cue_runs.lead_time(alarm=2, gap=5) == 3
+    assert cue_runs.lead_time(alarm=5, gap=2) == -3
+    assert cue_runs.lead_time(alarm=None, gap=2) is None
 
 
-def test_each_regime_replays_its_own_score_through_the_monitor(spurious):
+def test_each_regime_replays_its_own_score_through_the_monitor(cue_runs):
     rising = [1.0, 2.0, 3.0, 4.0, 5.0]
     rows = history([1] * 5, [1] * 5, cue_density_ratio=rising, background_density_ratio=[1.0] * 5)
-    assert spurious.replay_alarm_epoch(rows, "cue_density_ratio", threshold=1.5, patience=2, min_delta=0.0) == 3
-    assert spurious.replay_alarm_epoch(rows, "cue_density_ratio", threshold=3.5, patience=2, min_delta=0.0) == 5
-    assert spurious.replay_alarm_epoch(rows, "background_density_ratio", threshold=1.5, patience=1, min_delta=0.0) is None
+    assert cue_runs.replay_alarm_epoch(rows, "cue_density_ratio", threshold=1.5, patience=2, min_delta=0.0) == 3
+    assert cue_runs.replay_alarm_epoch(rows, "cue_density_ratio", threshold=3.5, patience=2, min_delta=0.0) == 5
+    assert cue_runs.replay_alarm_epoch(rows, "background_density_ratio", threshold=1.5, patience=1, min_delta=0.0) is None
     # A score past the threshold from the first check: the monitor's own rule decides, check by check.
     flat = history([1] * 4, [1] * 4, fixed_position_ratio=[9.0] * 4)
     monitor = SpuriousCueMonitor(threshold=4.0, patience=2, min_delta=0.1)
@@ -57,20 +58,20 @@ def test_each_regime_replays_its_own_score_through_the_monitor(spurious):
     for row in flat:
         monitor.update(row["fixed_position_ratio"])
         expected.append(monitor.alarmed)
-    assert spurious.replay_alarms(flat, "fixed_position_ratio", threshold=4.0, patience=2, min_delta=0.1) == expected
+    assert cue_runs.replay_alarms(flat, "fixed_position_ratio", threshold=4.0, patience=2, min_delta=0.1) == expected
     # An epoch without a score (a failed check) is no check at all.
     gappy = history([1] * 4, [1] * 4, cue_density_ratio=[1.0, None, 2.0, 3.0])
-    assert spurious.replay_alarm_epoch(gappy, "cue_density_ratio", threshold=1.5, patience=2, min_delta=0.0) == 4
+    assert cue_runs.replay_alarm_epoch(gappy, "cue_density_ratio", threshold=1.5, patience=2, min_delta=0.0) == 4
 
 
-def test_ground_truth_is_measured_reliance(spurious):
+def test_ground_truth_is_measured_reliance(spurious, cue_runs):
     shortcut = run("marker", 0.95, 0, history([99, 99], [40, 2], reliance=[45.0, 96.5]))
     weak = run("marker", 0.8, 0, history([95, 95], [80, 80], reliance=[10.0, 49.9]))
     control = run("marker", 0.25, 0, history([90, 90], [90, 90], reliance=[26.0, 3.0], accuracy=[80.0, 84.9]), control=True)
-    assert [spurious.run_kind(r) for r in (shortcut, weak, control)] == ["shortcut", "other", "control"]
-    assert spurious.control_problems(control) == ["accuracy 84.9% < 85%", "reliance reached 26% >= 25% (epoch 1, accuracy 80%)"]
+    assert [cue_runs.run_kind(r) for r in (shortcut, weak, control)] == ["shortcut", "other", "control"]
+    assert cue_runs.control_problems(control) == ["accuracy 84.9% < 85%", "reliance reached 26% >= 25% (epoch 1, accuracy 80%)"]
     clean = run("marker", 0.25, 1, history([90], [91], reliance=[4.0], accuracy=[90.5]), control=True)
-    assert spurious.control_problems(clean) == []
+    assert cue_runs.control_problems(clean) == []
     truth = spurious.ground_truth([shortcut, weak, control, clean])
     assert truth["by_group"]["shapes/marker/0.95"]["shortcut_runs"] == 1
     assert truth["by_group"]["shapes/marker/0.25"]["reliance"] == [3.0, 4.0]
@@ -90,11 +91,11 @@ def scripted_grid(high=9.0):
     return runs
 
 
-def test_detection_and_targets_per_regime(spurious):
+def test_detection_and_targets_per_regime(spurious, cue_runs):
     runs = scripted_grid()
     monitor = dict(threshold=4.0, patience=2, min_delta=0.1)
     replayed = spurious.with_alarms(runs, "cue+object masks", monitor)
-    d = spurious.detection(replayed)
+    d = cue_runs.detection(replayed)
     assert (d["shortcut_runs"], d["alarmed"], d["controls"], d["false_alarms"]) == (4, 4, 4, 0)
     assert d["gap_epochs"] == [3] * 4 and d["lead_epochs"] == [3 - a for a in d["alarm_epochs"]]
     assert spurious.by_cue_kind(replayed)["shapes/watermark"]["shortcut_runs"] == 2
@@ -160,9 +161,9 @@ def test_the_threshold_is_chosen_on_the_tuning_runs_and_confirmed_on_the_others(
     assert spurious.choose_threshold(held_out, dict(threshold=4.0, patience=1, min_delta=0.1)) is None
 
 
-def test_a_quick_run_writes_its_report_and_rescores_it(spurious, tmp_path, monkeypatch):
+def test_a_quick_run_writes_its_report_and_rescores_it(spurious, cue_runs, tmp_path, monkeypatch):
     """One tiny fit of CAAP and Grad-CAM's replay of its weights, through main() and --rescore."""
-    monkeypatch.setattr(spurious, "QUICK", dict(spurious.QUICK, num_train=64, num_val=32))
+    monkeypatch.setattr(cue_runs, "QUICK", dict(cue_runs.QUICK, num_train=64, num_val=32))
     result = spurious.main(["--quick", "--data", "shapes", "--cues", "watermark", "--cue-correlations", "1.0",
                             "--num-images", "4", "--output-dir", str(tmp_path)])
     caap, gradcam = result["runs"]
