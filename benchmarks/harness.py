@@ -26,7 +26,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 TINY_VIT = dict(patch_size=8, embed_dim=64, depth=4, num_heads=4)
 TINY_VIT_RECIPE = dict(lr=1e-3, weight_decay=0.05, warmup_epochs=0.5)
 # The deeper ViT that ``quality.py --data fashion`` trains: twice the blocks (so k = L//2 = 4) and
-# twice the width of the tiny one, sized so that its training fits about 30 CPU-minutes.
+# twice the width of the tiny one, small enough to train on the CPU (the report records how long it took).
 DEEP_VIT = dict(patch_size=8, embed_dim=128, depth=8, num_heads=4)
 # Four Fashion-MNIST classes that differ in silhouette (trouser, bag, sneaker, shirt): small
 # models learn them on the CPU in minutes.
