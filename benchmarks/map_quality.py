@@ -9,7 +9,7 @@ import argparse
 import math
 import time
 import warnings
-from typing import Any, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import lightning as L
 import torch
@@ -17,7 +17,7 @@ import torch
 from caap_lightning.datamodules import FashionCanvasDataModule, SyntheticSpuriousDataModule
 from caap_lightning.metrics import aupr, insertion_deletion, pointing_game
 
-from harness import FASHION_CLASSES, display
+from harness import FASHION_CLASSES
 
 METRICS = ("deletion", "insertion", "insdel", "aupr_fg", "aupr_bg", "pointing_game")
 HEADERS = {"deletion": "Del ↓", "insertion": "Ins ↑", "insdel": "InsDel ↑", "aupr_fg": "AUPR1 ↑",
@@ -116,8 +116,10 @@ def fmt_diff(stat: Dict[str, float]) -> str:
     return f"{100 * stat['mean']:+.2f}±{100 * stat['sem']:.2f}"
 
 
-def score_table(rows: Dict[str, Dict[str, Any]], names: List[str], first: str = "Method", label=display) -> List[str]:
-    """The paper's table: a row per name of ``rows``, a column per metric and the seconds per map."""
+def score_table(rows: Dict[str, Dict[str, Any]], names: List[str], label: Callable[[str], Optional[str]],
+                first: str = "Method") -> List[str]:
+    """The paper's table: a row per name of ``rows`` (shown as ``label(name)``, else the name), a column per
+    metric and the seconds per map."""
     lines = [f"| {first} | " + " | ".join(HEADERS[m] for m in METRICS) + " | s / image |",
              "|---|" + "---|" * (len(METRICS) + 1)]
     for name in names:

@@ -26,6 +26,7 @@ import math
 import os
 import platform
 import time
+from typing import Tuple
 
 import timm
 import torch
@@ -86,7 +87,7 @@ def naive_seconds_per_forward(model, image, pixel_map, step: int, steps: int) ->
     return (time.perf_counter() - start_time) / (1 + 2 * steps)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -95,8 +96,28 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--model", default="vit_base_patch16_224", help="a timm ViT (random weights)")
     parser.add_argument("--tf32", action="store_true", help="let CUDA matrix products use TF32 (both runs)")
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def timed_runs(model, images, maps, pixel_map, step: int, args: argparse.Namespace) -> Tuple[float, float, float]:
+    """Seconds per forward of the naive loop before and after the batched run, and the batched seconds per image."""
+    device = images.device
+    # Warm-up: CUDA context, kernels, thread pools and allocator stay out of the timings.
+    with torch.no_grad():
+        model(images[:1].expand(args.batch_size, -1, -1, -1))
+    naive_seconds_per_forward(model, images[0], pixel_map, step, 1)
+    naive_before = naive_seconds_per_forward(model, images[0], pixel_map, step, args.naive_steps)
+    synchronize(device)
+    start_time = time.perf_counter()
+    insertion_deletion(model, images, maps, step=step, batch_size=args.batch_size)
+    synchronize(device)
+    batched = (time.perf_counter() - start_time) / args.images
+    naive_after = naive_seconds_per_forward(model, images[0], pixel_map, step, args.naive_steps)
+    return naive_before, batched, naive_after
+
+
+def main() -> None:
+    args = parse_args()
     torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     device = torch.device(args.device)
@@ -109,18 +130,7 @@ def main() -> None:
     step = default_step(model)  # one patch per step, the metric's default
     n = math.ceil(math.prod(size) / step)
     pixel_map = upsample_maps(maps[:1], tuple(size))[0]  # as the metric ranks the pixels
-
-    # Warm-up: CUDA context, kernels, thread pools and allocator stay out of the timings.
-    with torch.no_grad():
-        model(images[:1].expand(args.batch_size, -1, -1, -1))
-    naive_seconds_per_forward(model, images[0], pixel_map, step, 1)
-    naive_before = naive_seconds_per_forward(model, images[0], pixel_map, step, args.naive_steps)
-    synchronize(device)
-    start_time = time.perf_counter()
-    insertion_deletion(model, images, maps, step=step, batch_size=args.batch_size)
-    synchronize(device)
-    batched = (time.perf_counter() - start_time) / args.images
-    naive_after = naive_seconds_per_forward(model, images[0], pixel_map, step, args.naive_steps)
+    naive_before, batched, naive_after = timed_runs(model, images, maps, pixel_map, step, args)
     forwards = 2 * (n + 1) + 1  # the naive loop's: the clean image's target, then n + 1 per game
     naive_per_forward = (naive_before + naive_after) / 2
     naive = naive_per_forward * forwards

@@ -396,7 +396,7 @@ def header_section(report: Dict[str, Any]) -> List[str]:
         "",
         "## Main table",
         "",
-        *score_table(methods, list(methods)),
+        *score_table(methods, list(methods), label=LABELS.get),
         "",
         f"CAAP tuned: the ablations' best settings together ({tuned_text(report)}), chosen on the first {n_ab} "
         "images; *The ablations' best together* below scores it on the images not used to choose.",
@@ -641,7 +641,7 @@ def verdicts_for(report: Dict[str, Any], per_image: Dict[str, Dict[str, torch.Te
 def describe_model(model, data, training: Dict[str, Any], args: argparse.Namespace, probe_acc: float) -> Dict[str, Any]:
     return {
         "source": "trained from scratch (seeded, CPU)" + (" in an earlier run, loaded from --checkpoint" if args.checkpoint else ""),
-        "recipe": f"benchmarks/_common.py TINY_VIT_RECIPE {TINY_VIT_RECIPE} (AdamW, warmup then cosine), "
+        "recipe": f"benchmarks/harness.py TINY_VIT_RECIPE {TINY_VIT_RECIPE} (AdamW, warmup then cosine), "
                   f"batch {data.batch_size}; " + data_recipe(data),
         **training,
         "num_classes": data.num_classes, "img_size": data.img_size,
@@ -705,6 +705,92 @@ def render(path: str) -> None:
     Path(path).with_suffix(".md").write_text(markdown(report, report["verdicts"]))
 
 
+class Scorer:
+    """Scores methods on the held-out images, keeping each one's per-image scores and maps, and the
+    method itself, so that all are timed together at the end."""
+
+    def __init__(self, model: torch.nn.Module, probe: Any, args: argparse.Namespace, started: float) -> None:
+        self.model, self.args, self.started = model, args, started
+        self.images, self.labels, self.masks = probe.images, probe.labels, probe.masks
+        self.step = args.step_patches * model.patch_embed.patch_size[0] * model.patch_embed.patch_size[1]
+        self.per_image: Dict[str, Dict[str, torch.Tensor]] = {}
+        self.timed: Dict[str, Any] = {}
+        self.maps_of: Dict[str, torch.Tensor] = {}
+
+    def __call__(self, label: str, registry_name: str, kwargs: Dict[str, Any], n: int) -> Dict[str, Any]:
+        """The summary row of one method on the first ``n`` images."""
+        method = get_method(registry_name, self.model, **kwargs)
+        scores, row, self.maps_of[label] = score_method(method, self.model, self.images[:n], self.labels[:n],
+                                                        self.masks[:n], self.step, self.args.batch, self.args.metric_batch)
+        self.per_image[label], self.timed[label] = scores, method
+        print(json.dumps({"config": label, **{m: row[m]["mean"] for m in METRICS},
+                          "elapsed_s": round(time.perf_counter() - self.started)}), flush=True)
+        return row
+
+
+def trained_model(args: argparse.Namespace) -> Tuple[torch.nn.Module, L.LightningDataModule, Dict[str, Any]]:
+    """The testbed's ViT, trained here or loaded from ``--checkpoint``, its data and its training record."""
+    module, data = build(args)
+    data.setup()
+    if args.checkpoint:
+        training = {"checkpoint": args.checkpoint, **checkpoint_training(args.checkpoint)}
+    else:
+        training = train(module, data, args)
+    return module.model.eval(), data, training
+
+
+def new_report(model, data, training: Dict[str, Any], args: argparse.Namespace, scorer: Scorer) -> Dict[str, Any]:
+    """The report's model and settings, before any method is scored."""
+    with torch.no_grad():
+        probe_acc = (model(scorer.images).argmax(-1) == scorer.labels).double().mean().item()
+    return {
+        "model": describe_model(model, data, training, args, probe_acc),
+        "settings": {
+            "quick": args.quick, "num_images": len(scorer.images), "ablation_images": args.ablation_images,
+            "threads": args.threads, "batch": args.batch, "machine": f"{platform.machine()}, torch {torch.__version__}",
+            "target": "true class", "insdel_step_pixels": scorer.step, "default_layer_cutoff": len(model.blocks) // 2,
+            "data": args.data,
+        },
+        "methods": {}, "ablations": {}, "blanks": {},
+    }
+
+
+def score_all(report: Dict[str, Any], scorer: Scorer, depth: int, n_ab: int) -> None:
+    """Every method, CAAP's ablations on the first ``n_ab`` images, then the ablations' best settings together."""
+    n = len(scorer.images)
+    for label, (name, kwargs) in main_methods().items():
+        report["methods"][label] = scorer(label, name, kwargs, n)
+    report["ablations"] = score_ablations(lambda label, kwargs, k: scorer(label, "caap", kwargs, k), scorer.per_image,
+                                          report["methods"]["caap_parallel"], depth, n_ab)
+    # The ablations' best settings together, chosen on the ablation images and scored on all.
+    tuned = tuned_settings(report["ablations"], depth)
+    report["tuned"] = {"settings": tuned, "chosen_on_images": n_ab}
+    for label, construction in TUNED.items():
+        report["methods"][label] = scorer(label, "caap", {**construction, **tuned}, n)
+    report["tuned"]["versus"] = versus_best_baseline(report["methods"], scorer.per_image, list(TUNED), n_ab)
+
+
+def add_seconds(report: Dict[str, Any], scorer: Scorer, batch: int) -> None:
+    """Seconds per map of every scored method, timed together on one batch (an ablation's default row: CAAP's)."""
+    seconds = seconds_per_image(scorer.timed, scorer.images[:batch], scorer.labels[:batch])
+    for label, row in report["methods"].items():
+        row["seconds_per_image"] = seconds[label]
+    for ablation, rows in report["ablations"].items():
+        for value, row in rows.items():
+            row["seconds_per_image"] = seconds.get(f"{ablation}={value}", seconds["caap_parallel"])
+
+
+def add_analyses(report: Dict[str, Any], scorer: Scorer, model, data) -> None:
+    """The blanks, the per-image diagnoses, InsDel by class and the verdicts."""
+    labels, per_image = scorer.labels, scorer.per_image
+    report["blanks"] = blank_table(model, data)
+    report["diagnoses"] = diagnoses(scorer.timed, scorer.maps_of, per_image, labels, scorer.masks)
+    report["class_counts"] = {str(c): int((labels == c).sum()) for c in range(data.num_classes)}
+    report["by_class"] = {name: {str(c): mean_sem(per_image[name]["insdel"][labels == c]) for c in range(data.num_classes)}
+                          for name in report["methods"]}
+    report["verdicts"] = verdicts_for(report, per_image, len(labels))
+
+
 def main() -> Dict[str, Any]:
     args = parse_args()
     if args.render:
@@ -713,72 +799,15 @@ def main() -> Dict[str, Any]:
     torch.set_num_threads(args.threads)
     L.seed_everything(args.seed, verbose=False)
     started = time.perf_counter()
-    module, data = build(args)
-    data.setup()
-    if args.checkpoint:
-        training = {"checkpoint": args.checkpoint, **checkpoint_training(args.checkpoint)}
-    else:
-        training = train(module, data, args)
-    model = module.model.eval()
-    depth = len(model.blocks)
-    probe = data.probe_batch(args.num_images)
-    step = args.step_patches * model.patch_embed.patch_size[0] * model.patch_embed.patch_size[1]
-    images, labels, masks = probe.images, probe.labels, probe.masks
-    with torch.no_grad():
-        probe_acc = (model(images).argmax(-1) == labels).double().mean().item()
-    report: Dict[str, Any] = {
-        "model": describe_model(model, data, training, args, probe_acc),
-        "settings": {
-            "quick": args.quick, "num_images": len(images), "ablation_images": args.ablation_images,
-            "threads": args.threads, "batch": args.batch, "machine": f"{platform.machine()}, torch {torch.__version__}",
-            "target": "true class", "insdel_step_pixels": step, "default_layer_cutoff": depth // 2, "data": args.data,
-        },
-        "methods": {}, "ablations": {}, "blanks": {},
-    }
-    per_image: Dict[str, Dict[str, torch.Tensor]] = {}
-    timed: Dict[str, Any] = {}  # label -> method, timed together at the end
-    maps_of: Dict[str, torch.Tensor] = {}
-
-    def run(label: str, registry_name: str, kwargs: Dict[str, Any], n: int) -> Dict[str, Any]:
-        method = get_method(registry_name, model, **kwargs)
-        scores, row, maps_of[label] = score_method(method, model, images[:n], labels[:n], masks[:n], step, args.batch,
-                                                   args.metric_batch)
-        per_image[label], timed[label] = scores, method
-        print(json.dumps({"config": label, **{m: row[m]["mean"] for m in METRICS},
-                          "elapsed_s": round(time.perf_counter() - started)}), flush=True)
-        return row
-
-    for label, (name, kwargs) in main_methods().items():
-        report["methods"][label] = run(label, name, kwargs, len(images))
-
-    n_ab = args.ablation_images
-    report["ablations"] = score_ablations(lambda label, kwargs, n: run(label, "caap", kwargs, n), per_image,
-                                          report["methods"]["caap_parallel"], depth, n_ab)
-
-    # The ablations' best settings together, chosen on the ablation images and scored on all.
-    tuned = tuned_settings(report["ablations"], depth)
-    report["tuned"] = {"settings": tuned, "chosen_on_images": n_ab}
-    for label, construction in TUNED.items():
-        report["methods"][label] = run(label, "caap", {**construction, **tuned}, len(images))
-    report["tuned"]["versus"] = versus_best_baseline(report["methods"], per_image, list(TUNED), n_ab)
-
-    seconds = seconds_per_image(timed, images[:args.batch], labels[:args.batch])
-    for label, row in report["methods"].items():
-        row["seconds_per_image"] = seconds[label]
-    for ablation, rows in report["ablations"].items():
-        for value, row in rows.items():
-            row["seconds_per_image"] = seconds.get(f"{ablation}={value}", seconds["caap_parallel"])
-
-    report["blanks"] = blank_table(model, data)
-    report["diagnoses"] = diagnoses(timed, maps_of, per_image, labels, masks)
-
-    report["class_counts"] = {str(c): int((labels == c).sum()) for c in range(data.num_classes)}
-    report["by_class"] = {name: {str(c): mean_sem(per_image[name]["insdel"][labels == c]) for c in range(data.num_classes)}
-                          for name in report["methods"]}
-    report["verdicts"] = verdicts_for(report, per_image, len(images))
+    model, data, training = trained_model(args)
+    scorer = Scorer(model, data.probe_batch(args.num_images), args, started)
+    report = new_report(model, data, training, args, scorer)
+    score_all(report, scorer, len(model.blocks), args.ablation_images)
+    add_seconds(report, scorer, args.batch)
+    add_analyses(report, scorer, model, data)
     report["settings"]["total_seconds"] = round(time.perf_counter() - started, 1)
     report["settings"]["total_cpu_seconds"] = round(time.process_time(), 1)
-    write_outputs(report, per_image, args, labels)
+    write_outputs(report, scorer.per_image, args, scorer.labels)
     return report
 
 

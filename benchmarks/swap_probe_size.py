@@ -1,9 +1,9 @@
 """Why one shortcut run alarms late: the swap test's statistic, or the probe's size?
 
-``cue_runs.py`` finds one shortcut run whose alarm comes two epochs after the accuracy gap: at
+``spurious.py`` finds one shortcut run whose alarm comes two epochs after the accuracy gap: at
 the epoch after the gap the model follows the cue on about two thirds of the cue-conflicting
 validation images, yet the 16-image probe's swap ratio reads barely above 1. This script trains
-the runs of ``cue_runs.py``'s grid again (its recipes, data and ``fit_run``) and, at every
+the runs of ``spurious.py``'s grid again (``cue_runs.py``'s recipes, data and ``fit_run``) and, at every
 epoch's weights, scores the swap test four ways on a probe of 16 images (the default) and of 64:
 
 - ``probability, clean classes``: ``SwapRatio`` as the callback logs it, the mean probability
@@ -109,7 +109,7 @@ def score(found: Dict[str, Any], statistic: str) -> Tuple[Optional[float], int, 
 
 # ---------------------------------------------------------------------- one run
 def run_job(job: Tuple[str, str, float, int], settings: Dict[str, Any]) -> Dict[str, Any]:
-    """Train one run as ``cue_runs.py`` does, then score every statistic at each epoch's weights."""
+    """Train one run as ``spurious.py`` does, then score every statistic at each epoch's weights."""
     record, snapshots = cue_runs.fit_run(job, "caap", settings)
     data = cue_runs.build_data(*job, settings)
     data.setup("fit")
@@ -203,7 +203,7 @@ def markdown(result: Dict[str, Any]) -> str:
     lines = [
         "# Swap test: statistic and probe size against the lead bound",
         "",
-        f"Made by `{setup['command']}` ({setup['runs']} trained runs of `cue_runs.py`'s grid: {', '.join(setup['datasets'])}; "
+        f"Made by `{setup['command']}` ({setup['runs']} trained runs of `spurious.py`'s grid: {', '.join(setup['datasets'])}; "
         f"cues {', '.join(setup['cues'])}; cue strengths {setup['cue_correlations']}; seeds {setup['seeds']}; "
         f"{setup['wall_min']:.0f} min on {setup['machine']}). Monitor rule: patience {setup['monitor']['patience']}, "
         f"min_delta {setup['monitor']['min_delta']}."

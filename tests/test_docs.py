@@ -21,6 +21,11 @@ LINK = re.compile(r"\]\(([^)\s]+)\)")
 QUOTED_PATH = re.compile(r"`((?:benchmarks/results|docs)/[\w./-]+)`")
 
 
+def citing_pages() -> List[Path]:
+    """The pages whose links must resolve: the README, the docs and the results index."""
+    return [README, *sorted((ROOT / "docs").rglob("*.md")), RESULTS / "README.md"]
+
+
 def markdown_files() -> List[Path]:
     docs = sorted((ROOT / "docs").rglob("*.md"))
     benchmarks = sorted((ROOT / "benchmarks").rglob("*.md"))
@@ -73,13 +78,13 @@ def test_every_table_has_a_header_row(path):
     assert headerless_tables(path.read_text()) == [], f"{path.relative_to(ROOT)}: tables without a header row"
 
 
-@pytest.mark.parametrize("path", [README, *sorted((ROOT / "docs").rglob("*.md"))], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", citing_pages(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_cited_file_exists(path):
     missing = [cited for cited, file, _ in citations(path) if not file.exists()]
     assert missing == [], f"{path.relative_to(ROOT)} cites files that do not exist"
 
 
-@pytest.mark.parametrize("path", [README, *sorted((ROOT / "docs").rglob("*.md"))], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", citing_pages(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_cited_section_exists(path):
     broken = [
         cited
