@@ -130,3 +130,10 @@ def test_the_results_index_names_every_results_file():
         if file != "README.md" and file not in names and not any(file.startswith(n) for n in names if n.endswith("/"))
     ]
     assert unlisted == [], "benchmarks/results/README.md should list each result file (or remove the superseded)"
+
+
+def test_the_readmes_demo_output_is_the_recorded_one():
+    """The README's `make demo` block is copied from the results file it links, number for number."""
+    block = re.search(r"```\n(caap-lightning demo:.*?)```", README.read_text(), re.S)
+    assert block, "README has no demo output block"
+    assert block.group(1) in (RESULTS / "demo.md").read_text()
