@@ -46,12 +46,16 @@ MAP_REGIMES = {
 # Every score each fit records: the model tests (the callback's MODEL_TESTS), then the map-based scores.
 RECORDED = (*MODEL_TESTS, *MAP_REGIMES.values())
 LIVE_REGIME = "cue+object masks"
+
+# Ground truth: the accuracy gap that the lead is counted against, and what makes a shortcut run and a clean control.
 GAP_POINTS = 10.0
 SHORTCUT_RELIANCE = 50.0
 CONTROL_RELIANCE = 25.0
 CONTROL_ACCURACY = 85.0
 # Lead target: median lead >= 0 epochs, and no alarm later than this many epochs after the gap.
 LATEST_LEAD = -1
+
+# ---------------------------------------------------------------------- recipes
 HALF = (0.5, 0.5, 0.5)
 # The demo's ViT at 32 px (16 patches), so that a CPU step is cheap; twice the demo's lr, as the runs are
 # short (the shapes take the demo's own, below); warm-up over the first 2 epochs.
