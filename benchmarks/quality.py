@@ -52,7 +52,8 @@ from caap_lightning.models import ViTClassifier
 from _diagnose import border_bias, saturated, spearman
 from harness import DEEP_VIT, METHOD_NAMES, RESULTS, TINY_VIT, TINY_VIT_RECIPE, accuracy, fit_timed
 from map_quality import (
-    METRICS, fmt_diff, fmt_stat, mean_sem, paired, score_method, score_table, seconds_per_image, summarise, testbed_data,
+    METRICS, fmt_diff, fmt_stat, mean_sem, paired, score_method, score_table, seconds_per_image, summarise,
+    testbed_data,
 )
 
 WINDOWS = (2, 3, 4)
@@ -720,8 +721,10 @@ class Scorer:
     def __call__(self, label: str, registry_name: str, kwargs: Dict[str, Any], n: int) -> Dict[str, Any]:
         """The summary row of one method on the first ``n`` images."""
         method = get_method(registry_name, self.model, **kwargs)
-        scores, row, self.maps_of[label] = score_method(method, self.model, self.images[:n], self.labels[:n],
-                                                        self.masks[:n], self.step, self.args.batch, self.args.metric_batch)
+        scores, row, self.maps_of[label] = score_method(
+            method, self.model, self.images[:n], self.labels[:n], self.masks[:n], self.step, self.args.batch,
+            self.args.metric_batch,
+        )
         self.per_image[label], self.timed[label] = scores, method
         print(json.dumps({"config": label, **{m: row[m]["mean"] for m in METRICS},
                           "elapsed_s": round(time.perf_counter() - self.started)}), flush=True)

@@ -64,9 +64,9 @@ from caap_lightning.datamodules.fashion import find_fashion_mnist
 
 import cue_runs
 from cue_runs import (
-    CONTROL_ACCURACY, CONTROL_RELIANCE, DATASETS, FASHION_ROOT, GAP_POINTS, LATEST_LEAD, LIVE_REGIME, MAP_REGIMES, MODEL,
-    RECORDED, REGIMES, SHORTCUT_RELIANCE, control_of, control_problems, detection, gap_epoch, is_late, label, lead_time,
-    recipe, replay_alarm_epoch, run_jobs, run_kind, settings_of,
+    CONTROL_ACCURACY, CONTROL_RELIANCE, DATASETS, FASHION_ROOT, GAP_POINTS, LATEST_LEAD, LIVE_REGIME,
+    MAP_REGIMES, MODEL, RECORDED, REGIMES, SHORTCUT_RELIANCE, control_of, control_problems, detection,
+    gap_epoch, is_late, label, lead_time, recipe, replay_alarm_epoch, run_jobs, run_kind, settings_of,
 )
 from harness import RESULTS, display, fmt, median, rounded, table
 
@@ -711,14 +711,9 @@ def rescore(path: Path, given: Dict[str, Any]) -> Dict[str, Any]:
     return result
 
 
-def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
-    args = parse_args(argv)
-    if args.rescore is not None:
-        return rescore(args.rescore, given_monitor(args))
-    disable_possible_user_warnings()
-    output = args.output_dir or (None if args.quick else RESULTS)
-    monitor = settings_of(SpuriousCueMonitor(**given_monitor(args)))
-    settings = {
+def run_settings(args: argparse.Namespace, monitor: Dict[str, Any]) -> Dict[str, Any]:
+    """What every worker needs to train and record a run."""
+    return {
         "recipes": {name: recipe(name, args.quick) for name in args.data},
         "num_val": cue_runs.QUICK["num_val"] if args.quick else args.num_val,
         "num_images": args.num_images,
@@ -728,16 +723,22 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         "baselines": list(args.baselines),
         "fashion_root": args.fashion_root,
     }
-    if "fashion" in args.data:
-        find_fashion_mnist(args.fashion_root)  # once, before the workers would unpack the files side by side
-    jobs = grid(args, settings)
-    load = os.getloadavg()
-    start = time.perf_counter()
-    runs = run_jobs(jobs, settings, args.workers)
 
-    stem = "spurious" if args.construction == "parallel" else f"spurious-{args.construction}"
+
+def run_setup(
+    args: argparse.Namespace,
+    argv: Optional[List[str]],
+    settings: Dict[str, Any],
+    jobs: List[Tuple[str, str, float, int]],
+    runs: List[Dict[str, Any]],
+    stem: str,
+    started: Tuple[float, float],
+) -> Dict[str, Any]:
+    """The report's setup: the command, the grid, the recipes, the monitors, the checks and the machine."""
+    load, start = started
     methods = ["caap", *args.baselines]
-    setup = {
+    monitor = settings["monitor"]
+    return {
         "command": " ".join(["python benchmarks/spurious.py", *(argv if argv is not None else sys.argv[1:])]),
         "quick": args.quick,
         "recipes": settings["recipes"],
@@ -758,11 +759,28 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         **consistency_checks(runs, monitor),
         "workers": args.workers,
         "machine": f"{os.cpu_count()} cores",
-        "load_average": f"{load[0]:.1f}",
+        "load_average": f"{load:.1f}",
         "wall_min": (time.perf_counter() - start) / 60,
         "run_seconds": run_seconds(runs),
         "plots": [plot_name(stem, d, w) for d in args.data for w in WATCHES if WATCHES[w][0] in methods],
     }
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    args = parse_args(argv)
+    if args.rescore is not None:
+        return rescore(args.rescore, given_monitor(args))
+    disable_possible_user_warnings()
+    output = args.output_dir or (None if args.quick else RESULTS)
+    monitor = settings_of(SpuriousCueMonitor(**given_monitor(args)))
+    settings = run_settings(args, monitor)
+    if "fashion" in args.data:
+        find_fashion_mnist(args.fashion_root)  # once, before the workers would unpack the files side by side
+    jobs = grid(args, settings)
+    started = (os.getloadavg()[0], time.perf_counter())
+    runs = run_jobs(jobs, settings, args.workers)
+    stem = "spurious" if args.construction == "parallel" else f"spurious-{args.construction}"
+    setup = run_setup(args, argv, settings, jobs, runs, stem, started)
     result = {"setup": setup, "runs": runs, "ground_truth": ground_truth(runs), "summary": summarize(runs, monitor),
               "late_alarms": late_alarms(runs, monitor)}
     print(markdown(result))
