@@ -136,3 +136,21 @@ def check_image_batch(images: torch.Tensor, channels: Optional[int] = None) -> N
     bad = (~torch.isfinite(images.flatten(1)).all(1)).nonzero()[:, 0].tolist()
     if bad:
         raise ValueError(f"images contain NaN or inf pixels (image(s) {bad} of the batch); fix or drop those images")
+
+
+def output_logits(output) -> torch.Tensor:
+    """The logits in a model's output: the tensor itself, ``.logits`` (Hugging Face's output objects),
+    a dict's ``"logits"``, or a tuple's or list's first element."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, dict):
+        logits = output.get("logits")
+    if logits is None and isinstance(output, (tuple, list)) and output:
+        logits = output[0]
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(
+            f"cannot read logits from a model output of type {type(output).__name__}: return a tensor, an object "
+            "or dict with `logits`, or a tuple whose first element is the logits"
+        )
+    return logits

@@ -29,6 +29,7 @@ from caap_lightning.attribution import cnn, vit
 from caap_lightning.attribution.caap import SCORES
 from caap_lightning.attribution.blanks import BlankSpec, check_blank, choose_blank, make_blank
 from caap_lightning.attribution.selection import selection_members
+from caap_lightning.attribution.twins import SUPPORTED_VITS, as_timm_vit, unwrap_compiled, vit_kind
 from caap_lightning.utils import eval_mode, model_normalization, target_score, upsample_maps
 
 TargetLike = vit.TargetLike
@@ -41,16 +42,18 @@ _CamForward = Tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.T
 
 
 def family_of(model: nn.Module) -> str:
-    """``"vit"`` for a timm Vision Transformer (it has ``patch_embed.patch_size``), ``"cnn"`` for a
-    CNN that ConvCAAP reads (:func:`cnn.conv_stages`); a ``ValueError`` naming both otherwise."""
-    if getattr(getattr(model, "patch_embed", None), "patch_size", None) is not None:
+    """``"vit"`` for a Vision Transformer (timm's, one with ``patch_embed.patch_size``, or a Hugging Face
+    or torchvision one: :func:`twins.vit_kind`), ``"cnn"`` for a CNN that ConvCAAP reads
+    (:func:`cnn.conv_stages`), either also compiled; a ``ValueError`` naming both otherwise."""
+    model = unwrap_compiled(model)
+    if vit_kind(model) or getattr(getattr(model, "patch_embed", None), "patch_size", None) is not None:
         return "vit"
     if cnn.is_supported(model):
         return "cnn"
     raise ValueError(
         f"{type(model).__name__} is not a model the attribution methods read: they take a timm Vision "
-        f"Transformer (a model with `patch_embed.patch_size`) or a CNN ({cnn.SUPPORTED}); pass that model "
-        "itself, not a wrapper or a sub-module"
+        f"Transformer (a model with `patch_embed.patch_size`) or a CNN ({cnn.SUPPORTED}), or another ViT "
+        f"({SUPPORTED_VITS}); pass that model itself, not the module that holds it"
     )
 
 
@@ -65,7 +68,7 @@ class _ViTAdapter:
             )
         self.classifier = vit.Classifier(model, head)
         self.num_classes = self.classifier.num_classes
-        self.model, self.head = model, head
+        self.model, self.head = self.classifier.vit, head  # a Hugging Face or torchvision ViT's timm twin
 
     def check_images(self, images: torch.Tensor) -> None:
         vit.check_images(self.model, images)
@@ -97,6 +100,7 @@ class _CNNAdapter:
                 f"head= is for a ViT built with num_classes=0; {type(model).__name__}'s own head gives its "
                 "logits: remove head="
             )
+        model = unwrap_compiled(model)
         self.table = cnn.conv_stages(model)
         cnn.check_classifier(model, self.table)
         self.classifier = model
@@ -154,7 +158,7 @@ class PatchAttribution:
         self.family = family_of(model)
         self.adapter = _ADAPTERS[self.family](model, head, grid)
         self.classifier = self.adapter.classifier
-        self.model = model
+        self.model = self.adapter.model  # what the method reads: a ViT's timm model, an uncompiled model
         self.head = head
 
     def attribute(self, images: torch.Tensor, target: TargetLike = None, upsample: bool = False) -> torch.Tensor:
@@ -218,7 +222,7 @@ def _check_plain_vit(model: nn.Module, method: str) -> None:
             "registry.available_methods('cnn') lists the methods for CNNs"
         )
     try:
-        vit.check_supported_vit(model)
+        as_timm_vit(model)
     except ValueError as err:
         raise ValueError(f"{method} reads attention from timm's plain ViT blocks: {err}") from None
 
@@ -262,7 +266,7 @@ class GradCAM(PatchAttribution):
 
     def __init__(self, model: nn.Module, head: Optional[nn.Module] = None) -> None:
         super().__init__(model, head)
-        blocks = getattr(model, "blocks", None)
+        blocks = getattr(self.model, "blocks", None)
         if self.family == "vit" and (not blocks or not hasattr(blocks[-1], "norm1")):
             raise ValueError(f"GradCAM needs a timm ViT whose last block has `norm1`; got {type(model).__name__}")
 
@@ -382,7 +386,7 @@ class _InputPatching(PatchAttribution):
         self.last_blank: BlankSpec = blank  # as CAAP's: the kind "auto" chose at the last call
         self.score = score
         self.batch_size = batch_size
-        self.mean, self.std = model_normalization(model, mean, std)
+        self.mean, self.std = model_normalization(self.model, mean, std)
         self.blank_seed = blank_seed
 
     def _pixel_selections(self, images: torch.Tensor) -> torch.Tensor:

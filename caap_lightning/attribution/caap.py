@@ -1,4 +1,4 @@
-"""CAAP: Causal Attribution via Activation Patching, for timm Vision Transformers.
+"""CAAP: Causal Attribution via Activation Patching, for Vision Transformers (read as timm ones).
 
 The semantics are fixed by ``SPEC-CAAP.md``: for each patch ``p`` the tokens in the
 selection ``S(p)`` carry the source image's residual stream up to block ``k``, every other
@@ -17,6 +17,7 @@ from torch import nn
 from caap_lightning.attribution import vit
 from caap_lightning.attribution.blanks import BlankSpec, check_blank, choose_blank, make_blank, warn_saturated_blank
 from caap_lightning.attribution.selection import neighbourhoods, selection_members
+from caap_lightning.attribution.twins import as_timm_vit
 from caap_lightning.utils import eval_mode, model_normalization, target_score, upsample_maps
 
 CONSTRUCTIONS = ("parallel", "efficient", "windowed", "standard")
@@ -87,7 +88,11 @@ class CAAP:
     """Causal Attribution via Activation Patching for a timm ``VisionTransformer``.
 
     Args:
-        model: a timm ``VisionTransformer`` (plain blocks, ``token`` or ``avg`` pooling).
+        model: a plain ViT (``twins.SUPPORTED_VITS``): timm's ``VisionTransformer`` (plain blocks,
+            ``token`` or ``avg`` pooling), transformers' ``ViTForImageClassification`` or
+            ``DeiTForImageClassification``, torchvision's ``VisionTransformer``, or one of them
+            compiled. ``self.model`` is the timm model read (for the others, a twin sharing
+            their modules and parameters).
         layer_cutoff: ``k``, the number of leading blocks in which ``S(p)`` keeps the source's
             states; ``0..L``, default ``L // 2``.
         selection: ``S(p)``: ``"point"``, ``"box1"`` (3x3, default), ``"box2"`` (5x5) or
@@ -134,7 +139,7 @@ class CAAP:
         blank_seed: int = 0,
         head: Optional[nn.Module] = None,
     ) -> None:
-        vit.check_supported_vit(model)
+        model = as_timm_vit(model)  # a Hugging Face or torchvision ViT is read through its timm twin
         self.classifier = vit.Classifier(model, head)
         depth = len(model.blocks)
         if layer_cutoff is None:

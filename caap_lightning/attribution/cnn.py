@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from caap_lightning.attribution.blanks import BlankSpec, choose_blank, make_blank, warn_saturated_blank
 from caap_lightning.attribution.caap import check_settings, sweep_cutoffs
 from caap_lightning.attribution.selection import selection_members
+from caap_lightning.attribution.twins import unwrap_compiled
 from caap_lightning.attribution.vit import TargetLike, check_finite_weights, check_target
 from caap_lightning.utils import check_image_batch, eval_mode, model_normalization, target_score, upsample_maps
 
@@ -332,7 +333,7 @@ class ConvCAAP:
     """CAAP for a torchvision or timm ResNet, VGG, DenseNet or ConvNeXt.
 
     Args:
-        model: a supported CNN (``conv_stages`` lists its cuts).
+        model: a supported CNN (``conv_stages`` lists its cuts), or one ``torch.compile`` wrapped.
         layer_cutoff: the cut: a stage index ``k`` in ``0..S`` (the output of the ``k``-th
             stage after the stem, ``0`` = the stem's output), a stage name
             (``ConvCAAP(model).cut_names``), ``None`` for the middle boundary ``S // 2``,
@@ -371,6 +372,7 @@ class ConvCAAP:
         chunk_size: Optional[int] = None,
         blank_seed: int = 0,
     ) -> None:
+        model = unwrap_compiled(model)  # torch.compile's wrapper: read the model it compiles
         self.table = conv_stages(model)
         check_classifier(model, self.table)
         self.model = model

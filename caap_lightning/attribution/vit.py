@@ -15,57 +15,10 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from caap_lightning.attribution.twins import timm_form
 from caap_lightning.utils import check_image_batch, eval_mode
 
 TargetLike = Union[None, int, Sequence[int], torch.Tensor]
-_SUPPORTED_POOLS = ("token", "avg")
-
-
-def _timm_classes():
-    from timm.layers import Attention
-    from timm.models.vision_transformer import Block, VisionTransformer
-
-    return VisionTransformer, Block, Attention
-
-
-def check_supported_vit(model: nn.Module) -> None:
-    """Raise a ``ValueError`` naming the first part of ``model`` CAAP cannot patch."""
-    VisionTransformer, Block, Attention = _timm_classes()
-    if not isinstance(model, VisionTransformer):
-        raise ValueError(
-            f"CAAP supports timm VisionTransformer models; got {type(model).__name__}. "
-            "Pass the timm ViT itself (e.g. `pl_module.model`), not a wrapper or a CNN."
-        )
-    if hasattr(model, "head_dist"):
-        raise ValueError(
-            f"{type(model).__name__} has a distillation head (head_dist); CAAP reads one head only."
-        )
-    if getattr(model, "attn_pool", None) is not None:
-        raise ValueError(
-            f"global_pool={model.global_pool!r} uses an attention-pool head "
-            f"({type(model.attn_pool).__name__}); CAAP supports global_pool 'token' or 'avg'."
-        )
-    if model.global_pool not in _SUPPORTED_POOLS:
-        raise ValueError(
-            f"global_pool={model.global_pool!r} is not supported; CAAP supports 'token' or 'avg'."
-        )
-    if getattr(model, "pool_include_prefix", False):
-        raise ValueError("pool_include_prefix=True is not supported: CAAP pools patch tokens only.")
-    if model.global_pool == "token" and model.num_prefix_tokens == 0:
-        raise ValueError("global_pool='token' needs a class token, but the model has no prefix tokens.")
-    for i, block in enumerate(model.blocks):
-        if type(block) is not Block:
-            raise ValueError(
-                f"blocks[{i}] is a {type(block).__name__}; CAAP supports timm's plain "
-                "vision_transformer.Block only."
-            )
-        if type(block.attn) is not Attention:
-            raise ValueError(
-                f"blocks[{i}].attn is a {type(block.attn).__name__}; CAAP supports timm's plain "
-                "Attention (no rotary or other attention variants)."
-            )
-        if getattr(block.attn, "gate", None) is not None:
-            raise ValueError(f"blocks[{i}].attn is gated; gated attention is not supported by CAAP.")
 
 
 def model_device_dtype(model: nn.Module) -> Tuple[torch.device, torch.dtype]:
@@ -79,7 +32,8 @@ def grid_size(model: nn.Module, height: int, width: int) -> Tuple[int, int]:
 
 
 def check_images(model: nn.Module, images: torch.Tensor) -> None:
-    """Clear errors for inputs the model cannot take, before any work is done."""
+    """Clear errors for inputs the model (any ViT :func:`twins.timm_form` reads) cannot take, before any work."""
+    model = timm_form(model)
     check_image_batch(images, model.patch_embed.proj.in_channels)
     ph, pw = model.patch_embed.patch_size
     h, w = images.shape[-2:]
@@ -158,7 +112,7 @@ def check_finite_weights(*modules: Optional[nn.Module]) -> None:
 
 
 class Classifier(nn.Module):
-    """A timm ViT and, for one built with ``num_classes=0``, the head that gives its logits.
+    """A ViT (as the timm model :func:`twins.timm_form` gives) and, for one built with ``num_classes=0``, the head that gives its logits.
 
     ``head`` maps the ViT's pooled pre-logits ``(B, num_features)`` to class scores; without
     it the ViT's own head does. It holds references, not copies, so it runs the current
@@ -167,6 +121,7 @@ class Classifier(nn.Module):
 
     def __init__(self, model: nn.Module, head: Optional[nn.Module] = None) -> None:
         super().__init__()
+        model = timm_form(model)
         n_cls = getattr(model, "num_classes", None)
         if head is None and n_cls == 0:
             raise ValueError(
