@@ -10,20 +10,14 @@ every baseline, so that they accept and refuse the same inputs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from caap_lightning.attribution.twins import timm_form
-from caap_lightning.utils import check_image_batch, eval_mode
-
-TargetLike = Union[None, int, Sequence[int], torch.Tensor]
-
-
-def model_device_dtype(model: nn.Module) -> Tuple[torch.device, torch.dtype]:
-    p = next(model.parameters())
-    return p.device, p.dtype
+from caap_lightning.checks import check_image_batch, model_device_dtype
+from caap_lightning.utils import eval_mode
 
 
 def grid_size(model: nn.Module, height: int, width: int) -> Tuple[int, int]:
@@ -47,67 +41,6 @@ def check_images(model: nn.Module, images: torch.Tensor) -> None:
         raise ValueError(
             f"image size {h}x{w} differs from the model's img_size {tuple(fixed)}; resize the "
             "images, or build the model with dynamic_img_size=True to accept other sizes"
-        )
-
-
-def check_target(
-    target: TargetLike, batch: Optional[int], num_classes: Optional[int], device=None
-) -> torch.Tensor:
-    """``target`` as a long tensor of class indices, one per image (an int: every image's).
-
-    ``batch=None`` takes any number of targets. ``num_classes=None`` (a model that does not
-    say) skips the range check.
-    """
-    try:
-        targets = torch.as_tensor(target, device=device)
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise TypeError(f"target must be integer class indices (an int, a list or a tensor), got {target!r}") from err
-    if targets.dtype == torch.bool or targets.is_floating_point() or targets.is_complex():
-        raise TypeError(
-            f"target must be integer class indices, got {targets.dtype} values; pass class indices "
-            "(e.g. labels.long()), not scores, probabilities or one-hot rows"
-        )
-    targets = targets.long().reshape(-1)
-    if batch is not None and targets.numel() == 1 and batch > 1:
-        targets = targets.expand(batch)
-    if batch is not None and targets.numel() != batch:
-        raise ValueError(
-            f"target has {targets.numel()} entries for a batch of {batch} images; pass one class per image"
-        )
-    if num_classes is not None and targets.numel():
-        bad = (targets < 0) | (targets >= num_classes)
-        if bad.any():
-            raise ValueError(
-                f"target {targets[bad].unique().tolist()} is out of range for a model with {num_classes} classes "
-                f"(class indices are 0..{num_classes - 1})"
-            )
-    return targets
-
-
-def check_finite_weights(*modules: Optional[nn.Module]) -> None:
-    """Raise when a floating parameter or buffer of ``modules`` holds NaN or inf (one sync)."""
-    named = [
-        (name, t)
-        for module in modules
-        if module is not None
-        for name, t in (*module.named_parameters(), *module.named_buffers())
-        if t.is_floating_point()
-    ]
-    if not named:
-        return
-    device = named[0][1].device  # a head may live elsewhere: one stack, one sync
-    # A finite sum proves every entry finite (NaN and inf propagate) at the cost of one read; only
-    # a sum that is not (a NaN, an inf, or a rare overflow of large finite values) is looked into.
-    sums = torch.stack([t.detach().sum(dtype=torch.float32).to(device) for _, t in named])
-    if bool(torch.isfinite(sums).all()):
-        return
-    finite = torch.stack([torch.isfinite(t).all().to(device) for _, t in named])
-    if not bool(finite.all()):
-        bad = [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
-        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-        raise ValueError(
-            f"the model's weights contain NaN or inf ({shown}), so every map would be NaN; the "
-            "training has diverged or the checkpoint is broken: attribute finite weights"
         )
 
 

@@ -256,3 +256,19 @@ def test_unsupported_vits_are_refused_naming_the_part(build, part):
     for construct in (CAAP, lambda m: get_method("rollout", m), lambda m: get_method("gradcam", m)):
         with pytest.raises(ValueError, match=part + ".*" + supported):
             construct(model)
+
+
+def test_output_logits_reads_every_output_form():
+    logits = torch.randn(2, 5)
+    model = hf_vit()
+    with torch.no_grad():
+        expected = model(_images()).logits
+        torch.testing.assert_close(output_logits(model(_images())), expected)
+        torch.testing.assert_close(output_logits(model(_images(), return_dict=False)), expected)
+    assert output_logits(logits) is logits
+    assert output_logits({"logits": logits, "loss": None}) is logits
+    assert output_logits((logits, torch.zeros(2))) is logits
+    with pytest.raises(TypeError, match="cannot read logits from a model output of type str"):
+        output_logits("logits")
+    with pytest.raises(TypeError, match="of type dict"):
+        output_logits({"features": logits})
