@@ -61,8 +61,17 @@ def _linear(prefix: str, linear: nn.Module) -> Dict[str, torch.Tensor]:
     return {f"{prefix}.weight": linear.weight, f"{prefix}.bias": linear.bias}
 
 
+def _hf_layer_parts(layer: nn.Module):
+    """One layer's (query, key, value, output, fc1, fc2) Linears, in transformers 5's or 4's names."""
+    att = layer.attention
+    if hasattr(att, "q_proj"):  # transformers 5
+        return att.q_proj, att.k_proj, att.v_proj, att.o_proj, layer.mlp.fc1, layer.mlp.fc2
+    inner = att.attention  # transformers 4
+    return inner.query, inner.key, inner.value, att.output.dense, layer.intermediate.dense, layer.output.dense
+
+
 def _timm_state_hf(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """transformers 5's ViT/DeiT names -> timm's."""
+    """transformers' ViT/DeiT names -> timm's."""
     backbone = getattr(model, "vit", None) or model.deit
     emb = backbone.embeddings
     state = {"cls_token": emb.cls_token, "pos_embed": emb.position_embeddings,
@@ -70,16 +79,17 @@ def _timm_state_hf(model: nn.Module) -> Dict[str, torch.Tensor]:
              **_linear("norm", backbone.layernorm), **_linear("head", model.classifier)}
     if hasattr(emb, "distillation_token"):
         state["reg_token"] = emb.distillation_token
-    for i, layer in enumerate(backbone.layers):
-        att = layer.attention
+    layers = backbone.layers if hasattr(backbone, "layers") else backbone.encoder.layer
+    for i, layer in enumerate(layers):
+        query, key, value, output, fc1, fc2 = _hf_layer_parts(layer)
         state.update({
-            f"blocks.{i}.attn.qkv.weight": torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]),
-            f"blocks.{i}.attn.qkv.bias": torch.cat([att.q_proj.bias, att.k_proj.bias, att.v_proj.bias]),
-            **_linear(f"blocks.{i}.attn.proj", att.o_proj),
+            f"blocks.{i}.attn.qkv.weight": torch.cat([query.weight, key.weight, value.weight]),
+            f"blocks.{i}.attn.qkv.bias": torch.cat([query.bias, key.bias, value.bias]),
+            **_linear(f"blocks.{i}.attn.proj", output),
             **_linear(f"blocks.{i}.norm1", layer.layernorm_before),
             **_linear(f"blocks.{i}.norm2", layer.layernorm_after),
-            **_linear(f"blocks.{i}.mlp.fc1", layer.mlp.fc1),
-            **_linear(f"blocks.{i}.mlp.fc2", layer.mlp.fc2),
+            **_linear(f"blocks.{i}.mlp.fc1", fc1),
+            **_linear(f"blocks.{i}.mlp.fc2", fc2),
         })
     return state
 
@@ -181,7 +191,7 @@ def test_twin_shares_the_weights(name):
     caap = CAAP(model, score="logit")
     before = caap.attribute(images, target=1)
     with torch.no_grad():
-        next(p for n, p in model.named_parameters() if "fc1" in n or "mlp.0" in n).mul_(3.0)
+        next(p for n, p in model.named_parameters() if "projection.weight" in n or "conv_proj.weight" in n).mul_(3.0)
     after = caap.attribute(images, target=1)
     _, reference = _pair(name)  # rebuilt from the same seed, then given the same change by the mapping
     reference.load_state_dict({k: v.detach().clone() for k, v in (
