@@ -53,6 +53,49 @@ def check_image_batch(images: torch.Tensor, channels: Optional[int] = None) -> N
         raise ValueError(f"images contain NaN or inf pixels (image(s) {bad} of the batch); fix or drop those images")
 
 
+def check_images(model: nn.Module, images: Tensor) -> None:
+    """Raise on images ``model`` cannot take, before any work: not a float ``(B, C, H, W)`` batch of
+    finite pixels, or, for a ViT (any library's, or the ``Classifier`` around one) or a CNN that
+    ConvCAAP reads, other channels or another size than the model takes. Other models are run as
+    they are, so only the batch itself is checked."""
+    # Imported here: the modules that know the model families import this one.
+    from caap_lightning.attribution import stages, twins, vit
+
+    model = twins.timm_form(model)
+    if isinstance(model, vit.Classifier):
+        model = model.vit
+    patch_embed = getattr(model, "patch_embed", None)
+    if getattr(patch_embed, "proj", None) is None or getattr(patch_embed, "patch_size", None) is None:
+        channels = stages.in_channels(stages.conv_stages(model)) if stages.is_supported(model) else None
+        check_image_batch(images, channels)
+        return
+    check_image_batch(images)
+    _check_vit_images(model, patch_embed, images)
+
+
+def _check_vit_images(model: nn.Module, patch_embed: nn.Module, images: Tensor) -> None:
+    channels = patch_embed.proj.in_channels
+    ph, pw = (patch_embed.patch_size,) * 2 if isinstance(patch_embed.patch_size, int) else patch_embed.patch_size
+    h, w = images.shape[-2:]
+    fixed = getattr(patch_embed, "img_size", None)
+    strict = fixed is not None and getattr(patch_embed, "strict_img_size", True) and not getattr(
+        model, "dynamic_img_size", False)
+    reasons = []
+    if images.shape[1] != channels:
+        reasons.append(f"images have {images.shape[1]} channels but the model expects {channels}")
+    if h % ph or w % pw:
+        reasons.append(f"image size {h}x{w} is not divisible by the patch size {ph}x{pw}")
+    if strict and (h, w) != tuple(fixed):
+        reasons.append(f"image size {h}x{w} differs from the model's img_size {tuple(fixed)}")
+    if reasons:
+        expected = (channels, *fixed) if strict else (channels, h, w)
+        raise ValueError(
+            f"images must be (B, {', '.join(map(str, expected))}) for {type(model).__name__}, got "
+            f"{tuple(images.shape)}: {'; '.join(reasons)}; resize or crop the images, convert their channels, "
+            "or build the model with dynamic_img_size=True to take other sizes"
+        )
+
+
 def check_target(
     target: TargetLike, batch: Optional[int], num_classes: Optional[int] = None, device=None
 ) -> Optional[Tensor]:

@@ -16,7 +16,7 @@ from torch import nn
 
 from caap_lightning.attribution import stages, vit
 from caap_lightning.attribution.twins import SUPPORTED_VITS, unwrap_compiled, vit_kind
-from caap_lightning.checks import TargetLike, check_finite_weights, check_target, model_device_dtype
+from caap_lightning.checks import TargetLike, check_finite_weights, check_images, check_target, model_device_dtype
 from caap_lightning.utils import eval_mode, upsample_maps
 
 GridLike = stages.GridLike
@@ -43,7 +43,7 @@ def family_of(model: nn.Module) -> str:
 
 
 class _ViTAdapter:
-    """How the baselines read a timm ViT: the ViT (and ``head``) as classifier, its patch grid."""
+    """How the methods read a ViT (through its timm form): the ViT (and ``head``) as classifier, its patch grid."""
 
     def __init__(self, model: nn.Module, head: Optional[nn.Module], grid: GridLike) -> None:
         if grid is not None:
@@ -55,9 +55,6 @@ class _ViTAdapter:
         self.num_classes = self.classifier.num_classes
         self.model, self.head = self.classifier.vit, head  # a Hugging Face or torchvision ViT's timm twin
         self.channels: int = self.model.patch_embed.proj.in_channels
-
-    def check_images(self, images: torch.Tensor) -> None:
-        vit.check_images(self.model, images)
 
     def check_weights(self) -> None:
         check_finite_weights(self.model, self.head)
@@ -78,7 +75,7 @@ class _ViTAdapter:
 
 
 class _CNNAdapter:
-    """How the baselines read a supported CNN: the model as classifier, ``grid`` or its last map's grid."""
+    """How the methods read a supported CNN: the model as classifier, ``grid`` or its last map's grid."""
 
     def __init__(self, model: nn.Module, head: Optional[nn.Module], grid: GridLike) -> None:
         if head is not None:
@@ -95,9 +92,6 @@ class _CNNAdapter:
         self.channels = stages.in_channels(self.table)
         self.fixed_grid = stages.check_grid(grid)
         self._stage_grids: Dict[Tuple[int, int], Tuple[int, int]] = {}  # image size -> the last stage's grid
-
-    def check_images(self, images: torch.Tensor) -> None:
-        stages.check_images(self.table, images)
 
     def check_weights(self) -> None:
         check_finite_weights(self.model)
@@ -140,7 +134,7 @@ class AttributionMethod:
     already checked and on the model's device and dtype, ``targets`` are checked class
     indices (or ``None``), and the model and head are in eval mode. Logits come from
     ``self.classifier`` (a ViT, then ``head`` where given; or the CNN itself); ``self.adapter``
-    holds what differs between the families (input checks, grid, Grad-CAM's layer).
+    holds what differs between the families (the classifier, the grid, Grad-CAM's layer).
     """
 
     def __init__(self, model: nn.Module, head: Optional[nn.Module] = None, grid: GridLike = None) -> None:
@@ -159,7 +153,7 @@ class AttributionMethod:
             target: class per image (int, list or tensor); ``None`` = the predicted class.
             upsample: return pixel maps ``(B, H, W)`` (bilinear) instead of ``(B, gh, gw)``.
         """
-        self.adapter.check_images(images)
+        check_images(self.model, images)
         device, dtype = model_device_dtype(self.model)
         if target is not None:
             target = check_target(target, len(images), self.adapter.num_classes, device)

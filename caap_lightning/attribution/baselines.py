@@ -31,7 +31,7 @@ from caap_lightning.attribution.blanks import BlankSpec, check_blank, choose_bla
 from caap_lightning.attribution.caap import SCORES
 from caap_lightning.attribution.selection import selection_members
 from caap_lightning.attribution.twins import as_timm_vit
-from caap_lightning.checks import TargetLike, check_choice, check_finite_weights, model_device_dtype
+from caap_lightning.checks import TargetLike, check_choice, check_finite_weights, check_images, model_device_dtype
 from caap_lightning.utils import eval_mode, model_normalization, target_score
 
 _INSTALL_BASELINES = 'pip install "caap-lightning[baselines]"'
@@ -131,7 +131,7 @@ class AttentionRollout(AttributionMethod):
 
     def joint_attention(self, images: torch.Tensor) -> torch.Tensor:
         """The rolled-out token-to-token matrix ``(B, T, T)`` before pooling (rows sum to one)."""
-        vit.check_images(self.model, images)
+        check_images(self.model, images)
         check_finite_weights(self.model)
         device, dtype = model_device_dtype(self.model)
         with eval_mode(self.classifier):

@@ -188,7 +188,7 @@ def check_classifier(model: nn.Module, table: ConvStages) -> None:
 
 
 def check_images(table: ConvStages, images: Tensor) -> None:
-    """Clear errors for a batch the CNN cannot take, before any work is done (ConvCAAP and the baselines)."""
+    """:func:`caap_lightning.checks.check_images` for a CNN whose table is at hand (the callback's form)."""
     check_image_batch(images, in_channels(table))
 
 

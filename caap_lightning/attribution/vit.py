@@ -16,32 +16,13 @@ import torch
 from torch import nn
 
 from caap_lightning.attribution.twins import timm_form
-from caap_lightning.checks import check_image_batch, model_device_dtype
+from caap_lightning.checks import check_images, model_device_dtype  # check_images: also read from here
 from caap_lightning.utils import eval_mode
 
 
 def grid_size(model: nn.Module, height: int, width: int) -> Tuple[int, int]:
     ph, pw = model.patch_embed.patch_size
     return height // ph, width // pw
-
-
-def check_images(model: nn.Module, images: torch.Tensor) -> None:
-    """Clear errors for inputs the model (any ViT :func:`twins.timm_form` reads) cannot take, before any work."""
-    model = timm_form(model)
-    check_image_batch(images, model.patch_embed.proj.in_channels)
-    ph, pw = model.patch_embed.patch_size
-    h, w = images.shape[-2:]
-    if h % ph or w % pw:
-        raise ValueError(
-            f"image size {h}x{w} is not divisible by the patch size {ph}x{pw}; "
-            f"resize or crop to a multiple of the patch size"
-        )
-    fixed = model.patch_embed.img_size
-    if not getattr(model, "dynamic_img_size", False) and fixed is not None and (h, w) != tuple(fixed):
-        raise ValueError(
-            f"image size {h}x{w} differs from the model's img_size {tuple(fixed)}; resize the "
-            "images, or build the model with dynamic_img_size=True to accept other sizes"
-        )
 
 
 class Classifier(nn.Module):

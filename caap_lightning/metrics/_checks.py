@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from caap_lightning.checks import (  # the checks every module shares, also read from here by the metrics
     TargetLike,
     check_choice,
-    check_image_batch,
+    check_images,
     check_int,
     check_target,
     check_target_range,
@@ -98,37 +98,3 @@ def check_masks(masks: Tensor, batch: Optional[int] = None) -> Tensor:
             "binarise it, e.g. masks == 1 for Pets trimaps' foreground, or masks > 0.5 for a soft mask"
         )
     return masks == 1
-
-
-def check_images(model: nn.Module, images: Tensor) -> None:
-    """Raise on images the model cannot take: not ``(B, C, H, W)``, not float, wrong shape.
-
-    Channels and size are checked against a timm ViT's ``patch_embed`` where it has one,
-    so a wrong input fails here, with the expected shape, and not inside timm.
-    """
-    check_image_batch(images)  # the channels are checked below, with the size where the model fixes it
-    patch_embed = getattr(model, "patch_embed", None)
-    proj = getattr(patch_embed, "proj", None)
-    channels = getattr(proj, "in_channels", None) or images.shape[1]
-    size = tuple(images.shape[-2:])
-    img_size = getattr(patch_embed, "img_size", None)
-    strict = getattr(patch_embed, "strict_img_size", True) and not getattr(model, "dynamic_img_size", False)
-    expected = None
-    if img_size is not None and strict:
-        expected = (channels, *img_size)
-    elif channels != images.shape[1]:
-        expected = (channels, *size)
-    if expected is not None and tuple(images.shape[1:]) != tuple(expected):
-        raise ValueError(
-            f"images must be (B, {', '.join(map(str, expected))}) for {type(model).__name__} "
-            f"(its patch_embed's in_chans and img_size), got {tuple(images.shape)}; resize the "
-            "images or convert their channels"
-        )
-    patch_size = getattr(patch_embed, "patch_size", None)
-    if expected is None and patch_size is not None and not getattr(patch_embed, "dynamic_img_pad", False):
-        ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
-        if size[0] % ph or size[1] % pw:
-            raise ValueError(
-                f"images of size {size[0]}x{size[1]} do not divide into the model's {ph}x{pw} "
-                "patches; resize or crop them to a multiple of the patch size"
-            )
