@@ -44,23 +44,31 @@ def model_normalization(
     model: torch.nn.Module,
     mean: Optional[Sequence[float]] = None,
     std: Optional[Sequence[float]] = None,
+    channels: int = 3,
 ) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
-    """The (mean, std) a model's inputs were normalised with.
+    """The (mean, std) a model's inputs of ``channels`` channels were normalised with.
 
     Explicit arguments win; then timm's ``pretrained_cfg``; then ImageNet's, which is
-    what timm uses for a model built without a pretrained config. A ``std`` that cannot
+    what timm uses for a model built without a pretrained config (for a model of other than
+    three channels, ImageNet's averaged over RGB, per channel). A ``std`` that cannot
     normalise (a zero, negative or non-finite entry) or a non-finite ``mean`` is refused.
     """
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    mean = tuple(mean) if mean is not None else tuple(cfg.get("mean", IMAGENET_MEAN))
-    std = tuple(std) if std is not None else tuple(cfg.get("std", IMAGENET_STD))
-    if len(mean) != 3 or len(std) != 3:
-        raise ValueError(f"mean and std need 3 channels, got mean={mean}, std={std}")
+    default_mean, default_std = IMAGENET_MEAN, IMAGENET_STD
+    if channels != 3:  # a grey-scale model: RGB's statistics, averaged
+        default_mean, default_std = (sum(IMAGENET_MEAN) / 3,) * channels, (sum(IMAGENET_STD) / 3,) * channels
+    mean = tuple(mean) if mean is not None else tuple(cfg.get("mean", default_mean))
+    std = tuple(std) if std is not None else tuple(cfg.get("std", default_std))
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(
+            f"mean and std need {channels} channels (the model's input channels), got mean={mean}, std={std}"
+        )
     if not all(math.isfinite(m) for m in mean):
         raise ValueError(f"mean={mean} is not finite; pass the mean the model's inputs were normalised with")
     if not all(math.isfinite(s) and s > 0 for s in std):
         raise ValueError(
-            f"std={std} must have three positive entries (a zero entry divides by zero when an image "
+            f"std={std} must have {'three' if channels == 3 else channels} positive entries (a zero entry divides "
+            "by zero when an image "
             "is normalised); pass the std the model's inputs were normalised with"
         )
     return mean, std
@@ -115,24 +123,19 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
-def check_image_batch(images: torch.Tensor, channels: Optional[int] = None) -> None:
-    """What every consumer of an image batch checks first: a float ``(B, C, H, W)`` tensor of at least
-    one image, with ``channels`` channels where the model fixes them, and finite pixels."""
-    if not isinstance(images, torch.Tensor) or images.dim() != 4:
-        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"images must be a (B, C, H, W) tensor, got {shape}")
-    if images.shape[0] == 0:
-        raise ValueError("images is an empty batch (B = 0); pass at least one image")
-    if not images.is_floating_point():
+def output_logits(output) -> torch.Tensor:
+    """The logits in a model's output: the tensor itself, ``.logits`` (Hugging Face's output objects),
+    a dict's ``"logits"``, or a tuple's or list's first element."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, dict):
+        logits = output.get("logits")
+    if logits is None and isinstance(output, (tuple, list)) and output:
+        logits = output[0]
+    if not isinstance(logits, torch.Tensor):
         raise TypeError(
-            f"images must be float, normalised with the model's mean/std, got {images.dtype}; "
-            "convert them (e.g. images.float() / 255) and normalise them as the model's inputs were"
+            f"cannot read logits from a model output of type {type(output).__name__}: return a tensor, an object "
+            "or dict with `logits`, or a tuple whose first element is the logits"
         )
-    if channels is not None and images.shape[1] != channels:
-        raise ValueError(
-            f"images have {images.shape[1]} channels but the model expects {channels}; "
-            "convert grey-scale or RGBA images to RGB first"
-        )
-    bad = (~torch.isfinite(images.flatten(1)).all(1)).nonzero()[:, 0].tolist()
-    if bad:
-        raise ValueError(f"images contain NaN or inf pixels (image(s) {bad} of the batch); fix or drop those images")
+    return logits

@@ -185,6 +185,34 @@ def test_documented_results_of_edge_inputs():
     torch.testing.assert_close(by_int.insertion, by_list.insertion)
 
 
+def model_cases() -> List[Case]:
+    """Models CAAP cannot patch: refused at construction, naming the part (``names``) and what is supported."""
+    from torchvision.models.vision_transformer import ConvStemConfig, VisionTransformer
+
+    transformers = pytest.importorskip("transformers")
+    shape = dict(image_size=32, patch_size=8, num_hidden_layers=1, num_attention_heads=2, hidden_size=32,
+                 intermediate_size=64, num_labels=3)
+    swin = dict(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 1], window_size=4, num_labels=3)
+    stem = [ConvStemConfig(out_channels=8, kernel_size=3, stride=2)]
+    return [
+        Case("DeiT with a distilled head", lambda: CAAP(transformers.DeiTForImageClassificationWithTeacher(
+            transformers.DeiTConfig(**shape))), "distilled head"),
+        Case("Swin", lambda: CAAP(transformers.SwinForImageClassification(transformers.SwinConfig(**swin))),
+             "shifted-window attention"),
+        Case("torchvision ViT with a conv stem", lambda: CAAP(VisionTransformer(
+            image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=3,
+            conv_stem_configs=stem)), "conv_stem_configs"),
+        Case("a ViT inside a wrapper", lambda: CAAP(nn.Sequential(MODEL)), "supported: timm VisionTransformer"),
+    ]
+
+
+def test_unsupported_models_are_refused_naming_the_part():
+    for case in model_cases():
+        with pytest.raises(ValueError) as info:
+            case.call()
+        assert case.names in str(info.value), (case.name, str(info.value))
+
+
 def test_the_readme_counts_these_cases():
     from pathlib import Path
 

@@ -1,9 +1,11 @@
 """Attribution methods with one call shape: ``Method(model).attribute(images, target=...)``."""
 
+from caap_lightning.attribution.base import AttributionMethod
 from caap_lightning.attribution.caap import CAAP
 from caap_lightning.attribution.cnn import ConvCAAP
+from caap_lightning.attribution.twins import as_timm_vit, unwrap_compiled, vit_kind
 
-__all__ = ["CAAP", "ConvCAAP"]
+__all__ = ["AttributionMethod", "CAAP", "ConvCAAP", "as_timm_vit", "unwrap_compiled", "vit_kind"]
 from caap_lightning.attribution.baselines import (  # noqa: E402
     AttentionRollout,
     GradCAM,

@@ -20,175 +20,21 @@ gradient methods also work when called under ``torch.no_grad()`` or inference mo
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from caap_lightning.attribution import cnn, vit
-from caap_lightning.attribution.caap import SCORES
+from caap_lightning.attribution.base import AttributionMethod, GridLike, family_of
 from caap_lightning.attribution.blanks import BlankSpec, check_blank, choose_blank, make_blank
+from caap_lightning.attribution.caap import SCORES
 from caap_lightning.attribution.selection import selection_members
-from caap_lightning.utils import eval_mode, model_normalization, target_score, upsample_maps
-
-TargetLike = vit.TargetLike
-GridLike = cnn.GridLike
-FAMILIES = ("vit", "cnn")
+from caap_lightning.attribution.twins import as_timm_vit
+from caap_lightning.checks import TargetLike, check_choice, check_finite_weights, check_images, model_device_dtype
+from caap_lightning.utils import eval_mode, model_normalization, target_score
 
 _INSTALL_BASELINES = 'pip install "caap-lightning[baselines]"'
-# Logits, the activations Grad-CAM reads (in the graph) and how to lay them out as (B, C, gh, gw).
-_CamForward = Tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
-
-
-def family_of(model: nn.Module) -> str:
-    """``"vit"`` for a timm Vision Transformer (it has ``patch_embed.patch_size``), ``"cnn"`` for a
-    CNN that ConvCAAP reads (:func:`cnn.conv_stages`); a ``ValueError`` naming both otherwise."""
-    if getattr(getattr(model, "patch_embed", None), "patch_size", None) is not None:
-        return "vit"
-    if cnn.is_supported(model):
-        return "cnn"
-    raise ValueError(
-        f"{type(model).__name__} is not a model the attribution methods read: they take a timm Vision "
-        f"Transformer (a model with `patch_embed.patch_size`) or a CNN ({cnn.SUPPORTED}); pass that model "
-        "itself, not a wrapper or a sub-module"
-    )
-
-
-class _ViTAdapter:
-    """How the baselines read a timm ViT: the ViT (and ``head``) as classifier, its patch grid."""
-
-    def __init__(self, model: nn.Module, head: Optional[nn.Module], grid: GridLike) -> None:
-        if grid is not None:
-            raise ValueError(
-                f"grid={grid!r} is for CNNs: a ViT's maps are on its own patch grid (image size / patch size); "
-                "remove grid="
-            )
-        self.classifier = vit.Classifier(model, head)
-        self.num_classes = self.classifier.num_classes
-        self.model, self.head = model, head
-
-    def check_images(self, images: torch.Tensor) -> None:
-        vit.check_images(self.model, images)
-
-    def check_weights(self) -> None:
-        vit.check_finite_weights(self.model, self.head)
-
-    def grid(self, images: torch.Tensor) -> Tuple[int, int]:
-        return vit.grid_size(self.model, *images.shape[-2:])
-
-    def cam_forward(self, images: torch.Tensor) -> _CamForward:
-        """Grad-CAM's activations: the output of ``blocks[-1].norm1``, at the patch tokens."""
-        captured = []
-        hook = self.model.blocks[-1].norm1.register_forward_hook(lambda m, args, out: captured.append(out))
-        try:
-            logits = self.classifier(images)
-        finally:
-            hook.remove()
-        P, grid = self.model.num_prefix_tokens, self.grid(images)
-        return logits, captured[-1], lambda tokens: tokens[:, P:].unflatten(1, grid).movedim(-1, 1)
-
-
-class _CNNAdapter:
-    """How the baselines read a supported CNN: the model as classifier, ``grid`` or its last map's grid."""
-
-    def __init__(self, model: nn.Module, head: Optional[nn.Module], grid: GridLike) -> None:
-        if head is not None:
-            raise ValueError(
-                f"head= is for a ViT built with num_classes=0; {type(model).__name__}'s own head gives its "
-                "logits: remove head="
-            )
-        self.table = cnn.conv_stages(model)
-        cnn.check_classifier(model, self.table)
-        self.classifier = model
-        self.num_classes = self.table.num_classes
-        self.model = model
-        self.fixed_grid = cnn.check_grid(grid)
-        self._stage_grids: Dict[Tuple[int, int], Tuple[int, int]] = {}  # image size -> the last stage's grid
-
-    def check_images(self, images: torch.Tensor) -> None:
-        cnn.check_images(self.table, images)
-
-    def check_weights(self) -> None:
-        vit.check_finite_weights(self.model)
-
-    def grid(self, images: torch.Tensor) -> Tuple[int, int]:
-        size = tuple(images.shape[-2:])
-        if self.fixed_grid is None:
-            # The last map's size depends on the image size only: one forward of one image per size.
-            if size not in self._stage_grids:
-                with torch.no_grad():
-                    x = images[:1]
-                    for stage in self.table.stages:
-                        x = stage(x)
-                self._stage_grids[size] = tuple(x.shape[-2:])
-            return self._stage_grids[size]
-        if self.fixed_grid[0] > size[0] or self.fixed_grid[1] > size[1]:
-            raise ValueError(
-                f"grid={self.fixed_grid} is finer than the images ({size[0]}x{size[1]} pixels); pick a grid of "
-                f"at most {size}"
-            )
-        return self.fixed_grid
-
-    def cam_forward(self, images: torch.Tensor) -> _CamForward:
-        """Grad-CAM's activations: the last stage's feature map, already laid out as maps."""
-        x = images
-        for stage in self.table.stages:
-            x = stage(x)
-        return self.table.head(x), x, lambda maps: maps
-
-
-_ADAPTERS = {"vit": _ViTAdapter, "cnn": _CNNAdapter}
-
-
-class PatchAttribution:
-    """Base of the baselines: input checks, targets, the head, eval mode, optional upsampling.
-
-    Subclasses implement ``_attribute(images, targets) -> (B, gh, gw)``; ``images`` are
-    already checked and on the model's device and dtype, ``targets`` are checked class
-    indices (or ``None``), and the model and head are in eval mode. Logits come from
-    ``self.classifier`` (a ViT, then ``head`` where given; or the CNN itself); ``self.adapter``
-    holds what differs between the families (input checks, grid, Grad-CAM's layer).
-    """
-
-    def __init__(self, model: nn.Module, head: Optional[nn.Module] = None, grid: GridLike = None) -> None:
-        self.family = family_of(model)
-        self.adapter = _ADAPTERS[self.family](model, head, grid)
-        self.classifier = self.adapter.classifier
-        self.model = model
-        self.head = head
-
-    def attribute(self, images: torch.Tensor, target: TargetLike = None, upsample: bool = False) -> torch.Tensor:
-        """Maps for a batch of normalised images ``(B, 3, H, W)``.
-
-        Args:
-            target: class per image (int, list or tensor); ``None`` = the predicted class.
-            upsample: return pixel maps ``(B, H, W)`` (bilinear) instead of ``(B, gh, gw)``.
-        """
-        self.adapter.check_images(images)
-        device, dtype = vit.model_device_dtype(self.model)
-        if target is not None:
-            target = vit.check_target(target, len(images), self.adapter.num_classes, device)
-        self.adapter.check_weights()
-        images = images.to(device=device, dtype=dtype)
-        with eval_mode(self.classifier):
-            maps = self._attribute(images, target).detach().float()
-        if upsample:
-            maps = upsample_maps(maps, tuple(images.shape[-2:]))
-        return maps
-
-    def _attribute(self, images: torch.Tensor, targets: Optional[torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _targets(self, targets: Optional[torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
-        """The checked ``targets``, or the arg-max of ``logits`` when ``None``."""
-        if targets is None:
-            return logits.detach().argmax(-1)
-        # A copy: a target tensor made in inference mode (a validation loop's) cannot be saved for
-        # backward by `gather`; one copied here, inside `_gradients()`, can.
-        return targets.clone()
-
-    def _grid(self, images: torch.Tensor) -> Tuple[int, int]:
-        return self.adapter.grid(images)
 
 
 def _patch_sums(per_pixel: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
@@ -205,11 +51,6 @@ def _gradients() -> Iterator[None]:
         yield
 
 
-def _check_score(score: str) -> None:
-    if score not in SCORES:
-        raise ValueError(f"score={score!r} is not one of {SCORES}")
-
-
 def _check_plain_vit(model: nn.Module, method: str) -> None:
     """The attention methods run the blocks by hand, as CAAP does: the same models only."""
     if family_of(model) == "cnn":
@@ -218,7 +59,7 @@ def _check_plain_vit(model: nn.Module, method: str) -> None:
             "registry.available_methods('cnn') lists the methods for CNNs"
         )
     try:
-        vit.check_supported_vit(model)
+        as_timm_vit(model)
     except ValueError as err:
         raise ValueError(f"{method} reads attention from timm's plain ViT blocks: {err}") from None
 
@@ -250,7 +91,7 @@ def _attention_forward(
     return classifier.pooled_logits(vit.pool_final(model, x)), attentions
 
 
-class GradCAM(PatchAttribution):
+class GradCAM(AttributionMethod):
     """Grad-CAM (Selvaraju et al., 2017) at pytorch-grad-cam's default layer for each family.
 
     A CNN's activations are the last stage's feature map (``conv_stages(model).stages[-1]``,
@@ -262,7 +103,7 @@ class GradCAM(PatchAttribution):
 
     def __init__(self, model: nn.Module, head: Optional[nn.Module] = None) -> None:
         super().__init__(model, head)
-        blocks = getattr(model, "blocks", None)
+        blocks = getattr(self.model, "blocks", None)
         if self.family == "vit" and (not blocks or not hasattr(blocks[-1], "norm1")):
             raise ValueError(f"GradCAM needs a timm ViT whose last block has `norm1`; got {type(model).__name__}")
 
@@ -276,7 +117,7 @@ class GradCAM(PatchAttribution):
         return (activations * grads.mean((2, 3), keepdim=True)).sum(1).clamp_min(0)
 
 
-class AttentionRollout(PatchAttribution):
+class AttentionRollout(AttributionMethod):
     """Attention rollout (Abnar & Zuidema, 2020): head-mean attention with the residual identity.
 
     Each block's ``0.5 * mean_heads(A) + 0.5 * I`` (rows sum to one) is multiplied from the
@@ -290,9 +131,9 @@ class AttentionRollout(PatchAttribution):
 
     def joint_attention(self, images: torch.Tensor) -> torch.Tensor:
         """The rolled-out token-to-token matrix ``(B, T, T)`` before pooling (rows sum to one)."""
-        vit.check_images(self.model, images)
-        vit.check_finite_weights(self.model)
-        device, dtype = vit.model_device_dtype(self.model)
+        check_images(self.model, images)
+        check_finite_weights(self.model)
+        device, dtype = model_device_dtype(self.model)
         with eval_mode(self.classifier):
             return self._rollout(images.to(device=device, dtype=dtype))
 
@@ -310,7 +151,7 @@ class AttentionRollout(PatchAttribution):
         return _read_patches(self.model, self._rollout(images)).unflatten(1, self._grid(images))
 
 
-class TransformerAttribution(PatchAttribution):
+class TransformerAttribution(AttributionMethod):
     """T-Attr, gradient-only (Chefer et al., 2021, "Generic Attention-model Explainability").
 
     Relevance starts at the identity and every block adds ``mean_heads((dA * A)^+) @ R``, with
@@ -335,7 +176,7 @@ class TransformerAttribution(PatchAttribution):
         return _read_patches(self.model, relevance).unflatten(1, self._grid(images))
 
 
-class InputXGradient(PatchAttribution):
+class InputXGradient(AttributionMethod):
     """Input x gradient of the target's logit, ``|x * dx|`` summed over each patch's pixels and channels.
 
     Args:
@@ -355,7 +196,7 @@ class InputXGradient(PatchAttribution):
         return _patch_sums((images * grads).abs().sum(1), self._grid(images))
 
 
-class _InputPatching(PatchAttribution):
+class _InputPatching(AttributionMethod):
     """Input-space patching with CAAP's selection operator and blank (paper appendix B.2)."""
 
     def __init__(
@@ -374,7 +215,7 @@ class _InputPatching(PatchAttribution):
         super().__init__(model, head, grid)
         selection_members(selection, (1, 1))  # validates the name
         check_blank(blank)
-        _check_score(score)
+        check_choice("score", score, SCORES)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.selection = selection
@@ -382,7 +223,7 @@ class _InputPatching(PatchAttribution):
         self.last_blank: BlankSpec = blank  # as CAAP's: the kind "auto" chose at the last call
         self.score = score
         self.batch_size = batch_size
-        self.mean, self.std = model_normalization(model, mean, std)
+        self.mean, self.std = model_normalization(self.model, mean, std, self.adapter.channels)
         self.blank_seed = blank_seed
 
     def _pixel_selections(self, images: torch.Tensor) -> torch.Tensor:
@@ -443,7 +284,7 @@ class SimpleDeletion(_InputPatching):
         return (clean[:, None] - scores).unflatten(1, self._grid(images))
 
 
-class PatchOcclusion(PatchAttribution):
+class PatchOcclusion(AttributionMethod):
     """captum's ``Occlusion`` with one patch as window and stride: the drop in score when a
     patch is set to ``baseline`` (the normalised zero, i.e. the dataset mean, by default).
 
@@ -466,7 +307,7 @@ class PatchOcclusion(PatchAttribution):
             from captum.attr import Occlusion
         except ImportError as err:
             raise ImportError(f"the occlusion baseline uses captum, which is not installed: {_INSTALL_BASELINES}") from err
-        _check_score(score)
+        check_choice("score", score, SCORES)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self._occlusion = Occlusion
@@ -508,7 +349,7 @@ def _window(images: torch.Tensor, grid: Tuple[int, int]) -> Tuple[int, int]:
     return h // gh, w // gw
 
 
-class RandomMap(PatchAttribution):
+class RandomMap(AttributionMethod):
     """Uniform random maps from a seeded generator: the reference row of the benchmarks.
 
     ``grid``: a CNN's patch grid (an int or ``(gh, gw)``); ``None`` = its last feature map's grid.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from typing import Callable, Sequence, Tuple, Union
 
@@ -18,10 +20,10 @@ BlankSpec = Union[str, torch.Tensor]
 
 def check_blank(blank: BlankSpec, kinds: Sequence[str] = BLANK_KINDS) -> None:
     if isinstance(blank, torch.Tensor):
-        if blank.dim() != 4 or blank.shape[0] != 1 or blank.shape[1] != 3:
+        if blank.dim() != 4 or blank.shape[0] != 1:
             raise ValueError(
-                f"a custom blank must be a normalised image tensor of shape (1, 3, H, W), "
-                f"got {tuple(blank.shape)}"
+                f"a custom blank must be a normalised image tensor of shape (1, 3, H, W) ((1, C, H, W) for a "
+                f"model of C input channels), got {tuple(blank.shape)}"
             )
         if not torch.isfinite(blank).all():
             raise ValueError("the custom blank image contains NaN or inf")
@@ -68,12 +70,14 @@ def make_blank(
     std: Sequence[float],
     seed: int = 0,
 ) -> torch.Tensor:
-    """The blank image ``(1, 3, H, W)`` in the model's normalised input space.
+    """The blank image ``(1, C, H, W)`` in the model's normalised input space, with one channel
+    per entry of ``mean`` (the model's input channels).
 
     Built in pixel space [0, 1] and normalised, except ``mean`` (the dataset mean is zero
     after normalisation) and a user's tensor, which is taken as already normalised.
     """
     h, w = size
+    channels = len(mean)
     if isinstance(blank, str) and blank == "auto":
         raise ValueError('blank="auto" depends on the model: resolve it with choose_blank first')
     if isinstance(blank, torch.Tensor):
@@ -82,14 +86,19 @@ def make_blank(
                 f"the custom blank is {tuple(blank.shape[-2:])} but the images are {(h, w)}; "
                 "pass a blank of the images' size"
             )
+        if blank.shape[1] != channels:
+            raise ValueError(
+                f"the custom blank has {blank.shape[1]} channels but the model takes {channels}; pass a blank "
+                "with the model's input channels"
+            )
         return blank.detach().float().cpu()
     if blank == "mean":
-        return torch.zeros(1, 3, h, w)
+        return torch.zeros(1, channels, h, w)
     if blank in ("white", "black"):
-        pixels = torch.full((1, 3, h, w), 1.0 if blank == "white" else 0.0)
+        pixels = torch.full((1, channels, h, w), 1.0 if blank == "white" else 0.0)
     else:
         gen = torch.Generator().manual_seed(seed)
-        pixels = (0.5 + 0.25 * torch.randn(1, 3, h, w, generator=gen)).clamp(0, 1)
+        pixels = (0.5 + 0.25 * torch.randn(1, channels, h, w, generator=gen)).clamp(0, 1)
         if blank == "blur_noise":
             pixels = gaussian_blur(pixels, kernel_size=11, sigma=5.0)
     return normalize(pixels, mean, std)
@@ -109,5 +118,16 @@ def warn_saturated_blank(method: str, blank: BlankSpec, logits: torch.Tensor, ta
                 f"probability {probs[cls]:.3f} > 0.5, so maps for this class are saturated "
                 "(patches can only lower the score). Try another blank (e.g. blank='noise') "
                 "or score='logit', and read the relative map (relative=True).",
-                stacklevel=5,  # past this helper and the no_grad wrapper, to the caller
+                stacklevel=_caller_stacklevel(),
             )
+
+
+def _caller_stacklevel() -> int:
+    """``warnings.warn``'s stacklevel of the first frame outside this package and torch's wrappers
+    (``no_grad``), so that a warning points at the user's call."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith((package, torch_dir)):
+        level, frame = level + 1, frame.f_back
+    return level

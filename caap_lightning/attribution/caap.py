@@ -1,4 +1,4 @@
-"""CAAP: Causal Attribution via Activation Patching, for timm Vision Transformers.
+"""CAAP: Causal Attribution via Activation Patching, for Vision Transformers (read as timm ones).
 
 The semantics are fixed by ``SPEC-CAAP.md``: for each patch ``p`` the tokens in the
 selection ``S(p)`` carry the source image's residual stream up to block ``k``, every other
@@ -15,9 +15,12 @@ import torch
 from torch import nn
 
 from caap_lightning.attribution import vit
+from caap_lightning.attribution.base import AttributionMethod
 from caap_lightning.attribution.blanks import BlankSpec, check_blank, choose_blank, make_blank, warn_saturated_blank
 from caap_lightning.attribution.selection import neighbourhoods, selection_members
-from caap_lightning.utils import eval_mode, model_normalization, target_score, upsample_maps
+from caap_lightning.attribution.twins import as_timm_vit
+from caap_lightning.checks import TargetLike, check_choice, check_finite_weights, check_target, model_device_dtype
+from caap_lightning.utils import eval_mode, model_normalization, target_score
 
 CONSTRUCTIONS = ("parallel", "efficient", "windowed", "standard")
 SCORES = ("probability", "logit")
@@ -30,10 +33,8 @@ def check_settings(
     """The settings CAAP and ConvCAAP share, checked at construction with the same messages."""
     selection_members(selection, (1, 1))  # validates the name
     check_blank(blank)
-    if construction not in constructions:
-        raise ValueError(f"construction={construction!r} is not one of {tuple(constructions)}")
-    if score not in SCORES:
-        raise ValueError(f"score={score!r} is not one of {SCORES}")
+    check_choice("construction", construction, constructions)
+    check_choice("score", score, SCORES)
     positive_int = isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size >= 1
     if chunk_size is not None and not positive_int:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
@@ -67,7 +68,6 @@ def sweep_cutoffs(
         method.layer_cutoff = original
     method.layer_cutoff = max(rows, key=lambda r: r["insdel"])["layer_cutoff"]
     return rows
-TargetLike = vit.TargetLike
 
 # Bytes the chunk's largest temporary (the blank-score tensor) may take when chunk_size=None.
 _CHUNK_BUDGET_BYTES = 256 * 2**20
@@ -83,11 +83,15 @@ class _BlankContext:
     stats: Optional[List[Tuple[torch.Tensor, ...]]] = None  # E-CAAP's per-layer blank statistics
 
 
-class CAAP:
+class CAAP(AttributionMethod):
     """Causal Attribution via Activation Patching for a timm ``VisionTransformer``.
 
     Args:
-        model: a timm ``VisionTransformer`` (plain blocks, ``token`` or ``avg`` pooling).
+        model: a plain ViT (``twins.SUPPORTED_VITS``): timm's ``VisionTransformer`` (plain blocks,
+            ``token`` or ``avg`` pooling), transformers' ``ViTForImageClassification`` or
+            ``DeiTForImageClassification``, torchvision's ``VisionTransformer``, or one of them
+            compiled. ``self.model`` is the timm model read (for the others, a twin sharing
+            their modules and parameters).
         layer_cutoff: ``k``, the number of leading blocks in which ``S(p)`` keeps the source's
             states; ``0..L``, default ``L // 2``.
         selection: ``S(p)``: ``"point"``, ``"box1"`` (3x3, default), ``"box2"`` (5x5) or
@@ -107,6 +111,8 @@ class CAAP:
         head: for a ViT built with ``num_classes=0`` (whose forward gives pooled features),
             the module that maps those features ``(B, num_features)`` to logits, e.g. the
             LightningModule's own ``nn.Linear``; ``None`` uses the ViT's own head.
+        relative: maps of ``A - A_blank`` (the evidence relative to the blank) by default;
+            :meth:`attribute`'s ``relative`` overrides it per call.
 
     The blank's activations are computed once per call to :meth:`attribute` or
     :meth:`blank_score`, never kept between calls, so the maps always follow the current
@@ -133,9 +139,10 @@ class CAAP:
         std: Optional[Sequence[float]] = None,
         blank_seed: int = 0,
         head: Optional[nn.Module] = None,
+        relative: bool = False,
     ) -> None:
-        vit.check_supported_vit(model)
-        self.classifier = vit.Classifier(model, head)
+        model = as_timm_vit(model)  # a Hugging Face or torchvision ViT is read through its timm twin
+        super().__init__(model, head)  # self.model: that timm model; self.classifier: it and ``head``
         depth = len(model.blocks)
         if layer_cutoff is None:
             layer_cutoff = depth // 2
@@ -144,7 +151,7 @@ class CAAP:
         check_settings(selection, blank, construction, CONSTRUCTIONS, score, chunk_size)
         if not isinstance(window, int) or window < 0:
             raise ValueError(f"window must be a non-negative int, got {window!r}")
-        self.model = model
+        self.relative = relative
         self.layer_cutoff = layer_cutoff
         self.selection = selection
         self.blank = blank
@@ -152,9 +159,8 @@ class CAAP:
         self.score = score
         self.chunk_size = chunk_size
         self.window = window
-        self.mean, self.std = model_normalization(model, mean, std)
+        self.mean, self.std = model_normalization(self.model, mean, std, self.adapter.channels)
         self.blank_seed = blank_seed
-        self.head = head
         self._last_size: Optional[Tuple[int, int]] = None
         self._warned_classes: set = set()
         # The blank of the last call: ``blank`` itself, or the kind ``"auto"`` chose then.
@@ -165,45 +171,41 @@ class CAAP:
         return len(self.model.blocks)
 
     # ------------------------------------------------------------------ public API
-    @torch.no_grad()
     def attribute(
         self,
         images: torch.Tensor,
         target: TargetLike = None,
         upsample: bool = False,
-        relative: bool = False,
+        relative: Optional[bool] = None,
     ) -> torch.Tensor:
         """CAAP maps for a batch of normalised images ``(B, 3, H, W)``.
 
         Args:
             target: class per image (int, list or tensor); ``None`` = the predicted class.
             upsample: return pixel maps ``(B, H, W)`` (bilinear) instead of ``(B, gh, gw)``.
-            relative: return ``A - A_blank``, the evidence for the class relative to the blank.
+            relative: return ``A - A_blank``, the evidence for the class relative to the blank;
+                ``None`` = the constructor's ``relative``.
         """
-        vit.check_images(self.model, images)
-        device, dtype = vit.model_device_dtype(self.model)
-        if target is not None:
-            target = vit.check_target(target, images.shape[0], self.classifier.num_classes, device)
-        vit.check_finite_weights(self.model, self.head)
-        images = images.to(device=device, dtype=dtype)
-        size = tuple(images.shape[-2:])
+        return super().attribute(images, target, upsample, relative=relative)
+
+    @torch.no_grad()
+    def _attribute(
+        self, images: torch.Tensor, targets: Optional[torch.Tensor], relative: Optional[bool] = None
+    ) -> torch.Tensor:
+        size, device, dtype = tuple(images.shape[-2:]), images.device, images.dtype
         self._last_size = size
-        with eval_mode(self.classifier):
-            source = vit.forward_states(self.model, images)
-            targets = target
-            if targets is None:
-                targets = self.classifier.pooled_logits(vit.pool_final(self.model, source.states[-1])).argmax(-1)
-            blank = self._blank_context(size, device, dtype)
-            self._warn_saturated(blank, targets)
-            if self.construction == "standard":
-                scores = self._standard(source, blank, size, targets)
-            else:
-                scores = self._grouped(source, blank, size, targets)
+        source = vit.forward_states(self.model, images)
+        if targets is None:
+            targets = self.classifier.pooled_logits(vit.pool_final(self.model, source.states[-1])).argmax(-1)
+        blank = self._blank_context(size, device, dtype)
+        self._warn_saturated(blank, targets)
+        if self.construction == "standard":
+            scores = self._standard(source, blank, size, targets)
+        else:
+            scores = self._grouped(source, blank, size, targets)
         maps = scores.float().unflatten(1, vit.grid_size(self.model, *size))
-        if relative:
+        if self.relative if relative is None else relative:
             maps = maps - self._score(blank.logits.float().expand(len(targets), -1), targets)[:, None, None]
-        if upsample:
-            maps = upsample_maps(maps, size)
         return maps
 
     @torch.no_grad()
@@ -213,10 +215,10 @@ class CAAP:
         ``target=None`` scores the blank's own top class (one value). ``image_size``
         defaults to the size last attributed, else the model's ``img_size``.
         """
-        device, dtype = vit.model_device_dtype(self.model)
+        device, dtype = model_device_dtype(self.model)
         if target is not None:
-            target = vit.check_target(target, None, self.classifier.num_classes, device)
-        vit.check_finite_weights(self.model, self.head)
+            target = check_target(target, None, self.classifier.num_classes, device)
+        check_finite_weights(self.model, self.head)
         size = tuple(image_size or self._last_size or self.model.patch_embed.img_size)
         with eval_mode(self.classifier):
             blank = self._blank_context(size, device, dtype)
@@ -260,7 +262,7 @@ class CAAP:
         if not cutoffs or bad:
             raise ValueError(f"layer_cutoffs must be ints in 0..{self.depth}, got {cutoffs}")
         if target is not None:
-            target = vit.check_target(target, len(images), self.classifier.num_classes, images.device)
+            target = check_target(target, len(images), self.classifier.num_classes, images.device)
         return sweep_cutoffs(self, self.classifier, cutoffs, images, target, masks, step, progress)
 
     # ------------------------------------------------------------------ set-up pieces
@@ -288,7 +290,7 @@ class CAAP:
     # ------------------------------------------------------------------ constructions
     def _groups(self, grid):
         """Per patch: the patched members ``S(p)`` and the recomputed blank members ``R(p)``."""
-        device = vit.model_device_dtype(self.model)[0]
+        device = model_device_dtype(self.model)[0]
         s_idx, s_valid = selection_members(self.selection, grid, device)
         if self.construction != "windowed":
             return s_idx, s_valid, s_idx[:, :0], s_valid[:, :0]

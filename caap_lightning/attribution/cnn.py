@@ -10,214 +10,42 @@ in the ``frozen`` construction, every later stage boundary resets the cells outs
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Literal, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from caap_lightning.attribution.base import AttributionMethod
 from caap_lightning.attribution.blanks import BlankSpec, choose_blank, make_blank, warn_saturated_blank
 from caap_lightning.attribution.caap import check_settings, sweep_cutoffs
 from caap_lightning.attribution.selection import selection_members
-from caap_lightning.attribution.vit import TargetLike, check_finite_weights, check_target
-from caap_lightning.utils import check_image_batch, eval_mode, model_normalization, target_score, upsample_maps
+from caap_lightning.attribution.stages import (  # the stage table's names, also read from here
+    SUPPORTED,
+    ConvStages,
+    GridLike,
+    check_classifier,
+    check_grid,
+    check_images,
+    conv_stages,
+    in_channels,
+    is_supported,
+    stage_macs,
+)
+from caap_lightning.attribution.twins import unwrap_compiled
+from caap_lightning.checks import TargetLike, check_target, check_target_range
+from caap_lightning.utils import eval_mode, model_normalization, target_score
+
+__all__ = [
+    "CONSTRUCTIONS", "SUPPORTED", "ConvCAAP", "ConvStages", "GridLike", "cell_patches", "check_classifier",
+    "check_grid", "check_images", "conv_stages", "is_supported", "region_masks", "stage_macs",
+]
 
 CONSTRUCTIONS = ("standard", "frozen")
-SUPPORTED = (
-    "torchvision ResNet, VGG, DenseNet and ConvNeXt; "
-    "timm ResNet, VGG, DenseNet and ConvNeXt"
-)
-CutLike = Union[None, int, str]
-GridLike = Union[None, int, Tuple[int, int]]
 
 # Bytes the patched maps of one chunk may take when chunk_size=None (CAAP's budget).
 _CHUNK_BUDGET_BYTES = 256 * 2**20
 # Live copies of a stage's largest map while it runs (input, branches, concatenations).
 _LIVE_COPIES = 6
-
-
-@dataclass(frozen=True)
-class ConvStages:
-    """A CNN as ``stem -> stages -> head``, sharing the model's own modules.
-
-    ``stages[0]`` is the stem; ``names[k]`` names the cut at the output of ``stages[k]``
-    (``k = 0`` is the stem's output, ``k = len(stages) - 1`` the map entering the head).
-    ``num_classes`` is what the head gives (``0``: a timm model built without a classifier;
-    ``None``: the head has no ``Linear`` to read it from).
-    """
-
-    family: str
-    names: Tuple[str, ...]
-    stages: Tuple[Callable[[Tensor], Tensor], ...]
-    head: Callable[[Tensor], Tensor]
-    num_classes: Optional[int] = None
-
-    @property
-    def depth(self) -> int:
-        """``S``: the number of stages after the stem (cuts are ``0..S``)."""
-        return len(self.stages) - 1
-
-
-def _linear_classes(module: nn.Module) -> Optional[int]:
-    """A torchvision head's class count: its last ``Linear`` (a replaced head may wrap it in a Sequential)."""
-    linears = [layer for layer in module.modules() if isinstance(layer, nn.Linear)]
-    return linears[-1].out_features if linears else None
-
-
-def _tv_resnet(m) -> ConvStages:
-    stem = nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool)
-    layers = (m.layer1, m.layer2, m.layer3, m.layer4)
-    return ConvStages(
-        "torchvision ResNet",
-        ("stem", "layer1", "layer2", "layer3", "layer4"),
-        (stem, *layers),
-        lambda x: m.fc(torch.flatten(m.avgpool(x), 1)),
-        _linear_classes(m.fc),
-    )
-
-
-def _timm_resnet(m) -> ConvStages:
-    stem = nn.Sequential(m.conv1, m.bn1, m.act1, m.maxpool)
-    layers = (m.layer1, m.layer2, m.layer3, m.layer4)
-    names = ("stem", "layer1", "layer2", "layer3", "layer4")
-    return ConvStages("timm ResNet", names, (stem, *layers), m.forward_head, m.num_classes)
-
-
-def _vgg_blocks(m, family: str, head: Callable[[Tensor], Tensor], num_classes: Optional[int]) -> ConvStages:
-    """``features`` split after each MaxPool; each block is named by its closing pool."""
-    names, blocks, current = [], [], []
-    for i, layer in enumerate(m.features):
-        current.append(layer)
-        if isinstance(layer, nn.MaxPool2d):
-            names.append(f"features.{i}")
-            blocks.append(nn.Sequential(*current))
-            current = []
-    if len(blocks) < 2:
-        raise ValueError(
-            f"{type(m).__name__}.features has {len(blocks)} MaxPool2d; ConvCAAP cuts VGG at its pools and needs two"
-        )
-    tail = nn.Sequential(*current)  # layers after the last pool, if any, run before the head
-    return ConvStages(family, tuple(names), tuple(blocks), lambda x: head(tail(x)), num_classes)
-
-
-def _tv_vgg(m) -> ConvStages:
-    def head(x):
-        return m.classifier(torch.flatten(m.avgpool(x), 1))
-
-    return _vgg_blocks(m, "torchvision VGG", head, _linear_classes(m.classifier))
-
-
-def _timm_vgg(m) -> ConvStages:
-    return _vgg_blocks(m, "timm VGG", m.forward_head, m.num_classes)
-
-
-def _densenet_blocks(
-    m, family: str, head: Callable[[Tensor, nn.Module], Tensor], num_classes: Optional[int]
-) -> ConvStages:
-    """The stem (everything before ``denseblock1``), each dense block and transition, then the head."""
-    children = list(m.features.named_children())
-    first = next(i for i, (name, _) in enumerate(children) if name.startswith("denseblock"))
-    last = max(i for i, (name, _) in enumerate(children) if name.startswith("denseblock"))
-    stem = nn.Sequential(*(module for _, module in children[:first]))
-    body = children[first:last + 1]
-    tail = nn.Sequential(*(module for _, module in children[last + 1:]))  # norm5
-    return ConvStages(
-        family,
-        ("stem", *(f"features.{name}" for name, _ in body)),
-        (stem, *(module for _, module in body)),
-        lambda x: head(x, tail),
-        num_classes,
-    )
-
-
-def _tv_densenet(m) -> ConvStages:
-    def head(x, tail):
-        return m.classifier(torch.flatten(F.adaptive_avg_pool2d(F.relu(tail(x)), (1, 1)), 1))
-
-    return _densenet_blocks(m, "torchvision DenseNet", head, _linear_classes(m.classifier))
-
-
-def _timm_densenet(m) -> ConvStages:
-    return _densenet_blocks(m, "timm DenseNet", lambda x, tail: m.forward_head(tail(x)), m.num_classes)
-
-
-def _timm_convnext(m) -> ConvStages:
-    names = ("stem", *(f"stages.{i}" for i in range(len(m.stages))))
-    stages = (m.stem, *m.stages)
-    return ConvStages("timm ConvNeXt", names, stages, lambda x: m.forward_head(m.norm_pre(x)), m.num_classes)
-
-
-def _tv_convnext(m) -> ConvStages:
-    names = tuple(f"features.{i}" for i in range(len(m.features)))
-    def head(x):
-        return m.classifier(m.avgpool(x))
-
-    return ConvStages("torchvision ConvNeXt", names, tuple(m.features), head, _linear_classes(m.classifier))
-
-
-def _family_table() -> List[Tuple[type, Callable[[nn.Module], ConvStages]]]:
-    import timm.models.convnext
-    import timm.models.densenet
-    import timm.models.resnet
-    import timm.models.vgg
-    import torchvision.models as tvm
-
-    return [
-        (tvm.ResNet, _tv_resnet),
-        (timm.models.resnet.ResNet, _timm_resnet),
-        (tvm.VGG, _tv_vgg),
-        (timm.models.vgg.VGG, _timm_vgg),
-        (tvm.DenseNet, _tv_densenet),
-        (timm.models.densenet.DenseNet, _timm_densenet),
-        (tvm.ConvNeXt, _tv_convnext),
-        (timm.models.convnext.ConvNeXt, _timm_convnext),
-    ]
-
-
-def _builder(model: nn.Module) -> Optional[Callable[[nn.Module], ConvStages]]:
-    return next((build for cls, build in _family_table() if isinstance(model, cls)), None)
-
-
-def is_supported(model: nn.Module) -> bool:
-    """Whether ``model`` is of a CNN family that :func:`conv_stages` reads."""
-    return _builder(model) is not None
-
-
-def conv_stages(model: nn.Module) -> ConvStages:
-    """The stage table of a supported CNN; ``ValueError`` naming what is supported otherwise."""
-    build = _builder(model)
-    if build is None:
-        raise ValueError(f"ConvCAAP does not support {type(model).__name__}; supported: {SUPPORTED}")
-    return build(model)
-
-
-def check_classifier(model: nn.Module, table: ConvStages) -> None:
-    """Refuse a CNN whose outputs are features (timm's ``num_classes=0``): there is no class to attribute."""
-    if table.num_classes == 0:
-        raise ValueError(
-            f"{type(model).__name__} has num_classes=0: its outputs are features, not class scores; build it "
-            "with its classifier (num_classes > 0) or give it one with model.reset_classifier(num_classes)"
-        )
-
-
-def check_images(table: ConvStages, images: Tensor) -> None:
-    """Clear errors for a batch the CNN cannot take, before any work is done (ConvCAAP and the baselines)."""
-    check_image_batch(images, _in_channels(table))
-
-
-def check_grid(grid: GridLike) -> Optional[Tuple[int, int]]:
-    """``grid`` as a pair ``(gh, gw)`` (an int is a square grid), or ``None``."""
-    if grid is None:
-        return None
-    if isinstance(grid, int) and not isinstance(grid, bool):
-        grid = (grid, grid)
-    ok = (
-        isinstance(grid, (tuple, list)) and len(grid) == 2
-        and all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in grid)
-    )
-    if not ok:
-        raise ValueError(f"grid must be None, a positive int or a pair of positive ints (gh, gw), got {grid!r}")
-    return tuple(grid)
 
 
 # ---------------------------------------------------------------------- patch regions
@@ -279,46 +107,6 @@ def _paste(inside: Tensor, outside: Tensor, masks: Tensor) -> Tensor:
     return torch.where(masks[None, :, None], inside, outside[:, None]).flatten(0, 1)
 
 
-# ---------------------------------------------------------------------- cost
-def stage_macs(model: nn.Module, image_size: Tuple[int, int] = (224, 224)) -> List[int]:
-    """Multiply-adds per image of each stage (stem first) and, last, of the head.
-
-    Counts ``Conv2d`` and ``Linear`` layers (normalisations, activations and pooling are
-    left out), with hooks removed before returning.
-    """
-    table = conv_stages(model)
-    count = [0]
-
-    def hook(module, args, out):
-        if isinstance(module, nn.Conv2d):
-            kh, kw = module.kernel_size
-            count[0] += out.numel() * (module.in_channels // module.groups) * kh * kw
-        else:
-            count[0] += out.numel() * module.in_features
-
-    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    handles = [m.register_forward_hook(hook) for m in layers]
-    p = next(model.parameters())
-    x = torch.zeros(1, _in_channels(table), *image_size, device=p.device, dtype=p.dtype)
-    per_stage = []
-    try:
-        with torch.no_grad(), eval_mode(model):
-            for stage in (*table.stages, table.head):
-                count[0] = 0
-                x = stage(x)
-                per_stage.append(count[0])
-    finally:
-        for handle in handles:
-            handle.remove()
-    return per_stage
-
-
-def _in_channels(table: ConvStages) -> int:
-    stem = table.stages[0]
-    conv = next(m for m in stem.modules() if isinstance(m, nn.Conv2d))
-    return conv.in_channels
-
-
 # ---------------------------------------------------------------------- the method
 @dataclass
 class _BlankMaps:
@@ -328,11 +116,11 @@ class _BlankMaps:
     logits: Tensor  # (1, num_classes)
 
 
-class ConvCAAP:
+class ConvCAAP(AttributionMethod):
     """CAAP for a torchvision or timm ResNet, VGG, DenseNet or ConvNeXt.
 
     Args:
-        model: a supported CNN (``conv_stages`` lists its cuts).
+        model: a supported CNN (``conv_stages`` lists its cuts), or one ``torch.compile`` wrapped.
         layer_cutoff: the cut: a stage index ``k`` in ``0..S`` (the output of the ``k``-th
             stage after the stem, ``0`` = the stem's output), a stage name
             (``ConvCAAP(model).cut_names``), ``None`` for the middle boundary ``S // 2``,
@@ -350,6 +138,8 @@ class ConvCAAP:
         mean, std: the input normalisation (default: ``pretrained_cfg``, else ImageNet's).
         chunk_size: patches per batched pass; ``None`` picks one that bounds memory.
         blank_seed: seed of the ``noise`` and ``blur_noise`` blanks.
+        relative: maps of ``A - A_blank`` (the evidence relative to the blank) by default;
+            :meth:`attribute`'s ``relative`` overrides it per call.
 
     Example::
 
@@ -370,10 +160,12 @@ class ConvCAAP:
         std: Optional[Sequence[float]] = None,
         chunk_size: Optional[int] = None,
         blank_seed: int = 0,
+        relative: bool = False,
     ) -> None:
-        self.table = conv_stages(model)
-        check_classifier(model, self.table)
-        self.model = model
+        conv_stages(unwrap_compiled(model))  # refuses another model, naming the supported ones
+        super().__init__(model)  # self.model: the CNN itself, unwrapped from torch.compile's wrapper
+        self.table = self.adapter.table
+        self.relative = relative
         self.layer_cutoff = self._resolve_cut(layer_cutoff)
         self.grid = check_grid(grid)
         check_settings(selection, blank, construction, CONSTRUCTIONS, score, chunk_size)
@@ -381,7 +173,7 @@ class ConvCAAP:
         self.blank = blank
         self.construction = construction
         self.score = score
-        self.mean, self.std = model_normalization(model, mean, std)
+        self.mean, self.std = model_normalization(self.model, mean, std, self.adapter.channels)
         self.chunk_size = chunk_size
         self.blank_seed = blank_seed
         self._last_size: Optional[Tuple[int, int]] = None
@@ -404,43 +196,42 @@ class ConvCAAP:
         return self.table.names[self._cut()]
 
     # ------------------------------------------------------------------ public API
-    @torch.no_grad()
     def attribute(
         self,
         images: Tensor,
         target: TargetLike = None,
         upsample: bool = False,
-        relative: bool = False,
+        relative: Optional[bool] = None,
     ) -> Tensor:
-        """Maps ``(B, gh, gw)`` for a batch of normalised images ``(B, 3, H, W)``.
+        """Maps ``(B, gh, gw)`` for a batch of normalised images ``(B, C, H, W)``.
 
         Args:
             target: class per image (int, list or tensor); ``None`` = the predicted class.
             upsample: return pixel maps ``(B, H, W)`` (bilinear) instead.
-            relative: return ``A - A_blank``, the evidence for the class relative to the blank.
+            relative: return ``A - A_blank``, the evidence for the class relative to the blank;
+                ``None`` = the constructor's ``relative``.
         """
+        self._cut()  # an uncalibrated "auto" cut fails before any work
+        return super().attribute(images, target, upsample, relative=relative)
+
+    @torch.no_grad()
+    def _attribute(self, images: Tensor, targets: Optional[Tensor], relative: Optional[bool] = None) -> Tensor:
         k = self._cut()
-        check_images(self.table, images)
-        check_finite_weights(self.model)
-        p = next(self.model.parameters())
-        images = images.to(device=p.device, dtype=p.dtype)
-        size = tuple(images.shape[-2:])
-        with eval_mode(self.model):
-            blank = self._blank_maps(size, p.device, p.dtype)
-            cut_size = tuple(blank.maps[k].shape[-2:])
-            grid = self._grid_for(cut_size, size)
-            targets = None if target is None else self._targets(target, len(images), blank, p.device)
-            source, logits = self._source(images, k, full=targets is None)
-            targets = logits.argmax(-1) if targets is None else targets
-            self._warn_saturated(blank, targets)
-            later = [tuple(m.shape[-2:]) for m in blank.maps[k + 1:]] if self.construction == "frozen" else []
-            masks = region_masks(grid, self.selection, cut_size, later, p.device)
-            scores = self._patched_scores(source, blank, masks, k, targets)
+        size, device, dtype = tuple(images.shape[-2:]), images.device, images.dtype
+        blank = self._blank_maps(size, device, dtype)
+        cut_size = tuple(blank.maps[k].shape[-2:])
+        grid = self._grid_for(cut_size, size)
+        if targets is not None and self.table.num_classes is None:  # a head without a Linear: its logits say
+            check_target_range(targets, blank.logits.shape[-1])
+        source, logits = self._source(images, k, full=targets is None)
+        targets = logits.argmax(-1) if targets is None else targets
+        self._warn_saturated(blank, targets)
+        later = [tuple(m.shape[-2:]) for m in blank.maps[k + 1:]] if self.construction == "frozen" else []
+        masks = region_masks(grid, self.selection, cut_size, later, device)
+        scores = self._patched_scores(source, blank, masks, k, targets)
         maps = scores.float().unflatten(1, grid)
-        if relative:
+        if self.relative if relative is None else relative:
             maps = maps - self._score(blank.logits.expand(len(targets), -1), targets)[:, None, None]
-        if upsample:
-            maps = upsample_maps(maps, size)
         return maps
 
     @torch.no_grad()
@@ -514,7 +305,7 @@ class ConvCAAP:
         per_stage = stage_macs(self.model, image_size)
         p = next(self.model.parameters())
         with torch.no_grad(), eval_mode(self.model):
-            x = torch.zeros(1, _in_channels(self.table), *image_size, device=p.device, dtype=p.dtype)
+            x = torch.zeros(1, in_channels(self.table), *image_size, device=p.device, dtype=p.dtype)
             for stage in self.table.stages[:k + 1]:
                 x = stage(x)
         grid = self._grid_for(tuple(x.shape[-2:]), image_size)

@@ -1,7 +1,7 @@
 """Attribution methods by name, so that callbacks, configs and benchmarks can pick them.
 
-A name stands for one method and, for each model family it applies to (``"vit"``: timm
-Vision Transformers; ``"cnn"``: the CNNs ConvCAAP reads), the class that computes it there:
+A name stands for one method and, for each model family it applies to (``"vit"``: Vision
+Transformers, timm's or Hugging Face's or torchvision's; ``"cnn"``: the CNNs ConvCAAP reads), the class that computes it there:
 ``get_method("caap", vit)`` is a :class:`CAAP`, ``get_method("caap", resnet)`` a
 :class:`ConvCAAP`. The baselines are one class each for both families.
 """
@@ -12,8 +12,8 @@ from typing import Any, Dict, List, Optional, Union
 
 from torch import nn
 
+from caap_lightning.attribution.base import FAMILIES, family_of
 from caap_lightning.attribution.baselines import (
-    FAMILIES,
     AttentionRollout,
     GradCAM,
     InputXGradient,
@@ -22,10 +22,10 @@ from caap_lightning.attribution.baselines import (
     SimpleDeletion,
     SimpleInsertion,
     TransformerAttribution,
-    family_of,
 )
 from caap_lightning.attribution.caap import CAAP
 from caap_lightning.attribution.cnn import ConvCAAP
+from caap_lightning.checks import check_choice
 
 __all__ = ["FAMILIES", "METHODS", "available_methods", "family_of", "get_method", "method_class"]
 
@@ -92,6 +92,5 @@ def get_method(name: str, model: nn.Module, **kwargs: Any):
 
 
 def _check_family(family: str) -> str:
-    if family not in FAMILIES:
-        raise ValueError(f"family={family!r} is not one of {FAMILIES}")
+    check_choice("family", family, FAMILIES)
     return family

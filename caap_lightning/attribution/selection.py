@@ -6,6 +6,8 @@ from typing import Tuple
 
 import torch
 
+from caap_lightning.checks import check_choice
+
 # name -> (radius, metric): the members of S(p) are the patches within ``radius`` of p.
 SELECTIONS = {
     "point": (0, "chebyshev"),
@@ -42,7 +44,6 @@ def neighbourhoods(
 
 
 def selection_members(name: str, grid: Tuple[int, int], device=None) -> Tuple[torch.Tensor, torch.Tensor]:
-    if name not in SELECTIONS:
-        raise ValueError(f"selection={name!r} is not one of {sorted(SELECTIONS)}")
+    check_choice("selection", name, tuple(SELECTIONS))
     radius, metric = SELECTIONS[name]
     return neighbourhoods(grid, radius, metric, device)

@@ -10,67 +10,14 @@ every baseline, so that they accept and refuse the same inputs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from caap_lightning.utils import check_image_batch, eval_mode
-
-TargetLike = Union[None, int, Sequence[int], torch.Tensor]
-_SUPPORTED_POOLS = ("token", "avg")
-
-
-def _timm_classes():
-    from timm.layers import Attention
-    from timm.models.vision_transformer import Block, VisionTransformer
-
-    return VisionTransformer, Block, Attention
-
-
-def check_supported_vit(model: nn.Module) -> None:
-    """Raise a ``ValueError`` naming the first part of ``model`` CAAP cannot patch."""
-    VisionTransformer, Block, Attention = _timm_classes()
-    if not isinstance(model, VisionTransformer):
-        raise ValueError(
-            f"CAAP supports timm VisionTransformer models; got {type(model).__name__}. "
-            "Pass the timm ViT itself (e.g. `pl_module.model`), not a wrapper or a CNN."
-        )
-    if hasattr(model, "head_dist"):
-        raise ValueError(
-            f"{type(model).__name__} has a distillation head (head_dist); CAAP reads one head only."
-        )
-    if getattr(model, "attn_pool", None) is not None:
-        raise ValueError(
-            f"global_pool={model.global_pool!r} uses an attention-pool head "
-            f"({type(model.attn_pool).__name__}); CAAP supports global_pool 'token' or 'avg'."
-        )
-    if model.global_pool not in _SUPPORTED_POOLS:
-        raise ValueError(
-            f"global_pool={model.global_pool!r} is not supported; CAAP supports 'token' or 'avg'."
-        )
-    if getattr(model, "pool_include_prefix", False):
-        raise ValueError("pool_include_prefix=True is not supported: CAAP pools patch tokens only.")
-    if model.global_pool == "token" and model.num_prefix_tokens == 0:
-        raise ValueError("global_pool='token' needs a class token, but the model has no prefix tokens.")
-    for i, block in enumerate(model.blocks):
-        if type(block) is not Block:
-            raise ValueError(
-                f"blocks[{i}] is a {type(block).__name__}; CAAP supports timm's plain "
-                "vision_transformer.Block only."
-            )
-        if type(block.attn) is not Attention:
-            raise ValueError(
-                f"blocks[{i}].attn is a {type(block.attn).__name__}; CAAP supports timm's plain "
-                "Attention (no rotary or other attention variants)."
-            )
-        if getattr(block.attn, "gate", None) is not None:
-            raise ValueError(f"blocks[{i}].attn is gated; gated attention is not supported by CAAP.")
-
-
-def model_device_dtype(model: nn.Module) -> Tuple[torch.device, torch.dtype]:
-    p = next(model.parameters())
-    return p.device, p.dtype
+from caap_lightning.attribution.twins import timm_form
+from caap_lightning.checks import check_images, model_device_dtype  # check_images: also read from here
+from caap_lightning.utils import eval_mode
 
 
 def grid_size(model: nn.Module, height: int, width: int) -> Tuple[int, int]:
@@ -78,87 +25,8 @@ def grid_size(model: nn.Module, height: int, width: int) -> Tuple[int, int]:
     return height // ph, width // pw
 
 
-def check_images(model: nn.Module, images: torch.Tensor) -> None:
-    """Clear errors for inputs the model cannot take, before any work is done."""
-    check_image_batch(images, model.patch_embed.proj.in_channels)
-    ph, pw = model.patch_embed.patch_size
-    h, w = images.shape[-2:]
-    if h % ph or w % pw:
-        raise ValueError(
-            f"image size {h}x{w} is not divisible by the patch size {ph}x{pw}; "
-            f"resize or crop to a multiple of the patch size"
-        )
-    fixed = model.patch_embed.img_size
-    if not getattr(model, "dynamic_img_size", False) and fixed is not None and (h, w) != tuple(fixed):
-        raise ValueError(
-            f"image size {h}x{w} differs from the model's img_size {tuple(fixed)}; resize the "
-            "images, or build the model with dynamic_img_size=True to accept other sizes"
-        )
-
-
-def check_target(
-    target: TargetLike, batch: Optional[int], num_classes: Optional[int], device=None
-) -> torch.Tensor:
-    """``target`` as a long tensor of class indices, one per image (an int: every image's).
-
-    ``batch=None`` takes any number of targets. ``num_classes=None`` (a model that does not
-    say) skips the range check.
-    """
-    try:
-        targets = torch.as_tensor(target, device=device)
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise TypeError(f"target must be integer class indices (an int, a list or a tensor), got {target!r}") from err
-    if targets.dtype == torch.bool or targets.is_floating_point() or targets.is_complex():
-        raise TypeError(
-            f"target must be integer class indices, got {targets.dtype} values; pass class indices "
-            "(e.g. labels.long()), not scores, probabilities or one-hot rows"
-        )
-    targets = targets.long().reshape(-1)
-    if batch is not None and targets.numel() == 1 and batch > 1:
-        targets = targets.expand(batch)
-    if batch is not None and targets.numel() != batch:
-        raise ValueError(
-            f"target has {targets.numel()} entries for a batch of {batch} images; pass one class per image"
-        )
-    if num_classes is not None and targets.numel():
-        bad = (targets < 0) | (targets >= num_classes)
-        if bad.any():
-            raise ValueError(
-                f"target {targets[bad].unique().tolist()} is out of range for a model with {num_classes} classes "
-                f"(class indices are 0..{num_classes - 1})"
-            )
-    return targets
-
-
-def check_finite_weights(*modules: Optional[nn.Module]) -> None:
-    """Raise when a floating parameter or buffer of ``modules`` holds NaN or inf (one sync)."""
-    named = [
-        (name, t)
-        for module in modules
-        if module is not None
-        for name, t in (*module.named_parameters(), *module.named_buffers())
-        if t.is_floating_point()
-    ]
-    if not named:
-        return
-    device = named[0][1].device  # a head may live elsewhere: one stack, one sync
-    # A finite sum proves every entry finite (NaN and inf propagate) at the cost of one read; only
-    # a sum that is not (a NaN, an inf, or a rare overflow of large finite values) is looked into.
-    sums = torch.stack([t.detach().sum(dtype=torch.float32).to(device) for _, t in named])
-    if bool(torch.isfinite(sums).all()):
-        return
-    finite = torch.stack([torch.isfinite(t).all().to(device) for _, t in named])
-    if not bool(finite.all()):
-        bad = [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
-        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-        raise ValueError(
-            f"the model's weights contain NaN or inf ({shown}), so every map would be NaN; the "
-            "training has diverged or the checkpoint is broken: attribute finite weights"
-        )
-
-
 class Classifier(nn.Module):
-    """A timm ViT and, for one built with ``num_classes=0``, the head that gives its logits.
+    """A ViT (as the timm model :func:`twins.timm_form` gives) and, for one built with ``num_classes=0``, the head that gives its logits.
 
     ``head`` maps the ViT's pooled pre-logits ``(B, num_features)`` to class scores; without
     it the ViT's own head does. It holds references, not copies, so it runs the current
@@ -167,6 +35,7 @@ class Classifier(nn.Module):
 
     def __init__(self, model: nn.Module, head: Optional[nn.Module] = None) -> None:
         super().__init__()
+        model = timm_form(model)
         n_cls = getattr(model, "num_classes", None)
         if head is None and n_cls == 0:
             raise ValueError(

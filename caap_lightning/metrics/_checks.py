@@ -1,33 +1,29 @@
-"""Argument checks shared by every metric, functional and class: fail before any work."""
+"""Argument checks of the metrics, functional and class: fail before any work (the shared ones: ``caap_lightning.checks``)."""
 
 from __future__ import annotations
 
-import numbers
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from caap_lightning.utils import check_image_batch
+from caap_lightning.checks import (  # the checks every module shares, also read from here by the metrics
+    TargetLike,
+    check_choice,
+    check_images,
+    check_int,
+    check_target,
+    check_target_range,
+    model_device_dtype,
+)
 
-TargetLike = Union[None, int, Sequence[int], Tensor]
+__all__ = [
+    "TargetLike", "check_choice", "check_grid", "check_images", "check_int", "check_masks", "check_maps",
+    "check_protocol", "check_target", "check_target_range", "check_tolerance", "model_device_dtype",
+]
+
 # How many distinct mask values an error message lists before it elides the rest.
 _SHOWN_VALUES = 6
-
-
-def check_choice(name: str, value: str, choices: Tuple[str, ...]) -> None:
-    """Raise unless ``value`` is one of ``choices``."""
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-
-
-def check_int(name: str, value: object, minimum: int, unit: str = "") -> None:
-    """Raise ``TypeError`` unless ``value`` is an int (not a bool), ``ValueError`` below ``minimum``."""
-    what = f"an int >= {minimum}" + (f" ({unit})" if unit else "")
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be {what}, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name} must be {what}, got {value}")
 
 
 def check_protocol(step: int, blur_kernel: int, blur_sigma: float, batch_size: int) -> None:
@@ -102,84 +98,3 @@ def check_masks(masks: Tensor, batch: Optional[int] = None) -> Tensor:
             "binarise it, e.g. masks == 1 for Pets trimaps' foreground, or masks > 0.5 for a soft mask"
         )
     return masks == 1
-
-
-def model_device_dtype(model: nn.Module) -> Tuple[Optional[torch.device], Optional[torch.dtype]]:
-    """The device and floating dtype of the model's first parameter (or buffer); None if it has none."""
-    for tensor in (*model.parameters(), *model.buffers()):
-        if tensor.is_floating_point():
-            return tensor.device, tensor.dtype
-    return None, None
-
-
-def check_images(model: nn.Module, images: Tensor) -> None:
-    """Raise on images the model cannot take: not ``(B, C, H, W)``, not float, wrong shape.
-
-    Channels and size are checked against a timm ViT's ``patch_embed`` where it has one,
-    so a wrong input fails here, with the expected shape, and not inside timm.
-    """
-    check_image_batch(images)  # the channels are checked below, with the size where the model fixes it
-    patch_embed = getattr(model, "patch_embed", None)
-    proj = getattr(patch_embed, "proj", None)
-    channels = getattr(proj, "in_channels", None) or images.shape[1]
-    size = tuple(images.shape[-2:])
-    img_size = getattr(patch_embed, "img_size", None)
-    strict = getattr(patch_embed, "strict_img_size", True) and not getattr(model, "dynamic_img_size", False)
-    expected = None
-    if img_size is not None and strict:
-        expected = (channels, *img_size)
-    elif channels != images.shape[1]:
-        expected = (channels, *size)
-    if expected is not None and tuple(images.shape[1:]) != tuple(expected):
-        raise ValueError(
-            f"images must be (B, {', '.join(map(str, expected))}) for {type(model).__name__} "
-            f"(its patch_embed's in_chans and img_size), got {tuple(images.shape)}; resize the "
-            "images or convert their channels"
-        )
-    patch_size = getattr(patch_embed, "patch_size", None)
-    if expected is None and patch_size is not None and not getattr(patch_embed, "dynamic_img_pad", False):
-        ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
-        if size[0] % ph or size[1] % pw:
-            raise ValueError(
-                f"images of size {size[0]}x{size[1]} do not divide into the model's {ph}x{pw} "
-                "patches; resize or crop them to a multiple of the patch size"
-            )
-
-
-def check_target(target: TargetLike, batch: int) -> Optional[Tensor]:
-    """``target`` as a ``(batch,)`` long tensor (an int is every image's class), or None.
-
-    Accepts what CAAP accepts: an int, a list/tuple or an integer tensor of ``batch``
-    class indices. The range is checked by :func:`check_target_range` once the number
-    of classes is known.
-    """
-    if target is None:
-        return None
-    if isinstance(target, Tensor):
-        targets = target.detach()
-    elif isinstance(target, (numbers.Number, list, tuple)):
-        try:
-            targets = torch.as_tensor(target)
-        except (TypeError, ValueError, RuntimeError) as error:
-            raise ValueError(f"target must be class indices (ints), got {target!r}") from error
-    else:
-        raise ValueError(
-            f"target must be an int, a list/tuple or a tensor of class indices, got {type(target).__name__}"
-        )
-    if targets.dtype == torch.bool or targets.is_floating_point() or targets.is_complex():
-        raise ValueError(f"target must be integer class indices, got {targets.dtype} values")
-    if targets.dim() == 0:
-        targets = targets.expand(batch)
-    if targets.dim() != 1 or targets.numel() != batch:
-        raise ValueError(f"target must be one class per image: got shape {tuple(targets.shape)} for {batch} images")
-    return targets.long()
-
-
-def check_target_range(targets: Tensor, num_classes: int) -> None:
-    """Raise unless every target is a class index in ``[0, num_classes)``."""
-    bad = (targets < 0) | (targets >= num_classes)
-    if bad.any():
-        raise ValueError(
-            f"target {targets[bad].tolist()} out of range for a model with {num_classes} classes "
-            f"(at image(s) {bad.nonzero()[:, 0].tolist()})"
-        )

@@ -435,3 +435,29 @@ def test_auto_blank_is_the_fixed_blank_read_as_closest_to_uniform():
     chosen = max(entropies, key=entropies.get)
     assert caap.last_blank == chosen
     torch.testing.assert_close(maps, ConvCAAP(model, blank=chosen).attribute(images, target=[0, 1]), atol=0, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore:ConvCAAP. the .* blank is itself classified")
+@pytest.mark.parametrize("blank", ["white", "noise", "mean"])
+def test_grey_scale_cnn_takes_a_one_channel_blank(blank):
+    # A 1-channel ResNet equals a 3-channel one whose first conv splits each weight over RGB, on images
+    # repeated over RGB: so their maps agree exactly when the blank has the model's channels.
+    torch.manual_seed(0)
+    grey = tvm.resnet18(num_classes=5)
+    grey.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    grey = grey.eval()
+    rgb = tvm.resnet18(num_classes=5).eval()
+    rgb.load_state_dict({**grey.state_dict(), "conv1.weight": grey.conv1.weight.detach().repeat(1, 3, 1, 1) / 3})
+    images = torch.randn(2, 1, 64, 64, generator=torch.Generator().manual_seed(1))
+    settings = dict(layer_cutoff="layer3", blank=blank, construction="frozen", score="logit")
+    maps = ConvCAAP(grey, mean=(0.5,), std=(0.25,), **settings).attribute(images, target=[1, 2])
+    expected = ConvCAAP(rgb, mean=(0.5,) * 3, std=(0.25,) * 3, **settings).attribute(images.repeat(1, 3, 1, 1),
+                                                                                    target=[1, 2])
+    if blank == "noise":  # RGB noise is not grey: only the shapes and the pipeline are comparable
+        assert maps.shape == expected.shape and torch.isfinite(maps).all()
+    else:
+        torch.testing.assert_close(maps, expected, atol=1e-5, rtol=1e-4)
+        assert maps.std() > 1e-4
+    assert ConvCAAP(grey, **settings).mean == (sum((0.485, 0.456, 0.406)) / 3,)
+    with pytest.raises(ValueError, match=r"mean and std need 1 channels \(the model's input channels\)"):
+        ConvCAAP(grey, mean=(0.5,) * 3, std=(0.25,) * 3)
