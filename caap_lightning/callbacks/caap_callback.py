@@ -44,17 +44,13 @@ from caap_lightning.metrics import (
     DensityRatio,
     FixedPositionRatio,
     InsertionDeletion,
-    InsertionRatio,
     PointingGame,
-    SwapRatio,
     attribution_mass,
-    border_masks,
     fixed_position_evidence,
-    rest_colour,
     ratio_of_densities,
     region_evidence,
-    swap_donors,
 )
+from caap_lightning.model_tests import InsertionRatio, SwapPairs, SwapRatio, border_masks, rest_colour
 from caap_lightning.utils import eval_mode, unnormalize, upsample_maps
 
 TARGETS = ("predicted", "label")
@@ -165,15 +161,15 @@ def _insertion(needs: Optional[str], region: str, scalar: str) -> MetricSpec:
     # Asked for by name only: the swap ratios took over the alarm from them (benchmarks/results/spurious.md), and
     # their forward passes did not fit the check's budget beside the swap ratios' (callback-overhead.md).
     return MetricSpec(
-        needs, lambda ctx: InsertionRatio(ctx.model, region=region, colour=model_test_colour(needs, ctx.probe), per_image=True),
-        {scalar: "insertion_ratio"}, region=region, model_test_per_image="insertion_ratio_per_image", by_default=False,
+        needs, lambda ctx: InsertionRatio(ctx.model, region=region, colour=model_test_colour(needs, ctx.probe), image_ratios=True),
+        {scalar: "insertion_ratio"}, region=region, model_test_per_image="image_ratios", by_default=False,
     )
 
 
 def _swap(needs: Optional[str], region: str, scalar: str) -> MetricSpec:
     return MetricSpec(
-        needs, lambda ctx: SwapRatio(ctx.model, region=region, per_image=True), {scalar: "swap_ratio"}, region=region,
-        model_test_per_image="swap_ratio_per_image", swap=True,
+        needs, lambda ctx: SwapRatio(ctx.model, region=region, image_ratios=True), {scalar: "swap_ratio"}, region=region,
+        model_test_per_image="image_ratios", swap=True,
     )
 
 
@@ -1047,7 +1043,7 @@ class CAAPCallback(Callback):
         index = share(len(swap_probe))
         mine = len(index)
         swap_images, swap_masks, swap_top1 = all_images[:mine], {k: m[:mine] for k, m in all_masks.items()}, all_top1[:mine]
-        donors = swap_donors(len(swap_probe))[index]
+        donors = SwapPairs(len(swap_probe)).donors[index]
         held = torch.full((len(swap_probe),), -1, dtype=torch.long)
         held[index] = torch.arange(mine)
         local = held[donors].to(device)

@@ -30,11 +30,11 @@ from caap_lightning.callbacks.strategies import (
     log_strategies,
     place_of,
 )
-from caap_lightning.metrics import border_masks, fixed_position_evidence
+from caap_lightning.metrics import fixed_position_evidence
 from caap_lightning.metrics._checks import check_int, check_masks
 from caap_lightning.metrics.functional import HOT_REGION_SHARE, scorable_regions
-from caap_lightning.metrics.region_insertion_ratio import BORDER_SHARE, suspect_views
-from caap_lightning.metrics.region_swap_ratio import swap_donors, swapped_images
+from caap_lightning.model_tests import SwapPairs, border_masks, suspect_views, swapped_images
+from caap_lightning.model_tests.views import BORDER_SHARE
 from caap_lightning.utils import unnormalize, upsample_maps
 
 ALARM_ON = ("high", "low")
@@ -457,7 +457,7 @@ class SpuriousCueMonitor(Callback):
         masks = {k: getattr(probe, k)[index] for k in ("masks", "cue_masks") if getattr(probe, k) is not None}
         regions = spec.test_regions(probe.images[index], masks)
         if spec.swap:
-            donors = swap_donors(len(probe))[index]
+            donors = SwapPairs(len(probe)).donors[index]
             donor_masks = {k: getattr(probe, k)[donors] for k in masks}
             donor_regions = spec.test_regions(probe.images[donors], donor_masks)
             swapped = swapped_images(probe.images[index], regions, probe.images[donors], donor_regions, spec.region)

@@ -11,8 +11,8 @@ import torch
 from caap_lightning.callbacks import CAAPCallback, SpuriousCueMonitor
 from caap_lightning.callbacks.caap_callback import ProbeResult
 from caap_lightning.callbacks.spurious_cue_monitor import DEFAULT_PATIENCE, DEFAULT_THRESHOLD
-from caap_lightning.metrics import border_masks, rest_colour
-from caap_lightning.metrics.region_insertion_ratio import dilate, edge_width
+from caap_lightning.model_tests import border_masks, rest_colour
+from caap_lightning.model_tests.views import dilate, edge_width
 
 CUE = "caap/cue_density_ratio"
 
