@@ -25,11 +25,14 @@ PRECISIONS = ("trainer", "32")
 CONSTRUCTIONS = {"vit": VIT_CONSTRUCTIONS, "cnn": cnn.CONSTRUCTIONS}
 DEFAULT_CONSTRUCTION = {"vit": "parallel", "cnn": "standard"}
 DEFAULT_WINDOW = 2  # patches around each patch that construction="windowed" recomputes
+DEFAULT_PROBE_IMAGES = 16  # CAAPCallback's num_images: few enough attributions for a check on every epoch
+# The swap probe's size where `swap_images` is not given: the size SpuriousCueMonitor's default threshold was chosen on.
+DEFAULT_SWAP_IMAGES = 64
 FAMILY_NAMES = {"vit": "a timm ViT", "cnn": "a CNN"}
 
 
-def check_sizes(every_n_epochs: int, num_images: int, swap_images: int, max_images_logged: int) -> None:
-    if every_n_epochs < 1 or num_images < 1 or swap_images < 2 or max_images_logged < 0:
+def check_sizes(every_n_epochs: int, num_images: int, swap_images: Optional[int], max_images_logged: int) -> None:
+    if every_n_epochs < 1 or num_images < 1 or (swap_images is not None and swap_images < 2) or max_images_logged < 0:
         raise ValueError(
             f"need every_n_epochs >= 1, num_images >= 1, swap_images >= 2 (a swap pairs two images) and "
             f"max_images_logged >= 0; got every_n_epochs={every_n_epochs}, num_images={num_images}, "

@@ -20,6 +20,8 @@ from caap_lightning.attribution import cnn, registry, vit
 from caap_lightning.callbacks import calibration, figures
 from caap_lightning.callbacks.arguments import (
     DEFAULT_CONSTRUCTION,
+    DEFAULT_PROBE_IMAGES,
+    DEFAULT_SWAP_IMAGES,
     DEFAULT_WINDOW,
     check_caap_settings,
     check_family_settings,
@@ -37,6 +39,7 @@ from caap_lightning.callbacks.drawing import display_name, log_check_images
 from caap_lightning.callbacks.errors import SKIPPED, CheckSteps, attempt
 from caap_lightning.callbacks.meters import CheckMeters
 from caap_lightning.callbacks.metric_table import LoggedScalar, logged_table, map_image_values, resolve_metrics
+from caap_lightning.callbacks.metric_table import unscored_reasons
 from caap_lightning.callbacks.probe import (
     ProbeKeys,
     check_pixel_range,
@@ -48,6 +51,7 @@ from caap_lightning.callbacks.probe import (
     to_probe_batch,
 )
 from caap_lightning.callbacks.probe_source import check_labels_for, probe_size, probe_source, runs_swaps
+from caap_lightning.callbacks.probe_source import warn_if_few_swap_images
 from caap_lightning.callbacks.result import ProbeResult
 from caap_lightning.datamodules.base import ProbeBatch
 
@@ -72,7 +76,8 @@ class CAAPCallback(Callback):
     Args:
         every_n_epochs: check after the validation of every n-th epoch of a fit.
         num_images: the probe batch the maps explain (each rank attributes a share under DDP).
-        swap_images: the least size of the swap ratios' probe, whose first ``num_images`` the maps explain.
+        swap_images: the least size of the swap ratios' probe, whose first ``num_images`` the maps explain (warned
+            where the source has fewer); ``None``: up to ``DEFAULT_SWAP_IMAGES``, as many as the source has.
         probe: the probe itself (images, a tuple, a dict, a ``ProbeBatch`` or a ``Dataset``); else the
             datamodule's ``probe_batch(n)``, else the first images of the validation (or test) dataloader.
         probe_keys: the key names of a dict batch's fields, where the defaults do not cover them.
@@ -96,8 +101,8 @@ class CAAPCallback(Callback):
     def __init__(
         self,
         every_n_epochs: int = 1,
-        num_images: int = 16,
-        swap_images: int = 64,
+        num_images: int = DEFAULT_PROBE_IMAGES,
+        swap_images: Optional[int] = None,
         probe: Any = None,
         probe_keys: Optional[Dict[str, Union[str, List[str]]]] = None,
         mean: Optional[List[float]] = None,
@@ -154,13 +159,14 @@ class CAAPCallback(Callback):
         self.log_images, self.max_images_logged = log_images, max_images_logged
         self.on_error, self.precision, self.prefix = on_error, precision, prefix
 
-    def __init_probe(self, num_images: int, swap_images: int, probe: Any, probe_keys: Any,
+    def __init_probe(self, num_images: int, swap_images: Optional[int], probe: Any, probe_keys: Any,
                      mean: Optional[List[float]], std: Optional[List[float]]) -> None:
         self.probe_keys = ProbeKeys.from_mapping(probe_keys)
-        self.num_images, self.swap_images = num_images, swap_images
+        self.num_images, self.swap_images = num_images, DEFAULT_SWAP_IMAGES if swap_images is None else swap_images
+        self._swap_images_given = swap_images is not None  # a size asked for, which the source should have
         self.user_mean = None if mean is None else tuple(float(m) for m in mean)
         self.user_std = None if std is None else tuple(float(s) for s in std)
-        size = probe_size(self.metrics, num_images, swap_images)
+        size = probe_size(self.metrics, num_images, self.swap_images)
         self.user_probe = None if probe is None else _own_probe(probe, size, self.probe_keys)
 
     def __init_state(self) -> None:
@@ -242,12 +248,8 @@ class CAAPCallback(Callback):
         self.probe = check_labels_for(self.target, first_samples(taken, self.num_images))
         self.active_metrics = resolve_metrics(self.metrics, self.probe, len(taken))
         self.swap_probe = taken if runs_swaps(self.active_metrics) else None
-        if self.swap_probe is not None and len(taken) < self.swap_images:
-            rank_zero_warn(
-                f"CAAPCallback: the swap ratios run on the {len(taken)} probe images there are, fewer than "
-                f"swap_images={self.swap_images}; on few images they are noisy, and SpuriousCueMonitor's default "
-                "threshold was chosen on larger swap probes (docs/callbacks.md). Give a larger probe where you can."
-            )
+        if self.swap_probe is not None and self._swap_images_given:
+            warn_if_few_swap_images(len(taken), self.swap_images)
         self.class_names = _class_names(trainer.datamodule)
         self.logged = logged_table(self.methods, self.active_metrics, self.tag, self.probe, self.swap_probe)
         self._probe_for = id(trainer.datamodule)
@@ -437,6 +439,8 @@ class CAAPCallback(Callback):
         metrics, curves, tested = self._meters.compute(list(maps), TESTING in done, self.tag, self.methods[0], sizes,
                                                        n, trainer.world_size)
         method_maps = {name: gather_shards(trainer, m, n) for name, m in maps.items()}
+        finite = trainer.strategy.reduce_boolean_decision(shard.finite, all=True)
+        unscored = unscored_reasons(self.logged, metrics, list(maps), TESTING in done, finite)
         return ProbeResult(
             epoch=epoch, step=step, stage=stage, metrics=metrics,
             targets=gather_shards(trainer, shard.targets, n).long(), scores=gather_shards(trainer, shard.scores, n),
@@ -444,7 +448,7 @@ class CAAPCallback(Callback):
             std=tuple(self.std), class_names=list(self.class_names), method_curves=curves,
             map_image_values=functools.partial(map_image_values, method_maps, self.probe, list(self.active_metrics),
                                                self.tag),
-            model_test_image_values=tested,
+            model_test_image_values=tested, unscored=unscored,
         )
 
     def _log_result(self, pl_module: L.LightningModule, result: ProbeResult, seconds: float) -> None:

@@ -26,6 +26,7 @@ class ProbeShard:
     targets: torch.Tensor
     scores: torch.Tensor  # the model's probability of each target
     swaps: Optional[SwapShard]  # this rank's share of the swap pairs; None where no swap test runs
+    finite: bool = True  # whether the model's outputs on this rank's images were all finite
 
 
 def share_of(n: int, trainer: L.Trainer) -> torch.Tensor:
@@ -59,7 +60,8 @@ def classify_shard(
     mine = len(index)
     targets = probe.labels[index].to(device) if by_label else all_top1[:mine]
     scores = probs[:mine].gather(1, targets[:, None])[:, 0]
-    shard = ProbeShard(all_images[:mine], {k: m[:mine] for k, m in all_masks.items()}, targets, scores, None)
+    shard = ProbeShard(all_images[:mine], {k: m[:mine] for k, m in all_masks.items()}, targets, scores, None,
+                       bool(torch.isfinite(probs).all()))
     if swap_probe is None:
         return shard
     pairs, rows = SwapPairs(len(swap_probe)), share_of(len(swap_probe), trainer)

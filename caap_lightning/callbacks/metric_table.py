@@ -193,6 +193,29 @@ class LoggedScalar:
             self.spec.score_images(torch.zeros(len(self.probe), *self.probe.images.shape[-2:]), masks)
 
 
+def why_unscored(entry: LoggedScalar, computed: bool, finite_outputs: bool) -> str:
+    """Why ``entry`` has no value at a check (``computed``: its step ran), in words for the monitor's message."""
+    if not computed:
+        return "its step failed at this check (a warning said why)"
+    if not finite_outputs:
+        return "the model's outputs on the probe images were not finite (NaN or inf)"
+    if entry.model_test is not None and entry.model_test.kind == "swap":
+        labels = entry.probe.labels
+        if bool((labels >= 0).all()) and len(labels.unique()) == 1:
+            return "the probe's images are all of one class, so no pair has two classes to compare"
+        return "the model gave every probe image the class of its partner"
+    return "no probe image could be scored for it"
+
+
+def unscored_reasons(
+    logged: Dict[str, LoggedScalar], metrics: Dict[str, float], methods: Sequence[str], tested: bool, finite: bool
+) -> Dict[str, str]:
+    """Why each scalar of ``logged`` missing from ``metrics`` has no value: the ``methods`` whose maps were made,
+    whether the model ``tested`` ran, and whether the model's outputs were ``finite``."""
+    ran = {tag: tested if entry.model_test is not None else entry.method in methods for tag, entry in logged.items()}
+    return {tag: why_unscored(entry, ran[tag], finite) for tag, entry in logged.items() if tag not in metrics}
+
+
 def logged_table(
     methods: Sequence[str], metrics: Sequence[str], tag: Callable[[str, str], str], probe: ProbeBatch,
     swap_probe: Optional[ProbeBatch],

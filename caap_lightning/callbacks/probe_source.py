@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 
 from caap_lightning.callbacks.probe import ProbeKeys, probe_from_loader, raw_eval_loader, to_probe_batch
 from caap_lightning.datamodules.base import ProbeBatch
@@ -49,3 +50,13 @@ def check_labels_for(target: str, probe: ProbeBatch) -> ProbeBatch:
             "labels; give the probe labels, or use target='predicted'"
         )
     return probe
+
+
+def warn_if_few_swap_images(images: int, swap_images: int) -> None:
+    """The swap probe asked for is larger than the source: on few images the swap ratios are noisy."""
+    if images < swap_images:
+        rank_zero_warn(
+            f"CAAPCallback: the swap ratios run on the {images} probe images there are, fewer than "
+            f"swap_images={swap_images}; on few images they are noisy, and SpuriousCueMonitor's default "
+            "threshold was chosen on larger swap probes (docs/callbacks.md). Give a larger probe where you can."
+        )

@@ -42,6 +42,8 @@ class ProbeResult:
     map_image_values: Optional[Callable[[], Dict[str, torch.Tensor]]] = field(default=None, repr=False)
     # The model tests' values per image, computed with the check (they need the model, not the maps).
     model_test_image_values: Dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    # Why each scalar the callback logs has no value at this check, by its logged name (where one has none).
+    unscored: Dict[str, str] = field(default_factory=dict)
     _per_image: Optional[Dict[str, torch.Tensor]] = field(default=None, init=False, repr=False)
     _hot_regions: Dict[str, FixedPositionEvidence] = field(default_factory=dict, init=False, repr=False)
 

@@ -8,10 +8,11 @@ from typing import Any, Dict, List, Literal, Optional, Sequence, Union
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from caap_lightning.callbacks import figures
-from caap_lightning.callbacks.arguments import check_choices, check_prefix
+from caap_lightning.callbacks.arguments import DEFAULT_PROBE_IMAGES, DEFAULT_SWAP_IMAGES, check_choices, check_prefix
+from caap_lightning.callbacks.arguments import check_unique_prefix
 from caap_lightning.callbacks.caap_callback import CAAPCallback
 from caap_lightning.callbacks.drawing import column_title
 from caap_lightning.callbacks.errors import ON_ERROR, attempt
@@ -123,12 +124,8 @@ class SpuriousCueMonitor(Callback):
 
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        siblings = [cb for cb in trainer.callbacks if isinstance(cb, SpuriousCueMonitor) and cb.prefix == self.prefix]
-        if len(siblings) > 1:
-            raise ValueError(
-                f"the Trainer has {len(siblings)} SpuriousCueMonitors with prefix={self.prefix!r}; give each its own "
-                "prefix (e.g. SpuriousCueMonitor(monitor='caap/background_density_ratio', prefix='spurious_bg'))"
-            )
+        check_unique_prefix(trainer, SpuriousCueMonitor, self.prefix,
+                            "(e.g. SpuriousCueMonitor(monitor='caap/background_density_ratio', prefix='spurious_bg'))")
         self._sources = [cb for cb in trainer.callbacks if isinstance(cb, CAAPCallback)]
         if not self._sources:
             raise ValueError("SpuriousCueMonitor watches the metrics of a CAAPCallback, but the trainer has none; add one")
@@ -137,11 +134,7 @@ class SpuriousCueMonitor(Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.watch(self._sources)
 
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.watch(self._sources)
-
-    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.watch(self._sources)
+    on_validation_start = on_test_start = on_fit_start  # whichever run starts: after every callback's setup
 
     def watch(self, sources: Sequence[CAAPCallback]) -> None:
         """Choose the watched scalar from the ``logged`` tables of ``sources``, which their ``setup`` filled (the
@@ -152,7 +145,7 @@ class SpuriousCueMonitor(Callback):
         if not sources:
             return  # a fit without validation: the CAAPCallback has said that it never checks
         owners = {tag: source for source in sources for tag in source.logged_metrics}
-        key = self.monitor or self._default_key(sources, sorted(owners))
+        key = self.monitor or default_key(sources, sorted(owners))
         if key not in owners:
             raise ValueError(f"monitor={key!r} is not among the metrics CAAPCallback logs here: {sorted(owners)}")
         self.monitor_key, self._source = key, owners[key]
@@ -167,37 +160,12 @@ class SpuriousCueMonitor(Callback):
         self._resolve_strategies(len(self._source.probe), self._source.probe)
         self._warn_if_default_threshold_unsuited()
 
-    @staticmethod
-    def _default_key(sources: List[CAAPCallback], logged: List[str]) -> str:
-        for score in DEFAULT_SCORES:
-            keys = [tag for source in sources for tag, entry in source.logged.items()
-                    if entry.metric == score and entry.method == source.methods[0]]
-            if len(keys) > 1:
-                raise ValueError(f"SpuriousCueMonitor's default could watch any of {keys}; set `monitor` to one of them")
-            if keys:
-                return keys[0]
-        raise ValueError(
-            "SpuriousCueMonitor's default watches caap/background_swap_ratio (with object masks), "
-            "caap/cue_swap_ratio (with cue masks) or caap/border_swap_ratio (without masks), or else an insertion "
-            f"ratio or a density ratio, but the CAAPCallbacks log none of them (they log {logged}): add "
-            "'border_swap_ratio' (or a swap ratio the probe's masks allow) to CAAPCallback's `metrics`, or set "
-            "`monitor` to one of those it logs."
-        )
-
     def _warn_if_default_threshold_unsuited(self) -> None:
-        """Once: a score other than a swap ratio at the default threshold, which was chosen for the swap ratios."""
-        watched = self._watched
-        if watched is None or self.threshold != DEFAULT_THRESHOLD or self._warned_threshold_for == self.monitor_key:
-            return
-        if watched.model_test is not None and watched.model_test.kind == "swap":
-            return
-        self._warned_threshold_for = self.monitor_key
-        rank_zero_warn(
-            f"SpuriousCueMonitor: watching {self.monitor_key} at the default threshold {DEFAULT_THRESHOLD}, which "
-            "was chosen for the swap ratios; on the benchmark this kind of score alarmed on controls at it, and "
-            "the benchmark chose higher thresholds (and patience, for the density ratios) for it: see "
-            "docs/callbacks.md. Set `threshold` (and `patience`) for it, or let CAAPCallback log a swap ratio."
-        )
+        if self._watched is not None and self.threshold == DEFAULT_THRESHOLD and self._warned_threshold_for != self.monitor_key:
+            self._warned_threshold_for = self.monitor_key  # once per watched scalar
+            warning = default_threshold_warning(self._watched)
+            if warning:
+                rank_zero_warn(warning)
 
     def _resolve_strategies(self, images: int, probe: Any) -> None:
         if self.strategies == "auto":
@@ -205,7 +173,9 @@ class SpuriousCueMonitor(Callback):
         else:
             self.discovers_strategies = bool(self.strategies)
         if self.discovers_strategies and images < STRATEGY_PROBE_IMAGES:
-            rank_zero_warn(
+            # "auto" on the probe a default CAAPCallback takes, a setting the README recommends, says it as info.
+            say = rank_zero_info if self.strategies == "auto" and images >= DEFAULT_PROBE_IMAGES else rank_zero_warn
+            say(
                 f"SpuriousCueMonitor: strategy discovery clusters the {images} probe images; clusters of so few "
                 f"are anecdotes, and a class with fewer than {MIN_GROUP_IMAGES} is not clustered on its "
                 f"own. Give CAAPCallback num_images={STRATEGY_PROBE_IMAGES} to 256, or strategies=False."
@@ -254,8 +224,7 @@ class SpuriousCueMonitor(Callback):
     def _count(self, trainer: L.Trainer, result: ProbeResult) -> None:
         score = result.metrics.get(self.monitor_key)
         if score is None or not math.isfinite(score):
-            swap = self._watched is not None and self._watched.model_test is not None and self._watched.model_test.kind == "swap"
-            why = "the model gave every probe image the class of its partner" if swap else "no probe image could be scored for it"
+            why = result.unscored.get(self.monitor_key, "the callback did not compute it at this check")
             rank_zero_warn(
                 f"SpuriousCueMonitor: the check at epoch {result.epoch} is not counted: {self.monitor_key} was not "
                 f"logged there ({why}); the count stays at {self.wait} of {self.patience}."
@@ -350,3 +319,37 @@ class SpuriousCueMonitor(Callback):
         self.wait = state_dict["wait"]
         self.alarms = [dict(a) for a in state_dict.get("alarms", [])]
         self.history = [dict(h) for h in state_dict.get("history", [])]
+
+
+def default_threshold_warning(watched: LoggedScalar) -> Optional[str]:
+    """What is wrong with watching ``watched`` at the default threshold, chosen for the swap ratios on a swap probe
+    of ``DEFAULT_SWAP_IMAGES``: another kind of score, or a swap ratio on fewer images (``None``: nothing)."""
+    test, images = watched.model_test, len(watched.probe)
+    if test is not None and test.kind == "swap":
+        if images >= DEFAULT_SWAP_IMAGES:
+            return None
+        return (f"SpuriousCueMonitor: watching {watched.tag} at the default threshold {DEFAULT_THRESHOLD} on {images} "
+                f"swap images; it was chosen on {DEFAULT_SWAP_IMAGES}, and on fewer the ratio is noisy "
+                "(docs/callbacks.md). Give CAAPCallback more probe images, or set `threshold`.")
+    return (f"SpuriousCueMonitor: watching {watched.tag} at the default threshold {DEFAULT_THRESHOLD}, which was "
+            "chosen for the swap ratios; on the benchmark this kind of score alarmed on controls at it, and the "
+            "benchmark chose higher thresholds (and patience, for the density ratios) for it: see docs/callbacks.md. "
+            "Set `threshold` (and `patience`) for it, or let CAAPCallback log a swap ratio.")
+
+
+def default_key(sources: Sequence[CAAPCallback], logged: List[str]) -> str:
+    """The first of ``DEFAULT_SCORES`` that the ``sources`` log for their primary method, as their tables list it."""
+    for score in DEFAULT_SCORES:
+        keys = [tag for source in sources for tag, entry in source.logged.items()
+                if entry.metric == score and entry.method == source.methods[0]]
+        if len(keys) > 1:
+            raise ValueError(f"SpuriousCueMonitor's default could watch any of {keys}; set `monitor` to one of them")
+        if keys:
+            return keys[0]
+    raise ValueError(
+        "SpuriousCueMonitor's default watches caap/background_swap_ratio (with object masks), "
+        "caap/cue_swap_ratio (with cue masks) or caap/border_swap_ratio (without masks), or else an insertion "
+        f"ratio or a density ratio, but the CAAPCallbacks log none of them (they log {logged}): add "
+        "'border_swap_ratio' (or a swap ratio the probe's masks allow) to CAAPCallback's `metrics`, or set "
+        "`monitor` to one of those it logs."
+    )

@@ -490,3 +490,36 @@ def test_a_setting_changed_between_runs_rebuilds_caap(tmp_path, data_factory, cl
         caap.probe.images, target=caap.last.targets, relative=True
     )
     torch.testing.assert_close(caap.last.maps, expected, atol=1e-6, rtol=0)
+
+
+class BuiltInConfigureModel(L.LightningModule):
+    """A module whose (compiled) ViT exists only from configure_model on, as under FSDP or with torch.compile."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = None
+
+    def configure_model(self):
+        if self.model is None:
+            L.seed_everything(0, verbose=False)
+            vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3)
+            self.model = torch.compile(vit, backend="eager")
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.cross_entropy(self.model(batch.images), batch.labels)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", torch.nn.functional.cross_entropy(self.model(batch.images), batch.labels))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_a_model_built_in_configure_model_is_found_before_the_first_check_and_unwrapped(
+    tmp_path, data_factory, trainer_factory
+):
+    caap = CAAPCallback(num_images=4, metrics=["border_swap_ratio"], log_images=False)
+    module = BuiltInConfigureModel()
+    trainer_factory(tmp_path, [caap], max_epochs=1, limit_train_batches=1).fit(module, datamodule=data_factory())
+    assert caap._model is module.model._orig_mod and isinstance(caap._model, VisionTransformer)
+    assert [row["epoch"] for row in caap.history] == [0] and caap.last.maps.shape == (4, 4, 4)

@@ -116,4 +116,5 @@ def test_a_failure_on_rank_one_is_reported_there_and_by_rank_zero(tmp_path, capf
     # Rank 1 says why, once; rank 0, whose own share worked, says which rank made every rank skip.
     assert err.count("classifying the probe images failed at epoch 0 on rank 1 (RuntimeError: boom on rank 1)") == 1
     assert err.count("failed at epoch 0 on rank(s) [1]") == 1
+    assert "CAAPCallback: classifying the probe images failed at epoch 0 on rank(s) [1]" in err  # the step that failed
     assert "on rank 0 (" not in err

@@ -383,3 +383,49 @@ def test_a_fallback_score_at_the_default_threshold_warns_once(tmp_path, data_fac
             trainer_factory(tmp_path, [caap, SpuriousCueMonitor(**kwargs)], max_epochs=1, limit_train_batches=1).fit(
                 classifier_factory(), datamodule=data)
         assert not any("chosen for the swap ratios" in str(w.message) for w in caught)
+
+
+def test_an_uncounted_check_names_non_finite_model_outputs(tmp_path, data_factory, classifier_factory, trainer_factory):
+    classifier = classifier_factory()
+    with torch.no_grad():  # every output NaN: the swap pairs cannot be scored, and not for want of two classes
+        classifier.model.head.bias.fill_(float("nan"))
+    caap = CAAPCallback(num_images=4, metrics=["border_swap_ratio"], log_images=False)
+    monitor = SpuriousCueMonitor()
+    with pytest.warns(UserWarning, match=r"the check at epoch 0 is not counted: caap/border_swap_ratio was not logged "
+                      r"there \(the model's outputs on the probe images were not finite \(NaN or inf\)\)"):
+        trainer_factory(tmp_path, [caap, monitor], max_epochs=1, limit_train_batches=1).fit(
+            classifier, datamodule=data_factory(cue_correlation=None)
+        )
+    assert monitor.history == [] and caap.last.unscored["caap/border_swap_ratio"].startswith("the model's outputs")
+
+
+def test_an_uncounted_check_names_a_probe_of_one_class(tmp_path, data_factory, classifier_factory, trainer_factory):
+    data = data_factory(cue_correlation=None)
+    images, labels = probe_of(data, 8)
+    classifier = classifier_factory()
+    with torch.no_grad():  # the probe's one class, by a margin one training step cannot undo
+        classifier.model.head.weight.zero_()
+        classifier.model.head.bias.copy_(torch.tensor([20.0, 0.0, 0.0]))
+    caap = CAAPCallback(probe=(images, torch.zeros_like(labels)), num_images=4, metrics=["border_swap_ratio"],
+                        log_images=False)
+    monitor = SpuriousCueMonitor()
+    with pytest.warns(UserWarning, match=r"not logged there \(the probe's images are all of one class, so no pair has "
+                      r"two classes to compare\)"):
+        trainer_factory(tmp_path, [caap, monitor], max_epochs=1, limit_train_batches=1).fit(classifier, datamodule=data)
+    assert monitor.history == []
+
+
+def test_the_defaults_on_a_small_mask_free_probe_do_not_warn(tmp_path, data_factory, classifier_factory, trainer_factory):
+    """The README's settings: CAAPCallback() with its default swap probe on a source of fewer images, and the
+    monitor's automatic strategy discovery on a probe of fewer than it wants, say nothing at warning level."""
+    data = data_factory(cue_correlation=None)
+    caap = CAAPCallback(probe=probe_of(data, 16), metrics=["fixed_position_ratio", "border_swap_ratio"],
+                        log_images=False)
+    monitor = SpuriousCueMonitor(monitor="caap/fixed_position_ratio", threshold=None)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="CAAPCallback: the swap ratios run on")
+        warnings.filterwarnings("error", message="SpuriousCueMonitor: strategy discovery")
+        trainer_factory(tmp_path, [caap, monitor], max_epochs=1, limit_train_batches=1).fit(
+            classifier_factory(), datamodule=data
+        )
+    assert len(caap.swap_probe) == 16 and monitor.discovers_strategies and len(monitor.history) == 1

@@ -62,12 +62,12 @@ def test_the_monitor_counts_and_reports_a_hand_made_result_without_a_trainer(tmp
                       r"model relies on the background \(on probe images given the background"):
         monitor.read(trainer, result(1, 1.5, probe, per_image))
     assert monitor.alarms == [{"epoch": 1, "step": 10, "score": 1.5}] and monitor.alarmed
-    text = (tmp_path / "caap_images" / "spurious_alarm_step10.md").read_text()
+    text = (tmp_path / "caap_images" / "version_0" / "spurious_alarm_step10.md").read_text()
     rows = [line for line in text.splitlines() if line.startswith("| #")]
     # The images named by the published per-image values, highest first; the unscored image last.
     assert [row.split("|")[1].strip() for row in rows] == ["#1", "#3", "#0"]
     assert rows[0].endswith("| 3.000 |") and "the image with another probe image's background" in text
-    assert (tmp_path / "caap_images" / "spurious_alarm_images_step10.png").is_file()
+    assert (tmp_path / "caap_images" / "version_0" / "spurious_alarm_images_step10.png").is_file()
 
 
 def test_the_monitor_refuses_a_scalar_the_table_does_not_list():
