@@ -21,7 +21,7 @@ import lightning as L
 import torch
 
 from caap_lightning.callbacks import CAAPCallback, SpuriousCueMonitor
-from caap_lightning.callbacks.caap_callback import MODEL_TESTS
+from caap_lightning.model_tests import MODEL_TESTS
 from caap_lightning.datamodules import FashionCanvasDataModule, SyntheticSpuriousDataModule
 from caap_lightning.datamodules.base import MaskedImageDataModule
 from caap_lightning.demo import cue_accuracy

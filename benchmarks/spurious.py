@@ -58,7 +58,7 @@ from lightning.pytorch.utilities import disable_possible_user_warnings
 from caap_lightning.attribution.caap import CONSTRUCTIONS
 from caap_lightning.attribution.registry import available_methods
 from caap_lightning.callbacks import CAAPCallback, SpuriousCueMonitor
-from caap_lightning.callbacks.caap_callback import MODEL_TESTS
+from caap_lightning.model_tests import MODEL_TESTS
 from caap_lightning.datamodules import CUE_KINDS
 from caap_lightning.datamodules.fashion import find_fashion_mnist
 

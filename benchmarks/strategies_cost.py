@@ -32,7 +32,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from caap_lightning import CAAP
-from caap_lightning.callbacks.caap_callback import ProbeResult
+from caap_lightning.callbacks import ProbeResult
 from caap_lightning.callbacks.strategies import discover_strategies, log_strategies
 from caap_lightning.datamodules.base import ProbeBatch
 from caap_lightning.metrics import fixed_position_ratio

@@ -49,9 +49,7 @@ from lightning.pytorch.utilities import disable_possible_user_warnings
 from caap_lightning.callbacks import SpuriousCueMonitor
 from caap_lightning.datamodules import CUE_KINDS
 from caap_lightning.datamodules.fashion import find_fashion_mnist
-from caap_lightning.metrics import border_masks
-from caap_lightning.metrics.region_insertion_ratio import insertion_ratio, rest_colour, suspect_views
-from caap_lightning.metrics.region_swap_ratio import swap_donors, swapped_images
+from caap_lightning.model_tests import SwapPairs, border_masks, floored_ratio, rest_colour, suspect_views
 from caap_lightning.models import ViTClassifier
 from caap_lightning.utils import eval_mode
 
@@ -71,12 +69,12 @@ VOTE_PRIOR = 1.0  # added to each count, so that a probe with no vote either way
 # ---------------------------------------------------------------------- one test
 def swap_votes(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor, region: str) -> Dict[str, Any]:
     """Per pair of the probe: the swapped image's probabilities and top-1, with both ways of naming each part's class."""
-    n = len(images)
-    donors = swap_donors(n)
+    pairs = SwapPairs(len(images))
+    donors = pairs.donors
     start = time.perf_counter()
     with torch.no_grad(), eval_mode(model):
         clean = model(images).argmax(1)
-        swapped = model(swapped_images(images, masks, images[donors], masks[donors], region)).softmax(1).double()
+        swapped = model(pairs.swapped(images, masks, region)).softmax(1).double()
     clean_s = time.perf_counter() - start
     with torch.no_grad(), eval_mode(model):
         alone, rest = suspect_views(images, masks, region, rest_colour(images, masks))
@@ -103,7 +101,7 @@ def score(found: Dict[str, Any], statistic: str) -> Tuple[Optional[float], int, 
     else:
         p_region = found["probs"].gather(1, suspect[:, None])[:, 0][scored].mean()
         p_rest = found["probs"].gather(1, own[:, None])[:, 0][scored].mean()
-        value = float(insertion_ratio(p_region, p_rest))  # SwapRatio's own pooling
+        value = float(floored_ratio(p_region, p_rest))  # SwapRatio's own pooling
     return round(value, 4), votes_region, votes_rest, count
 
 

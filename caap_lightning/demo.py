@@ -94,7 +94,7 @@ def summary(run, wall_s: float) -> List[str]:
             alarm = monitor.alarms[0]
             lines.append(
                 f"SpuriousCueMonitor: ALARM at epoch {alarm['epoch']} ({monitor.monitor_key} = {alarm['score']:.3f}, "
-                f"threshold {monitor.threshold}, patience {monitor.patience}): the model relies on the {monitor.region}."
+                f"threshold {monitor.threshold}, patience {monitor.patience}): the model relies on the {monitor.part}."
             )
         else:
             lines.append(f"SpuriousCueMonitor: no alarm ({monitor.monitor_key}, threshold {monitor.threshold}).")

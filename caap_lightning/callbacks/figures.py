@@ -8,9 +8,11 @@ Lightning's and the classic ``pytorch_lightning`` one, W&B, MLflow, Comet); when
 
 from __future__ import annotations
 
+import itertools
 import re
+import weakref
 from pathlib import Path
-from typing import Any, Callable, Dict, Literal, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Literal, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -161,13 +163,35 @@ def image_capable(trainer: Trainer) -> bool:
 
 
 def image_dir(trainer: Trainer) -> Path:
-    """``caap_images/`` in the run's log directory: the first logger's ``log_dir`` (or ``save_dir``), else the
-    trainer's ``default_root_dir``. As ``trainer.log_dir`` finds it, without its broadcast (rank zero asks alone)."""
+    """``caap_images/`` in the run's log directory: the first logger's ``log_dir`` (or ``save_dir``), as
+    ``trainer.log_dir`` finds it, without its broadcast (rank zero asks alone). Without one, a folder of this
+    trainer's own under ``default_root_dir/caap_images/`` (:func:`run_folder`)."""
     for logger in trainer.loggers:
         where = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
         if where:
             return Path(where) / IMAGE_DIR
-    return Path(trainer.default_root_dir) / IMAGE_DIR
+    return run_folder(trainer)
+
+
+# Each trainer's folder without a logger, by id: a weak reference to the trainer (or the object itself, for one
+# that takes none), so that a new trainer at a freed id is told apart.
+_RUN_FOLDERS: Dict[int, Tuple[Callable[[], Any], Path]] = {}
+
+
+def run_folder(trainer: Trainer) -> Path:
+    """``default_root_dir/caap_images/version_<k>``, ``k`` the first number free when the trainer first asks: as a
+    logger's versions, so that a later run in the same directory does not overwrite an earlier one's files."""
+    held = _RUN_FOLDERS.get(id(trainer))
+    if held is not None and held[0]() is trainer:
+        return held[1]
+    root = Path(trainer.default_root_dir) / IMAGE_DIR
+    k = next(k for k in itertools.count() if not (root / f"version_{k}").exists())
+    try:
+        ref: Callable[[], Any] = weakref.ref(trainer)
+    except TypeError:  # a stand-in without weak references
+        ref = lambda: trainer  # noqa: E731
+    _RUN_FOLDERS[id(trainer)] = (ref, root / f"version_{k}")
+    return root / f"version_{k}"
 
 
 def describe_destinations(trainer: Trainer) -> str:

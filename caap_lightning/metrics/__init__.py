@@ -1,4 +1,7 @@
-"""Attribution metrics as torchmetrics: each class accumulates, its functional twin computes."""
+"""Attribution metrics as torchmetrics: each class accumulates, its functional twin computes.
+
+The tests of the model itself (the insertion and swap ratios) are in :mod:`caap_lightning.model_tests`.
+"""
 
 from caap_lightning.metrics.density_ratio import DensityRatio
 from caap_lightning.metrics.fixed_position_ratio import FixedPositionRatio
@@ -17,15 +20,7 @@ from caap_lightning.metrics.functional import (
 from caap_lightning.metrics.insdel import InsertionDeletion
 from caap_lightning.metrics.mass import AttributionMass
 from caap_lightning.metrics.pointing import PointingGame
-from caap_lightning.metrics.region_insertion_ratio import (
-    InsertionRatio,
-    border_masks,
-    insertion_ratio,
-    region_insertion,
-    rest_colour,
-)
 from caap_lightning.metrics.precision_recall import AUPR
-from caap_lightning.metrics.region_swap_ratio import SwapRatio, region_swap, swap_donors, swapped_images
 
 __all__ = [
     "AUPR",
@@ -33,24 +28,15 @@ __all__ = [
     "DensityRatio",
     "FixedPositionRatio",
     "InsertionDeletion",
-    "InsertionRatio",
     "PointingGame",
-    "SwapRatio",
     "attribution_mass",
-    "border_masks",
     "aupr",
     "density_ratio",
     "evidence",
     "fixed_position_evidence",
     "fixed_position_ratio",
     "insertion_deletion",
-    "insertion_ratio",
     "pointing_game",
     "ratio_of_densities",
     "region_evidence",
-    "region_insertion",
-    "region_swap",
-    "rest_colour",
-    "swap_donors",
-    "swapped_images",
 ]

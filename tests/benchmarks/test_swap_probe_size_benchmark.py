@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from caap_lightning.metrics import SwapRatio
-from caap_lightning.metrics.region_swap_ratio import swap_donors
+from caap_lightning.model_tests import SwapPairs, SwapRatio
 
 
 def found_pairs():
@@ -42,7 +41,7 @@ def test_the_baseline_statistic_is_the_callbacks_swap_ratio(swap_probe_size):
     images = torch.randn(6, 3, 32, 32) + torch.randn(6, 3, 1, 1) * 3
     masks = torch.zeros(6, 32, 32, dtype=torch.bool)
     masks[:, 8:24, 8:24] = True
-    donors = swap_donors(6)
+    donors = SwapPairs(6).donors
     for region in ("outside", "mask"):
         found = swap_probe_size.swap_votes(model, images, masks, region)
         metric = SwapRatio(model, region=region)

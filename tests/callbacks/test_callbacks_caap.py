@@ -14,9 +14,9 @@ from torch import nn
 
 from caap_lightning import CAAP
 from caap_lightning.callbacks import CAAPCallback, SpuriousCueMonitor
-from caap_lightning.callbacks.caap_callback import in_probe_order
+from caap_lightning.callbacks.distributed import in_probe_order
 from caap_lightning.callbacks.discovery import find_attribution_model
-from caap_lightning.metrics import InsertionRatio, SwapRatio, border_masks, rest_colour, swap_donors
+from caap_lightning.model_tests import MODEL_TESTS, InsertionRatio, SwapPairs, SwapRatio, border_masks, rest_colour
 
 
 def test_fit_logs_heatmaps_and_finite_scalars_at_the_validation_steps(
@@ -127,11 +127,11 @@ def test_model_tests_run_once_with_the_primary_method_and_match_a_direct_call(
         ("border_insertion_ratio", border_masks(len(probe), tuple(probe.images.shape[-2:])), "mask"),
     ):
         # The stand-in colour is the whole probe's, so that every rank shows the same one.
-        metric = InsertionRatio(model, region=region, colour=rest_colour(probe.images, masks), per_image=True)
+        metric = InsertionRatio(model, region=region, colour=rest_colour(probe.images, masks), image_ratios=True)
         metric.update(probe.images, masks, target=caap.last.targets)
         out = metric.compute_details()
         assert caap.last.metrics[f"caap/{scalar}"] == pytest.approx(float(out["insertion_ratio"]), rel=1e-5)
-        torch.testing.assert_close(caap.last.per_image[f"caap/{scalar}"], out["insertion_ratio_per_image"].float())
+        torch.testing.assert_close(caap.last.per_image[f"caap/{scalar}"], out["image_ratios"].float())
 
 
 def test_swap_tests_pair_each_probe_image_with_the_one_half_the_probe_on_and_match_a_direct_call(
@@ -147,7 +147,7 @@ def test_swap_tests_pair_each_probe_image_with_the_one_half_the_probe_on_and_mat
     trainer_factory(tmp_path, [caap]).validate(model, datamodule=data, verbose=False)
     assert not any("gradcam" in key for key in caap.logged_metrics)
     probe = caap.probe
-    donors = swap_donors(len(probe))
+    donors = SwapPairs(len(probe)).donors
     assert donors.tolist() == [3, 4, 5, 0, 1, 2]
     # The maps explain the labels; the swaps compare top-1 classes, which here differ from every partner's.
     with torch.no_grad():
@@ -158,12 +158,12 @@ def test_swap_tests_pair_each_probe_image_with_the_one_half_the_probe_on_and_mat
         ("cue_swap_ratio", probe.cue_masks, "mask"),
         ("border_swap_ratio", border_masks(len(probe), tuple(probe.images.shape[-2:])), "mask"),
     ):
-        metric = SwapRatio(model, region=region, per_image=True)
+        metric = SwapRatio(model, region=region, image_ratios=True)
         metric.update(probe.images, masks, probe.images[donors], masks[donors])  # no targets: each clean image's top-1
         out = metric.compute_details()
         assert int(out["count"]) == 6  # every pair's two classes differ
         assert caap.last.metrics[f"caap/{scalar}"] == pytest.approx(float(out["swap_ratio"]), rel=1e-5)
-        torch.testing.assert_close(caap.last.per_image[f"caap/{scalar}"], out["swap_ratio_per_image"].float())
+        torch.testing.assert_close(caap.last.per_image[f"caap/{scalar}"], out["image_ratios"].float())
     # A model that gives every probe image one class has no pair to score: the ratios are not logged.
     collapsed = CAAPCallback(num_images=6, swap_images=6, metrics=metrics, log_images=False)
     trainer_factory(tmp_path, [collapsed]).validate(classifier_factory(seed=0), datamodule=data, verbose=False)
@@ -181,14 +181,14 @@ def test_swap_ratios_run_on_their_own_larger_probe_whose_start_the_maps_explain(
     assert len(probe) == 3 and len(swap_probe) == 8 and caap.last.maps.shape[0] == 3
     torch.testing.assert_close(probe.images, swap_probe.images[:3])
     assert caap.last.swap_probe is swap_probe
-    donors = swap_donors(8)
-    metric = SwapRatio(model, region="outside", per_image=True)
+    donors = SwapPairs(8).donors
+    metric = SwapRatio(model, region="outside", image_ratios=True)
     metric.update(swap_probe.images, swap_probe.masks, swap_probe.images[donors], swap_probe.masks[donors])
     out = metric.compute_details()
     assert caap.last.metrics["caap/background_swap_ratio"] == pytest.approx(float(out["swap_ratio"]), rel=1e-5)
     # Per image: the maps' images only, as the alarm report names and draws them.
     torch.testing.assert_close(
-        caap.last.per_image["caap/background_swap_ratio"], out["swap_ratio_per_image"][:3].float(), equal_nan=True
+        caap.last.per_image["caap/background_swap_ratio"], out["image_ratios"][:3].float(), equal_nan=True
     )
     # Without a swap ratio only the maps' images are taken.
     plain = CAAPCallback(num_images=3, swap_images=8, metrics=["border_insertion_ratio"], log_images=False)
@@ -296,7 +296,11 @@ def test_error_with_on_error_warn_leaves_training_running(
     with pytest.warns(UserWarning, match=r"computing the CAAP maps and metric updates failed at epoch \d \(RuntimeError: boom\)"):
         trainer.fit(classifier_factory(), datamodule=data_factory())
     assert trainer.current_epoch == 2 and trainer.global_step == 2
-    assert caap.history == [] and caap.last is None
+    # The model tests run apart from the maps: a failing map skips its metrics, not the swap ratios.
+    assert [row["epoch"] for row in caap.history] == [0, 1] and caap.last.method_maps == {}
+    tests = {f"caap/{name}" for name in caap.active_metrics if name in MODEL_TESTS}
+    assert tests and set(caap.last.metrics) <= tests | {"caap/seconds"}
+    assert set(caap.last.model_test_image_values) == tests
 
 
 def test_error_with_on_error_raise_stops(tmp_path, monkeypatch, data_factory, classifier_factory, trainer_factory):
@@ -486,3 +490,36 @@ def test_a_setting_changed_between_runs_rebuilds_caap(tmp_path, data_factory, cl
         caap.probe.images, target=caap.last.targets, relative=True
     )
     torch.testing.assert_close(caap.last.maps, expected, atol=1e-6, rtol=0)
+
+
+class BuiltInConfigureModel(L.LightningModule):
+    """A module whose (compiled) ViT exists only from configure_model on, as under FSDP or with torch.compile."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = None
+
+    def configure_model(self):
+        if self.model is None:
+            L.seed_everything(0, verbose=False)
+            vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3)
+            self.model = torch.compile(vit, backend="eager")
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.cross_entropy(self.model(batch.images), batch.labels)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", torch.nn.functional.cross_entropy(self.model(batch.images), batch.labels))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_a_model_built_in_configure_model_is_found_before_the_first_check_and_unwrapped(
+    tmp_path, data_factory, trainer_factory
+):
+    caap = CAAPCallback(num_images=4, metrics=["border_swap_ratio"], log_images=False)
+    module = BuiltInConfigureModel()
+    trainer_factory(tmp_path, [caap], max_epochs=1, limit_train_batches=1).fit(module, datamodule=data_factory())
+    assert caap._model is module.model._orig_mod and isinstance(caap._model, VisionTransformer)
+    assert [row["epoch"] for row in caap.history] == [0] and caap.last.maps.shape == (4, 4, 4)

@@ -13,7 +13,7 @@ import pytest
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from caap_lightning.callbacks import CAAPCallback, SpuriousCueMonitor
-from caap_lightning.callbacks.caap_callback import METRICS
+from caap_lightning.callbacks.metric_table import METRIC_NAMES
 
 
 class SavesPerImage(L.Callback):
@@ -25,7 +25,7 @@ class SavesPerImage(L.Callback):
 
     def on_validation_end(self, trainer, pl_module):
         if trainer.is_global_zero and self.caap.last is not None:
-            torch.save(self.caap.last.model_test_per_image, self.path)
+            torch.save(self.caap.last.model_test_image_values, self.path)
 
 
 def test_ddp_two_processes_log_once_and_match_one_process(
@@ -33,7 +33,7 @@ def test_ddp_two_processes_log_once_and_match_one_process(
 ):
     # 5 probe images and 7 swap images: the ranks get uneven shares (3 and 2, 4 and 3), and some donors are on the
     # other rank; Grad-CAM takes gradients on each rank. Every metric, the insertion ratios too.
-    settings = dict(num_images=5, swap_images=7, methods=["caap", "gradcam"], metrics=list(METRICS))
+    settings = dict(num_images=5, swap_images=7, methods=["caap", "gradcam"], metrics=list(METRIC_NAMES))
     caap = CAAPCallback(**settings, max_images_logged=5)
     trainer = L.Trainer(
         strategy="ddp_spawn",
@@ -116,4 +116,5 @@ def test_a_failure_on_rank_one_is_reported_there_and_by_rank_zero(tmp_path, capf
     # Rank 1 says why, once; rank 0, whose own share worked, says which rank made every rank skip.
     assert err.count("classifying the probe images failed at epoch 0 on rank 1 (RuntimeError: boom on rank 1)") == 1
     assert err.count("failed at epoch 0 on rank(s) [1]") == 1
+    assert "CAAPCallback: classifying the probe images failed at epoch 0 on rank(s) [1]" in err  # the step that failed
     assert "on rank 0 (" not in err

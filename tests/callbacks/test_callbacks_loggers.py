@@ -74,11 +74,17 @@ def test_csv_logger_gets_png_and_markdown_files(tmp_path):
     assert figures.describe_destinations(trainer) == f"PNG files under {folder}"
 
 
-def test_no_logger_saves_under_the_default_root_dir(tmp_path):
+def test_no_logger_saves_under_the_default_root_dir_in_a_folder_per_run(tmp_path):
     trainer = trainer_with(tmp_path, False)
     figures.log_image(trainer, TAG, image(), step=0)
-    assert (tmp_path / "caap_images" / "caap_heatmaps_step0.png").is_file()
-    assert figures.describe_destinations(trainer) == f"PNG files under {tmp_path / 'caap_images'}"
+    folder = tmp_path / "caap_images" / "version_0"
+    assert (folder / "caap_heatmaps_step0.png").is_file()
+    assert figures.describe_destinations(trainer) == f"PNG files under {folder}"
+    # A later run in the same directory writes beside the first run's files, not over them.
+    later = trainer_with(tmp_path, False)
+    figures.log_image(later, TAG, image(), step=0)
+    assert (tmp_path / "caap_images" / "version_1" / "caap_heatmaps_step0.png").is_file()
+    assert figures.image_dir(trainer) == folder and figures.image_dir(later) == tmp_path / "caap_images" / "version_1"
 
 
 def test_only_rank_zero_writes(tmp_path):

@@ -11,7 +11,7 @@ import torch
 
 from caap_lightning.attribution.baselines import GradCAM, InputXGradient, TransformerAttribution
 from caap_lightning.callbacks import CAAPCallback, SpuriousCueMonitor
-from caap_lightning.callbacks.caap_callback import METRICS, MODEL_TESTS
+from caap_lightning.model_tests import MODEL_TESTS
 from caap_lightning.callbacks import figures
 from caap_lightning.metrics import attribution_mass
 
@@ -97,7 +97,7 @@ def test_the_primary_is_the_same_with_or_without_other_methods(tmp_path, data_fa
     assert torch.equal(alone.last.maps, together.last.maps)
     # The first method is the primary whichever it is: gradcam's scalars move to caap/<scalar>. The model tests
     # (swap and insertion ratios) are logged once, under the primary's names, whichever method that is.
-    tests = {f"caap/{scalar}" for name in MODEL_TESTS for scalar in METRICS[name].scalars}
+    tests = {f"caap/{name}" for name in MODEL_TESTS}
     assert tests & set(alone.history[-1]) and not any(k.startswith("caap/gradcam/") and k.replace("gradcam/", "") in tests
                                                         for k in together.history[-1])
     gradcam = {k.replace("gradcam/", ""): v for k, v in together.history[-1].items() if k.startswith("caap/gradcam/")}
@@ -132,13 +132,18 @@ def test_a_failing_further_method_is_left_out_and_training_goes_on(
     assert len(events["images"]["caap/heatmaps"]) == 2
 
 
-def test_a_failing_primary_skips_the_check(tmp_path, monkeypatch, data_factory, classifier_factory, trainer_factory):
+def test_a_failing_primary_skips_the_maps_but_not_the_model_tests(
+    tmp_path, monkeypatch, data_factory, classifier_factory, trainer_factory
+):
     monkeypatch.setattr(GradCAM, "attribute", broken)
     caap = CAAPCallback(num_images=4, methods=["gradcam", "caap"], log_images=False)
     trainer = trainer_factory(tmp_path, [caap], max_epochs=1, limit_train_batches=1)
-    with pytest.warns(UserWarning, match=r"computing the gradcam maps .* failed .*; this check is skipped"):
+    with pytest.warns(UserWarning, match=r"computing the gradcam maps .* failed .*; its maps and their metrics are skipped"):
         trainer.fit(classifier_factory(), datamodule=data_factory())
-    assert caap.history == [] and caap.last is None
+    # The further method is not attributed either; the model tests, which test the model and not a map, are logged.
+    tests = {f"caap/{name}" for name in caap.active_metrics if name in MODEL_TESTS}
+    assert [row["epoch"] for row in caap.history] == [0] and caap.last.method_maps == {}
+    assert tests and set(caap.last.metrics) <= tests | {"caap/seconds"}
 
 
 def test_monitor_can_watch_a_further_method(tmp_path, data_factory, classifier_factory, trainer_factory):

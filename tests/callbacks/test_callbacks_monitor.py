@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from caap_lightning.callbacks import CAAPCallback, SpuriousCueMonitor
-from caap_lightning.callbacks.caap_callback import ProbeResult
+from caap_lightning.callbacks import ProbeResult
 from caap_lightning.callbacks.spurious_cue_monitor import DEFAULT_PATIENCE, DEFAULT_THRESHOLD
-from caap_lightning.metrics import border_masks, rest_colour
-from caap_lightning.metrics.region_insertion_ratio import dilate, edge_width
+from caap_lightning.model_tests import border_masks, rest_colour
+from caap_lightning.model_tests.views import dilate, edge_width
 
 CUE = "caap/cue_density_ratio"
 
@@ -239,7 +239,7 @@ def test_a_check_without_the_monitored_score_is_skipped_with_a_reason(
     tmp_path, data_factory, classifier_factory, trainer_factory
 ):
     caap = CAAPCallback(num_images=4, metrics=["cue_density_ratio"], log_images=False)
-    finish = caap._finish
+    finish = caap._gather_result
 
     def drops_epoch_one(*args):  # as when no probe image could be scored for the metric
         result = finish(*args)
@@ -247,7 +247,7 @@ def test_a_check_without_the_monitored_score_is_skipped_with_a_reason(
             del result.metrics[CUE]
         return result
 
-    caap._finish = drops_epoch_one
+    caap._gather_result = drops_epoch_one
     monitor = SpuriousCueMonitor(threshold=None)
     with pytest.warns(UserWarning, match=r"the check at epoch 1 is not counted: caap/cue_density_ratio was not logged"):
         trainer_factory(tmp_path, [caap, monitor], max_epochs=3, limit_train_batches=1).fit(
@@ -274,7 +274,7 @@ def test_without_masks_a_fixed_position_score_past_the_threshold_alarms_from_the
     assert "The hot region of all the probe's maps together sits at the" in text and "(10% of the image)" in text
     assert "Probe images that rely most on the fixed position" in text and "strategies among all" not in text
     # Their per-image fixed-position scores, as the metric computes them from the (last) check's maps.
-    per_image = monitor.per_image_scores(caap.last)
+    per_image = monitor.image_scores(caap.last)
     rows = [line for line in text.splitlines() if line.startswith("| #")]
     assert [int(r.split("|")[1].strip()[1:]) for r in rows] == torch.argsort(per_image, descending=True)[:2].tolist()
     assert f"{float(per_image.max()):.3f}" in rows[0]
@@ -305,10 +305,10 @@ def test_an_alarm_on_a_model_test_names_the_images_by_their_own_ratio(
     assert "the background alone and the image without it" in text
     probe = caap.last.probe
     rows = order[:4]
-    grid = caap.last.draw_rows(rows, monitor._test_views(caap.last, rows))
+    grid = caap.last.draw_rows(rows, caap.last.model_test_views(caap.logged[key].model_test, rows))
     plain = caap.last.draw_rows(rows)
     assert grid.shape[0] == plain.shape[0] and grid.shape[1] > plain.shape[1]
-    views = monitor._test_views(caap.last, rows)
+    views = caap.last.model_test_views(caap.logged[key].model_test, rows)
     alone, without = views["background alone"], views["without the background"]
     objects = probe.masks[torch.as_tensor(rows)]
     # Without the background: the object's pixels as they are, the rest the probe's mean background colour.
@@ -336,7 +336,7 @@ def test_an_alarm_on_a_swap_test_shows_each_image_with_its_donor_region(
     probe = caap.last.swap_probe
     assert len(probe) == 8 and len(caap.last.probe) == 4
     rows = [0, 3]
-    (title, swapped), = monitor._test_views(caap.last, rows).items()
+    (title, swapped), = caap.last.model_test_views(caap.logged[key].model_test, rows).items()
     assert title == "swapped border"
     # Image 0's donor is image 4, image 3's is image 7 (half the swap probe on, past the maps' 4 images): their
     # borders, each image's own inside.
@@ -383,3 +383,49 @@ def test_a_fallback_score_at_the_default_threshold_warns_once(tmp_path, data_fac
             trainer_factory(tmp_path, [caap, SpuriousCueMonitor(**kwargs)], max_epochs=1, limit_train_batches=1).fit(
                 classifier_factory(), datamodule=data)
         assert not any("chosen for the swap ratios" in str(w.message) for w in caught)
+
+
+def test_an_uncounted_check_names_non_finite_model_outputs(tmp_path, data_factory, classifier_factory, trainer_factory):
+    classifier = classifier_factory()
+    with torch.no_grad():  # every output NaN: the swap pairs cannot be scored, and not for want of two classes
+        classifier.model.head.bias.fill_(float("nan"))
+    caap = CAAPCallback(num_images=4, metrics=["border_swap_ratio"], log_images=False)
+    monitor = SpuriousCueMonitor()
+    with pytest.warns(UserWarning, match=r"the check at epoch 0 is not counted: caap/border_swap_ratio was not logged "
+                      r"there \(the model's outputs on the probe images were not finite \(NaN or inf\)\)"):
+        trainer_factory(tmp_path, [caap, monitor], max_epochs=1, limit_train_batches=1).fit(
+            classifier, datamodule=data_factory(cue_correlation=None)
+        )
+    assert monitor.history == [] and caap.last.unscored["caap/border_swap_ratio"].startswith("the model's outputs")
+
+
+def test_an_uncounted_check_names_a_probe_of_one_class(tmp_path, data_factory, classifier_factory, trainer_factory):
+    data = data_factory(cue_correlation=None)
+    images, labels = probe_of(data, 8)
+    classifier = classifier_factory()
+    with torch.no_grad():  # the probe's one class, by a margin one training step cannot undo
+        classifier.model.head.weight.zero_()
+        classifier.model.head.bias.copy_(torch.tensor([20.0, 0.0, 0.0]))
+    caap = CAAPCallback(probe=(images, torch.zeros_like(labels)), num_images=4, metrics=["border_swap_ratio"],
+                        log_images=False)
+    monitor = SpuriousCueMonitor()
+    with pytest.warns(UserWarning, match=r"not logged there \(the probe's images are all of one class, so no pair has "
+                      r"two classes to compare\)"):
+        trainer_factory(tmp_path, [caap, monitor], max_epochs=1, limit_train_batches=1).fit(classifier, datamodule=data)
+    assert monitor.history == []
+
+
+def test_the_defaults_on_a_small_mask_free_probe_do_not_warn(tmp_path, data_factory, classifier_factory, trainer_factory):
+    """The README's settings: CAAPCallback() with its default swap probe on a source of fewer images, and the
+    monitor's automatic strategy discovery on a probe of fewer than it wants, say nothing at warning level."""
+    data = data_factory(cue_correlation=None)
+    caap = CAAPCallback(probe=probe_of(data, 16), metrics=["fixed_position_ratio", "border_swap_ratio"],
+                        log_images=False)
+    monitor = SpuriousCueMonitor(monitor="caap/fixed_position_ratio", threshold=None)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="CAAPCallback: the swap ratios run on")
+        warnings.filterwarnings("error", message="SpuriousCueMonitor: strategy discovery")
+        trainer_factory(tmp_path, [caap, monitor], max_epochs=1, limit_train_batches=1).fit(
+            classifier_factory(), datamodule=data
+        )
+    assert len(caap.swap_probe) == 16 and monitor.discovers_strategies and len(monitor.history) == 1

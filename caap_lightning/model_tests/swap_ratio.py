@@ -1,6 +1,6 @@
 """Swap ratio: when a region and the rest of the image name different classes, which does the model follow?
 
-The insertion ratio (:mod:`~caap_lightning.metrics.region_insertion_ratio`) asks whether a
+The insertion ratio (:mod:`~caap_lightning.model_tests.insertion_ratio`) asks whether a
 suspect region *alone* restores the class. A model that has learnt both the object and a cue
 passes that test for both parts, so the ratio stays near 1 until the cue has all but replaced the
 object. A shortcut shows where the two disagree: on an image whose cue names another class. The
@@ -28,7 +28,8 @@ from caap_lightning.metrics._checks import (
     model_device_dtype,
 )
 from caap_lightning.metrics.functional import MASS_REGIONS, scorable_regions
-from caap_lightning.metrics.region_insertion_ratio import PooledRegionRatio, hide_regions
+from caap_lightning.model_tests.pooled_region_ratio import PooledRegionRatio
+from caap_lightning.model_tests.views import hide_regions
 from caap_lightning.utils import eval_mode
 
 
@@ -42,22 +43,11 @@ class RegionSwap(NamedTuple):
     scored: Tensor  # (B,) bool: both masks mark part of their image and the two classes differ
 
 
-def swap_donors(n: int) -> Tensor:
-    """``(n,)`` long: each image's donor, the image half the batch further on (cyclically).
-
-    A fixed pairing that needs no labels (a probe may have none) and is the same on every
-    process, so a probe split across ranks swaps the same pairs as on one; a pair whose two
-    classes agree is skipped by :func:`region_swap`.
-    """
-    check_int("n", n, 2, "images to pair (a swap needs a donor other than the image)")
-    return (torch.arange(n) + n // 2) % n
-
-
 def swapped_images(images: Tensor, masks: Tensor, donor_images: Tensor, donor_masks: Tensor, region: str) -> Tensor:
     """Each image with its suspect part taken from its donor.
 
     ``region="mask"`` (the mask is the suspect: a cue, the border ring): the image with its own mask
-    removed as the insertion ratio removes it (:func:`~caap_lightning.metrics.region_insertion_ratio.hide_regions`:
+    removed as the insertion ratio removes it (:func:`~caap_lightning.model_tests.hide_regions`:
     its pixels and an edge around them take the mean colour of the image's rest), then the donor's
     mask pixels laid on top. ``"outside"`` (the background of an object mask is the suspect): the
     donor with its object so removed, then the image's object laid on top.
@@ -82,7 +72,7 @@ def region_swap(
     """The probabilities, on each image with its suspect part swapped for its donor's, of the two classes.
 
     ``donor_images``/``donor_masks`` hold each image's donor at the same index (see
-    :func:`swap_donors`); :func:`swapped_images` builds the swapped images. ``target`` and
+    :class:`~caap_lightning.model_tests.SwapPairs`); :func:`swapped_images` builds the swapped images. ``target`` and
     ``donor_target`` as :func:`~caap_lightning.metrics.functional.insertion_deletion` takes a
     target (``None``: the top-1 class of the clean image, or of the clean donor, each costing
     ``B`` forward passes more). A pair is scored where both masks mark part of their image and the
@@ -131,7 +121,7 @@ class SwapRatio(PooledRegionRatio):
     """On images whose suspect region comes from an image of another class: the donor's class over the own, pooled.
 
     ``region="outside"`` with object masks puts each object on another image's background;
-    ``region="mask"`` with cue masks (or :func:`~caap_lightning.metrics.border_masks`) gives each
+    ``region="mask"`` with cue masks (or :func:`~caap_lightning.model_tests.border_masks`) gives each
     image another image's cue (or border). The ratio is ``(mean p(donor's class) + floor) /
     (mean p(own class) + floor)`` over the scored pairs: 1 when the model follows the swapped
     region and the rest equally (a model at chance too), below 1 when it follows the rest (the
@@ -140,8 +130,8 @@ class SwapRatio(PooledRegionRatio):
     knows the object too. Each update costs ``B`` forward passes, ``B`` more for each of
     ``target`` and ``donor_target`` not given. ``compute()`` returns the ratio;
     ``compute_details()`` also ``suspect_probability`` and ``rest_probability`` (the means),
-    ``count`` and ``skipped``, and with ``per_image`` each scored pair's own ratio as
-    ``swap_ratio_per_image`` (NaN where skipped).
+    ``count`` and ``skipped``, and with ``image_ratios`` each scored pair's own ratio as
+    ``image_ratios`` (NaN where skipped).
     """
 
     main_key = "swap_ratio"

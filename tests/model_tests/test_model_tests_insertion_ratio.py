@@ -10,16 +10,10 @@ import torch
 from torch import nn
 from torchmetrics import MetricCollection
 
-from caap_lightning.metrics import InsertionRatio, border_masks, insertion_ratio, region_insertion, rest_colour
-from caap_lightning.metrics.region_insertion_ratio import (
-    INSERTION_FLOOR,
-    dilate,
-    edge_width,
-    fill_with_mean_of_rest,
-    suspect_views,
-)
+from caap_lightning.model_tests import RATIO_FLOOR, InsertionRatio, border_masks, floored_ratio, region_insertion, rest_colour
+from caap_lightning.model_tests.views import dilate, edge_width, fill_with_mean_of_rest, suspect_views
 
-F = INSERTION_FLOOR
+F = RATIO_FLOOR
 SIZE = 16
 
 
@@ -106,7 +100,7 @@ def test_a_model_reading_only_the_border_restores_its_class_from_the_border_alon
     # The image without its border: the ring painted in the inside's colour (0) reads as the blank.
     assert torch.allclose(found.rest, torch.zeros(3, dtype=torch.float64), atol=1e-6)
     assert found.target.tolist() == [0, 0, 0] and found.scored.all()
-    assert float(insertion_ratio(found.suspect.mean(), found.rest.mean())) == pytest.approx((gain + F) / F, rel=1e-5)
+    assert float(floored_ratio(found.suspect.mean(), found.rest.mean())) == pytest.approx((gain + F) / F, rel=1e-5)
 
 
 def test_a_model_reading_the_object_scores_below_one_on_the_background_test():
@@ -144,16 +138,16 @@ def test_the_metric_pools_gains_before_the_ratio_and_skips_empty_masks():
     images[1, 0] = 0.5 * images[1, 0]  # a fainter border: a smaller gain
     # With one colour for the whole set, batches accumulate to what one batch of the scored images gives.
     colour = rest_colour(images[:3], masks[:3])
-    metric = InsertionRatio(model, colour=colour, per_image=True)
+    metric = InsertionRatio(model, colour=colour, image_ratios=True)
     metric.update(images[:2], masks[:2])
     metric.update(images[2:], masks[2:])
     out = metric.compute_details()
     found = region_insertion(model, images[:3], masks[:3], colour=colour)
     assert int(out["count"]) == 3 and int(out["skipped"]) == 1
     assert float(out["suspect_gain"]) == pytest.approx(float(found.suspect.mean()))
-    assert float(out["insertion_ratio"]) == pytest.approx(float(insertion_ratio(found.suspect.mean(), found.rest.mean())))
-    per_image = out["insertion_ratio_per_image"]
-    assert torch.allclose(per_image[:3], insertion_ratio(found.suspect, found.rest)) and torch.isnan(per_image[3])
+    assert float(out["insertion_ratio"]) == pytest.approx(float(floored_ratio(found.suspect.mean(), found.rest.mean())))
+    per_image = out["image_ratios"]
+    assert torch.allclose(per_image[:3], floored_ratio(found.suspect, found.rest)) and torch.isnan(per_image[3])
     # Two regions in one collection keep their own states.
     both = MetricCollection({"cue": InsertionRatio(model), "background": InsertionRatio(model, region="outside")})
     both.update(images[:3], masks[:3])

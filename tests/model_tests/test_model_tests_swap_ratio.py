@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from caap_lightning.metrics import SwapRatio, border_masks, insertion_ratio, region_swap, swap_donors, swapped_images
-from caap_lightning.metrics.region_insertion_ratio import INSERTION_FLOOR, dilate, edge_width
+from caap_lightning.model_tests import RATIO_FLOOR, SwapPairs, SwapRatio, border_masks, floored_ratio, region_swap, swapped_images
+from caap_lightning.model_tests.views import dilate, edge_width
 
-F = INSERTION_FLOOR
+F = RATIO_FLOOR
 SIZE = 16
 K = 4
 
@@ -44,11 +44,11 @@ def p(logit: float, others: list) -> float:
 
 
 def test_each_image_is_paired_with_the_one_half_the_batch_on():
-    assert swap_donors(4).tolist() == [2, 3, 0, 1]
-    assert swap_donors(5).tolist() == [2, 3, 4, 0, 1]
-    assert swap_donors(2).tolist() == [1, 0]
+    assert SwapPairs(4).donors.tolist() == [2, 3, 0, 1]
+    assert SwapPairs(5).donors.tolist() == [2, 3, 4, 0, 1]
+    assert SwapPairs(2).donors.tolist() == [1, 0]
     with pytest.raises(ValueError, match="a swap needs a donor other than the image"):
-        swap_donors(1)
+        SwapPairs(1)
 
 
 def test_the_swapped_image_takes_the_donor_region_and_hides_its_own():
@@ -82,7 +82,7 @@ def test_the_swap_gives_the_donor_class_to_a_model_that_reads_the_region_and_the
     model = ChannelReader(ring if reads_border else ~ring)
     classes = [0, 1, 2, 3]
     images = coloured(classes)
-    donors = swap_donors(4)
+    donors = SwapPairs(4).donors
     masks = border_masks(4, (SIZE, SIZE))
     found = region_swap(model, images, masks, images[donors], masks, target=classes, donor_target=donors.tolist())
     # The border holds the donor's colour (its class's channel at 1), the inside the image's own.
@@ -91,7 +91,7 @@ def test_the_swap_gives_the_donor_class_to_a_model_that_reads_the_region_and_the
     assert torch.allclose(found.suspect, torch.full((4,), suspect, dtype=torch.float64), atol=1e-6)
     assert torch.allclose(found.rest, torch.full((4,), rest, dtype=torch.float64), atol=1e-6)
     assert found.scored.all() and found.donor_target.tolist() == [2, 3, 0, 1]
-    metric = SwapRatio(model, per_image=True)
+    metric = SwapRatio(model, image_ratios=True)
     metric.update(images, masks, images[donors], masks, target=classes, donor_target=donors)
     out = metric.compute_details()
     assert float(out["swap_ratio"]) == pytest.approx((suspect + F) / (rest + F), rel=1e-5)
@@ -117,22 +117,22 @@ def test_unclassified_images_take_their_top_1_and_pairs_of_one_class_are_skipped
     images = coloured([0, 1, 0, 2])
     masks = border_masks(4, (SIZE, SIZE))
     masks[3] = False  # nothing to swap: skipped
-    donors = swap_donors(4)  # 0 <- 2 (both class 0: skipped), 1 <- 3 (empty donor mask: skipped), 2 <- 0, 3 <- 1
+    donors = SwapPairs(4).donors  # 0 <- 2 (both class 0: skipped), 1 <- 3 (empty donor mask: skipped), 2 <- 0, 3 <- 1
     found = region_swap(model, images, masks, images[donors], masks[donors])
     assert found.target.tolist() == [0, 1, 0, 2] and found.donor_target.tolist() == [0, 2, 0, 1]
     assert found.scored.tolist() == [False, False, False, False]
     given = region_swap(model, images, masks, images[donors], masks[donors], target=[0, 1, 0, 2], donor_target=[1, 2, 3, 1])
     assert given.scored.tolist() == [True, False, True, False]
-    metric = SwapRatio(model, per_image=True)
+    metric = SwapRatio(model, image_ratios=True)
     metric.update(images[:2], masks[:2], images[donors[:2]], masks[donors[:2]], target=[0, 1], donor_target=[1, 2])
     metric.update(images[2:], masks[2:], images[donors[2:]], masks[donors[2:]], target=[0, 2], donor_target=[3, 1])
     out = metric.compute_details()
     assert int(out["count"]) == 2 and int(out["skipped"]) == 2
     kept = given.scored
-    expected = insertion_ratio(given.suspect[kept].mean(), given.rest[kept].mean())
+    expected = floored_ratio(given.suspect[kept].mean(), given.rest[kept].mean())
     assert float(out["swap_ratio"]) == pytest.approx(float(expected))
-    per_image = out["swap_ratio_per_image"]
-    assert torch.isnan(per_image[~kept]).all() and torch.allclose(per_image[kept], insertion_ratio(given.suspect, given.rest)[kept])
+    per_image = out["image_ratios"]
+    assert torch.isnan(per_image[~kept]).all() and torch.allclose(per_image[kept], floored_ratio(given.suspect, given.rest)[kept])
 
 
 def test_bad_input_is_refused_with_what_to_change():

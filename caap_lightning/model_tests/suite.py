@@ -1,0 +1,54 @@
+"""The model tests of one check: each run once on a rank's share of the probe, apart from any attribution."""
+
+from __future__ import annotations
+
+from typing import Dict, Mapping, Optional, Sequence, Tuple
+
+from torch import Tensor, nn
+
+from caap_lightning.datamodules.base import ProbeBatch
+from caap_lightning.model_tests.pooled_region_ratio import PooledRegionRatio
+from caap_lightning.model_tests.swap_pairs import SwapShard
+from caap_lightning.model_tests.table import MODEL_TESTS
+
+
+class ModelTestSuite:
+    """One meter per named model test, built for ``model`` (the classifier) and ``probe`` (the maps' probe).
+
+    :meth:`update` takes a rank's share of the probe (and of the swap pairs); :meth:`compute`
+    returns each test's details, synced across processes as torchmetrics syncs them.
+    """
+
+    def __init__(self, names: Sequence[str], model: nn.Module, probe: ProbeBatch) -> None:
+        self.meters: Dict[str, PooledRegionRatio] = {name: MODEL_TESTS[name].build(model, probe) for name in names}
+
+    def __bool__(self) -> bool:
+        return bool(self.meters)
+
+    @property
+    def needs_swaps(self) -> bool:
+        return any(MODEL_TESTS[name].kind == "swap" for name in self.meters)
+
+    def update(self, images: Tensor, masks: Mapping[str, Tensor], targets: Tensor, swaps: Optional[SwapShard]) -> None:
+        """Each test on this rank's ``images`` (their ``masks`` and explained ``targets``) or its swap pairs."""
+        device = images.device
+        for name, meter in self.meters.items():
+            test = MODEL_TESTS[name]
+            meter.to(device)
+            if test.kind == "swap":
+                meter.update(
+                    swaps.images, test.regions(swaps.images, swaps.masks).to(device),
+                    swaps.donor_images, test.regions(swaps.donor_images, swaps.donor_masks).to(device),
+                    target=swaps.top1, donor_target=swaps.donor_top1,
+                )
+            else:
+                meter.update(images, test.regions(images, masks).to(device), target=targets)
+
+    def compute(self) -> Dict[str, Tuple[Tensor, Tensor]]:
+        """Each test's pooled ratio and each image's own ratio (NaN where skipped; under DDP rank by rank)."""
+        details = {name: meter.compute_details() for name, meter in self.meters.items()}
+        return {name: (out[self.meters[name].main_key], out["image_ratios"]) for name, out in details.items()}
+
+    def reset(self) -> None:
+        for meter in self.meters.values():
+            meter.reset()

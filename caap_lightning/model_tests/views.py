@@ -1,0 +1,87 @@
+"""What a model test shows the model: a suspect region alone, the image without it, the border ring.
+
+One rule removes a region everywhere: its pixels, and an edge around them, take the mean colour
+of the image's other pixels, so no outline of what was removed is left for the model to read.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# The border ring's width as a share of each side: the outer eighth holds frames, corner tags and edge text.
+BORDER_SHARE = 1 / 8
+# The width of the edge around a mask that neither view keeps, as a share of the shorter side: a mask's edge is
+# uncertain (anti-aliased outlines, a trimap's boundary), and an edge left behind draws the removed part's outline.
+EDGE_SHARE = 1 / 32
+
+
+def border_masks(n: int, size: tuple, share: float = BORDER_SHARE) -> Tensor:
+    """``(n, H, W)`` bool: a ring ``round(share * side)`` pixels wide (at least 1) around each image."""
+    if not 0 < share < 0.5:
+        raise ValueError(f"the border's share of each side must be in (0, 0.5), got {share!r}")
+    h, w = size
+    dy, dx = max(1, round(share * h)), max(1, round(share * w))
+    if 2 * dy >= h or 2 * dx >= w:
+        raise ValueError(f"images of {h}x{w} pixels have no inside within a border {dy}x{dx} pixels wide")
+    ring = torch.ones(h, w, dtype=torch.bool)
+    ring[dy : h - dy, dx : w - dx] = False
+    return ring.expand(n, h, w).clone()
+
+
+def edge_width(size: tuple, share: float = EDGE_SHARE) -> int:
+    """The edge's width in pixels for images of ``size``: ``round(share * shorter side)``, at least 1."""
+    return max(1, round(share * min(size)))
+
+
+def dilate(masks: Tensor, width: int) -> Tensor:
+    """``masks`` grown by ``width`` pixels in every direction (a square neighbourhood)."""
+    grown = F.max_pool2d(masks[:, None].float(), 2 * width + 1, stride=1, padding=width)
+    return grown[:, 0] > 0
+
+
+def fill_with_mean_of_rest(images: Tensor, masks: Tensor) -> Tensor:
+    """``images`` with each mask's pixels set to the mean colour of that image's other pixels.
+
+    A region painted in the colour around it keeps no outline: removing an object or a cue this
+    way does not leave its silhouette behind for the model to read.
+    """
+    keep = (~masks)[:, None].to(images.dtype)
+    mean = (images * keep).sum((2, 3), keepdim=True) / keep.sum((2, 3), keepdim=True).clamp_min(1)
+    return torch.where(masks[:, None], mean, images)
+
+
+def hide_regions(images: Tensor, masks: Tensor) -> Tensor:
+    """``images`` with each mask, and an edge :func:`edge_width` pixels wide around it, painted in the mean
+    colour of that image's other pixels (:func:`fill_with_mean_of_rest`): the region removed, no outline left."""
+    return fill_with_mean_of_rest(images, dilate(masks, edge_width(tuple(images.shape[-2:]))))
+
+
+def rest_colour(images: Tensor, masks: Tensor) -> Tensor:
+    """``(C,)``: the mean colour of the pixels outside the masks, over every image of the batch.
+
+    What stands in for a removed rest: the typical colour of that region across the images, which
+    no single image's cue sets (a background colour that names one class is averaged with the
+    others), and against which an object keeps its contrast (a grey or white stand-in can swallow a
+    grey garment that a dark background shows).
+    """
+    outside = (~masks)[:, None].to(images.dtype)
+    return (images * outside).sum((0, 2, 3)) / outside.sum((0, 2, 3)).clamp_min(1)
+
+
+def suspect_views(images: Tensor, masks: Tensor, region: str, colour: Tensor) -> tuple[Tensor, Tensor]:
+    """The suspect alone and the image without it, for ``region`` ``"mask"`` (the mask is the suspect)
+    or ``"outside"`` (everything but the mask is: the background of an object mask).
+
+    One rule for both: the mask's pixels, when removed, take the mean colour of that image's rest,
+    and so does an edge :func:`edge_width` pixels wide around the mask
+    (:func:`fill_with_mean_of_rest`), so that no outline of what was removed is left; the rest,
+    when removed, takes ``colour`` (see :func:`rest_colour`), which keeps the mask's outline. The
+    edge belongs to neither view.
+    """
+    hidden = hide_regions(images, masks)
+    only_mask = torch.where(masks[:, None], images, colour.to(images).view(1, -1, 1, 1))
+    if region == "mask":
+        return only_mask, hidden
+    return hidden, only_mask

@@ -1,0 +1,76 @@
+"""SpuriousCueMonitor reads what a CAAPCallback publishes and nothing else: here a hand-made logged table and
+ProbeResults, with no Trainer run (a stand-in gives the loggers, none, and the folder the alarm is saved in)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from caap_lightning.callbacks import ProbeResult, SpuriousCueMonitor
+from caap_lightning.callbacks.metric_table import logged_table
+from caap_lightning.datamodules.base import ProbeBatch
+
+KEY = "caap/background_swap_ratio"
+
+
+def probe_of(n: int = 4, size: int = 16) -> ProbeBatch:
+    masks = torch.zeros(n, size, size, dtype=torch.bool)
+    masks[:, 4:12, 4:12] = True
+    return ProbeBatch(images=torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(0)),
+                      labels=torch.arange(n) % 2, masks=masks)
+
+
+class Published:
+    """What a CAAPCallback publishes: its methods, probe, `logged` table and last result."""
+
+    def __init__(self, probe: ProbeBatch) -> None:
+        self.methods = ["caap"]
+        self.probe = probe
+        self.logged = logged_table(self.methods, ["background_mass", "background_swap_ratio"],
+                                   lambda method, scalar: f"caap/{scalar}", probe, probe)
+        self.logged_metrics = [*self.logged, "caap/seconds"]
+        self.last = None
+
+
+def result(epoch: int, score: float, probe: ProbeBatch, per_image: torch.Tensor) -> ProbeResult:
+    n = len(probe)
+    return ProbeResult(
+        epoch=epoch, step=10 * epoch, stage="fit", metrics={KEY: score, "caap/background_mass": 0.5},
+        targets=probe.labels.clone(), scores=torch.full((n,), 0.9), method_maps={"caap": torch.rand(n, 2, 2)},
+        probe=probe, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), swap_probe=probe,
+        model_test_image_values={KEY: per_image},
+    )
+
+
+def stand_in(tmp_path) -> SimpleNamespace:
+    return SimpleNamespace(loggers=[], is_global_zero=True, world_size=1, global_rank=0, default_root_dir=str(tmp_path))
+
+
+def test_the_monitor_counts_and_reports_a_hand_made_result_without_a_trainer(tmp_path):
+    probe = probe_of()
+    source = Published(probe)
+    monitor = SpuriousCueMonitor(num_images=3, strategies=False)
+    monitor.watch([source])
+    assert monitor.monitor_key == KEY and monitor.part == "background"
+    per_image = torch.tensor([1.0, 3.0, torch.nan, 2.0])
+    trainer = stand_in(tmp_path)
+    monitor.read(trainer, result(0, 1.0, probe, per_image))
+    assert monitor.history == [{"epoch": 0, "step": 0, "score": 1.0, "alarm": 0.0}] and monitor.alarms == []
+    with pytest.warns(UserWarning, match=r"alarm at epoch 1 \(step 10\): caap/background_swap_ratio = 1\.500 .* the "
+                      r"model relies on the background \(on probe images given the background"):
+        monitor.read(trainer, result(1, 1.5, probe, per_image))
+    assert monitor.alarms == [{"epoch": 1, "step": 10, "score": 1.5}] and monitor.alarmed
+    text = (tmp_path / "caap_images" / "version_0" / "spurious_alarm_step10.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| #")]
+    # The images named by the published per-image values, highest first; the unscored image last.
+    assert [row.split("|")[1].strip() for row in rows] == ["#1", "#3", "#0"]
+    assert rows[0].endswith("| 3.000 |") and "the image with another probe image's background" in text
+    assert (tmp_path / "caap_images" / "version_0" / "spurious_alarm_images_step10.png").is_file()
+
+
+def test_the_monitor_refuses_a_scalar_the_table_does_not_list():
+    monitor = SpuriousCueMonitor(monitor="caap/cue_swap_ratio")
+    with pytest.raises(ValueError, match=r"monitor='caap/cue_swap_ratio' is not among the metrics CAAPCallback logs"):
+        monitor.watch([Published(probe_of())])
