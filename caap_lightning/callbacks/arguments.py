@@ -22,7 +22,7 @@ TARGETS = ("predicted", "label")
 PRECISIONS = ("trainer", "32")
 # CAAP's constructions on each model family (registry.family_of), and the one used where none is given:
 # each family's own default (docs/callbacks.md says why the ViT's is not the windowed one).
-CONSTRUCTIONS = {"vit": VIT_CONSTRUCTIONS, "cnn": cnn.CONSTRUCTIONS}
+FAMILY_CONSTRUCTIONS = {"vit": VIT_CONSTRUCTIONS, "cnn": cnn.CONSTRUCTIONS}
 DEFAULT_CONSTRUCTION = {"vit": "parallel", "cnn": "standard"}
 DEFAULT_WINDOW = 2  # patches around each patch that construction="windowed" recomputes
 DEFAULT_PROBE_IMAGES = 16  # CAAPCallback's num_images: few enough attributions for a check on every epoch
@@ -47,7 +47,7 @@ def check_caap_settings(
     check_cutoff_form(layer_cutoff)
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 0):
         raise ValueError(f"window must be an int >= 0 (patches around each patch) or None, got {window!r}")
-    if construction is not None and construction not in {c for family in CONSTRUCTIONS.values() for c in family}:
+    if construction is not None and construction not in {c for family in FAMILY_CONSTRUCTIONS.values() for c in family}:
         raise ValueError(
             f"construction={construction!r} is not one of {VIT_CONSTRUCTIONS} (a ViT's) or {cnn.CONSTRUCTIONS} "
             "(a CNN's), or None (the model family's default)"
@@ -128,7 +128,7 @@ def check_family_settings(
     family: str, construction: Optional[str], grid: Any, window: Optional[int], layer_cutoff: Union[None, int, str]
 ) -> None:
     """CAAP settings given that only the other model family takes: refused, saying what to change."""
-    choices = CONSTRUCTIONS[family]
+    choices = FAMILY_CONSTRUCTIONS[family]
     if construction is not None and construction not in choices:
         raise ValueError(
             f"construction={construction!r} does not apply to {FAMILY_NAMES[family]}, whose CAAP constructions are "

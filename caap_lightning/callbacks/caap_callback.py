@@ -55,8 +55,6 @@ from caap_lightning.callbacks.probe_source import warn_if_few_swap_images
 from caap_lightning.callbacks.result import ProbeResult
 from caap_lightning.datamodules.base import ProbeBatch
 
-__all__ = ["CAAPCallback", "ProbeResult"]
-
 CLASSIFYING = "classifying"  # the check's steps, as the ranks agree on their failures
 TESTING = "model tests"
 
