@@ -12,10 +12,10 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from caap_lightning._lightning import is_overridden
 from torch import nn
 from torch.utils.data import Dataset
 
+from caap_lightning._lightning import is_overridden
 from caap_lightning.attribution import cnn, registry, vit
 from caap_lightning.callbacks import calibration, figures
 from caap_lightning.callbacks.arguments import (
