@@ -9,14 +9,10 @@ import torch
 from torch import nn
 
 from caap_lightning.attribution import cnn, registry
+from caap_lightning.attribution.twins import SUPPORTED_VITS, unwrap_compiled
 from caap_lightning.callbacks.arguments import check_method_kwargs, check_model_images
 from caap_lightning.callbacks.discovery import find_attribution_model
 from caap_lightning.callbacks.drawing import display_name
-
-
-def uncompiled(model: nn.Module) -> nn.Module:
-    """The module that ``torch.compile`` wrapped, else ``model``: the methods hook into its own submodules."""
-    return getattr(model, "_orig_mod", model)
 
 
 def find_model(pl_module: nn.Module, head: Optional[str]) -> Tuple[nn.Module, Optional[nn.Module]]:
@@ -26,7 +22,7 @@ def find_model(pl_module: nn.Module, head: Optional[str]) -> Tuple[nn.Module, Op
         model, found_head = find_attribution_model(pl_module, head)
     except ValueError as exc:
         raise ValueError(f"CAAPCallback cannot attribute {type(pl_module).__name__}: {exc}") from exc
-    return uncompiled(model), found_head
+    return unwrap_compiled(model), found_head
 
 
 def cannot_attribute(pl_module: nn.Module, model: nn.Module, exc: Exception, method: Optional[str] = None) -> ValueError:
@@ -34,8 +30,8 @@ def cannot_attribute(pl_module: nn.Module, model: nn.Module, exc: Exception, met
     which = "" if method is None else f" with {display_name(method)}"
     return ValueError(
         f"CAAPCallback cannot attribute {type(pl_module).__name__} (attribution model: "
-        f"{type(model).__name__}){which}: {exc} Return a timm VisionTransformer or a supported CNN "
-        f"({cnn.SUPPORTED}) from get_attribution_model(), change the method's settings, or remove the callback."
+        f"{type(model).__name__}){which}: {exc} Return a supported ViT ({SUPPORTED_VITS}) or a supported "
+        f"CNN ({cnn.SUPPORTED}) from get_attribution_model(), change the method's settings, or remove the callback."
     )
 
 
