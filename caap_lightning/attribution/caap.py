@@ -88,9 +88,9 @@ class CAAP(AttributionMethod):
 
     Args:
         model: a plain ViT (``twins.SUPPORTED_VITS``): timm's ``VisionTransformer`` (plain blocks,
-            ``token`` or ``avg`` pooling), transformers' ``ViTForImageClassification`` or
-            ``DeiTForImageClassification``, torchvision's ``VisionTransformer``, or one of them
-            compiled. ``self.model`` is the timm model read (for the others, a twin sharing
+            ``token`` or ``avg`` pooling), transformers' ``ViTForImageClassification``,
+            ``DeiTForImageClassification`` and kin, torchvision's ``VisionTransformer``, or one of
+            them compiled. ``self.model`` is the timm model read (for the others, a twin sharing
             their modules and parameters).
         layer_cutoff: ``k``, the number of leading blocks in which ``S(p)`` keeps the source's
             states; ``0..L``, default ``L // 2``.

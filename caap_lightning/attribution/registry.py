@@ -1,9 +1,9 @@
 """Attribution methods by name, so that callbacks, configs and benchmarks can pick them.
 
 A name stands for one method and, for each model family it applies to (``"vit"``: Vision
-Transformers, timm's or Hugging Face's or torchvision's; ``"cnn"``: the CNNs ConvCAAP reads), the class that computes it there:
-``get_method("caap", vit)`` is a :class:`CAAP`, ``get_method("caap", resnet)`` a
-:class:`ConvCAAP`. The baselines are one class each for both families.
+Transformers, timm's, Hugging Face's or torchvision's; ``"cnn"``: the CNNs ConvCAAP reads), the
+class that computes it there: ``get_method("caap", vit)`` is a :class:`CAAP`,
+``get_method("caap", resnet)`` a :class:`ConvCAAP`. The baselines are one class each for both families.
 """
 
 from __future__ import annotations

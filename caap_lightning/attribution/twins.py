@@ -21,7 +21,8 @@ from torch import nn
 
 SUPPORTED_VITS = (
     "timm VisionTransformer (plain blocks, global_pool 'token' or 'avg'), transformers "
-    "ViTForImageClassification and DeiTForImageClassification, torchvision VisionTransformer "
+    "ViTForImageClassification, DeiTForImageClassification, ViTMSNForImageClassification and "
+    "IJepaForImageClassification, torchvision VisionTransformer "
     "(vit_b_16 and family), each also as torch.compile() returns it"
 )
 
@@ -38,7 +39,13 @@ _HF_REFUSED = {
     "Beit": "a relative position bias in every attention",
     "Data2VecVision": "a relative position bias in every attention",
 }
-_HF_SUPPORTED = {"ViTForImageClassification": "vit", "DeiTForImageClassification": "deit"}
+# Supported classifier -> the attribute holding its backbone.
+_HF_SUPPORTED = {
+    "ViTForImageClassification": "vit",
+    "DeiTForImageClassification": "deit",
+    "ViTMSNForImageClassification": "vit",
+    "IJepaForImageClassification": "ijepa",
+}
 
 
 def unwrap_compiled(module: nn.Module) -> nn.Module:
@@ -198,12 +205,13 @@ class _BlockParts:
 @dataclass
 class _ViTParts:
     """A plain ViT's parts: a patch conv, prefix tokens (class first), position embeddings over prefix
-    and patches, blocks, the final norm and the head on the class token."""
+    and patches, blocks, the final norm and the head on the class token (without a class token: on
+    the mean of the patch tokens)."""
 
     source: str  # e.g. "transformers DeiTForImageClassification", for messages
     patch_conv: nn.Module
     img_size: Tuple[int, int]
-    cls_token: nn.Parameter
+    cls_token: Optional[nn.Parameter]
     reg_token: Optional[nn.Parameter]  # further prefix tokens after the class token (DeiT's distillation token)
     pos_embed: nn.Parameter
     num_heads: int
@@ -248,7 +256,7 @@ def _hf_parts(model: nn.Module) -> _ViTParts:
         source=source,
         patch_conv=embeddings.patch_embeddings.projection,
         img_size=_pair(config.image_size),
-        cls_token=embeddings.cls_token,
+        cls_token=getattr(embeddings, "cls_token", None),  # I-JEPA has none: its head reads the patch mean
         reg_token=distillation,
         pos_embed=embeddings.position_embeddings,
         num_heads=config.num_attention_heads,
@@ -319,13 +327,14 @@ def _assemble(parts: _ViTParts) -> nn.Module:
     if _pair(conv.stride) != patch or _pair(conv.padding) != (0, 0):
         raise _refuse(parts.source, f"a patch convolution with kernel {patch}, stride {_pair(conv.stride)} and "
                                     f"padding {_pair(conv.padding)} (not one patch per kernel)")
-    dim = parts.cls_token.shape[-1]
+    dim = parts.pos_embed.shape[-1]
     extra = 0 if parts.reg_token is None else parts.reg_token.shape[1]
     with torch.device("meta"):
         twin = VisionTransformer(
             img_size=parts.img_size, patch_size=patch, in_chans=conv.in_channels,
             num_classes=parts.num_classes, embed_dim=dim, depth=len(parts.blocks), num_heads=parts.num_heads,
-            class_token=True, reg_tokens=extra, global_pool="token",
+            class_token=parts.cls_token is not None, reg_tokens=extra, fc_norm=False,
+            global_pool="avg" if parts.cls_token is None else "token",
         )
     twin.patch_embed.proj = conv
     twin.cls_token = parts.cls_token
@@ -342,8 +351,8 @@ def _assemble(parts: _ViTParts) -> nn.Module:
 
 
 def _check_twin(twin: nn.Module, parts: _ViTParts) -> None:
-    tokens = 1 + twin.num_reg_tokens + twin.patch_embed.num_patches
-    if tuple(parts.pos_embed.shape[1:]) != (tokens, parts.cls_token.shape[-1]):
+    tokens = twin.num_prefix_tokens + twin.patch_embed.num_patches
+    if tuple(parts.pos_embed.shape[1:]) != (tokens, twin.embed_dim):
         raise _refuse(parts.source, f"position embeddings of shape {tuple(parts.pos_embed.shape)} for "
                                     f"{tokens} tokens (only embeddings over the prefix and patch tokens are read)")
     left: Dict[str, torch.Tensor] = {

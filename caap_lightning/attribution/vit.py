@@ -26,7 +26,8 @@ def grid_size(model: nn.Module, height: int, width: int) -> Tuple[int, int]:
 
 
 class Classifier(nn.Module):
-    """A ViT (as the timm model :func:`twins.timm_form` gives) and, for one built with ``num_classes=0``, the head that gives its logits.
+    """A ViT (as the timm model :func:`twins.timm_form` gives) and, for one built with
+    ``num_classes=0``, the head that gives its logits.
 
     ``head`` maps the ViT's pooled pre-logits ``(B, num_features)`` to class scores; without
     it the ViT's own head does. It holds references, not copies, so it runs the current

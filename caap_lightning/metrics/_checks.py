@@ -1,4 +1,7 @@
-"""Argument checks of the metrics, functional and class: fail before any work (the shared ones: ``caap_lightning.checks``)."""
+"""Argument checks of the metrics, functional and class: fail before any work.
+
+The checks every module shares (targets, images, choices) live in ``caap_lightning.checks``.
+"""
 
 from __future__ import annotations
 

@@ -46,15 +46,26 @@ def hf_deit(seed: int = 0) -> nn.Module:
     return _scaled(transformers.DeiTForImageClassification(transformers.DeiTConfig(**_HF_SHAPE)), seed)
 
 
+def hf_vit_msn(seed: int = 0) -> nn.Module:
+    return _scaled(transformers.ViTMSNForImageClassification(transformers.ViTMSNConfig(**_HF_SHAPE)), seed)
+
+
+def hf_ijepa(seed: int = 0) -> nn.Module:
+    """No class token: the classifier reads the mean of the normed patch tokens (timm's ``avg`` pooling)."""
+    return _scaled(transformers.IJepaForImageClassification(transformers.IJepaConfig(**_HF_SHAPE)), seed)
+
+
 def torchvision_vit(seed: int = 0) -> nn.Module:
     model = TorchvisionViT(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
                            num_classes=5)
     return _scaled(model, seed)
 
 
-def _reference(reg_tokens: int = 0) -> VisionTransformer:
+def _reference(name: str) -> VisionTransformer:
+    pooling = dict(class_token=False, global_pool="avg", fc_norm=False) if name == "hf_ijepa" else {}
     return VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
-                             num_classes=5, reg_tokens=reg_tokens, qkv_bias=True).eval()
+                             num_classes=5, reg_tokens=1 if name == "hf_deit" else 0, qkv_bias=True,
+                             **pooling).eval()
 
 
 def _linear(prefix: str, linear: nn.Module) -> Dict[str, torch.Tensor]:
@@ -72,11 +83,13 @@ def _hf_layer_parts(layer: nn.Module):
 
 def _timm_state_hf(model: nn.Module) -> Dict[str, torch.Tensor]:
     """transformers' ViT/DeiT names -> timm's."""
-    backbone = getattr(model, "vit", None) or model.deit
+    backbone = next(getattr(model, name) for name in ("vit", "deit", "ijepa") if hasattr(model, name))
     emb = backbone.embeddings
-    state = {"cls_token": emb.cls_token, "pos_embed": emb.position_embeddings,
+    state = {"pos_embed": emb.position_embeddings,
              **_linear("patch_embed.proj", emb.patch_embeddings.projection),
              **_linear("norm", backbone.layernorm), **_linear("head", model.classifier)}
+    if hasattr(emb, "cls_token"):
+        state["cls_token"] = emb.cls_token
     if hasattr(emb, "distillation_token"):
         state["reg_token"] = emb.distillation_token
     layers = backbone.layers if hasattr(backbone, "layers") else backbone.encoder.layer
@@ -110,13 +123,15 @@ def _timm_state_torchvision(model: nn.Module) -> Dict[str, torch.Tensor]:
     return state
 
 
-_FAMILIES: Dict[str, Callable[[], nn.Module]] = {"hf_vit": hf_vit, "hf_deit": hf_deit, "torchvision": torchvision_vit}
+_FAMILIES: Dict[str, Callable[[], nn.Module]] = {
+    "hf_vit": hf_vit, "hf_deit": hf_deit, "hf_vit_msn": hf_vit_msn, "hf_ijepa": hf_ijepa, "torchvision": torchvision_vit,
+}
 
 
 def _pair(name: str):
     """A model of ``name``'s family and an independent timm ViT loaded with its weights."""
     model = _FAMILIES[name]()
-    reference = _reference(reg_tokens=1 if name == "hf_deit" else 0)
+    reference = _reference(name)
     mapping = _timm_state_torchvision(model) if name == "torchvision" else _timm_state_hf(model)
     reference.load_state_dict({k: v.detach().clone() for k, v in mapping.items()}, strict=True)
     return model, reference
