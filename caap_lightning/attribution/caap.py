@@ -56,7 +56,8 @@ def sweep_cutoffs(
     try:
         for k in tqdm(cutoffs, desc=f"{type(method).__name__} layer-cutoff sweep", disable=not progress):
             method.layer_cutoff = k
-            maps = method.attribute(images, target=target)
+            # Absolute maps: a per-image constant (the blank's score) must not reorder near-tied patches.
+            maps = method.attribute(images, target=target, relative=False)
             scores = insertion_deletion(classifier, images.to(maps.device), maps, target=target, step=step)
             row = {"layer_cutoff": k, **({} if name is None else {"cut": name(k)}),
                    "insertion": scores.insertion.mean().item(), "deletion": scores.deletion.mean().item()}

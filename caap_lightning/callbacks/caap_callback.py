@@ -288,8 +288,9 @@ class CAAPCallback(Callback):
     def _caap_settings(self) -> Dict[str, Any]:
         # "auto" starts at the middle cutoff until calibrate_cutoff picks one (or a resume restores it).
         cutoff = self.calibrated_cutoff if self.layer_cutoff == "auto" else self.layer_cutoff
+        # relative: the maps show the evidence against the blank's own score, what the mass metrics read.
         return dict(layer_cutoff=cutoff, selection=self.selection, blank=self.blank, construction=self.construction,
-                    window=self.window, grid=self.grid, score=self.score, mean=self.mean, std=self.std)
+                    window=self.window, grid=self.grid, score=self.score, mean=self.mean, std=self.std, relative=True)
 
     def tag(self, method: str, scalar: str) -> str:
         """The logged name of ``method``'s ``scalar``: ``<prefix>/<scalar>`` for the first method, else
@@ -424,8 +425,7 @@ class CAAPCallback(Callback):
     def _attribute_shard(self, name: str, shard: ProbeShard) -> torch.Tensor:
         """``name``'s maps of this rank's share of the probe; updates that method's metric states."""
         # Gradient methods turn autograd back on themselves, inside Lightning's inference mode too.
-        extra = {"relative": True} if name == "caap" else {}
-        maps = self._methods[name].attribute(shard.images, target=shard.targets, **extra).float()
+        maps = self._methods[name].attribute(shard.images, target=shard.targets).float()
         self._meters.update(name, maps, shard)
         return maps
 
