@@ -32,9 +32,11 @@ from caap_lightning.callbacks.probe import (
     eval_source,
     first_samples,
     probe_from_dataset,
-    probe_from_loader,
-    raw_eval_loader,
+    probe_shortfall,
+    probe_source,
+    probe_source_key,
     resolve_normalization,
+    take_probe,
     to_probe_batch,
 )
 from caap_lightning.datamodules.base import ProbeBatch
@@ -568,7 +570,7 @@ class CAAPCallback(Callback):
         self._classifier: Optional[nn.Module] = None  # the model (and that head): what the metrics' forwards run
         self._methods: Dict[str, Any] = {}  # name -> the attribution method, in `methods` order
         self._meters: Dict[str, Dict[str, Any]] = {}  # method -> metric -> meter
-        self._probe_for: Optional[tuple] = None
+        self._probe_for: Any = None  # probe_source_key of the probe's source
         self._built_for: Optional[tuple] = None
         self._checked_schedule_of: Optional[tuple] = None
         # layer_cutoff="auto": the sweep's rows and the cutoff it picked (kept in the checkpoint).
@@ -630,8 +632,14 @@ class CAAPCallback(Callback):
         if self.num_images < trainer.world_size:
             raise ValueError(f"num_images={self.num_images} is below the {trainer.world_size} processes; raise num_images")
         datamodule = trainer.datamodule
-        if self._probe_for != (id(datamodule),) or self.probe is None:
-            taken = self._take_probe(trainer, pl_module, stage or trainer_stage(trainer))
+        # setup (stage given) re-reads where the probe comes from: a validate/test with other loaders, or a new fit.
+        source = None if stage is None and self.probe is not None else probe_source(
+            trainer, pl_module, stage or trainer_stage(trainer), self.user_probe)
+        if source is not None and (self.probe is None or probe_source_key(source) is not self._probe_for):
+            taken = take_probe(trainer, source, self._probe_size, self.probe_keys)
+            shortfall = probe_shortfall(taken, self._probe_size)
+            if shortfall:
+                rank_zero_warn(f"CAAPCallback: {shortfall}.")
             self.probe = first_samples(taken, self.num_images)
             if self.target == "label" and bool((self.probe.labels < 0).any()):
                 raise ValueError(
@@ -647,25 +655,9 @@ class CAAPCallback(Callback):
                     "threshold was chosen on 64 (benchmarks/results/spurious.md). Give a larger probe where you can."
                 )
             self.class_names = _class_names(datamodule)
-            self._probe_for = (id(datamodule),)
+            self._probe_for = probe_source_key(source)
             self._built_for = None
         self._build(trainer, pl_module)
-
-    def _take_probe(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> ProbeBatch:
-        datamodule = trainer.datamodule
-        if self.user_probe is not None:
-            probe = self.user_probe
-        elif callable(getattr(datamodule, "probe_batch", None)):
-            probe = to_probe_batch(datamodule.probe_batch(self._probe_size), self.probe_keys)
-        else:
-            loader = raw_eval_loader(trainer, pl_module, stage)
-            if loader is None:
-                raise ValueError(
-                    "CAAPCallback found no probe images: pass probe=... (images, a tuple, a dict or a Dataset), give "
-                    f"the datamodule a probe_batch(n) method, or give the Trainer's {stage} a validation dataloader."
-                )
-            probe = probe_from_loader(loader, self._probe_size, self.probe_keys)
-        return check_probe(probe.to("cpu"))
 
     @property
     def _probe_size(self) -> int:

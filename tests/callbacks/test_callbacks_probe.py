@@ -9,7 +9,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler, TensorDataset
 
 from caap_lightning.callbacks.probe import (
     UNKNOWN_LABEL,
@@ -19,7 +19,9 @@ from caap_lightning.callbacks.probe import (
     probe_from_dataset,
     probe_from_loader,
     raw_eval_loader,
+    read_probe,
     resolve_normalization,
+    seeded_order,
     to_probe_batch,
 )
 from caap_lightning.datamodules.base import ProbeBatch, collate_samples
@@ -308,11 +310,13 @@ def test_fit_loaders_given_to_fit():
     assert run("fit", TinyModule(), train_dataloaders=loader(), val_dataloaders=[first, second]).raw["fit"] is first
 
 
-def test_fit_plain_datamodule_shuffled_loader_is_read_in_order():
+def test_fit_plain_datamodule_shuffled_loader_is_read_in_the_seeded_order():
     datamodule = PlainDataModule()
     raw = run("fit", TinyModule(), datamodule=datamodule).raw["fit"]
-    assert raw.dataset is datamodule.val_set and isinstance(raw.sampler, SequentialSampler) and raw.batch_size == 3
-    assert probe_from_loader(raw, 5).labels.tolist() == [0, 1, 2, 0, 1]
+    assert raw.dataset is datamodule.val_set and isinstance(raw.sampler, RandomSampler) and raw.batch_size == 3
+    # The loader's shuffle plays no part: the probe is the seeded draw of its dataset, as from an unshuffled loader.
+    assert read_probe(raw, 5).labels.tolist() == [i % 3 for i in seeded_order(8)[:5]]
+    assert torch.equal(read_probe(raw, 5).images, read_probe(loader(), 5).images)
 
 
 def test_validate_and_test_loaders():
@@ -335,12 +339,12 @@ def test_no_eval_loop_gives_none():
     assert no_step.raw["fit"] is None
 
 
-def test_users_distributed_sampler_is_replaced():
+def test_users_distributed_sampler_plays_no_part():
     sampler = DistributedSampler(dataset(), num_replicas=2, rank=1, shuffle=False)
     given = DataLoader(dataset(), batch_size=2, sampler=sampler)
     raw = run("validate", TinyModule(), dataloaders=given).raw["validate"]
-    assert raw is not given and isinstance(raw.sampler, SequentialSampler)
-    assert probe_from_loader(raw, 4).labels.tolist() == [0, 1, 2, 0]
+    assert raw is given  # rank 1's shard of the set: the probe reads the whole set in its seeded order all the same
+    assert read_probe(raw, 4).labels.tolist() == [i % 3 for i in seeded_order(8)[:4]]
 
 
 def test_ddp_run_reads_the_loader_before_lightning_adds_its_sampler():
