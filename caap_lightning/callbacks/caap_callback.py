@@ -637,7 +637,7 @@ class CAAPCallback(Callback):
             trainer, pl_module, stage or trainer_stage(trainer), self.user_probe)
         if source is not None and (self.probe is None or probe_source_key(source) is not self._probe_for):
             taken = take_probe(trainer, source, self._probe_size, self.probe_keys)
-            shortfall = probe_shortfall(taken, self._probe_size)
+            shortfall = probe_shortfall(taken, self.num_images)
             if shortfall:
                 rank_zero_warn(f"CAAPCallback: {shortfall}.")
             self.probe = first_samples(taken, self.num_images)

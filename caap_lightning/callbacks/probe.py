@@ -447,11 +447,12 @@ def _read_source(source: Any, n: int, keys: KeysLike) -> ProbeBatch:
     return check_probe(to_probe_batch(batch, keys).to("cpu"))
 
 
-def probe_shortfall(probe: ProbeBatch, asked: int) -> Optional[str]:
-    """A sentence where the probe is less than asked: fewer images, or images of one class alone; else ``None``."""
+def probe_shortfall(probe: ProbeBatch, num_images: int) -> Optional[str]:
+    """A sentence where the probe taken is less than asked: fewer than ``num_images`` images, or images of one class
+    alone; else ``None``."""
     said = []
-    if len(probe) < asked:
-        said.append(f"the probe has {len(probe)} images, fewer than the {asked} asked for: its source has no more")
+    if len(probe) < num_images:
+        said.append(f"the probe has {len(probe)} images, fewer than num_images={num_images}: its source has no more")
     labels = probe.labels[probe.labels != UNKNOWN_LABEL]
     if len(probe) > 1 and len(labels) == len(probe) and bool((labels == labels[0]).all()):
         said.append(
