@@ -29,6 +29,7 @@ from caap_lightning.callbacks.probe import (
     ProbeKeys,
     check_pixel_range,
     check_probe,
+    check_probe_regions,
     eval_source,
     first_samples,
     probe_from_dataset,
@@ -648,6 +649,7 @@ class CAAPCallback(Callback):
                 )
             self.active_metrics = self._resolve_metrics(self.probe, len(taken))
             self.swap_probe = taken if any(METRICS[m].swap for m in self.active_metrics) else None
+            check_probe_regions(self.probe, self.swap_probe, {m: METRICS[m] for m in self.active_metrics}, self.prefix)
             if self.swap_probe is not None and len(taken) < self.swap_images:
                 rank_zero_warn(
                     f"CAAPCallback: the swap ratios run on the {len(taken)} probe images there are, fewer than "

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from caap_lightning.datamodules.base import ProbeBatch
 from caap_lightning.metrics._checks import _bad_images, check_masks
+from caap_lightning.metrics.functional import scorable_regions
 from caap_lightning.utils import IMAGENET_MEAN, IMAGENET_STD, model_normalization
 
 # The label of an image whose class is not known (an images-only probe).
@@ -308,7 +309,7 @@ def _concat(parts: List[Tuple[str, ProbeBatch]]) -> ProbeBatch:
             lacking = [name for name, part in parts if getattr(part, field) is None]
             raise ValueError(
                 f"the probe's {field} are in {_listed(having)} but not in {_listed(lacking)}: give every sample its "
-                f"{field} (an empty one where the region is absent), or none; the callback would otherwise drop them"
+                f"{field} (an empty one where the region is absent), or none"
             )
         if not having:
             values[field] = None
@@ -535,6 +536,30 @@ def _check_mask(mask: Any, field: str, n: int, size: Tuple[int, int]) -> Optiona
             "image (nearest-neighbour, e.g. one v2 transform on the image and a tv_tensors.Mask)"
         )
     return mask
+
+
+def check_probe_regions(
+    probe: ProbeBatch, swap_probe: Optional[ProbeBatch], metrics: Mapping[str, Any], prefix: str
+) -> None:
+    """Raise where a mask field that a metric reads marks no image's region, in the probe that metric reads.
+
+    ``metrics`` maps the active metrics' names (``<prefix>/<name>`` is how they are logged) to
+    their specs, each with ``needs`` (the mask field it reads) and ``swap``: a swap test reads
+    ``swap_probe`` (where there is one), every other metric ``probe``. Blank (or whole-image)
+    masks would fail every check the same way; here they fail once, in ``setup``.
+    """
+    for name, spec in metrics.items():
+        if spec.needs is None:
+            continue
+        tested, which = (swap_probe, "swap probe") if spec.swap and swap_probe is not None else (probe, "probe")
+        try:
+            scorable_regions(getattr(tested, spec.needs))
+        except ValueError as exc:
+            raise ValueError(
+                f"CAAPCallback cannot watch {prefix}/{name} on this {which} of {len(tested)} image(s): {exc}. Give "
+                f"{spec.needs} that mark part of each image (the maps' probe is the first images), or leave out the "
+                f"metrics that read {spec.needs}"
+            ) from exc
 
 
 # ------------------------------------------------------------------ normalisation
