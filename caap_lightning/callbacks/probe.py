@@ -394,12 +394,17 @@ def _eval_loop(trainer: L.Trainer, stage: str) -> Optional[Any]:
 
 # ------------------------------------------------------------------ the probe's source
 def probe_source(trainer: L.Trainer, pl_module: L.LightningModule, stage: str, user_probe: Optional[ProbeBatch]) -> Any:
-    """Where ``stage``'s probe comes from: the user's probe, else a datamodule with ``probe_batch(n)``, else the
-    stage's evaluation dataloader (:func:`raw_eval_loader`). Raises, naming the remedies, where there is none."""
+    """Where ``stage``'s probe comes from: the user's probe, else a datamodule with ``probe_batch(n)`` where the stage
+    reads that datamodule's loaders, else the stage's evaluation dataloader (:func:`raw_eval_loader`): loaders given
+    to ``validate``/``test`` after a fit on a datamodule give their own probe. Raises, naming the remedies, where
+    there is none."""
     if user_probe is not None:
         return user_probe
-    if callable(getattr(trainer.datamodule, "probe_batch", None)):
-        return trainer.datamodule
+    datamodule = trainer.datamodule
+    if callable(getattr(datamodule, "probe_batch", None)):
+        given = eval_source(trainer, pl_module, stage)
+        if given is None or given.instance is datamodule:
+            return datamodule
     loader = raw_eval_loader(trainer, pl_module, stage)
     if loader is None:
         raise ValueError(

@@ -537,6 +537,27 @@ def test_validate_test_and_a_new_fit_take_the_probe_of_their_own_loaders():
     assert caap.probe is kept
 
 
+class SortedDataModule(L.LightningDataModule):
+    def train_dataloader(self):
+        return DataLoader(sorted_set(8, seed=0), batch_size=4)
+
+    def val_dataloader(self):
+        return DataLoader(sorted_set(8, seed=1), batch_size=4)
+
+    def probe_batch(self, n: int):
+        return vit_images(n, seed=9), torch.arange(n) % 3
+
+
+def test_loaders_given_to_test_after_a_fit_on_a_datamodule_give_their_own_probe():
+    caap = quiet_caap(num_images=4, swap_images=4)
+    module, trainer = ViTModule(), vit_trainer([caap], limit_train_batches=1)
+    trainer.fit(module, datamodule=SortedDataModule())
+    assert torch.equal(caap.probe.images, vit_images(4, seed=9))  # the datamodule's probe_batch
+    test = DataLoader(sorted_set(8, seed=3), batch_size=4)
+    trainer.test(module, test, verbose=False)  # the Trainer keeps the datamodule; the test reads `test`
+    assert torch.equal(caap.last.probe.images, read_probe(test, 4).images) and caap.last.stage == "test"
+
+
 class RankShardedStream(IterableDataset):
     """Each process streams its own share of the set, as a rank-sharded IterableDataset (WebDataset) does."""
 
