@@ -343,9 +343,11 @@ class _ProbeShard:
 class CAAPCallback(Callback):
     """Attribution maps of a fixed probe batch and their metrics, at the end of validation.
 
-    The probe batch is taken once, in ``setup``: ``probe`` if given, else the datamodule's
-    ``probe_batch(num_images)``, else the first ``num_images`` samples of the validation (or
-    test) dataloader, in the same order on every rank. Where a swap ratio runs, ``swap_images``
+    The probe batch is taken in ``setup``, again only where its source changed (``validate``/``test``
+    with other loaders, a new fit): ``probe`` if given, else the datamodule's ``probe_batch(num_images)``,
+    else ``num_images`` samples drawn across the validation (or test) dataloader's dataset in a seeded
+    order, without iterating the loader or touching any global random generator, the same on every
+    rank (rank 0's under DDP). Where a swap ratio runs, ``swap_images``
     are taken instead when they are more, and the maps explain the first ``num_images``. At the end of every
     ``every_n_epochs``-th validation of a fit, and of every ``validate``/``test`` run, the
     callback attributes the probe images with each of ``methods`` (CAAP alone by default) and
