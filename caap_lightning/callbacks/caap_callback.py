@@ -44,13 +44,18 @@ from caap_lightning.callbacks.probe import (
     ProbeKeys,
     check_pixel_range,
     check_probe,
+    check_probe_regions,
     eval_source,
     first_samples,
     probe_from_dataset,
+    probe_shortfall,
+    probe_source,
+    probe_source_key,
     resolve_normalization,
+    take_probe,
     to_probe_batch,
 )
-from caap_lightning.callbacks.probe_source import check_labels_for, probe_size, probe_source, runs_swaps
+from caap_lightning.callbacks.probe_source import check_labels_for, probe_size, runs_swaps
 from caap_lightning.callbacks.probe_source import warn_if_few_swap_images
 from caap_lightning.callbacks.result import ProbeResult
 from caap_lightning.datamodules.base import ProbeBatch
@@ -182,7 +187,7 @@ class CAAPCallback(Callback):
         self._classifier: Optional[nn.Module] = None  # the model (and that head): what the metrics' forwards run
         self._methods: Dict[str, Any] = {}  # name -> the attribution method, in `methods` order
         self._meters: Optional[CheckMeters] = None  # each method's map metrics and the model tests
-        self._probe_for: Optional[int] = None  # the datamodule the probe was taken from
+        self._probe_for: Any = None  # probe_source_key of the probe's source (compared with `is`)
         self._built_for: Optional[tuple] = None  # the model, head and settings the methods were built for
         # layer_cutoff="auto": the sweep's rows and the cutoff it picked (kept in the checkpoint).
         self.calibration: Optional[List[Dict[str, float]]] = None
@@ -239,10 +244,14 @@ class CAAPCallback(Callback):
         """The probe (and swap probe) from the first source there is, once per datamodule, and the metrics it allows."""
         if self.num_images < trainer.world_size:
             raise ValueError(f"num_images={self.num_images} is below the {trainer.world_size} processes; raise num_images")
-        if self._probe_for == id(trainer.datamodule) and self.probe is not None:
-            return
+        source = probe_source(trainer, pl_module, stage, self.user_probe)
+        if self.probe is not None and probe_source_key(source) is self._probe_for:
+            return  # the same source: validate/test with other loaders, or a new fit on other data, take theirs
         size = probe_size(self.metrics, self.num_images, self.swap_images)
-        taken = check_probe(probe_source(trainer, pl_module, stage, self.user_probe, size, self.probe_keys).to("cpu"))
+        taken = take_probe(trainer, source, size, self.probe_keys)
+        shortfall = probe_shortfall(taken, self.num_images)
+        if shortfall:
+            rank_zero_warn(f"CAAPCallback: {shortfall}.")
         self.probe = check_labels_for(self.target, first_samples(taken, self.num_images))
         self.active_metrics = resolve_metrics(self.metrics, self.probe, len(taken))
         self.swap_probe = taken if runs_swaps(self.active_metrics) else None
@@ -250,7 +259,8 @@ class CAAPCallback(Callback):
             warn_if_few_swap_images(len(taken), self.swap_images)
         self.class_names = _class_names(trainer.datamodule)
         self.logged = logged_table(self.methods, self.active_metrics, self.tag, self.probe, self.swap_probe)
-        self._probe_for = id(trainer.datamodule)
+        check_probe_regions(self.logged)
+        self._probe_for = probe_source_key(source)
         self._built_for = None
 
     def _build(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

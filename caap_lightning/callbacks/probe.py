@@ -12,18 +12,21 @@ model's own scores); ``target="label"`` needs them, and heatmap titles show ``?`
 
 from __future__ import annotations
 
-import itertools
+import contextlib
+import random
 from dataclasses import dataclass, fields
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from caap_lightning._lightning import is_overridden
 from caap_lightning.datamodules.base import ProbeBatch
-from caap_lightning.metrics._checks import check_masks
+from caap_lightning.metrics._checks import _bad_images, check_masks
+from caap_lightning.metrics.functional import scorable_regions
 from caap_lightning.utils import IMAGENET_MEAN, IMAGENET_STD, model_normalization
 
 # The label of an image whose class is not known (an images-only probe).
@@ -32,6 +35,8 @@ UNKNOWN_LABEL = -1
 FIELDS = ("images", "labels", "masks", "cue_masks", "cue_labels")
 # Un-normalised pixels may overshoot [0, 1] a little (resizing); a wrong mean/std overshoots far more.
 PIXEL_MARGIN = 0.25
+# Seeds the probe's draw from a loader's dataset: the same images on every rank, at every check and in every run.
+PROBE_SEED = 0
 Channels = Tuple[float, float, float]
 
 
@@ -106,7 +111,11 @@ def _fields(obj: Any, keys: ProbeKeys) -> Dict[str, Any]:
                 f"a tuple batch is (images, labels[, masks[, cue_masks[, cue_labels]]]), got {len(obj)} items; "
                 "pass a dict (with probe_keys) or a ProbeBatch for other layouts"
             )
-        return {field: value for field, value in zip(FIELDS, obj) if value is not None}
+        found = {field: value for field, value in zip(FIELDS, obj) if value is not None}
+        for field in ("masks", "cue_masks"):
+            if field in found and not _mask_like(found[field], found["images"]):
+                del found[field]  # e.g. file names or ids after (images, labels): not masks
+        return found
     if isinstance(obj, Mapping):
         found = {field: _find_key(obj, field, keys) for field in FIELDS}
         return {field: obj[key] for field, key in found.items() if key is not None}
@@ -114,6 +123,25 @@ def _fields(obj: Any, keys: ProbeKeys) -> Dict[str, Any]:
         f"cannot read a probe batch from a {type(obj).__name__}: give a ProbeBatch, an image tensor (n, 3, H, W), "
         "a tuple (images, labels[, masks[, cue_masks]]) or a dict of them"
     )
+
+
+def _mask_like(value: Any, images: Any) -> bool:
+    """Whether a tuple item can be masks of ``images``: tensors or arrays with at most a channel less.
+
+    A mask of the wrong size is still taken, so that its check names the size; a list of file names
+    or a vector of ids is not a mask.
+    """
+    mask_dims, image_dims = _ndim(value), _ndim(images)
+    return mask_dims is not None and image_dims is not None and mask_dims >= image_dims - 1
+
+
+def _ndim(value: Any) -> Optional[int]:
+    """Dimensions of a tensor or array, or of a list of them stacked; ``None`` for anything else."""
+    if hasattr(value, "shape") and not isinstance(value, (str, bytes)):
+        return len(value.shape)
+    if isinstance(value, (list, tuple)) and value and hasattr(value[0], "shape"):
+        return 1 + len(value[0].shape)
+    return None
 
 
 def _find_key(batch: Mapping, field: str, keys: ProbeKeys) -> Optional[Any]:
@@ -172,26 +200,26 @@ def probe_from_dataset(dataset: Dataset, n: int, keys: KeysLike = None) -> Probe
     """The first ``n`` samples of ``dataset`` (fewer if it is shorter), collated into a checked ProbeBatch.
 
     A sample is one image ``(3, H, W)``, a tuple ``(image, label[, mask[, cue_mask[, cue_label]]])`` or
-    a dict (keys as in :func:`to_probe_batch`).
+    a dict (keys as in :func:`to_probe_batch`). The global random generators are left as they were.
     """
     keys = ProbeKeys.from_mapping(keys)
-    if isinstance(dataset, IterableDataset):
-        samples = list(itertools.islice(dataset, n))
-    else:
-        samples = [dataset[i] for i in range(min(n, len(dataset)))]
-    if not samples:
+    with preserved_rng():
+        if isinstance(dataset, IterableDataset):
+            samples: Iterable[Tuple[str, Any]] = ((f"sample {i}", s) for i, s in enumerate(iter(dataset)))
+        else:
+            samples = ((f"sample {i}", dataset[i]) for i in range(len(dataset)))
+        parts = _read_parts(((name, _sample_as_batch(sample, keys)) for name, sample in samples), n, keys)
+    if not parts:
         raise ValueError("the probe dataset has no samples")
-    per_sample = [_fields(sample, keys) for sample in samples]
-    if any("images" not in found for found in per_sample):
+    return first_samples(_concat(parts), n)
+
+
+def _sample_as_batch(sample: Any, keys: ProbeKeys) -> Dict[str, torch.Tensor]:
+    """One sample as a batch of one, in the dict form :func:`to_probe_batch` reads."""
+    found = _fields(sample, keys)
+    if "images" not in found:
         raise ValueError("every probe sample needs an image")
-    stacked: Dict[str, torch.Tensor] = {}
-    for field in FIELDS:
-        values = [found.get(field) for found in per_sample]
-        if field == "labels":
-            values = [UNKNOWN_LABEL if v is None else v for v in values]
-        if all(v is not None for v in values):
-            stacked[field] = _stack([_tensor(v, field) for v in values], field)
-    return check_probe(_probe_from_fields(stacked))
+    return {field: _tensor(value, field).unsqueeze(0) for field, value in found.items()}
 
 
 def probe_from_loader(loader: Iterable[Any], n: int, keys: KeysLike = None) -> ProbeBatch:
@@ -199,27 +227,107 @@ def probe_from_loader(loader: Iterable[Any], n: int, keys: KeysLike = None) -> P
 
     Its batches may take any form :func:`to_probe_batch` reads; it is iterated only as far as needed.
     """
+    parts = _read_parts(((f"batch {i}", batch) for i, batch in enumerate(loader)), n, ProbeKeys.from_mapping(keys))
+    if not parts:
+        raise ValueError("the probe dataloader yielded no batches")
+    return first_samples(_concat(parts), n)
+
+
+def read_probe(loader: Iterable[Any], n: int, keys: KeysLike = None) -> ProbeBatch:
+    """``n`` samples of an evaluation dataloader (fewer where it has fewer), read without touching the run.
+
+    A DataLoader is never iterated: iterating it draws its seed from the global torch generator and
+    would shift every later random draw of the training. Its map-style dataset is indexed in a
+    seeded order (:data:`PROBE_SEED`), so that the probe is drawn across the whole set (a set sorted
+    by class gives a probe of many classes), the same on every rank and at every call, whatever the
+    loader's sampler; its IterableDataset is read from a fresh iterator, from the start. Each sample
+    goes through the loader's ``collate_fn``. Any other iterable is read from its start. Every
+    global random generator (torch, CUDA, Python's, NumPy's) is restored afterwards, so that random
+    transforms in the dataset leave the run alone too.
+    """
+    if not isinstance(loader, DataLoader):
+        with preserved_rng():
+            return probe_from_loader(loader, n, keys)
     keys = ProbeKeys.from_mapping(keys)
-    batches: List[ProbeBatch] = []
+    dataset = loader.dataset
+    with preserved_rng():
+        if isinstance(dataset, IterableDataset):
+            items: Iterable[Tuple[str, Any]] = ((f"sample {i}", s) for i, s in enumerate(iter(dataset)))
+        else:
+            items = ((f"dataset index {i}", dataset[i]) for i in seeded_order(len(dataset)))
+        # Automatic batching off: each item is a batch already, which collate_fn only converts.
+        collate = loader.collate_fn if loader.batch_sampler is None else lambda sample: loader.collate_fn([sample])
+        parts = _read_parts(((name, collate(item)) for name, item in items), n, keys)
+    if not parts:
+        raise ValueError("the probe dataloader's dataset has no samples")
+    return first_samples(_concat(parts), n)
+
+
+def seeded_order(length: int) -> List[int]:
+    """``range(length)`` in the probe's seeded order: any first ``n`` of it are spread over the whole range."""
+    return torch.randperm(length, generator=torch.Generator().manual_seed(PROBE_SEED)).tolist()
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Every global random generator as it was on entry, on exit: torch's (and the current CUDA device's), Python's
+    and NumPy's."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    # The current device only: forking every visible GPU would open a context on each, from each process.
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+def _read_parts(batches: Iterable[Tuple[str, Any]], n: int, keys: ProbeKeys) -> List[Tuple[str, ProbeBatch]]:
+    """Named batches as checked ProbeBatches, read until they hold ``n`` samples; an error names its batch."""
+    parts: List[Tuple[str, ProbeBatch]] = []
     count = 0
-    for batch in loader:
-        probe = to_probe_batch(batch, keys)
-        batches.append(probe)
+    for name, batch in batches:
+        try:
+            probe = to_probe_batch(batch, keys)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{name} of the probe's source: {exc}") from exc
+        parts.append((name, probe))
         count += len(probe)
         if count >= n:
             break
-    if not batches:
-        raise ValueError("the probe dataloader yielded no batches")
-    return first_samples(_concat(batches), n)
+    return parts
 
 
-def _concat(batches: List[ProbeBatch]) -> ProbeBatch:
-    """Batches joined; a field missing from any batch is missing from the whole."""
-    values = {}
+def _concat(parts: List[Tuple[str, ProbeBatch]]) -> ProbeBatch:
+    """Named batches joined; raises, naming the batches, where a field is in some only or where sizes differ."""
+    values: Dict[str, Optional[torch.Tensor]] = {}
     for field in FIELDS:
-        parts = [getattr(b, field) for b in batches]
-        values[field] = None if any(p is None for p in parts) else torch.cat(parts)
+        having = [name for name, part in parts if getattr(part, field) is not None]
+        if having and len(having) < len(parts):
+            lacking = [name for name, part in parts if getattr(part, field) is None]
+            raise ValueError(
+                f"the probe's {field} are in {_listed(having)} but not in {_listed(lacking)}: give every sample its "
+                f"{field} (an empty one where the region is absent), or none"
+            )
+        if not having:
+            values[field] = None
+            continue
+        by_shape: Dict[Tuple[int, ...], List[str]] = {}
+        for name, part in parts:
+            by_shape.setdefault(tuple(getattr(part, field).shape[1:]), []).append(name)
+        if len(by_shape) > 1:
+            shapes = "; ".join(f"{shape} in {_listed(names)}" for shape, names in by_shape.items())
+            raise ValueError(
+                f"cannot join the probe's {field}: their shapes differ ({shapes}); give every sample one size "
+                "(e.g. v2.Resize and v2.CenterCrop in the dataset's transform)"
+            )
+        values[field] = torch.cat([getattr(part, field) for _, part in parts])
     return ProbeBatch(**values)
+
+
+def _listed(names: List[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def first_samples(probe: ProbeBatch, n: int) -> ProbeBatch:
@@ -236,9 +344,8 @@ def raw_eval_loader(trainer: L.Trainer, pl_module: L.LightningModule, stage: str
     datamodule's or the module's ``val_dataloader()``), ``"validate"`` (``dataloaders=`` or
     ``val_dataloader()``) or ``"test"`` (``dataloaders=`` or ``test_dataloader()``). The first loader
     where there are several; ``None`` where the stage runs no evaluation (no loader, no
-    ``validation_step``/``test_step``, or a batch limit of 0), and for ``"predict"``. A loader that
-    does not read its map-style dataset in order is re-created unshuffled over the same dataset, so
-    that every call, and every rank, reads the same first samples.
+    ``validation_step``/``test_step``, or a batch limit of 0), and for ``"predict"``. Read it with
+    :func:`read_probe`, which neither iterates it nor depends on its sampler.
 
     Call it in ``setup``: the datamodule's ``setup`` has run by then, the module's has not.
     """
@@ -246,8 +353,9 @@ def raw_eval_loader(trainer: L.Trainer, pl_module: L.LightningModule, stage: str
     if source is None:
         return None
     # CombinedLoader flattens lists/dicts of loaders in the order Lightning numbers them (dataloader_idx).
-    loaders = [dl for dl in CombinedLoader(source.dataloader(), "sequential").flattened if not _is_empty(dl)]
-    return _in_order(loaders[0]) if loaders else None
+    with preserved_rng():  # the loader hook is the user's code
+        loaders = [dl for dl in CombinedLoader(source.dataloader(), "sequential").flattened if not _is_empty(dl)]
+    return loaders[0] if loaders else None
 
 
 def eval_source(trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> Optional[Any]:
@@ -283,20 +391,81 @@ def _eval_loop(trainer: L.Trainer, stage: str) -> Optional[Any]:
     return None
 
 
-def _in_order(loader: Iterable[Any]) -> Iterable[Any]:
-    """``loader``, or an unshuffled DataLoader over its dataset where it does not read it in order."""
-    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
-        return loader  # it has no sampler to replace: its own order is the only one
-    batch_sampler = loader.batch_sampler
-    if batch_sampler is None:  # automatic batching off: the loader yields single samples
-        if isinstance(loader.sampler, SequentialSampler):
-            return loader
-        return DataLoader(loader.dataset, batch_size=None, shuffle=False, collate_fn=loader.collate_fn)
-    if type(batch_sampler) is BatchSampler and isinstance(batch_sampler.sampler, SequentialSampler):
-        return loader
-    batch_size = loader.batch_size or getattr(batch_sampler, "batch_size", None) or 1
-    # One process: the probe reads a few samples once, which costs less than starting workers.
-    return DataLoader(loader.dataset, batch_size=batch_size, shuffle=False, collate_fn=loader.collate_fn)
+# ------------------------------------------------------------------ the probe's source
+def probe_source(trainer: L.Trainer, pl_module: L.LightningModule, stage: str, user_probe: Optional[ProbeBatch]) -> Any:
+    """Where ``stage``'s probe comes from: the user's probe, else a datamodule with ``probe_batch(n)`` where the stage
+    reads that datamodule's loaders, else the stage's evaluation dataloader (:func:`raw_eval_loader`): loaders given
+    to ``validate``/``test`` after a fit on a datamodule give their own probe. Raises, naming the remedies, where
+    there is none."""
+    if user_probe is not None:
+        return user_probe
+    datamodule = trainer.datamodule
+    if callable(getattr(datamodule, "probe_batch", None)):
+        given = eval_source(trainer, pl_module, stage)
+        if given is None or given.instance is datamodule:
+            return datamodule
+    loader = raw_eval_loader(trainer, pl_module, stage)
+    if loader is None:
+        raise ValueError(
+            "CAAPCallback found no probe images: pass probe=... (images, a tuple, a dict or a Dataset), give "
+            f"the datamodule a probe_batch(n) method, or give the Trainer's {stage} a validation dataloader."
+        )
+    return loader
+
+
+def probe_source_key(source: Any) -> Any:
+    """The object whose identity says the probe is still the same: a DataLoader's dataset (a new loader over the same
+    data holds the same images), else the source itself. Compare with ``is``, and keep it, so its id is not reused."""
+    return source.dataset if isinstance(source, DataLoader) else source
+
+
+def take_probe(trainer: L.Trainer, source: Any, n: int, keys: KeysLike = None) -> ProbeBatch:
+    """The probe of ``n`` images (fewer where the source has fewer) from a :func:`probe_source`, checked, on the CPU.
+
+    Under DDP rank 0 reads it and every rank takes rank 0's, so that ranks whose loaders read other
+    shards (a rank-sharded IterableDataset) still explain the same images.
+    """
+    if isinstance(source, ProbeBatch):
+        return source
+    if trainer.world_size == 1:
+        return _read_source(source, n, keys)
+    outcome: Union[None, ProbeBatch, str] = None
+    error: Optional[Exception] = None
+    if trainer.is_global_zero:
+        try:
+            outcome = _read_source(source, n, keys)
+        except Exception as exc:  # every rank must reach the broadcast, then fail with rank 0's reason
+            outcome, error = f"{type(exc).__name__}: {exc}", exc
+    outcome = trainer.strategy.broadcast(outcome, src=0)
+    if error is not None:
+        raise error
+    if isinstance(outcome, str):
+        raise ValueError(f"reading the probe on rank 0 failed: {outcome}")
+    return outcome
+
+
+def _read_source(source: Any, n: int, keys: KeysLike) -> ProbeBatch:
+    if isinstance(source, DataLoader) or not callable(getattr(source, "probe_batch", None)):
+        return check_probe(read_probe(source, n, keys).to("cpu"))
+    with preserved_rng():
+        batch = source.probe_batch(n)
+    return check_probe(to_probe_batch(batch, keys).to("cpu"))
+
+
+def probe_shortfall(probe: ProbeBatch, num_images: int) -> Optional[str]:
+    """A sentence where the probe taken is less than asked: fewer than ``num_images`` images, or images of one class
+    alone; else ``None``."""
+    said = []
+    if len(probe) < num_images:
+        said.append(f"the probe has {len(probe)} images, fewer than num_images={num_images}: its source has no more")
+    labels = probe.labels[probe.labels != UNKNOWN_LABEL]
+    if len(probe) > 1 and len(labels) == len(probe) and bool((labels == labels[0]).all()):
+        said.append(
+            f"every probe image has label {int(labels[0])}: the maps explain one class, and a swap test, which scores "
+            "only pairs of images the model classifies differently, may score none at all; draw the probe across "
+            "the classes (a dataset of many classes, a datamodule's probe_batch(n), or probe=...)"
+        )
+    return "; ".join(said) or None
 
 
 # ------------------------------------------------------------------ checks
@@ -334,6 +503,13 @@ def _check_images(images: Any) -> torch.Tensor:
             f"the probe's images are {images.dtype}: give float images normalised as the model expects, e.g. "
             "v2.ToDtype(torch.float32, scale=True) then v2.Normalize(mean, std)"
         )
+    bad = _bad_images(images)
+    if bad:
+        raise ValueError(
+            f"the probe's images hold NaN or inf pixels (image(s) {_listed([str(i) for i in bad])} of its "
+            f"{images.shape[0]}), which would fail every check: fix the dataset's transform (e.g. a std of 0 in "
+            "v2.Normalize) or leave those samples out"
+        )
     return images
 
 
@@ -364,6 +540,29 @@ def _check_mask(mask: Any, field: str, n: int, size: Tuple[int, int]) -> Optiona
             "image (nearest-neighbour, e.g. one v2 transform on the image and a tv_tensors.Mask)"
         )
     return mask
+
+
+def check_probe_regions(logged: Mapping[str, Any]) -> None:
+    """Raise where a mask field that a logged scalar reads marks no image's region in the probe it is computed on.
+
+    ``logged`` is CAAPCallback's table (tag -> ``LoggedScalar``): each entry names its probe (a swap
+    test's is the swap probe, every other scalar's the maps' probe) and its map metric or model test,
+    with ``needs``, the mask field it reads. Blank (or whole-image) masks would fail every check the
+    same way; here they fail once, in ``setup``.
+    """
+    for tag, entry in logged.items():
+        needs = (entry.model_test or entry.spec).needs
+        if needs is None:
+            continue
+        which = "swap probe" if entry.model_test is not None and entry.model_test.kind == "swap" else "probe"
+        try:
+            scorable_regions(getattr(entry.probe, needs))
+        except ValueError as exc:
+            raise ValueError(
+                f"CAAPCallback cannot watch {tag} on this {which} of {len(entry.probe)} image(s): {exc}. Give {needs} "
+                f"that mark part of each image (the maps' probe is the swap probe's first images), or leave out the "
+                f"metrics that read {needs}"
+            ) from exc
 
 
 # ------------------------------------------------------------------ normalisation

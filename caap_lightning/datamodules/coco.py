@@ -110,6 +110,11 @@ class CocoSource(Dataset):
             # Largest area wins; ties go to the lower class index.
             category = max(area, key=lambda c: (area[c], -category_to_label[c]))
             self.items.append((image_id, category_to_label[category], [a for a in anns if a["category_id"] == category]))
+        if not self.items:
+            raise ValueError(
+                f"{annotation_file} gives no image to classify: it lists {len(self.coco.imgs)} images, none with an "
+                f"instance of {self.classes}; check that it is the instances file of this split, or the categories"
+            )
         if self.skipped:
             warnings.warn(
                 f"{len(self.skipped)} of {len(self.coco.imgs)} images in {annotation_file} have no instance of "

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from caap_lightning import CAAP
 from caap_lightning.callbacks import CAAPCallback, SpuriousCueMonitor
+from caap_lightning.callbacks.probe import seeded_order
 from caap_lightning.metrics import PointingGame, pointing_game
 
 HALF = (0.5, 0.5, 0.5)
@@ -100,20 +101,22 @@ def test_plain_loaders_and_a_backbone_with_its_own_head(tmp_path, events_reader)
     train, val = loaders()
     quiet_trainer(tmp_path, [caap]).fit(model, train_dataloaders=train, val_dataloaders=val)
     images, labels, _ = image_data()
-    # The probe is the first samples of the validation loader.
-    torch.testing.assert_close(caap.probe.images, images[:4])
-    assert torch.equal(caap.probe.labels, labels[:4])
+    # The probe is a seeded draw across the validation set.
+    drawn = seeded_order(len(images))[:4]
+    images, labels = images[drawn], labels[drawn]
+    torch.testing.assert_close(caap.probe.images, images)
+    assert torch.equal(caap.probe.labels, labels)
     # Its maps are those of the same ViT with the head built in.
     built_in = tiny_vit(num_classes=3)
     state = {k: v for k, v in model.backbone.state_dict().items()}
     state.update({"head.weight": model.classifier.weight, "head.bias": model.classifier.bias})
     built_in.load_state_dict(state)
     expected = CAAP(built_in.eval(), construction="parallel", mean=HALF, std=HALF).attribute(
-        images[:4], target=caap.last.targets, relative=True
+        images, target=caap.last.targets, relative=True
     )
     torch.testing.assert_close(caap.last.maps, expected, atol=1e-5, rtol=1e-4)
     with torch.no_grad():
-        assert torch.equal(caap.last.targets, built_in(images[:4]).argmax(-1))
+        assert torch.equal(caap.last.targets, built_in(images).argmax(-1))
     events = events_reader(tmp_path / "tb")
     (step,) = events["scalars"]["caap/insdel"]
     assert events["scalars"]["caap/insdel"][step] == pytest.approx(caap.last.metrics["caap/insdel"], rel=1e-5)
@@ -336,7 +339,7 @@ def test_a_module_swapped_during_the_fit_is_attributed_fresh(tmp_path):
     quiet_trainer(tmp_path, [caap], max_epochs=2, limit_train_batches=1).fit(module, *loaders())
     images, _, _ = image_data()
     expected = CAAP(module.net.eval(), construction="parallel", mean=HALF, std=HALF).attribute(
-        images[:4], target=caap.last.targets, relative=True
+        images[seeded_order(len(images))[:4]], target=caap.last.targets, relative=True
     )
     torch.testing.assert_close(caap.last.maps, expected, atol=1e-5, rtol=1e-4)
 

@@ -17,6 +17,7 @@ from caap_lightning.callbacks import CAAPCallback, SpuriousCueMonitor
 from caap_lightning.callbacks.distributed import in_probe_order
 from caap_lightning.callbacks.discovery import find_attribution_model
 from caap_lightning.model_tests import MODEL_TESTS, InsertionRatio, SwapPairs, SwapRatio, border_masks, rest_colour
+from caap_lightning.callbacks.probe import seeded_order
 
 
 def test_fit_logs_heatmaps_and_finite_scalars_at_the_validation_steps(
@@ -259,9 +260,10 @@ def test_plain_dataloaders_give_the_probe(tmp_path, data_factory, classifier_fac
     data.setup()
     caap = CAAPCallback(num_images=4, log_images=False)
     trainer_factory(tmp_path, [caap]).validate(classifier_factory(), dataloaders=data.val_dataloader(), verbose=False)
-    first = next(iter(data.val_dataloader()))  # the loader is not shuffled: its first samples
-    torch.testing.assert_close(caap.probe.images, first.images[:4])
-    assert torch.equal(caap.probe.masks, first.masks[:4]) and torch.equal(caap.probe.cue_masks, first.cue_masks[:4])
+    whole = next(iter(data.val_dataloader()))  # one batch holds the whole validation set
+    drawn = seeded_order(len(whole))[:4]  # the probe is a seeded draw across it
+    torch.testing.assert_close(caap.probe.images, whole.images[drawn])
+    assert torch.equal(caap.probe.masks, whole.masks[drawn]) and torch.equal(caap.probe.cue_masks, whole.cue_masks[drawn])
 
 
 @pytest.mark.parametrize(

@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+import random
+import sys
+import warnings
+from typing import Any, Dict, List, Optional
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler, TensorDataset
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    TensorDataset,
+)
 
 from caap_lightning.callbacks.probe import (
     UNKNOWN_LABEL,
@@ -19,9 +32,12 @@ from caap_lightning.callbacks.probe import (
     probe_from_dataset,
     probe_from_loader,
     raw_eval_loader,
+    read_probe,
     resolve_normalization,
+    seeded_order,
     to_probe_batch,
 )
+from caap_lightning.callbacks import CAAPCallback, SpuriousCueMonitor
 from caap_lightning.datamodules.base import ProbeBatch, collate_samples
 from caap_lightning.utils import IMAGENET_MEAN, IMAGENET_STD, normalize
 
@@ -308,11 +324,13 @@ def test_fit_loaders_given_to_fit():
     assert run("fit", TinyModule(), train_dataloaders=loader(), val_dataloaders=[first, second]).raw["fit"] is first
 
 
-def test_fit_plain_datamodule_shuffled_loader_is_read_in_order():
+def test_fit_plain_datamodule_shuffled_loader_is_read_in_the_seeded_order():
     datamodule = PlainDataModule()
     raw = run("fit", TinyModule(), datamodule=datamodule).raw["fit"]
-    assert raw.dataset is datamodule.val_set and isinstance(raw.sampler, SequentialSampler) and raw.batch_size == 3
-    assert probe_from_loader(raw, 5).labels.tolist() == [0, 1, 2, 0, 1]
+    assert raw.dataset is datamodule.val_set and isinstance(raw.sampler, RandomSampler) and raw.batch_size == 3
+    # The loader's shuffle plays no part: the probe is the seeded draw of its dataset, as from an unshuffled loader.
+    assert read_probe(raw, 5).labels.tolist() == [i % 3 for i in seeded_order(8)[:5]]
+    assert torch.equal(read_probe(raw, 5).images, read_probe(loader(), 5).images)
 
 
 def test_validate_and_test_loaders():
@@ -335,12 +353,12 @@ def test_no_eval_loop_gives_none():
     assert no_step.raw["fit"] is None
 
 
-def test_users_distributed_sampler_is_replaced():
+def test_users_distributed_sampler_plays_no_part():
     sampler = DistributedSampler(dataset(), num_replicas=2, rank=1, shuffle=False)
     given = DataLoader(dataset(), batch_size=2, sampler=sampler)
     raw = run("validate", TinyModule(), dataloaders=given).raw["validate"]
-    assert raw is not given and isinstance(raw.sampler, SequentialSampler)
-    assert probe_from_loader(raw, 4).labels.tolist() == [0, 1, 2, 0]
+    assert raw is given  # rank 1's shard of the set: the probe reads the whole set in its seeded order all the same
+    assert read_probe(raw, 4).labels.tolist() == [i % 3 for i in seeded_order(8)[:4]]
 
 
 def test_ddp_run_reads_the_loader_before_lightning_adds_its_sampler():
@@ -396,3 +414,244 @@ def test_pixel_range_flags_raw_pixels():
 def test_pixel_range_flags_another_normalisation():
     message = check_pixel_range(images(), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     assert message is not None and "fall outside [0, 1]" in message
+
+
+# ------------------------------------------------------------------ the probe in real runs of a tiny ViT
+VIT_SIZE = 32
+HALF = (0.5, 0.5, 0.5)
+
+
+def vit_images(n: int, seed: int = 0) -> torch.Tensor:
+    """Images ``(n, 3, 32, 32)`` normalised with mean = std = 0.5."""
+    return torch.rand(n, 3, VIT_SIZE, VIT_SIZE, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def sorted_set(n: int = 30, classes: int = 3, seed: int = 0) -> TensorDataset:
+    """A set listed class by class, as ImageFolder lists a folder."""
+    return TensorDataset(vit_images(n, seed), torch.arange(n) * classes // n)
+
+
+class ViTModule(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = VisionTransformer(img_size=VIT_SIZE, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3)
+
+    def step(self, batch, batch_idx):
+        x, y = batch[0], batch[1]
+        return nn.functional.cross_entropy(self.model(x), y)
+
+    def training_step(self, batch, batch_idx):
+        return self.step(batch, batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", self.step(batch, batch_idx))
+
+    def test_step(self, batch, batch_idx):
+        self.log("test/loss", self.step(batch, batch_idx))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def vit_trainer(callbacks: List, **kwargs) -> L.Trainer:
+    cfg = dict(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    cfg.update(kwargs)
+    return L.Trainer(callbacks=callbacks, **cfg)
+
+
+def quiet_caap(**kwargs) -> CAAPCallback:
+    return CAAPCallback(**{"mean": HALF, "std": HALF, "log_images": False, "on_error": "raise", **kwargs})
+
+
+def test_reading_a_loader_leaves_the_global_generators_and_depends_on_none():
+    loader = DataLoader(sorted_set(), batch_size=4, shuffle=True, num_workers=1)
+    torch.manual_seed(3), random.seed(3), np.random.seed(3)
+    before = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    probe = read_probe(loader, 6)
+    assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
+    np.testing.assert_equal(np.random.get_state(), before[2])
+    torch.manual_seed(4)  # another global state, as on another rank or at another call: the same probe
+    assert torch.equal(read_probe(loader, 6).images, probe.images)
+
+
+def test_an_iterable_dataset_is_read_from_a_fresh_iterator():
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter(zip(vit_images(6), torch.arange(6)))
+
+    loader = DataLoader(Stream(), batch_size=4)
+    started = iter(loader)
+    next(started)  # a loader already half read: the probe still starts at the stream's start
+    assert read_probe(loader, 5).labels.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_a_class_sorted_set_gives_probes_of_many_classes():
+    probe = read_probe(DataLoader(sorted_set(), batch_size=4), 12)
+    assert len(set(probe.labels.tolist())) == 3
+    assert len(set(probe.labels[:4].tolist())) >= 2  # the maps' probe: the swap probe's first images
+    # In a run: the maps' probe is the first images of the swap probe, and both are spread over the classes.
+    caap = quiet_caap(num_images=4, swap_images=12)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        vit_trainer([caap]).validate(ViTModule(), DataLoader(sorted_set(), batch_size=4), verbose=False)
+    assert not [w for w in said if "probe" in str(w.message)]  # nothing to say about this probe
+    assert len(set(caap.swap_probe.labels.tolist())) == 3 and len(set(caap.probe.labels.tolist())) >= 2
+    assert torch.equal(caap.probe.images, caap.swap_probe.images[:4])
+
+
+def test_a_probe_of_one_class_or_of_fewer_images_is_said_once_in_setup():
+    one_class = TensorDataset(vit_images(8), torch.zeros(8, dtype=torch.long))
+    train = DataLoader(sorted_set(8), batch_size=4)
+    with pytest.warns(UserWarning) as said:
+        vit_trainer([quiet_caap(num_images=4, swap_images=8), SpuriousCueMonitor()], max_epochs=3).fit(
+            ViTModule(), train, DataLoader(one_class, batch_size=4)
+        )
+    messages = [str(w.message) for w in said]
+    assert sum("every probe image has label 0" in m for m in messages) == 1
+    short = TensorDataset(vit_images(3), torch.arange(3))
+    with pytest.warns(UserWarning, match=r"the probe has 3 images, fewer than num_images=4"):
+        vit_trainer([quiet_caap(num_images=4, metrics=["insertion_deletion"])]).validate(
+            ViTModule(), DataLoader(short, batch_size=4), verbose=False
+        )
+
+
+def test_validate_test_and_a_new_fit_take_the_probe_of_their_own_loaders():
+    caap = quiet_caap(num_images=4, swap_images=4)
+    module = ViTModule()
+    train = DataLoader(sorted_set(8, seed=0), batch_size=4)
+    val, other, test, refit = (DataLoader(sorted_set(8, seed=s), batch_size=4) for s in (1, 2, 3, 4))
+    trainer = vit_trainer([caap], limit_train_batches=1)
+    trainer.fit(module, train, val)
+    assert torch.equal(caap.probe.images, read_probe(val, 4).images) and caap.last.stage == "fit"
+    trainer.validate(module, other, verbose=False)
+    assert torch.equal(caap.last.probe.images, read_probe(other, 4).images) and caap.last.stage == "validate"
+    trainer.test(module, test, verbose=False)
+    assert torch.equal(caap.last.probe.images, read_probe(test, 4).images) and caap.last.stage == "test"
+    vit_trainer([caap], limit_train_batches=1).fit(module, train, refit)
+    assert torch.equal(caap.last.probe.images, read_probe(refit, 4).images) and caap.last.stage == "fit"
+    # A new loader over the same data is the same source: its probe is kept, not read again.
+    kept = caap.probe
+    trainer.validate(module, DataLoader(refit.dataset, batch_size=2), verbose=False)
+    assert caap.probe is kept
+
+
+class SortedDataModule(L.LightningDataModule):
+    def train_dataloader(self):
+        return DataLoader(sorted_set(8, seed=0), batch_size=4)
+
+    def val_dataloader(self):
+        return DataLoader(sorted_set(8, seed=1), batch_size=4)
+
+    def probe_batch(self, n: int):
+        return vit_images(n, seed=9), torch.arange(n) % 3
+
+
+def test_loaders_given_to_test_after_a_fit_on_a_datamodule_give_their_own_probe():
+    caap = quiet_caap(num_images=4, swap_images=4)
+    module, trainer = ViTModule(), vit_trainer([caap], limit_train_batches=1)
+    trainer.fit(module, datamodule=SortedDataModule())
+    assert torch.equal(caap.probe.images, vit_images(4, seed=9))  # the datamodule's probe_batch
+    test = DataLoader(sorted_set(8, seed=3), batch_size=4)
+    trainer.test(module, test, verbose=False)  # the Trainer keeps the datamodule; the test reads `test`
+    assert torch.equal(caap.last.probe.images, read_probe(test, 4).images) and caap.last.stage == "test"
+
+
+class RankShardedStream(IterableDataset):
+    """Each process streams its own share of the set, as a rank-sharded IterableDataset (WebDataset) does."""
+
+    def __iter__(self):
+        rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if (
+            torch.distributed.is_initialized()) else (0, 1)
+        return iter(zip(vit_images(16)[rank::world], (torch.arange(16) % 3)[rank::world]))
+
+
+class SavesProbe(Callback):
+    def __init__(self, caap: CAAPCallback, root) -> None:
+        self.caap, self.root = caap, root
+
+    def on_validation_end(self, trainer, pl_module):
+        torch.save((self.caap.probe.images, self.caap.swap_probe.images), self.root / f"probe{trainer.global_rank}.pt")
+
+
+def test_ddp_ranks_with_sharded_streams_explain_rank_zeros_probe(tmp_path, monkeypatch):
+    monkeypatch.delenv("MASTER_PORT", raising=False)  # an earlier DDP run in this process may still hold its port
+    caap = quiet_caap(num_images=2, swap_images=4)
+    trainer = vit_trainer(
+        [caap, SavesProbe(caap, tmp_path)], strategy="ddp_spawn", devices=2, limit_train_batches=1,
+    )
+    trainer.fit(ViTModule(), DataLoader(sorted_set(8), batch_size=2), DataLoader(RankShardedStream(), batch_size=2))
+    maps0, swap0 = torch.load(tmp_path / "probe0.pt")
+    maps1, swap1 = torch.load(tmp_path / "probe1.pt")
+    assert torch.equal(swap0, vit_images(16)[0::2][:4])  # rank 0's stream, from its start
+    assert torch.equal(swap1, swap0) and torch.equal(maps1, maps0) and torch.equal(maps0, swap0[:2])
+
+
+# ------------------------------------------------------------------ data that used to fail late or silently
+class Samples(Dataset):
+    """Tuple samples of a tiny ViT's size; ``make(i)`` gives sample i's items beyond the image and label."""
+
+    def __init__(self, n: int, extra=lambda i: (), image=lambda i: vit_images(1, i)[0]) -> None:
+        self.n, self.extra, self.image = n, extra, image
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple:
+        return (self.image(i), i % 3, *self.extra(i))
+
+
+def square_mask(i: int = 0) -> torch.Tensor:
+    mask = torch.zeros(VIT_SIZE, VIT_SIZE, dtype=torch.bool)
+    mask[8:24, 8:24] = True
+    return mask
+
+
+def test_masks_in_only_some_samples_fail_in_setup_naming_them():
+    some = Samples(8, extra=lambda i: (square_mask(),) if i % 2 == 0 else ())
+    with pytest.raises(ValueError, match=r"the probe's masks are in dataset index \d.* but not in dataset index \d.*give "
+                                         r"every sample its masks"):
+        vit_trainer([quiet_caap(num_images=4)]).validate(ViTModule(), DataLoader(some, batch_size=1), verbose=False)
+    batches = [(vit_images(2), torch.arange(2), torch.stack([square_mask()] * 2)), (vit_images(2, 1), torch.arange(2))]
+    with pytest.raises(ValueError, match=r"masks are in batch 0 but not in batch 1"):
+        read_probe(batches, 4)
+    with pytest.raises(ValueError, match=r"masks are in sample 0, sample 2, sample 4 and 1 more but not in sample 1, sample 3"):
+        probe_from_dataset(some, 8)
+
+
+def test_nan_pixels_fail_in_setup():
+    broken = vit_images(4)
+    broken[2, 0, 5, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or inf pixels \(image\(s\) 2 of its 4\)"):
+        quiet_caap(probe=broken)
+    nan_sample = Samples(8, image=lambda i: vit_images(1, i)[0] * (float("inf") if i == 5 else 1))
+    with pytest.raises(ValueError, match=r"dataset index 5 of the probe's source: .*NaN or inf pixels"):
+        vit_trainer([quiet_caap(num_images=4)]).validate(ViTModule(), DataLoader(nan_sample, batch_size=4), verbose=False)
+
+
+def test_blank_masks_of_the_maps_probe_fail_in_setup_though_the_swap_probes_are_fine():
+    masks = torch.stack([square_mask()] * 8)
+    masks[:4] = False  # the maps' probe: no object anywhere; the rest of the swap probe has one
+    caap = quiet_caap(probe=(vit_images(8), torch.arange(8) % 3, masks), num_images=4, swap_images=8)
+    with pytest.raises(ValueError, match=r"cannot watch caap/aupr_fg on this probe of 4 image\(s\): every one of the 4 "
+                                         r"masks is empty"):
+        vit_trainer([caap]).validate(ViTModule(), DataLoader(sorted_set(8), batch_size=4), verbose=False)
+
+
+def test_two_image_sizes_fail_naming_the_sizes_and_the_remedy():
+    mixed = Samples(8, image=lambda i: torch.zeros(3, 40, 40) if i % 2 else vit_images(1, i)[0])
+    with pytest.raises(ValueError, match=r"shapes differ \(.*\(3, 40, 40\) in dataset index.*v2.Resize and v2.CenterCrop"):
+        vit_trainer([quiet_caap(num_images=4)]).validate(ViTModule(), DataLoader(mixed, batch_size=2), verbose=False)
+
+
+def test_file_names_and_ids_after_the_labels_are_not_masks():
+    named = Samples(8, extra=lambda i: (f"img_{i}.png",))
+    caap = quiet_caap(num_images=4, swap_images=8)
+    vit_trainer([caap]).validate(ViTModule(), DataLoader(named, batch_size=4), verbose=False)
+    assert caap.probe.masks is None and len(caap.history) == 1
+    drawn = seeded_order(8)[:4]
+    assert caap.probe.labels.tolist() == [i % 3 for i in drawn]
+    assert to_probe_batch((images(), torch.arange(4), torch.arange(4))).masks is None  # sample ids
+    with pytest.raises(ValueError, match=r"masks are \(4, 4\) but its images \(8, 8\)"):  # a mask of the wrong size
+        to_probe_batch((images(), torch.arange(4), masks()[:, :4, :4]))

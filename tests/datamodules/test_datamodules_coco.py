@@ -156,3 +156,11 @@ def test_corrupt_image_is_named_at_setup(coco_files):
         f.truncate(60)  # the header survives, the pixel data does not
     with pytest.raises(ValueError, match=r"b\.png.*truncated"):
         make(coco_files).setup("fit")  # the validation split is the probe's: every file of it is probed here
+
+
+def test_annotations_without_images_are_named(coco_files):
+    rewrite_annotations(coco_files, lambda coco: coco.update(images=[], annotations=[]))
+    dm = make(coco_files)
+    with pytest.raises(ValueError, match=r"instances\.json gives no image to classify: it lists 0 images"):
+        dm.setup("fit")
+        dm.probe_batch(4)  # where the empty set used to fail, with torch.stack's message
