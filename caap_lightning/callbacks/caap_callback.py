@@ -24,7 +24,7 @@ from caap_lightning.attribution.blanks import BLANK_KINDS
 from caap_lightning.attribution.caap import CONSTRUCTIONS as VIT_CONSTRUCTIONS, SCORES
 from caap_lightning.attribution.selection import SELECTIONS
 from caap_lightning.callbacks import figures
-from caap_lightning.callbacks.discovery import find_attribution_model
+from caap_lightning.callbacks.discovery import find_attribution_model, names_its_classifier, verify_attribution_model
 from caap_lightning.callbacks.probe import (
     ProbeKeys,
     check_pixel_range,
@@ -705,14 +705,22 @@ class CAAPCallback(Callback):
                 f"{type(model).__name__}){which}: {exc} Return a timm VisionTransformer or a supported CNN "
                 f"({cnn.SUPPORTED}) from get_attribution_model(), change the method's settings, or remove the callback."
             ) from exc
+        # A CNN is its own classifier; a ViT's needs the module's head where it is headless.
+        classifier = vit.Classifier(model, head) if self._family == "vit" else model
+        try:
+            note = verify_attribution_model(pl_module, classifier, self.probe.images, self.mean, self.std,
+                                            against_forward=not names_its_classifier(pl_module, model, self.head))
+        except ValueError as exc:
+            raise ValueError(f"CAAPCallback cannot attribute {type(pl_module).__name__}: {exc}") from exc
+        if note and self._built_for is None:
+            rank_zero_warn(f"CAAPCallback: {note}")
         if self._built_for is None:
             warning = check_pixel_range(self.probe.images, self.mean, self.std)
             if warning:
                 rank_zero_warn(f"CAAPCallback: {warning}")
         self._model, self._head = model, head
         self._methods = methods
-        # A CNN is its own classifier; a ViT's needs the module's head where it is headless.
-        self._classifier = vit.Classifier(model, head) if self._family == "vit" else model
+        self._classifier = classifier
         self._meters = self._build_meters(self._classifier, tuple(self.probe.images.shape[-2:]))
         self._built_for = key
 
