@@ -24,7 +24,12 @@ from caap_lightning.attribution.blanks import BLANK_KINDS
 from caap_lightning.attribution.caap import CONSTRUCTIONS as VIT_CONSTRUCTIONS, SCORES
 from caap_lightning.attribution.selection import SELECTIONS
 from caap_lightning.callbacks import figures
-from caap_lightning.callbacks.discovery import find_attribution_model, names_its_classifier, verify_attribution_model
+from caap_lightning.callbacks.discovery import (
+    check_class_scores,
+    find_attribution_model,
+    names_its_classifier,
+    verify_attribution_model,
+)
 from caap_lightning.callbacks.probe import (
     ProbeKeys,
     check_pixel_range,
@@ -1043,7 +1048,9 @@ class CAAPCallback(Callback):
 
         all_images, all_masks = shard_of(share(len(larger)))
         with torch.no_grad(), eval_mode(self._classifier):
-            probs = self._classifier(all_images).float().softmax(-1)
+            logits = self._classifier(all_images)
+        check_class_scores(logits, "the model")  # a NaN would argmax to class 0 and read as a class
+        probs = logits.float().softmax(-1)
         all_top1 = probs.argmax(-1)
         index = share(len(self.probe))
         mine = len(index)

@@ -273,3 +273,22 @@ def test_a_hugging_face_vit_is_found_in_a_module(name):
     assert vit_kind(hf) == "transformers"
     # Its outputs are objects: the check reads their .logits.
     assert output_logits(hf(pixel_values=images(2))).shape == (2, 3)
+
+
+def test_nan_outputs_at_a_check_are_named_and_the_monitor_counts_nothing(vit_factory, tmp_path):
+    from caap_lightning.callbacks import SpuriousCueMonitor
+
+    class Diverging(Trainable):
+        def on_validation_epoch_start(self):
+            with torch.no_grad():
+                self.head.weight.fill_(float("nan"))
+
+    module = Diverging(vit_factory(num_classes=0), nn.Linear(DIM, 3))
+    caap = CAAPCallback(num_images=4, mean=HALF, std=HALF, log_images=False)
+    monitor = SpuriousCueMonitor()
+    with pytest.warns(UserWarning, match=r"classifying the probe images failed at epoch 0 \(ValueError: the model "
+                                         r"gives NaN or inf outputs on probe image\(s\) \[0, 1, 2, 3, 4, 5, 6, 7\]"
+                                         r".*this check is skipped") as record:
+        quiet_trainer(tmp_path, caap, monitor).fit(module, *loaders())
+    assert caap.history == [] and monitor.history == []
+    assert not any("class of its partner" in str(w.message) for w in record)
