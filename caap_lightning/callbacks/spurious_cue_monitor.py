@@ -27,6 +27,7 @@ from caap_lightning.callbacks.strategies import (
     MIN_GROUP_IMAGES,
     StrategyGroup,
     discover_strategies,
+    evidence_floor,
     log_strategies,
     place_of,
 )
@@ -381,7 +382,8 @@ class SpuriousCueMonitor(Callback):
         self.last_strategies = {}  # a failure below leaves none rather than the last check's
         maps = result.method_maps[self._method]
         self.last_strategies = discover_strategies(
-            maps, result.targets, result.class_name, max_clusters=self.strategy_max_clusters
+            maps, result.targets, result.class_name, max_clusters=self.strategy_max_clusters,
+            min_evidence=evidence_floor(self._method, self._source.score),
         )
         if trainer.is_global_zero:
             log_strategies(
