@@ -309,3 +309,27 @@ def test_merging_joins_clusters_closer_than_their_radii_only():
     apart = torch.cat([blob[:20], blob[20:] + 10.0])
     assert merge_unseparated(apart, (torch.arange(40) >= 20).long()).tolist() == [0] * 20 + [1] * 20
     assert spectral_clusters(blob, num_clusters=2).num_clusters == 2
+
+
+def test_a_fit_whose_maps_are_too_weak_logs_no_strategies_and_says_why(
+    tmp_path, monkeypatch, data_factory, classifier_factory, trainer_factory, events_reader
+):
+    def weak_attribute(self, images, target=None, **kwargs):  # a model at chance: the places, without strength
+        return 0.009 * scripted_attribute(self, images)
+
+    monkeypatch.setattr(CAAP, "attribute", weak_attribute)
+    images, labels, _ = scripted_probe()
+    caap = CAAPCallback(probe=(images, labels), num_images=64, metrics=["fixed_position_ratio"], target="label",
+                        log_images=False, mean=HALF, std=HALF)
+    monitor = SpuriousCueMonitor(num_images=3, threshold=1e6)
+    trainer = trainer_factory(tmp_path, [caap, monitor], max_epochs=1, limit_train_batches=1)
+    trainer.fit(classifier_factory(), datamodule=data_factory())
+    names = [f"class/{caap.last.class_name(c)}" for c in (0, 1)]
+    assert monitor.discovers_strategies and sorted(monitor.last_strategies) == ["all", *sorted(names)]
+    assert all(group.strategies == [] for group in monitor.last_strategies.values())
+    events = events_reader(trainer.logger.log_dir)
+    step = next(iter(events["scalars"]["spurious/score"]))
+    assert events["scalars"]["spurious/strategies/all/clusters"][step] == 0.0
+    assert not any(tag.startswith("spurious/strategies/") for tag in events["images"])
+    text = events["texts"]["spurious/strategies/text_summary"][step]
+    assert "**all classes**: no strategies shown: the maps are too weak to cluster: 0 of 64 hold evidence" in text
