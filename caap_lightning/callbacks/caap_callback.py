@@ -372,8 +372,12 @@ class CAAPCallback(Callback):
     method is built for the model's family (``registry.get_method``): ``caap`` is
     :class:`~caap_lightning.CAAP` on a ViT and ``ConvCAAP`` on a CNN. A ViT built with
     ``num_classes=0`` is completed by the module's own head: ``get_attribution_head()``, else
-    the submodule named by ``head``, else the one ``nn.Linear`` that takes the ViT's features;
-    a CNN is attributed through its own head.
+    the submodule named by ``head``, else the one head that holds the ``nn.Linear`` taking the
+    ViT's features (a whole ``nn.Sequential`` head, not its first layer); a CNN is attributed
+    through its own head. Unless the module names its classifier (``get_attribution_model()``,
+    and ``get_attribution_head()`` or ``head`` for a headless ViT), setup runs the module's own
+    forward and the attribution model on a few probe images and refuses when their outputs
+    differ (:func:`~caap_lightning.callbacks.discovery.verify_attribution_model`).
 
     Args:
         every_n_epochs: run after the validation of every n-th epoch of a fit.

@@ -173,7 +173,7 @@ def _head_container(pl_module: nn.Module, vit: nn.Module, path: str) -> str:
 
 
 def _linear_head(pl_module: nn.Module, vit: nn.Module) -> nn.Module:
-    """The one head that holds the ``nn.Linear`` layers taking the ViT's ``num_features`` (see :func:`_head_container`)."""
+    """The one head holding the ``nn.Linear`` layers that take the ViT's ``num_features`` (:func:`_head_container`)."""
     linears = [(p, m) for p, m in _outside(pl_module, vit) if isinstance(m, nn.Linear)]
     fitting = [p for p, m in linears if m.in_features == vit.num_features]
     heads = list(dict.fromkeys(_head_container(pl_module, vit, p) for p in fitting))
@@ -300,15 +300,21 @@ def verify_attribution_model(
     Both run without grad, in eval mode, with the module's ``training`` flags and every random
     generator restored after. ``ValueError`` when the outputs differ, naming the largest difference,
     the modules the forward ran around the classifier or the normalisation it applies, and the
-    remedies. Returns a sentence to warn with where the forward cannot take the images (it is then
-    not compared), else ``None``.
+    remedies. Returns a sentence to warn with where either forward fails on the images (nothing is
+    then compared), else ``None``.
     """
     parameter = next(classifier.parameters(), None)
     if parameter is not None:
         images = images.to(device=parameter.device, dtype=parameter.dtype)
     images = images[:VERIFY_IMAGES]
     with _untouched(pl_module, classifier, images.device):
-        explained = classifier(images)
+        try:
+            explained = classifier(images)
+        except Exception as exc:  # not a setting to refuse: each check runs it again and reports where it fails
+            return (
+                f"the attribution model ({_describe(classifier)}) failed on a batch of probe images "
+                f"({type(exc).__name__}: {exc}), so it could not be checked; the checks report where it fails."
+            )
         check_class_scores(explained, f"the attribution model ({type(classifier).__name__})")
         if not against_forward:
             return None

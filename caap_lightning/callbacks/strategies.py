@@ -306,8 +306,8 @@ def discover_strategies(
 
     Only maps whose largest value exceeds ``min_evidence`` (see :func:`evidence_floor`) hold evidence to
     place; a group with fewer than :data:`MIN_GROUP_IMAGES` of them, or with less than
-    :data:`MIN_EVIDENCE_SHARE` of its maps holding evidence, is not clustered and says why (its maps too
-    weak, or too few). NaN or inf maps are refused.
+    :data:`MIN_EVIDENCE_SHARE` of its maps holding evidence, is not clustered and says why (its maps are
+    too weak). NaN or inf maps are refused.
     """
     maps = maps.detach().float().cpu()
     check_finite_maps(maps)
@@ -321,9 +321,11 @@ def discover_strategies(
             groups[f"class/{class_name(int(label))}"] = members
     found = {}
     for name, indices in groups.items():
+        if len(indices) < MIN_GROUP_IMAGES:
+            continue  # too few to cluster: the monitor says so in setup
         clustered = indices[holds_evidence[indices]]
         if len(clustered) < max(MIN_GROUP_IMAGES, MIN_EVIDENCE_SHARE * len(indices)):
-            reason = _too_weak_or_few(len(indices), len(clustered), min_evidence)
+            reason = _too_weak(len(indices), len(clustered), min_evidence)
             found[name] = StrategyGroup(name, indices, None, [], clustered, reason)
             continue
         clusters = spectral_clusters(features[clustered], max_clusters=max_clusters, seed=seed)
@@ -334,9 +336,7 @@ def discover_strategies(
     return found
 
 
-def _too_weak_or_few(images: int, holding: int, min_evidence: float) -> str:
-    if holding == images:
-        return f"too few images to cluster ({images}; a strategy needs {MIN_GROUP_IMAGES})"
+def _too_weak(images: int, holding: int, min_evidence: float) -> str:
     return (
         f"the maps are too weak to cluster: {holding} of {images} hold evidence above {min_evidence:g} (clustering "
         f"needs {MIN_GROUP_IMAGES} and {MIN_EVIDENCE_SHARE:.0%} of them); the model explains too little of its "

@@ -292,3 +292,13 @@ def test_nan_outputs_at_a_check_are_named_and_the_monitor_counts_nothing(vit_fac
         quiet_trainer(tmp_path, caap, monitor).fit(module, *loaders())
     assert caap.history == [] and monitor.history == []
     assert not any("class of its partner" in str(w.message) for w in record)
+
+
+def test_an_attribution_model_that_fails_gives_a_note_not_an_error(vit_factory):
+    class Failing(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("boom")
+
+    module = Backboned(vit_factory())
+    note = verify_attribution_model(module, Failing(), images())
+    assert note.startswith("the attribution model (Failing) failed on a batch of probe images (RuntimeError: boom)")
