@@ -269,9 +269,10 @@ def check_class_scores(logits: torch.Tensor, what: str = "the model") -> None:
             f"{what} gives one output per image (a one-logit binary classifier, e.g. trained with "
             "BCEWithLogitsLoss): the softmax of a single score is always 1, so every map would be flat, "
             "insertion would equal deletion and the model tests could compare no classes. Give it two outputs: "
-            "a head returning torch.cat([torch.zeros_like(z), z], dim=1) has the softmax (1 - sigmoid(z), "
-            "sigmoid(z)), the same probabilities as BCE on z (for a ViT: build it with num_classes=0 and return "
-            "that head from get_attribution_head()), or train it with two classes and cross-entropy"
+            "BinaryAsTwoClasses(head) (caap_lightning.callbacks.discovery) returns torch.cat([torch.zeros_like(z), "
+            "z], dim=1), whose softmax (1 - sigmoid(z), sigmoid(z)) holds BCE's probabilities, class 1 the positive "
+            "one (for a timm ViT: build it with num_classes=0 and return BinaryAsTwoClasses(self.head) from "
+            "get_attribution_head()); or train it with two classes and cross-entropy"
         )
     rows = nonfinite_rows(logits)
     if rows:
@@ -279,6 +280,19 @@ def check_class_scores(logits: torch.Tensor, what: str = "the model") -> None:
             f"{what} gives NaN or inf outputs on probe image(s) {rows}: no class can be read from them (a NaN "
             "argmaxes to class 0); the training has diverged or the images are broken"
         )
+
+
+class BinaryAsTwoClasses(nn.Module):
+    """A one-logit binary head ``z`` as two class scores ``(0, z)``: their softmax is ``(1 - sigmoid(z),
+    sigmoid(z))``, the probabilities BCE gives, so class 1 is the positive class and class 0 the negative one."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        z = output_logits(self.head(features))
+        return torch.cat([torch.zeros_like(z), z], dim=-1)
 
 
 def nonfinite_rows(logits: torch.Tensor) -> List[int]:
@@ -339,7 +353,16 @@ def verify_attribution_model(
         raise ValueError(_mismatch(pl_module, classifier, images, own, explained, ran, mean, std))
 
 
+def _comparable(own: torch.Tensor, explained: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The module's outputs and the attribution model's, as the same quantity."""
+    if own.dim() == 2 and own.shape[1] == 1 and explained.shape == (own.shape[0], 2):
+        # A one-logit module explained through BinaryAsTwoClasses: its logit is the classes' difference.
+        explained = explained[:, 1:] - explained[:, :1]
+    return own, explained
+
+
 def _same_outputs(own: torch.Tensor, explained: torch.Tensor) -> bool:
+    own, explained = _comparable(own, explained)
     if own.shape != explained.shape:
         return False
     own, explained = own.detach().float(), explained.detach().float()
@@ -349,6 +372,7 @@ def _same_outputs(own: torch.Tensor, explained: torch.Tensor) -> bool:
 
 
 def _difference(own: torch.Tensor, explained: torch.Tensor) -> str:
+    own, explained = _comparable(own, explained)
     if own.shape != explained.shape:
         return (
             f"the module's forward gives outputs of shape {tuple(own.shape)}, the attribution model "

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from caap_lightning.attribution import vit
 from caap_lightning.callbacks import CAAPCallback
 from caap_lightning.callbacks.discovery import (
+    BinaryAsTwoClasses,
     check_class_scores,
     find_attribution_model,
     names_its_classifier,
@@ -167,7 +168,7 @@ def test_verifying_leaves_the_module_and_every_generator_as_found(vit_factory):
 
 def test_class_scores_refuse_one_output_and_name_nonfinite_images():
     with pytest.raises(ValueError, match=r"the head gives one output per image \(a one-logit binary classifier.*"
-                                         r"torch.cat\(\[torch.zeros_like\(z\), z\], dim=1\)"):
+                                         r"BinaryAsTwoClasses\(head\).*get_attribution_head\(\)"):
         check_class_scores(torch.zeros(4, 1), "the head")
     logits = torch.zeros(5, 3)
     logits[1, 2] = float("nan")
@@ -302,3 +303,32 @@ def test_an_attribution_model_that_fails_gives_a_note_not_an_error(vit_factory):
     module = Backboned(vit_factory())
     note = verify_attribution_model(module, Failing(), images())
     assert note.startswith("the attribution model (Failing) failed on a batch of probe images (RuntimeError: boom)")
+
+
+def test_a_one_logit_model_is_explained_through_two_classes_with_bce_probabilities(vit_factory, tmp_path):
+    class Binary(Trainable):
+        def get_attribution_head(self):
+            return BinaryAsTwoClasses(self.head)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.binary_cross_entropy_with_logits(self(x)[:, 0], (y > 0).float())
+
+    module = Binary(vit_factory(num_classes=0), nn.Linear(DIM, 1))
+    x = images()
+    model, head = find_attribution_model(module)
+    assert isinstance(head, BinaryAsTwoClasses) and head.head is module.head
+    with torch.no_grad(), eval_mode(module):
+        z = module(x)[:, 0]
+        two = vit.Classifier(model, head)(x)
+    torch.testing.assert_close(two.softmax(-1)[:, 1], torch.sigmoid(z))
+    # Its logit is the two classes' difference: the same classifier as the module's forward.
+    assert verify_attribution_model(module, vit.Classifier(model, head), x) is None
+    # A head that is not the module's still fails.
+    other = BinaryAsTwoClasses(nn.Linear(DIM, 1))
+    with pytest.raises(ValueError, match=r"their outputs differ by up to"):
+        verify_attribution_model(module, vit.Classifier(model, other), x)
+    caap = CAAPCallback(num_images=4, mean=HALF, std=HALF, log_images=False, metrics=["insertion_deletion"])
+    quiet_trainer(tmp_path, caap).fit(module, *loaders())
+    assert caap._classifier.num_classes == 2 and "caap/insdel" in caap.history[0]
+    assert caap.history[0]["caap/insertion"] != caap.history[0]["caap/deletion"]
