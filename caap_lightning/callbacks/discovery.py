@@ -362,13 +362,16 @@ def _comparable(own: torch.Tensor, explained: torch.Tensor) -> Tuple[torch.Tenso
 
 
 def _same_outputs(own: torch.Tensor, explained: torch.Tensor) -> bool:
+    """Whether the module's outputs are the attribution model's logits, or their softmax or log-softmax (a
+    forward that ends in one explains the same classifier: the callbacks softmax the logits themselves)."""
     own, explained = _comparable(own, explained)
     if own.shape != explained.shape:
         return False
-    own, explained = own.detach().float(), explained.detach().float()
     # The same modules on the same images agree to rounding; half precisions round more coarsely.
-    rtol = 1e-2 if explained.element_size() < 4 or own.element_size() < 4 else 1e-4
-    return bool(torch.allclose(own, explained, rtol=rtol, atol=rtol))
+    tolerance = 1e-2 if min(own.element_size(), explained.element_size()) < 4 else 1e-4
+    own, explained = own.detach().float(), explained.detach().float()
+    forms = (explained, explained.softmax(-1), explained.log_softmax(-1))
+    return any(bool(torch.allclose(own, form, rtol=tolerance, atol=tolerance)) for form in forms)
 
 
 def _difference(own: torch.Tensor, explained: torch.Tensor) -> str:

@@ -332,3 +332,13 @@ def test_a_one_logit_model_is_explained_through_two_classes_with_bce_probabiliti
     quiet_trainer(tmp_path, caap).fit(module, *loaders())
     assert caap._classifier.num_classes == 2 and "caap/insdel" in caap.history[0]
     assert caap.history[0]["caap/insertion"] != caap.history[0]["caap/deletion"]
+
+
+@pytest.mark.parametrize("ending", [lambda t: t.softmax(-1), lambda t: t.log_softmax(-1)], ids=["softmax", "log_softmax"])
+def test_a_forward_ending_in_a_softmax_explains_the_same_classifier(vit_factory, ending):
+    module = Backboned(vit_factory(), forward=lambda self, x: ending(self.backbone(x)))
+    assert verify_attribution_model(module, explained(module), images()) is None
+    # Not the softmax of another classifier.
+    other = Backboned(vit_factory(seed=1), forward=lambda self, x: ending(module.backbone(x)))
+    with pytest.raises(ValueError, match=r"their outputs differ by up to"):
+        verify_attribution_model(other, explained(other), images())
