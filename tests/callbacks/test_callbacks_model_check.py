@@ -334,7 +334,8 @@ def test_a_one_logit_model_is_explained_through_two_classes_with_bce_probabiliti
     assert caap.history[0]["caap/insertion"] != caap.history[0]["caap/deletion"]
 
 
-@pytest.mark.parametrize("ending", [lambda t: t.softmax(-1), lambda t: t.log_softmax(-1)], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("ending", [lambda t: t.softmax(-1), lambda t: t.log_softmax(-1)],
+                         ids=["softmax", "log_softmax"])
 def test_a_forward_ending_in_a_softmax_explains_the_same_classifier(vit_factory, ending):
     module = Backboned(vit_factory(), forward=lambda self, x: ending(self.backbone(x)))
     assert verify_attribution_model(module, explained(module), images()) is None
