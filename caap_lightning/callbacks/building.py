@@ -11,7 +11,7 @@ from torch import nn
 from caap_lightning.attribution import cnn, registry
 from caap_lightning.attribution.twins import SUPPORTED_VITS, unwrap_compiled
 from caap_lightning.callbacks.arguments import check_method_kwargs, check_model_images
-from caap_lightning.callbacks.discovery import find_attribution_model
+from caap_lightning.callbacks.discovery import find_attribution_model, names_its_classifier, verify_attribution_model
 from caap_lightning.callbacks.drawing import display_name
 
 
@@ -70,3 +70,17 @@ def build_method(
         if arg in takes:
             kwargs.setdefault(arg, value)
     return registry.get_method(name, model, **kwargs)
+
+
+def verify_classifier(
+    pl_module: nn.Module, model: nn.Module, classifier: nn.Module, images: torch.Tensor, mean: Sequence[float],
+    std: Sequence[float], head: Optional[str],
+) -> Optional[str]:
+    """Refuse a classifier whose outputs differ from the module's own forward, since the maps would explain another
+    model than the one trained (unless the module names its classifier itself); a sentence to warn where the
+    comparison could not run, else ``None``."""
+    try:
+        return verify_attribution_model(pl_module, classifier, images, mean, std,
+                                        against_forward=not names_its_classifier(pl_module, model, head))
+    except ValueError as exc:
+        raise ValueError(f"CAAPCallback cannot attribute {type(pl_module).__name__}: {exc}") from exc

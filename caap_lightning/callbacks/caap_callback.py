@@ -13,7 +13,6 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
-from torch.utils.data import Dataset
 
 from caap_lightning._lightning import is_overridden
 from caap_lightning.attribution import cnn, registry, vit
@@ -33,31 +32,20 @@ from caap_lightning.callbacks.arguments import (
     check_unique_prefix,
     warn_if_never_run,
 )
-from caap_lightning.callbacks.building import build_methods, cannot_attribute, find_model
+from caap_lightning.callbacks.building import build_methods, cannot_attribute, find_model, verify_classifier
 from caap_lightning.callbacks.distributed import ProbeShard, classify_shard, gather_shards
 from caap_lightning.callbacks.drawing import display_name, log_check_images
 from caap_lightning.callbacks.errors import SKIPPED, CheckSteps, attempt
 from caap_lightning.callbacks.meters import CheckMeters
 from caap_lightning.callbacks.metric_table import LoggedScalar, logged_table, map_image_values, resolve_metrics
 from caap_lightning.callbacks.metric_table import unscored_reasons
-from caap_lightning.callbacks.probe import (
-    ProbeKeys,
-    check_pixel_range,
-    check_probe,
-    check_probe_regions,
-    eval_source,
-    first_samples,
-    probe_from_dataset,
-    probe_shortfall,
-    probe_source,
-    probe_source_key,
-    resolve_normalization,
-    take_probe,
-    to_probe_batch,
-)
-from caap_lightning.callbacks.probe_source import check_labels_for, probe_size, runs_swaps
+from caap_lightning.callbacks.normalization import check_pixel_range, resolve_normalization
+from caap_lightning.callbacks.probe import ProbeKeys, check_probe_regions, first_samples
+from caap_lightning.callbacks.probe_source import eval_source, probe_shortfall, probe_source, probe_source_key, take_probe
+from caap_lightning.callbacks.probe_source import check_labels_for, class_names_of, own_probe, probe_size, runs_swaps
 from caap_lightning.callbacks.probe_source import warn_if_few_swap_images
 from caap_lightning.callbacks.result import ProbeResult
+from caap_lightning.callbacks.strategies import evidence_floor
 from caap_lightning.datamodules.base import ProbeBatch
 
 CLASSIFYING = "classifying"  # the check's steps, as the ranks agree on their failures
@@ -170,7 +158,7 @@ class CAAPCallback(Callback):
         self.user_mean = None if mean is None else tuple(float(m) for m in mean)
         self.user_std = None if std is None else tuple(float(s) for s in std)
         size = probe_size(self.metrics, num_images, self.swap_images)
-        self.user_probe = None if probe is None else _own_probe(probe, size, self.probe_keys)
+        self.user_probe = None if probe is None else own_probe(probe, size, self.probe_keys)
 
     def __init_state(self) -> None:
         self.history: List[Dict[str, Any]] = []
@@ -257,7 +245,7 @@ class CAAPCallback(Callback):
         self.swap_probe = taken if runs_swaps(self.active_metrics) else None
         if self.swap_probe is not None and self._swap_images_given:
             warn_if_few_swap_images(len(taken), self.swap_images)
-        self.class_names = _class_names(trainer.datamodule)
+        self.class_names = class_names_of(trainer.datamodule)
         self.logged = logged_table(self.methods, self.active_metrics, self.tag, self.probe, self.swap_probe)
         check_probe_regions(self.logged)
         self._probe_for = probe_source_key(source)
@@ -285,11 +273,14 @@ class CAAPCallback(Callback):
             rank_zero_info(f"CAAPCallback: {message}")
         self._methods = build_methods(pl_module, self.methods, model, head, self._family, self._caap_settings,
                                       self.method_kwargs, self.probe.images)
+        # A CNN is its own classifier; a ViT's needs the module's head where it is headless.
+        classifier = vit.Classifier(model, head) if self._family == "vit" else model
+        note = verify_classifier(pl_module, model, classifier, self.probe.images, self.mean, self.std, self.head)
+        if note and self._built_for is None:
+            rank_zero_warn(f"CAAPCallback: {note}")
         if self._built_for is None and (warning := check_pixel_range(self.probe.images, self.mean, self.std)):
             rank_zero_warn(f"CAAPCallback: {warning}")
-        self._model = model
-        # A CNN is its own classifier; a ViT's needs the module's head where it is headless.
-        self._classifier = vit.Classifier(model, head) if self._family == "vit" else model
+        self._model, self._classifier = model, classifier
         self._meters = CheckMeters(self.methods, self.active_metrics, self._classifier,
                                    self._step_pixels(tuple(self.probe.images.shape[-2:])), self.log_images, self.probe)
         self._built_for = key
@@ -457,6 +448,7 @@ class CAAPCallback(Callback):
             map_image_values=functools.partial(map_image_values, method_maps, self.probe, list(self.active_metrics),
                                                self.tag),
             model_test_image_values=tested, unscored=unscored,
+            map_evidence={name: evidence_floor(name, self.score) for name in method_maps},
         )
 
     def _log_result(self, pl_module: L.LightningModule, result: ProbeResult, seconds: float) -> None:
@@ -483,19 +475,6 @@ def _consequence(step: str, primary: bool) -> str:
     if step == CLASSIFYING:
         return SKIPPED
     return "its maps and their metrics are skipped at this check" if primary else "its metrics are left out of this check"
-
-
-def _class_names(datamodule: Any) -> List[str]:
-    try:
-        return [str(name) for name in datamodule.class_names]
-    except (AttributeError, NotImplementedError, TypeError):
-        return []
-
-
-def _own_probe(probe: Any, n: int, keys: ProbeKeys) -> ProbeBatch:
-    """The user's ``probe`` argument as a checked ProbeBatch of at most ``n`` images, at construction."""
-    batch = probe_from_dataset(probe, n, keys) if isinstance(probe, Dataset) else to_probe_batch(probe, keys)
-    return check_probe(first_samples(batch, n))
 
 
 def trainer_stage(trainer: L.Trainer) -> str:

@@ -17,27 +17,20 @@ import random
 from dataclasses import dataclass, fields
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
-import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from caap_lightning._lightning import is_overridden
 from caap_lightning.datamodules.base import ProbeBatch
 from caap_lightning.metrics._checks import _bad_images, check_masks
 from caap_lightning.metrics.functional import scorable_regions
-from caap_lightning.utils import IMAGENET_MEAN, IMAGENET_STD, model_normalization
 
 # The label of an image whose class is not known (an images-only probe).
 UNKNOWN_LABEL = -1
 # ProbeBatch's fields, in its order: the order of a tuple batch's items too.
 FIELDS = ("images", "labels", "masks", "cue_masks", "cue_labels")
-# Un-normalised pixels may overshoot [0, 1] a little (resizing); a wrong mean/std overshoots far more.
-PIXEL_MARGIN = 0.25
 # Seeds the probe's draw from a loader's dataset: the same images on every rank, at every check and in every run.
 PROBE_SEED = 0
-Channels = Tuple[float, float, float]
 
 
 @dataclass(frozen=True)
@@ -336,138 +329,6 @@ def first_samples(probe: ProbeBatch, n: int) -> ProbeBatch:
     return ProbeBatch(**{field: None if value is None else value[:n] for field, value in values.items()})
 
 
-# ------------------------------------------------------------------ the raw eval dataloader
-def raw_eval_loader(trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> Optional[Iterable[Any]]:
-    """The evaluation dataloader the user gave this run, as given: no sampler Lightning added (e.g. DDP's).
-
-    ``stage`` is the ``setup`` hook's: ``"fit"`` (the validation loader: ``val_dataloaders=``, the
-    datamodule's or the module's ``val_dataloader()``), ``"validate"`` (``dataloaders=`` or
-    ``val_dataloader()``) or ``"test"`` (``dataloaders=`` or ``test_dataloader()``). The first loader
-    where there are several; ``None`` where the stage runs no evaluation (no loader, no
-    ``validation_step``/``test_step``, or a batch limit of 0), and for ``"predict"``. Read it with
-    :func:`read_probe`, which neither iterates it nor depends on its sampler.
-
-    Call it in ``setup``: the datamodule's ``setup`` has run by then, the module's has not.
-    """
-    source = eval_source(trainer, pl_module, stage)
-    if source is None:
-        return None
-    # CombinedLoader flattens lists/dicts of loaders in the order Lightning numbers them (dataloader_idx).
-    with preserved_rng():  # the loader hook is the user's code
-        loaders = [dl for dl in CombinedLoader(source.dataloader(), "sequential").flattened if not _is_empty(dl)]
-    return loaders[0] if loaders else None
-
-
-def eval_source(trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> Optional[Any]:
-    """Where ``stage``'s evaluation loader comes from, or ``None`` when the stage runs no evaluation loop.
-
-    No loader is requested: this is cheap, and answers "will this fit validate?" in ``setup``.
-    """
-    loop = _eval_loop(trainer, stage)
-    if loop is None:
-        return None
-    testing = stage == "test"
-    limit = trainer.limit_test_batches if testing else trainer.limit_val_batches
-    if limit == 0 or not is_overridden("test_step" if testing else "validation_step", pl_module):
-        return None  # Lightning runs no loop then, and never asks for its loader
-    # Lightning keeps where the loader comes from (the loaders given, the datamodule or the module) in
-    # the loop's private `_data_source` until the loop starts; only then does it add a DistributedSampler.
-    source = loop._data_source
-    return source if source.is_defined() else None
-
-
-def _is_empty(loader: Any) -> bool:
-    """``None`` or an empty list/dict: what a hook returns for "no loader"."""
-    return loader is None or isinstance(loader, (list, tuple, dict)) and len(loader) == 0
-
-
-def _eval_loop(trainer: L.Trainer, stage: str) -> Optional[Any]:
-    if stage == "fit":
-        return trainer.fit_loop.epoch_loop.val_loop
-    if stage == "validate":
-        return trainer.validate_loop
-    if stage == "test":
-        return trainer.test_loop
-    return None
-
-
-# ------------------------------------------------------------------ the probe's source
-def probe_source(trainer: L.Trainer, pl_module: L.LightningModule, stage: str, user_probe: Optional[ProbeBatch]) -> Any:
-    """Where ``stage``'s probe comes from: the user's probe, else a datamodule with ``probe_batch(n)`` where the stage
-    reads that datamodule's loaders, else the stage's evaluation dataloader (:func:`raw_eval_loader`): loaders given
-    to ``validate``/``test`` after a fit on a datamodule give their own probe. Raises, naming the remedies, where
-    there is none."""
-    if user_probe is not None:
-        return user_probe
-    datamodule = trainer.datamodule
-    if callable(getattr(datamodule, "probe_batch", None)):
-        given = eval_source(trainer, pl_module, stage)
-        if given is None or given.instance is datamodule:
-            return datamodule
-    loader = raw_eval_loader(trainer, pl_module, stage)
-    if loader is None:
-        raise ValueError(
-            "CAAPCallback found no probe images: pass probe=... (images, a tuple, a dict or a Dataset), give "
-            f"the datamodule a probe_batch(n) method, or give the Trainer's {stage} a validation dataloader."
-        )
-    return loader
-
-
-def probe_source_key(source: Any) -> Any:
-    """The object whose identity says the probe is still the same: a DataLoader's dataset (a new loader over the same
-    data holds the same images), else the source itself. Compare with ``is``, and keep it, so its id is not reused."""
-    return source.dataset if isinstance(source, DataLoader) else source
-
-
-def take_probe(trainer: L.Trainer, source: Any, n: int, keys: KeysLike = None) -> ProbeBatch:
-    """The probe of ``n`` images (fewer where the source has fewer) from a :func:`probe_source`, checked, on the CPU.
-
-    Under DDP rank 0 reads it and every rank takes rank 0's, so that ranks whose loaders read other
-    shards (a rank-sharded IterableDataset) still explain the same images.
-    """
-    if isinstance(source, ProbeBatch):
-        return source
-    if trainer.world_size == 1:
-        return _read_source(source, n, keys)
-    outcome: Union[None, ProbeBatch, str] = None
-    error: Optional[Exception] = None
-    if trainer.is_global_zero:
-        try:
-            outcome = _read_source(source, n, keys)
-        except Exception as exc:  # every rank must reach the broadcast, then fail with rank 0's reason
-            outcome, error = f"{type(exc).__name__}: {exc}", exc
-    outcome = trainer.strategy.broadcast(outcome, src=0)
-    if error is not None:
-        raise error
-    if isinstance(outcome, str):
-        raise ValueError(f"reading the probe on rank 0 failed: {outcome}")
-    return outcome
-
-
-def _read_source(source: Any, n: int, keys: KeysLike) -> ProbeBatch:
-    if isinstance(source, DataLoader) or not callable(getattr(source, "probe_batch", None)):
-        return check_probe(read_probe(source, n, keys).to("cpu"))
-    with preserved_rng():
-        batch = source.probe_batch(n)
-    return check_probe(to_probe_batch(batch, keys).to("cpu"))
-
-
-def probe_shortfall(probe: ProbeBatch, num_images: int) -> Optional[str]:
-    """A sentence where the probe taken is less than asked: fewer than ``num_images`` images, or images of one class
-    alone; else ``None``."""
-    said = []
-    if len(probe) < num_images:
-        said.append(f"the probe has {len(probe)} images, fewer than num_images={num_images}: its source has no more")
-    labels = probe.labels[probe.labels != UNKNOWN_LABEL]
-    if len(probe) > 1 and len(labels) == len(probe) and bool((labels == labels[0]).all()):
-        said.append(
-            f"every probe image has label {int(labels[0])}: the maps explain one class, and a swap test, which scores "
-            "only pairs of images the model classifies differently, may score none at all; draw the probe across "
-            "the classes (a dataset of many classes, a datamodule's probe_batch(n), or probe=...)"
-        )
-    return "; ".join(said) or None
-
-
 # ------------------------------------------------------------------ checks
 def check_probe(probe: ProbeBatch) -> ProbeBatch:
     """``probe`` with its fields checked and put in the callback's form.
@@ -563,73 +424,3 @@ def check_probe_regions(logged: Mapping[str, Any]) -> None:
                 f"that mark part of each image (the maps' probe is the swap probe's first images), or leave out the "
                 f"metrics that read {needs}"
             ) from exc
-
-
-# ------------------------------------------------------------------ normalisation
-def resolve_normalization(
-    mean: Optional[Sequence[float]],
-    std: Optional[Sequence[float]],
-    datamodule: Any,
-    pl_module: Any,
-    model: Any,
-) -> Tuple[Channels, Channels, Optional[str]]:
-    """The images' ``(mean, std)`` and a sentence to say once where no one gave them (else ``None``).
-
-    In order: the callback's own ``mean``/``std``, the datamodule's ``mean``/``std`` attributes,
-    the LightningModule's (numbers or tensors, e.g. buffers), the model's timm ``pretrained_cfg``,
-    ImageNet's. The sentence names the source for the last two, which are guesses.
-    """
-    if (mean is None) != (std is None):
-        raise ValueError(f"give CAAPCallback both mean and std, or neither; got mean={mean}, std={std}")
-    given = (
-        ("CAAPCallback's mean/std", mean, std),
-        ("the datamodule's mean/std", getattr(datamodule, "mean", None), getattr(datamodule, "std", None)),
-        ("the LightningModule's mean/std", getattr(pl_module, "mean", None), getattr(pl_module, "std", None)),
-    )
-    for source, m, s in given:
-        if m is not None and s is not None:
-            return _channels(m, s, source) + (None,)
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    if cfg.get("mean") is not None and cfg.get("std") is not None:
-        m, s = _channels(*model_normalization(model), "the model's pretrained_cfg")
-        return m, s, (f"normalising with the model's pretrained_cfg mean={m}, std={s} (no mean/std from the callback, "
-                      "the datamodule or the module); pass mean=/std= if the images are normalised otherwise")
-    m, s = _channels(IMAGENET_MEAN, IMAGENET_STD, "ImageNet")
-    return m, s, (f"no mean/std given (callback, datamodule, module or the model's pretrained_cfg): assuming "
-                  f"ImageNet's mean={m}, std={s}; pass mean=/std= if the images are normalised otherwise")
-
-
-def _channels(mean: Any, std: Any, source: str) -> Tuple[Channels, Channels]:
-    """Three floats each (from a sequence or a tensor of any shape), std positive."""
-    m = tuple(float(v) for v in torch.as_tensor(mean, dtype=torch.float64).flatten().tolist())
-    s = tuple(float(v) for v in torch.as_tensor(std, dtype=torch.float64).flatten().tolist())
-    if len(m) != 3 or len(s) != 3 or min(s) <= 0:
-        raise ValueError(f"{source} must be 3 channels each, std > 0; got mean={m}, std={s}")
-    return m, s  # type: ignore[return-value]
-
-
-def check_pixel_range(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> Optional[str]:
-    """A warning when the probe's pixel values contradict ``mean``/``std``; ``None`` when they agree.
-
-    It flags images that look like [0, 255] pixels, like un-normalised [0, 1] pixels while
-    ``mean``/``std`` normalise, or that un-normalise with ``mean``/``std`` far outside [0, 1].
-    """
-    x = images.detach().float()
-    lo, hi = x.min().item(), x.max().item()
-    said = f"the probe images range over [{lo:.3g}, {hi:.3g}] but mean={tuple(mean)}, std={tuple(std)}"
-    if lo >= 0 and hi > 1.5 and (x == x.round()).float().mean().item() >= 0.9:
-        return (f"{said}: they look like [0, 255] pixels; scale and normalise them "
-                "(v2.ToDtype(torch.float32, scale=True), then v2.Normalize(mean, std))")
-    identity = all(abs(m) < 1e-6 for m in mean) and all(abs(s - 1) < 1e-6 for s in std)
-    if lo >= 0 and hi <= 1 and not identity:
-        return (f"{said}: they look like un-normalised [0, 1] pixels; normalise them (v2.Normalize(mean, std)), "
-                "or pass mean=[0, 0, 0], std=[1, 1, 1] if the model takes [0, 1] pixels")
-    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    pixels = x * s + m  # not utils.unnormalize: its clamp would hide the overshoot
-    outside = ((pixels < -PIXEL_MARGIN) | (pixels > 1 + PIXEL_MARGIN)).float().mean().item()
-    if outside > 0.01:
-        return (f"{said}: un-normalised with them, {outside:.0%} of the pixel values fall outside [0, 1] (range "
-                f"[{pixels.min().item():.3g}, {pixels.max().item():.3g}]); pass the mean/std the images were "
-                "normalised with")
-    return None

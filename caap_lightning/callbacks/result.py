@@ -44,6 +44,8 @@ class ProbeResult:
     model_test_image_values: Dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     # Why each scalar the callback logs has no value at this check, by its logged name (where one has none).
     unscored: Dict[str, str] = field(default_factory=dict)
+    # The least value each method's maps must reach to hold evidence (strategies.evidence_floor): the map's units.
+    map_evidence: Dict[str, float] = field(default_factory=dict)
     _per_image: Optional[Dict[str, torch.Tensor]] = field(default=None, init=False, repr=False)
     _hot_regions: Dict[str, FixedPositionEvidence] = field(default_factory=dict, init=False, repr=False)
 

@@ -243,7 +243,8 @@ class SpuriousCueMonitor(Callback):
 
     def _discover(self, trainer: L.Trainer, result: ProbeResult) -> Dict[str, StrategyGroup]:
         found = discover_strategies(result.method_maps[self._method], result.targets, result.class_name,
-                                    max_clusters=self.strategy_max_clusters)
+                                    max_clusters=self.strategy_max_clusters,
+                                    min_evidence=result.map_evidence.get(self._method, 0.0))
         if trainer.is_global_zero:
             log_strategies(trainer, self.prefix, result, found, self._method, column_title(self._method),
                            self.strategy_examples)

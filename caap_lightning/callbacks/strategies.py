@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,12 @@ MIN_GROUP_IMAGES = 8
 KMEANS_RESTARTS = 10
 KMEANS_STEPS = 100
 ALL = "all"  # the group of every probe image; a class's group is "class/<name>"
+# CAAP's relative maps in probability units: a patch that moves its class's probability by less than one
+# percentage point over the blank is no evidence of a strategy (a model at chance has maps of this size).
+CAAP_PROBABILITY_EVIDENCE_FLOOR = 0.01
+# A group is clustered only where at least this share of its maps hold evidence: strategies of a minority
+# would describe how the model explains few of the group's images.
+MIN_EVIDENCE_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -63,12 +69,18 @@ class Strategy:
 
 @dataclass(frozen=True)
 class StrategyGroup:
-    """The strategies of one group of probe images: all of them (``"all"``) or one explained class."""
+    """The strategies of one group of probe images: all of them (``"all"``) or one explained class.
+
+    ``clustered`` are the images whose maps hold evidence (above the floor) and were clustered; where they
+    are too few, ``clusters`` is ``None``, ``strategies`` is empty and ``unclustered`` says why.
+    """
 
     name: str
     indices: Tensor
-    clusters: SpectralClusters
+    clusters: Optional[SpectralClusters]
     strategies: List[Strategy]
+    clustered: Optional[Tensor] = None
+    unclustered: str = ""
 
 
 # ---------------------------------------------------------------------- spectral clustering
@@ -161,6 +173,32 @@ def kmeans(points: Tensor, k: int, seed: int = 0, restarts: int = KMEANS_RESTART
     return best_labels
 
 
+def _centroids_and_radii(features: Tensor, labels: Tensor, present: List[int]) -> Tuple[Tensor, Tensor]:
+    centroids = torch.stack([features[labels == j].mean(0) for j in present])
+    radii = torch.stack([
+        ((features[labels == j] - centroids[i]) ** 2).sum(1).mean().sqrt() for i, j in enumerate(present)
+    ])
+    return centroids, radii
+
+
+def merge_unseparated(features: Tensor, labels: Tensor) -> Tensor:
+    """``labels`` with clusters merged, the closest pair first, while two clusters' centroids are closer than
+    the sum of their RMS radii (in ``features``): such clusters are one strategy that k-means cut in the
+    spectral embedding along its own noise, not two ways of explaining."""
+    labels = labels.clone()
+    while True:
+        present = torch.unique(labels).tolist()
+        if len(present) < 2:
+            return labels
+        centroids, radii = _centroids_and_radii(features.double(), labels, present)
+        closeness = torch.cdist(centroids, centroids) / (radii[:, None] + radii[None, :]).clamp_min(1e-12)
+        closeness.fill_diagonal_(math.inf)
+        i, j = divmod(int(closeness.argmin()), len(present))
+        if float(closeness[i, j]) >= 1.0:
+            return labels
+        labels[labels == present[j]] = present[i]
+
+
 def _by_size(labels: Tensor) -> Tensor:
     """Labels renumbered 0.. by cluster size, largest first (equal sizes by their first member), gaps closed."""
     present = torch.unique(labels).tolist()
@@ -182,7 +220,8 @@ def spectral_clusters(
     The kNN graph (:func:`knn_affinity`, ``neighbors`` default :func:`default_neighbors`), the
     eigenvectors of its normalised Laplacian, the number of clusters from the largest clear eigengap
     among ``1..max_clusters`` (:func:`eigengap`; or ``num_clusters``), then k-means (seeded) on the
-    row-normalised embedding.
+    row-normalised embedding. Without ``num_clusters``, clusters that are not separated in ``features``
+    are merged (:func:`merge_unseparated`), so that noise does not split a strategy.
     """
     check_int("max_clusters", max_clusters, 1, "clusters")
     if num_clusters is not None:
@@ -200,7 +239,8 @@ def spectral_clusters(
     else:
         embedding = vectors[:, :k]
         embedding = embedding / embedding.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        labels = _by_size(kmeans(embedding, k, seed))
+        labels = kmeans(embedding, k, seed)
+        labels = _by_size(labels if num_clusters is not None else merge_unseparated(features, labels))
     return SpectralClusters(labels, int(labels.max()) + 1, values[: top + 1].clone())
 
 
@@ -236,18 +276,44 @@ def _strategy(members: Tensor, maps: Tensor, features: Tensor) -> Strategy:
     )
 
 
+def evidence_floor(method: str, score: str) -> float:
+    """The least positive value a map of ``method`` (with CAAP's ``score``) must reach to hold evidence: one
+    percentage point of probability for CAAP's relative probability maps; any positive value for maps in other
+    units (logits, gradients), whose scale says nothing on its own."""
+    return CAAP_PROBABILITY_EVIDENCE_FLOOR if method == "caap" and score == "probability" else 0.0
+
+
+def check_finite_maps(maps: Tensor) -> None:
+    """``ValueError`` naming the images whose maps hold NaN or inf: no strategy can be read from them."""
+    bad = (~torch.isfinite(maps.flatten(1)).all(1)).nonzero()[:, 0].tolist()
+    if bad:
+        raise ValueError(
+            f"the maps of probe image(s) {bad} hold NaN or inf values; strategies are not discovered from them "
+            "(the model's outputs or weights are not finite)"
+        )
+
+
 def discover_strategies(
     maps: Tensor,
     targets: Tensor,
     class_name: Callable[[int], str],
     max_clusters: int = 6,
     seed: int = 0,
+    min_evidence: float = 0.0,
 ) -> Dict[str, StrategyGroup]:
     """The strategies of every probe image (group ``"all"``) and of each explained class with at least
-    :data:`MIN_GROUP_IMAGES` images (group ``"class/<name>"``), from the relative patch maps ``(n, h, w)``."""
+    :data:`MIN_GROUP_IMAGES` images (group ``"class/<name>"``), from the relative patch maps ``(n, h, w)``.
+
+    Only maps whose largest value exceeds ``min_evidence`` (see :func:`evidence_floor`) hold evidence to
+    place; a group with fewer than :data:`MIN_GROUP_IMAGES` of them, or with less than
+    :data:`MIN_EVIDENCE_SHARE` of its maps holding evidence, is not clustered and says why (its maps are
+    too weak). NaN or inf maps are refused.
+    """
     maps = maps.detach().float().cpu()
+    check_finite_maps(maps)
     targets = targets.cpu()
     features = strategy_features(maps)
+    holds_evidence = maps.flatten(1).amax(1) > min_evidence
     groups = {ALL: torch.arange(len(maps))}
     for label in torch.unique(targets).tolist():
         members = (targets == label).nonzero()[:, 0]
@@ -256,13 +322,26 @@ def discover_strategies(
     found = {}
     for name, indices in groups.items():
         if len(indices) < MIN_GROUP_IMAGES:
+            continue  # too few to cluster: the monitor says so in setup
+        clustered = indices[holds_evidence[indices]]
+        if len(clustered) < max(MIN_GROUP_IMAGES, MIN_EVIDENCE_SHARE * len(indices)):
+            reason = _too_weak(len(indices), len(clustered), min_evidence)
+            found[name] = StrategyGroup(name, indices, None, [], clustered, reason)
             continue
-        clusters = spectral_clusters(features[indices], max_clusters=max_clusters, seed=seed)
+        clusters = spectral_clusters(features[clustered], max_clusters=max_clusters, seed=seed)
         strategies = [
-            _strategy(indices[clusters.labels == j], maps, features) for j in range(clusters.num_clusters)
+            _strategy(clustered[clusters.labels == j], maps, features) for j in range(clusters.num_clusters)
         ]
-        found[name] = StrategyGroup(name=name, indices=indices, clusters=clusters, strategies=strategies)
+        found[name] = StrategyGroup(name, indices, clusters, strategies, clustered)
     return found
+
+
+def _too_weak(images: int, holding: int, min_evidence: float) -> str:
+    return (
+        f"the maps are too weak to cluster: {holding} of {images} hold evidence above {min_evidence:g} (clustering "
+        f"needs {MIN_GROUP_IMAGES} and {MIN_EVIDENCE_SHARE:.0%} of them); the model explains too little of its "
+        "classes yet"
+    )
 
 
 # ---------------------------------------------------------------------- figures and text
@@ -308,11 +387,16 @@ def strategies_text(result: Any, groups: Dict[str, StrategyGroup], method: str, 
     ]
     for name, group in groups.items():
         n, k = len(group.indices), len(group.strategies)
+        if group.clusters is None:
+            lines += ["", f"**{_group_title(name)}**: no strategies shown: {group.unclustered}."]
+            continue
         values = ", ".join(f"{float(v):.3f}" for v in group.clusters.eigenvalues)
+        weak = n - len(group.clustered) if group.clustered is not None else 0
+        left_out = f"; {weak} maps without evidence left out" if weak else ""
         lines += [
             "",
             f"**{_group_title(name)}**: {k} strateg{'y' if k == 1 else 'ies'} in {n} images "
-            f"(Laplacian eigenvalues {values}).",
+            f"(Laplacian eigenvalues {values}{left_out}).",
             "",
             "| strategy | images | share | explained classes | evidence sits | concentration | examples |",
             "|---|---|---|---|---|---|---|",
@@ -340,5 +424,6 @@ def log_strategies(
     )
     figures.log_text(trainer, f"{prefix}/strategies", strategies_text(result, groups, map_title, examples), step)
     for name, group in groups.items():
-        grid = strategy_grid(result, group, maps, map_title, examples)
-        figures.log_image(trainer, f"{prefix}/strategies/{name}", grid, step)
+        if group.strategies:
+            grid = strategy_grid(result, group, maps, map_title, examples)
+            figures.log_image(trainer, f"{prefix}/strategies/{name}", grid, step)

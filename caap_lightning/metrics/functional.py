@@ -13,7 +13,7 @@ values exactly 0 and 1, ``(B, H, W)`` or ``(B, 1, H, W)``.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import Literal, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,10 @@ from caap_lightning.utils import eval_mode, gaussian_blur, upsample_maps
 # Pixels within this share of the map's scale of its maximum count as tied maxima:
 # bilinear interpolation of equal patch values is equal only up to float rounding.
 _TIE_TOLERANCE = 1e-6
+# A row of outputs within this of summing to 1 (entries in [0, 1]) is a probability distribution.
+_DISTRIBUTION_TOLERANCE = 1e-3
+OUTPUTS = ("auto", "logits", "probabilities")
+Outputs = Literal["auto", "logits", "probabilities"]
 AUPR_REGIONS = ("foreground", "background")
 MASS_REGIONS = ("mask", "outside")
 
@@ -89,6 +93,7 @@ def insertion_deletion(
     blur_kernel: int = 11,
     blur_sigma: float = 5.0,
     batch_size: int = 64,
+    outputs: Outputs = "auto",
 ) -> InsertionDeletionResult:
     """Insertion and deletion AUCs of the RISE protocol (Petsiuk et al., 2018).
 
@@ -112,6 +117,9 @@ def insertion_deletion(
         step: pixels per step; default one patch (``patch_size ** 2``) of a timm ViT.
         blur_kernel, blur_sigma: RISE's blur for the insertion substrate.
         batch_size: perturbed images per forward pass.
+        outputs: what the model returns: ``"logits"`` (softmaxed), ``"probabilities"`` (a model ending
+            in a softmax: read as they are, not softmaxed again), or ``"auto"``: probabilities when every
+            row of the clean images' outputs is a distribution (entries in [0, 1] summing to 1).
 
     Returns:
         Per-image AUCs, curves ``(B, n + 1)``, the targets used, and whether the
@@ -125,6 +133,7 @@ def insertion_deletion(
     targets = check_target(target, b)
     step = default_step(model) if step is None else step
     check_protocol(step, blur_kernel, blur_sigma, batch_size)
+    check_choice("outputs", outputs, OUTPUTS)
     n = math.ceil(h * w / step)
     device, dtype = model_device_dtype(model)
     images = images.to(device=device or images.device, dtype=dtype or images.dtype)
@@ -152,14 +161,15 @@ def insertion_deletion(
         else:
             targets = targets.to(device)
             check_target_range(targets, clean.shape[1])
-        clean_scores = clean.softmax(1).gather(1, targets[:, None])[:, 0]
+        probabilities = reads_probabilities(clean, outputs)
+        clean_scores = _probabilities(clean, probabilities).gather(1, targets[:, None])[:, 0]
         scores = torch.empty(source.numel(), device=device)
         predicted = torch.empty(source.numel(), dtype=torch.long, device=device)
         for lo in range(0, source.numel(), batch_size):
             s, k = source[lo : lo + batch_size], replaced[lo : lo + batch_size]
             mask = (rank[s % b] < k[:, None]).view(-1, 1, h, w)
             logits = model(torch.where(mask, finish[s], start[s])).float()
-            scores[lo : lo + batch_size] = logits.softmax(1).gather(1, targets[s % b, None])[:, 0]
+            scores[lo : lo + batch_size] = _probabilities(logits, probabilities).gather(1, targets[s % b, None])[:, 0]
             predicted[lo : lo + batch_size] = logits.argmax(1)
 
     deletion_curve = torch.cat([clean_scores[:, None], scores[: b * n].view(b, n)], 1)
@@ -174,6 +184,31 @@ def insertion_deletion(
         target=targets,
         substrate_is_target=substrate_is_target,
     )
+
+
+def is_distribution(outputs: Tensor) -> bool:
+    """Whether every row of ``outputs`` ``(B, C)`` is a probability distribution: entries in [0, 1] summing to 1."""
+    outputs = outputs.detach().double()
+    in_range = bool(((outputs >= 0) & (outputs <= 1)).all())
+    return in_range and bool(((outputs.sum(-1) - 1).abs() <= _DISTRIBUTION_TOLERANCE).all())
+
+
+def reads_probabilities(outputs: Tensor, kind: Outputs) -> bool:
+    """Whether a model's ``outputs`` are read as probabilities (else softmaxed): ``kind`` says, or ``"auto"``
+    detects a model ending in a softmax; ``"probabilities"`` that are no distributions are refused."""
+    if kind == "logits":
+        return False
+    found = is_distribution(outputs)
+    if kind == "probabilities" and not found:
+        raise ValueError(
+            "outputs='probabilities', but the model's outputs are not distributions (entries in [0, 1] summing "
+            "to 1 per image); pass outputs='logits' for a model that returns logits"
+        )
+    return found
+
+
+def _probabilities(outputs: Tensor, probabilities: bool) -> Tensor:
+    return outputs if probabilities else outputs.softmax(1)
 
 
 def _pixel_maps(maps: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import random
-import sys
 import warnings
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import lightning as L
 import numpy as np
@@ -24,19 +23,18 @@ from torch.utils.data import (
     TensorDataset,
 )
 
+from caap_lightning.callbacks.normalization import check_pixel_range, resolve_normalization
 from caap_lightning.callbacks.probe import (
     UNKNOWN_LABEL,
     ProbeKeys,
-    check_pixel_range,
     check_probe,
     probe_from_dataset,
     probe_from_loader,
-    raw_eval_loader,
     read_probe,
-    resolve_normalization,
     seeded_order,
     to_probe_batch,
 )
+from caap_lightning.callbacks.probe_source import raw_eval_loader
 from caap_lightning.callbacks import CAAPCallback, SpuriousCueMonitor
 from caap_lightning.datamodules.base import ProbeBatch, collate_samples
 from caap_lightning.utils import IMAGENET_MEAN, IMAGENET_STD, normalize

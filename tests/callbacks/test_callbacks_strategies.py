@@ -14,11 +14,15 @@ from caap_lightning import CAAP
 from caap_lightning.callbacks import CAAPCallback, SpuriousCueMonitor
 from caap_lightning.callbacks.strategies import (
     ALL,
+    CAAP_PROBABILITY_EVIDENCE_FLOOR,
+    MIN_GROUP_IMAGES,
     default_neighbors,
     discover_strategies,
     eigengap,
+    evidence_floor,
     kmeans,
     knn_affinity,
+    merge_unseparated,
     place_of,
     spectral_clusters,
     strategies_text,
@@ -209,3 +213,121 @@ def test_strategies_text_names_sizes_places_and_examples():
     rows = [line for line in lines if line.startswith("| 1 ") or line.startswith("| 2 ")]
     assert rows[0].startswith("| 1 | 20 | 62% | cat 16, dog 4 | top-left |")
     assert rows[1].startswith("| 2 | 12 | 38% | dog 12 | top-right |")
+
+
+class TextResult:
+    """What strategies_text reads of a ProbeResult."""
+
+    epoch, step = 1, 10
+
+    def __init__(self, targets: torch.Tensor) -> None:
+        self.targets = targets
+
+    @staticmethod
+    def class_name(i):
+        return str(i)
+
+
+def test_maps_too_weak_to_cluster_show_no_strategies_and_say_why():
+    # A model at chance: the planted places are there, but no patch moves the probability by a percentage point.
+    maps, _ = planted_maps((30, 34))
+    weak = 0.009 * maps / maps.amax()
+    targets = torch.arange(64) % 2
+    assert len(discover_strategies(weak, targets, str)[ALL].strategies) == 2  # without a floor, noise is a finding
+    groups = discover_strategies(weak, targets, str, min_evidence=evidence_floor("caap", "probability"))
+    assert sorted(groups) == ["all", "class/0", "class/1"]
+    for group in groups.values():
+        assert group.strategies == [] and group.clusters is None
+        assert group.unclustered.startswith(f"the maps are too weak to cluster: 0 of {len(group.indices)} hold "
+                                            "evidence above 0.01")
+    text = strategies_text(TextResult(targets), groups, "CAAP", examples=2)
+    assert "**all classes**: no strategies shown: the maps are too weak to cluster: 0 of 64" in text
+    assert "| 1 |" not in text
+
+
+def test_a_minority_of_maps_with_evidence_is_not_clustered_and_a_majority_is_with_the_rest_left_out():
+    maps, _ = planted_maps((20, 20))
+    targets = torch.zeros(40, dtype=torch.long)
+    floor = CAAP_PROBABILITY_EVIDENCE_FLOOR
+    minority = torch.cat([maps[:8], 0.5 * floor * maps[8:] / maps[8:].amax()])  # 8 of 40 hold evidence
+    group = discover_strategies(minority, targets, str, min_evidence=floor)[ALL]
+    assert group.strategies == [] and "8 of 40 hold evidence" in group.unclustered
+    # 30 of 40 hold evidence: clustered, the ten without left out and said.
+    majority = torch.cat([maps[:10], 0.5 * floor * maps[10:20] / maps.amax(), maps[20:]])
+    group = discover_strategies(majority, targets, str, min_evidence=floor)[ALL]
+    assert sorted(group.clustered.tolist()) == list(range(10)) + list(range(20, 40))
+    assert [len(s.members) for s in group.strategies] == [20, 10]
+    text = strategies_text(TextResult(targets), {ALL: group}, "CAAP", examples=2)
+    assert "2 strategies in 40 images" in text and "; 10 maps without evidence left out)" in text
+
+
+def test_too_few_images_form_no_group():
+    maps, _ = planted_maps((MIN_GROUP_IMAGES - 1,))
+    assert discover_strategies(maps, torch.zeros(len(maps), dtype=torch.long), str) == {}
+
+
+def test_nan_maps_are_refused_naming_the_images():
+    maps, _ = planted_maps((20,))
+    maps[3, 0, 0] = float("nan")
+    maps[7, 1, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"the maps of probe image\(s\) \[3, 7\] hold NaN or inf values"):
+        discover_strategies(maps, torch.zeros(20, dtype=torch.long), str)
+
+
+def test_evidence_floor_applies_to_caap_probability_maps_only():
+    assert evidence_floor("caap", "probability") == CAAP_PROBABILITY_EVIDENCE_FLOOR
+    assert evidence_floor("caap", "logit") == 0.0 and evidence_floor("gradcam", "probability") == 0.0
+
+
+def jittered_strategy(n: int, seed: int, side: int = 8):
+    """One strategy: each map's evidence in a 3 x 3 block whose corner wanders over a 3 x 3 range, plus noise."""
+    generator = torch.Generator().manual_seed(seed)
+    maps = 0.1 * torch.randn(n, side, side, generator=generator)
+    for i in range(n):
+        y, x = torch.randint(1, 4, (2,), generator=generator).tolist()
+        maps[i, y : y + 3, x : x + 3] += 0.5 + 0.5 * torch.rand(3, 3, generator=generator)
+    return maps
+
+
+@pytest.mark.parametrize("n", [16, 32])
+def test_one_strategy_is_one_in_every_seeded_layout(n):
+    counts = [spectral_clusters(strategy_features(jittered_strategy(n, seed))).num_clusters for seed in range(60)]
+    assert counts == [1] * 60
+
+
+def test_merging_joins_clusters_closer_than_their_radii_only():
+    points = torch.tensor([[0.0], [1.0], [1.5], [2.5], [10.0], [11.0]])
+    # Centroids 0.5 and 2.0 (radii 0.5 each) are 1.5 apart: no merge; 10.5 is far from both.
+    assert merge_unseparated(points, torch.tensor([0, 0, 1, 1, 2, 2])).tolist() == [0, 0, 1, 1, 2, 2]
+    # One blob in 20 dimensions cut in two by the sign of one coordinate: the halves' centroids are far closer
+    # than the spread of their points in the other dimensions, so they merge back.
+    blob = torch.randn(40, 20, generator=torch.Generator().manual_seed(0))
+    assert merge_unseparated(blob, (blob[:, 0] > 0).long()).tolist() == [0] * 40
+    # Two blobs apart stay two; a fixed num_clusters is not merged (the caller asked for them).
+    apart = torch.cat([blob[:20], blob[20:] + 10.0])
+    assert merge_unseparated(apart, (torch.arange(40) >= 20).long()).tolist() == [0] * 20 + [1] * 20
+    assert spectral_clusters(blob, num_clusters=2).num_clusters == 2
+
+
+def test_a_fit_whose_maps_are_too_weak_logs_no_strategies_and_says_why(
+    tmp_path, monkeypatch, data_factory, classifier_factory, trainer_factory, events_reader
+):
+    def weak_attribute(self, images, target=None, **kwargs):  # a model at chance: the places, without strength
+        return 0.009 * scripted_attribute(self, images)
+
+    monkeypatch.setattr(CAAP, "attribute", weak_attribute)
+    images, labels, _ = scripted_probe()
+    caap = CAAPCallback(probe=(images, labels), num_images=64, metrics=["fixed_position_ratio"], target="label",
+                        log_images=False, mean=HALF, std=HALF)
+    monitor = SpuriousCueMonitor(num_images=3, threshold=1e6)
+    trainer = trainer_factory(tmp_path, [caap, monitor], max_epochs=1, limit_train_batches=1)
+    trainer.fit(classifier_factory(), datamodule=data_factory())
+    names = [f"class/{caap.last.class_name(c)}" for c in (0, 1)]
+    assert monitor.discovers_strategies and sorted(monitor.last_strategies) == ["all", *sorted(names)]
+    assert all(group.strategies == [] for group in monitor.last_strategies.values())
+    events = events_reader(trainer.logger.log_dir)
+    step = next(iter(events["scalars"]["spurious/score"]))
+    assert events["scalars"]["spurious/strategies/all/clusters"][step] == 0.0
+    assert not any(tag.startswith("spurious/strategies/") for tag in events["images"])
+    text = events["texts"]["spurious/strategies/text_summary"][step]
+    assert "**all classes**: no strategies shown: the maps are too weak to cluster: 0 of 64 hold evidence" in text

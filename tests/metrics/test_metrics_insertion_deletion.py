@@ -285,3 +285,39 @@ def test_non_finite_maps_rejected_naming_every_image():
     images[3, 1, 0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"images contain NaN or inf pixels \(image\(s\) \[3\] of the batch\)"):
         metric.update(images, torch.rand(4, 4, 4))
+
+
+class SoftmaxModel(nn.Module):
+    """A classifier that ends in a softmax: its outputs are probabilities."""
+
+    def __init__(self, logits_model: nn.Module) -> None:
+        super().__init__()
+        self.logits_model = logits_model
+
+    def forward(self, x):
+        return self.logits_model(x).softmax(-1)
+
+
+def test_a_model_that_outputs_probabilities_is_not_softmaxed_again():
+    images, maps = torch.randn(3, 3, 10, 12), torch.rand(3, 10, 12)
+    logits_model = TinyConvNet(seed=2)
+    reference = insertion_deletion(logits_model, images, maps, step=9)
+    for outputs in ("auto", "probabilities"):
+        result = insertion_deletion(SoftmaxModel(logits_model), images, maps, step=9, outputs=outputs)
+        torch.testing.assert_close(result.insertion_curve, reference.insertion_curve)
+        torch.testing.assert_close(result.deletion_curve, reference.deletion_curve)
+    # Softmaxed again, the probabilities of four classes flatten towards 1/4.
+    again = insertion_deletion(SoftmaxModel(logits_model), images, maps, step=9, outputs="logits")
+    assert float((again.deletion_curve - 0.25).abs().max()) < float((reference.deletion_curve - 0.25).abs().max())
+    assert not torch.allclose(again.deletion_curve, reference.deletion_curve)
+
+
+def test_outputs_argument_is_checked():
+    images, maps = torch.randn(2, 3, 10, 12), torch.rand(2, 10, 12)
+    with pytest.raises(ValueError, match=r"outputs='probabilities', but the model's outputs are not distributions"):
+        insertion_deletion(ConstantModel(), images, maps, step=9, outputs="probabilities")
+    with pytest.raises(ValueError, match=r"outputs must be one of \('auto', 'logits', 'probabilities'\)"):
+        insertion_deletion(ConstantModel(), images, maps, step=9, outputs="softmax")
+    # Logits that are no distribution are softmaxed under "auto" as under "logits".
+    torch.testing.assert_close(insertion_deletion(ConstantModel(), images, maps, step=9).insertion,
+                               insertion_deletion(ConstantModel(), images, maps, step=9, outputs="logits").insertion)
