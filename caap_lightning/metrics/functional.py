@@ -33,7 +33,7 @@ from caap_lightning.metrics._checks import (
     check_tolerance,
     model_device_dtype,
 )
-from caap_lightning.utils import eval_mode, gaussian_blur, upsample_maps
+from caap_lightning.utils import eval_mode, gaussian_blur, output_logits, upsample_maps
 
 # Pixels within this share of the map's scale of its maximum count as tied maxima:
 # bilinear interpolation of equal patch values is equal only up to float rounding.
@@ -155,7 +155,7 @@ def insertion_deletion(
     replaced = torch.cat([steps[1:].repeat(b), steps[:-1].repeat(b)]) * step
 
     with eval_mode(model), torch.no_grad():
-        clean = torch.cat([model(chunk).float() for chunk in images.split(batch_size)])
+        clean = torch.cat([output_logits(model(chunk)).float() for chunk in images.split(batch_size)])
         if targets is None:
             targets = clean.argmax(1)
         else:
@@ -168,7 +168,7 @@ def insertion_deletion(
         for lo in range(0, source.numel(), batch_size):
             s, k = source[lo : lo + batch_size], replaced[lo : lo + batch_size]
             mask = (rank[s % b] < k[:, None]).view(-1, 1, h, w)
-            logits = model(torch.where(mask, finish[s], start[s])).float()
+            logits = output_logits(model(torch.where(mask, finish[s], start[s]))).float()
             scores[lo : lo + batch_size] = _probabilities(logits, probabilities).gather(1, targets[s % b, None])[:, 0]
             predicted[lo : lo + batch_size] = logits.argmax(1)
 

@@ -27,7 +27,7 @@ from caap_lightning.metrics._checks import (
 from caap_lightning.metrics.functional import MASS_REGIONS, scorable_regions
 from caap_lightning.model_tests.pooled_region_ratio import RATIO_FLOOR, PooledRegionRatio
 from caap_lightning.model_tests.views import rest_colour, suspect_views
-from caap_lightning.utils import eval_mode
+from caap_lightning.utils import eval_mode, output_logits
 
 
 class RegionInsertion(NamedTuple):
@@ -80,7 +80,7 @@ def region_insertion(
     # The clean images are classified only when no target is given.
     views = [suspect, rest, colour.view(1, -1, 1, 1).expand_as(images[:1])] + ([images] if targets is None else [])
     with eval_mode(model), torch.no_grad():
-        probs = torch.cat([model(chunk).float().softmax(1) for chunk in torch.cat(views).split(batch_size)]).double()
+        probs = torch.cat([output_logits(model(chunk)).float().softmax(1) for chunk in torch.cat(views).split(batch_size)]).double()
     if targets is None:
         targets = probs[2 * b + 1 :].argmax(1)
     else:

@@ -30,7 +30,7 @@ from caap_lightning.metrics._checks import (
 from caap_lightning.metrics.functional import MASS_REGIONS, scorable_regions
 from caap_lightning.model_tests.pooled_region_ratio import PooledRegionRatio
 from caap_lightning.model_tests.views import hide_regions
-from caap_lightning.utils import eval_mode
+from caap_lightning.utils import eval_mode, output_logits
 
 
 class RegionSwap(NamedTuple):
@@ -101,7 +101,7 @@ def region_swap(
     # The clean images are classified only where no target is given.
     views += ([images] if targets is None else []) + ([donor_images] if donor_targets is None else [])
     with eval_mode(model), torch.no_grad():
-        probs = torch.cat([model(chunk).float().softmax(1) for chunk in torch.cat(views).split(batch_size)]).double()
+        probs = torch.cat([output_logits(model(chunk)).float().softmax(1) for chunk in torch.cat(views).split(batch_size)]).double()
     clean = iter(probs[lo : lo + b].argmax(1) for lo in range(b, len(probs), b))
     targets = next(clean) if targets is None else targets.to(images.device)
     donor_targets = next(clean) if donor_targets is None else donor_targets.to(images.device)
