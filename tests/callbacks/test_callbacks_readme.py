@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -12,7 +14,13 @@ def test_the_own_module_example_runs_and_logs_heatmaps_and_the_monitors_score(tm
     monkeypatch.chdir(tmp_path)  # Lightning's default logger writes lightning_logs/ here
     torch.manual_seed(0)  # the example draws random data and weights; seeded, the monitor's checks are fixed
     namespace: dict = {}
-    exec(compile(readme_block("own-module"), str(README), "exec"), namespace)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exec(compile(readme_block("own-module"), str(README), "exec"), namespace)
+    # The README's own settings draw no warning about themselves (what an untrained model on noise does may be said).
+    about_settings = ("strategy discovery clusters", "swap images", "num_images", "swap_images")
+    said = [str(w.message) for w in caught if str(w.message).startswith(("CAAPCallback", "SpuriousCueMonitor"))]
+    assert [m for m in said if any(s in m for s in about_settings)] == []
     caap = namespace["caap"]
     assert len(caap.history) == 2 and "caap/insdel" in caap.last.metrics
     events = events_reader(tmp_path / "lightning_logs")
