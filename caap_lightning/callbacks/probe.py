@@ -13,10 +13,9 @@ model's own scores); ``target="label"`` needs them, and heatmap titles show ``?`
 from __future__ import annotations
 
 import contextlib
-import itertools
 import random
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import lightning as L
 import numpy as np

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import random
-import sys
 import warnings
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import lightning as L
 import numpy as np
