@@ -22,10 +22,10 @@ from caap_lightning.attribution.selection import selection_members
 from caap_lightning.attribution.stages import (  # the stage table's names, also read from here
     SUPPORTED,
     ConvStages,
+    CutLike,
     GridLike,
     check_classifier,
     check_grid,
-    check_images,
     conv_stages,
     in_channels,
     is_supported,
@@ -36,8 +36,8 @@ from caap_lightning.checks import TargetLike, check_target, check_target_range
 from caap_lightning.utils import eval_mode, model_normalization, target_score
 
 __all__ = [
-    "CONSTRUCTIONS", "SUPPORTED", "ConvCAAP", "ConvStages", "GridLike", "cell_patches", "check_classifier",
-    "check_grid", "check_images", "conv_stages", "is_supported", "region_masks", "stage_macs",
+    "CONSTRUCTIONS", "SUPPORTED", "ConvCAAP", "ConvStages", "CutLike", "GridLike", "cell_patches", "check_classifier",
+    "check_grid", "conv_stages", "is_supported", "region_masks", "stage_macs",
 ]
 
 CONSTRUCTIONS = ("standard", "frozen")

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from caap_lightning.checks import check_image_batch
 from caap_lightning.utils import eval_mode
 
 SUPPORTED = (
@@ -21,6 +20,8 @@ SUPPORTED = (
     "timm ResNet, VGG, DenseNet and ConvNeXt"
 )
 GridLike = Union[None, int, Tuple[int, int]]
+# A cut between two stages: its index, its stage's name, None (the middle boundary) or "auto".
+CutLike = Union[None, int, str]
 
 
 @dataclass(frozen=True)
@@ -185,11 +186,6 @@ def check_classifier(model: nn.Module, table: ConvStages) -> None:
             f"{type(model).__name__} has num_classes=0: its outputs are features, not class scores; build it "
             "with its classifier (num_classes > 0) or give it one with model.reset_classifier(num_classes)"
         )
-
-
-def check_images(table: ConvStages, images: Tensor) -> None:
-    """:func:`caap_lightning.checks.check_images` for a CNN whose table is at hand (the callback's form)."""
-    check_image_batch(images, in_channels(table))
 
 
 def check_grid(grid: GridLike) -> Optional[Tuple[int, int]]:

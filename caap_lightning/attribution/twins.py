@@ -58,13 +58,15 @@ def unwrap_compiled(module: nn.Module) -> nn.Module:
 def vit_kind(module: nn.Module) -> Optional[str]:
     """``"timm"``, ``"transformers"`` or ``"torchvision"`` for a ViT-like image model of that library
     (also one CAAP refuses, so that it is found and refused with a reason); ``None`` otherwise."""
+    from timm.models.vision_transformer import VisionTransformer
+
     module = unwrap_compiled(module)
+    if isinstance(module, VisionTransformer):  # a subclass of the user's own too (e.g. a LightningModule)
+        return "timm"
     origin = type(module).__module__
     if origin.startswith("timm."):
-        from timm.models.vision_transformer import VisionTransformer
-
         vit_like = hasattr(module, "patch_embed") and hasattr(module, "forward_features")
-        return "timm" if isinstance(module, VisionTransformer) or vit_like else None
+        return "timm" if vit_like else None
     if origin.startswith("transformers."):
         config = getattr(module, "config", None)
         attention = hasattr(config, "num_attention_heads") or hasattr(config, "num_heads")

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from caap_lightning.attribution.twins import timm_form
-from caap_lightning.checks import check_images, model_device_dtype  # check_images: also read from here
+from caap_lightning.checks import model_device_dtype
 from caap_lightning.utils import eval_mode
 
 

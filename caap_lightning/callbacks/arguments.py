@@ -11,12 +11,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from caap_lightning.attribution import cnn, registry, vit
+from caap_lightning.attribution import cnn, registry
 from caap_lightning.attribution.blanks import BLANK_KINDS
 from caap_lightning.attribution.caap import CONSTRUCTIONS as VIT_CONSTRUCTIONS, SCORES
 from caap_lightning.attribution.selection import SELECTIONS
 from caap_lightning.callbacks.errors import ON_ERROR
 from caap_lightning.callbacks.metric_table import METRIC_NAMES
+from caap_lightning.checks import check_images
 
 TARGETS = ("predicted", "label")
 PRECISIONS = ("trainer", "32")
@@ -151,12 +152,9 @@ def check_family_settings(
         )
 
 
-def check_model_images(family: str, model: nn.Module, images: torch.Tensor) -> None:
-    """The checks that the attribution methods of ``model``'s family make of their images, in setup."""
-    if family == "vit":
-        vit.check_images(model, images)
-    else:
-        cnn.check_images(cnn.conv_stages(model), images)
+def check_model_images(model: nn.Module, images: torch.Tensor) -> None:
+    """The checks that the attribution methods of ``model`` make of their images, in setup."""
+    check_images(model, images)
 
 
 def check_unique_prefix(trainer: Any, cls: type, prefix: str, remedy: str) -> None:

@@ -47,7 +47,7 @@ def build_methods(
         except ValueError as exc:
             raise cannot_attribute(pl_module, model, exc, name) from exc
     try:
-        check_model_images(family, model, probe_images[:1])
+        check_model_images(model, probe_images[:1])
     except ValueError as exc:
         raise cannot_attribute(pl_module, model, exc) from exc
     return methods

@@ -67,14 +67,14 @@ def find_model(pl_module: nn.Module) -> nn.Module:
         return pl_module
     found = _supported_paths(pl_module)
     if len(found) == 1:
-        return found[0][1]
+        return unwrap_compiled(found[0][1])
     if found:
         listed = ", ".join(f"{p!r} ({type(m).__name__})" for p, m in found)
         raise ValueError(
             f"it holds {len(found)} supported models ({listed}); define get_attribution_model() returning the "
             "one to explain."
         )
-    raise ValueError(f"no timm VisionTransformer nor supported CNN found; the callbacks attribute {SUPPORTED}.")
+    raise ValueError(f"no supported ViT nor CNN found; the callbacks attribute {SUPPORTED}.")
 
 
 def _outside(pl_module: nn.Module, vit: nn.Module) -> List[Tuple[str, nn.Module]]:
@@ -278,7 +278,8 @@ def verify_attribution_model(
                 f"({type(exc).__name__}: {exc}), so it could not be checked; the checks report where it fails."
             )
         check_class_scores(explained, f"the attribution model ({type(classifier).__name__})")
-        if not against_forward:
+        # A module without a forward of its own has no outputs to compare with: nothing to say.
+        if not against_forward or not _has_own_forward(pl_module):
             return None
         ran: List[Tuple[str, str, str]] = []
         try:
@@ -299,6 +300,12 @@ def verify_attribution_model(
                 "training has diverged or the images are broken"
             )
         raise ValueError(_mismatch(pl_module, classifier, images, own, explained, ran, mean, std))
+
+
+def _has_own_forward(module: nn.Module) -> bool:
+    """Whether ``module``'s class (not torch's or Lightning's base) defines ``forward``."""
+    forward = type(module).forward
+    return forward is not nn.Module.forward and forward.__module__.split(".")[0] not in ("lightning", "pytorch_lightning")
 
 
 def _comparable(own: torch.Tensor, explained: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

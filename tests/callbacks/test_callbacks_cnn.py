@@ -272,8 +272,8 @@ class PlainConvNet(L.LightningModule):
         # `.model` is taken as it is and the methods refuse it; anything else is not found.
         ("model", r"cannot attribute PlainConvNet \(attribution model: Sequential\).*timm Vision Transformer.*CNN "
                   r"\(torchvision ResNet.*get_attribution_model\(\)"),
-        ("net", r"cannot attribute PlainConvNet: no timm VisionTransformer nor supported CNN found.*"
-                r"get_attribution_model\(\).*timm VisionTransformer, or a CNN that ConvCAAP reads \(torchvision ResNet"),
+        ("net", r"cannot attribute PlainConvNet: no supported ViT nor CNN found.*"
+                r"get_attribution_model\(\).*a ViT \(timm VisionTransformer.*or a CNN that ConvCAAP reads \(torchvision ResNet"),
     ],
 )
 def test_an_unsupported_conv_net_names_both_families_and_the_hook(tmp_path, trainer_factory, attribute, message):

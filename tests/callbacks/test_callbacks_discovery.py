@@ -75,8 +75,8 @@ def test_one_vit_shared_by_two_attributes_counts_once(vit_factory):
 
 def test_nothing_supported_names_both_families():
     module = Holder(net=nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()))
-    with pytest.raises(ValueError, match=r"no timm VisionTransformer nor supported CNN found.*get_attribution_model.*"
-                                         r"`model` attribute.*timm VisionTransformer, or a CNN that ConvCAAP reads "
+    with pytest.raises(ValueError, match=r"no supported ViT nor CNN found.*get_attribution_model.*"
+                                         r"`model` attribute.*a ViT \(timm VisionTransformer.*torchvision VisionTransformer.*or a CNN that ConvCAAP reads "
                                          r"\(torchvision ResNet"):
         find_attribution_model(module)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 
+import lightning as L
 import pytest
 import torch
 
@@ -387,13 +388,17 @@ def test_a_fallback_score_at_the_default_threshold_warns_once(tmp_path, data_fac
 
 def test_an_uncounted_check_names_non_finite_model_outputs(tmp_path, data_factory, classifier_factory, trainer_factory):
     classifier = classifier_factory()
-    with torch.no_grad():  # every output NaN: the swap pairs cannot be scored, and not for want of two classes
-        classifier.model.head.bias.fill_(float("nan"))
+
+    class Diverge(L.Callback):  # after setup, which refuses a model with NaN outputs from the start
+        def on_validation_epoch_start(self, trainer, pl_module):
+            with torch.no_grad():  # every output NaN: the swap pairs cannot be scored, not for want of two classes
+                pl_module.model.head.bias.fill_(float("nan"))
+
     caap = CAAPCallback(num_images=4, metrics=["border_swap_ratio"], log_images=False)
     monitor = SpuriousCueMonitor()
     with pytest.warns(UserWarning, match=r"the check at epoch 0 is not counted: caap/border_swap_ratio was not logged "
                       r"there \(the model's outputs on the probe images were not finite \(NaN or inf\)\)"):
-        trainer_factory(tmp_path, [caap, monitor], max_epochs=1, limit_train_batches=1).fit(
+        trainer_factory(tmp_path, [Diverge(), caap, monitor], max_epochs=1, limit_train_batches=1).fit(
             classifier, datamodule=data_factory(cue_correlation=None)
         )
     assert monitor.history == [] and caap.last.unscored["caap/border_swap_ratio"].startswith("the model's outputs")

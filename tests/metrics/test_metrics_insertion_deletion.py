@@ -316,7 +316,7 @@ def test_outputs_argument_is_checked():
     images, maps = torch.randn(2, 3, 10, 12), torch.rand(2, 10, 12)
     with pytest.raises(ValueError, match=r"outputs='probabilities', but the model's outputs are not distributions"):
         insertion_deletion(ConstantModel(), images, maps, step=9, outputs="probabilities")
-    with pytest.raises(ValueError, match=r"outputs must be one of \('auto', 'logits', 'probabilities'\)"):
+    with pytest.raises(ValueError, match=r"outputs='softmax' is not one of \('auto', 'logits', 'probabilities'\)"):
         insertion_deletion(ConstantModel(), images, maps, step=9, outputs="softmax")
     # Logits that are no distribution are softmaxed under "auto" as under "logits".
     torch.testing.assert_close(insertion_deletion(ConstantModel(), images, maps, step=9).insertion,
