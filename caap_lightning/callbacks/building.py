@@ -6,6 +6,7 @@ import inspect
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from caap_lightning.attribution import cnn, registry
@@ -13,6 +14,7 @@ from caap_lightning.attribution.twins import SUPPORTED_VITS, unwrap_compiled
 from caap_lightning.callbacks.arguments import check_method_kwargs, check_model_images
 from caap_lightning.callbacks.discovery import find_attribution_model, names_its_classifier, verify_attribution_model
 from caap_lightning.callbacks.drawing import display_name
+from caap_lightning.datamodules.base import ProbeBatch
 
 
 def find_model(pl_module: nn.Module, head: Optional[str]) -> Tuple[nn.Module, Optional[nn.Module]]:
@@ -73,14 +75,16 @@ def build_method(
 
 
 def verify_classifier(
-    pl_module: nn.Module, model: nn.Module, classifier: nn.Module, images: torch.Tensor, mean: Sequence[float],
-    std: Sequence[float], head: Optional[str],
-) -> Optional[str]:
+    pl_module: nn.Module, model: nn.Module, classifier: nn.Module, probe: ProbeBatch, mean: Sequence[float],
+    std: Sequence[float], head: Optional[str], warn: bool,
+) -> None:
     """Refuse a classifier whose outputs differ from the module's own forward, since the maps would explain another
-    model than the one trained (unless the module names its classifier itself); a sentence to warn where the
-    comparison could not run, else ``None``."""
+    model than the one trained (unless the module names its classifier itself); with ``warn``, say where the
+    comparison could not run."""
     try:
-        return verify_attribution_model(pl_module, classifier, images, mean, std,
+        note = verify_attribution_model(pl_module, classifier, probe.images, mean, std,
                                         against_forward=not names_its_classifier(pl_module, model, head))
     except ValueError as exc:
         raise ValueError(f"CAAPCallback cannot attribute {type(pl_module).__name__}: {exc}") from exc
+    if note and warn:
+        rank_zero_warn(f"CAAPCallback: {note}")

@@ -41,7 +41,7 @@ from caap_lightning.callbacks.metric_table import LoggedScalar, logged_table, ma
 from caap_lightning.callbacks.metric_table import unscored_reasons
 from caap_lightning.callbacks.normalization import check_pixel_range, resolve_normalization
 from caap_lightning.callbacks.probe import ProbeKeys, check_probe_regions, first_samples
-from caap_lightning.callbacks.probe_source import eval_source, probe_shortfall, probe_source, probe_source_key, take_probe
+from caap_lightning.callbacks.probe_source import eval_source, probe_source, probe_source_key, take_probe, warn_if_short
 from caap_lightning.callbacks.probe_source import check_labels_for, class_names_of, own_probe, probe_size, runs_swaps
 from caap_lightning.callbacks.probe_source import warn_if_few_swap_images
 from caap_lightning.callbacks.result import ProbeResult
@@ -55,14 +55,11 @@ TESTING = "model tests"
 class CAAPCallback(Callback):
     """Attribution maps of a fixed probe batch, their metrics and the model tests, at the end of validation.
 
-    At the end of every ``every_n_epochs``-th validation of a fit, and of every ``validate``/``test``
-    run, the callback attributes a probe batch (taken once, in ``setup``) with each of ``methods``,
-    logs each method's metrics (``<prefix>/<scalar>`` for the first method, ``<prefix>/<method>/<scalar>``
-    for the others), runs the model tests once (the swap ratios :class:`SpuriousCueMonitor` watches by
-    default), draws a heatmap grid and publishes the check as :attr:`last`, a :class:`ProbeResult`.
-    :attr:`logged` lists every scalar it logs, from ``setup`` on. Under DDP each rank attributes its
-    share of the probe and rank zero draws. Where the probe and the model come from, every argument in
-    full and every logged name: ``docs/callbacks.md``; the metrics: ``docs/metrics.md``.
+    At the end of every ``every_n_epochs``-th validation of a fit, and of every ``validate``/``test`` run, it
+    attributes a probe batch (taken in ``setup``) with each of ``methods``, logs their metrics, runs the model
+    tests once (the swap ratios :class:`SpuriousCueMonitor` watches), draws a heatmap grid and publishes the
+    check as :attr:`last`, a :class:`ProbeResult`; :attr:`logged` lists every scalar it logs, from ``setup``
+    on. The probe, the model, every argument and logged name: ``docs/callbacks.md`` and ``docs/metrics.md``.
 
     Args:
         every_n_epochs: check after the validation of every n-th epoch of a fit.
@@ -70,7 +67,7 @@ class CAAPCallback(Callback):
         swap_images: the least size of the swap ratios' probe, whose first ``num_images`` the maps explain (warned
             where the source has fewer); ``None``: up to ``DEFAULT_SWAP_IMAGES``, as many as the source has.
         probe: the probe itself (images, a tuple, a dict, a ``ProbeBatch`` or a ``Dataset``); else the
-            datamodule's ``probe_batch(n)``, else the first images of the validation (or test) dataloader.
+            datamodule's ``probe_batch(n)``, else a seeded draw across the validation (or test) dataloader's data.
         probe_keys: the key names of a dict batch's fields, where the defaults do not cover them.
         mean, std: the images' normalisation; else the datamodule's, else the model's ``pretrained_cfg``.
         head: attribute path of the head of a ViT built with ``num_classes=0``, where it is not found alone.
@@ -237,9 +234,7 @@ class CAAPCallback(Callback):
             return  # the same source: validate/test with other loaders, or a new fit on other data, take theirs
         size = probe_size(self.metrics, self.num_images, self.swap_images)
         taken = take_probe(trainer, source, size, self.probe_keys)
-        shortfall = probe_shortfall(taken, self.num_images)
-        if shortfall:
-            rank_zero_warn(f"CAAPCallback: {shortfall}.")
+        warn_if_short(taken, self.num_images)
         self.probe = check_labels_for(self.target, first_samples(taken, self.num_images))
         self.active_metrics = resolve_metrics(self.metrics, self.probe, len(taken))
         self.swap_probe = taken if runs_swaps(self.active_metrics) else None
@@ -275,9 +270,8 @@ class CAAPCallback(Callback):
                                       self.method_kwargs, self.probe.images)
         # A CNN is its own classifier; a ViT's needs the module's head where it is headless.
         classifier = vit.Classifier(model, head) if self._family == "vit" else model
-        note = verify_classifier(pl_module, model, classifier, self.probe.images, self.mean, self.std, self.head)
-        if note and self._built_for is None:
-            rank_zero_warn(f"CAAPCallback: {note}")
+        verify_classifier(pl_module, model, classifier, self.probe, self.mean, self.std, self.head,
+                          warn=self._built_for is None)
         if self._built_for is None and (warning := check_pixel_range(self.probe.images, self.mean, self.std)):
             rank_zero_warn(f"CAAPCallback: {warning}")
         self._model, self._classifier = model, classifier

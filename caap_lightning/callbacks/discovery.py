@@ -305,7 +305,8 @@ def verify_attribution_model(
 def _has_own_forward(module: nn.Module) -> bool:
     """Whether ``module``'s class (not torch's or Lightning's base) defines ``forward``."""
     forward = type(module).forward
-    return forward is not nn.Module.forward and forward.__module__.split(".")[0] not in ("lightning", "pytorch_lightning")
+    library = (getattr(forward, "__module__", None) or "").split(".")[0]  # None for code run by exec()
+    return forward is not nn.Module.forward and library not in ("lightning", "pytorch_lightning")
 
 
 def _comparable(own: torch.Tensor, explained: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -46,6 +46,13 @@ def check_labels_for(target: str, probe: ProbeBatch) -> ProbeBatch:
     return probe
 
 
+def warn_if_short(probe: ProbeBatch, num_images: int) -> None:
+    """Say once, in setup, where the probe taken is less than asked (:func:`probe_shortfall`)."""
+    shortfall = probe_shortfall(probe, num_images)
+    if shortfall:
+        rank_zero_warn(f"CAAPCallback: {shortfall}.")
+
+
 def warn_if_few_swap_images(images: int, swap_images: int) -> None:
     """The swap probe asked for is larger than the source: on few images the swap ratios are noisy."""
     if images < swap_images:
