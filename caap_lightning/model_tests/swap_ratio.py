@@ -29,7 +29,7 @@ from caap_lightning.metrics._checks import (
 )
 from caap_lightning.metrics.functional import MASS_REGIONS, scorable_regions
 from caap_lightning.model_tests.pooled_region_ratio import PooledRegionRatio
-from caap_lightning.model_tests.views import hide_regions
+from caap_lightning.model_tests.views import dilate, edge_width, fill_from_surroundings
 from caap_lightning.utils import eval_mode
 
 
@@ -44,18 +44,21 @@ class RegionSwap(NamedTuple):
 
 
 def swapped_images(images: Tensor, masks: Tensor, donor_images: Tensor, donor_masks: Tensor, region: str) -> Tensor:
-    """Each image with its suspect part taken from its donor.
+    """Each image with its suspect part taken from its donor, and no trace of any other part of the donor.
 
-    ``region="mask"`` (the mask is the suspect: a cue, the border ring): the image with its own mask
-    removed as the insertion ratio removes it (:func:`~caap_lightning.model_tests.hide_regions`:
-    its pixels and an edge around them take the mean colour of the image's rest), then the donor's
-    mask pixels laid on top. ``"outside"`` (the background of an object mask is the suspect): the
-    donor with its object so removed, then the image's object laid on top.
+    ``region="mask"`` (the mask is the suspect: a cue, the border ring): the donor's mask pixels laid on the
+    image, whose own mask, with an edge around it (:func:`~caap_lightning.model_tests.views.edge_width`
+    pixels), is first filled from the image's own rest
+    (:func:`~caap_lightning.model_tests.views.fill_from_surroundings`): nothing of the donor but its mask. ``"outside"`` (the background of an
+    object mask is the suspect): the image's object laid on the donor, whose own object and its edge are
+    filled from the donor's background, so that no silhouette of the donor's object is left.
     """
     check_choice("region", region, MASS_REGIONS)
-    if region == "mask":
-        return torch.where(donor_masks[:, None], donor_images, hide_regions(images, masks))
-    return torch.where(masks[:, None], images, hide_regions(donor_images, donor_masks))
+    if region == "outside":
+        hole = dilate(donor_masks, edge_width(tuple(images.shape[-2:])))
+        return torch.where(masks[:, None], images, fill_from_surroundings(donor_images, hole))
+    own = fill_from_surroundings(images, dilate(masks, edge_width(tuple(images.shape[-2:]))))
+    return torch.where(donor_masks[:, None], donor_images, own)
 
 
 def region_swap(

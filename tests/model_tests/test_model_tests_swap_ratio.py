@@ -51,6 +51,11 @@ def test_each_image_is_paired_with_the_one_half_the_batch_on():
         SwapPairs(1)
 
 
+def copied_from(filled: torch.Tensor, source: torch.Tensor) -> bool:
+    """Whether every pixel (a column of ``filled``, ``(C, N)``) is a copy of some pixel of ``source`` ``(C, M)``."""
+    return bool((filled[:, :, None] == source[:, None, :]).all(0).any(1).all())
+
+
 def test_the_swapped_image_takes_the_donor_region_and_hides_its_own():
     images, donors = torch.rand(2, 3, SIZE, SIZE), torch.rand(2, 3, SIZE, SIZE)
     masks = torch.zeros(2, SIZE, SIZE, dtype=torch.bool)
@@ -58,20 +63,22 @@ def test_the_swapped_image_takes_the_donor_region_and_hides_its_own():
     donor_masks = torch.zeros(2, SIZE, SIZE, dtype=torch.bool)
     donor_masks[:, 9:14, 8:12] = True
     width = edge_width((SIZE, SIZE))
-    # region="mask" (a cue): the donor's cue on the image, the image's own cue and its edge painted over.
+    # region="mask" (a cue): the donor's cue on the image, the image's own cue and its edge filled from its rest
+    # (issue 29: a tiled fill rather than the rest's mean colour, which drew the removed part's outline).
     cue = swapped_images(images, masks, donors, donor_masks, "mask")
     assert torch.equal(cue[:, :, donor_masks[0]], donors[:, :, donor_masks[0]])
     hidden = dilate(masks, width)[0]
-    rest_mean = images[:, :, ~hidden].mean(2)
-    assert torch.allclose(cue[:, :, hidden], rest_mean[:, :, None].expand(2, 3, int(hidden.sum())))
+    for i in range(2):
+        assert copied_from(cue[i][:, hidden], images[i][:, ~hidden])
     untouched = ~hidden & ~donor_masks[0]
     assert torch.equal(cue[:, :, untouched], images[:, :, untouched])
-    # region="outside" (an object mask): the image's object on the donor's background, the donor's object hidden.
+    # region="outside" (an object mask): the image's object on the donor's background, the donor's object filled
+    # from the donor's own background.
     scene = swapped_images(images, masks, donors, donor_masks, "outside")
     assert torch.equal(scene[:, :, masks[0]], images[:, :, masks[0]])
     gone = dilate(donor_masks, width)[0] & ~masks[0]
-    donor_rest = donors[:, :, ~dilate(donor_masks, width)[0]].mean(2)
-    assert torch.allclose(scene[:, :, gone], donor_rest[:, :, None].expand(2, 3, int(gone.sum())))
+    for i in range(2):
+        assert copied_from(scene[i][:, gone], donors[i][:, ~dilate(donor_masks, width)[0]])
     background = ~masks[0] & ~dilate(donor_masks, width)[0]
     assert torch.equal(scene[:, :, background], donors[:, :, background])
 
