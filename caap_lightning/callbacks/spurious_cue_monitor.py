@@ -341,7 +341,7 @@ def default_key(sources: Sequence[CAAPCallback], logged: List[str]) -> str:
     """The first of ``DEFAULT_SCORES`` that the ``sources`` log for their primary method, as their tables list it."""
     for score in DEFAULT_SCORES:
         keys = [tag for source in sources for tag, entry in source.logged.items()
-                if entry.metric == score and entry.method == source.methods[0]]
+                if entry.metric == score and entry.method == source.methods[0] and tag.endswith(f"/{score}")]
         if len(keys) > 1:
             raise ValueError(f"SpuriousCueMonitor's default could watch any of {keys}; set `monitor` to one of them")
         if keys:

@@ -12,7 +12,7 @@ the model gives the donor's class is compared with the probability it gives the 
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Any, Dict, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -133,13 +133,19 @@ class SwapRatio(PooledRegionRatio):
     knows the object too. Each update costs ``B`` forward passes, ``B`` more for each of
     ``target`` and ``donor_target`` not given. ``compute()`` returns the ratio;
     ``compute_details()`` also ``suspect_probability`` and ``rest_probability`` (the means),
-    ``count`` and ``skipped``, and with ``image_ratios`` each scored pair's own ratio as
-    ``image_ratios`` (NaN where skipped).
+    ``count`` and ``skipped``, ``follows`` and ``follow_share``: how many scored pairs, and what
+    share of them, the model gives a higher probability to the donor's class than to the own (the
+    pairs that follow the swapped region: a grade where the ratio is a bell), and with
+    ``image_ratios`` each scored pair's own ratio as ``image_ratios`` (NaN where skipped).
     """
 
     main_key = "swap_ratio"
     suspect_key = "suspect_probability"
     rest_key = "rest_probability"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_state("follows", torch.tensor(0), dist_reduce_fx="sum")
 
     def update(
         self,
@@ -153,3 +159,12 @@ class SwapRatio(PooledRegionRatio):
         found = region_swap(self.model, images, masks, donor_images, donor_masks, self.region, target, donor_target,
                             self.batch_size)
         self._add(found.suspect, found.rest, found.scored)
+        self.follows += int((found.scored & follows_region(found.suspect, found.rest)).sum())
+
+    def _details(self) -> Dict[str, Tensor]:
+        return {**super()._details(), "follows": self.follows, "follow_share": self.follows / self.count}
+
+
+def follows_region(suspect: Tensor, rest: Tensor) -> Tensor:
+    """Per pair: the model gives the donor's class (the swapped region's) a higher probability than the own."""
+    return suspect > rest
