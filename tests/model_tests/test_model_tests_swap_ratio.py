@@ -156,3 +156,29 @@ def test_bad_input_is_refused_with_what_to_change():
         region_swap(model, images, masks, images.flip(0), masks, target=[0, 1], donor_target=[1, 9])
     with pytest.raises(ValueError, match="region"):
         SwapRatio(model, region="inside")
+
+
+def test_the_follow_share_counts_the_pairs_that_follow_the_swapped_region():
+    """A model that reads the border: three donors bring a border of their own class (the pair follows it), the
+    fourth a border of the image's own class (it does not); the suite logs the share beside the ratio."""
+    from caap_lightning.datamodules.base import ProbeBatch
+    from caap_lightning.model_tests import MODEL_TESTS, ModelTestSuite, SwapShard
+
+    ring = border_masks(1, (SIZE, SIZE))[0]
+    model = ChannelReader(ring)
+    classes, donor_classes = [0, 1, 2, 3], [2, 3, 0, 1]
+    images = coloured(classes)
+    donors = coloured([2, 3, 0, 3])  # the last donor's border holds the image's own colour
+    masks = border_masks(4, (SIZE, SIZE))
+    metric = SwapRatio(model, image_ratios=True)
+    metric.update(images, masks, donors, masks, target=classes, donor_target=donor_classes)
+    out = metric.compute_details()
+    assert int(out["follows"]) == 3 and float(out["follow_share"]) == pytest.approx(0.75)
+    assert MODEL_TESTS["border_swap_ratio"].scalars == {
+        "border_swap_ratio": "swap_ratio", "border_swap_follow_share": "follow_share"}
+    suite = ModelTestSuite(["border_swap_ratio"], model, ProbeBatch(images, torch.tensor(classes)))
+    shard = SwapShard(images, {}, torch.tensor(classes), donors, {}, torch.tensor(donor_classes))
+    suite.update(images, {}, torch.tensor(classes), shard)
+    (share, follows), (ratio, ratios) = suite.compute()["border_swap_follow_share"], suite.compute()["border_swap_ratio"]
+    assert float(share) == pytest.approx(0.75) and follows.tolist() == [1.0, 1.0, 1.0, 0.0]
+    assert float(ratio) == pytest.approx(float(out["swap_ratio"])) and (ratios > 1).tolist() == [True] * 3 + [False]
