@@ -435,7 +435,7 @@ class CAAPCallback(Callback):
         maps, n = {name: done[name] for name in self.methods if name in done}, len(self.probe)
         sizes = {tag: len(entry.probe) for tag, entry in self.logged.items()}
         metrics, curves, tested = self._meters.compute(list(maps), TESTING in done, self.tag, self.methods[0], sizes,
-                                                       n, trainer.world_size)
+                                                       trainer.world_size)
         method_maps = {name: gather_shards(trainer, m, n) for name, m in maps.items()}
         finite = trainer.strategy.reduce_boolean_decision(shard.finite, all=True)
         unscored = unscored_reasons(self.logged, metrics, list(maps), TESTING in done, finite)

@@ -26,7 +26,8 @@ _PART_WORDS = {
     "cue": "the cue",
     "border": f"the image's border (its outer {BORDER_SHARE:.1%} on each side)",
 }
-_REST_WORDS = {"background": "the object", "cue": "the rest of the image", "border": "the inside"}
+# What the rest of each part is, in words (the alarm: "41 of 64 images follow the cue, not the rest of the image").
+REST_WORDS = {"background": "the object", "cue": "the rest of the image", "border": "the inside"}
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ class ModelTest:
         """What the score measures, in words (the alarm's text)."""
         part = _PART_WORDS[self.part]
         if self.kind == "insertion":
-            return (f"the class probability that {part} alone restores over what {_REST_WORDS[self.part]} alone "
+            return (f"the class probability that {part} alone restores over what {REST_WORDS[self.part]} alone "
                     "restores; 1 when they restore it equally")
         return (f"on probe images given {part} of another probe image, the probability of that image's class over "
                 "the probability of their own; 1 when the model follows both parts equally")
