@@ -199,3 +199,26 @@ def follow_lines(result: ProbeResult, logged: Dict[str, LoggedScalar]) -> List[s
         if count is not None and tag in result.metrics:
             lines.append(f"- `{tag}` = {result.metrics[tag]:.3f}: {count.sentence(test.part)}.")
     return ["", "Each swap test at this check:", "", *lines] if lines else []
+
+
+def scalar_layout(monitors: List["SpuriousCueMonitor"], sources: List[Any]) -> Dict[str, Dict[str, list]]:
+    """TensorBoard's Custom Scalars layout: each monitor's alarm and score first, then each callback's swap ratios
+    and follow shares. The alarm and the score are margin charts (the value, and the same as its band), which
+    TensorBoard draws unsmoothed: its scalar charts smooth a 0/1 series into a ramp."""
+    layout: Dict[str, Dict[str, list]] = {}
+    for monitor in monitors:
+        score = f"{monitor.prefix}/score"
+        layout.setdefault(monitor.prefix, {}).update({
+            "alarm (1: on), unsmoothed": ["Margin", [f"{monitor.prefix}/alarm"] * 3],
+            f"score ({monitor.monitor_key or 'the watched scalar'}), unsmoothed": ["Margin", [score] * 3],
+        })
+    for source in sources:
+        swaps = [tag for tag, entry in source.logged.items()
+                 if entry.model_test is not None and entry.model_test.kind == "swap"]
+        charts = {
+            "swap ratios": ["Multiline", [tag for tag in swaps if tag.endswith("_swap_ratio")]],
+            "share of probe images that follow the swapped region": [
+                "Multiline", [tag for tag in swaps if tag.endswith("_follow_share")]],
+        }
+        layout.setdefault(source.prefix, {}).update({title: chart for title, chart in charts.items() if chart[1]})
+    return {category: charts for category, charts in layout.items() if charts}

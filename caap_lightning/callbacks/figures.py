@@ -27,25 +27,24 @@ COLOUR_BAR = 10  # the colour bar's height under an overlay column's title
 # The cue mask's outline over the image and the overlays: green, which the red-blue overlay does not use.
 OUTLINE_COLOUR = (0.0, 0.85, 0.0)
 OUTLINE_WIDTH = 2  # pixels of the drawn tile
-
-
-def grid_header_height(titles: Sequence[str], tile_width: int) -> int:
-    """The height of a grid's column titles (each wrapped to its tile's width) and the colour bar with its labels."""
-    from PIL import ImageFont
-
-    font = ImageFont.load_default(size=GRID_FONT_SIZE)
-    lines = max(len(wrap(title, font, tile_width)) for title in titles)
-    return lines * GRID_LINE + COLOUR_BAR + GRID_LINE
+TITLE_LINES = 2  # a column title's lines at most, so that grids of the same rows have the same height
+# Above the first row: the column titles, and under an overlay's title its colour bar and the bar's labels.
+GRID_HEADER = TITLE_LINES * GRID_LINE + COLOUR_BAR + GRID_LINE
 
 
 def wrap(text: str, font: Any, width: int) -> list:
-    """``text`` in lines of at most ``width`` pixels, broken at spaces (a word longer than that keeps its line)."""
+    """``text`` in at most :data:`TITLE_LINES` lines of ``width`` pixels, broken at spaces (a longer word keeps its
+    line), the last cut short with an ellipsis where the text runs on."""
     lines: list = []
     for word in text.split():
         if lines and font.getlength(f"{lines[-1]} {word}") <= width:
             lines[-1] = f"{lines[-1]} {word}"
         else:
             lines.append(word)
+    if len(lines) > TITLE_LINES:
+        lines = lines[: TITLE_LINES - 1] + [" ".join(lines[TITLE_LINES - 1 :])]
+    while lines and len(lines[-1]) > 1 and font.getlength(lines[-1]) > width:
+        lines[-1] = lines[-1][:-2] + "…"
     return lines or [""]
 
 
@@ -92,7 +91,7 @@ def heatmap_grid(
     n, _, h, w = images.shape
     scale = max(1, -(-min_tile // min(h, w)))  # nearest-neighbour upscaling of small images
     th, tw, gap, caption = h * scale, w * scale, GRID_GAP, GRID_LINE
-    header = grid_header_height(columns, tw)
+    header = GRID_HEADER
     width = len(columns) * tw + (len(columns) - 1) * gap
     canvas = np.full((header + n * (caption + th + gap), width, 3), 255, dtype=np.uint8)
     pixels = images.permute(0, 2, 3, 1).float().cpu().numpy()
@@ -337,6 +336,17 @@ def log_text(trainer: Trainer, tag: str, text: str, step: int) -> None:
     folder = image_dir(trainer)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{file_stem(tag, step)}.md").write_text(text, encoding="utf-8")
+
+
+def log_scalar_layout(trainer: Trainer, layout: Dict[str, Dict[str, list]]) -> None:
+    """A layout of TensorBoard's Custom Scalars tab (``{category: {chart title: ["Multiline" or "Margin", tags]}}``,
+    shown in this order) to every TensorBoard logger, from rank zero; other loggers have no such tab."""
+    if not trainer.is_global_zero:
+        return
+    for logger in trainer.loggers:
+        add = getattr(logger.experiment, "add_custom_scalars", None) if destination(logger) == "tensorboard" else None
+        if callable(add):
+            add(layout)
 
 
 def log_scalars(trainer: Trainer, scalars: Dict[str, float], step: int) -> None:

@@ -18,7 +18,7 @@ from caap_lightning.callbacks.drawing import column_title
 from caap_lightning.callbacks.errors import ON_ERROR, attempt
 from caap_lightning.callbacks.metric_table import LoggedScalar
 from caap_lightning.callbacks.result import ProbeResult
-from caap_lightning.callbacks.alarm_report import report_alarm
+from caap_lightning.callbacks.alarm_report import report_alarm, scalar_layout
 from caap_lightning.callbacks.strategies import MIN_GROUP_IMAGES, StrategyGroup, discover_strategies, log_strategies
 from caap_lightning.metrics._checks import check_int
 
@@ -131,10 +131,16 @@ class SpuriousCueMonitor(Callback):
             raise ValueError("SpuriousCueMonitor watches the metrics of a CAAPCallback, but the trainer has none; add one")
         self._source = None
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.watch(self._sources)
 
-    on_validation_start = on_test_start = on_fit_start  # whichever run starts: after every callback's setup
+    on_test_start = on_validation_start  # whichever run starts: after every callback's setup
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.watch(self._sources)
+        monitors = [cb for cb in trainer.callbacks if isinstance(cb, SpuriousCueMonitor)]
+        if monitors[0] is self:  # TensorBoard reads one layout per run: the first monitor writes it for all
+            figures.log_scalar_layout(trainer, scalar_layout(monitors, self._sources))
 
     def watch(self, sources: Sequence[CAAPCallback]) -> None:
         """Choose the watched scalar from the ``logged`` tables of ``sources``, which their ``setup`` filled (the

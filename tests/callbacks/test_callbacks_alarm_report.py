@@ -97,3 +97,36 @@ def test_the_console_line_stays_within_its_length():
     short = console_line("alarm", "the model relies on the cue", "cue", "'spurious/alarm' in TensorBoard")
     assert short == ("alarm; the model relies on the cue. Next: break the cue's tie to the class in the training "
                      "data. Details: 'spurious/alarm' in TensorBoard.")
+
+
+def test_a_fit_writes_a_custom_scalars_layout_with_the_alarm_first(tmp_path, data_factory, classifier_factory,
+                                                                   trainer_factory):
+    """TensorBoard's Custom Scalars tab: the monitor's alarm and score first, as unsmoothed margin charts, then the
+    callback's swap ratios and follow shares."""
+    import glob
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2, metadata
+
+    from caap_lightning.callbacks import CAAPCallback
+
+    caap = CAAPCallback(num_images=4, swap_images=8, metrics=["background_swap_ratio", "border_swap_ratio"],
+                        log_images=False)
+    monitor = SpuriousCueMonitor(threshold=None, strategies=False)
+    trainer = trainer_factory(tmp_path, [caap, monitor], max_epochs=1, limit_train_batches=1)
+    trainer.fit(classifier_factory(), datamodule=data_factory())
+    (path,) = glob.glob(f"{trainer.logger.log_dir}/events.out.tfevents.*")
+    events = EventAccumulator(path, size_guidance={"tensors": 0})
+    events.Reload()
+    (config,) = events.Tensors(metadata.CONFIG_SUMMARY_TAG)
+    layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
+    assert [category.title for category in layout.category] == ["spurious", "caap"]
+    alarm, score = layout.category[0].chart
+    assert alarm.title.startswith("alarm") and [alarm.margin.series[0].value, alarm.margin.series[0].lower,
+                                                alarm.margin.series[0].upper] == ["spurious/alarm"] * 3
+    assert score.title == "score (caap/background_swap_ratio), unsmoothed"
+    ratios, shares = layout.category[1].chart
+    assert list(ratios.multiline.tag) == ["caap/background_swap_ratio", "caap/border_swap_ratio"]
+    assert list(shares.multiline.tag) == ["caap/background_swap_follow_share", "caap/border_swap_follow_share"]
+    # Every tag of the layout is a scalar the callback's table names.
+    assert {*ratios.multiline.tag, *shares.multiline.tag} <= set(caap.logged)

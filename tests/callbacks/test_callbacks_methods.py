@@ -209,7 +209,7 @@ def test_heatmap_grid_draws_one_column_per_map_each_on_its_own_scale():
     assert grid.shape == swapped.shape and tile_columns(grid.shape[1]) == 3
     tile = 128
     # The column titles and colour bars, then the first row's caption (issue 29: a larger font, and a colour bar).
-    top = figures.grid_header_height(["image", "CAAP (A - A_blank)", "gradcam"], tile) + figures.GRID_LINE
+    top = figures.GRID_HEADER + figures.GRID_LINE
 
     def column(g, c):
         return g[top : top + tile, c * (tile + 4) : c * (tile + 4) + tile]
@@ -251,7 +251,7 @@ def test_heatmap_grid_draws_every_row_of_a_column_on_one_scale_with_a_colour_bar
     maps = torch.stack([strong / 100, strong])  # 0.006 and 0.6
     grid = figures.heatmap_grid(images, {"CAAP": maps}, ["weak", "strong"])
     tile = 128
-    header = figures.grid_header_height(["image", "CAAP"], tile)
+    header = figures.GRID_HEADER
 
     def overlay(row):
         top = header + row * (figures.GRID_LINE + tile + figures.GRID_GAP) + figures.GRID_LINE
@@ -277,7 +277,7 @@ def test_heatmap_grid_outlines_the_cue_masks_over_the_overlays():
     cue = torch.zeros(1, 32, 32, dtype=torch.bool)
     cue[0, 4:12, 4:12] = True
     grid = figures.heatmap_grid(images, {"CAAP": torch.ones(1, 32, 32)}, ["a"], cue_masks=cue)
-    header = figures.grid_header_height(["image", "CAAP", "cue mask"], 128)
+    header = figures.GRID_HEADER
     top = header + figures.GRID_LINE
     green = np.round(np.array(figures.OUTLINE_COLOUR) * 255)
     for left in (0, 128 + figures.GRID_GAP):  # the image and the overlay
