@@ -159,7 +159,7 @@ def log_details(monitor: "SpuriousCueMonitor", trainer: L.Trainer, result: Probe
     watched, threshold = monitor.watched, "" if monitor.threshold is None else f", past the threshold {monitor.threshold}"
     meaning = "" if watched is None else watched.meaning
     per_image = monitor.image_scores(result)
-    rows = monitor.top_images(per_image, len(result.targets))
+    rows = top_images(per_image, len(result.targets), monitor.num_images, monitor.alarm_on == "high")
     hot = monitor.method in result.method_maps and monitor.part == "fixed position"
     lines = [
         f"**{headline}**", "",
@@ -186,6 +186,15 @@ def log_details(monitor: "SpuriousCueMonitor", trainer: L.Trainer, result: Probe
         image = draw_hot_regions(result, monitor.method, rows) if hot else result.draw_rows(
             rows, None if test is None else result.model_test_views(test, rows))
         figures.log_image(trainer, f"{monitor.prefix}/alarm_images", image, result.step)
+
+
+def top_images(per_image: Optional[torch.Tensor], n: int, count: int, high: bool) -> List[int]:
+    """The ``count`` probe indices of ``n`` that score worst on the watched part (most reliance first: the highest
+    where ``high``), NaN last; the first ones where there are no values per image."""
+    if per_image is None:
+        return list(range(min(count, n)))
+    worst = per_image.nan_to_num(-math.inf if high else math.inf)
+    return torch.argsort(worst, descending=high, stable=True)[:count].tolist()
 
 
 def follow_lines(result: ProbeResult, logged: Dict[str, LoggedScalar]) -> List[str]:

@@ -242,8 +242,8 @@ class SpuriousCueMonitor(Callback):
                             result.step)
         if raised:
             self.alarms.append({"epoch": result.epoch, "step": result.step, "score": score})
-            attempt(trainer, self.on_error, "SpuriousCueMonitor: reporting the alarm", result.epoch, self._report,
-                    trainer, result, score, skipped="the report is skipped")
+            attempt(trainer, self.on_error, "SpuriousCueMonitor: reporting the alarm", result.epoch, report_alarm,
+                    self, trainer, result, score, skipped="the report is skipped")
         if self.stop_training and self.alarmed:
             trainer.should_stop = trainer.strategy.reduce_boolean_decision(True, all=False)
 
@@ -256,9 +256,6 @@ class SpuriousCueMonitor(Callback):
         return found
 
     # ------------------------------------------------------------------ the alarm's report
-    def _report(self, trainer: L.Trainer, result: ProbeResult, score: float) -> None:
-        report_alarm(self, trainer, result, score)
-
     @property
     def watched(self) -> Optional[LoggedScalar]:
         """The watched scalar's entry in its callback's ``logged`` table (``None`` before a run, or for seconds)."""
@@ -288,14 +285,6 @@ class SpuriousCueMonitor(Callback):
         """The part of the image the watched scalar is about (``"background"``, ``"cue"``, ...), for the alarm."""
         part = None if self._watched is None else self._watched.part
         return part or "monitored region"
-
-    def top_images(self, per_image: Optional[torch.Tensor], n: int) -> List[int]:
-        """Probe indices that score worst on the watched part (most reliance first)."""
-        if per_image is None:
-            return list(range(min(self.num_images, n)))
-        high = self.alarm_on == "high"
-        worst = per_image.nan_to_num(-math.inf if high else math.inf)
-        return torch.argsort(worst, descending=high, stable=True)[: self.num_images].tolist()
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:

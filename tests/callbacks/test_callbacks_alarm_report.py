@@ -130,3 +130,24 @@ def test_a_fit_writes_a_custom_scalars_layout_with_the_alarm_first(tmp_path, dat
     assert list(shares.multiline.tag) == ["caap/background_swap_follow_share", "caap/border_swap_follow_share"]
     # Every tag of the layout is a scalar the callback's table names.
     assert {*ratios.multiline.tag, *shares.multiline.tag} <= set(caap.logged)
+
+
+def test_a_check_after_a_slow_one_says_what_it_does(caplog):
+    import logging
+
+    from caap_lightning.callbacks.drawing import SLOW_CHECK_SECONDS, announce_if_slow
+
+    probe = probe_with_cues()
+
+    def callback(seconds):
+        history = [] if seconds is None else [{"epoch": 0, "caap/seconds": seconds}]
+        return SimpleNamespace(history=history, prefix="caap", methods=["caap", "gradcam"], probe=probe,
+                               swap_probe=probe)
+
+    with caplog.at_level(logging.INFO):
+        for seconds in (None, SLOW_CHECK_SECONDS / 2):
+            announce_if_slow(callback(seconds))
+        assert "checking the model" not in caplog.text
+        announce_if_slow(callback(27.0))
+    assert ("CAAPCallback: checking the model: CAAP, gradcam maps of 64 probe images and the swap tests on 64 images "
+            "(the last check took 27 s; training goes on after it).") in caplog.text
