@@ -138,11 +138,14 @@ def report_alarm(monitor: "SpuriousCueMonitor", trainer: L.Trainer, result: Prob
     """The alarm's console line (every rank warns as Lightning's ``rank_zero_warn`` does), and on rank zero the text
     entry ``<prefix>/alarm`` with its images ``<prefix>/alarm_images``."""
     watched, source = monitor.watched, monitor.source
-    named = watched if watched is None or source is None else carrying_entry(result, source.logged, watched, monitor.past)
+    named = watched
+    if watched is not None and source is not None:
+        named = carrying_entry(result, source.logged, watched, monitor.past)
     part = monitor.part if named is None else (named.part or monitor.part)
     count = None if named is None or source is None else follow_count(result, source.logged, named)
     past = "" if monitor.threshold is None else f" > {monitor.threshold}"
-    head = f"SpuriousCueMonitor: alarm at epoch {result.epoch} (step {result.step}): {monitor.monitor_key} = {score:.3f}{past}"
+    head = (f"SpuriousCueMonitor: alarm at epoch {result.epoch} (step {result.step}): "
+            f"{monitor.monitor_key} = {score:.3f}{past}")
     finding = count.sentence(part) if count is not None else f"the model relies on the {part}"
     if named is not watched:
         finding += f" ({named.tag} = {result.metrics[named.tag]:.3f} too)"
@@ -156,7 +159,8 @@ def log_details(monitor: "SpuriousCueMonitor", trainer: L.Trainer, result: Probe
                 headline: str) -> None:
     """The text entry: the headline, the rule that fired, what the score means, each swap test's follow count, and
     the probe images that rely most on the watched part, drawn with what the test showed the model."""
-    watched, threshold = monitor.watched, "" if monitor.threshold is None else f", past the threshold {monitor.threshold}"
+    watched = monitor.watched
+    threshold = "" if monitor.threshold is None else f", past the threshold {monitor.threshold}"
     meaning = "" if watched is None else watched.meaning
     per_image = monitor.image_scores(result)
     rows = top_images(per_image, len(result.targets), monitor.num_images, monitor.alarm_on == "high")

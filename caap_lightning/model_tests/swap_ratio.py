@@ -49,9 +49,10 @@ def swapped_images(images: Tensor, masks: Tensor, donor_images: Tensor, donor_ma
     ``region="mask"`` (the mask is the suspect: a cue, the border ring): the donor's mask pixels laid on the
     image, whose own mask, with an edge around it (:func:`~caap_lightning.model_tests.views.edge_width`
     pixels), is first filled from the image's own rest
-    (:func:`~caap_lightning.model_tests.views.fill_from_surroundings`): nothing of the donor but its mask. ``"outside"`` (the background of an
-    object mask is the suspect): the image's object laid on the donor, whose own object and its edge are
-    filled from the donor's background, so that no silhouette of the donor's object is left.
+    (:func:`~caap_lightning.model_tests.views.fill_from_surroundings`): nothing of the donor but its mask.
+    ``"outside"`` (the background of an object mask is the suspect): the image's object laid on the donor,
+    whose own object and its edge are filled from the donor's background, so that no silhouette of the donor's
+    object is left.
     """
     check_choice("region", region, MASS_REGIONS)
     if region == "outside":

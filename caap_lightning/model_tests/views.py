@@ -77,9 +77,10 @@ def _bounding_extent(holes: Tensor, dim: int) -> Tensor:
 
 
 def fill_from_surroundings(images: Tensor, holes: Tensor) -> Tensor:
-    """``images`` with each ``holes`` pixel copied from a pixel off the hole a tile away: the image shifted by its hole's bounding box, up, down, sideways or diagonally, then by halves and
-    quarters of it, each pass also reading the pixels the passes before filled. What no shift reaches (a hole that
-    covers nearly all of the image) takes the mean colour of the pixels off the hole.
+    """``images`` with each ``holes`` pixel copied from a pixel off the hole a tile away: the image shifted by its
+    hole's bounding box, up, down, sideways or diagonally, then by halves and quarters of it, each pass also
+    reading the pixels the passes before filled. What no shift reaches (a hole that covers nearly all of the
+    image) takes the mean colour of the pixels off the hole.
 
     A tiled fill continues the surrounding texture and keeps no outline of the hole; it is deterministic, batched
     and runs on the images' device (the background of ImageNet-9's "only BG-T" images is tiled so).
