@@ -211,7 +211,9 @@ def follow_lines(result: ProbeResult, logged: Dict[str, LoggedScalar]) -> List[s
         count = follow_count(result, logged, entry)
         if count is not None and tag in result.metrics:
             lines.append(f"- `{tag}` = {result.metrics[tag]:.3f}: {count.sentence(test.part)}.")
-    return ["", "Each swap test at this check:", "", *lines] if lines else []
+    intro = ("Each swap test at this check (the images counted are those whose partner the model gives another "
+             "class; a pair of one class tells nothing):")
+    return ["", intro, "", *lines] if lines else []
 
 
 def scalar_layout(monitors: List["SpuriousCueMonitor"], sources: List[Any]) -> Dict[str, Dict[str, list]]:
