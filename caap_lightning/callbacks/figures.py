@@ -19,30 +19,44 @@ import torch
 from lightning.pytorch import Trainer
 
 
-# The grid's text: legible when TensorBoard shrinks a grid of four or five columns to its default card width.
-GRID_FONT_SIZE = 15
-GRID_LINE = GRID_FONT_SIZE + 4  # a line of text, with its spacing
+# The grid's font size as a share of a tile's width: TensorBoard shrinks an image to its card's width, and at this
+# share the text of a grid of five columns still reads at about 10 pixels on a default card.
+FONT_SHARE = 0.18
+MIN_FONT_SIZE = 12
 GRID_GAP = 4  # between tiles
 COLOUR_BAR = 10  # the colour bar's height under an overlay column's title
 # The cue mask's outline over the image and the overlays: green, which the red-blue overlay does not use.
 OUTLINE_COLOUR = (0.0, 0.85, 0.0)
 OUTLINE_WIDTH = 2  # pixels of the drawn tile
 TITLE_LINES = 2  # a column title's lines at most, so that grids of the same rows have the same height
-# Above the first row: the column titles, and under an overlay's title its colour bar and the bar's labels.
-GRID_HEADER = TITLE_LINES * GRID_LINE + COLOUR_BAR + GRID_LINE
 
 
-def wrap(text: str, font: Any, width: int) -> list:
-    """``text`` in at most :data:`TITLE_LINES` lines of ``width`` pixels, broken at spaces (a longer word keeps its
-    line), the last cut short with an ellipsis where the text runs on."""
+def grid_font_size(tile_width: int) -> int:
+    """The grid's font size for tiles ``tile_width`` pixels wide (:data:`FONT_SHARE`)."""
+    return max(MIN_FONT_SIZE, round(FONT_SHARE * tile_width))
+
+
+def grid_line(tile_width: int) -> int:
+    """A line of the grid's text, with its spacing: a row's caption."""
+    return grid_font_size(tile_width) + 4
+
+
+def grid_header(tile_width: int) -> int:
+    """Above the first row: the column titles, and under an overlay's title its colour bar and the bar's labels."""
+    return TITLE_LINES * grid_line(tile_width) + COLOUR_BAR + grid_line(tile_width)
+
+
+def wrap(text: str, font: Any, width: int, most: int = TITLE_LINES) -> list:
+    """``text`` in at most ``most`` lines of ``width`` pixels, broken at spaces (a longer word keeps its line), the
+    last cut short with an ellipsis where the text runs on."""
     lines: list = []
     for word in text.split():
         if lines and font.getlength(f"{lines[-1]} {word}") <= width:
             lines[-1] = f"{lines[-1]} {word}"
         else:
             lines.append(word)
-    if len(lines) > TITLE_LINES:
-        lines = lines[: TITLE_LINES - 1] + [" ".join(lines[TITLE_LINES - 1 :])]
+    if len(lines) > most:
+        lines = lines[: most - 1] + [" ".join(lines[most - 1 :])]
     while lines and len(lines[-1]) > 1 and font.getlength(lines[-1]) > width:
         lines[-1] = lines[-1][:-2] + "…"
     return lines or [""]
@@ -76,7 +90,8 @@ def heatmap_grid(
     weaker than another looks a hundred times paler. Mask columns dim the image outside the mask;
     a column whose masks are ``None`` is left out; the cue masks are also outlined in green on the
     image and the overlays, where the overlay would hide a red or blue cue. Each row is captioned
-    with its title and the first map's largest magnitude in that row.
+    with its title, in a font sized to the tiles (:func:`grid_font_size`) so that it reads on a
+    TensorBoard card.
     Drawn with numpy and PIL: a matplotlib grid costs seconds per check on a CPU.
     """
     from matplotlib import colormaps
@@ -90,14 +105,13 @@ def heatmap_grid(
     columns = ["image"] + [name for name, _ in overlays] + [name for name, _ in mask_columns] + [name for name, _ in view_columns]
     n, _, h, w = images.shape
     scale = max(1, -(-min_tile // min(h, w)))  # nearest-neighbour upscaling of small images
-    th, tw, gap, caption = h * scale, w * scale, GRID_GAP, GRID_LINE
-    header = GRID_HEADER
+    th, tw, gap, caption = h * scale, w * scale, GRID_GAP, grid_line(w * scale)
+    header = grid_header(tw)
     width = len(columns) * tw + (len(columns) - 1) * gap
     canvas = np.full((header + n * (caption + th + gap), width, 3), 255, dtype=np.uint8)
     pixels = images.permute(0, 2, 3, 1).float().cpu().numpy()
     heats = [m.float().cpu().numpy() for _, m in overlays]
-    row_limits = [np.abs(heat).reshape(n, -1).max(1) for heat in heats]  # per column, per row: the captions
-    limits = [float(limit.max()) or 1.0 for limit in row_limits]  # per column: its one scale
+    limits = [float(np.abs(heat).max()) or 1.0 for heat in heats]  # per column: its one scale
     shades = [0.2 + 0.8 * m.float().cpu().numpy()[..., None] for _, m in mask_columns]
     shown = [v.permute(0, 2, 3, 1).float().clamp(0, 1).cpu().numpy() for _, v in view_columns]
     edges = None if cue_masks is None else outlines(cue_masks, scale)
@@ -116,22 +130,22 @@ def heatmap_grid(
             left = col * (tw + gap)
             canvas[top : top + th, left : left + tw] = np.clip(big * 255 + 0.5, 0, 255).astype(np.uint8)
     bar = (cmap(np.linspace(0, 1, tw))[None, :, :3] * 255 + 0.5).astype(np.uint8)
-    bar_top = header - COLOUR_BAR - GRID_LINE
+    bar_top = header - COLOUR_BAR - caption
     for col in range(1, len(overlays) + 1):
         canvas[bar_top : bar_top + COLOUR_BAR, col * (tw + gap) : col * (tw + gap) + tw] = bar
     image = Image.fromarray(canvas)
     draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=GRID_FONT_SIZE)
+    font = ImageFont.load_default(size=grid_font_size(tw))
     for col, name in enumerate(columns):
         for line, text in enumerate(wrap(name, font, tw)):
-            draw.text((col * (tw + gap) + 2, 1 + line * GRID_LINE), text, fill=(0, 0, 0), font=font)
+            draw.text((col * (tw + gap) + 2, 1 + line * caption), text, fill=(0, 0, 0), font=font)
     for col, limit in enumerate(limits, start=1):
         left, y = col * (tw + gap), bar_top + COLOUR_BAR + 1
         draw.text((left, y), f"-{limit:.2g}", fill=(0, 0, 0), font=font)
         draw.text((left + tw / 2, y), "0", fill=(0, 0, 0), font=font, anchor="ma")
         draw.text((left + tw, y), f"+{limit:.2g}", fill=(0, 0, 0), font=font, anchor="ra")
     for i, title in enumerate(titles):
-        text = f"{title}   max |map| {float(row_limits[0][i]):.3f}"
+        (text,) = wrap(title, font, width - 4, most=1)
         draw.text((2, header + i * (caption + th + gap) + 1), text, fill=(0, 0, 0), font=font)
     return np.asarray(image)
 

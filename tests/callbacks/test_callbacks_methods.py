@@ -209,7 +209,7 @@ def test_heatmap_grid_draws_one_column_per_map_each_on_its_own_scale():
     assert grid.shape == swapped.shape and tile_columns(grid.shape[1]) == 3
     tile = 128
     # The column titles and colour bars, then the first row's caption (issue 29: a larger font, and a colour bar).
-    top = figures.GRID_HEADER + figures.GRID_LINE
+    top = figures.grid_header(tile) + figures.grid_line(tile)
 
     def column(g, c):
         return g[top : top + tile, c * (tile + 4) : c * (tile + 4) + tile]
@@ -251,10 +251,10 @@ def test_heatmap_grid_draws_every_row_of_a_column_on_one_scale_with_a_colour_bar
     maps = torch.stack([strong / 100, strong])  # 0.006 and 0.6
     grid = figures.heatmap_grid(images, {"CAAP": maps}, ["weak", "strong"])
     tile = 128
-    header = figures.GRID_HEADER
+    header, line = figures.grid_header(tile), figures.grid_line(tile)
 
     def overlay(row):
-        top = header + row * (figures.GRID_LINE + tile + figures.GRID_GAP) + figures.GRID_LINE
+        top = header + row * (line + tile + figures.GRID_GAP) + line
         return grid[top : top + tile, tile + figures.GRID_GAP : 2 * tile + figures.GRID_GAP].astype(int)
 
     weak, saturated = overlay(0), overlay(1)
@@ -268,7 +268,7 @@ def test_heatmap_grid_draws_every_row_of_a_column_on_one_scale_with_a_colour_bar
     assert np.abs(saturated - drawn(1.0)).max() <= 1
     assert (saturated[..., 0] - saturated[..., 2]).min() > 40 and np.abs(weak[..., 0] - weak[..., 2]).max() < 10
     # The colour bar under the title runs from the colour map's blue end to its red end.
-    bar = grid[header - figures.COLOUR_BAR - figures.GRID_LINE + 2, tile + figures.GRID_GAP : 2 * tile + figures.GRID_GAP]
+    bar = grid[header - figures.COLOUR_BAR - line + 2, tile + figures.GRID_GAP : 2 * tile + figures.GRID_GAP]
     assert bar[0, 2] > bar[0, 0] + 50 and bar[-1, 0] > bar[-1, 2] + 50
 
 
@@ -277,8 +277,7 @@ def test_heatmap_grid_outlines_the_cue_masks_over_the_overlays():
     cue = torch.zeros(1, 32, 32, dtype=torch.bool)
     cue[0, 4:12, 4:12] = True
     grid = figures.heatmap_grid(images, {"CAAP": torch.ones(1, 32, 32)}, ["a"], cue_masks=cue)
-    header = figures.GRID_HEADER
-    top = header + figures.GRID_LINE
+    top = figures.grid_header(128) + figures.grid_line(128)
     green = np.round(np.array(figures.OUTLINE_COLOUR) * 255)
     for left in (0, 128 + figures.GRID_GAP):  # the image and the overlay
         tile = grid[top : top + 128, left : left + 128].astype(int)
