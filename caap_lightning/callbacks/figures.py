@@ -141,8 +141,7 @@ def heatmap_grid(
             draw.text((col * (tw + gap) + 2, 1 + line * caption), text, fill=(0, 0, 0), font=font)
     for col, limit in enumerate(limits, start=1):
         left, y = col * (tw + gap), bar_top + COLOUR_BAR + 1
-        draw.text((left, y), f"-{limit:.2g}", fill=(0, 0, 0), font=font)
-        draw.text((left + tw / 2, y), "0", fill=(0, 0, 0), font=font, anchor="ma")
+        draw.text((left, y), f"-{limit:.2g}", fill=(0, 0, 0), font=font)  # the bar's middle, white, is 0
         draw.text((left + tw, y), f"+{limit:.2g}", fill=(0, 0, 0), font=font, anchor="ra")
     for i, title in enumerate(titles):
         (text,) = wrap(title, font, width - 4, most=1)
