@@ -34,7 +34,7 @@ from caap_lightning.callbacks.arguments import (
 )
 from caap_lightning.callbacks.building import build_methods, cannot_attribute, find_model, verify_classifier
 from caap_lightning.callbacks.distributed import ProbeShard, classify_shard, gather_shards
-from caap_lightning.callbacks.drawing import display_name, log_check_images
+from caap_lightning.callbacks.drawing import announce_if_slow, display_name, log_check_images
 from caap_lightning.callbacks.errors import SKIPPED, CheckSteps, attempt
 from caap_lightning.callbacks.meters import CheckMeters
 from caap_lightning.callbacks.metric_table import LoggedScalar, logged_table, map_image_values, resolve_metrics
@@ -365,7 +365,7 @@ class CAAPCallback(Callback):
         if not steps.attempt("finding the model to attribute", self._model_found, trainer, pl_module):
             return None
         self.calibrate_cutoff(trainer, pl_module)  # layer_cutoff="auto": the first check picks it
-        start = time.perf_counter()
+        start = announce_if_slow(self)
         with forward_context(trainer, self.precision):
             shard = self._classify(steps, pl_module)
             if shard is None:
@@ -430,7 +430,7 @@ class CAAPCallback(Callback):
         maps, n = {name: done[name] for name in self.methods if name in done}, len(self.probe)
         sizes = {tag: len(entry.probe) for tag, entry in self.logged.items()}
         metrics, curves, tested = self._meters.compute(list(maps), TESTING in done, self.tag, self.methods[0], sizes,
-                                                       n, trainer.world_size)
+                                                       trainer.world_size)
         method_maps = {name: gather_shards(trainer, m, n) for name, m in maps.items()}
         finite = trainer.strategy.reduce_boolean_decision(shard.finite, all=True)
         unscored = unscored_reasons(self.logged, metrics, list(maps), TESTING in done, finite)

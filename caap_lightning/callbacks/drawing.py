@@ -1,21 +1,41 @@
-"""What a check draws: the heatmap grid of probe rows and the Insertion/Deletion curves, and how it names methods."""
+"""What a check shows a person: the heatmap grid of probe rows, the Insertion/Deletion curves, how it names methods,
+and a word at the start of a check that holds the progress bar still for long."""
 
 from __future__ import annotations
 
 import math
+import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from caap_lightning.callbacks import figures
 from caap_lightning.utils import unnormalize, upsample_maps
 
 if TYPE_CHECKING:
+    from caap_lightning.callbacks.caap_callback import CAAPCallback
     from caap_lightning.callbacks.result import ProbeResult
 
 # Heatmap-grid column titles of the attribution methods (others: the method's name).
 COLUMN_TITLES = {"caap": "CAAP (A - A_blank)"}
+
+
+# A check that took longer than this is announced at the next check's start: the progress bar stands still meanwhile.
+SLOW_CHECK_SECONDS = 5.0
+
+
+def announce_if_slow(callback: "CAAPCallback") -> float:
+    """Say what a check does as it starts, where the last check took over :data:`SLOW_CHECK_SECONDS`; the start time
+    (``time.perf_counter()``), from which the check's seconds are counted."""
+    last = callback.history[-1].get(f"{callback.prefix}/seconds") if callback.history else None
+    if last is not None and last > SLOW_CHECK_SECONDS:
+        methods = ", ".join(display_name(name) for name in callback.methods)
+        tests = "" if callback.swap_probe is None else f" and the swap tests on {len(callback.swap_probe)} images"
+        rank_zero_info(f"CAAPCallback: checking the model: {methods} maps of {len(callback.probe)} probe images{tests} "
+                       f"(the last check took {last:.0f} s; training goes on after it).")
+    return time.perf_counter()
 
 
 def column_title(method: str) -> str:

@@ -19,6 +19,57 @@ import torch
 from lightning.pytorch import Trainer
 
 
+# The grid's font size as a share of a tile's width: TensorBoard shrinks an image to its card's width, and at this
+# share the text of a grid of five columns still reads at about 10 pixels on a default card.
+FONT_SHARE = 0.18
+MIN_FONT_SIZE = 12
+GRID_GAP = 4  # between tiles
+COLOUR_BAR = 10  # the colour bar's height under an overlay column's title
+# The cue mask's outline over the image and the overlays: green, which the red-blue overlay does not use.
+OUTLINE_COLOUR = (0.0, 0.85, 0.0)
+OUTLINE_WIDTH = 2  # pixels of the drawn tile
+TITLE_LINES = 2  # a column title's lines at most, so that grids of the same rows have the same height
+
+
+def grid_font_size(tile_width: int) -> int:
+    """The grid's font size for tiles ``tile_width`` pixels wide (:data:`FONT_SHARE`)."""
+    return max(MIN_FONT_SIZE, round(FONT_SHARE * tile_width))
+
+
+def grid_line(tile_width: int) -> int:
+    """A line of the grid's text, with its spacing: a row's caption."""
+    return grid_font_size(tile_width) + 4
+
+
+def grid_header(tile_width: int) -> int:
+    """Above the first row: the column titles, and under an overlay's title its colour bar and the bar's labels."""
+    return TITLE_LINES * grid_line(tile_width) + COLOUR_BAR + grid_line(tile_width)
+
+
+def wrap(text: str, font: Any, width: int, most: int = TITLE_LINES) -> list:
+    """``text`` in at most ``most`` lines of ``width`` pixels, broken at spaces (a longer word keeps its line), the
+    last cut short with an ellipsis where the text runs on."""
+    lines: list = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    if len(lines) > most:
+        lines = lines[: most - 1] + [" ".join(lines[most - 1 :])]
+    while lines and len(lines[-1]) > 1 and font.getlength(lines[-1]) > width:
+        lines[-1] = lines[-1][:-2] + "…"
+    return lines or [""]
+
+
+def outlines(masks: torch.Tensor, scale: int) -> np.ndarray:
+    """``(n, H*scale, W*scale)`` bool: the inner edge, :data:`OUTLINE_WIDTH` pixels wide, of each upscaled mask."""
+    from caap_lightning.model_tests.views import dilate
+
+    big = masks.bool().cpu().repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+    return (big & dilate(~big, OUTLINE_WIDTH)).numpy()
+
+
 def heatmap_grid(
     images: torch.Tensor,
     maps: Mapping[str, torch.Tensor],
@@ -34,13 +85,17 @@ def heatmap_grid(
     in order, as ``{column title: pixel maps (n, H, W)}``; ``views`` further image columns
     (pixel-space ``(n, 3, H, W)``), e.g. what a model test showed the model.
     Maps are drawn red where they favour the target and blue where they oppose it (a
-    non-negative map, e.g. Grad-CAM's, only goes red), each tile scaled to its own largest
-    magnitude. Mask columns dim the image outside the mask; a column whose masks are ``None``
-    is left out. Each row is captioned with its title and the first map's largest magnitude.
+    non-negative map, e.g. Grad-CAM's, only goes red), every row of a column on one scale, that
+    column's largest magnitude, which the colour bar under its title shows: a map a hundred times
+    weaker than another looks a hundred times paler. Mask columns dim the image outside the mask;
+    a column whose masks are ``None`` is left out; the cue masks are also outlined in green on the
+    image and the overlays, where the overlay would hide a red or blue cue. Each row is captioned
+    with its title, in a font sized to the tiles (:func:`grid_font_size`) so that it reads on a
+    TensorBoard card.
     Drawn with numpy and PIL: a matplotlib grid costs seconds per check on a CPU.
     """
     from matplotlib import colormaps
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
     overlays = list(maps.items())
     if not overlays:
@@ -50,33 +105,47 @@ def heatmap_grid(
     columns = ["image"] + [name for name, _ in overlays] + [name for name, _ in mask_columns] + [name for name, _ in view_columns]
     n, _, h, w = images.shape
     scale = max(1, -(-min_tile // min(h, w)))  # nearest-neighbour upscaling of small images
-    th, tw, gap, caption = h * scale, w * scale, 4, 16
+    th, tw, gap, caption = h * scale, w * scale, GRID_GAP, grid_line(w * scale)
+    header = grid_header(tw)
     width = len(columns) * tw + (len(columns) - 1) * gap
-    canvas = np.full((caption + n * (caption + th + gap), width, 3), 255, dtype=np.uint8)
+    canvas = np.full((header + n * (caption + th + gap), width, 3), 255, dtype=np.uint8)
     pixels = images.permute(0, 2, 3, 1).float().cpu().numpy()
     heats = [m.float().cpu().numpy() for _, m in overlays]
-    limits = [np.abs(heat).reshape(n, -1).max(1) for heat in heats]  # per column, per row
+    limits = [float(np.abs(heat).max()) or 1.0 for heat in heats]  # per column: its one scale
     shades = [0.2 + 0.8 * m.float().cpu().numpy()[..., None] for _, m in mask_columns]
     shown = [v.permute(0, 2, 3, 1).float().clamp(0, 1).cpu().numpy() for _, v in view_columns]
+    edges = None if cue_masks is None else outlines(cue_masks, scale)
     cmap = colormaps["RdBu_r"]
     for i in range(n):
         tiles = [pixels[i]]
         for heat, limit in zip(heats, limits):
-            tiles.append(0.35 * pixels[i] + 0.65 * cmap(0.5 + 0.5 * heat[i] / (float(limit[i]) or 1.0))[..., :3])
+            tiles.append(0.35 * pixels[i] + 0.65 * cmap(0.5 + 0.5 * np.clip(heat[i] / limit, -1, 1))[..., :3])
         tiles += [pixels[i] * shade[i] for shade in shades]
         tiles += [view[i] for view in shown]
-        top = caption + i * (caption + th + gap) + caption
+        top = header + i * (caption + th + gap) + caption
         for col, tile in enumerate(tiles):
             big = np.repeat(np.repeat(tile, scale, axis=0), scale, axis=1)
+            if edges is not None and col <= len(overlays):  # the image and the overlays
+                big = np.where(edges[i][..., None], OUTLINE_COLOUR, big)
             left = col * (tw + gap)
             canvas[top : top + th, left : left + tw] = np.clip(big * 255 + 0.5, 0, 255).astype(np.uint8)
+    bar = (cmap(np.linspace(0, 1, tw))[None, :, :3] * 255 + 0.5).astype(np.uint8)
+    bar_top = header - COLOUR_BAR - caption
+    for col in range(1, len(overlays) + 1):
+        canvas[bar_top : bar_top + COLOUR_BAR, col * (tw + gap) : col * (tw + gap) + tw] = bar
     image = Image.fromarray(canvas)
     draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=grid_font_size(tw))
     for col, name in enumerate(columns):
-        draw.text((col * (tw + gap) + 2, 2), name, fill=(0, 0, 0))
+        for line, text in enumerate(wrap(name, font, tw)):
+            draw.text((col * (tw + gap) + 2, 1 + line * caption), text, fill=(0, 0, 0), font=font)
+    for col, limit in enumerate(limits, start=1):
+        left, y = col * (tw + gap), bar_top + COLOUR_BAR + 1
+        draw.text((left, y), f"-{limit:.2g}", fill=(0, 0, 0), font=font)  # the bar's middle, white, is 0
+        draw.text((left + tw, y), f"+{limit:.2g}", fill=(0, 0, 0), font=font, anchor="ra")
     for i, title in enumerate(titles):
-        text = f"{title}   max |map| {float(limits[0][i]):.3f}"
-        draw.text((2, caption + i * (caption + th + gap) + 2), text, fill=(0, 0, 0))
+        (text,) = wrap(title, font, width - 4, most=1)
+        draw.text((2, header + i * (caption + th + gap) + 1), text, fill=(0, 0, 0), font=font)
     return np.asarray(image)
 
 
@@ -280,6 +349,17 @@ def log_text(trainer: Trainer, tag: str, text: str, step: int) -> None:
     folder = image_dir(trainer)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{file_stem(tag, step)}.md").write_text(text, encoding="utf-8")
+
+
+def log_scalar_layout(trainer: Trainer, layout: Dict[str, Dict[str, list]]) -> None:
+    """A layout of TensorBoard's Custom Scalars tab (``{category: {chart title: ["Multiline" or "Margin", tags]}}``,
+    shown in this order) to every TensorBoard logger, from rank zero; other loggers have no such tab."""
+    if not trainer.is_global_zero:
+        return
+    for logger in trainer.loggers:
+        add = getattr(logger.experiment, "add_custom_scalars", None) if destination(logger) == "tensorboard" else None
+        if callable(add):
+            add(layout)
 
 
 def log_scalars(trainer: Trainer, scalars: Dict[str, float], step: int) -> None:

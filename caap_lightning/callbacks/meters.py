@@ -44,14 +44,14 @@ class CheckMeters:
 
     def compute(
         self, methods: Sequence[str], tested: bool, tag: Callable[[str, str], str], primary: str,
-        tested_sizes: Dict[str, int], n: int, world: int,
+        tested_sizes: Dict[str, int], world: int,
     ) -> Tuple[Dict[str, float], Curves, Dict[str, torch.Tensor]]:
         """The synced scalars of ``methods`` (and of the model tests where ``tested``, under the ``primary`` method's
         names) by logged name, finite ones only (a metric with no scorable image gives NaN: nothing to log); each
-        method's mean curves; and the model tests' values per image of the ``n`` maps' images, by logged name.
+        method's mean curves; and the model tests' values per image of their own probe, by logged name.
 
         A model test's own probe has ``tested_sizes[tag]`` images (a swap ratio's is the swap probe, whose first
-        ``n`` are the maps' probe); torchmetrics gathered its per-image values rank by rank.
+        images are the maps' probe); torchmetrics gathered its per-image values rank by rank.
         """
         scalars: Dict[str, float] = {}
         curves: Curves = {}
@@ -65,7 +65,7 @@ class CheckMeters:
         for name, (ratio, image_ratios) in (self.model_tests.compute() if tested else {}).items():
             key = tag(primary, name)
             scalars[key] = float(ratio)
-            image_values[key] = in_probe_order(image_ratios.float().cpu(), tested_sizes[key], world)[:n]
+            image_values[key] = in_probe_order(image_ratios.float().cpu(), tested_sizes[key], world)
         return {k: v for k, v in scalars.items() if math.isfinite(v)}, curves, image_values
 
     def reset(self) -> None:

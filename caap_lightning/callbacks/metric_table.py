@@ -182,7 +182,7 @@ class LoggedScalar:
 
     @property
     def meaning(self) -> str:
-        return self.model_test.meaning if self.model_test is not None else self.spec.meaning
+        return self.model_test.meaning_of(self.tag.rsplit("/", 1)[-1]) if self.model_test is not None else self.spec.meaning
 
     def check_scorable(self) -> None:
         """``ValueError`` where no probe image can be scored for it (blank masks, a lone image)."""
@@ -231,7 +231,8 @@ def logged_table(
             elif method == methods[0]:
                 test = MODEL_TESTS[metric]
                 tested = swap_probe if test.kind == "swap" and swap_probe is not None else probe
-                table[tag(method, metric)] = LoggedScalar(tag(method, metric), metric, method, tested, model_test=test)
+                for scalar in test.scalars:
+                    table[tag(method, scalar)] = LoggedScalar(tag(method, scalar), metric, method, tested, model_test=test)
     return table
 
 

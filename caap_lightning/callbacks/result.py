@@ -40,7 +40,8 @@ class ProbeResult:
     method_curves: Dict[str, Dict[str, torch.Tensor]] = field(default_factory=dict)  # their mean ins/del curves
     # The map metrics' values per image, computed on the first read of `per_image`: only an alarm report needs them.
     map_image_values: Optional[Callable[[], Dict[str, torch.Tensor]]] = field(default=None, repr=False)
-    # The model tests' values per image, computed with the check (they need the model, not the maps).
+    # The model tests' values per image of their own probe (a swap's: every pair of the swap probe, whose first images
+    # are `probe`), computed with the check (they need the model, not the maps).
     model_test_image_values: Dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     # Why each scalar the callback logs has no value at this check, by its logged name (where one has none).
     unscored: Dict[str, str] = field(default_factory=dict)
@@ -55,7 +56,8 @@ class ProbeResult:
         reliance (NaN where an image could not be scored)."""
         if self._per_image is None:
             computed = {} if self.map_image_values is None else self.map_image_values()
-            self._per_image = {**computed, **self.model_test_image_values}
+            n = len(self.probe)
+            self._per_image = {**computed, **{k: v[:n] for k, v in self.model_test_image_values.items()}}
         return self._per_image
 
     @property

@@ -18,8 +18,8 @@ from caap_lightning.callbacks.drawing import column_title
 from caap_lightning.callbacks.errors import ON_ERROR, attempt
 from caap_lightning.callbacks.metric_table import LoggedScalar
 from caap_lightning.callbacks.result import ProbeResult
-from caap_lightning.callbacks.alarm_report import draw_hot_regions, hot_region_lines, image_rows
-from caap_lightning.callbacks.strategies import ALL, MIN_GROUP_IMAGES, StrategyGroup, discover_strategies, log_strategies
+from caap_lightning.callbacks.alarm_report import report_alarm, scalar_layout
+from caap_lightning.callbacks.strategies import MIN_GROUP_IMAGES, StrategyGroup, discover_strategies, log_strategies
 from caap_lightning.metrics._checks import check_int
 
 ALARM_ON = ("high", "low")
@@ -131,10 +131,16 @@ class SpuriousCueMonitor(Callback):
             raise ValueError("SpuriousCueMonitor watches the metrics of a CAAPCallback, but the trainer has none; add one")
         self._source = None
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.watch(self._sources)
 
-    on_validation_start = on_test_start = on_fit_start  # whichever run starts: after every callback's setup
+    on_test_start = on_validation_start  # whichever run starts: after every callback's setup
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.watch(self._sources)
+        monitors = [cb for cb in trainer.callbacks if isinstance(cb, SpuriousCueMonitor)]
+        if monitors[0] is self:  # TensorBoard reads one layout per run: the first monitor writes it for all
+            figures.log_scalar_layout(trainer, scalar_layout(monitors, self._sources))
 
     def watch(self, sources: Sequence[CAAPCallback]) -> None:
         """Choose the watched scalar from the ``logged`` tables of ``sources``, which their ``setup`` filled (the
@@ -191,7 +197,7 @@ class SpuriousCueMonitor(Callback):
         sign = 1.0 if self.alarm_on == "high" else -1.0
         first = math.isinf(self.best)
         improved = not first and sign * (self.best - score) > self.min_delta
-        past = not first if self.threshold is None else sign * (score - self.threshold) > 0
+        past = not first if self.threshold is None else self.past(score)
         if first or improved:
             self.best = score
         self.wait = self.wait + 1 if past and not improved else 0
@@ -236,8 +242,8 @@ class SpuriousCueMonitor(Callback):
                             result.step)
         if raised:
             self.alarms.append({"epoch": result.epoch, "step": result.step, "score": score})
-            attempt(trainer, self.on_error, "SpuriousCueMonitor: reporting the alarm", result.epoch, self._report,
-                    trainer, result, score, skipped="the report is skipped")
+            attempt(trainer, self.on_error, "SpuriousCueMonitor: reporting the alarm", result.epoch, report_alarm,
+                    self, trainer, result, score, skipped="the report is skipped")
         if self.stop_training and self.alarmed:
             trainer.should_stop = trainer.strategy.reduce_boolean_decision(True, all=False)
 
@@ -251,46 +257,25 @@ class SpuriousCueMonitor(Callback):
         return found
 
     # ------------------------------------------------------------------ the alarm's report
-    def _report(self, trainer: L.Trainer, result: ProbeResult, score: float) -> None:
-        threshold = "" if self.threshold is None else f", past the threshold {self.threshold}"
-        where = figures.describe_destinations(trainer)
-        see = f" See '{self.monitor_key}' and the '{self.prefix}/alarm' text in {where}." if where else ""
-        meaning = "" if self._watched is None else self._watched.meaning
-        rank_zero_warn(
-            f"SpuriousCueMonitor: alarm at epoch {result.epoch} (step {result.step}): {self.monitor_key} = {score:.3f} "
-            f"has not improved on its best {self.best:.3f} by more than {self.min_delta} for {self.patience} checks in a row"
-            f"{threshold}; the model relies on the {self.part}{f' ({meaning})' if meaning else ''}.{see}"
-        )
-        if not trainer.is_global_zero or self.num_images == 0:
-            return
-        per_image = self.image_scores(result)
-        rows = self.top_images(per_image, len(result.targets))
-        hot = self._method in result.method_maps and self.part == "fixed position"
-        lines = [
-            f"**Alarm at epoch {result.epoch}, step {result.step}**: `{self.monitor_key}` = {score:.3f} "
-            f"(best {self.best:.3f}; {self.patience} checks in a row without improving on it by more than "
-            f"{self.min_delta}{threshold}).",
-            *(["", f"The score is {meaning}."] if meaning else []),
-            *(["", *self._hot_region_lines(result)] if hot else []),
-            "", f"Probe images that rely most on the {self.part}:", "",
-            f"| probe image | label | explained class | p | {self.part} score |", "|---|---|---|---|---|",
-            *image_rows(result, rows, per_image),
-        ]
-        test = None if self._watched is None else self._watched.model_test
-        extra = " with each image's hot region" if hot else ""
-        if test is not None:
-            shown = (f"the image with another probe image's {self.part}" if test.kind == "swap"
-                     else f"the {self.part} alone and the image without it")
-            extra = f", and what the test showed the model: {shown}"
-        lines += ["", f"Their heatmaps{extra}: image `{self.prefix}/alarm_images` at this step."]
-        figures.log_text(trainer, f"{self.prefix}/alarm", "\n".join(lines), result.step)
-        if rows:
-            image = draw_hot_regions(result, self._method, rows) if hot else result.draw_rows(
-                rows, None if test is None else result.model_test_views(test, rows))
-            figures.log_image(trainer, f"{self.prefix}/alarm_images", image, result.step)
+    @property
+    def watched(self) -> Optional[LoggedScalar]:
+        """The watched scalar's entry in its callback's ``logged`` table (``None`` before a run, or for seconds)."""
+        return self._watched
 
-    def _hot_region_lines(self, result: ProbeResult) -> List[str]:
-        return hot_region_lines(result, self._method, self.last_strategies.get(ALL), self.prefix, self.strategy_examples)
+    @property
+    def source(self) -> Optional[CAAPCallback]:
+        """The callback that logs the watched scalar."""
+        return self._source
+
+    @property
+    def method(self) -> Optional[str]:
+        """The attribution method whose maps the alarm draws and clusters."""
+        return self._method
+
+    def past(self, score: float) -> bool:
+        """Whether ``score`` is past the threshold (``False`` without one)."""
+        sign = 1.0 if self.alarm_on == "high" else -1.0
+        return self.threshold is not None and sign * (score - self.threshold) > 0
 
     def image_scores(self, result: ProbeResult) -> Optional[torch.Tensor]:
         """The watched scalar per probe image, as the result publishes it (``None`` for a scalar without)."""
@@ -301,14 +286,6 @@ class SpuriousCueMonitor(Callback):
         """The part of the image the watched scalar is about (``"background"``, ``"cue"``, ...), for the alarm."""
         part = None if self._watched is None else self._watched.part
         return part or "monitored region"
-
-    def top_images(self, per_image: Optional[torch.Tensor], n: int) -> List[int]:
-        """Probe indices that score worst on the watched part (most reliance first)."""
-        if per_image is None:
-            return list(range(min(self.num_images, n)))
-        high = self.alarm_on == "high"
-        worst = per_image.nan_to_num(-math.inf if high else math.inf)
-        return torch.argsort(worst, descending=high, stable=True)[: self.num_images].tolist()
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
@@ -342,7 +319,7 @@ def default_key(sources: Sequence[CAAPCallback], logged: List[str]) -> str:
     """The first of ``DEFAULT_SCORES`` that the ``sources`` log for their primary method, as their tables list it."""
     for score in DEFAULT_SCORES:
         keys = [tag for source in sources for tag, entry in source.logged.items()
-                if entry.metric == score and entry.method == source.methods[0]]
+                if entry.metric == score and entry.method == source.methods[0] and tag.endswith(f"/{score}")]
         if len(keys) > 1:
             raise ValueError(f"SpuriousCueMonitor's default could watch any of {keys}; set `monitor` to one of them")
         if keys:

@@ -11,7 +11,7 @@ from caap_lightning.model_tests.suite import ModelTestSuite
 from caap_lightning.model_tests.swap_pairs import SwapPairs, SwapShard
 from caap_lightning.model_tests.swap_ratio import RegionSwap, SwapRatio, region_swap, swapped_images
 from caap_lightning.model_tests.table import MODEL_TESTS, ModelTest
-from caap_lightning.model_tests.views import border_masks, hide_regions, rest_colour, suspect_views
+from caap_lightning.model_tests.views import border_masks, fill_from_surroundings, hide_regions, rest_colour, suspect_views
 
 __all__ = [
     "MODEL_TESTS",
@@ -26,6 +26,7 @@ __all__ = [
     "SwapRatio",
     "SwapShard",
     "border_masks",
+    "fill_from_surroundings",
     "floored_ratio",
     "hide_regions",
     "region_insertion",

@@ -80,7 +80,8 @@ def region_insertion(
     # The clean images are classified only when no target is given.
     views = [suspect, rest, colour.view(1, -1, 1, 1).expand_as(images[:1])] + ([images] if targets is None else [])
     with eval_mode(model), torch.no_grad():
-        probs = torch.cat([output_logits(model(chunk)).float().softmax(1) for chunk in torch.cat(views).split(batch_size)]).double()
+        chunks = torch.cat(views).split(batch_size)
+        probs = torch.cat([output_logits(model(chunk)).float().softmax(1) for chunk in chunks]).double()
     if targets is None:
         targets = probs[2 * b + 1 :].argmax(1)
     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
+import torch
 from torch import Tensor, nn
 
 from caap_lightning.datamodules.base import ProbeBatch
@@ -45,9 +46,17 @@ class ModelTestSuite:
                 meter.update(images, test.regions(images, masks).to(device), target=targets)
 
     def compute(self) -> Dict[str, Tuple[Tensor, Tensor]]:
-        """Each test's pooled ratio and each image's own ratio (NaN where skipped; under DDP rank by rank)."""
-        details = {name: meter.compute_details() for name, meter in self.meters.items()}
-        return {name: (out[self.meters[name].main_key], out["image_ratios"]) for name, out in details.items()}
+        """Each test's scalars (:attr:`ModelTest.scalars`), each with its value per image (NaN where skipped; under
+        DDP rank by rank): a ratio's are each image's own ratio, a follow share's 1 where the pair follows the
+        swapped region (its own ratio above 1) and 0 where it does not."""
+        out: Dict[str, Tuple[Tensor, Tensor]] = {}
+        for name, meter in self.meters.items():
+            details = meter.compute_details()
+            ratios = details["image_ratios"]
+            follows = torch.where(ratios.isnan(), ratios, (ratios > 1).to(ratios.dtype))
+            for scalar, key in MODEL_TESTS[name].scalars.items():
+                out[scalar] = (details[key], follows if key == "follow_share" else ratios)
+        return out
 
     def reset(self) -> None:
         for meter in self.meters.values():

@@ -12,7 +12,7 @@ the model gives the donor's class is compared with the probability it gives the 
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Any, Dict, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +29,7 @@ from caap_lightning.metrics._checks import (
 )
 from caap_lightning.metrics.functional import MASS_REGIONS, scorable_regions
 from caap_lightning.model_tests.pooled_region_ratio import PooledRegionRatio
-from caap_lightning.model_tests.views import hide_regions
+from caap_lightning.model_tests.views import dilate, edge_width, fill_from_surroundings
 from caap_lightning.utils import eval_mode, output_logits
 
 
@@ -44,18 +44,22 @@ class RegionSwap(NamedTuple):
 
 
 def swapped_images(images: Tensor, masks: Tensor, donor_images: Tensor, donor_masks: Tensor, region: str) -> Tensor:
-    """Each image with its suspect part taken from its donor.
+    """Each image with its suspect part taken from its donor, and no trace of any other part of the donor.
 
-    ``region="mask"`` (the mask is the suspect: a cue, the border ring): the image with its own mask
-    removed as the insertion ratio removes it (:func:`~caap_lightning.model_tests.hide_regions`:
-    its pixels and an edge around them take the mean colour of the image's rest), then the donor's
-    mask pixels laid on top. ``"outside"`` (the background of an object mask is the suspect): the
-    donor with its object so removed, then the image's object laid on top.
+    ``region="mask"`` (the mask is the suspect: a cue, the border ring): the donor's mask pixels laid on the
+    image, whose own mask, with an edge around it (:func:`~caap_lightning.model_tests.views.edge_width`
+    pixels), is first filled from the image's own rest
+    (:func:`~caap_lightning.model_tests.views.fill_from_surroundings`): nothing of the donor but its mask.
+    ``"outside"`` (the background of an object mask is the suspect): the image's object laid on the donor,
+    whose own object and its edge are filled from the donor's background, so that no silhouette of the donor's
+    object is left.
     """
     check_choice("region", region, MASS_REGIONS)
-    if region == "mask":
-        return torch.where(donor_masks[:, None], donor_images, hide_regions(images, masks))
-    return torch.where(masks[:, None], images, hide_regions(donor_images, donor_masks))
+    if region == "outside":
+        hole = dilate(donor_masks, edge_width(tuple(images.shape[-2:])))
+        return torch.where(masks[:, None], images, fill_from_surroundings(donor_images, hole))
+    own = fill_from_surroundings(images, dilate(masks, edge_width(tuple(images.shape[-2:]))))
+    return torch.where(donor_masks[:, None], donor_images, own)
 
 
 def region_swap(
@@ -101,7 +105,8 @@ def region_swap(
     # The clean images are classified only where no target is given.
     views += ([images] if targets is None else []) + ([donor_images] if donor_targets is None else [])
     with eval_mode(model), torch.no_grad():
-        probs = torch.cat([output_logits(model(chunk)).float().softmax(1) for chunk in torch.cat(views).split(batch_size)]).double()
+        chunks = torch.cat(views).split(batch_size)
+        probs = torch.cat([output_logits(model(chunk)).float().softmax(1) for chunk in chunks]).double()
     clean = iter(probs[lo : lo + b].argmax(1) for lo in range(b, len(probs), b))
     targets = next(clean) if targets is None else targets.to(images.device)
     donor_targets = next(clean) if donor_targets is None else donor_targets.to(images.device)
@@ -130,13 +135,19 @@ class SwapRatio(PooledRegionRatio):
     knows the object too. Each update costs ``B`` forward passes, ``B`` more for each of
     ``target`` and ``donor_target`` not given. ``compute()`` returns the ratio;
     ``compute_details()`` also ``suspect_probability`` and ``rest_probability`` (the means),
-    ``count`` and ``skipped``, and with ``image_ratios`` each scored pair's own ratio as
-    ``image_ratios`` (NaN where skipped).
+    ``count`` and ``skipped``, ``follows`` and ``follow_share``: how many scored pairs, and what
+    share of them, the model gives a higher probability to the donor's class than to the own (the
+    pairs that follow the swapped region: a grade where the ratio is a bell), and with
+    ``image_ratios`` each scored pair's own ratio as ``image_ratios`` (NaN where skipped).
     """
 
     main_key = "swap_ratio"
     suspect_key = "suspect_probability"
     rest_key = "rest_probability"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_state("follows", torch.tensor(0), dist_reduce_fx="sum")
 
     def update(
         self,
@@ -150,3 +161,12 @@ class SwapRatio(PooledRegionRatio):
         found = region_swap(self.model, images, masks, donor_images, donor_masks, self.region, target, donor_target,
                             self.batch_size)
         self._add(found.suspect, found.rest, found.scored)
+        self.follows += int((found.scored & follows_region(found.suspect, found.rest)).sum())
+
+    def _details(self) -> Dict[str, Tensor]:
+        return {**super()._details(), "follows": self.follows, "follow_share": self.follows / self.count}
+
+
+def follows_region(suspect: Tensor, rest: Tensor) -> Tensor:
+    """Per pair: the model gives the donor's class (the swapped region's) a higher probability than the own."""
+    return suspect > rest

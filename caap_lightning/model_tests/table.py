@@ -26,7 +26,8 @@ _PART_WORDS = {
     "cue": "the cue",
     "border": f"the image's border (its outer {BORDER_SHARE:.1%} on each side)",
 }
-_REST_WORDS = {"background": "the object", "cue": "the rest of the image", "border": "the inside"}
+# What the rest of each part is, in words (the alarm: "41 of 64 images follow the cue, not the rest of the image").
+REST_WORDS = {"background": "the object", "cue": "the rest of the image", "border": "the inside"}
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,19 @@ class ModelTest:
         return "outside" if self.part == "background" else "mask"
 
     @property
+    def name(self) -> str:
+        """Its name in :data:`MODEL_TESTS`, which ``CAAPCallback(metrics=...)`` takes: its main scalar's too."""
+        return f"{self.part}_{self.kind}_ratio"
+
+    @property
+    def scalars(self) -> Dict[str, str]:
+        """Each scalar it logs (``<prefix>/<scalar>``) by the key of its meter's ``compute_details()``: the ratio, and
+        for a swap the share of probe pairs that follow the swapped region (``<part>_swap_follow_share``)."""
+        if self.kind == "swap":
+            return {self.name: "swap_ratio", f"{self.part}_swap_follow_share": "follow_share"}
+        return {self.name: "insertion_ratio"}
+
+    @property
     def by_default(self) -> bool:
         """Whether ``CAAPCallback(metrics=None)`` runs it: the swap ratios, which the alarm watches by default."""
         return self.kind == "swap"
@@ -62,10 +76,17 @@ class ModelTest:
         """What the score measures, in words (the alarm's text)."""
         part = _PART_WORDS[self.part]
         if self.kind == "insertion":
-            return (f"the class probability that {part} alone restores over what {_REST_WORDS[self.part]} alone "
+            return (f"the class probability that {part} alone restores over what {REST_WORDS[self.part]} alone "
                     "restores; 1 when they restore it equally")
         return (f"on probe images given {part} of another probe image, the probability of that image's class over "
                 "the probability of their own; 1 when the model follows both parts equally")
+
+    def meaning_of(self, scalar: str) -> str:
+        """What its logged ``scalar`` (a key of :attr:`scalars`) measures, in words."""
+        if scalar.endswith("_follow_share"):
+            return (f"the share of probe images given {_PART_WORDS[self.part]} of another probe image of another "
+                    "class on which the model gives that image's class a higher probability than their own")
+        return self.meaning
 
     def regions(self, images: Tensor, masks: Mapping[str, Tensor]) -> Tensor:
         """The masks of ``images`` this test reads: their ``needs`` field, or the border ring."""
@@ -104,7 +125,6 @@ class ModelTest:
 
 # One entry per model test, by the name `CAAPCallback(metrics=...)` takes and logs it under.
 MODEL_TESTS: Dict[str, ModelTest] = {
-    f"{part}_{kind}_ratio": ModelTest(kind, part)  # type: ignore[arg-type]
-    for kind in ("insertion", "swap")
-    for part in ("background", "cue", "border")
+    test.name: test
+    for test in (ModelTest(kind, part) for kind in ("insertion", "swap") for part in ("background", "cue", "border"))
 }

@@ -1,7 +1,10 @@
-"""What a model test shows the model: a suspect region alone, the image without it, the border ring.
+"""What a model test shows the model: a suspect region alone, the image without it, the border ring, a swap.
 
-One rule removes a region everywhere: its pixels, and an edge around them, take the mean colour
-of the image's other pixels, so no outline of what was removed is left for the model to read.
+The insertion ratio removes a region by painting it, and an edge around it, in the mean colour of
+the image's other pixels, so no outline of what was removed is left for the model to read. A swap
+fills the hole it leaves from the image's own surroundings instead (:func:`fill_from_surroundings`,
+as the ImageNet-9 background challenge tiles a background), so that a person reading the swapped
+image sees one object on a whole background, not a second object's silhouette in a flat colour.
 """
 
 from __future__ import annotations
@@ -56,6 +59,52 @@ def hide_regions(images: Tensor, masks: Tensor) -> Tensor:
     """``images`` with each mask, and an edge :func:`edge_width` pixels wide around it, painted in the mean
     colour of that image's other pixels (:func:`fill_with_mean_of_rest`): the region removed, no outline left."""
     return fill_with_mean_of_rest(images, dilate(masks, edge_width(tuple(images.shape[-2:]))))
+
+
+# The shifts a hole is filled from, as shares of its bounding box: whole tiles first (the texture beside the hole),
+# then halves and quarters for a hole too large for a whole tile to fit beside it.
+FILL_SCALES = (1.0, 0.5, 0.25, 0.125)
+FILL_DIRECTIONS = ((-1, 0), (1, 0), (0, -1), (0, 1), (-1, -1), (-1, 1), (1, -1), (1, 1))
+
+
+def _bounding_extent(holes: Tensor, dim: int) -> Tensor:
+    """``(B,)``: each hole's bounding-box extent in pixels along ``dim`` (1: rows, 2: columns), 0 where empty."""
+    along = holes.any(3 - dim)  # (B, side): whether each row (column) holds part of the hole
+    side = along.shape[1]
+    first = along.float().argmax(1)
+    last = side - 1 - along.flip(1).float().argmax(1)
+    return torch.where(along.any(1), last - first + 1, torch.zeros_like(first))
+
+
+def fill_from_surroundings(images: Tensor, holes: Tensor) -> Tensor:
+    """``images`` with each ``holes`` pixel copied from a pixel off the hole a tile away: the image shifted by its
+    hole's bounding box, up, down, sideways or diagonally, then by halves and quarters of it, each pass also
+    reading the pixels the passes before filled. What no shift reaches (a hole that covers nearly all of the
+    image) takes the mean colour of the pixels off the hole.
+
+    A tiled fill continues the surrounding texture and keeps no outline of the hole; it is deterministic, batched
+    and runs on the images' device (the background of ImageNet-9's "only BG-T" images is tiled so).
+    """
+    b, c, h, w = images.shape
+    known, left = ~holes, holes.clone()
+    out = images.clone()
+    ys = torch.arange(h, device=images.device).view(1, h, 1)
+    xs = torch.arange(w, device=images.device).view(1, 1, w)
+    height, width = _bounding_extent(holes, 1), _bounding_extent(holes, 2)
+    for scale in FILL_SCALES:
+        dy = (height * scale).ceil().long().clamp_min(1).view(b, 1, 1)
+        dx = (width * scale).ceil().long().clamp_min(1).view(b, 1, 1)
+        for sy, sx in FILL_DIRECTIONS:
+            if not bool(left.any()):
+                return out
+            y, x = ys + sy * dy, xs + sx * dx
+            inside = (y >= 0) & (y < h) & (x >= 0) & (x < w)
+            index = (y.clamp(0, h - 1) * w + x.clamp(0, w - 1)).view(b, -1)
+            take = left & inside & known.view(b, -1).gather(1, index).view(b, h, w)
+            shifted = out.view(b, c, -1).gather(2, index[:, None].expand(b, c, -1)).view(b, c, h, w)
+            out = torch.where(take[:, None], shifted, out)
+            known, left = known | take, left & ~take
+    return torch.where(left[:, None], fill_with_mean_of_rest(images, holes), out)
 
 
 def rest_colour(images: Tensor, masks: Tensor) -> Tensor:

@@ -300,7 +300,7 @@ def test_error_with_on_error_warn_leaves_training_running(
     assert trainer.current_epoch == 2 and trainer.global_step == 2
     # The model tests run apart from the maps: a failing map skips its metrics, not the swap ratios.
     assert [row["epoch"] for row in caap.history] == [0, 1] and caap.last.method_maps == {}
-    tests = {f"caap/{name}" for name in caap.active_metrics if name in MODEL_TESTS}
+    tests = {f"caap/{scalar}" for name in caap.active_metrics if name in MODEL_TESTS for scalar in MODEL_TESTS[name].scalars}
     assert tests and set(caap.last.metrics) <= tests | {"caap/seconds"}
     assert set(caap.last.model_test_image_values) == tests
 

@@ -97,7 +97,7 @@ def test_the_primary_is_the_same_with_or_without_other_methods(tmp_path, data_fa
     assert torch.equal(alone.last.maps, together.last.maps)
     # The first method is the primary whichever it is: gradcam's scalars move to caap/<scalar>. The model tests
     # (swap and insertion ratios) are logged once, under the primary's names, whichever method that is.
-    tests = {f"caap/{name}" for name in MODEL_TESTS}
+    tests = {f"caap/{scalar}" for test in MODEL_TESTS.values() for scalar in test.scalars}  # ratios, follow shares
     assert tests & set(alone.history[-1]) and not any(k.startswith("caap/gradcam/") and k.replace("gradcam/", "") in tests
                                                         for k in together.history[-1])
     gradcam = {k.replace("gradcam/", ""): v for k, v in together.history[-1].items() if k.startswith("caap/gradcam/")}
@@ -141,7 +141,7 @@ def test_a_failing_primary_skips_the_maps_but_not_the_model_tests(
     with pytest.warns(UserWarning, match=r"computing the gradcam maps .* failed .*; its maps and their metrics are skipped"):
         trainer.fit(classifier_factory(), datamodule=data_factory())
     # The further method is not attributed either; the model tests, which test the model and not a map, are logged.
-    tests = {f"caap/{name}" for name in caap.active_metrics if name in MODEL_TESTS}
+    tests = {f"caap/{scalar}" for name in caap.active_metrics if name in MODEL_TESTS for scalar in MODEL_TESTS[name].scalars}
     assert [row["epoch"] for row in caap.history] == [0] and caap.last.method_maps == {}
     assert tests and set(caap.last.metrics) <= tests | {"caap/seconds"}
 
@@ -207,7 +207,9 @@ def test_heatmap_grid_draws_one_column_per_map_each_on_its_own_scale():
     grid = figures.heatmap_grid(images, {"CAAP (A - A_blank)": signed, "gradcam": positive}, ["a", "b"])
     swapped = figures.heatmap_grid(images, {"gradcam": positive, "CAAP (A - A_blank)": signed}, ["a", "b"])
     assert grid.shape == swapped.shape and tile_columns(grid.shape[1]) == 3
-    top, tile = 16 + 16, 128  # column titles, then the first row's caption
+    tile = 128
+    # The column titles and colour bars, then the first row's caption (issue 29: a larger font, and a colour bar).
+    top = figures.grid_header(tile) + figures.grid_line(tile)
 
     def column(g, c):
         return g[top : top + tile, c * (tile + 4) : c * (tile + 4) + tile]
@@ -240,3 +242,44 @@ def test_curves_image_draws_each_curve_in_its_own_colour_where_its_values_are():
     legend = image[top : top + 40, left + side + 10 :]
     for colour in (first, second):
         assert (np.abs(legend.reshape(-1, 3).astype(int) - colour).max(1) < 10).any()
+
+
+def test_heatmap_grid_draws_every_row_of_a_column_on_one_scale_with_a_colour_bar():
+    """Two maps a hundred times apart in one column: the weak one's tile is nearly blank, the strong one saturated."""
+    images = torch.full((2, 3, 32, 32), 0.5)
+    strong = torch.full((32, 32), 0.6)
+    maps = torch.stack([strong / 100, strong])  # 0.006 and 0.6
+    grid = figures.heatmap_grid(images, {"CAAP": maps}, ["weak", "strong"])
+    tile = 128
+    header, line = figures.grid_header(tile), figures.grid_line(tile)
+
+    def overlay(row):
+        top = header + row * (line + tile + figures.GRID_GAP) + line
+        return grid[top : top + tile, tile + figures.GRID_GAP : 2 * tile + figures.GRID_GAP].astype(int)
+
+    weak, saturated = overlay(0), overlay(1)
+    # Blank: the overlay of a zero map (grey image under the colour map's white middle); saturated: its deep red end.
+    from matplotlib import colormaps
+
+    def drawn(value):
+        return np.round((0.35 * 0.5 + 0.65 * np.array(colormaps["RdBu_r"](value)[:3])) * 255)
+
+    assert np.abs(weak - drawn(0.5)).max() <= 3
+    assert np.abs(saturated - drawn(1.0)).max() <= 1
+    assert (saturated[..., 0] - saturated[..., 2]).min() > 40 and np.abs(weak[..., 0] - weak[..., 2]).max() < 10
+    # The colour bar under the title runs from the colour map's blue end to its red end.
+    bar = grid[header - figures.COLOUR_BAR - line + 2, tile + figures.GRID_GAP : 2 * tile + figures.GRID_GAP]
+    assert bar[0, 2] > bar[0, 0] + 50 and bar[-1, 0] > bar[-1, 2] + 50
+
+
+def test_heatmap_grid_outlines_the_cue_masks_over_the_overlays():
+    images = torch.full((1, 3, 32, 32), 0.5)
+    cue = torch.zeros(1, 32, 32, dtype=torch.bool)
+    cue[0, 4:12, 4:12] = True
+    grid = figures.heatmap_grid(images, {"CAAP": torch.ones(1, 32, 32)}, ["a"], cue_masks=cue)
+    top = figures.grid_header(128) + figures.grid_line(128)
+    green = np.round(np.array(figures.OUTLINE_COLOUR) * 255)
+    for left in (0, 128 + figures.GRID_GAP):  # the image and the overlay
+        tile = grid[top : top + 128, left : left + 128].astype(int)
+        assert (tile[16, 16:48] == green).all()  # the outline's top edge, 4x upscaled
+        assert not (tile[20, 20] == green).all() and not (tile[100, 100] == green).all()  # inside, outside: none

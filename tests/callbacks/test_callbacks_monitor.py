@@ -112,8 +112,8 @@ def test_in_a_fit_rising_series_alarms_with_warning_scalar_and_text(
     with pytest.warns(UserWarning, match=r"SpuriousCueMonitor: alarm at epoch 3 \(step \d+\): caap/cue_density_ratio = 2\.400") as record:
         trainer, monitor = fit(tmp_path, data_factory, classifier_factory, trainer_factory, scripted, RISING)
     assert monitor.monitor_key == CUE and not monitor.discovers_strategies
-    # The warning says which score fired and what it measures.
-    assert any("relies on the cue (the evidence density on the cue over its density off it; 1 for a uniform map)" in str(w.message) for w in record)
+    # The warning says which score fired and where; what it measures is in the text entry (one console line: issue 29).
+    assert any("relies on the cue. Next: " in str(w.message) for w in record)
     assert [a["epoch"] for a in monitor.alarms] == [3]
 
     events = events_reader(trainer.logger.log_dir)
@@ -124,6 +124,7 @@ def test_in_a_fit_rising_series_alarms_with_warning_scalar_and_text(
     text = events["texts"]["spurious/alarm/text_summary"]
     assert list(text) == [steps[3]]
     assert "epoch 3" in text[steps[3]] and "rely most on the cue" in text[steps[3]] and "| #" in text[steps[3]]
+    assert "the evidence density on the cue over its density off it; 1 for a uniform map" in text[steps[3]]
     assert "`caap/cue_density_ratio` = 2.400" in text[steps[3]] and "density on the cue over" in text[steps[3]]
     assert events["images"]["spurious/alarm_images"] == [steps[3]]
 
@@ -291,13 +292,13 @@ def test_an_alarm_on_a_model_test_names_the_images_by_their_own_ratio(
     caap = scripted(CAAPCallback(num_images=4, metrics=["background_insertion_ratio"], log_images=False), [3.0], key)
     monitor = SpuriousCueMonitor(num_images=4, patience=1)
     trainer = trainer_factory(tmp_path, [caap, monitor], max_epochs=1, limit_train_batches=1)
-    with pytest.warns(UserWarning, match=r"alarm at epoch 0 .* relies on the background \(the class probability that "
-                      r"the background \(everything off the object, any cue there included\) alone restores over what "
-                      r"the object alone restores"):
+    with pytest.warns(UserWarning, match=r"alarm at epoch 0 .* relies on the background\. Next: "):
         trainer.fit(classifier_factory(), datamodule=data)
     per_image = caap.last.per_image[key]
     assert per_image.shape == (4,) and torch.isfinite(per_image).all()
     text = next(iter(events_reader(trainer.logger.log_dir)["texts"]["spurious/alarm/text_summary"].values()))
+    assert ("the class probability that the background (everything off the object, any cue there included) alone "
+            "restores over what the object alone restores") in text
     order = torch.argsort(per_image, descending=True, stable=True).tolist()
     rows = [line for line in text.splitlines() if line.startswith("| #")]
     assert [int(row.split("#")[1].split(" ")[0]) for row in rows] == order
@@ -329,10 +330,11 @@ def test_an_alarm_on_a_swap_test_shows_each_image_with_its_donor_region(
     caap = scripted(CAAPCallback(num_images=4, swap_images=8, metrics=["border_swap_ratio"], log_images=False), [3.0], key)
     monitor = SpuriousCueMonitor(num_images=4, patience=1)
     trainer = trainer_factory(tmp_path, [caap, monitor], max_epochs=1, limit_train_batches=1)
-    with pytest.warns(UserWarning, match=r"relies on the border \(on probe images given the image's border \(its outer "
-                      r"12.5% on each side\) of another probe image, the probability of that image's class over"):
+    with pytest.warns(UserWarning, match=r"alarm at epoch 0 .* caap/border_swap_ratio = 3\.000 > 1\.1; .*border.* Next: "):
         trainer.fit(classifier_factory(seed=1), datamodule=data)
     text = next(iter(events_reader(trainer.logger.log_dir)["texts"]["spurious/alarm/text_summary"].values()))
+    assert ("on probe images given the image's border (its outer 12.5% on each side) of another probe image, the "
+            "probability of that image's class over") in text
     assert "what the test showed the model: the image with another probe image's border" in text
     probe = caap.last.swap_probe
     assert len(probe) == 8 and len(caap.last.probe) == 4

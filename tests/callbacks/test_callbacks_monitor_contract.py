@@ -58,11 +58,14 @@ def test_the_monitor_counts_and_reports_a_hand_made_result_without_a_trainer(tmp
     trainer = stand_in(tmp_path)
     monitor.read(trainer, result(0, 1.0, probe, per_image))
     assert monitor.history == [{"epoch": 0, "step": 0, "score": 1.0, "alarm": 0.0}] and monitor.alarms == []
+    # One console line (issue 29): the region and a next step; what the score means is in the text entry.
     with pytest.warns(UserWarning, match=r"alarm at epoch 1 \(step 10\): caap/background_swap_ratio = 1\.500 .* the "
-                      r"model relies on the background \(on probe images given the background"):
+                      r"model relies on the background\. Next: ") as record:
         monitor.read(trainer, result(1, 1.5, probe, per_image))
+    assert all(len(str(w.message)) <= 300 and "\n" not in str(w.message) for w in record)
     assert monitor.alarms == [{"epoch": 1, "step": 10, "score": 1.5}] and monitor.alarmed
     text = (tmp_path / "caap_images" / "version_0" / "spurious_alarm_step10.md").read_text()
+    assert "The score is on probe images given the background" in text
     rows = [line for line in text.splitlines() if line.startswith("| #")]
     # The images named by the published per-image values, highest first; the unscored image last.
     assert [row.split("|")[1].strip() for row in rows] == ["#1", "#3", "#0"]

@@ -166,8 +166,7 @@ def test_a_fit_without_masks_logs_strategies_and_alarms_on_a_fixed_position(
     trainer = trainer_factory(tmp_path, [caap, monitor], max_epochs=3, limit_train_batches=1)
     with pytest.warns(UserWarning, match=r"alarm at epoch 1 \(step \d+\): caap/fixed_position_ratio = \d+\.\d+") as record:
         trainer.fit(classifier_factory(), datamodule=data_factory())
-    assert any("relies on the fixed position (the evidence density in each image's hot region" in str(w.message)
-               for w in record)
+    assert any("relies on the fixed position. Next: " in str(w.message) for w in record)
     assert monitor.monitor_key == "caap/fixed_position_ratio" and monitor.discovers_strategies
     # Past the threshold from the first check: with patience 2 the second check alarms.
     scores = [row["score"] for row in monitor.history]
@@ -189,6 +188,7 @@ def test_a_fit_without_masks_logs_strategies_and_alarms_on_a_fixed_position(
     assert "**all classes**: 2 strategies in 64 images" in text and "| bottom-right |" in text
     alarm = events["texts"]["spurious/alarm/text_summary"][steps[1]]
     assert "hot region of all the probe's maps together sits at the bottom-right" in alarm
+    assert "The score is the evidence density in each image's hot region" in alarm
     assert f"strategy {number} ({len(fixed.members)} images" in alarm
     # The images named are the corner ones: their evidence is in their hot region.
     named = [int(line.split("|")[1].strip()[1:]) for line in alarm.splitlines() if line.startswith("| #")]

@@ -51,6 +51,11 @@ def test_each_image_is_paired_with_the_one_half_the_batch_on():
         SwapPairs(1)
 
 
+def copied_from(filled: torch.Tensor, source: torch.Tensor) -> bool:
+    """Whether every pixel (a column of ``filled``, ``(C, N)``) is a copy of some pixel of ``source`` ``(C, M)``."""
+    return bool((filled[:, :, None] == source[:, None, :]).all(0).any(1).all())
+
+
 def test_the_swapped_image_takes_the_donor_region_and_hides_its_own():
     images, donors = torch.rand(2, 3, SIZE, SIZE), torch.rand(2, 3, SIZE, SIZE)
     masks = torch.zeros(2, SIZE, SIZE, dtype=torch.bool)
@@ -58,20 +63,22 @@ def test_the_swapped_image_takes_the_donor_region_and_hides_its_own():
     donor_masks = torch.zeros(2, SIZE, SIZE, dtype=torch.bool)
     donor_masks[:, 9:14, 8:12] = True
     width = edge_width((SIZE, SIZE))
-    # region="mask" (a cue): the donor's cue on the image, the image's own cue and its edge painted over.
+    # region="mask" (a cue): the donor's cue on the image, the image's own cue and its edge filled from its rest
+    # (issue 29: a tiled fill rather than the rest's mean colour, which drew the removed part's outline).
     cue = swapped_images(images, masks, donors, donor_masks, "mask")
     assert torch.equal(cue[:, :, donor_masks[0]], donors[:, :, donor_masks[0]])
     hidden = dilate(masks, width)[0]
-    rest_mean = images[:, :, ~hidden].mean(2)
-    assert torch.allclose(cue[:, :, hidden], rest_mean[:, :, None].expand(2, 3, int(hidden.sum())))
+    for i in range(2):
+        assert copied_from(cue[i][:, hidden], images[i][:, ~hidden])
     untouched = ~hidden & ~donor_masks[0]
     assert torch.equal(cue[:, :, untouched], images[:, :, untouched])
-    # region="outside" (an object mask): the image's object on the donor's background, the donor's object hidden.
+    # region="outside" (an object mask): the image's object on the donor's background, the donor's object filled
+    # from the donor's own background.
     scene = swapped_images(images, masks, donors, donor_masks, "outside")
     assert torch.equal(scene[:, :, masks[0]], images[:, :, masks[0]])
     gone = dilate(donor_masks, width)[0] & ~masks[0]
-    donor_rest = donors[:, :, ~dilate(donor_masks, width)[0]].mean(2)
-    assert torch.allclose(scene[:, :, gone], donor_rest[:, :, None].expand(2, 3, int(gone.sum())))
+    for i in range(2):
+        assert copied_from(scene[i][:, gone], donors[i][:, ~dilate(donor_masks, width)[0]])
     background = ~masks[0] & ~dilate(donor_masks, width)[0]
     assert torch.equal(scene[:, :, background], donors[:, :, background])
 
@@ -149,3 +156,29 @@ def test_bad_input_is_refused_with_what_to_change():
         region_swap(model, images, masks, images.flip(0), masks, target=[0, 1], donor_target=[1, 9])
     with pytest.raises(ValueError, match="region"):
         SwapRatio(model, region="inside")
+
+
+def test_the_follow_share_counts_the_pairs_that_follow_the_swapped_region():
+    """A model that reads the border: three donors bring a border of their own class (the pair follows it), the
+    fourth a border of the image's own class (it does not); the suite logs the share beside the ratio."""
+    from caap_lightning.datamodules.base import ProbeBatch
+    from caap_lightning.model_tests import MODEL_TESTS, ModelTestSuite, SwapShard
+
+    ring = border_masks(1, (SIZE, SIZE))[0]
+    model = ChannelReader(ring)
+    classes, donor_classes = [0, 1, 2, 3], [2, 3, 0, 1]
+    images = coloured(classes)
+    donors = coloured([2, 3, 0, 3])  # the last donor's border holds the image's own colour
+    masks = border_masks(4, (SIZE, SIZE))
+    metric = SwapRatio(model, image_ratios=True)
+    metric.update(images, masks, donors, masks, target=classes, donor_target=donor_classes)
+    out = metric.compute_details()
+    assert int(out["follows"]) == 3 and float(out["follow_share"]) == pytest.approx(0.75)
+    assert MODEL_TESTS["border_swap_ratio"].scalars == {
+        "border_swap_ratio": "swap_ratio", "border_swap_follow_share": "follow_share"}
+    suite = ModelTestSuite(["border_swap_ratio"], model, ProbeBatch(images, torch.tensor(classes)))
+    shard = SwapShard(images, {}, torch.tensor(classes), donors, {}, torch.tensor(donor_classes))
+    suite.update(images, {}, torch.tensor(classes), shard)
+    (share, follows), (ratio, ratios) = suite.compute()["border_swap_follow_share"], suite.compute()["border_swap_ratio"]
+    assert float(share) == pytest.approx(0.75) and follows.tolist() == [1.0, 1.0, 1.0, 0.0]
+    assert float(ratio) == pytest.approx(float(out["swap_ratio"])) and (ratios > 1).tolist() == [True] * 3 + [False]
