@@ -156,8 +156,37 @@ def callback_cases() -> List[Case]:
     ]
 
 
+def probe_and_output_cases() -> List[Case]:
+    """What a probe or a model's outputs can hold that would otherwise give a silent wrong answer or a raw crash."""
+    from torch.utils.data import DataLoader
+
+    from caap_lightning.callbacks.discovery import check_class_scores
+    from caap_lightning.callbacks.probe import read_probe
+    from caap_lightning.callbacks.strategies import discover_strategies
+    from caap_lightning.utils import output_logits
+
+    def probe_of(*samples):
+        return read_probe(DataLoader(list(samples), batch_size=1), len(samples))
+
+    image = torch.zeros(3, 8, 8)
+    return [
+        Case("a one-logit binary model", lambda: check_class_scores(torch.zeros(4, 1)), "one output per image"),
+        Case("NaN model outputs", lambda: check_class_scores(torch.full((4, 3), float("nan"))), "NaN or inf outputs"),
+        Case("a model output without logits", lambda: output_logits("logits"), "cannot read logits"),
+        Case("NaN maps to cluster", lambda: discover_strategies(torch.full((8, 4, 4), float("nan")),
+                                                              torch.zeros(8, dtype=torch.long), str), "NaN or inf"),
+        Case("probe images of two sizes", lambda: probe_of((image, 0), (torch.zeros(3, 16, 16), 1)), "shapes differ"),
+        Case("masks in some probe samples", lambda: probe_of((image, 0, torch.ones(8, 8)), (image, 1)),
+             "masks are in dataset index 0 but not"),
+        Case("NaN probe pixels", lambda: probe_of((torch.full((3, 8, 8), float("nan")), 0)), "NaN or inf pixels"),
+        Case("insertion_deletion(outputs='softmax')",
+             lambda: insertion_deletion(MODEL, torch.zeros(1, 3, 32, 32), torch.zeros(1, 4, 4), outputs="softmax"),
+             "outputs"),
+    ]
+
+
 MODEL = make_vit(scale=2.0)
-CASES = engine_cases(MODEL) + metric_cases(MODEL) + callback_cases()
+CASES = engine_cases(MODEL) + metric_cases(MODEL) + callback_cases() + probe_and_output_cases()
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
