@@ -37,10 +37,11 @@ from caap_lightning.callbacks.distributed import ProbeShard, classify_shard, gat
 from caap_lightning.callbacks.drawing import announce_if_slow, display_name, log_check_images
 from caap_lightning.callbacks.errors import SKIPPED, CheckSteps, attempt
 from caap_lightning.callbacks.meters import CheckMeters
-from caap_lightning.callbacks.metric_table import LoggedScalar, logged_table, map_image_values, resolve_metrics
+from caap_lightning.callbacks.metric_table import LoggedScalar, check_scorable_table, logged_table, map_image_values
+from caap_lightning.callbacks.metric_table import resolve_metrics
 from caap_lightning.callbacks.metric_table import unscored_reasons
 from caap_lightning.callbacks.normalization import check_pixel_range, resolve_normalization
-from caap_lightning.callbacks.probe import ProbeKeys, check_probe_regions, first_samples
+from caap_lightning.callbacks.probe import ProbeKeys, first_samples
 from caap_lightning.callbacks.probe_source import eval_source, probe_source, probe_source_key, take_probe, warn_if_short
 from caap_lightning.callbacks.probe_source import check_labels_for, class_names_of, own_probe, probe_size, runs_swaps
 from caap_lightning.callbacks.probe_source import warn_if_few_swap_images
@@ -242,7 +243,7 @@ class CAAPCallback(Callback):
             warn_if_few_swap_images(len(taken), self.swap_images)
         self.class_names = class_names_of(trainer.datamodule)
         self.logged = logged_table(self.methods, self.active_metrics, self.tag, self.probe, self.swap_probe)
-        check_probe_regions(self.logged)
+        check_scorable_table(self.logged)
         self._probe_for = probe_source_key(source)
         self._built_for = None
 

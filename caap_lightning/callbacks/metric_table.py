@@ -25,7 +25,7 @@ from caap_lightning.metrics import (
     ratio_of_densities,
     region_evidence,
 )
-from caap_lightning.metrics.functional import HOT_REGION_SHARE
+from caap_lightning.metrics.functional import HOT_REGION_SHARE, scorable_regions
 from caap_lightning.model_tests import MODEL_TESTS, ModelTest
 from caap_lightning.utils import upsample_maps
 
@@ -186,11 +186,34 @@ class LoggedScalar:
 
     def check_scorable(self) -> None:
         """``ValueError`` where no probe image can be scored for it (blank masks, a lone image)."""
-        if self.model_test is not None:
-            self.model_test.check_scorable(self.probe)
-        elif self.spec.score_images is not None:
+        self.check_regions()
+        if self.model_test is None and self.spec.score_images is not None:
             masks = None if self.spec.needs is None else getattr(self.probe, self.spec.needs)
             self.spec.score_images(torch.zeros(len(self.probe), *self.probe.images.shape[-2:]), masks)
+
+    def check_regions(self) -> None:
+        """``ValueError`` where the masks it reads mark no image's region (blank or whole-image masks), or a model
+        test has no pair: every check would fail the same way."""
+        if self.model_test is not None:
+            self.model_test.check_scorable(self.probe)
+        elif self.spec.needs is not None:
+            scorable_regions(getattr(self.probe, self.spec.needs))
+
+
+def check_scorable_table(logged: Dict[str, LoggedScalar]) -> None:
+    """Raise, in setup, where the masks a logged scalar reads mark no region in the probe it is computed on: it
+    would fail every check the same way."""
+    for tag, entry in logged.items():
+        try:
+            entry.check_regions()
+        except ValueError as exc:
+            which = "swap probe" if entry.model_test is not None and entry.model_test.kind == "swap" else "probe"
+            needs = (entry.model_test or entry.spec).needs
+            remedy = "" if needs is None else (f". Give {needs} that mark part of each image (the maps' probe is the "
+                                               f"swap probe's first images), or leave out the metrics that read {needs}")
+            raise ValueError(
+                f"CAAPCallback cannot watch {tag} on this {which} of {len(entry.probe)} image(s): {exc}{remedy}"
+            ) from exc
 
 
 def why_unscored(entry: LoggedScalar, computed: bool, finite_outputs: bool) -> str:

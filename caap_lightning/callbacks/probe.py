@@ -23,7 +23,6 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from caap_lightning.datamodules.base import ProbeBatch
 from caap_lightning.metrics._checks import _bad_images, check_masks
-from caap_lightning.metrics.functional import scorable_regions
 
 # The label of an image whose class is not known (an images-only probe).
 UNKNOWN_LABEL = -1
@@ -401,26 +400,3 @@ def _check_mask(mask: Any, field: str, n: int, size: Tuple[int, int]) -> Optiona
             "image (nearest-neighbour, e.g. one v2 transform on the image and a tv_tensors.Mask)"
         )
     return mask
-
-
-def check_probe_regions(logged: Mapping[str, Any]) -> None:
-    """Raise where a mask field that a logged scalar reads marks no image's region in the probe it is computed on.
-
-    ``logged`` is CAAPCallback's table (tag -> ``LoggedScalar``): each entry names its probe (a swap
-    test's is the swap probe, every other scalar's the maps' probe) and its map metric or model test,
-    with ``needs``, the mask field it reads. Blank (or whole-image) masks would fail every check the
-    same way; here they fail once, in ``setup``.
-    """
-    for tag, entry in logged.items():
-        needs = (entry.model_test or entry.spec).needs
-        if needs is None:
-            continue
-        which = "swap probe" if entry.model_test is not None and entry.model_test.kind == "swap" else "probe"
-        try:
-            scorable_regions(getattr(entry.probe, needs))
-        except ValueError as exc:
-            raise ValueError(
-                f"CAAPCallback cannot watch {tag} on this {which} of {len(entry.probe)} image(s): {exc}. Give {needs} "
-                f"that mark part of each image (the maps' probe is the swap probe's first images), or leave out the "
-                f"metrics that read {needs}"
-            ) from exc
