@@ -1,16 +1,19 @@
 """The spurious-cue runs that ``spurious.py`` and ``swap_probe_size.py`` train and score.
 
-A run is a tiny ViT fitted from scratch on the shapes or on Fashion-MNIST canvases with one cue
-kind at one cue strength and seed (``RECIPES``), with ``CAAPCallback`` recording each mask
-regime's score after every epoch (``EpochRecorder``). What a run's history says is read here
-too: its ground truth (``run_kind``, ``gap_epoch``), the monitor replayed on its recorded scores
-(``replay_alarm_epoch``) and the detection counts over many runs (``detection``).
+A run is a tiny ViT fitted on the shapes or on Fashion-MNIST canvases with one cue kind at one
+cue strength and seed (``RECIPES``), with ``CAAPCallback`` recording each mask regime's score
+after every epoch (``EpochRecorder``). A run starts from scratch (``init="scratch"``) or, as a
+user's fine-tune does, from a model first trained on clean data of the same domain
+(``init="pretrained"``: ``PRETRAIN``), given a fresh head. What a run's history says is read here
+too: its ground truth (``run_kind``, ``gap_epoch``, ``onset_epoch``), the monitor replayed on its
+recorded scores (``replay_alarm_epoch``) and the detection counts over many runs (``detection``).
 """
 
 from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -21,7 +24,7 @@ import lightning as L
 import torch
 
 from caap_lightning.callbacks import CAAPCallback, SpuriousCueMonitor
-from caap_lightning.model_tests import MODEL_TESTS
+from caap_lightning.model_tests import MODEL_TESTS, is_judged
 from caap_lightning.datamodules import FashionCanvasDataModule, SyntheticSpuriousDataModule
 from caap_lightning.datamodules.base import MaskedImageDataModule
 from caap_lightning.demo import cue_accuracy
@@ -36,20 +39,29 @@ DATASETS = ("shapes", "fashion")
 REGIMES = {
     "cue+object masks": "background_swap_ratio",
     "object masks only": "background_swap_ratio",
-    "none": "border_swap_ratio",
+    "no masks: border ring": "border_swap_ratio",
+    "no masks: surround": "surround_swap_ratio",
 }
 MAP_REGIMES = {
     "cue+object masks": "cue_density_ratio",
     "object masks only": "background_density_ratio",
-    "none": "fixed_position_ratio",
+    "no masks": "fixed_position_ratio",
 }
-# Every score each fit records: the model tests (the callback's MODEL_TESTS), then the map-based scores.
-RECORDED = (*MODEL_TESTS, *MAP_REGIMES.values())
+# The same regimes watched through the swap tests' follow shares (the share of swap pairs that follow the region).
+FOLLOW_REGIMES = {regime: key.replace("_ratio", "_follow_share") for regime, key in REGIMES.items()}
+# What each fit's CAAPCallback runs: every model test and the map-based scores.
+RUN_METRICS = (*MODEL_TESTS, *MAP_REGIMES.values())
+# The swap probe's skill: whether a swap-test check is judged (SpuriousCueMonitor's min_skill).
+SKILL = "swap_probe_skill"
+# Every score each fit records: the model tests' scalars (ratios and follow shares), the map-based scores, the skill.
+RECORDED = (*(scalar for test in MODEL_TESTS.values() for scalar in test.scalars), *MAP_REGIMES.values(), SKILL)
 LIVE_REGIME = "cue+object masks"
 
 # Ground truth: the accuracy gap that the lead is counted against, and what makes a shortcut run and a clean control.
 GAP_POINTS = 10.0
-SHORTCUT_RELIANCE = 50.0
+# A run follows the cue from the first epoch at which it predicts the cue's class on this share of cue-conflicting
+# images (its onset); a shortcut run is one that reaches it.
+SHORTCUT_RELIANCE = 40.0
 CONTROL_RELIANCE = 25.0
 CONTROL_ACCURACY = 85.0
 # Lead target: median lead >= 0 epochs, and no alarm later than this many epochs after the gap.
@@ -85,10 +97,26 @@ RECIPES: Dict[str, Dict[str, Any]] = {
         "batches_per_epoch": 16,
     },
 }
+INITS = ("scratch", "pretrained")
+# init="pretrained": the model is first trained on clean data of the same domain with no cue (other Fashion-MNIST
+# garments; all six shapes), then fine-tuned with a fresh head on the cue set, as a user fine-tunes a pretrained
+# ViT. Per dataset: the pretraining data (overriding the recipe's), its epochs, and the fine-tune's schedule.
+PRETRAIN: Dict[str, Dict[str, Any]] = {
+    "shapes": {"data": dict(num_classes=6, cue="marker", cue_correlation=None), "epochs": 32},
+    "fashion": {"data": dict(classes=[0, 2, 3, 4, 5, 9], cue="none", cue_correlation=0.0), "epochs": 32},
+}
+# The fine-tune: fewer epochs (the object features exist), half the lr, a short warm-up.
+FINE_TUNE = dict(epochs=10, lr_scale=0.5, warmup_epochs=0.5)
+# Where the pretrained weights are kept between runs (one file per dataset and seed, made once).
+PRETRAINED_DIR = Path(tempfile.gettempdir()) / "caap-spurious-pretrained"
 # --quick: tiny data and two epochs, enough to run every step once.
 QUICK = dict(num_train=256, num_val=128, epochs=2, cues=("marker", "watermark"))
 # Where FashionCanvasDataModule unpacks Debian's Fashion-MNIST (never downloaded).
 FASHION_ROOT = str(Path(tempfile.gettempdir()) / "caap-fashion-mnist")
+
+
+# A run: dataset, cue kind, cue strength, seed, init.
+Job = Tuple[str, str, float, int, str]
 
 
 # ---------------------------------------------------------------------- training
@@ -137,6 +165,7 @@ class EpochRecorder(L.Callback):
             "reliance": percent(*counts["follows-cue"]),
         }
         row.update({score: rounded(metrics.get("caap/" + score)) for score in RECORDED})
+        row["judged"] = is_judged(row[SKILL], self.monitor.min_skill)
         row["live_alarm"] = bool(check.get("alarm", 0.0))
         row["attribution_s"] = rounded(metrics.get("caap/seconds"), 2)
         row["wall_s"] = round(time.perf_counter() - self.start, 1)
@@ -144,18 +173,26 @@ class EpochRecorder(L.Callback):
         self.snapshots.append({k: v.detach().clone() for k, v in pl_module.model.state_dict().items()})
 
 
-def recipe(dataset: str, quick: bool) -> Dict[str, Any]:
-    """The dataset's recipe, shrunk for ``--quick``."""
+def recipe(dataset: str, quick: bool, init: str = "scratch") -> Dict[str, Any]:
+    """The dataset's recipe for ``init`` (a fine-tune: ``FINE_TUNE``'s schedule), shrunk for ``--quick``."""
     chosen = {**RECIPES[dataset], "data": dict(RECIPES[dataset]["data"]), "model": dict(RECIPES[dataset]["model"])}
+    if init == "pretrained":
+        chosen["epochs"] = FINE_TUNE["epochs"]
+        chosen["model"].update(lr=chosen["model"]["lr"] * FINE_TUNE["lr_scale"], warmup_epochs=FINE_TUNE["warmup_epochs"])
+        chosen["pretrain"] = {**PRETRAIN[dataset], "data": {**chosen["data"], **PRETRAIN[dataset]["data"]}}
     if quick:
         chosen["data"]["num_train"] = QUICK["num_train"]
         chosen["epochs"] = QUICK["epochs"]
+        if "pretrain" in chosen:
+            chosen["pretrain"].update(epochs=QUICK["epochs"], data={**chosen["pretrain"]["data"], "num_train": QUICK["num_train"]})
     return chosen
 
 
-def build_data(dataset: str, cue: str, cue_correlation: float, seed: int, settings: Dict[str, Any]) -> MaskedImageDataModule:
-    data = {**settings["recipes"][dataset]["data"], "cue": cue, "cue_correlation": cue_correlation, "seed": seed,
-            "num_val": settings["num_val"]}
+def build_data(dataset: str, cue: str, cue_correlation: float, seed: int, settings: Dict[str, Any],
+               data: Optional[Dict[str, Any]] = None) -> MaskedImageDataModule:
+    """The cue set of a run (``data``: other data settings, e.g. the pretraining's, overriding the recipe's)."""
+    data = {**dataset_recipe(dataset, settings)["data"], "cue": cue, "cue_correlation": cue_correlation, "seed": seed,
+            "num_val": settings["num_val"], **(data or {})}
     if dataset == "shapes":
         return SyntheticSpuriousDataModule(**data)
     return FashionCanvasDataModule(root=settings["fashion_root"], **data)
@@ -163,13 +200,44 @@ def build_data(dataset: str, cue: str, cue_correlation: float, seed: int, settin
 
 def control_of(dataset: str, settings: Dict[str, Any]) -> float:
     """The control's cue strength: the cue names the label as often as chance does."""
-    data = settings["recipes"][dataset]["data"]
+    data = dataset_recipe(dataset, settings)["data"]
     classes = data["num_classes"] if dataset == "shapes" else len(data["classes"])
     return round(1.0 / classes, 4)
 
 
+def dataset_recipe(dataset: str, settings: Dict[str, Any]) -> Dict[str, Any]:
+    """A recipe of ``dataset`` (any init: they share the cue set's data)."""
+    return next(r for key, r in settings["recipes"].items() if key.split("/")[0] == dataset)
+
+
+def recipe_of(dataset: str, init: str, settings: Dict[str, Any]) -> Dict[str, Any]:
+    return settings["recipes"][dataset if init == "scratch" else f"{dataset}/{init}"]
+
+
+def pretrained_weights(dataset: str, seed: int, settings: Dict[str, Any]) -> Path:
+    """The file of the model pretrained on ``dataset``'s clean pretraining data with ``seed``, trained on first use.
+
+    The same file serves every cue set of that dataset and seed; ``run_jobs`` makes each once before the runs."""
+    pretrain = recipe_of(dataset, "pretrained", settings)["pretrain"]
+    path = PRETRAINED_DIR / f"{dataset}-seed{seed}-{pretrain['epochs']}x{RECIPES[dataset]['batches_per_epoch']}-n{pretrain['data']['num_train']}.pt"
+    if path.exists():
+        return path
+    L.seed_everything(seed, verbose=False)
+    data = build_data(dataset, "none", None, seed, settings, pretrain["data"])
+    model = ViTClassifier(**RECIPES[dataset]["model"], num_classes=data.num_classes, img_size=data.img_size,
+                          mean=data.mean, std=data.std)
+    trainer = quiet_trainer(max_epochs=pretrain["epochs"], limit_val_batches=0,
+                            limit_train_batches=RECIPES[dataset]["batches_per_epoch"])
+    trainer.fit(model, datamodule=data)
+    PRETRAINED_DIR.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(model.model.state_dict(), partial)
+    partial.replace(path)
+    return path
+
+
 def fit_run(
-    job: Tuple[str, str, float, int],
+    job: Job,
     method: str,
     settings: Dict[str, Any],
     snapshots: Optional[List[Dict[str, torch.Tensor]]] = None,
@@ -179,24 +247,26 @@ def fit_run(
     With ``snapshots`` (the weights of a fit of the same job) the fit replays them instead of
     training, so every method watches the same models.
     """
-    dataset, cue, cue_correlation, seed = job
+    dataset, cue, cue_correlation, seed, init = job
+    run_recipe = recipe_of(dataset, init, settings)
+    checkpoint = str(pretrained_weights(dataset, seed, settings)) if init == "pretrained" else None
     L.seed_everything(seed, verbose=False)
     data = build_data(dataset, cue, cue_correlation, seed, settings)
     model_class = ViTClassifier if snapshots is None else ReplayedClassifier
-    model = model_class(**settings["recipes"][dataset]["model"], num_classes=data.num_classes, img_size=data.img_size,
-                        mean=data.mean, std=data.std)
+    model = model_class(**run_recipe["model"], num_classes=data.num_classes, img_size=data.img_size,
+                        mean=data.mean, std=data.std, checkpoint_path=checkpoint)
     if snapshots is not None:
         model.snapshots = snapshots
     caap = CAAPCallback(methods=[method], num_images=settings["num_images"], swap_images=settings["swap_images"],
-                        construction=settings["construction"], metrics=list(RECORDED), log_images=False)
+                        construction=settings["construction"], metrics=list(RUN_METRICS), log_images=False)
     monitor = SpuriousCueMonitor(monitor="caap/" + REGIMES[LIVE_REGIME], **settings["monitor"], num_images=0)
     data.setup("fit")
     recorder = EpochRecorder(data.probe_batch(data.num_val), caap, monitor)
     trainer = quiet_trainer(
-        max_epochs=settings["recipes"][dataset]["epochs"],
+        max_epochs=run_recipe["epochs"],
         # The accuracies are the recorder's, on every validation image; the loop only triggers the check.
         limit_val_batches=1,
-        limit_train_batches=settings["recipes"][dataset]["batches_per_epoch"] if snapshots is None else 1,
+        limit_train_batches=run_recipe["batches_per_epoch"] if snapshots is None else 1,
         callbacks=[caap, monitor, recorder],
     )
     start, cpu = time.perf_counter(), time.process_time()
@@ -206,6 +276,7 @@ def fit_run(
         "cue": cue,
         "cue_correlation": cue_correlation,
         "seed": seed,
+        "init": init,
         "method": method,
         "control": cue_correlation == control_of(dataset, settings),
         "model": "trained" if snapshots is None else "replayed from the CAAP run's weights",
@@ -217,22 +288,27 @@ def fit_run(
     return record, recorder.snapshots
 
 
-def run_job(job: Tuple[str, str, float, int], settings: Dict[str, Any]) -> List[Dict[str, Any]]:
+def run_job(job: Job, settings: Dict[str, Any]) -> List[Dict[str, Any]]:
     """The CAAP fit of one (dataset, cue kind, cue strength, seed) and each baseline's replay of its weights."""
     trained, snapshots = fit_run(job, "caap", settings)
     return [trained, *(fit_run(job, name, settings, snapshots)[0] for name in settings["baselines"])]
 
 
-def run_jobs(jobs: Sequence[Tuple[str, str, float, int]], settings: Dict[str, Any], workers: int) -> List[Dict[str, Any]]:
+def run_jobs(jobs: Sequence[Job], settings: Dict[str, Any], workers: int) -> List[Dict[str, Any]]:
     """Every job's runs, in the order of ``jobs``, on ``workers`` processes (1: in this process)."""
-    done: Dict[Tuple[str, str, float, int], List[Dict[str, Any]]] = {}
+    done: Dict[Job, List[Dict[str, Any]]] = {}
+    pretrained = sorted({(job[0], job[3]) for job in jobs if job[4] == "pretrained"})
     if workers == 1:
         init_worker()
+        for dataset, seed in pretrained:
+            pretrained_weights(dataset, seed, settings)
         for job in jobs:
             done[job] = run_job(job, settings)
             report_progress(done[job])
     else:
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=init_worker) as pool:
+            for path in pool.map(pretrained_weights, *zip(*pretrained), [settings] * len(pretrained)) if pretrained else ():
+                print(json.dumps({"pretrained": str(path)}), flush=True)
             futures = {pool.submit(run_job, job, settings): job for job in jobs}
             for future in as_completed(futures):
                 done[futures[future]] = future.result()
@@ -243,7 +319,8 @@ def run_jobs(jobs: Sequence[Tuple[str, str, float, int]], settings: Dict[str, An
 def report_progress(runs: Sequence[Dict[str, Any]]) -> None:
     for run in runs:
         last = run["history"][-1]
-        progress = {k: run[k] for k in ("dataset", "cue", "cue_correlation", "seed", "method", "live_alarm_epoch", "wall_s", "cpu_s")}
+        progress = {k: run[k] for k in ("dataset", "cue", "cue_correlation", "seed", "init", "method", "live_alarm_epoch",
+                                        "wall_s", "cpu_s")}
         progress["final"] = {k: last[k] for k in ("accuracy", "reliance", *RECORDED)}
         print(json.dumps(progress), flush=True)
 
@@ -258,30 +335,52 @@ def gap_epoch(history: Sequence[Dict[str, Any]], points: float = GAP_POINTS) -> 
     return None
 
 
+def counted(row: Dict[str, Any], key: str, min_skill: Optional[float]) -> bool:
+    """Whether a monitor with ``min_skill`` watching ``key`` counts this epoch's check: a score was logged, and for
+    a swap test the swap probe's skill reached ``min_skill`` (``SpuriousCueMonitor``'s rule)."""
+    if row.get(key) is None:  # an epoch without a score (a failed check) is no check at all
+        return False
+    return "_swap_" not in key or is_judged(row.get(SKILL), min_skill)
+
+
 def replay_alarms(
-    history: Sequence[Dict[str, Any]], key: str, threshold: Optional[float], patience: int, min_delta: float
+    history: Sequence[Dict[str, Any]], key: str, threshold: Optional[float], patience: int, min_delta: float,
+    min_skill: Optional[float] = None,
 ) -> List[bool]:
     """Whether a ``SpuriousCueMonitor`` with these settings, fed ``key``, has its alarm on after each recorded epoch."""
-    monitor = SpuriousCueMonitor(threshold=threshold, patience=patience, min_delta=min_delta)
+    monitor = SpuriousCueMonitor(threshold=threshold, patience=patience, min_delta=min_delta, min_skill=min_skill)
     alarms = []
     for row in history:
-        if row[key] is not None:  # an epoch without a score (a failed check) is no check at all
+        if counted(row, key, min_skill):
             monitor.update(row[key])
         alarms.append(monitor.alarmed)
     return alarms
 
 
 def replay_alarm_epoch(
-    history: Sequence[Dict[str, Any]], key: str, threshold: Optional[float], patience: int, min_delta: float
+    history: Sequence[Dict[str, Any]], key: str, threshold: Optional[float], patience: int, min_delta: float,
+    min_skill: Optional[float] = None,
 ) -> Optional[int]:
     """The first epoch at which that monitor's alarm is on."""
-    alarms = replay_alarms(history, key, threshold, patience, min_delta)
+    alarms = replay_alarms(history, key, threshold, patience, min_delta, min_skill)
     return next((row["epoch"] for row, alarm in zip(history, alarms) if alarm), None)
 
 
-def lead_time(alarm: Optional[int], gap: Optional[int]) -> Optional[int]:
-    """Epochs by which the alarm preceded the accuracy gap (negative: it came later)."""
-    return None if alarm is None or gap is None else gap - alarm
+def onset_epoch(history: Sequence[Dict[str, Any]], reliance: float = SHORTCUT_RELIANCE) -> Optional[int]:
+    """The first epoch at which the run predicts the cue's class on ``reliance`` % or more of cue-conflicting images."""
+    return next((row["epoch"] for row in history if row["reliance"] is not None and row["reliance"] >= reliance), None)
+
+
+def due_epoch(history: Sequence[Dict[str, Any]]) -> Optional[int]:
+    """The epoch an alarm is measured against: the first at which the accuracy gap opens or the run follows the
+    cue on ``SHORTCUT_RELIANCE`` % of cue-conflicting images, whichever comes first."""
+    found = [e for e in (gap_epoch(history), onset_epoch(history)) if e is not None]
+    return min(found, default=None)
+
+
+def lead_time(alarm: Optional[int], due: Optional[int]) -> Optional[int]:
+    """Epochs by which the alarm preceded the due epoch (negative: it came later)."""
+    return None if alarm is None or due is None else due - alarm
 
 
 def is_late(lead: Optional[int]) -> bool:
@@ -290,11 +389,11 @@ def is_late(lead: Optional[int]) -> bool:
 
 
 def run_kind(run: Dict[str, Any]) -> str:
-    """``"control"``, ``"shortcut"`` (final reliance >= 50%) or ``"other"`` (a cue the model did not come to rely on)."""
+    """``"control"``, ``"shortcut"`` (reliance reached ``SHORTCUT_RELIANCE`` at some epoch) or ``"other"`` (a cue the
+    model did not come to rely on)."""
     if run["control"]:
         return "control"
-    reliance = run["history"][-1]["reliance"]
-    return "shortcut" if reliance is not None and reliance >= SHORTCUT_RELIANCE else "other"
+    return "shortcut" if onset_epoch(run["history"]) is not None else "other"
 
 
 def control_problems(run: Dict[str, Any]) -> List[str]:
@@ -313,14 +412,14 @@ def control_problems(run: Dict[str, Any]) -> List[str]:
 
 
 def label(run: Dict[str, Any]) -> str:
-    return f"{run['dataset']}/{run['cue']}/{run['cue_correlation']}/seed {run['seed']}"
+    return f"{run.get('init', 'scratch')}/{run['dataset']}/{run['cue']}/{run['cue_correlation']}/seed {run['seed']}"
 
 
 def detection(runs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
-    """Shortcut runs alarmed, controls alarmed and lead times of runs that carry ``alarm_epoch``."""
+    """Shortcut runs alarmed, controls alarmed and lead times of runs that carry ``alarm_epoch`` and ``due_epoch``."""
     shortcut = [r for r in runs if run_kind(r) == "shortcut"]
     controls = [r for r in runs if r["control"]]
-    leads = [lead_time(r["alarm_epoch"], r["gap_epoch"]) for r in shortcut]
+    leads = [lead_time(r["alarm_epoch"], r["due_epoch"]) for r in shortcut]
     alarmed = [r for r in shortcut if r["alarm_epoch"] is not None]
     return {
         "shortcut_runs": len(shortcut),
@@ -329,7 +428,7 @@ def detection(runs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
         "controls": len(controls),
         "false_alarms": sum(r["alarm_epoch"] is not None for r in controls),
         "alarm_epochs": [r["alarm_epoch"] for r in shortcut],
-        "gap_epochs": [r["gap_epoch"] for r in shortcut],
+        "due_epochs": [r["due_epoch"] for r in shortcut],
         "lead_epochs": leads,
         "median_lead_epochs": median(leads),
         "missed": [label(r) for r in shortcut if r["alarm_epoch"] is None],
@@ -339,4 +438,5 @@ def detection(runs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
 
 
 def settings_of(monitor: SpuriousCueMonitor) -> Dict[str, Any]:
-    return {"threshold": monitor.threshold, "patience": monitor.patience, "min_delta": monitor.min_delta}
+    return {"threshold": monitor.threshold, "patience": monitor.patience, "min_delta": monitor.min_delta,
+            "min_skill": monitor.min_skill}

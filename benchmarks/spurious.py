@@ -51,47 +51,72 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 from lightning.pytorch.utilities import disable_possible_user_warnings
 
 from caap_lightning.attribution.caap import CONSTRUCTIONS
 from caap_lightning.attribution.registry import available_methods
 from caap_lightning.callbacks import CAAPCallback, SpuriousCueMonitor
-from caap_lightning.model_tests import MODEL_TESTS
+from caap_lightning.callbacks.spurious_cue_monitor import DEFAULT_SCORES
+from caap_lightning.model_tests import MODEL_TESTS, is_judged
 from caap_lightning.datamodules import CUE_KINDS
 from caap_lightning.datamodules.fashion import find_fashion_mnist
 
 import cue_runs
 from cue_runs import (
-    CONTROL_ACCURACY, CONTROL_RELIANCE, DATASETS, FASHION_ROOT, GAP_POINTS, LATEST_LEAD, LIVE_REGIME,
-    MAP_REGIMES, MODEL, RECORDED, REGIMES, SHORTCUT_RELIANCE, control_of, control_problems, detection,
-    gap_epoch, is_late, label, lead_time, recipe, replay_alarm_epoch, run_jobs, run_kind, settings_of,
+    INITS, Job, CONTROL_ACCURACY, CONTROL_RELIANCE, DATASETS, FASHION_ROOT, GAP_POINTS, LATEST_LEAD, LIVE_REGIME,
+    FOLLOW_REGIMES, MAP_REGIMES, MODEL, RECORDED, REGIMES, SHORTCUT_RELIANCE, SKILL, control_of, control_problems,
+    counted, detection, due_epoch, gap_epoch, is_late, label, lead_time, onset_epoch, recipe, replay_alarm_epoch,
+    run_jobs, run_kind, settings_of,
 )
 from harness import RESULTS, display, fmt, median, rounded, table
 
 STRONG_CUES = (0.8, 0.95, 1.0)
 # The same regimes' insertion ratios, the defaults before the swap ratios: compared with them.
 INSERTION_REGIMES = {regime: key.replace("_swap_", "_insertion_") for regime, key in REGIMES.items()}
-# The monitors compared: name -> (the runs whose scores it reads, its scores per regime, its title). The model
-# tests are read from CAAP's fits (a baseline's replay sees the same models, so the same values).
+# The replay grids for the threshold (a ratio is 1 where the suspect region and the rest count equally; a share
+# is the share of swap pairs that follow the swapped region), and the finer ones the window is measured on.
+RATIO_SWEEP = (1.05, 1.1, 1.2, 1.3, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0)
+SHARE_SWEEP = tuple(round(0.05 * k, 2) for k in range(1, 20))
+RATIO_WINDOW_GRID = tuple(round(0.25 * 1.05 ** k, 4) for k in range(100))
+SHARE_WINDOW_GRID = tuple(round(0.01 * k, 2) for k in range(1, 100))
+SWEEP_PATIENCE = (1, 2)
+
+
+class Watch(NamedTuple):
+    """A monitor compared: the runs whose scores it reads, its score per regime, its title and threshold grids."""
+
+    method: str
+    regimes: Dict[str, str]
+    title: str
+    sweep: Tuple[float, ...] = RATIO_SWEEP
+    window_grid: Tuple[float, ...] = RATIO_WINDOW_GRID
+
+
+# The model tests are read from CAAP's fits (a baseline's replay sees the same models, so the same values).
 WATCHES = {
-    "swap": ("caap", REGIMES, "Swap ratios (the monitor's defaults; they test the model, not a map)"),
-    "insertion": ("caap", INSERTION_REGIMES, "Insertion ratios (the defaults before the swap ratios; they test the model)"),
-    "caap": ("caap", MAP_REGIMES, "CAAP maps (density ratios and the fixed-position ratio)"),
-    "gradcam": ("gradcam", MAP_REGIMES, "Grad-CAM maps (density ratios and the fixed-position ratio)"),
+    "follow": Watch("caap", FOLLOW_REGIMES, "Swap follow shares (the share of swap pairs that follow the swapped "
+                    "region; they test the model, not a map)", SHARE_SWEEP, SHARE_WINDOW_GRID),
+    "swap": Watch("caap", REGIMES, "Swap ratios (they test the model, not a map)"),
+    "insertion": Watch("caap", INSERTION_REGIMES, "Insertion ratios (they test the model)"),
+    "caap": Watch("caap", MAP_REGIMES, "CAAP maps (density ratios and the fixed-position ratio)"),
+    "gradcam": Watch("gradcam", MAP_REGIMES, "Grad-CAM maps (density ratios and the fixed-position ratio)"),
 }
-# The cue kinds each regime's target covers: without masks only a cue at a fixed position can be found.
+# The cue kinds each regime's target covers: without masks, a cue at a fixed position (the border ring), or one
+# around the centre (the surround, a background too).
 TARGET_CUES = {
     "cue+object masks": CUE_KINDS,
     "object masks only": CUE_KINDS,
-    "none": ("watermark", "border"),
+    "no masks: border ring": ("watermark", "border"),
+    "no masks: surround": ("watermark", "border", "background"),
+    "no masks": ("watermark", "border"),
 }
+# The watch the monitor's defaults are (its scores per regime), and the watches drawn per init and dataset.
+DEFAULT_WATCH = "follow" if DEFAULT_SCORES[0].endswith("_follow_share") else "swap"
+PLOTTED = ("follow", "swap")
 # The threshold is chosen on these (dataset, cue kind) pairs and confirmed on the others.
-TUNING = (("shapes", "marker"), ("shapes", "watermark"))
-# The replay grid for the threshold and patience (every score is 1 when the suspect region and the rest are equal).
-SWEEP_THRESHOLDS = (1.1, 1.2, 1.3, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0)
-SWEEP_PATIENCE = (1, 2)
+TUNING = (("shapes", "marker"), ("shapes", "watermark"), ("shapes", "background"))
 
 
 # ---------------------------------------------------------------------- what a run's history says
@@ -110,25 +135,30 @@ def in_tuning(run: Dict[str, Any]) -> bool:
 def with_alarms(
     runs: Sequence[Dict[str, Any]], regime: str, monitor: Dict[str, Any], regimes: Dict[str, str] = REGIMES
 ) -> List[Dict[str, Any]]:
-    """``runs`` with their ``alarm_epoch`` under ``regime``'s monitor (``monitor``: threshold, patience, min_delta)
-    watching its score of ``regimes``."""
+    """``runs`` with their ``alarm_epoch`` under ``regime``'s monitor (``monitor``: threshold, patience, min_delta,
+    min_skill) watching its score of ``regimes``, and their ``due_epoch`` (:func:`cue_runs.due_epoch`)."""
     key = regimes[regime]
-    return [{**r, "alarm_epoch": replay_alarm_epoch(r["history"], key, **monitor), "gap_epoch": gap_epoch(r["history"])} for r in runs]
+    return [{**r, "alarm_epoch": replay_alarm_epoch(r["history"], key, **monitor), "due_epoch": due_epoch(r["history"])}
+            for r in runs]
 
 
 def by_cue_kind(runs: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
-    """``detection`` per dataset and cue kind, keyed ``"<dataset>/<cue>"``."""
+    """``detection`` per init, dataset and cue kind, keyed ``"<init>/<dataset>/<cue>"``."""
     groups: Dict[str, List[Dict[str, Any]]] = {}
     for run in runs:
-        groups.setdefault(f"{run['dataset']}/{run['cue']}", []).append(run)
+        groups.setdefault(f"{init_of(run)}/{run['dataset']}/{run['cue']}", []).append(run)
     return {name: detection(group) for name, group in groups.items()}
+
+
+def init_of(run: Dict[str, Any]) -> str:
+    return run.get("init", "scratch")
 
 
 def target_check(runs: Sequence[Dict[str, Any]], regime: str) -> Dict[str, Any]:
     """The issue's targets for one regime, on runs that carry ``alarm_epoch``.
 
     Every shortcut run of the regime's cue kinds alarmed, no control alarmed, median lead >= 0
-    and no alarm more than one epoch after the gap.
+    and no alarm more than one epoch after the due epoch (the gap, or the cue followed on 40%).
     """
     covered = detection([r for r in runs if r["cue"] in TARGET_CUES[regime] or r["control"]])
     return {
@@ -144,25 +174,30 @@ def targets_met(check: Dict[str, Any]) -> int:
     return sum(check[k] for k in ("all_shortcuts_alarmed", "no_control_alarm", "lead"))
 
 
+def all_met(check: Dict[str, Any]) -> bool:
+    return targets_met(check) == 3
+
+
 def choose_threshold(
-    runs: Sequence[Dict[str, Any]], monitor: Dict[str, Any], regimes: Dict[str, str] = REGIMES
+    runs: Sequence[Dict[str, Any]], monitor: Dict[str, Any], watch: Watch
 ) -> Optional[Dict[str, Any]]:
     """The sweep's threshold and patience that meet most targets of every regime on the tuning runs (``None``: no
     tuning runs).
 
     Ties go to the fewest missed shortcut runs plus false alarms, then to the fewest alarms more
-    than one epoch after the gap and the earliest alarms (the sum of the regimes' median leads),
-    then to the larger patience (the one less likely to alarm on a noisy check), then to the middle
-    of that patience's tied thresholds: a plateau's middle is the choice least likely to tip over on
-    held-out runs.
+    than one epoch after the due epoch and the earliest alarms (the sum of the regimes' median
+    leads), then to the larger patience (the one less likely to alarm on a noisy check), then to
+    the middle of that patience's tied thresholds: a plateau's middle is the choice least likely to
+    tip over on held-out runs.
     """
     tuning = [r for r in runs if in_tuning(r)]
     if not tuning:
         return None
     rows = []
-    for patience, threshold in itertools.product(SWEEP_PATIENCE, SWEEP_THRESHOLDS):
+    for patience, threshold in itertools.product(SWEEP_PATIENCE, watch.sweep):
         settings = {**monitor, "threshold": threshold, "patience": patience}
-        checks = {regime: target_check(with_alarms(tuning, regime, settings, regimes), regime) for regime in regimes}
+        checks = {regime: target_check(with_alarms(tuning, regime, settings, watch.regimes), regime)
+                  for regime in watch.regimes}
         errors = sum(len(c["detail"]["missed"]) + len(c["detail"]["false_alarm_runs"]) for c in checks.values())
         late = sum(len(c["detail"]["late_runs"]) for c in checks.values())
         leads = [c["detail"]["median_lead_epochs"] for c in checks.values()]
@@ -190,33 +225,73 @@ def compact(check: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
+def threshold_window(
+    runs: Sequence[Dict[str, Any]], regime: str, monitor: Dict[str, Any], watch: Watch
+) -> Dict[str, Any]:
+    """The thresholds of ``watch.window_grid`` (at ``monitor``'s patience) that meet every target of ``regime`` on
+    every run, on scratch runs and fine-tunes alike: the widest unbroken stretch of them, and its width
+    (highest over lowest; the issue asks for at least 2)."""
+    met = [t for t in watch.window_grid
+           if all_met(target_check(with_alarms(runs, regime, {**monitor, "threshold": t}, watch.regimes), regime))]
+    stretches: List[List[float]] = []
+    for t in met:
+        grid = watch.window_grid
+        if stretches and grid.index(t) == grid.index(stretches[-1][-1]) + 1:
+            stretches[-1].append(t)
+        else:
+            stretches.append([t])
+    widest = max(stretches, key=lambda s: s[-1] / s[0], default=None)
+    if widest is None:
+        return {"low": None, "high": None, "width": None}
+    return {"low": widest[0], "high": widest[-1], "width": rounded(widest[-1] / widest[0], 2)}
+
+
+def control_peaks(runs: Sequence[Dict[str, Any]], key: str, min_skill: Optional[float]) -> Dict[str, Any]:
+    """The controls' highest reading of ``key`` at a judged check (the monitor counts it) and at one it does not
+    count (the model could not tell the swap probe's classes apart), with where each came."""
+    out: Dict[str, Any] = {}
+    for name, judged in (("judged", True), ("not_judged", False)):
+        found = [(row[key], label(r), row["epoch"], row.get("accuracy")) for r in runs if r["control"]
+                 for row in r["history"] if row.get(key) is not None and counted(row, key, min_skill) == judged]
+        peak = max(found, default=None)
+        out[name] = None if peak is None else {"score": peak[0], "run": peak[1], "epoch": peak[2], "accuracy": peak[3]}
+    return out
+
+
 def watches_of(runs: Sequence[Dict[str, Any]]) -> List[str]:
     """The monitors of ``WATCHES`` whose runs are among ``runs``."""
     methods = methods_of(runs)
-    return [name for name, (method, _, _) in WATCHES.items() if method in methods]
+    return [name for name, watch in WATCHES.items() if watch.method in methods]
 
 
 def summarize(runs: Sequence[Dict[str, Any]], monitor: Dict[str, Any]) -> Dict[str, Any]:
-    """Per monitor compared (``WATCHES``): per regime, detection by cue kind and the targets with ``monitor``; the
-    threshold and patience chosen on the tuning runs and the targets they get on the held-out runs."""
+    """Per monitor compared (``WATCHES``): the threshold and patience chosen on the tuning runs; per regime,
+    detection by init and cue kind and the targets at that choice (on every run, per init, and on the held-out
+    runs), the window of thresholds that meets every target, and the controls' highest judged reading."""
     summary: Dict[str, Any] = {}
     for name in watches_of(runs):
-        method, regimes_of, _ = WATCHES[name]
-        group = [r for r in runs if r["method"] == method]
-        choice = choose_threshold(group, monitor, regimes_of)
+        watch = WATCHES[name]
+        group = [r for r in runs if r["method"] == watch.method]
+        choice = choose_threshold(group, monitor, watch)
         held_out = [r for r in group if not in_tuning(r)] if choice is not None else []
         chosen = monitor if choice is None else {**monitor, "threshold": choice["threshold"], "patience": choice["patience"]}
         regimes = {}
-        for regime in regimes_of:
-            replayed = with_alarms(group, regime, monitor, regimes_of)
+        for regime, key in watch.regimes.items():
+            replayed = with_alarms(group, regime, chosen, watch.regimes)
+            inits = list(dict.fromkeys(init_of(r) for r in group))
             regimes[regime] = {
+                "score": key,
                 "by_cue": by_cue_kind(replayed),
                 "targets": target_check(replayed, regime),
+                "targets_by_init": {init: target_check([r for r in replayed if init_of(r) == init], regime)
+                                    for init in inits},
                 "held_out_at_chosen": (
-                    target_check(with_alarms(held_out, regime, chosen, regimes_of), regime) if held_out else None
+                    target_check(with_alarms(held_out, regime, chosen, watch.regimes), regime) if held_out else None
                 ),
+                "window": threshold_window(group, regime, chosen, watch),
+                "control_peaks": control_peaks(group, key, chosen.get("min_skill")),
             }
-        summary[name] = {"regimes": regimes, "threshold_choice": choice}
+        summary[name] = {"regimes": regimes, "threshold_choice": choice, "settings": chosen}
     return summary
 
 
@@ -225,7 +300,7 @@ def ground_truth(runs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     trained = [r for r in runs if r["method"] == "caap"]
     groups: Dict[str, List[Dict[str, Any]]] = {}
     for run in trained:
-        groups.setdefault(f"{run['dataset']}/{run['cue']}/{run['cue_correlation']}", []).append(run)
+        groups.setdefault(f"{init_of(run)}/{run['dataset']}/{run['cue']}/{run['cue_correlation']}", []).append(run)
     table = {
         name: {
             "control": group[0]["control"],
@@ -234,6 +309,8 @@ def ground_truth(runs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
             "accuracy": [r["history"][-1]["accuracy"] for r in group],
             "reliance": [r["history"][-1]["reliance"] for r in group],
             "gap_epochs": [gap_epoch(r["history"]) for r in group],
+            "onset_epochs": [onset_epoch(r["history"]) for r in group],
+            "first_judged": [next((row["epoch"] for row in r["history"] if row.get("judged")), None) for r in group],
         }
         for name, group in groups.items()
     }
@@ -246,37 +323,33 @@ def ground_truth(runs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
             "controls": len(control_gaps), "gap_on_controls": gap_on_controls}
 
 
-def late_alarms(runs: Sequence[Dict[str, Any]], monitor: Dict[str, Any]) -> Dict[str, Any]:
+def late_alarms(runs: Sequence[Dict[str, Any]], monitor: Dict[str, Any], watch: Watch) -> Dict[str, Any]:
     """Per regime (regimes of one score together), CAAP's shortcut runs of its cue kinds that alarmed later than
-    the lead target allows: the gap, reliance and watched score at the gap epoch and the one after; and the
-    highest score any control reached, which a threshold must stay above to leave every control clean."""
+    the lead target allows under ``watch`` at ``monitor``: the due epoch, reliance and watched score at it and
+    the one after; and the highest judged score any control reached, which a threshold must stay above."""
     trained = [r for r in runs if r["method"] == "caap"]
     # Regimes that watch the same score over the same cue kinds replay the same alarms: one entry for them.
     merged: Dict[Tuple[str, Tuple[str, ...]], List[str]] = {}
-    for regime, key in REGIMES.items():
+    for regime, key in watch.regimes.items():
         merged.setdefault((key, tuple(TARGET_CUES[regime])), []).append(regime)
     out = {}
     for (key, cues), names in merged.items():
         regime = names[0]
-        peaks = [(row[key], label(r), row["epoch"])
-                 for r in trained if r["control"] for row in r["history"] if row[key] is not None]
         late = []
         covered = [r for r in trained if r["cue"] in cues and run_kind(r) == "shortcut"]
-        for run in with_alarms(covered, regime, monitor):
-            if not is_late(lead_time(run["alarm_epoch"], run["gap_epoch"])):
+        for run in with_alarms(covered, regime, monitor, watch.regimes):
+            if not is_late(lead_time(run["alarm_epoch"], run["due_epoch"])):
                 continue
-            # History rows are epochs 1, 2, ...: row gap - 1 is the gap epoch; an alarm this late has a row after it.
-            at, after = run["history"][run["gap_epoch"] - 1], run["history"][run["gap_epoch"]]
+            # History rows are epochs 1, 2, ...: row due - 1 is the due epoch; an alarm this late has a row after it.
+            at, after = run["history"][run["due_epoch"] - 1], run["history"][run["due_epoch"]]
             late.append({
-                "run": label(run), "gap_epoch": run["gap_epoch"], "alarm_epoch": run["alarm_epoch"],
+                "run": label(run), "due_epoch": run["due_epoch"], "alarm_epoch": run["alarm_epoch"],
                 "gap_points": rounded(at["acc_consistent"] - at["acc_conflicting"], 1),
                 "reliance": [at["reliance"], after["reliance"]], "score": [at[key], after[key]],
+                "judged": [at.get("judged"), after.get("judged")],
             })
-        peak = max(peaks, default=None)
-        out[", ".join(names)] = {
-            "score": key, "late": late,
-            "control_peak": None if peak is None else {"score": peak[0], "run": peak[1], "epoch": peak[2]},
-        }
+        out[", ".join(names)] = {"score": key, "late": late,
+                                 "control_peak": control_peaks(trained, key, monitor.get("min_skill"))["judged"]}
     return out
 
 
@@ -305,23 +378,29 @@ def setup_section(setup: Dict[str, Any], n_runs: int) -> List[str]:
         + f" (the first: the control, 1 / classes); {setup['workers']} worker process(es) of 1 CPU thread ({setup['machine']}).",
         *([setup["rescored"]] if setup.get("rescored") else []),
         "",
-        "Recipes (a tiny ViT from scratch, `caap_lightning/configs/demo.yaml`'s: "
+        "Recipes (a tiny ViT, `caap_lightning/configs/demo.yaml`'s: "
         f"{setup['model_summary']}; `CAAPCallback` with a probe of {setup['num_images']} images "
-        f"(the swap ratios: {swap_probe_size(setup)}), `construction=\"{setup['construction']}\"`):",
+        f"(the swap ratios: {swap_probe_size(setup)}), `construction=\"{setup['construction']}\"`). "
+        "`init: scratch` trains it from random weights; `init: pretrained` first trains it on clean data of the same "
+        "domain with no cue (the pretraining column), then fine-tunes it with a fresh head on the cue set, as a user "
+        "fine-tunes a pretrained ViT:",
         "",
     ]
     seconds = setup["run_seconds"]
     lines += table(
-        ["dataset", "data", "epochs x batches of 64", "a trained run: median wall s (CPU s)", "a baseline's replay: median wall s"],
+        ["dataset/init", "data", "pretraining (no cue)", "epochs x batches of 64", "lr",
+         "a trained run: median wall s (CPU s)", "a baseline's replay: median wall s"],
         [[name, ", ".join(f"{k}={v}" for k, v in r["data"].items() if k not in ("mean", "std")),
-          f"{r['epochs']} x {r['batches_per_epoch']}",
-          f"{fmt(seconds[name]['trained'], 0)} ({fmt(seconds[name]['trained_cpu'], 0)})", fmt(seconds[name]["replayed"], 0)]
+          pretraining_text(r), f"{r['epochs']} x {r['batches_per_epoch']}", fmt(r["model"]["lr"], 4),
+          f"{fmt(seconds.get(name, {}).get('trained'), 0)} ({fmt(seconds.get(name, {}).get('trained_cpu'), 0)})",
+          fmt(seconds.get(name, {}).get("replayed"), 0)]
          for name, r in setup["recipes"].items()],
     )
     lines += [
         "",
         f"Monitor: `SpuriousCueMonitor` settings `threshold={live['threshold']}`, `patience={live['patience']}`, "
-        f"`min_delta={live['min_delta']}` (its defaults: {defaults_text(setup['monitor_defaults'])}). "
+        f"`min_delta={live['min_delta']}`, `min_skill={live.get('min_skill')}` (its defaults: "
+        f"{defaults_text(setup['monitor_defaults'])}). "
         + live_monitor_text(setup) + " "
         + ("Each baseline replays the CAAP fit's weights epoch by epoch (same accuracies every epoch: "
            f"{'checked' if setup['baselines_replay_caap_weights'] else 'MISMATCH, see the JSON'})." if setup["methods"][1:] else ""),
@@ -329,19 +408,31 @@ def setup_section(setup: Dict[str, Any], n_runs: int) -> List[str]:
         f"Wall time: {setup['wall_min']:.1f} min for {n_runs} runs; load average {setup['load_average']} at the start.",
         "",
         "Definitions. *Reliance*: the share of cue-conflicting validation images (all "
-        f"{setup['num_val']}; the cue is independent of the label there) predicted as the cue's class. *Shortcut run*: "
-        f"final reliance >= {SHORTCUT_RELIANCE:g}%. *Control*: cue strength 1 / classes; it should reach "
-        f">= {CONTROL_ACCURACY:g}% validation accuracy with reliance < {CONTROL_RELIANCE:g}% at every epoch. *Gap epoch*: "
-        f"the first epoch at which cue-conflicting accuracy is {GAP_POINTS:g} points below cue-consistent accuracy. "
-        "*Lead* = gap epoch - alarm epoch (positive: the alarm came first). Mask regimes and the score each "
-        "monitor watches: " + "; ".join(f"{regime}: `caap/{score}`" for regime, score in REGIMES.items())
-        + " (the monitor's defaults); the insertion ratios compared with them (the defaults before): "
-        + "; ".join(f"{regime}: `{score}`" for regime, score in INSERTION_REGIMES.items())
+        f"{setup['num_val']}; the cue is independent of the label there) predicted as the cue's class. *Onset*: the "
+        f"first epoch with reliance >= {SHORTCUT_RELIANCE:g}%; a *shortcut run* is one that has an onset. *Control*: "
+        f"cue strength 1 / classes; it should reach >= {CONTROL_ACCURACY:g}% validation accuracy with reliance < "
+        f"{CONTROL_RELIANCE:g}% at every epoch. *Gap epoch*: the first epoch at which cue-conflicting accuracy is "
+        f"{GAP_POINTS:g} points below cue-consistent accuracy. *Due epoch*: the gap epoch or the onset, whichever "
+        "comes first; *lead* = due epoch - alarm epoch (positive: the alarm came first), and an alarm more than "
+        f"{-LATEST_LEAD} epoch after the due epoch is late. *Judged*: a check whose swap probe skill "
+        "(`caap/swap_probe_skill`: the model's clean accuracy on the swap probe, chance-corrected) reaches the "
+        "monitor's `min_skill`; a swap-test monitor counts only judged checks. Mask regimes and the swap test each "
+        "watches: " + "; ".join(f"{regime}: `{score}`" for regime, score in REGIMES.items())
+        + ", as a ratio or as the share of pairs that follow the swapped region (`*_follow_share`); the insertion "
+        "ratios compared with them: " + "; ".join(f"{regime}: `{score}`" for regime, score in INSERTION_REGIMES.items())
         + "; the map-based scores: "
         + "; ".join(f"{regime}: `{score}`" for regime, score in MAP_REGIMES.items()) + ". A "
         "background cue's mask is every pixel but the object, so for it the first two regimes watch the same region.",
     ]
     return lines
+
+
+def pretraining_text(recipe: Dict[str, Any]) -> str:
+    pretrain = recipe.get("pretrain")
+    if pretrain is None:
+        return "-"
+    data = ", ".join(f"{k}={v}" for k, v in pretrain["data"].items() if k in ("classes", "num_classes", "cue", "cue_correlation"))
+    return f"{data}; {pretrain['epochs']} epochs"
 
 
 def live_monitor_text(setup: Dict[str, Any]) -> str:
@@ -376,28 +467,28 @@ def ground_truth_section(truth: Dict[str, Any]) -> List[str]:
     return lines
 
 
-def late_section(late: Dict[str, Any]) -> List[str]:
+def late_section(late: Dict[str, Any], watch: str) -> List[str]:
     lines = [
-        "", f"## The default monitor (swap ratios): alarms more than {-LATEST_LEAD} epoch after the gap", "",
-        "What the shortcut runs behind each late alarm showed when the accuracy gap opened (the gap epoch, g) and "
-        "one epoch later (g + 1), against the highest score any control reached in that regime. Where a late "
+        "", f"## {watch_title(watch)} at the chosen setting: alarms more than {-LATEST_LEAD} epoch after the due epoch", "",
+        "What the shortcut runs behind each late alarm showed at the due epoch (g) and "
+        "one epoch later (g + 1), against the highest judged score any control reached in that regime. Where a late "
         "run's score at g + 1 is at or below that peak, no threshold of that score alarms by g + 1 and leaves every "
         "control clean.", "",
     ]
-    rows = [[regime, f"`{part['score']}`", item["run"], f"{item['gap_epoch']} ({fmt(item['gap_points'], 1)})",
-             cells(item["reliance"], 1), cells(item["score"]), item["alarm_epoch"]]
+    rows = [[regime, f"`{part['score']}`", item["run"], f"{item['due_epoch']} ({fmt(item['gap_points'], 1)})",
+             cells(item["reliance"], 1), cells(item["score"]), cells(item["judged"]), item["alarm_epoch"]]
             for regime, part in late.items() for item in part["late"]]
     if not rows:
-        return lines + ["None: every alarm came at most one epoch after the gap."]
-    lines += table(["regime", "score", "run", "gap epoch g (gap, points)", "reliance % at g, g + 1", "score at g, g + 1",
-                    "alarm epoch"], rows)
+        return lines + ["None: every alarm came at most one epoch after the due epoch."]
+    lines += table(["regime", "score", "run", "due epoch g (gap, points)", "reliance % at g, g + 1", "score at g, g + 1",
+                    "judged at g, g + 1", "alarm epoch"], rows)
     lines.append("")
     for regime, part in late.items():
         peak = part["control_peak"]
         if part["late"] and peak is not None:
             below = sum(item["score"][1] is not None and item["score"][1] <= peak["score"] for item in part["late"])
-            lines.append(f"- {regime}: controls' highest `{part['score']}` {fmt(peak['score'])} ({peak['run']}, epoch "
-                         f"{peak['epoch']}); {below} of {len(part['late'])} late runs are at or below it at g + 1.")
+            lines.append(f"- {regime}: controls' highest judged `{part['score']}` {fmt(peak['score'])} ({peak['run']}, "
+                         f"epoch {peak['epoch']}); {below} of {len(part['late'])} late runs are at or below it at g + 1.")
     return lines
 
 
@@ -406,30 +497,54 @@ def watch_title(name: str) -> str:
 
 
 def detection_section(name: str, part: Dict[str, Any]) -> List[str]:
-    lines = ["", f"## {watch_title(name)}: detection with the monitor's settings", ""]
+    chosen = part["settings"]
+    lines = ["", f"## {watch_title(name)}: detection at the chosen setting (threshold {fmt(chosen['threshold'])}, "
+             f"patience {chosen['patience']}, min_skill {fmt(chosen.get('min_skill'))})", ""]
     rows = []
     for regime, result in part["regimes"].items():
-        for name, d in result["by_cue"].items():
-            rows.append([regime, name, f"{d['alarmed']}/{d['shortcut_runs']}", f"{d['false_alarms']}/{d['controls']}",
-                         cells(d["alarm_epochs"]), cells(d["gap_epochs"]), cells(d["lead_epochs"]), fmt(d["median_lead_epochs"])])
-    lines += table(["regime", "dataset/cue", "shortcut runs alarmed", "controls alarmed", "alarm epochs", "gap epochs",
-                    "lead (epochs)", "median lead"], rows)
-    lines += ["", "Targets:", ""]
+        for group, d in result["by_cue"].items():
+            rows.append([regime, group, f"{d['alarmed']}/{d['shortcut_runs']}", f"{d['false_alarms']}/{d['controls']}",
+                         cells(d["alarm_epochs"]), cells(d["due_epochs"]), cells(d["lead_epochs"]), fmt(d["median_lead_epochs"])])
+    lines += table(["regime", "init/dataset/cue", "shortcut runs alarmed", "controls alarmed", "alarm epochs",
+                    "due epochs", "lead (epochs)", "median lead"], rows)
+    lines += ["", "Targets, per init:", ""]
     for regime, result in part["regimes"].items():
-        lines.append(target_line(regime, result["targets"]))
+        for init, check in result["targets_by_init"].items():
+            lines.append(target_line(f"{regime}, {init}", check))
+    lines += [
+        "", "The window of thresholds that meets every target of a regime on every run (both inits; the widest "
+        "unbroken stretch of a fine grid), and the controls' highest reading at a judged check (which the monitor "
+        "counts) and at a check it does not judge:", "",
+    ]
+    rows = []
+    for regime, result in part["regimes"].items():
+        window, peaks = result["window"], result["control_peaks"]
+        half = None if window["low"] is None or peaks["judged"] is None else peaks["judged"]["score"] <= chosen["threshold"] / 2
+        rows.append([regime, f"`{result['score']}`", f"{fmt(window['low'], 3)} - {fmt(window['high'], 3)}", fmt(window["width"]),
+                     peak_text(peaks["judged"]), peak_text(peaks["not_judged"]),
+                     "-" if half is None else ("yes" if half else "no")])
+    lines += table(["regime", "score", "window", "width (high / low)", "controls' highest judged",
+                    "controls' highest not judged", "judged peak <= threshold / 2"], rows)
     return lines
+
+
+def peak_text(peak: Optional[Dict[str, Any]]) -> str:
+    if peak is None:
+        return "-"
+    return f"{fmt(peak['score'], 3)} ({peak['run']}, epoch {peak['epoch']}, accuracy {fmt(peak['accuracy'], 1)}%)"
 
 
 def target_line(regime: str, check: Dict[str, Any]) -> str:
     detail = check["detail"]
     missed = f" (missed: {', '.join(detail['missed'])})" if detail["missed"] else ""
     false = f" (false alarms: {', '.join(detail['false_alarm_runs'])})" if detail["false_alarm_runs"] else ""
-    late = f"; later than {-LATEST_LEAD} epoch after the gap: {', '.join(detail['late_runs'])}" if detail["late_runs"] else ""
+    late = f"; later than {-LATEST_LEAD} epoch after the due epoch: {', '.join(detail['late_runs'])}" if detail["late_runs"] else ""
     return (
         f"- {regime} ({', '.join(check['cues'])} cues): every shortcut run alarmed "
         f"({detail['alarmed']}/{detail['shortcut_runs']}): {met(check['all_shortcuts_alarmed'])}{missed}; no control alarmed "
         f"({detail['false_alarms']}/{detail['controls']}): {met(check['no_control_alarm'])}{false}; median lead >= 0 and "
-        f"none later than {-LATEST_LEAD} epoch after the gap (median {fmt(detail['median_lead_epochs'])}): {met(check['lead'])}{late}."
+        f"none later than {-LATEST_LEAD} epoch after the due epoch (median {fmt(detail['median_lead_epochs'])}): "
+        f"{met(check['lead'])}{late}."
     )
 
 
@@ -441,7 +556,8 @@ def threshold_section(name: str, part: Dict[str, Any], live: Dict[str, Any]) -> 
     regimes = list(part["regimes"])
     lines += [
         f"Each regime's monitor replayed on the tuning runs ({', '.join(choice['tuning'])}) for each patience and "
-        "threshold, with the monitor's min_delta. A cell: shortcut runs alarmed · controls alarmed · median lead, "
+        "threshold, with the monitor's min_delta and min_skill. A cell: shortcut runs alarmed · controls alarmed · "
+        "median lead, "
         "**bold** when the regime's three targets are met.",
         "",
     ]
@@ -456,7 +572,7 @@ def threshold_section(name: str, part: Dict[str, Any], live: Dict[str, Any]) -> 
         "",
         f"Chosen: patience {patience}, threshold {fmt(chosen)} (best on the tuning runs at that patience: "
         f"{cells(choice['tied'])}; ties go to the fewest late alarms, the earliest alarms, the larger patience, then the "
-        "middle threshold). The tables above used "
+        "middle threshold). The detection tables use it; the monitor's own settings are "
         f"patience {live['patience']}, threshold {fmt(live['threshold'])}: {'the same' if same else 'a different setting'}.",
     ]
     held = {regime: result["held_out_at_chosen"] for regime, result in part["regimes"].items()}
@@ -472,20 +588,23 @@ def sweep_cell(check: Dict[str, Any]) -> str:
     return f"**{text}**" if check["all_shortcuts_alarmed"] and check["no_control_alarm"] and check["lead"] else text
 
 
-def scores_section(runs: Sequence[Dict[str, Any]], monitor: Dict[str, Any]) -> List[str]:
-    """Every recorded score as the only score of a monitor with ``monitor``'s settings, per cue kind: what each
-    would catch in any regime whose masks allow it."""
+def scores_section(runs: Sequence[Dict[str, Any]], summary: Dict[str, Any]) -> List[str]:
+    """Every recorded score as the only score of a monitor, per cue kind: what each would catch in any regime whose
+    masks allow it. A follow share is read at the follow-share watch's chosen setting, any other score at the swap
+    ratios'."""
     cues = list(dict.fromkeys(r["cue"] for r in runs))
     lines = [
         "", "## Every recorded score, per cue kind", "",
-        "Each score watched alone by a monitor with the settings above, over both datasets. A cell: shortcut runs "
+        "Each score watched alone by a monitor at the chosen setting of its kind (the follow shares' for a follow "
+        "share, the swap ratios' for any other score), over both datasets and inits. A cell: shortcut runs "
         "alarmed · controls alarmed · median lead. The model tests (swap and insertion ratios) are read from CAAP's "
         "fits (they do not depend on the maps); the map-based scores from each method's own.", "",
     ]
     rows = []
     for method in methods_of(runs):
         group = [r for r in runs if r["method"] == method]
-        for key in RECORDED if method == "caap" else MAP_REGIMES.values():
+        for key in [k for k in RECORDED if k != SKILL] if method == "caap" else MAP_REGIMES.values():
+            monitor = settings_for(key, summary)
             cell = []
             for cue in cues:
                 d = detection(with_alarms([r for r in group if r["cue"] == cue], key, monitor, {key: key}))
@@ -496,10 +615,15 @@ def scores_section(runs: Sequence[Dict[str, Any]], monitor: Dict[str, Any]) -> L
     return lines + table(["score", "reads", *cues], rows)
 
 
-def runs_section(runs: Sequence[Dict[str, Any]], monitor: Dict[str, Any]) -> List[str]:
+def settings_for(key: str, summary: Dict[str, Any]) -> Dict[str, Any]:
+    """The chosen monitor setting for a score of ``key``'s kind: a follow share's, or the swap ratios'."""
+    return summary["follow" if key.endswith("_follow_share") else "swap"]["settings"]
+
+
+def runs_section(runs: Sequence[Dict[str, Any]], summary: Dict[str, Any]) -> List[str]:
     lines = [
         "", "## Per run: final epoch", "",
-        "Scores: final (maximum); alarms of the default scores with the monitor's settings. The model tests of "
+        "Scores: final (maximum); alarms of the default watch's scores at its chosen setting. The model tests of "
         "a baseline's row are those of the CAAP fit (the same models); its map-based scores are from its own maps.", "",
     ]
     rows = []
@@ -509,11 +633,14 @@ def runs_section(runs: Sequence[Dict[str, Any]], monitor: Dict[str, Any]) -> Lis
         for key in RECORDED:
             peak = max((row[key] for row in run["history"] if row.get(key) is not None), default=None)
             scores.append(f"{fmt(last.get(key))} ({fmt(peak)})")
-        alarms = [fmt(replay_alarm_epoch(run["history"], key, **monitor)) for key in REGIMES.values()]
-        rows.append([display(run["method"]), run["dataset"], run["cue"], run["cue_correlation"], run["seed"], run_kind(run),
-                     fmt(last["accuracy"], 1), fmt(last["reliance"], 1), *scores, fmt(gap_epoch(run["history"])), *alarms])
-    header = ["method", "dataset", "cue", "strength", "seed", "kind", "accuracy %", "reliance %", *RECORDED, "gap",
-              *(f"alarm ({regime})" for regime in REGIMES)]
+        watch = WATCHES[DEFAULT_WATCH]
+        monitor = summary[DEFAULT_WATCH]["settings"]
+        alarms = [fmt(replay_alarm_epoch(run["history"], key, **monitor)) for key in watch.regimes.values()]
+        rows.append([display(run["method"]), init_of(run), run["dataset"], run["cue"], run["cue_correlation"], run["seed"],
+                     run_kind(run), fmt(last["accuracy"], 1), fmt(last["reliance"], 1), *scores,
+                     fmt(due_epoch(run["history"])), *alarms])
+    header = ["method", "init", "dataset", "cue", "strength", "seed", "kind", "accuracy %", "reliance %", *RECORDED, "due",
+              *(f"alarm ({regime})" for regime in WATCHES[DEFAULT_WATCH].regimes)]
     return lines + table(header, rows)
 
 
@@ -525,10 +652,11 @@ def markdown(result: Dict[str, Any]) -> str:
     for name, part in summary.items():
         lines += detection_section(name, part)
         lines += threshold_section(name, part, monitor)
-    lines += late_section(result["late_alarms"])
-    lines += scores_section(runs, monitor)
-    lines += runs_section(runs, monitor)
-    lines += ["", "Score trajectories (one panel per regime and cue kind; v = alarm with the monitor's settings):", ""]
+    lines += late_section(result["late_alarms"], DEFAULT_WATCH)
+    lines += scores_section(runs, summary)
+    lines += runs_section(runs, summary)
+    lines += ["", "Score trajectories (one panel per regime and cue kind; v = alarm at the watch's chosen setting; "
+              "hollow points: checks not judged):", ""]
     lines += [f"![{name}]({name})" for name in setup["plots"]]
     return "\n".join(lines) + "\n"
 
@@ -538,16 +666,28 @@ def defaults_text(defaults: Dict[str, Any]) -> str:
 
 
 def monitor_settings(setup: Dict[str, Any]) -> Dict[str, Any]:
-    return {k: setup["monitor"][k] for k in ("threshold", "patience", "min_delta")}
+    return {k: setup["monitor"].get(k) for k in ("threshold", "patience", "min_delta", "min_skill")}
 
 
-def plot_name(stem: str, dataset: str, watch: str) -> str:
-    return f"{stem}_{dataset}_{watch}.png"
+def plot_name(stem: str, init: str, dataset: str, watch: str) -> str:
+    return f"{stem}_{init}_{dataset}_{watch}.png"
+
+
+def plot_names(stem: str, runs: Sequence[Dict[str, Any]]) -> List[str]:
+    return [plot_name(stem, init, dataset, watch) for init, dataset, watch in plotted(runs)]
+
+
+def plotted(runs: Sequence[Dict[str, Any]]) -> List[Tuple[str, str, str]]:
+    """The (init, dataset, watch) of each plot: the model tests' watches, per init and dataset."""
+    inits = list(dict.fromkeys(init_of(r) for r in runs))
+    datasets = list(dict.fromkeys(r["dataset"] for r in runs))
+    return list(itertools.product(inits, datasets, [w for w in PLOTTED if w in watches_of(runs)]))
 
 
 def plot(runs: Sequence[Dict[str, Any]], path: Path, monitor: Dict[str, Any], watch: str) -> None:
     """A monitor's scores per epoch: a row per regime, a column per cue kind, a colour per cue strength."""
-    regimes = WATCHES[watch][1]
+    regimes = WATCHES[watch].regimes
+    shares = watch == "follow"
     from matplotlib.figure import Figure
     from matplotlib.ticker import FormatStrFormatter, LogLocator, MaxNLocator, NullFormatter
 
@@ -566,15 +706,21 @@ def plot(runs: Sequence[Dict[str, Any]], path: Path, monitor: Dict[str, Any], wa
             name = ("control" if run["control"] else f"cue {run['cue_correlation']}") if run["seed"] == first_seed else None
             style = dict(color=colours[run["cue_correlation"]], alpha=0.8, lw=1.2)
             ax.plot(epochs, scores, label=name, **style)
+            unjudged = [(e, v) for e, v, h in zip(epochs, scores, run["history"]) if not counted(h, key, monitor.get("min_skill"))]
+            if unjudged:
+                ax.plot(*zip(*unjudged), "o", mfc="none", color=style["color"], ms=3, lw=0)
             alarm = replay_alarm_epoch(run["history"], key, **monitor)
             if alarm is not None:
                 ax.plot(alarm, scores[epochs.index(alarm)], "v", color=style["color"], ms=6)
         if monitor["threshold"] is not None:
             ax.axhline(monitor["threshold"], color="black", ls="--", lw=1)
-        ax.set_yscale("log")
-        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-        ax.yaxis.set_minor_formatter(NullFormatter())
+        if shares:
+            ax.set_ylim(-0.02, 1.02)
+        else:
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_title(f"{cue}: {regime}", fontsize=9)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if col == 0:
@@ -582,17 +728,17 @@ def plot(runs: Sequence[Dict[str, Any]], path: Path, monitor: Dict[str, Any], wa
         if row == len(regimes) - 1:
             ax.set_xlabel("epoch")
     axes[0, 0].legend(fontsize=7)
-    figure.suptitle(f"{runs[0]['dataset']}, {watch_title(watch)}: score per epoch (dashed: threshold)", fontsize=10)
+    figure.suptitle(f"{init_of(runs[0])}, {runs[0]['dataset']}: {watch_title(watch)}; score per epoch (dashed: "
+                    "threshold)", fontsize=9)
     figure.tight_layout()
     figure.savefig(path)
 
 
 def write_outputs(result: Dict[str, Any], runs: Sequence[Dict[str, Any]], output: Path, stem: str) -> None:
     output.mkdir(parents=True, exist_ok=True)
-    monitor = monitor_settings(result["setup"])
-    for dataset, watch in itertools.product(dict.fromkeys(r["dataset"] for r in runs), watches_of(runs)):
-        group = [r for r in runs if r["dataset"] == dataset and r["method"] == WATCHES[watch][0]]
-        plot(group, output / plot_name(stem, dataset, watch), monitor, watch)
+    for init, dataset, watch in plotted(runs):
+        group = [r for r in runs if init_of(r) == init and r["dataset"] == dataset and r["method"] == WATCHES[watch].method]
+        plot(group, output / plot_name(stem, init, dataset, watch), result["summary"][watch]["settings"], watch)
     (output / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     (output / f"{stem}.md").write_text(markdown(result))
     print(f"wrote {output / stem}.md, {stem}.json and {len(result['setup']['plots'])} plots", file=sys.stderr)
@@ -605,6 +751,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                         help="a smoke run: one seed, marker and watermark, control and 1.0, tiny data, 2 epochs; "
                         "writes nothing unless --output-dir is given")
     parser.add_argument("--data", nargs="+", default=list(DATASETS), choices=DATASETS)
+    parser.add_argument("--init", nargs="+", default=list(INITS), choices=INITS,
+                        help="train from scratch, fine-tune a model pretrained on clean data of the domain, or both")
     parser.add_argument("--cues", nargs="+", default=None, choices=CUE_KINDS, help="default: all (--quick: marker, watermark)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--cue-correlations", type=float, nargs="+", default=None,
@@ -621,6 +769,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--threshold", type=float, default=None, help="default: SpuriousCueMonitor's")
     parser.add_argument("--patience", type=int, default=None, help="default: SpuriousCueMonitor's")
     parser.add_argument("--min-delta", type=float, default=None, help="default: SpuriousCueMonitor's")
+    parser.add_argument("--min-skill", type=float, default=None, help="default: SpuriousCueMonitor's")
     parser.add_argument("--workers", type=int, default=1, help="processes, one torch thread each")
     parser.add_argument(
         "--fashion-root", default=FASHION_ROOT,
@@ -639,46 +788,58 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 
 
 def given_monitor(args: argparse.Namespace) -> Dict[str, Any]:
-    given = {"threshold": args.threshold, "patience": args.patience, "min_delta": args.min_delta}
+    given = {"threshold": args.threshold, "patience": args.patience, "min_delta": args.min_delta,
+             "min_skill": args.min_skill}
     return {k: v for k, v in given.items() if v is not None}
 
 
-def grid(args: argparse.Namespace, settings: Dict[str, Any]) -> List[Tuple[str, str, float, int]]:
-    """Every (dataset, cue kind, cue strength, seed) of the run."""
+def grid(args: argparse.Namespace, settings: Dict[str, Any]) -> List[Job]:
+    """Every (dataset, cue kind, cue strength, seed, init) of the run, the fine-tunes first (the shorter runs)."""
     seeds = args.seeds[:1] if args.quick else args.seeds
     cues = args.cues or (list(cue_runs.QUICK["cues"]) if args.quick else list(CUE_KINDS))
     jobs = []
-    for dataset in args.data:
-        control = control_of(dataset, settings)
-        strengths = args.cue_correlations or ([control, 1.0] if args.quick else [control, *STRONG_CUES])
-        jobs += [(dataset, cue, strength, seed) for cue, strength, seed in itertools.product(cues, strengths, seeds)]
+    for init in sorted(args.init, key=lambda name: name != "pretrained"):
+        for dataset in args.data:
+            control = control_of(dataset, settings)
+            strengths = args.cue_correlations or ([control, 1.0] if args.quick else [control, *STRONG_CUES])
+            jobs += [(dataset, cue, strength, seed, init) for cue, strength, seed in itertools.product(cues, strengths, seeds)]
     return jobs
+
+
+def job_of(run: Dict[str, Any]) -> Job:
+    return run["dataset"], run["cue"], run["cue_correlation"], run["seed"], run.get("init", "scratch")
 
 
 def consistency_checks(runs: Sequence[Dict[str, Any]], monitor: Dict[str, Any]) -> Dict[str, bool]:
     """The replay reproduces the live monitor; a baseline's replay saw the CAAP fit's models."""
     replay = all(replay_alarm_epoch(r["history"], REGIMES[LIVE_REGIME], **monitor) == r["live_alarm_epoch"] for r in runs)
-    caap = {(r["dataset"], r["cue"], r["cue_correlation"], r["seed"]): r for r in runs if r["method"] == "caap"}
+    caap = {job_of(r): r for r in runs if r["method"] == "caap"}
 
     def accuracies(run: Dict[str, Any]) -> List[Tuple[Any, Any]]:
         return [(h["acc_consistent"], h["acc_conflicting"]) for h in run["history"]]
 
     same = all(
-        accuracies(r) == accuracies(caap[(r["dataset"], r["cue"], r["cue_correlation"], r["seed"])])
+        accuracies(r) == accuracies(caap[job_of(r)])
         for r in runs if r["method"] != "caap"
     )
     return {"replay_matches_live": replay, "baselines_replay_caap_weights": same}
 
 
+def recipe_key(run: Dict[str, Any]) -> str:
+    """The run's key in the setup's recipes: the dataset, with ``/pretrained`` for a fine-tune."""
+    return run["dataset"] if init_of(run) == "scratch" else f"{run['dataset']}/{init_of(run)}"
+
+
 def run_seconds(runs: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, Optional[float]]]:
-    return {
-        dataset: {
-            "trained": median(r["wall_s"] for r in runs if r["dataset"] == dataset and r["method"] == "caap"),
-            "trained_cpu": median(r["cpu_s"] for r in runs if r["dataset"] == dataset and r["method"] == "caap"),
-            "replayed": median(r["wall_s"] for r in runs if r["dataset"] == dataset and r["method"] != "caap"),
+    out = {}
+    for key in dict.fromkeys(recipe_key(r) for r in runs):
+        group = [r for r in runs if recipe_key(r) == key]
+        out[key] = {
+            "trained": median(r["wall_s"] for r in group if r["method"] == "caap"),
+            "trained_cpu": median(r["cpu_s"] for r in group if r["method"] == "caap"),
+            "replayed": median(r["wall_s"] for r in group if r["method"] != "caap"),
         }
-        for dataset in dict.fromkeys(r["dataset"] for r in runs)
-    }
+    return out
 
 
 def rescore(path: Path, given: Dict[str, Any]) -> Dict[str, Any]:
@@ -696,6 +857,9 @@ def rescore(path: Path, given: Dict[str, Any]) -> Dict[str, Any]:
     if "rescored" not in setup:  # the live run's settings, before the first replay replaces them
         setup["live_monitor"] = dict(setup["monitor"])
     setup["monitor"].update(given)
+    for run in runs:  # whether each check is judged at the replayed min_skill
+        for row in run["history"]:
+            row["judged"] = is_judged(row.get(SKILL), setup["monitor"].get("min_skill"))
     setup["monitor_defaults"] = settings_of(SpuriousCueMonitor())  # today's, which the report compares with
     setup["rescored"] = (
         "The alarms were replayed from the recorded scores through the `SpuriousCueMonitor` of the code that "
@@ -704,9 +868,9 @@ def rescore(path: Path, given: Dict[str, Any]) -> Dict[str, Any]:
     )
     result["ground_truth"] = ground_truth(runs)
     stem = path.stem
-    setup["plots"] = [plot_name(stem, d, w) for d in dict.fromkeys(r["dataset"] for r in runs) for w in watches_of(runs)]
-    result["summary"] = summarize(runs, monitor_settings(setup))
-    result["late_alarms"] = late_alarms(runs, monitor_settings(setup))
+    setup["plots"] = plot_names(stem, runs)
+    result["summary"] = summary = summarize(runs, monitor_settings(setup))
+    result["late_alarms"] = late_alarms(runs, summary[DEFAULT_WATCH]["settings"], WATCHES[DEFAULT_WATCH])
     write_outputs(result, runs, path.parent, path.stem)
     return result
 
@@ -714,7 +878,8 @@ def rescore(path: Path, given: Dict[str, Any]) -> Dict[str, Any]:
 def run_settings(args: argparse.Namespace, monitor: Dict[str, Any]) -> Dict[str, Any]:
     """What every worker needs to train and record a run."""
     return {
-        "recipes": {name: recipe(name, args.quick) for name in args.data},
+        "recipes": {(name if init == "scratch" else f"{name}/{init}"): recipe(name, args.quick, init)
+                    for init in args.init for name in args.data},
         "num_val": cue_runs.QUICK["num_val"] if args.quick else args.num_val,
         "num_images": args.num_images,
         "swap_images": args.swap_images,
@@ -729,7 +894,7 @@ def run_setup(
     args: argparse.Namespace,
     argv: Optional[List[str]],
     settings: Dict[str, Any],
-    jobs: List[Tuple[str, str, float, int]],
+    jobs: List[Job],
     runs: List[Dict[str, Any]],
     stem: str,
     started: Tuple[float, float],
@@ -742,7 +907,8 @@ def run_setup(
         "command": " ".join(["python benchmarks/spurious.py", *(argv if argv is not None else sys.argv[1:])]),
         "quick": args.quick,
         "recipes": settings["recipes"],
-        "model_summary": f"ViT patch {MODEL['patch_size']}, dim {MODEL['embed_dim']}, depth {MODEL['depth']}, from scratch",
+        "model_summary": f"ViT patch {MODEL['patch_size']}, dim {MODEL['embed_dim']}, depth {MODEL['depth']}",
+        "inits": list(args.init),
         "datasets": list(args.data),
         "cues": list(dict.fromkeys(job[1] for job in jobs)),
         "seeds": sorted({job[3] for job in jobs}),
@@ -762,7 +928,7 @@ def run_setup(
         "load_average": f"{load:.1f}",
         "wall_min": (time.perf_counter() - start) / 60,
         "run_seconds": run_seconds(runs),
-        "plots": [plot_name(stem, d, w) for d in args.data for w in WATCHES if WATCHES[w][0] in methods],
+        "plots": plot_names(stem, runs),
     }
 
 
@@ -781,8 +947,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     runs = run_jobs(jobs, settings, args.workers)
     stem = "spurious" if args.construction == "parallel" else f"spurious-{args.construction}"
     setup = run_setup(args, argv, settings, jobs, runs, stem, started)
-    result = {"setup": setup, "runs": runs, "ground_truth": ground_truth(runs), "summary": summarize(runs, monitor),
-              "late_alarms": late_alarms(runs, monitor)}
+    if output is not None:  # the runs first: a report that fails is rebuilt from them with --rescore
+        output.mkdir(parents=True, exist_ok=True)
+        (output / f"{stem}.json").write_text(json.dumps({"setup": setup, "runs": runs}, indent=1) + "\n")
+    summary = summarize(runs, monitor)
+    result = {"setup": setup, "runs": runs, "ground_truth": ground_truth(runs), "summary": summary,
+              "late_alarms": late_alarms(runs, summary[DEFAULT_WATCH]["settings"], WATCHES[DEFAULT_WATCH])}
     print(markdown(result))
     if output is not None:
         write_outputs(result, runs, output, stem)

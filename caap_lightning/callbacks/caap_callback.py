@@ -36,7 +36,7 @@ from caap_lightning.callbacks.building import build_methods, cannot_attribute, f
 from caap_lightning.callbacks.distributed import ProbeShard, classify_shard, gather_shards
 from caap_lightning.callbacks.drawing import announce_if_slow, display_name, log_check_images
 from caap_lightning.callbacks.errors import SKIPPED, CheckSteps, attempt
-from caap_lightning.callbacks.meters import CheckMeters
+from caap_lightning.callbacks.meters import SKILL, CheckMeters
 from caap_lightning.callbacks.metric_table import LoggedScalar, check_scorable_table, logged_table, map_image_values
 from caap_lightning.callbacks.metric_table import resolve_metrics
 from caap_lightning.callbacks.metric_table import unscored_reasons
@@ -296,7 +296,8 @@ class CAAPCallback(Callback):
     @property
     def logged_metrics(self) -> List[str]:
         """The scalars this callback logs with the methods and metrics in use (known after ``setup``)."""
-        return [*self.logged, f"{self.prefix}/seconds"]
+        skill = [self.tag(self.methods[0], SKILL)] if self.swap_probe is not None else []
+        return [*self.logged, *skill, f"{self.prefix}/seconds"]
 
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

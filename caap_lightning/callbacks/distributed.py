@@ -75,7 +75,7 @@ def classify_shard(
         donor_images, donor_masks = rows_on_device(pairs.donors_of(rows))
         with torch.no_grad(), eval_mode(classifier):
             donor_top1 = classifier(donor_images).float().argmax(-1)
-    shard.swaps = SwapShard(images, masks, top1, donor_images, donor_masks, donor_top1)
+    shard.swaps = SwapShard(images, masks, top1, donor_images, donor_masks, donor_top1, probs[: len(rows)])
     return shard
 
 

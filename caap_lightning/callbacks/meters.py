@@ -15,6 +15,8 @@ from caap_lightning.model_tests import MODEL_TESTS, ModelTestSuite
 from caap_lightning.utils import upsample_maps
 
 Curves = Dict[str, Dict[str, torch.Tensor]]
+# The scalar that logs the swap probe's skill (model_tests.ProbeSkill): whether a swap-test check can be judged.
+SKILL = "swap_probe_skill"
 
 
 class CheckMeters:
@@ -66,6 +68,9 @@ class CheckMeters:
             key = tag(primary, name)
             scalars[key] = float(ratio)
             image_values[key] = in_probe_order(image_ratios.float().cpu(), tested_sizes[key], world)
+        skill = self.model_tests.skill() if tested else None
+        if skill is not None:
+            scalars[tag(primary, SKILL)] = skill
         return {k: v for k, v in scalars.items() if math.isfinite(v)}, curves, image_values
 
     def reset(self) -> None:

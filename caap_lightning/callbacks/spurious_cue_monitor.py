@@ -21,6 +21,8 @@ from caap_lightning.callbacks.result import ProbeResult
 from caap_lightning.callbacks.alarm_report import report_alarm, scalar_layout
 from caap_lightning.callbacks.strategies import MIN_GROUP_IMAGES, StrategyGroup, discover_strategies, log_strategies
 from caap_lightning.metrics._checks import check_int
+from caap_lightning.callbacks.meters import SKILL
+from caap_lightning.model_tests import JUDGED_SKILL, is_judged
 
 ALARM_ON = ("high", "low")
 STRATEGIES = (True, False, "auto")
@@ -60,6 +62,10 @@ class SpuriousCueMonitor(Callback):
         threshold: the score must be past this to count; ``None`` counts every check that does not improve.
         min_delta: how much better than the best a score must be to count as an improvement.
         patience: bad checks in a row that raise the alarm.
+        min_skill: a swap-test check counts only where the model's skill on the clean swap probe
+            (``caap/swap_probe_skill``: its mean top-1 probability, chance-corrected; 0 at chance, 1 when certain)
+            reaches this; below it the model cannot tell the images apart and a swap test reads noise. ``None``
+            counts every check.
         alarm_on: ``"high"`` if a higher score means more reliance, ``"low"`` if a lower one does.
         stop_training: stop the fit when the alarm goes off.
         num_images: probe images named (and drawn) in the alarm's text entry.
@@ -76,6 +82,7 @@ class SpuriousCueMonitor(Callback):
         threshold: Optional[float] = DEFAULT_THRESHOLD,
         min_delta: float = 0.1,
         patience: int = DEFAULT_PATIENCE,
+        min_skill: Optional[float] = JUDGED_SKILL,
         alarm_on: str = "high",
         stop_training: bool = False,
         num_images: int = 4,
@@ -97,8 +104,11 @@ class SpuriousCueMonitor(Callback):
         check_int("strategy_examples", strategy_examples, 1, "images drawn per strategy")
         if monitor is not None and "/" not in monitor:
             raise ValueError(f"monitor={monitor!r} must be a metric logged by CAAPCallback, e.g. 'caap/cue_density_ratio'")
+        if min_skill is not None and not 0.0 <= min_skill < 1.0:
+            raise ValueError(f"min_skill={min_skill!r} must be in [0, 1) (0: chance, 1: certain) or None")
         check_prefix(prefix)
         self.monitor, self.threshold, self.min_delta, self.patience = monitor, threshold, min_delta, patience
+        self.min_skill = min_skill
         self.alarm_on, self.stop_training, self.num_images = alarm_on, stop_training, num_images
         self.strategies, self.strategy_max_clusters = strategies, strategy_max_clusters
         self.strategy_examples = strategy_examples
@@ -236,16 +246,45 @@ class SpuriousCueMonitor(Callback):
                 f"logged there ({why}); the count stays at {self.wait} of {self.patience}."
             )
             return
+        skill = self.skill_of(result)
+        if self.judges_skill and not is_judged(skill, self.min_skill):
+            self._not_judged(trainer, result, score, skill)
+            return
         raised = self.update(score)
         self.history.append({"epoch": result.epoch, "step": result.step, "score": score, "alarm": float(self.alarmed)})
-        figures.log_scalars(trainer, {f"{self.prefix}/score": score, f"{self.prefix}/alarm": float(self.alarmed)},
-                            result.step)
+        figures.log_scalars(trainer, {f"{self.prefix}/score": score, f"{self.prefix}/alarm": float(self.alarmed),
+                                      f"{self.prefix}/judged": 1.0}, result.step)
         if raised:
             self.alarms.append({"epoch": result.epoch, "step": result.step, "score": score})
             attempt(trainer, self.on_error, "SpuriousCueMonitor: reporting the alarm", result.epoch, report_alarm,
                     self, trainer, result, score, skipped="the report is skipped")
         if self.stop_training and self.alarmed:
             trainer.should_stop = trainer.strategy.reduce_boolean_decision(True, all=False)
+
+    @property
+    def judges_skill(self) -> bool:
+        """Whether the watched scalar is a swap test's, whose checks count only at ``min_skill``."""
+        test = None if self._watched is None else self._watched.model_test
+        return self.min_skill is not None and test is not None and test.kind == "swap"
+
+    def skill_of(self, result: ProbeResult) -> Optional[float]:
+        """The swap probe's skill at this check, where the watched scalar is a swap test's (else ``None``)."""
+        if not self.judges_skill or self._source is None:
+            return None
+        return result.metrics.get(self._source.tag(self._source.methods[0], SKILL))
+
+    def _not_judged(self, trainer: L.Trainer, result: ProbeResult, score: float, skill: Optional[float]) -> None:
+        """Say (log and TensorBoard) why a check is not counted: the model cannot tell the swap probe's classes apart."""
+        shown = "unknown" if skill is None or skill != skill else f"{skill:.2f}"
+        why = (f"the model's skill on the clean swap probe is {shown}, below min_skill={self.min_skill} (its mean "
+               "top-1 probability, chance-corrected: 0 at chance, 1 when certain); a model that cannot yet tell the "
+               "images apart answers a swap test by noise")
+        rank_zero_info(f"SpuriousCueMonitor: the check at epoch {result.epoch} is not judged ({self.monitor_key} "
+                       f"{score:.3f}): {why}; the count stays at {self.wait} of {self.patience}.")
+        figures.log_scalars(trainer, {f"{self.prefix}/score": score, f"{self.prefix}/judged": 0.0}, result.step)
+        if trainer.is_global_zero:
+            figures.log_text(trainer, f"{self.prefix}/not_judged", f"Epoch {result.epoch}: not judged: {why}.",
+                             result.step)
 
     def _discover(self, trainer: L.Trainer, result: ProbeResult) -> Dict[str, StrategyGroup]:
         found = discover_strategies(result.method_maps[self._method], result.targets, result.class_name,

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from caap_lightning.datamodules.base import ProbeBatch
 from caap_lightning.model_tests.pooled_region_ratio import PooledRegionRatio
+from caap_lightning.model_tests.probe_skill import ProbeSkill
 from caap_lightning.model_tests.swap_pairs import SwapShard
 from caap_lightning.model_tests.table import MODEL_TESTS
 
@@ -17,11 +18,13 @@ class ModelTestSuite:
     """One meter per named model test, built for ``model`` (the classifier) and ``probe`` (the maps' probe).
 
     :meth:`update` takes a rank's share of the probe (and of the swap pairs); :meth:`compute`
-    returns each test's details, synced across processes as torchmetrics syncs them.
+    returns each test's details and :meth:`skill` the swap probe's, synced across processes as torchmetrics
+    syncs them.
     """
 
     def __init__(self, names: Sequence[str], model: nn.Module, probe: ProbeBatch) -> None:
         self.meters: Dict[str, PooledRegionRatio] = {name: MODEL_TESTS[name].build(model, probe) for name in names}
+        self.probe_skill = ProbeSkill()
 
     def __bool__(self) -> bool:
         return bool(self.meters)
@@ -33,6 +36,8 @@ class ModelTestSuite:
     def update(self, images: Tensor, masks: Mapping[str, Tensor], targets: Tensor, swaps: Optional[SwapShard]) -> None:
         """Each test on this rank's ``images`` (their ``masks`` and explained ``targets``) or its swap pairs."""
         device = images.device
+        if self.needs_swaps:
+            self.probe_skill.to(device).update(swaps.probs)
         for name, meter in self.meters.items():
             test = MODEL_TESTS[name]
             meter.to(device)
@@ -58,6 +63,11 @@ class ModelTestSuite:
                 out[scalar] = (details[key], follows if key == "follow_share" else ratios)
         return out
 
+    def skill(self) -> Optional[float]:
+        """The swap probe's skill (:class:`ProbeSkill`), ``None`` where no swap test ran."""
+        return float(self.probe_skill.compute()) if self.needs_swaps else None
+
     def reset(self) -> None:
         for meter in self.meters.values():
             meter.reset()
+        self.probe_skill.reset()

@@ -53,7 +53,9 @@ class SwapPairs:
 @dataclass
 class SwapShard:
     """A rank's share of the swap pairs on the device: its images and masks, each one's donor with its masks, and
-    the top-1 class of each image and of its donor (a swap compares the class the model sees in each)."""
+    the top-1 class of each image and of its donor (a swap compares the class the model sees in each); the
+    images' clean class probabilities tell whether the model tells them apart at all
+    (:class:`~caap_lightning.model_tests.probe_skill.ProbeSkill`)."""
 
     images: Tensor
     masks: Dict[str, Tensor]  # "masks" and "cue_masks", where the probe has them
@@ -61,3 +63,4 @@ class SwapShard:
     donor_images: Tensor
     donor_masks: Dict[str, Tensor]
     donor_top1: Tensor
+    probs: Tensor  # (B, K) the images' clean class probabilities

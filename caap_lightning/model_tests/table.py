@@ -15,19 +15,23 @@ from caap_lightning.model_tests.insertion_ratio import InsertionRatio
 from caap_lightning.model_tests.pooled_region_ratio import PooledRegionRatio
 from caap_lightning.model_tests.swap_pairs import SwapPairs
 from caap_lightning.model_tests.swap_ratio import SwapRatio
-from caap_lightning.model_tests.views import BORDER_SHARE, border_masks, rest_colour, suspect_views
+from caap_lightning.model_tests.views import BORDER_SHARE, CENTRE_SHARE, border_masks, centre_masks, rest_colour, suspect_views
 
 TestKind = Literal["insertion", "swap"]
-Part = Literal["background", "cue", "border"]
-# The probe field that marks each part: the background is everything off the object masks, the border needs none.
-PART_MASKS: Dict[str, Optional[str]] = {"background": "masks", "cue": "cue_masks", "border": None}
+Part = Literal["background", "cue", "border", "surround"]
+# The probe field that marks each part: the background is everything off the object masks; the border ring and
+# the surround (everything off a centre box, the object's proxy) need none.
+PART_MASKS: Dict[str, Optional[str]] = {"background": "masks", "cue": "cue_masks", "border": None, "surround": None}
+# The mask-free parts: the regions each test reads, made from the images' size alone.
+MASK_FREE = {"border": border_masks, "surround": centre_masks}
 _PART_WORDS = {
     "background": "the background (everything off the object, any cue there included)",
     "cue": "the cue",
     "border": f"the image's border (its outer {BORDER_SHARE:.1%} on each side)",
+    "surround": f"the surround (everything off the image's centre box, {CENTRE_SHARE:.0%} of each side)",
 }
 # What the rest of each part is, in words (the alarm: "41 of 64 images follow the cue, not the rest of the image").
-REST_WORDS = {"background": "the object", "cue": "the rest of the image", "border": "the inside"}
+REST_WORDS = {"background": "the object", "cue": "the rest of the image", "border": "the inside", "surround": "the centre"}
 
 
 @dataclass(frozen=True)
@@ -45,13 +49,14 @@ class ModelTest:
 
     @property
     def needs(self) -> Optional[str]:
-        """The probe field the test reads (``None``: the border ring, which needs no masks)."""
+        """The probe field the test reads (``None``: the border ring or the surround, which need no masks)."""
         return PART_MASKS[self.part]
 
     @property
     def region(self) -> str:
-        """The metric's ``region``: the mask is the suspect (``"mask"``), or everything outside it is."""
-        return "outside" if self.part == "background" else "mask"
+        """The metric's ``region``: the mask is the suspect (``"mask"``), or everything outside it is (the object's
+        background, the centre box's surround)."""
+        return "outside" if self.part in ("background", "surround") else "mask"
 
     @property
     def name(self) -> str:
@@ -89,8 +94,10 @@ class ModelTest:
         return self.meaning
 
     def regions(self, images: Tensor, masks: Mapping[str, Tensor]) -> Tensor:
-        """The masks of ``images`` this test reads: their ``needs`` field, or the border ring."""
-        return border_masks(len(images), tuple(images.shape[-2:])) if self.needs is None else masks[self.needs]
+        """The masks of ``images`` this test reads: their ``needs`` field, or the border ring or centre box."""
+        if self.needs is None:
+            return MASK_FREE[self.part](len(images), tuple(images.shape[-2:]))
+        return masks[self.needs]
 
     def probe_regions(self, probe: ProbeBatch) -> Tensor:
         masks = {k: getattr(probe, k) for k in ("masks", "cue_masks") if getattr(probe, k) is not None}
@@ -126,5 +133,5 @@ class ModelTest:
 # One entry per model test, by the name `CAAPCallback(metrics=...)` takes and logs it under.
 MODEL_TESTS: Dict[str, ModelTest] = {
     test.name: test
-    for test in (ModelTest(kind, part) for kind in ("insertion", "swap") for part in ("background", "cue", "border"))
+    for test in (ModelTest(kind, part) for kind in ("insertion", "swap") for part in PART_MASKS)
 }

@@ -33,6 +33,26 @@ def border_masks(n: int, size: tuple, share: float = BORDER_SHARE) -> Tensor:
     return ring.expand(n, h, w).clone()
 
 
+# The centre box's side as a share of each side: a mask-free stand-in for the object of an object-centred photo,
+# whose rest (the surround) holds most of a background, the border ring included.
+CENTRE_SHARE = 1 / 2
+
+
+def centre_masks(n: int, size: tuple, share: float = CENTRE_SHARE) -> Tensor:
+    """``(n, H, W)`` bool: a box ``round(share * side)`` pixels wide (at least 1) in the middle of each image, the
+    object's proxy where a probe has no object masks (most photos are framed on their object)."""
+    if not 0 < share < 1:
+        raise ValueError(f"the centre's share of each side must be in (0, 1), got {share!r}")
+    h, w = size
+    bh, bw = max(1, round(share * h)), max(1, round(share * w))
+    if bh >= h or bw >= w:
+        raise ValueError(f"images of {h}x{w} pixels have no surround around a centre {bh}x{bw} pixels wide")
+    top, left = (h - bh) // 2, (w - bw) // 2
+    box = torch.zeros(h, w, dtype=torch.bool)
+    box[top : top + bh, left : left + bw] = True
+    return box.expand(n, h, w).clone()
+
+
 def edge_width(size: tuple, share: float = EDGE_SHARE) -> int:
     """The edge's width in pixels for images of ``size``: ``round(share * shorter side)``, at least 1."""
     return max(1, round(share * min(size)))
