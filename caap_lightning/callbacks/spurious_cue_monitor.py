@@ -271,7 +271,9 @@ class SpuriousCueMonitor(Callback):
         """The swap probe's skill at this check, where the watched scalar is a swap test's (else ``None``)."""
         if not self.judges_skill or self._source is None:
             return None
-        return result.metrics.get(self._source.tag(self._source.methods[0], SKILL))
+        # The published list names the skill's scalar: the contract, not the callback's own naming.
+        key = next((tag for tag in self._source.logged_metrics if tag.rsplit("/", 1)[-1] == SKILL), None)
+        return None if key is None else result.metrics.get(key)
 
     def _not_judged(self, trainer: L.Trainer, result: ProbeResult, score: float, skill: Optional[float]) -> None:
         """Say (log and TensorBoard) why a check is not counted: the model cannot tell the swap probe's classes apart."""

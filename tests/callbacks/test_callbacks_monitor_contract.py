@@ -4,6 +4,7 @@ ProbeResults, with no Trainer run (a stand-in gives the loggers, none, and the f
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Optional
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from caap_lightning.callbacks.metric_table import logged_table
 from caap_lightning.datamodules.base import ProbeBatch
 
 KEY = "caap/background_swap_ratio"
+SKILL_KEY = "caap/swap_probe_skill"
 
 
 def probe_of(n: int = 4, size: int = 16) -> ProbeBatch:
@@ -30,14 +32,17 @@ class Published:
         self.probe = probe
         self.logged = logged_table(self.methods, ["background_mass", "background_swap_ratio"],
                                    lambda method, scalar: f"caap/{scalar}", probe, probe)
-        self.logged_metrics = [*self.logged, "caap/seconds"]
+        # A swap test runs, so the swap probe's skill is published beside it (CAAPCallback.logged_metrics).
+        self.logged_metrics = [*self.logged, SKILL_KEY, "caap/seconds"]
         self.last = None
 
 
-def result(epoch: int, score: float, probe: ProbeBatch, per_image: torch.Tensor) -> ProbeResult:
+def result(epoch: int, score: float, probe: ProbeBatch, per_image: torch.Tensor, skill: Optional[float] = 0.9) -> ProbeResult:
+    """A published check; ``skill`` is the swap probe's (``None``: not logged, as where it was not finite)."""
     n = len(probe)
+    metrics = {KEY: score, "caap/background_mass": 0.5, **({} if skill is None else {SKILL_KEY: skill})}
     return ProbeResult(
-        epoch=epoch, step=10 * epoch, stage="fit", metrics={KEY: score, "caap/background_mass": 0.5},
+        epoch=epoch, step=10 * epoch, stage="fit", metrics=metrics,
         targets=probe.labels.clone(), scores=torch.full((n,), 0.9), method_maps={"caap": torch.rand(n, 2, 2)},
         probe=probe, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), swap_probe=probe,
         model_test_image_values={KEY: per_image},

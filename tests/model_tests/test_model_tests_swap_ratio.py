@@ -177,8 +177,11 @@ def test_the_follow_share_counts_the_pairs_that_follow_the_swapped_region():
     assert MODEL_TESTS["border_swap_ratio"].scalars == {
         "border_swap_ratio": "swap_ratio", "border_swap_follow_share": "follow_share"}
     suite = ModelTestSuite(["border_swap_ratio"], model, ProbeBatch(images, torch.tensor(classes)))
-    shard = SwapShard(images, {}, torch.tensor(classes), donors, {}, torch.tensor(donor_classes))
+    probs = model(images).softmax(-1).detach()
+    shard = SwapShard(images, {}, torch.tensor(classes), donors, {}, torch.tensor(donor_classes), probs)
     suite.update(images, {}, torch.tensor(classes), shard)
+    # Each clean image's top class has p(4 | 0, 0, 0): the skill is that, chance-corrected (issue 29).
+    assert suite.skill() == pytest.approx((p(4.0, [0.0] * 3) - 1 / K) / (1 - 1 / K), rel=1e-6)
     (share, follows), (ratio, ratios) = suite.compute()["border_swap_follow_share"], suite.compute()["border_swap_ratio"]
     assert float(share) == pytest.approx(0.75) and follows.tolist() == [1.0, 1.0, 1.0, 0.0]
     assert float(ratio) == pytest.approx(float(out["swap_ratio"])) and (ratios > 1).tolist() == [True] * 3 + [False]
