@@ -106,10 +106,10 @@ def score(found: Dict[str, Any], statistic: str) -> Tuple[Optional[float], int, 
 
 
 # ---------------------------------------------------------------------- one run
-def run_job(job: Tuple[str, str, float, int], settings: Dict[str, Any]) -> Dict[str, Any]:
+def run_job(job: Tuple[str, str, float, int, str], settings: Dict[str, Any]) -> Dict[str, Any]:
     """Train one run as ``spurious.py`` does, then score every statistic at each epoch's weights."""
     record, snapshots = cue_runs.fit_run(job, "caap", settings)
-    data = cue_runs.build_data(*job, settings)
+    data = cue_runs.build_data(*job[:4], settings)
     data.setup("fit")
     model = ViTClassifier(**settings["recipes"][job[0]]["model"], num_classes=data.num_classes, img_size=data.img_size,
                           mean=data.mean, std=data.std)
@@ -136,7 +136,7 @@ def evaluate(runs: Sequence[Dict[str, Any]], key: str, statistic: str, threshold
     """The monitor's alarms on one statistic (``cue_runs.detection``'s bookkeeping), and the controls' peak."""
     settings = {**monitor, "threshold": threshold}
     replayed = [{**r, "alarm_epoch": cue_runs.replay_alarm_epoch(series(r, key, statistic), "s", **settings),
-                 "gap_epoch": cue_runs.gap_epoch(r["history"])} for r in runs]
+                 "due_epoch": cue_runs.due_epoch(r["history"])} for r in runs]
     found = cue_runs.detection(replayed)
     controls = [r for r in replayed if r["control"]]
     peaks = [x["s"] for r in controls for x in series(r, key, statistic) if x["s"] is not None]
@@ -164,7 +164,7 @@ def late_votes(runs: Sequence[Dict[str, Any]], late: Sequence[str], sizes: Seque
     """For each run late at any setting: reliance and the background votes at the gap epoch and the one after."""
     rows = []
     for run in (r for r in runs if cue_runs.label(r) in late):
-        gap = cue_runs.gap_epoch(run["history"])
+        gap = cue_runs.due_epoch(run["history"])  # what "late" is measured against (the gap may never open)
         for h in run["history"][gap - 1 : gap + 1]:
             rows.append({"run": cue_runs.label(run), "epoch": h["epoch"], "gap_epoch": gap, "reliance": h["reliance"],
                          **{f"{s} ({n})": h["swap"][f"background/{n}"]["scores"][s][1:] for n in sizes
@@ -276,7 +276,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     }
     if "fashion" in data:
         find_fashion_mnist(args.fashion_root)
-    jobs = [(d, cue, strength, seed)
+    jobs = [(d, cue, strength, seed, "scratch")
             for d in data
             for cue, strength, seed in itertools.product(
                 ["marker"] if args.quick else args.cues,

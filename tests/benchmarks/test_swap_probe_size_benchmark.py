@@ -66,17 +66,19 @@ def test_a_late_run_and_a_false_alarm_are_counted(swap_probe_size):
     ]
     monitor = {"patience": 1, "min_delta": 0.1}
     row = swap_probe_size.evaluate(runs, "background/16", "votes, clean classes", 1.5, monitor)
-    assert (row["shortcut_runs"], row["alarmed"], row["late"]) == (2, 2, ["shapes/marker/0.95/seed 0"])
-    assert row["false_alarms"] == ["shapes/marker/0.25/seed 0"] and row["controls_peak"] == 2.5
+    assert (row["shortcut_runs"], row["alarmed"], row["late"]) == (2, 2, ["scratch/shapes/marker/0.95/seed 0"])
+    assert row["false_alarms"] == ["scratch/shapes/marker/0.25/seed 0"] and row["controls_peak"] == 2.5
     assert row["median_lead"] == -1.0  # leads -2 and 0
 
 
 def test_the_threshold_window_is_every_grid_threshold_that_meets_all_targets(swap_probe_size):
     def run(control, scores):
         consistent, conflicting = [50, 80, 90, 95], ([50, 80, 90, 95] if control else [50, 60, 40, 20])
-        history = [{"epoch": e + 1, "acc_consistent": a, "acc_conflicting": c, "reliance": 5 if control else 80,
+        # The shortcut run follows the cue on 40% or more from epoch 2, when its gap opens: both make it due then.
+        reliance = [5] * 4 if control else [20, 60, 80, 80]
+        history = [{"epoch": e + 1, "acc_consistent": a, "acc_conflicting": c, "reliance": r,
                     "swap": {"border/64": {"scores": {"probability, clean classes": (s, 0, 0, 1)}}}}
-                   for e, (s, a, c) in enumerate(zip(scores, consistent, conflicting))]
+                   for e, (s, a, c, r) in enumerate(zip(scores, consistent, conflicting, reliance))]
         return {"dataset": "fashion", "cue": "border", "cue_correlation": 0.25 if control else 0.95, "seed": 0,
                 "control": control, "history": history}
 
