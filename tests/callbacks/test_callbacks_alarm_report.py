@@ -38,7 +38,7 @@ class Published:
         self.methods, self.probe, self.last = ["caap"], probe, None
         self.logged = logged_table(self.methods, ["background_swap_ratio", "cue_swap_ratio"],
                                    lambda method, scalar: f"caap/{scalar}", probe, probe)
-        self.logged_metrics = [*self.logged, "caap/seconds"]
+        self.logged_metrics = [*self.logged, "caap/swap_probe_skill", "caap/seconds"]
 
 
 def follows(ones: int, zeros: int) -> torch.Tensor:
@@ -49,7 +49,8 @@ def follows(ones: int, zeros: int) -> torch.Tensor:
 def result(probe: ProbeBatch, cue_ratio: float) -> ProbeResult:
     ratios = torch.linspace(0.5, 2.0, N)
     return ProbeResult(
-        epoch=2, step=30, stage="fit", metrics={BACKGROUND: 1.5, CUE: cue_ratio},
+        # A model sure of its clean swap probe (skill 0.9): the check is judged (issue 29).
+        epoch=2, step=30, stage="fit", metrics={BACKGROUND: 1.5, CUE: cue_ratio, "caap/swap_probe_skill": 0.9},
         targets=probe.labels.clone(), scores=torch.full((N,), 0.9), method_maps={"caap": torch.rand(N, 2, 2)},
         probe=probe, mean=(0.5,) * 3, std=(0.5,) * 3, swap_probe=probe,
         model_test_image_values={BACKGROUND: ratios, CUE: ratios, "caap/background_swap_follow_share": follows(30, 30),

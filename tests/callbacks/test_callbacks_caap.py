@@ -104,6 +104,7 @@ def test_default_metrics_are_those_the_probe_allows(tmp_path, data_factory, clas
     assert caap.active_metrics == [
         "aupr_fg", "aupr_bg", "pointing_game", "insertion_deletion", "background_mass", "background_mass_ratio",
         "background_density_ratio", "fixed_position_ratio", "background_swap_ratio", "border_swap_ratio",
+        "surround_swap_ratio",
     ]  # not the insertion ratios: they are computed where named
 
 
@@ -165,10 +166,11 @@ def test_swap_tests_pair_each_probe_image_with_the_one_half_the_probe_on_and_mat
         assert int(out["count"]) == 6  # every pair's two classes differ
         assert caap.last.metrics[f"caap/{scalar}"] == pytest.approx(float(out["swap_ratio"]), rel=1e-5)
         torch.testing.assert_close(caap.last.per_image[f"caap/{scalar}"], out["image_ratios"].float())
-    # A model that gives every probe image one class has no pair to score: the ratios are not logged.
+    # A model that gives every probe image one class has no pair to score: the ratios are not logged, only the swap
+    # probe's skill (its clean confidence, issue 29).
     collapsed = CAAPCallback(num_images=6, swap_images=6, metrics=metrics, log_images=False)
     trainer_factory(tmp_path, [collapsed]).validate(classifier_factory(seed=0), datamodule=data, verbose=False)
-    assert not any("swap" in key for key in collapsed.last.metrics)
+    assert [key for key in collapsed.last.metrics if "swap" in key] == ["caap/swap_probe_skill"]
 
 
 def test_swap_ratios_run_on_their_own_larger_probe_whose_start_the_maps_explain(
@@ -301,7 +303,8 @@ def test_error_with_on_error_warn_leaves_training_running(
     # The model tests run apart from the maps: a failing map skips its metrics, not the swap ratios.
     assert [row["epoch"] for row in caap.history] == [0, 1] and caap.last.method_maps == {}
     tests = {f"caap/{scalar}" for name in caap.active_metrics if name in MODEL_TESTS for scalar in MODEL_TESTS[name].scalars}
-    assert tests and set(caap.last.metrics) <= tests | {"caap/seconds"}
+    assert tests and set(caap.last.metrics) <= tests | {"caap/swap_probe_skill", "caap/seconds"}
+    assert "caap/swap_probe_skill" in caap.last.metrics  # the swap probe's skill is the model tests' too
     assert set(caap.last.model_test_image_values) == tests
 
 

@@ -3,6 +3,7 @@ below it; its default score follows the probe's masks; in a Trainer and alone.""
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import lightning as L
@@ -12,7 +13,7 @@ import torch
 from caap_lightning.callbacks import CAAPCallback, SpuriousCueMonitor
 from caap_lightning.callbacks import ProbeResult
 from caap_lightning.callbacks.spurious_cue_monitor import DEFAULT_PATIENCE, DEFAULT_THRESHOLD
-from caap_lightning.model_tests import border_masks, rest_colour
+from caap_lightning.model_tests import JUDGED_SKILL, border_masks, rest_colour
 from caap_lightning.model_tests.views import dilate, edge_width
 
 CUE = "caap/cue_density_ratio"
@@ -197,7 +198,8 @@ def test_default_monitor_follows_the_masks(tmp_path, data_factory, classifier_fa
         (data, probe_of(data, 8), "caap/border_swap_ratio", True),
     ]
     for datamodule, probe, expected, strategies in regimes:
-        monitor = SpuriousCueMonitor()
+        # Every check counts (min_skill=None): the untrained models' swap checks are not judged by default (issue 29).
+        monitor = SpuriousCueMonitor(min_skill=None)
         caap = CAAPCallback(probe=probe, num_images=8, log_images=False)
         trainer_factory(tmp_path, [caap, monitor]).fit(classifier_factory(), datamodule=datamodule)
         assert monitor.monitor_key == expected and len(monitor.history) == 2
@@ -328,6 +330,7 @@ def test_an_alarm_on_a_swap_test_shows_each_image_with_its_donor_region(
     data = data_factory(cue_correlation=None)
     key = "caap/border_swap_ratio"
     caap = scripted(CAAPCallback(num_images=4, swap_images=8, metrics=["border_swap_ratio"], log_images=False), [3.0], key)
+    scripted(caap, [0.9], "caap/swap_probe_skill")  # a model sure of the swap probe: the check is judged
     monitor = SpuriousCueMonitor(num_images=4, patience=1)
     trainer = trainer_factory(tmp_path, [caap, monitor], max_epochs=1, limit_train_batches=1)
     with pytest.warns(UserWarning, match=r"alarm at epoch 0 .* caap/border_swap_ratio = 3\.000 > 1\.1; .*border.* Next: "):
@@ -436,3 +439,28 @@ def test_the_defaults_on_a_small_mask_free_probe_do_not_warn(tmp_path, data_fact
             classifier_factory(), datamodule=data
         )
     assert len(caap.swap_probe) == 16 and monitor.discovers_strategies and len(monitor.history) == 1
+
+
+def test_an_untrained_models_swap_checks_are_logged_with_their_skill_and_not_judged(
+    tmp_path, data_factory, classifier_factory, trainer_factory, events_reader, caplog
+):
+    """Issue 29: a model at chance on the swap probe cannot answer a swap test; its checks are said, not counted."""
+    data = data_factory(cue_correlation=0.9)
+    caap = CAAPCallback(num_images=8, log_images=False)
+    monitor = SpuriousCueMonitor(strategies=False)
+    trainer = trainer_factory(tmp_path, [caap, monitor], limit_train_batches=1)
+    with caplog.at_level(logging.INFO):
+        trainer.fit(classifier_factory(), datamodule=data)
+    assert monitor.monitor_key == "caap/background_swap_ratio" and "caap/swap_probe_skill" in caap.logged_metrics
+    skills = [row["caap/swap_probe_skill"] for row in caap.history]
+    assert len(skills) == 2 and all(0.0 <= s < JUDGED_SKILL for s in skills)  # a tiny random ViT: near uniform
+    # Not counted: no history, no count, no alarm; said in the log, as scalars and as a TensorBoard text.
+    assert monitor.history == [] and monitor.wait == 0 and not monitor.alarmed and monitor.alarms == []
+    said = [r.getMessage() for r in caplog.records if "is not judged" in r.getMessage()]
+    assert len(said) == 2 and f"skill on the clean swap probe is {skills[0]:.2f}, below min_skill=0.5" in said[0]
+    events = events_reader(trainer.logger.log_dir)
+    assert set(events["scalars"]["spurious/judged"].values()) == {0.0}
+    assert "spurious/alarm" not in events["scalars"] and len(events["scalars"]["spurious/score"]) == 2
+    assert sorted(events["scalars"]["caap/swap_probe_skill"].values()) == pytest.approx(sorted(skills), rel=1e-5)
+    texts = events["texts"]["spurious/not_judged/text_summary"]
+    assert len(texts) == 2 and all("not judged" in t and "below min_skill=0.5" in t for t in texts.values())
