@@ -3,9 +3,11 @@ object is unchanged, and nothing of the donor's object but the region the test n
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from caap_lightning.model_tests import border_masks, swapped_images
+from caap_lightning.datamodules.base import ProbeBatch
+from caap_lightning.model_tests import MODEL_TESTS, SwapPairs, border_masks, centre_masks, swapped_images
 from caap_lightning.model_tests.views import dilate, edge_width, fill_from_surroundings
 
 SIZE = 32
@@ -88,3 +90,61 @@ def test_the_border_swap_carries_the_donor_border_and_nothing_else_of_the_donor(
     assert_continues_texture(swapped, edge, images)
     inside = ~dilate(rings, edge_width((SIZE, SIZE)))
     assert torch.equal(swapped[:, :, inside[0]], images[:, :, inside[0]])
+
+
+def copied_from(filled: torch.Tensor, source: torch.Tensor) -> bool:
+    """Whether every pixel (a column of ``filled``, ``(C, N)``) is a copy of some pixel of ``source`` ``(C, M)``."""
+    return bool((filled[:, :, None] == source[:, None, :]).all(0).any(1).all())
+
+
+@pytest.mark.parametrize("size, share, box", [((32, 32), 0.5, (8, 8, 16, 16)), ((15, 11), 0.4, (4, 3, 6, 4)),
+                                             ((15, 10), 0.5, (3, 2, 8, 5))])
+def test_the_centre_box_is_round_share_of_each_side_in_the_middle(size, share, box):
+    top, left, height, width = box  # by hand: round(share * side) wide, (side - width) // 2 from the top and left
+    masks = centre_masks(3, size, share)
+    expected = torch.zeros(size, dtype=torch.bool)
+    expected[top : top + height, left : left + width] = True
+    assert masks.shape == (3, *size) and masks.dtype == torch.bool
+    assert all(torch.equal(m, expected) for m in masks)
+    assert int(centre_masks(1, (32, 32), share=0.25).sum()) == 8 * 8
+
+
+def test_a_centre_box_without_a_surround_or_share_out_of_range_is_refused():
+    for share in (0.0, 1.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match=r"the centre's share of each side must be in \(0, 1\)"):
+            centre_masks(1, (32, 32), share=share)
+    with pytest.raises(ValueError, match="images of 2x2 pixels have no surround around a centre 2x2 pixels wide"):
+        centre_masks(1, (2, 2), share=0.9)
+    with pytest.raises(ValueError, match="no surround"):
+        centre_masks(1, (1, 8))
+
+
+def test_the_surround_swap_shows_the_own_centre_on_the_donor_surround_without_the_donor_centre():
+    centre = centre_masks(2, (SIZE, SIZE))
+    images = paint(textured(2, 7), disc(2, 16, 16, 6), torch.tensor([0.2, 0.9, 0.4]))  # an object in the centre
+    donors = paint(textured(2, 8), centre, UNIQUE)  # the donor's centre: a colour found nowhere else
+    swapped = swapped_images(images, centre, donors, centre, "outside")
+    assert torch.equal(swapped[:, :, centre[0]], images[:, :, centre[0]])
+    assert not has_colour(swapped, UNIQUE)
+    # Around the centre, the donor's own surround: beyond the edge as it is, on the edge filled from it.
+    near = dilate(centre, edge_width((SIZE, SIZE)))[0]
+    assert torch.equal(swapped[:, :, ~near], donors[:, :, ~near])
+    hole = near & ~centre[0]
+    for i in range(2):
+        assert copied_from(swapped[i][:, hole], donors[i][:, ~near])
+        assert float(swapped[i][:, hole].std()) >= 0.5 * float(donors[i][:, ~centre[0]].std())
+
+
+def test_the_surround_swap_test_reads_the_centre_box_and_shows_the_same_view():
+    test = MODEL_TESTS["surround_swap_ratio"]
+    assert (test.kind, test.part, test.needs, test.region, test.by_default) == ("swap", "surround", None, "outside", True)
+    assert test.scalars == {"surround_swap_ratio": "swap_ratio", "surround_swap_follow_share": "follow_share"}
+    images = paint(textured(4, 9), centre_masks(4, (SIZE, SIZE)) & ~disc(4, 16, 16, 5), UNIQUE)
+    assert torch.equal(test.regions(images, {}), centre_masks(4, (SIZE, SIZE)))
+    rows = [0, 3]
+    (view,) = test.views(ProbeBatch(images, torch.arange(4)), rows).values()
+    donors = SwapPairs(4).donors[rows]
+    centre, near = centre_masks(1, (SIZE, SIZE))[0], dilate(centre_masks(1, (SIZE, SIZE)), edge_width((SIZE, SIZE)))[0]
+    for k, (row, donor) in enumerate(zip(rows, donors.tolist())):
+        assert torch.equal(view[k][:, centre], images[row][:, centre])
+        assert copied_from(view[k][:, ~centre], images[donor][:, ~near])  # nothing of the donor's centre
