@@ -3,6 +3,8 @@ ProbeResults, with no Trainer run (a stand-in gives the loggers, none, and the f
 
 from __future__ import annotations
 
+import logging
+import warnings
 from types import SimpleNamespace
 from typing import Optional
 
@@ -82,3 +84,66 @@ def test_the_monitor_refuses_a_scalar_the_table_does_not_list():
     monitor = SpuriousCueMonitor(monitor="caap/cue_swap_ratio")
     with pytest.raises(ValueError, match=r"monitor='caap/cue_swap_ratio' is not among the metrics CAAPCallback logs"):
         monitor.watch([Published(probe_of())])
+
+
+class Recorder:
+    """A logger that keeps what ``log_metrics`` is given, with a folder for the text entries (it shows no text)."""
+
+    def __init__(self, root) -> None:
+        self.log_dir, self.logged = str(root), []
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.logged.append((step, dict(metrics)))
+
+
+def test_a_check_the_model_cannot_judge_is_not_counted_and_is_said(tmp_path, caplog):
+    """Issue 29: a swap check whose skill is under min_skill leaves the count, history and alarm as they were, however
+    far past the threshold its score, and says why; the same score from a model that is sure of the probe alarms."""
+    probe = probe_of()
+    monitor = SpuriousCueMonitor(num_images=2, strategies=False, patience=1, min_skill=0.5)
+    monitor.watch([Published(probe)])
+    assert monitor.judges_skill
+    logger = Recorder(tmp_path)
+    trainer = SimpleNamespace(loggers=[logger], is_global_zero=True, world_size=1, global_rank=0,
+                              default_root_dir=str(tmp_path))
+    per_image = torch.ones(len(probe))
+    monitor.read(trainer, result(0, 0.3, probe, per_image, skill=0.9))
+    counted = list(monitor.history)
+    assert counted == [{"epoch": 0, "step": 0, "score": 0.3, "alarm": 0.0}]
+    assert logger.logged[-1] == (0, {"spurious/score": 0.3, "spurious/alarm": 0.0, "spurious/judged": 1.0})
+    for epoch, skill, shown in ((1, 0.2, "0.20"), (2, None, "unknown")):
+        with caplog.at_level(logging.INFO), warnings.catch_warnings():
+            warnings.simplefilter("error")  # not counted is not an alarm
+            monitor.read(trainer, result(epoch, 50.0, probe, per_image, skill=skill))
+        assert monitor.history == counted and monitor.wait == 0 and monitor.alarms == [] and not monitor.alarmed
+        assert monitor.best == 0.3
+        assert logger.logged[-1] == (10 * epoch, {"spurious/score": 50.0, "spurious/judged": 0.0})
+        said = caplog.records[-1].getMessage()
+        assert f"the check at epoch {epoch} is not judged (caap/background_swap_ratio 50.000)" in said
+        assert f"skill on the clean swap probe is {shown}, below min_skill=0.5" in said
+        assert "the count stays at 0 of 1" in said
+        text = (tmp_path / "caap_images" / f"spurious_not_judged_step{10 * epoch}.md").read_text()
+        assert text.startswith(f"Epoch {epoch}: not judged: ") and f"is {shown}, below min_skill=0.5" in text
+    # The same score at a skill of min_skill counts, and alarms.
+    with pytest.warns(UserWarning, match=r"alarm at epoch 3 \(step 30\): caap/background_swap_ratio = 50\.000"):
+        monitor.read(trainer, result(3, 50.0, probe, per_image, skill=0.5))
+    assert monitor.history[-1] == {"epoch": 3, "step": 30, "score": 50.0, "alarm": 1.0} and len(monitor.history) == 2
+    assert monitor.alarms == [{"epoch": 3, "step": 30, "score": 50.0}]
+    assert logger.logged[-1] == (30, {"spurious/score": 50.0, "spurious/alarm": 1.0, "spurious/judged": 1.0})
+
+
+def test_without_min_skill_or_off_a_swap_test_every_check_counts(tmp_path):
+    probe = probe_of()
+    for monitor in (SpuriousCueMonitor(strategies=False, patience=1, min_skill=None),
+                    SpuriousCueMonitor(monitor="caap/background_mass", threshold=0.4, strategies=False, patience=1)):
+        monitor.watch([Published(probe)])
+        assert not monitor.judges_skill
+        with pytest.warns(UserWarning, match="alarm at epoch 0"):
+            monitor.read(stand_in(tmp_path), result(0, 50.0, probe, torch.ones(len(probe)), skill=0.0))
+        assert len(monitor.history) == 1 and monitor.alarmed
+
+
+@pytest.mark.parametrize("min_skill", [1.0, -0.1, 2.0])
+def test_a_min_skill_outside_zero_to_one_is_refused(min_skill):
+    with pytest.raises(ValueError, match=r"min_skill=.* must be in \[0, 1\) \(0: chance, 1: certain\) or None"):
+        SpuriousCueMonitor(min_skill=min_skill)
