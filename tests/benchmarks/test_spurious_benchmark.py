@@ -8,21 +8,25 @@ import json
 import pytest
 
 from caap_lightning.callbacks import SpuriousCueMonitor
+from caap_lightning.model_tests import MODEL_TESTS, is_judged
 
-SCORES = ("background_swap_ratio", "cue_swap_ratio", "border_swap_ratio",
-          "background_insertion_ratio", "cue_insertion_ratio", "border_insertion_ratio",
+# Every model test's scalars (ratios and swap follow shares) and the map-based scores.
+SCORES = (*(scalar for test in MODEL_TESTS.values() for scalar in test.scalars),
           "cue_density_ratio", "background_density_ratio", "fixed_position_ratio")
 
 
-def history(consistent, conflicting, reliance=None, accuracy=None, **scores):
-    """Rows as the recorder writes them; each score defaults to 1 (neither region preferred)."""
+def history(consistent, conflicting, reliance=None, accuracy=None, skill=None, **scores):
+    """Rows as the recorder writes them; each score defaults to 1 (neither region preferred), the swap probe's skill
+    to 0.9 (every check judged)."""
     n = len(consistent)
     reliance = reliance or [0.0] * n
     accuracy = accuracy or [90.0] * n
+    skill = skill or [0.9] * n
     columns = {name: scores.get(name, [1.0] * n) for name in SCORES}
     return [
         {"epoch": e + 1, "accuracy": accuracy[e], "acc_consistent": consistent[e], "acc_conflicting": conflicting[e],
-         "reliance": reliance[e], **{name: columns[name][e] for name in SCORES}}
+         "reliance": reliance[e], **{name: columns[name][e] for name in SCORES}, "swap_probe_skill": skill[e],
+         "judged": is_judged(skill[e])}
         for e in range(n)
     ]
 
@@ -40,9 +44,34 @@ def test_gap_epoch_is_the_first_epoch_ten_points_apart(cue_runs):
 
 
 def test_lead_time(cue_runs):
-    assert cue_runs.lead_time(alarm=2, gap=5) == 3
-    assert cue_runs.lead_time(alarm=5, gap=2) == -3
-    assert cue_runs.lead_time(alarm=None, gap=2) is None
+    assert cue_runs.lead_time(alarm=2, due=5) == 3
+    assert cue_runs.lead_time(alarm=5, due=2) == -3
+    assert cue_runs.lead_time(alarm=None, due=2) is None
+
+
+def test_the_due_epoch_is_the_gap_or_the_onset_whichever_comes_first(cue_runs):
+    # Follows the cue on 40% at epoch 2 while the accuracies are still within 10 points: due at its onset.
+    partial = history([60, 70, 80], [58, 64, 50], reliance=[20.0, 41.0, 48.0])
+    assert (cue_runs.onset_epoch(partial), cue_runs.gap_epoch(partial), cue_runs.due_epoch(partial)) == (2, 3, 2)
+    # The gap first: due at the gap.
+    gapped = history([60, 80, 90], [55, 60, 40], reliance=[20.0, 30.0, 45.0])
+    assert (cue_runs.onset_epoch(gapped), cue_runs.gap_epoch(gapped), cue_runs.due_epoch(gapped)) == (3, 2, 2)
+    assert cue_runs.due_epoch(history([60], [60], reliance=[39.9])) is None
+    assert cue_runs.run_kind(run("marker", 1.0, 0, partial)) == "shortcut"
+
+
+def test_a_swap_check_below_min_skill_is_not_replayed(cue_runs):
+    """The replay counts a swap check as the monitor does: only where the swap probe's skill reaches min_skill."""
+    rows = history([1] * 4, [1] * 4, skill=[0.1, 0.2, 0.8, 0.9], background_swap_ratio=[9.0, 9.0, 9.0, 9.0],
+                   background_density_ratio=[9.0] * 4)
+    settings = dict(threshold=4.0, patience=2, min_delta=0.1)
+    assert cue_runs.replay_alarm_epoch(rows, "background_swap_ratio", **settings, min_skill=0.5) == 4
+    assert cue_runs.replay_alarm_epoch(rows, "background_swap_ratio", **settings, min_skill=None) == 2
+    # A map-based score has no swap probe: every check counts.
+    assert cue_runs.replay_alarm_epoch(rows, "background_density_ratio", **settings, min_skill=0.5) == 2
+    # A row without a recorded skill is not judged.
+    missing = [{**row, "swap_probe_skill": None} for row in rows]
+    assert cue_runs.replay_alarm_epoch(missing, "background_swap_ratio", **settings, min_skill=0.5) is None
 
 
 def test_each_regime_replays_its_own_score_through_the_monitor(cue_runs):
@@ -66,17 +95,20 @@ def test_each_regime_replays_its_own_score_through_the_monitor(cue_runs):
 
 def test_ground_truth_is_measured_reliance(spurious, cue_runs):
     shortcut = run("marker", 0.95, 0, history([99, 99], [40, 2], reliance=[45.0, 96.5]))
-    weak = run("marker", 0.8, 0, history([95, 95], [80, 80], reliance=[10.0, 49.9]))
+    weak = run("marker", 0.8, 0, history([95, 95], [80, 80], reliance=[10.0, 39.9]))
     control = run("marker", 0.25, 0, history([90, 90], [90, 90], reliance=[26.0, 3.0], accuracy=[80.0, 84.9]), control=True)
     assert [cue_runs.run_kind(r) for r in (shortcut, weak, control)] == ["shortcut", "other", "control"]
     assert cue_runs.control_problems(control) == ["accuracy 84.9% < 85%", "reliance reached 26% >= 25% (epoch 1, accuracy 80%)"]
     clean = run("marker", 0.25, 1, history([90], [91], reliance=[4.0], accuracy=[90.5]), control=True)
     assert cue_runs.control_problems(clean) == []
     truth = spurious.ground_truth([shortcut, weak, control, clean])
-    assert truth["by_group"]["shapes/marker/0.95"]["shortcut_runs"] == 1
-    assert truth["by_group"]["shapes/marker/0.25"]["reliance"] == [3.0, 4.0]
-    assert list(truth["flawed_controls"]) == ["shapes/marker/0.25/seed 0"]
-    assert truth["not_shortcut"] == ["shapes/marker/0.8/seed 0"]
+    assert truth["by_group"]["scratch/shapes/marker/0.95"]["shortcut_runs"] == 1
+    assert truth["by_group"]["scratch/shapes/marker/0.25"]["reliance"] == [3.0, 4.0]
+    assert truth["by_group"]["scratch/shapes/marker/0.95"]["onset_epochs"] == [1]
+    assert list(truth["flawed_controls"]) == ["scratch/shapes/marker/0.25/seed 0"]
+    assert truth["not_shortcut"] == ["scratch/shapes/marker/0.8/seed 0"]
+    fine_tune = {**shortcut, "init": "pretrained"}
+    assert list(spurious.ground_truth([fine_tune])["by_group"]) == ["pretrained/shapes/marker/0.95"]
 
 
 def scripted_grid(high=9.0):
@@ -97,16 +129,17 @@ def test_detection_and_targets_per_regime(spurious, cue_runs):
     replayed = spurious.with_alarms(runs, "cue+object masks", monitor)
     d = cue_runs.detection(replayed)
     assert (d["shortcut_runs"], d["alarmed"], d["controls"], d["false_alarms"]) == (4, 4, 4, 0)
-    assert d["gap_epochs"] == [3] * 4 and d["lead_epochs"] == [3 - a for a in d["alarm_epochs"]]
-    assert spurious.by_cue_kind(replayed)["shapes/watermark"]["shortcut_runs"] == 2
+    assert d["due_epochs"] == [3] * 4 and d["lead_epochs"] == [3 - a for a in d["alarm_epochs"]]
+    assert spurious.by_cue_kind(replayed)["scratch/shapes/watermark"]["shortcut_runs"] == 2
     check = spurious.target_check(replayed, "cue+object masks")
     assert check["all_shortcuts_alarmed"] and check["no_control_alarm"]
     assert check["lead"] == (d["median_lead_epochs"] >= 0 and min(d["lead_epochs"]) >= -1)
     # Without masks only the watermark's shortcut runs are the target; every control still counts.
-    none = spurious.target_check(spurious.with_alarms(runs, "none", monitor), "none")
+    ring = "no masks: border ring"
+    none = spurious.target_check(spurious.with_alarms(runs, ring, monitor), ring)
     assert none["detail"]["shortcut_runs"] == 2 and none["detail"]["controls"] == 4
     # A threshold under the controls' scores alarms on them and misses nothing.
-    low = spurious.target_check(spurious.with_alarms(runs, "none", dict(monitor, threshold=1.1)), "none")
+    low = spurious.target_check(spurious.with_alarms(runs, ring, dict(monitor, threshold=1.1)), ring)
     assert not low["no_control_alarm"] and low["detail"]["false_alarms"] == 4 and low["all_shortcuts_alarmed"]
 
 
@@ -114,7 +147,7 @@ def test_a_late_alarm_fails_the_lead_target(spurious):
     late = history([99] * 5, [2] * 5, reliance=[95] * 5, background_swap_ratio=[1.0, 1.0, 1.0, 9.0, 9.0])
     replayed = spurious.with_alarms([run("marker", 1.0, 0, late)], "cue+object masks", dict(threshold=4.0, patience=1, min_delta=0.1))
     check = spurious.target_check(replayed, "cue+object masks")
-    assert check["detail"]["lead_epochs"] == [1 - 4] and check["detail"]["late_runs"] == ["shapes/marker/1.0/seed 0"]
+    assert check["detail"]["lead_epochs"] == [1 - 4] and check["detail"]["late_runs"] == ["scratch/shapes/marker/1.0/seed 0"]
     assert check["all_shortcuts_alarmed"] and not check["lead"]
 
 
@@ -125,18 +158,22 @@ def test_late_alarms_show_the_gap_and_score_against_the_controls_peak(spurious):
     noisy = history([50, 50, 70, 50, 50], [50, 50, 50, 50, 50], reliance=[5] * 5,
                     background_swap_ratio=[1.0, 2.5, 1.0, 1.0, 1.0], border_swap_ratio=[1.4] * 5)
     runs = [run("marker", 1.0, 0, late), run("marker", 0.25, 0, noisy, control=True)]
-    found = spurious.late_alarms(runs, dict(threshold=4.0, patience=1, min_delta=0.1))
+    found = spurious.late_alarms(runs, dict(threshold=4.0, patience=1, min_delta=0.1), spurious.WATCHES["swap"])
     # The two mask regimes watch one score: one entry; without masks a marker is not a target cue.
-    assert list(found) == ["cue+object masks, object masks only", "none"] and found["none"]["late"] == []
+    assert list(found) == ["cue+object masks, object masks only", "no masks: border ring", "no masks: surround"]
+    assert found["no masks: border ring"]["late"] == [] and found["no masks: surround"]["late"] == []
     masked = found["cue+object masks, object masks only"]
-    assert masked["late"] == [{"run": "shapes/marker/1.0/seed 0", "gap_epoch": 2, "alarm_epoch": 4, "gap_points": 12.0,
-                               "reliance": [33, 60], "score": [1.2, 2.1]}]
-    assert masked["control_peak"] == {"score": 2.5, "run": "shapes/marker/0.25/seed 0", "epoch": 2}
+    # Due at the gap (epoch 2; it follows the cue on 40% only at epoch 3).
+    assert masked["late"] == [{"run": "scratch/shapes/marker/1.0/seed 0", "due_epoch": 2, "alarm_epoch": 4,
+                               "gap_points": 12.0, "reliance": [33, 60], "score": [1.2, 2.1], "judged": [True, True]}]
+    assert masked["control_peak"] == {"score": 2.5, "run": "scratch/shapes/marker/0.25/seed 0", "epoch": 2,
+                                      "accuracy": 90.0}
     # The reference detector fired on the control too (20 points at epoch 3).
     truth = spurious.ground_truth(runs)
-    assert truth["controls"] == 1 and truth["gap_on_controls"] == ["shapes/marker/0.25/seed 0 (epoch 3)"]
-    text = "\n".join(spurious.late_section(found))
-    assert "| 2 (12) | 33, 60 | 1.2, 2.1 | 4 |" in text and "1 of 1 late runs are at or below it at g + 1" in text
+    assert truth["controls"] == 1 and truth["gap_on_controls"] == ["scratch/shapes/marker/0.25/seed 0 (epoch 3)"]
+    text = "\n".join(spurious.late_section(found, "swap"))
+    assert "| 2 (12) | 33, 60 | 1.2, 2.1 | True, True | 4 |" in text
+    assert "1 of 1 late runs are at or below it at g + 1" in text
 
 
 def test_the_threshold_is_chosen_on_the_tuning_runs_and_confirmed_on_the_others(spurious):
@@ -152,13 +189,13 @@ def test_the_threshold_is_chosen_on_the_tuning_runs_and_confirmed_on_the_others(
     by_setting = {(row["patience"], row["threshold"]): row for row in choice["sweep"]}
     assert by_setting[(1, 3.0)]["lead"] == 1 + 1 + 1 and by_setting[(2, 3.0)]["lead"] == 0  # three regimes' medians
     assert by_setting[(1, 3.0)]["targets_met"] == by_setting[(2, 3.0)]["targets_met"] == 9
-    assert len(choice["sweep"]) == len(spurious.SWEEP_THRESHOLDS) * len(spurious.SWEEP_PATIENCE)
+    assert len(choice["sweep"]) == len(spurious.RATIO_SWEEP) * len(spurious.SWEEP_PATIENCE)
     # The default scores and the insertion ratios are watched too, with the same rule.
     model_tests = spurious.summarize(tuning, dict(threshold=4.0, patience=1, min_delta=0.1))
     assert [model_tests[watch]["threshold_choice"]["threshold"] for watch in ("swap", "insertion")] == [3.0, 3.0]
     held = summary["regimes"]["object masks only"]["held_out_at_chosen"]
     assert held["all_shortcuts_alarmed"] and held["no_control_alarm"] and held["detail"]["shortcut_runs"] == 4
-    assert spurious.choose_threshold(held_out, dict(threshold=4.0, patience=1, min_delta=0.1)) is None
+    assert spurious.choose_threshold(held_out, dict(threshold=4.0, patience=1, min_delta=0.1), spurious.WATCHES["caap"]) is None
 
 
 def test_a_quick_run_writes_its_report_and_rescores_it(spurious, cue_runs, tmp_path, monkeypatch):
