@@ -199,36 +199,58 @@ def test_the_threshold_is_chosen_on_the_tuning_runs_and_confirmed_on_the_others(
 
 
 def test_a_quick_run_writes_its_report_and_rescores_it(spurious, cue_runs, tmp_path, monkeypatch):
-    """One tiny fit of CAAP and Grad-CAM's replay of its weights, through main() and --rescore."""
+    """Tiny fits from scratch and fine-tunes, CAAP and Grad-CAM's replay of their weights, through main() and --rescore:
+    each run records its init, each epoch its swap probe's skill and whether the check was judged (issue 29)."""
     monkeypatch.setattr(cue_runs, "QUICK", dict(cue_runs.QUICK, num_train=64, num_val=32))
+    monkeypatch.setattr(cue_runs, "PRETRAINED_DIR", tmp_path / "pretrained")  # this test's own pretraining
     result = spurious.main(["--quick", "--data", "shapes", "--cues", "watermark", "--cue-correlations", "1.0",
-                            "--num-images", "4", "--output-dir", str(tmp_path)])
-    caap, gradcam = result["runs"]
-    assert (caap["method"], gradcam["method"]) == ("caap", "gradcam") and len(caap["history"]) == 2
+                            "--init", "scratch", "pretrained", "--num-images", "4", "--output-dir", str(tmp_path)])
+    runs = result["runs"]
+    assert [(r["init"], r["method"]) for r in runs] == [("pretrained", "caap"), ("pretrained", "gradcam"),
+                                                      ("scratch", "caap"), ("scratch", "gradcam")]
+    assert all(len(r["history"]) == 2 for r in runs) and len(list((tmp_path / "pretrained").glob("*.pt"))) == 1
     assert result["setup"]["baselines_replay_caap_weights"] and result["setup"]["replay_matches_live"]
-    for row in caap["history"] + gradcam["history"]:
+    min_skill = result["setup"]["monitor"]["min_skill"]
+    assert min_skill == SpuriousCueMonitor().min_skill
+    for row in (row for r in runs for row in r["history"]):
         # A swap ratio has no value where the model gives an image and its donor one class (every pair, at chance).
         assert all(row[name] is not None and row[name] > 0 for name in SCORES if "swap" not in name)
-        assert all(row[name] is None or row[name] > 0 for name in SCORES if "swap" in name)
+        assert all(row[name] is None or row[name] > 0 for name in SCORES if name.endswith("_swap_ratio"))
+        assert all(row[name] is None or 0 <= row[name] <= 1 for name in SCORES if name.endswith("_follow_share"))
+        assert 0 <= row["swap_probe_skill"] <= 1 and row["judged"] == is_judged(row["swap_probe_skill"], min_skill)
     report = (tmp_path / "spurious.md").read_text()
-    assert "cue+object masks (marker, watermark, border, background cues): every shortcut run alarmed" in report
-    plots = ("spurious_shapes_swap.png", "spurious_shapes_insertion.png", "spurious_shapes_caap.png",
-             "spurious_shapes_gradcam.png")
-    assert result["setup"]["plots"] == list(plots) and all((tmp_path / name).stat().st_size > 0 for name in plots)
+    for init in ("pretrained", "scratch"):
+        assert f"cue+object masks, {init} (marker, watermark, border, background cues): every shortcut run alarmed" in report
+    plots = [f"spurious_{init}_shapes_{watch}.png" for init in ("pretrained", "scratch") for watch in ("follow", "swap")]
+    assert result["setup"]["plots"] == plots and all((tmp_path / name).stat().st_size > 0 for name in plots)
     # The model tests are the same on the replayed models; the map-based scores are each method's own.
-    for a, b in zip(caap["history"], gradcam["history"]):
-        assert all(a[key] == b[key] for key in spurious.MODEL_TESTS)
+    for caap, gradcam in (runs[:2], runs[2:]):
+        for a, b in zip(caap["history"], gradcam["history"]):
+            assert all(a[key] == b[key] for key in (*spurious.MODEL_TESTS, "swap_probe_skill", "judged"))
 
     rescored = spurious.main(["--rescore", str(tmp_path / "spurious.json"), "--threshold", "1e9"])
     assert rescored["setup"]["monitor"]["threshold"] == 1e9
-    for watch in ("swap", "insertion", "caap", "gradcam"):
-        assert all(d["alarmed"] == 0 for d in rescored["summary"][watch]["regimes"]["none"]["by_cue"].values())
+    for watch, regime in (("swap", "no masks: border ring"), ("swap", "no masks: surround"), ("insertion", "no masks: surround"),
+                          ("caap", "no masks"), ("gradcam", "no masks")):
+        assert all(d["alarmed"] == 0 for d in rescored["summary"][watch]["regimes"][regime]["by_cue"].values())
     assert "--rescore spurious.json --threshold 1000000000.0`" in (tmp_path / "spurious.md").read_text()
     assert json.loads((tmp_path / "spurious.json").read_text())["setup"]["monitor"]["threshold"] == 1e9
     # The report keeps the live run's own settings apart from the replayed ones, through a second rescore too.
     live = f"watched each fit (`threshold={result['setup']['monitor']['threshold']}`"
     spurious.main(["--rescore", str(tmp_path / "spurious.json"), "--threshold", "7"])
     assert live in (tmp_path / "spurious.md").read_text() and "`threshold=7.0`" in (tmp_path / "spurious.md").read_text()
+
+    # Another min_skill rewrites every judged flag: between the lowest and highest recorded skill, some of each.
+    skills = sorted(row["swap_probe_skill"] for r in runs for row in r["history"])
+    assert skills[0] < skills[-1]
+    middle = (skills[0] + skills[-1]) / 2
+    spurious.main(["--rescore", str(tmp_path / "spurious.json"), "--min-skill", str(middle)])
+    written = json.loads((tmp_path / "spurious.json").read_text())
+    assert written["setup"]["monitor"]["min_skill"] == middle
+    flags = [(row["judged"], row["swap_probe_skill"]) for r in written["runs"] for row in r["history"]]
+    assert all(judged == is_judged(skill, middle) for judged, skill in flags)
+    assert {judged for judged, _ in flags} == {True, False}
+    assert all(r["init"] in ("scratch", "pretrained") for r in written["runs"])
 
 
 def test_rescore_refuses_the_single_cue_format(spurious, tmp_path):
