@@ -417,7 +417,8 @@ def test_the_callbacks_leave_the_training_run_as_it_was(tmp_path, data_factory, 
 
     plain = fit([])
     caap = CAAPCallback(methods=["caap", "gradcam"], num_images=8, blank="noise")
-    monitor = SpuriousCueMonitor(strategies=True, num_images=2, threshold=0.5)
+    # min_skill=None: the untrained model's swap checks count, so the alarm's report runs too (issue 29).
+    monitor = SpuriousCueMonitor(strategies=True, num_images=2, threshold=0.5, min_skill=None)
     with pytest.warns(UserWarning):  # a probe of 8 for strategies, and the alarm the low threshold raises
         watched = fit([caap, monitor])
     # Both checks ran in full: maps of both methods, the monitor's score, strategies and its alarm report.
