@@ -258,6 +258,44 @@ def control_peaks(runs: Sequence[Dict[str, Any]], key: str, min_skill: Optional[
     return out
 
 
+SKILL_SWEEP = (None, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+
+
+def skill_sweep(runs: Sequence[Dict[str, Any]], settings: Dict[str, Any], watch: Watch) -> List[Dict[str, Any]]:
+    """Per ``min_skill`` of ``SKILL_SWEEP`` (``None``: every check counts), at ``settings``' threshold and patience:
+    each regime's targets on every run, its window of thresholds and the controls' highest judged reading."""
+    trained = [r for r in runs if r["method"] == watch.method]
+    rows = []
+    for min_skill in SKILL_SWEEP:
+        monitor = {**settings, "min_skill": min_skill}
+        regimes = {}
+        for regime, key in watch.regimes.items():
+            check = target_check(with_alarms(trained, regime, monitor, watch.regimes), regime)
+            regimes[regime] = {**compact(check), "window": threshold_window(trained, regime, monitor, watch),
+                               "control_peak": control_peaks(trained, key, min_skill)["judged"]}
+        rows.append({"min_skill": min_skill, "regimes": regimes})
+    return rows
+
+
+def skill_section(rows: Sequence[Dict[str, Any]], watch: str, settings: Dict[str, Any]) -> List[str]:
+    lines = ["", f"## {watch_title(watch)}: which checks to judge (`min_skill`)", "",
+             f"At threshold {fmt(settings['threshold'])} and patience {settings['patience']}, each `min_skill` (none: "
+             "every check counts). A cell: shortcut runs alarmed · controls alarmed · median lead; the window of "
+             "thresholds that meets every target (its width); the controls' highest judged reading.", ""]
+    regimes = list(rows[0]["regimes"]) if rows else []
+    body = []
+    for row in rows:
+        cells_ = []
+        for regime in regimes:
+            r = row["regimes"][regime]
+            window, peak = r["window"], r["control_peak"]
+            span = "none" if window["low"] is None else f"{fmt(window['low'], 3)}-{fmt(window['high'], 3)} ({fmt(window['width'])}x)"
+            cells_.append(f"{r['alarmed']}/{r['shortcut_runs']} · {r['false_alarms']}/{r['controls']} · "
+                          f"{fmt(r['median_lead_epochs'])}; {span}; {fmt(None if peak is None else peak['score'], 3)}")
+        body.append([fmt(row["min_skill"]), *cells_])
+    return lines + table(["min_skill", *regimes], body)
+
+
 def watches_of(runs: Sequence[Dict[str, Any]]) -> List[str]:
     """The monitors of ``WATCHES`` whose runs are among ``runs``."""
     methods = methods_of(runs)
@@ -292,6 +330,8 @@ def summarize(runs: Sequence[Dict[str, Any]], monitor: Dict[str, Any]) -> Dict[s
                 "control_peaks": control_peaks(group, key, chosen.get("min_skill")),
             }
         summary[name] = {"regimes": regimes, "threshold_choice": choice, "settings": chosen}
+        if watch.method == "caap" and name in PLOTTED:
+            summary[name]["skill_sweep"] = skill_sweep(group, chosen, watch)
     return summary
 
 
@@ -415,7 +455,7 @@ def setup_section(setup: Dict[str, Any], n_runs: int) -> List[str]:
         f"{GAP_POINTS:g} points below cue-consistent accuracy. *Due epoch*: the gap epoch or the onset, whichever "
         "comes first; *lead* = due epoch - alarm epoch (positive: the alarm came first), and an alarm more than "
         f"{-LATEST_LEAD} epoch after the due epoch is late. *Judged*: a check whose swap probe skill "
-        "(`caap/swap_probe_skill`: the model's clean accuracy on the swap probe, chance-corrected) reaches the "
+        "(`caap/swap_probe_skill`: the mean top-1 probability of the clean swap probe, chance-corrected) reaches the "
         "monitor's `min_skill`; a swap-test monitor counts only judged checks. Mask regimes and the swap test each "
         "watches: " + "; ".join(f"{regime}: `{score}`" for regime, score in REGIMES.items())
         + ", as a ratio or as the share of pairs that follow the swapped region (`*_follow_share`); the insertion "
@@ -444,7 +484,8 @@ def live_monitor_text(setup: Dict[str, Any]) -> str:
                 f"the grid, which this rescored file no longer holds; replaying the recorded scores with those settings "
                 f"reproduced its alarms: {checked}.")
     return (f"A live monitor on `{setup['monitor']['monitor']}` watched each fit (`threshold={ran['threshold']}`, "
-            f"`patience={ran['patience']}`, `min_delta={ran['min_delta']}`); replaying the recorded scores with those "
+            f"`patience={ran['patience']}`, `min_delta={ran['min_delta']}`, `min_skill={ran.get('min_skill')}`); "
+            "replaying the recorded scores with those "
             f"settings reproduces its alarms: {checked}.")
 
 
@@ -652,6 +693,8 @@ def markdown(result: Dict[str, Any]) -> str:
     for name, part in summary.items():
         lines += detection_section(name, part)
         lines += threshold_section(name, part, monitor)
+        if "skill_sweep" in part:
+            lines += skill_section(part["skill_sweep"], name, part["settings"])
     lines += late_section(result["late_alarms"], DEFAULT_WATCH)
     lines += scores_section(runs, summary)
     lines += runs_section(runs, summary)

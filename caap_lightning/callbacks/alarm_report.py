@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from caap_lightning.callbacks import figures
 from caap_lightning.callbacks.drawing import column_title
+from caap_lightning.callbacks.meters import SKILL
 from caap_lightning.callbacks.metric_table import LoggedScalar
 from caap_lightning.callbacks.result import ProbeResult
 from caap_lightning.callbacks.strategies import ALL, StrategyGroup, place_of
@@ -33,6 +34,7 @@ NEXT_STEPS = {
     "cue": "break the cue's tie to the class in the training data",
     "background": "train on varied backgrounds (e.g. swap or randomise them)",
     "border": "crop or randomise the image borders in training",
+    "surround": "train on varied backgrounds and framings (e.g. swap backgrounds, random crops)",
     "fixed position": "vary where things sit in training (shifts, crops)",
 }
 FALLBACK_STEP = "look at which part the heatmaps of the named images favour"
@@ -64,15 +66,17 @@ def follow_count(result: ProbeResult, logged: Dict[str, LoggedScalar], named: Lo
 
 def carrying_entry(result: ProbeResult, logged: Dict[str, LoggedScalar], watched: LoggedScalar,
                    past: Any) -> LoggedScalar:
-    """The scalar whose region carries the shortcut: the cue's swap ratio where the watched one is another swap
-    ratio and the cue's is past the threshold too (the cue alone explains it: a cue in the background moves the
-    background's ratio as well), else the watched one. ``past(value)``: whether a value is past the threshold."""
+    """The scalar whose region carries the shortcut: the cue's swap scalar of the watched kind (ratio or follow
+    share) where the watched one is another swap test's and the cue's is past the threshold too (the cue alone
+    explains it: a cue in the background moves the background's as well), else the watched one.
+    ``past(value)``: whether a value is past the threshold."""
     test = watched.model_test
     if test is None or test.kind != "swap" or test.part == "cue":
         return watched
+    cue_scalar = watched.tag.rsplit("/", 1)[-1].replace(f"{test.part}_", "cue_", 1)
     for tag, entry in logged.items():
         cue = entry.model_test
-        if cue is not None and cue.kind == "swap" and cue.part == "cue" and tag.endswith(f"/{cue.name}"):
+        if cue is not None and cue.kind == "swap" and cue.part == "cue" and tag.endswith(f"/{cue_scalar}"):
             value = result.metrics.get(tag)
             if value is not None and math.isfinite(value) and past(value):
                 return entry
@@ -227,6 +231,9 @@ def scalar_layout(monitors: List["SpuriousCueMonitor"], sources: List[Any]) -> D
             "alarm (1: on), unsmoothed": ["Margin", [f"{monitor.prefix}/alarm"] * 3],
             f"score ({monitor.monitor_key or 'the watched scalar'}), unsmoothed": ["Margin", [score] * 3],
         })
+        if monitor.judges_skill:
+            layout[monitor.prefix]["check judged (1: counted; 0: the model cannot tell the swap images apart yet)"] = [
+                "Margin", [f"{monitor.prefix}/judged"] * 3]
     for source in sources:
         swaps = [tag for tag, entry in source.logged.items()
                  if entry.model_test is not None and entry.model_test.kind == "swap"]
@@ -234,6 +241,8 @@ def scalar_layout(monitors: List["SpuriousCueMonitor"], sources: List[Any]) -> D
             "swap ratios": ["Multiline", [tag for tag in swaps if tag.endswith("_swap_ratio")]],
             "share of probe images that follow the swapped region": [
                 "Multiline", [tag for tag in swaps if tag.endswith("_follow_share")]],
+            "swap probe skill (0: chance, 1: certain)": [
+                "Multiline", [tag for tag in source.logged_metrics if tag.endswith(f"/{SKILL}")]],
         }
         layout.setdefault(source.prefix, {}).update({title: chart for title, chart in charts.items() if chart[1]})
     return {category: charts for category, charts in layout.items() if charts}

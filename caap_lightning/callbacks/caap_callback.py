@@ -44,6 +44,7 @@ from caap_lightning.callbacks.normalization import check_pixel_range, resolve_no
 from caap_lightning.callbacks.probe import ProbeKeys, first_samples
 from caap_lightning.callbacks.probe_source import eval_source, probe_source, probe_source_key, take_probe, warn_if_short
 from caap_lightning.callbacks.probe_source import check_labels_for, class_names_of, own_probe, probe_size, runs_swaps
+from caap_lightning.callbacks.probe_source import swap_views
 from caap_lightning.callbacks.probe_source import warn_if_few_swap_images
 from caap_lightning.callbacks.result import ProbeResult
 from caap_lightning.callbacks.strategies import evidence_floor
@@ -163,6 +164,7 @@ class CAAPCallback(Callback):
         self.last: Optional[ProbeResult] = None
         self.probe: Optional[ProbeBatch] = None  # the probe batch the maps explain, on the CPU
         self.swap_probe: Optional[ProbeBatch] = None  # the swap ratios' probe (None where none runs), on the CPU
+        self._swap_views: Dict[str, torch.Tensor] = {}  # each swap test's swapped images of it, made once
         self.class_names: List[str] = []
         self.mean: Optional[tuple] = None
         self.std: Optional[tuple] = None
@@ -239,6 +241,7 @@ class CAAPCallback(Callback):
         self.probe = check_labels_for(self.target, first_samples(taken, self.num_images))
         self.active_metrics = resolve_metrics(self.metrics, self.probe, len(taken))
         self.swap_probe = taken if runs_swaps(self.active_metrics) else None
+        self._swap_views = swap_views(self.active_metrics, self.swap_probe)
         if self.swap_probe is not None and self._swap_images_given:
             warn_if_few_swap_images(len(taken), self.swap_images)
         self.class_names = class_names_of(trainer.datamodule)
@@ -400,7 +403,7 @@ class CAAPCallback(Callback):
     def _classify(self, steps: CheckSteps, pl_module: L.LightningModule) -> Optional[ProbeShard]:
         """This rank's share of the probe, classified; ``None`` on every rank where any rank failed."""
         shard = steps.attempt("classifying the probe images", classify_shard, pl_module.trainer, self._classifier,
-                              self.probe, self.swap_probe, self.target == "label", pl_module.device)
+                              self.probe, self.swap_probe, self.target == "label", pl_module.device, self._swap_views)
         return steps.agree({} if shard is None else {CLASSIFYING: shard}, [CLASSIFYING]).get(CLASSIFYING)
 
     def _attribute_and_test(self, steps: CheckSteps, pl_module: L.LightningModule, shard: ProbeShard) -> Dict[str, Any]:

@@ -36,10 +36,11 @@ def share_of(n: int, trainer: L.Trainer) -> torch.Tensor:
 
 def classify_shard(
     trainer: L.Trainer, classifier: nn.Module, probe: ProbeBatch, swap_probe: Optional[ProbeBatch], by_label: bool,
-    device: torch.device,
+    device: torch.device, swap_views: Optional[Dict[str, torch.Tensor]] = None,
 ) -> ProbeShard:
-    """This rank's share of the probe (and of the swap probe) on ``device``, the classes its maps explain (the
-    labels with ``by_label``, else the model's top-1) and their probabilities.
+    """This rank's share of the probe (and of the swap probe, with its share of each swap test's swapped images
+    ``swap_views``) on ``device``, the classes its maps explain (the labels with ``by_label``, else the model's
+    top-1) and their probabilities.
 
     The probe is the start of the swap probe, so this rank's share of it is the start of its share of the swap
     probe: one forward pass classifies both.
@@ -75,7 +76,8 @@ def classify_shard(
         donor_images, donor_masks = rows_on_device(pairs.donors_of(rows))
         with torch.no_grad(), eval_mode(classifier):
             donor_top1 = classifier(donor_images).float().argmax(-1)
-    shard.swaps = SwapShard(images, masks, top1, donor_images, donor_masks, donor_top1, probs[: len(rows)])
+    views = {name: trainer.precision_plugin.convert_input(view[rows].to(device)) for name, view in (swap_views or {}).items()}
+    shard.swaps = SwapShard(images, masks, top1, donor_images, donor_masks, donor_top1, probs[: len(rows)], views)
     return shard
 
 

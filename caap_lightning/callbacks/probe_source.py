@@ -3,9 +3,10 @@ images it takes, and the checks of what it took. How a source is read: ``probe.p
 
 from __future__ import annotations
 
-from typing import Any, Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import lightning as L
+import torch
 
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
@@ -29,6 +30,13 @@ from caap_lightning.model_tests import MODEL_TESTS
 def runs_swaps(metrics: Optional[Sequence[str]]) -> bool:
     """Whether ``metrics`` (``None``: the defaults) hold a swap ratio."""
     return metrics is None or any(m in MODEL_TESTS and MODEL_TESTS[m].kind == "swap" for m in metrics)
+
+
+def swap_views(metrics: Sequence[str], swap_probe: Optional[ProbeBatch]) -> Dict[str, torch.Tensor]:
+    """Each swap test of ``metrics``: its swapped images of the whole swap probe, by name (none without one)."""
+    if swap_probe is None:
+        return {}
+    return {m: MODEL_TESTS[m].swapped(swap_probe) for m in metrics if m in MODEL_TESTS and MODEL_TESTS[m].kind == "swap"}
 
 
 def probe_size(metrics: Optional[Sequence[str]], num_images: int, swap_images: int) -> int:

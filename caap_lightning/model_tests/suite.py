@@ -45,7 +45,7 @@ class ModelTestSuite:
                 meter.update(
                     swaps.images, test.regions(swaps.images, swaps.masks).to(device),
                     swaps.donor_images, test.regions(swaps.donor_images, swaps.donor_masks).to(device),
-                    target=swaps.top1, donor_target=swaps.donor_top1,
+                    target=swaps.top1, donor_target=swaps.donor_top1, swapped=swaps.views.get(name),
                 )
             else:
                 meter.update(images, test.regions(images, masks).to(device), target=targets)

@@ -64,3 +64,4 @@ class SwapShard:
     donor_masks: Dict[str, Tensor]
     donor_top1: Tensor
     probs: Tensor  # (B, K) the images' clean class probabilities
+    views: Dict[str, Tensor] = field(default_factory=dict)  # each swap test's swapped images, made once per probe

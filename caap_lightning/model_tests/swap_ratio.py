@@ -72,6 +72,7 @@ def region_swap(
     target: TargetLike = None,
     donor_target: TargetLike = None,
     batch_size: int = 64,
+    swapped: Optional[Tensor] = None,
 ) -> RegionSwap:
     """The probabilities, on each image with its suspect part swapped for its donor's, of the two classes.
 
@@ -80,7 +81,8 @@ def region_swap(
     ``donor_target`` as :func:`~caap_lightning.metrics.functional.insertion_deletion` takes a
     target (``None``: the top-1 class of the clean image, or of the clean donor, each costing
     ``B`` forward passes more). A pair is scored where both masks mark part of their image and the
-    two classes differ: a donor of the same class tells nothing.
+    two classes differ: a donor of the same class tells nothing. ``swapped``: the swapped images, where made
+    already (they depend on the images alone, so the callback makes them once per probe).
     """
     check_choice("region", region, MASS_REGIONS)
     check_images(model, images)
@@ -101,7 +103,9 @@ def region_swap(
     images = images.to(device=device or images.device, dtype=dtype or images.dtype)
     donor_images = donor_images.to(images)
     masks, donor_masks = masks.to(images.device), donor_masks.to(images.device)
-    views = [swapped_images(images, masks, donor_images, donor_masks, region)]
+    if swapped is not None and tuple(swapped.shape) != tuple(images.shape):
+        raise ValueError(f"swapped {tuple(swapped.shape)} do not match the images {tuple(images.shape)}")
+    views = [swapped_images(images, masks, donor_images, donor_masks, region) if swapped is None else swapped.to(images)]
     # The clean images are classified only where no target is given.
     views += ([images] if targets is None else []) + ([donor_images] if donor_targets is None else [])
     with eval_mode(model), torch.no_grad():
@@ -157,9 +161,10 @@ class SwapRatio(PooledRegionRatio):
         donor_masks: Tensor,
         target: TargetLike = None,
         donor_target: Optional[TargetLike] = None,
+        swapped: Optional[Tensor] = None,
     ) -> None:
         found = region_swap(self.model, images, masks, donor_images, donor_masks, self.region, target, donor_target,
-                            self.batch_size)
+                            self.batch_size, swapped)
         self._add(found.suspect, found.rest, found.scored)
         self.follows += int((found.scored & follows_region(found.suspect, found.rest)).sum())
 

@@ -119,6 +119,11 @@ class ModelTest:
             SwapPairs(len(probe))
         scorable_regions(check_masks(self.probe_regions(probe)))
 
+    def swapped(self, probe: ProbeBatch) -> Tensor:
+        """A swap test's swapped images of the whole ``probe`` (each with its :class:`SwapPairs` donor's part): they
+        depend on the images alone, so the callback makes them once per probe rather than at every check."""
+        return SwapPairs(len(probe)).swapped(probe.images, self.probe_regions(probe), self.region)
+
     def views(self, probe: ProbeBatch, rows: Sequence[int]) -> Dict[str, Tensor]:
         """What the test showed the model of the probe images ``rows`` (normalised images), by column title."""
         index = torch.as_tensor(rows, dtype=torch.long)
