@@ -122,15 +122,19 @@ def test_a_fit_writes_a_custom_scalars_layout_with_the_alarm_first(tmp_path, dat
     (config,) = events.Tensors(metadata.CONFIG_SUMMARY_TAG)
     layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
     assert [category.title for category in layout.category] == ["spurious", "caap"]
-    alarm, score = layout.category[0].chart
+    alarm, score, judged = layout.category[0].chart
     assert alarm.title.startswith("alarm") and [alarm.margin.series[0].value, alarm.margin.series[0].lower,
                                                 alarm.margin.series[0].upper] == ["spurious/alarm"] * 3
     assert score.title == "score (caap/background_swap_ratio), unsmoothed"
-    ratios, shares = layout.category[1].chart
+    # The watched swap ratio is judged only where the model tells the swap images apart: the 0/1 series unsmoothed.
+    assert judged.title.startswith("check judged") and judged.margin.series[0].value == "spurious/judged"
+    ratios, shares, skill = layout.category[1].chart
     assert list(ratios.multiline.tag) == ["caap/background_swap_ratio", "caap/border_swap_ratio"]
     assert list(shares.multiline.tag) == ["caap/background_swap_follow_share", "caap/border_swap_follow_share"]
-    # Every tag of the layout is a scalar the callback's table names.
+    assert list(skill.multiline.tag) == ["caap/swap_probe_skill"]
+    # Every tag of the layout is a scalar the callback logs.
     assert {*ratios.multiline.tag, *shares.multiline.tag} <= set(caap.logged)
+    assert set(skill.multiline.tag) <= set(caap.logged_metrics)
 
 
 def test_a_check_after_a_slow_one_says_what_it_does(caplog):

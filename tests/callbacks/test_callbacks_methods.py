@@ -97,7 +97,8 @@ def test_the_primary_is_the_same_with_or_without_other_methods(tmp_path, data_fa
     assert torch.equal(alone.last.maps, together.last.maps)
     # The first method is the primary whichever it is: gradcam's scalars move to caap/<scalar>. The model tests
     # (swap and insertion ratios) are logged once, under the primary's names, whichever method that is.
-    tests = {f"caap/{scalar}" for test in MODEL_TESTS.values() for scalar in test.scalars}  # ratios, follow shares
+    # Ratios, follow shares and the swap probe's skill.
+    tests = {f"caap/{scalar}" for test in MODEL_TESTS.values() for scalar in test.scalars} | {"caap/swap_probe_skill"}
     assert tests & set(alone.history[-1]) and not any(k.startswith("caap/gradcam/") and k.replace("gradcam/", "") in tests
                                                         for k in together.history[-1])
     gradcam = {k.replace("gradcam/", ""): v for k, v in together.history[-1].items() if k.startswith("caap/gradcam/")}
@@ -143,7 +144,7 @@ def test_a_failing_primary_skips_the_maps_but_not_the_model_tests(
     # The further method is not attributed either; the model tests, which test the model and not a map, are logged.
     tests = {f"caap/{scalar}" for name in caap.active_metrics if name in MODEL_TESTS for scalar in MODEL_TESTS[name].scalars}
     assert [row["epoch"] for row in caap.history] == [0] and caap.last.method_maps == {}
-    assert tests and set(caap.last.metrics) <= tests | {"caap/seconds"}
+    assert tests and set(caap.last.metrics) <= tests | {"caap/swap_probe_skill", "caap/seconds"}
 
 
 def test_monitor_can_watch_a_further_method(tmp_path, data_factory, classifier_factory, trainer_factory):

@@ -494,7 +494,8 @@ def test_a_class_sorted_set_gives_probes_of_many_classes():
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
         vit_trainer([caap]).validate(ViTModule(), DataLoader(sorted_set(), batch_size=4), verbose=False)
-    assert not [w for w in said if "probe" in str(w.message)]  # nothing to say about this probe
+    # Nothing to say about this probe (Lightning's own advice on logging names the scalar caap/swap_probe_skill).
+    assert not [str(w.message) for w in said if "probe" in str(w.message) and "self.log(" not in str(w.message)]
     assert len(set(caap.swap_probe.labels.tolist())) == 3 and len(set(caap.probe.labels.tolist())) >= 2
     assert torch.equal(caap.probe.images, caap.swap_probe.images[:4])
 
