@@ -24,6 +24,7 @@ import lightning as L
 import torch
 
 from caap_lightning.callbacks import CAAPCallback, SpuriousCueMonitor
+from caap_lightning.callbacks.spurious_cue_monitor import DEFAULT_SCORES
 from caap_lightning.model_tests import MODEL_TESTS, is_judged
 from caap_lightning.datamodules import FashionCanvasDataModule, SyntheticSpuriousDataModule
 from caap_lightning.datamodules.base import MaskedImageDataModule
@@ -55,7 +56,8 @@ RUN_METRICS = (*MODEL_TESTS, *MAP_REGIMES.values())
 SKILL = "swap_probe_skill"
 # Every score each fit records: the model tests' scalars (ratios and follow shares), the map-based scores, the skill.
 RECORDED = (*(scalar for test in MODEL_TESTS.values() for scalar in test.scalars), *MAP_REGIMES.values(), SKILL)
-LIVE_REGIME = "cue+object masks"
+# What the live monitor of each fit watches: the monitor's own default score with object masks.
+LIVE_SCORE = DEFAULT_SCORES[0]
 
 # Ground truth: the accuracy gap that the lead is counted against, and what makes a shortcut run and a clean control.
 GAP_POINTS = 10.0
@@ -259,7 +261,7 @@ def fit_run(
         model.snapshots = snapshots
     caap = CAAPCallback(methods=[method], num_images=settings["num_images"], swap_images=settings["swap_images"],
                         construction=settings["construction"], metrics=list(RUN_METRICS), log_images=False)
-    monitor = SpuriousCueMonitor(monitor="caap/" + REGIMES[LIVE_REGIME], **settings["monitor"], num_images=0)
+    monitor = SpuriousCueMonitor(monitor="caap/" + LIVE_SCORE, **settings["monitor"], num_images=0)
     data.setup("fit")
     recorder = EpochRecorder(data.probe_batch(data.num_val), caap, monitor)
     trainer = quiet_trainer(
@@ -372,10 +374,10 @@ def onset_epoch(history: Sequence[Dict[str, Any]], reliance: float = SHORTCUT_RE
 
 
 def due_epoch(history: Sequence[Dict[str, Any]]) -> Optional[int]:
-    """The epoch an alarm is measured against: the first at which the accuracy gap opens or the run follows the
-    cue on ``SHORTCUT_RELIANCE`` % of cue-conflicting images, whichever comes first."""
-    found = [e for e in (gap_epoch(history), onset_epoch(history)) if e is not None]
-    return min(found, default=None)
+    """The epoch an alarm is measured against: the run's onset, the first epoch at which it follows the cue on
+    ``SHORTCUT_RELIANCE`` % of cue-conflicting images. (The accuracy gap can open earlier, while a fine-tune
+    still follows the cue on few images: ``gap_epoch`` is reported beside it.)"""
+    return onset_epoch(history)
 
 
 def lead_time(alarm: Optional[int], due: Optional[int]) -> Optional[int]:

@@ -65,7 +65,7 @@ from caap_lightning.datamodules.fashion import find_fashion_mnist
 
 import cue_runs
 from cue_runs import (
-    INITS, Job, CONTROL_ACCURACY, CONTROL_RELIANCE, DATASETS, FASHION_ROOT, GAP_POINTS, LATEST_LEAD, LIVE_REGIME,
+    INITS, Job, CONTROL_ACCURACY, CONTROL_RELIANCE, DATASETS, FASHION_ROOT, GAP_POINTS, LATEST_LEAD, LIVE_SCORE,
     FOLLOW_REGIMES, MAP_REGIMES, MODEL, RECORDED, REGIMES, SHORTCUT_RELIANCE, SKILL, control_of, control_problems,
     counted, detection, due_epoch, gap_epoch, is_late, label, lead_time, onset_epoch, recipe, replay_alarm_epoch,
     run_jobs, run_kind, settings_of,
@@ -313,6 +313,8 @@ def summarize(runs: Sequence[Dict[str, Any]], monitor: Dict[str, Any]) -> Dict[s
         choice = choose_threshold(group, monitor, watch)
         held_out = [r for r in group if not in_tuning(r)] if choice is not None else []
         chosen = monitor if choice is None else {**monitor, "threshold": choice["threshold"], "patience": choice["patience"]}
+        if name == DEFAULT_WATCH:  # the monitor's defaults watch these scores: read them at its settings
+            chosen = monitor
         regimes = {}
         for regime, key in watch.regimes.items():
             replayed = with_alarms(group, regime, chosen, watch.regimes)
@@ -452,8 +454,9 @@ def setup_section(setup: Dict[str, Any], n_runs: int) -> List[str]:
         f"first epoch with reliance >= {SHORTCUT_RELIANCE:g}%; a *shortcut run* is one that has an onset. *Control*: "
         f"cue strength 1 / classes; it should reach >= {CONTROL_ACCURACY:g}% validation accuracy with reliance < "
         f"{CONTROL_RELIANCE:g}% at every epoch. *Gap epoch*: the first epoch at which cue-conflicting accuracy is "
-        f"{GAP_POINTS:g} points below cue-consistent accuracy. *Due epoch*: the gap epoch or the onset, whichever "
-        "comes first; *lead* = due epoch - alarm epoch (positive: the alarm came first), and an alarm more than "
+        f"{GAP_POINTS:g} points below cue-consistent accuracy (reported beside the onset: in a slow fine-tune it can open "
+        "while the model follows the cue on few images). *Due epoch*: the onset; *lead* = due epoch - alarm epoch "
+        "(positive: the alarm came first), and an alarm more than "
         f"{-LATEST_LEAD} epoch after the due epoch is late. *Judged*: a check whose swap probe skill "
         "(`caap/swap_probe_skill`: the mean top-1 probability of the clean swap probe, chance-corrected) reaches the "
         "monitor's `min_skill`; a swap-test monitor counts only judged checks. Mask regimes and the swap test each "
@@ -539,7 +542,8 @@ def watch_title(name: str) -> str:
 
 def detection_section(name: str, part: Dict[str, Any]) -> List[str]:
     chosen = part["settings"]
-    lines = ["", f"## {watch_title(name)}: detection at the chosen setting (threshold {fmt(chosen['threshold'])}, "
+    which = "the monitor's setting" if name == DEFAULT_WATCH else "the setting chosen on the tuning runs"
+    lines = ["", f"## {watch_title(name)}: detection at {which} (threshold {fmt(chosen['threshold'])}, "
              f"patience {chosen['patience']}, min_skill {fmt(chosen.get('min_skill'))})", ""]
     rows = []
     for regime, result in part["regimes"].items():
@@ -613,7 +617,8 @@ def threshold_section(name: str, part: Dict[str, Any], live: Dict[str, Any]) -> 
         "",
         f"Chosen: patience {patience}, threshold {fmt(chosen)} (best on the tuning runs at that patience: "
         f"{cells(choice['tied'])}; ties go to the fewest late alarms, the earliest alarms, the larger patience, then the "
-        "middle threshold). The detection tables use it; the monitor's own settings are "
+        "middle threshold). The detection tables use it (those of the monitor's default scores use the monitor's "
+        "setting); the monitor's own settings are "
         f"patience {live['patience']}, threshold {fmt(live['threshold'])}: {'the same' if same else 'a different setting'}.",
     ]
     held = {regime: result["held_out_at_chosen"] for regime, result in part["regimes"].items()}
@@ -679,8 +684,8 @@ def runs_section(runs: Sequence[Dict[str, Any]], summary: Dict[str, Any]) -> Lis
         alarms = [fmt(replay_alarm_epoch(run["history"], key, **monitor)) for key in watch.regimes.values()]
         rows.append([display(run["method"]), init_of(run), run["dataset"], run["cue"], run["cue_correlation"], run["seed"],
                      run_kind(run), fmt(last["accuracy"], 1), fmt(last["reliance"], 1), *scores,
-                     fmt(due_epoch(run["history"])), *alarms])
-    header = ["method", "init", "dataset", "cue", "strength", "seed", "kind", "accuracy %", "reliance %", *RECORDED, "due",
+                     fmt(gap_epoch(run["history"])), fmt(due_epoch(run["history"])), *alarms])
+    header = ["method", "init", "dataset", "cue", "strength", "seed", "kind", "accuracy %", "reliance %", *RECORDED, "gap", "due",
               *(f"alarm ({regime})" for regime in WATCHES[DEFAULT_WATCH].regimes)]
     return lines + table(header, rows)
 
@@ -855,7 +860,7 @@ def job_of(run: Dict[str, Any]) -> Job:
 
 def consistency_checks(runs: Sequence[Dict[str, Any]], monitor: Dict[str, Any]) -> Dict[str, bool]:
     """The replay reproduces the live monitor; a baseline's replay saw the CAAP fit's models."""
-    replay = all(replay_alarm_epoch(r["history"], REGIMES[LIVE_REGIME], **monitor) == r["live_alarm_epoch"] for r in runs)
+    replay = all(replay_alarm_epoch(r["history"], LIVE_SCORE, **monitor) == r["live_alarm_epoch"] for r in runs)
     caap = {job_of(r): r for r in runs if r["method"] == "caap"}
 
     def accuracies(run: Dict[str, Any]) -> List[Tuple[Any, Any]]:
@@ -961,7 +966,7 @@ def run_setup(
         "swap_images": args.swap_images,
         "construction": args.construction,
         "methods": methods,
-        "monitor": {"monitor": "caap/" + REGIMES[LIVE_REGIME], **monitor},
+        "monitor": {"monitor": "caap/" + LIVE_SCORE, **monitor},
         "monitor_defaults": settings_of(SpuriousCueMonitor()),
         "regimes": REGIMES,
         "tuning": [f"{d}/{c}" for d, c in TUNING],

@@ -27,20 +27,21 @@ from caap_lightning.model_tests import JUDGED_SKILL, is_judged
 ALARM_ON = ("high", "low")
 STRATEGIES = (True, False, "auto")
 # The default scores, in order of preference (docs/callbacks.md says why, and benchmarks/results/spurious.md backs
-# it): the model tests ask the model itself, so a cue spread over many patches counts too; the swap ratios ask
-# which part the model follows where the parts disagree, which is what a shortcut changes; object masks first,
-# as the background holds every cue off the object. The map-based ratios serve where the model tests are left out.
+# it): the swap tests ask the model itself which part it follows where the parts disagree, which is what a
+# shortcut changes, and their follow share (the share of swap pairs that follow the swapped part) grades it as the
+# benchmark's ground truth does; object masks first, as the background holds every cue off the object. The
+# insertion and map-based ratios serve where the swap tests are left out.
 DEFAULT_SCORES = (
-    "background_swap_ratio", "cue_swap_ratio", "border_swap_ratio",
+    "background_swap_follow_share", "cue_swap_follow_share", "border_swap_follow_share",
     "background_insertion_ratio", "cue_insertion_ratio", "border_insertion_ratio",
     "cue_density_ratio", "background_density_ratio", "fixed_position_ratio",
 )
-# One threshold for the default scores, which are each 1 when the suspect part and the rest are equal, whatever the
-# part's size. Chosen by the benchmark's sweep for the swap ratios on CAAPCallback's default swap probe; other
-# scores want their own. The sweep and its targets: docs/callbacks.md and benchmarks/results/spurious.md.
-DEFAULT_THRESHOLD = 1.1
-# One check past the threshold alarms: the scores mean the same from the first check on, and waiting for a second
-# check delayed the benchmark's alarms without preventing a false one (benchmarks/results/spurious.md).
+# The default scores' threshold: a share of swap pairs, the same at any region size. Chosen by the benchmark's
+# replay of fine-tunes and from-scratch runs on CAAPCallback's default swap probe (benchmarks/results/spurious.md);
+# the ratios want their own thresholds (docs/callbacks.md).
+DEFAULT_THRESHOLD = 0.4
+# One check past the threshold alarms: waiting for a second check delayed the benchmark's alarms past the onset
+# without preventing a false one (benchmarks/results/spurious.md).
 DEFAULT_PATIENCE = 1
 # Below this many probe images, strategy discovery warns that its clusters are anecdotes.
 STRATEGY_PROBE_IMAGES = 64
@@ -58,7 +59,7 @@ class SpuriousCueMonitor(Callback):
 
     Args:
         monitor: a scalar a ``CAAPCallback`` logs, e.g. ``"caap/cue_density_ratio"``; ``None`` takes the
-            first of ``DEFAULT_SCORES`` that one logs (a swap ratio where the probe allows one).
+            first of ``DEFAULT_SCORES`` that one logs (a swap test's follow share where the probe allows one).
         threshold: the score must be past this to count; ``None`` counts every check that does not improve.
         min_delta: how much better than the best a score must be to count as an improvement.
         patience: bad checks in a row that raise the alarm.
@@ -341,34 +342,35 @@ class SpuriousCueMonitor(Callback):
 
 
 def default_threshold_warning(watched: LoggedScalar) -> Optional[str]:
-    """What is wrong with watching ``watched`` at the default threshold, chosen for the swap ratios on a swap probe
-    of ``DEFAULT_SWAP_IMAGES``: another kind of score, or a swap ratio on fewer images (``None``: nothing)."""
+    """What is wrong with watching ``watched`` at the default threshold, chosen for the swap tests' follow shares on
+    a swap probe of ``DEFAULT_SWAP_IMAGES``: another kind of score, or a follow share on fewer images (``None``:
+    nothing)."""
     test, images = watched.model_test, len(watched.probe)
-    if test is not None and test.kind == "swap":
+    if test is not None and test.kind == "swap" and watched.tag.endswith("_follow_share"):
         if images >= DEFAULT_SWAP_IMAGES:
             return None
         return (f"SpuriousCueMonitor: watching {watched.tag} at the default threshold {DEFAULT_THRESHOLD} on {images} "
-                f"swap images; it was chosen on {DEFAULT_SWAP_IMAGES}, and on fewer the ratio is noisy "
+                f"swap images; it was chosen on {DEFAULT_SWAP_IMAGES}, and on fewer the share is noisy "
                 "(docs/callbacks.md). Give CAAPCallback more probe images, or set `threshold`.")
     return (f"SpuriousCueMonitor: watching {watched.tag} at the default threshold {DEFAULT_THRESHOLD}, which was "
-            "chosen for the swap ratios; on the benchmark this kind of score alarmed on controls at it, and the "
-            "benchmark chose higher thresholds (and patience, for the density ratios) for it: see docs/callbacks.md. "
-            "Set `threshold` (and `patience`) for it, or let CAAPCallback log a swap ratio.")
+            "chosen for the swap tests' follow shares (a share of probe pairs, not a ratio); the benchmark chose "
+            "other thresholds (and patience) for the ratios: see docs/callbacks.md. Set `threshold` (and "
+            "`patience`) for it, or watch a follow share.")
 
 
 def default_key(sources: Sequence[CAAPCallback], logged: List[str]) -> str:
     """The first of ``DEFAULT_SCORES`` that the ``sources`` log for their primary method, as their tables list it."""
     for score in DEFAULT_SCORES:
         keys = [tag for source in sources for tag, entry in source.logged.items()
-                if entry.metric == score and entry.method == source.methods[0] and tag.endswith(f"/{score}")]
+                if entry.method == source.methods[0] and tag.rsplit("/", 1)[-1] == score]
         if len(keys) > 1:
             raise ValueError(f"SpuriousCueMonitor's default could watch any of {keys}; set `monitor` to one of them")
         if keys:
             return keys[0]
     raise ValueError(
-        "SpuriousCueMonitor's default watches caap/background_swap_ratio (with object masks), "
-        "caap/cue_swap_ratio (with cue masks) or caap/border_swap_ratio (without masks), or else an insertion "
-        f"ratio or a density ratio, but the CAAPCallbacks log none of them (they log {logged}): add "
-        "'border_swap_ratio' (or a swap ratio the probe's masks allow) to CAAPCallback's `metrics`, or set "
+        "SpuriousCueMonitor's default watches caap/background_swap_follow_share (with object masks), "
+        "caap/cue_swap_follow_share (with cue masks) or caap/border_swap_follow_share (without masks), or else an "
+        f"insertion ratio or a density ratio, but the CAAPCallbacks log none of them (they log {logged}): add "
+        "'border_swap_ratio' (or a swap test the probe's masks allow) to CAAPCallback's `metrics`, or set "
         "`monitor` to one of those it logs."
     )

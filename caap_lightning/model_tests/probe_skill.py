@@ -23,7 +23,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 # The skill a check needs to be judged, chosen on the benchmark's runs (benchmarks/results/spurious.md).
-JUDGED_SKILL = 0.5
+JUDGED_SKILL = 0.3
 
 
 def chance_corrected(value: float, chance: float) -> float:
