@@ -24,9 +24,12 @@ from caap_lightning.utils import eval_mode
 DEFAULT_CONFIG = config_path("demo.yaml")
 # Metrics shown in the summary, in this order, when logged.
 SUMMARY_METRICS = (
-    "caap/cue_swap_ratio",
+    "caap/swap_probe_skill",
+    "caap/cue_swap_follow_share",
+    "caap/background_swap_follow_share",
+    "caap/border_swap_follow_share",
+    "caap/surround_swap_follow_share",
     "caap/background_swap_ratio",
-    "caap/border_swap_ratio",
     "caap/cue_insertion_ratio",
     "caap/background_insertion_ratio",
     "caap/border_insertion_ratio",
@@ -87,7 +90,7 @@ def summary(run, wall_s: float) -> List[str]:
         lines.append(f"CAAP metrics on the probe batch, first check (epoch {first['epoch']}) -> last (epoch {last['epoch']}):")
         for name in SUMMARY_METRICS:
             if name in last:
-                lines.append(f"  {name:<32} {first.get(name, float('nan')):8.3f} -> {last[name]:8.3f}")
+                lines.append(f"  {name:<34} {first.get(name, float('nan')):8.3f} -> {last[name]:8.3f}")
 
     if monitor is not None:
         if monitor.alarms:
