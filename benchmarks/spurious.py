@@ -1,37 +1,42 @@
-"""Spurious-cue detection: does ``SpuriousCueMonitor`` catch shortcut learning, early, without false alarms?
+"""Spurious-cue detection: does ``SpuriousCueMonitor`` catch shortcut learning, in time, without false alarms?
 
-A tiny ViT (the packaged ``demo.yaml``'s) is trained from scratch on CPU on two generated datasets,
-``shapes`` (``SyntheticSpuriousDataModule``) and ``fashion`` (``FashionCanvasDataModule``), each
-with every cue kind (marker, watermark, border, background) at several cue strengths: the
-training-set probability that the cue names the label, ``1 / num_classes`` for the control (the
-cue carries no information), then 0.8, 0.95 and 1.0. Outside training the cue is independent of
-the label, so the validation set measures what each model learnt.
+A tiny ViT (the packaged ``demo.yaml``'s) is trained on CPU on two generated datasets, ``shapes``
+(``SyntheticSpuriousDataModule``) and ``fashion`` (``FashionCanvasDataModule``), each with every
+cue kind (marker, watermark, border, background) at several cue strengths: the training-set
+probability that the cue names the label, ``1 / num_classes`` for the control (the cue carries no
+information), then 0.8, 0.95 and 1.0. Outside training the cue is independent of the label, so the
+validation set measures what each model learnt. Each run starts from scratch (``--init scratch``)
+or is a fine-tune (``--init pretrained``): the model first trained on clean data of the same domain
+with no cue, then given a fresh head (``cue_runs.PRETRAIN``), the scenario of a user fine-tuning a
+pretrained ViT.
 
 Ground truth is measured, not assumed: a run's *reliance* is the share of cue-conflicting
-validation images predicted as the cue's class. A run is a *shortcut run* when its final
-reliance is at least 50%; a control should learn the object (>= 85% validation accuracy) and
-keep its reliance below 25% throughout (the report names controls that do not).
+validation images predicted as the cue's class; its *onset* the first epoch with reliance of 40%
+or more, and a *shortcut run* one that has an onset. A control should learn the object (>= 85%
+validation accuracy) and keep its reliance below 25% throughout (the report names controls that
+do not). An alarm is in time when it comes no later than one epoch after the onset.
 
-Each fit has ``CAAPCallback`` logging, after every epoch, the score of each *mask regime*:
-what a user who has cue and object masks, only object masks, or no masks would monitor
-(``REGIMES``: the monitor's defaults, swap ratios that test the model itself), the insertion
-ratios that were the defaults before them (``INSERTION_REGIMES``), and the map-based scores
-(``MAP_REGIMES``). One trained run serves every
-regime: each regime's ``SpuriousCueMonitor`` is replayed from the recorded per-epoch scores
-through ``SpuriousCueMonitor.update``; a live monitor on the first regime checks that the
-replay is faithful. Each baseline (Grad-CAM by default) then drives the same callbacks on a
-replay of the fit's weights, epoch by epoch, so its maps' scores are compared on the same models.
+Each fit has ``CAAPCallback`` logging, after every epoch, every model test (swap ratios and their
+follow shares, insertion ratios; ``REGIMES``: the swap test each *mask regime* watches, for a user
+who has cue and object masks, only object masks, or no masks), the map-based scores
+(``MAP_REGIMES``) and the swap probe's skill, which says whether each check is judged. One
+trained run serves every regime and monitor (``WATCHES``): each is replayed from the recorded
+per-epoch scores through ``SpuriousCueMonitor.update`` and its judged rule; a live monitor on the
+default score checks that the replay is faithful. Each baseline (``--baselines``) then drives the
+same callbacks on a replay of the fit's weights, epoch by epoch, so its maps' scores are compared on
+the same models.
 
-The report gives, per method, regime, dataset and cue kind, the detection rate over shortcut
-runs, the false alarms over controls and the lead time against the accuracy-gap detector (the
-first epoch at which cue-conflicting accuracy is 10 points below cue-consistent accuracy, a
-detector that needs labelled conflicting data, and how often it fires on the controls), the
-issue's targets as met / NOT met, what each late alarm's run showed when the gap opened, and the
-score trajectories. The monitor's threshold and patience are chosen on part of the grid
-(``TUNING``) and confirmed on the held-out cue kinds and dataset.
+The report gives, per monitor, regime, init, dataset and cue kind, the detection rate over
+shortcut runs, the false alarms over controls and the lead time against the onset (and the
+accuracy-gap epoch beside it: the first epoch at which cue-conflicting accuracy is 10 points below
+cue-consistent accuracy), the targets as met / NOT met, the window of thresholds that meets every
+target and the controls' highest judged reading, a sweep of ``min_skill``, what each late alarm's
+run showed, and the score trajectories. Each monitor's threshold and patience are also chosen on
+part of the grid (``TUNING``) and confirmed on the held-out cue kinds and dataset.
 
     python benchmarks/spurious.py --quick                        # a smoke run: prints the summary
     python benchmarks/spurious.py --workers 2                    # the grid; writes benchmarks/results/spurious.*
+    python benchmarks/spurious.py --init pretrained --baselines  # the fine-tunes alone, no baseline replays
     python benchmarks/spurious.py --data shapes --cues marker    # part of it
     python benchmarks/spurious.py --rescore benchmarks/results/spurious.json   # replay today's monitor
 

@@ -16,12 +16,12 @@ from caap_lightning.callbacks.arguments import check_unique_prefix
 from caap_lightning.callbacks.caap_callback import CAAPCallback
 from caap_lightning.callbacks.drawing import column_title
 from caap_lightning.callbacks.errors import ON_ERROR, attempt
+from caap_lightning.callbacks.meters import SKILL
 from caap_lightning.callbacks.metric_table import LoggedScalar
 from caap_lightning.callbacks.result import ProbeResult
 from caap_lightning.callbacks.alarm_report import report_alarm, scalar_layout
 from caap_lightning.callbacks.strategies import MIN_GROUP_IMAGES, StrategyGroup, discover_strategies, log_strategies
 from caap_lightning.metrics._checks import check_int
-from caap_lightning.callbacks.meters import SKILL
 from caap_lightning.model_tests import JUDGED_SKILL, is_judged
 
 ALARM_ON = ("high", "low")
