@@ -14,8 +14,9 @@ import torch
 from caap_lightning.callbacks import ProbeResult, SpuriousCueMonitor
 from caap_lightning.callbacks.metric_table import logged_table
 from caap_lightning.datamodules.base import ProbeBatch
+from caap_lightning.model_tests import JUDGED_SKILL
 
-KEY = "caap/background_swap_ratio"
+KEY = "caap/background_swap_follow_share"  # the default: the background swap test's follow share
 SKILL_KEY = "caap/swap_probe_skill"
 
 
@@ -61,22 +62,24 @@ def test_the_monitor_counts_and_reports_a_hand_made_result_without_a_trainer(tmp
     monitor = SpuriousCueMonitor(num_images=3, strategies=False)
     monitor.watch([source])
     assert monitor.monitor_key == KEY and monitor.part == "background"
-    per_image = torch.tensor([1.0, 3.0, torch.nan, 2.0])
+    # Per pair: 1 follows the donor's background, 0 does not, NaN not scored.
+    per_image = torch.tensor([0.0, 1.0, torch.nan, 1.0])
     trainer = stand_in(tmp_path)
-    monitor.read(trainer, result(0, 1.0, probe, per_image))
-    assert monitor.history == [{"epoch": 0, "step": 0, "score": 1.0, "alarm": 0.0}] and monitor.alarms == []
+    monitor.read(trainer, result(0, 0.25, probe, per_image))
+    assert monitor.history == [{"epoch": 0, "step": 0, "score": 0.25, "alarm": 0.0}] and monitor.alarms == []
     # One console line (issue 29): the region and a next step; what the score means is in the text entry.
-    with pytest.warns(UserWarning, match=r"alarm at epoch 1 \(step 10\): caap/background_swap_ratio = 1\.500 .* the "
-                      r"model relies on the background\. Next: ") as record:
-        monitor.read(trainer, result(1, 1.5, probe, per_image))
+    with pytest.warns(UserWarning, match=r"alarm at epoch 1 \(step 10\): caap/background_swap_follow_share = 0\.600 "
+                      r"> 0\.4; 2 of 3 probe images follow the background, not the object\. Next: ") as record:
+        monitor.read(trainer, result(1, 0.6, probe, per_image))
     assert all(len(str(w.message)) <= 300 and "\n" not in str(w.message) for w in record)
-    assert monitor.alarms == [{"epoch": 1, "step": 10, "score": 1.5}] and monitor.alarmed
+    assert monitor.alarms == [{"epoch": 1, "step": 10, "score": 0.6}] and monitor.alarmed
     text = (tmp_path / "caap_images" / "version_0" / "spurious_alarm_step10.md").read_text()
-    assert "The score is on probe images given the background" in text
+    assert "The score is the share of probe images given the background" in text
     rows = [line for line in text.splitlines() if line.startswith("| #")]
-    # The images named by the published per-image values, highest first; the unscored image last.
+    # The images named by the published per-image values, highest first (stable among ties); the unscored image last.
     assert [row.split("|")[1].strip() for row in rows] == ["#1", "#3", "#0"]
-    assert rows[0].endswith("| 3.000 |") and "the image with another probe image's background" in text
+    assert rows[0].endswith("| 1.000 |") and rows[2].endswith("| 0.000 |")
+    assert "the image with another probe image's background" in text
     assert (tmp_path / "caap_images" / "version_0" / "spurious_alarm_images_step10.png").is_file()
 
 
@@ -100,9 +103,9 @@ def test_a_check_the_model_cannot_judge_is_not_counted_and_is_said(tmp_path, cap
     """Issue 29: a swap check whose skill is under min_skill leaves the count, history and alarm as they were, however
     far past the threshold its score, and says why; the same score from a model that is sure of the probe alarms."""
     probe = probe_of()
-    monitor = SpuriousCueMonitor(num_images=2, strategies=False, patience=1, min_skill=0.5)
+    monitor = SpuriousCueMonitor(num_images=2, strategies=False, patience=1)
     monitor.watch([Published(probe)])
-    assert monitor.judges_skill
+    assert monitor.judges_skill and monitor.min_skill == JUDGED_SKILL == 0.3
     logger = Recorder(tmp_path)
     trainer = SimpleNamespace(loggers=[logger], is_global_zero=True, world_size=1, global_rank=0,
                               default_root_dir=str(tmp_path))
@@ -111,25 +114,25 @@ def test_a_check_the_model_cannot_judge_is_not_counted_and_is_said(tmp_path, cap
     counted = list(monitor.history)
     assert counted == [{"epoch": 0, "step": 0, "score": 0.3, "alarm": 0.0}]
     assert logger.logged[-1] == (0, {"spurious/score": 0.3, "spurious/alarm": 0.0, "spurious/judged": 1.0})
-    for epoch, skill, shown in ((1, 0.2, "0.20"), (2, None, "unknown")):
+    for epoch, skill, shown in ((1, 0.29, "0.29"), (2, None, "unknown")):
         with caplog.at_level(logging.INFO), warnings.catch_warnings():
             warnings.simplefilter("error")  # not counted is not an alarm
-            monitor.read(trainer, result(epoch, 50.0, probe, per_image, skill=skill))
+            monitor.read(trainer, result(epoch, 1.0, probe, per_image, skill=skill))
         assert monitor.history == counted and monitor.wait == 0 and monitor.alarms == [] and not monitor.alarmed
         assert monitor.best == 0.3
-        assert logger.logged[-1] == (10 * epoch, {"spurious/score": 50.0, "spurious/judged": 0.0})
+        assert logger.logged[-1] == (10 * epoch, {"spurious/score": 1.0, "spurious/judged": 0.0})
         said = caplog.records[-1].getMessage()
-        assert f"the check at epoch {epoch} is not judged (caap/background_swap_ratio 50.000)" in said
-        assert f"skill on the clean swap probe is {shown}, below min_skill=0.5" in said
+        assert f"the check at epoch {epoch} is not judged (caap/background_swap_follow_share 1.000)" in said
+        assert f"skill on the clean swap probe is {shown}, below min_skill=0.3" in said
         assert "the count stays at 0 of 1" in said
         text = (tmp_path / "caap_images" / f"spurious_not_judged_step{10 * epoch}.md").read_text()
-        assert text.startswith(f"Epoch {epoch}: not judged: ") and f"is {shown}, below min_skill=0.5" in text
+        assert text.startswith(f"Epoch {epoch}: not judged: ") and f"is {shown}, below min_skill=0.3" in text
     # The same score at a skill of min_skill counts, and alarms.
-    with pytest.warns(UserWarning, match=r"alarm at epoch 3 \(step 30\): caap/background_swap_ratio = 50\.000"):
-        monitor.read(trainer, result(3, 50.0, probe, per_image, skill=0.5))
-    assert monitor.history[-1] == {"epoch": 3, "step": 30, "score": 50.0, "alarm": 1.0} and len(monitor.history) == 2
-    assert monitor.alarms == [{"epoch": 3, "step": 30, "score": 50.0}]
-    assert logger.logged[-1] == (30, {"spurious/score": 50.0, "spurious/alarm": 1.0, "spurious/judged": 1.0})
+    with pytest.warns(UserWarning, match=r"alarm at epoch 3 \(step 30\): caap/background_swap_follow_share = 1\.000"):
+        monitor.read(trainer, result(3, 1.0, probe, per_image, skill=0.3))
+    assert monitor.history[-1] == {"epoch": 3, "step": 30, "score": 1.0, "alarm": 1.0} and len(monitor.history) == 2
+    assert monitor.alarms == [{"epoch": 3, "step": 30, "score": 1.0}]
+    assert logger.logged[-1] == (30, {"spurious/score": 1.0, "spurious/alarm": 1.0, "spurious/judged": 1.0})
 
 
 def test_without_min_skill_or_off_a_swap_test_every_check_counts(tmp_path):
@@ -139,7 +142,7 @@ def test_without_min_skill_or_off_a_swap_test_every_check_counts(tmp_path):
         monitor.watch([Published(probe)])
         assert not monitor.judges_skill
         with pytest.warns(UserWarning, match="alarm at epoch 0"):
-            monitor.read(stand_in(tmp_path), result(0, 50.0, probe, torch.ones(len(probe)), skill=0.0))
+            monitor.read(stand_in(tmp_path), result(0, 1.0, probe, torch.ones(len(probe)), skill=0.0))
         assert len(monitor.history) == 1 and monitor.alarmed
 
 
