@@ -12,7 +12,10 @@ import pytest
 import torch
 
 from caap_lightning.callbacks import ProbeResult, SpuriousCueMonitor
-from caap_lightning.callbacks.metric_table import logged_table
+from caap_lightning.callbacks.metric_table import logged_table, resolve_metrics
+from caap_lightning.callbacks.spurious_cue_monitor import (
+    DEFAULT_SWAP_IMAGES, DEFAULT_THRESHOLD, default_key, default_threshold_warning,
+)
 from caap_lightning.datamodules.base import ProbeBatch
 from caap_lightning.model_tests import JUDGED_SKILL
 
@@ -150,3 +153,73 @@ def test_without_min_skill_or_off_a_swap_test_every_check_counts(tmp_path):
 def test_a_min_skill_outside_zero_to_one_is_refused(min_skill):
     with pytest.raises(ValueError, match=r"min_skill=.* must be in \[0, 1\) \(0: chance, 1: certain\) or None"):
         SpuriousCueMonitor(min_skill=min_skill)
+
+
+def default_source(probe: ProbeBatch) -> SimpleNamespace:
+    """What a default CAAPCallback publishes on ``probe`` (its default metrics, the probe its own swap probe)."""
+    metrics = resolve_metrics(None, probe, len(probe))
+    return SimpleNamespace(methods=["caap"], logged=logged_table(["caap"], metrics, lambda method, scalar: f"caap/{scalar}",
+                                                                 probe, probe))
+
+
+@pytest.mark.parametrize("masks, cue_masks, expected", [
+    (True, True, "caap/background_swap_follow_share"),  # object masks first, cue masks or not
+    (True, False, "caap/background_swap_follow_share"),
+    (False, True, "caap/cue_swap_follow_share"),
+    (False, False, "caap/border_swap_follow_share"),
+])
+def test_the_default_key_is_the_follow_share_the_masks_allow(masks, cue_masks, expected):
+    """Issue 29: the default watches a swap test's follow share, matched by its tag (its metric is the swap ratio's)."""
+    probe = probe_of(8)
+    corner = torch.zeros(8, 16, 16, dtype=torch.bool)
+    corner[:, :3, :3] = True
+    probe = ProbeBatch(images=probe.images, labels=probe.labels, masks=probe.masks if masks else None,
+                       cue_masks=corner if cue_masks else None)
+    source = default_source(probe)
+    key = default_key([source], sorted(source.logged))
+    assert key == expected and source.logged[key].metric == expected.split("/")[1].replace("_follow_share", "_ratio")
+    assert key.replace("_follow_share", "_ratio") in source.logged  # the ratio is logged too, and not chosen
+
+
+def test_the_default_key_names_the_follow_shares_when_none_is_logged():
+    probe = probe_of(8)
+    source = SimpleNamespace(methods=["caap"], logged=logged_table(["caap"], ["background_mass"],
+                                                                   lambda method, scalar: f"caap/{scalar}", probe, probe))
+    with pytest.raises(ValueError, match=r"default watches caap/background_swap_follow_share \(with object masks\), "
+                       r"caap/cue_swap_follow_share \(with cue masks\) or caap/border_swap_follow_share"):
+        default_key([source], sorted(source.logged))
+
+
+def test_the_default_threshold_warns_off_a_follow_share_on_a_full_swap_probe():
+    """Issue 29: 0.4 was chosen for the follow shares on DEFAULT_SWAP_IMAGES (64) swap images: silent there; a follow
+    share on fewer, or any other score (a swap ratio included), is warned about."""
+    assert DEFAULT_SWAP_IMAGES == 64 and DEFAULT_THRESHOLD == 0.4
+
+    def table(n: int):
+        probe = probe_of(n)
+        return logged_table(["caap"], ["background_swap_ratio", "background_density_ratio"],
+                            lambda method, scalar: f"caap/{scalar}", probe, probe)
+
+    full, small = table(64), table(16)
+    assert default_threshold_warning(full["caap/background_swap_follow_share"]) is None
+    few = default_threshold_warning(small["caap/background_swap_follow_share"])
+    assert few is not None and ("watching caap/background_swap_follow_share at the default threshold 0.4 on 16 swap "
+                                "images; it was chosen on 64, and on fewer the share is noisy") in few
+    for other in ("caap/background_swap_ratio", "caap/background_density_ratio"):
+        for images in (full, small):
+            said = default_threshold_warning(images[other])
+            assert said is not None and said.startswith(
+                f"SpuriousCueMonitor: watching {other} at the default threshold 0.4, which was chosen for the swap "
+                "tests' follow shares")
+
+
+def test_a_swap_ratio_watched_at_the_default_threshold_warns_once(tmp_path):
+    probe = probe_of(64)
+    monitor = SpuriousCueMonitor(monitor=KEY.replace("_follow_share", "_ratio"), strategies=False)
+    with pytest.warns(UserWarning, match=r"watching caap/background_swap_ratio at the default threshold 0\.4, which "
+                      r"was chosen for the swap tests' follow shares") as record:
+        monitor.watch([Published(probe)])
+    assert sum("default threshold" in str(w.message) for w in record) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default follow share on 64 swap images: nothing to say
+        SpuriousCueMonitor(strategies=False).watch([Published(probe)])
