@@ -206,7 +206,6 @@ def test_default_monitor_follows_the_masks(tmp_path, data_factory, classifier_fa
         assert monitor.monitor_key == expected and len(monitor.history) == 2
         assert monitor.threshold == DEFAULT_THRESHOLD and monitor.discovers_strategies is strategies
         assert [row["score"] for row in monitor.history] == [row[expected] for row in caap.history]
-        # The scores of untrained models sit near 1 (they follow neither part), below the threshold.
         scores = [row["score"] for row in monitor.history]
         # An untrained model's follow share is a coin toss over the probe's pairs of two classes (0 to 0.6 here), not
         # below the threshold: with every check counted, one past it alarms; the default min_skill does not judge them.
