@@ -49,13 +49,16 @@ def test_lead_time(cue_runs):
     assert cue_runs.lead_time(alarm=None, due=2) is None
 
 
-def test_the_due_epoch_is_the_gap_or_the_onset_whichever_comes_first(cue_runs):
+def test_the_due_epoch_is_the_onset(cue_runs):
+    """Issue 29: an alarm is measured against the onset (40% reliance) alone; the gap is reported beside it."""
     # Follows the cue on 40% at epoch 2 while the accuracies are still within 10 points: due at its onset.
     partial = history([60, 70, 80], [58, 64, 50], reliance=[20.0, 41.0, 48.0])
     assert (cue_runs.onset_epoch(partial), cue_runs.gap_epoch(partial), cue_runs.due_epoch(partial)) == (2, 3, 2)
-    # The gap first: due at the gap.
+    # The gap first (as in a slow fine-tune that still follows the cue on few images): still due at the onset.
     gapped = history([60, 80, 90], [55, 60, 40], reliance=[20.0, 30.0, 45.0])
-    assert (cue_runs.onset_epoch(gapped), cue_runs.gap_epoch(gapped), cue_runs.due_epoch(gapped)) == (3, 2, 2)
+    assert (cue_runs.onset_epoch(gapped), cue_runs.gap_epoch(gapped), cue_runs.due_epoch(gapped)) == (3, 2, 3)
+    # A gap without an onset is due at no epoch.
+    assert cue_runs.due_epoch(history([60, 80], [55, 60], reliance=[20.0, 39.9])) is None
     assert cue_runs.due_epoch(history([60], [60], reliance=[39.9])) is None
     assert cue_runs.run_kind(run("marker", 1.0, 0, partial)) == "shortcut"
 
@@ -152,8 +155,9 @@ def test_a_late_alarm_fails_the_lead_target(spurious):
 
 
 def test_late_alarms_show_the_gap_and_score_against_the_controls_peak(spurious):
-    # Gap at epoch 2 (12 points), the score still under the control's peak of 2.5 at epoch 3, alarm at epoch 4.
-    late = history([40, 52, 80, 99, 99], [40, 40, 30, 5, 2], reliance=[25, 33, 60, 90, 95],
+    # Onset and gap at epoch 2 (41% reliance, 12 points), the score still under the control's peak of 2.5 at
+    # epoch 3, alarm at epoch 4.
+    late = history([40, 52, 80, 99, 99], [40, 40, 30, 5, 2], reliance=[25, 41, 60, 90, 95],
                    background_swap_ratio=[1.0, 1.2, 2.1, 9.0, 9.0], border_swap_ratio=[1.0, 1.0, 3.0, 3.0, 3.0])
     noisy = history([50, 50, 70, 50, 50], [50, 50, 50, 50, 50], reliance=[5] * 5,
                     background_swap_ratio=[1.0, 2.5, 1.0, 1.0, 1.0], border_swap_ratio=[1.4] * 5)
@@ -163,16 +167,16 @@ def test_late_alarms_show_the_gap_and_score_against_the_controls_peak(spurious):
     assert list(found) == ["cue+object masks, object masks only", "no masks: border ring", "no masks: surround"]
     assert found["no masks: border ring"]["late"] == [] and found["no masks: surround"]["late"] == []
     masked = found["cue+object masks, object masks only"]
-    # Due at the gap (epoch 2; it follows the cue on 40% only at epoch 3).
+    # Due at the onset (epoch 2), the gap it has opened by then shown beside it.
     assert masked["late"] == [{"run": "scratch/shapes/marker/1.0/seed 0", "due_epoch": 2, "alarm_epoch": 4,
-                               "gap_points": 12.0, "reliance": [33, 60], "score": [1.2, 2.1], "judged": [True, True]}]
+                               "gap_points": 12.0, "reliance": [41, 60], "score": [1.2, 2.1], "judged": [True, True]}]
     assert masked["control_peak"] == {"score": 2.5, "run": "scratch/shapes/marker/0.25/seed 0", "epoch": 2,
                                       "accuracy": 90.0}
     # The reference detector fired on the control too (20 points at epoch 3).
     truth = spurious.ground_truth(runs)
     assert truth["controls"] == 1 and truth["gap_on_controls"] == ["scratch/shapes/marker/0.25/seed 0 (epoch 3)"]
     text = "\n".join(spurious.late_section(found, "swap"))
-    assert "| 2 (12) | 33, 60 | 1.2, 2.1 | True, True | 4 |" in text
+    assert "| 2 (12) | 41, 60 | 1.2, 2.1 | True, True | 4 |" in text
     assert "1 of 1 late runs are at or below it at g + 1" in text
 
 

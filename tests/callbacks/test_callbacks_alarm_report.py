@@ -1,5 +1,6 @@
 """The alarm as a person meets it: one console line with the region, how many probe images follow it and one next
-step; the details in the text entry; the cue named where its own swap ratio explains the alarm."""
+step; the details in the text entry; the cue named where its own swap scalar of the watched kind (ratio or follow
+share) explains the alarm."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from caap_lightning.datamodules.base import ProbeBatch
 
 N = 64
 BACKGROUND, CUE = "caap/background_swap_ratio", "caap/cue_swap_ratio"
+BACKGROUND_SHARE, CUE_SHARE = "caap/background_swap_follow_share", "caap/cue_swap_follow_share"
 
 
 def stand_in(tmp_path) -> SimpleNamespace:
@@ -46,32 +48,41 @@ def follows(ones: int, zeros: int) -> torch.Tensor:
     return torch.cat([torch.ones(ones), torch.zeros(zeros), torch.full((N - ones - zeros,), torch.nan)])
 
 
-def result(probe: ProbeBatch, cue_ratio: float) -> ProbeResult:
+def result(probe: ProbeBatch, cue_ratio: float, cue_follows=(41, 23)) -> ProbeResult:
+    """A judged check: the background's ratio 1.5 and follow share 30 of 60 (0.5); the cue's ``cue_ratio`` and
+    ``cue_follows`` (follows, does not follow) pairs."""
     ratios = torch.linspace(0.5, 2.0, N)
+    ones, zeros = cue_follows
     return ProbeResult(
         # A model sure of its clean swap probe (skill 0.9): the check is judged (issue 29).
-        epoch=2, step=30, stage="fit", metrics={BACKGROUND: 1.5, CUE: cue_ratio, "caap/swap_probe_skill": 0.9},
+        epoch=2, step=30, stage="fit", metrics={BACKGROUND: 1.5, CUE: cue_ratio, BACKGROUND_SHARE: 0.5,
+                                                CUE_SHARE: ones / (ones + zeros), "caap/swap_probe_skill": 0.9},
         targets=probe.labels.clone(), scores=torch.full((N,), 0.9), method_maps={"caap": torch.rand(N, 2, 2)},
         probe=probe, mean=(0.5,) * 3, std=(0.5,) * 3, swap_probe=probe,
-        model_test_image_values={BACKGROUND: ratios, CUE: ratios, "caap/background_swap_follow_share": follows(30, 30),
-                                 "caap/cue_swap_follow_share": follows(41, 23)},
+        model_test_image_values={BACKGROUND: ratios, CUE: ratios, BACKGROUND_SHARE: follows(30, 30),
+                                 CUE_SHARE: follows(ones, zeros)},
     )
 
 
-def alarm(tmp_path, cue_ratio: float):
+def alarm(tmp_path, cue_ratio: float, watched: str = BACKGROUND, cue_follows=(41, 23), **monitor_kwargs):
     probe = probe_with_cues()
-    monitor = SpuriousCueMonitor(num_images=2, strategies=False)
+    monitor = SpuriousCueMonitor(num_images=2, strategies=False, **monitor_kwargs)
     monitor.watch([Published(probe)])
-    assert monitor.monitor_key == BACKGROUND
+    assert monitor.monitor_key == watched
     with pytest.warns(UserWarning, match="alarm at epoch 2") as record:
-        monitor.read(stand_in(tmp_path), result(probe, cue_ratio))
+        monitor.read(stand_in(tmp_path), result(probe, cue_ratio, cue_follows))
     (line,) = [str(w.message) for w in record if "alarm at epoch" in str(w.message)]
     text = (tmp_path / "caap_images" / "version_0" / "spurious_alarm_step30.md").read_text()
     return line, text
 
 
+def ratio_alarm(tmp_path, cue_ratio: float, **kwargs):
+    """The background's swap ratio watched at the ratio's own threshold of 1.1."""
+    return alarm(tmp_path, cue_ratio, monitor=BACKGROUND, threshold=1.1, **kwargs)
+
+
 def test_the_alarm_names_the_cue_when_its_swap_ratio_is_past_the_threshold_too(tmp_path):
-    line, text = alarm(tmp_path, cue_ratio=1.3)
+    line, text = ratio_alarm(tmp_path, cue_ratio=1.3)
     assert len(line) <= CONSOLE_CHARACTERS and "\n" not in line
     assert line.startswith("SpuriousCueMonitor: alarm at epoch 2 (step 30): caap/background_swap_ratio = 1.500 > 1.1; "
                            "41 of 64 probe images follow the cue, not the rest of the image "
@@ -85,9 +96,32 @@ def test_the_alarm_names_the_cue_when_its_swap_ratio_is_past_the_threshold_too(t
 
 
 def test_the_alarm_names_the_background_when_the_cue_does_not_explain_it(tmp_path):
-    line, _ = alarm(tmp_path, cue_ratio=0.8)
+    line, _ = ratio_alarm(tmp_path, cue_ratio=0.8)
     assert len(line) <= CONSOLE_CHARACTERS
     assert "; 30 of 60 probe images follow the background, not the object. Next: train on varied backgrounds" in line
+    assert "cue" not in line
+
+
+def test_a_follow_share_alarm_names_the_cue_when_its_follow_share_is_past_the_threshold_too(tmp_path):
+    """Issue 29: the default watch, the background's follow share at 0.4; the cue's follow share (41 of 64) is past
+    0.4 too, so the cue carries the shortcut."""
+    line, text = alarm(tmp_path, cue_ratio=0.8, watched=BACKGROUND_SHARE)
+    assert len(line) <= CONSOLE_CHARACTERS and "\n" not in line
+    assert line.startswith("SpuriousCueMonitor: alarm at epoch 2 (step 30): caap/background_swap_follow_share = 0.500 "
+                           "> 0.4; 41 of 64 probe images follow the cue, not the rest of the image "
+                           "(caap/cue_swap_follow_share = 0.641 too). Next: break the cue's tie to the class")
+    # The cue's swap ratio (0.8) is below the ratio's scale: the watched kind decides, not the other one.
+    assert "caap/cue_swap_ratio" not in line
+    assert "The score is the share of probe images given the background" in text
+    assert "Next step: break the cue's tie to the class in the training data." in text
+
+
+def test_a_follow_share_alarm_names_the_background_when_the_cues_share_is_under_the_threshold(tmp_path):
+    """The cue's follow share 20 of 64 (0.312) is under 0.4, however far its swap ratio (1.3) is past 1.1."""
+    line, _ = alarm(tmp_path, cue_ratio=1.3, watched=BACKGROUND_SHARE, cue_follows=(20, 44))
+    assert line.startswith("SpuriousCueMonitor: alarm at epoch 2 (step 30): caap/background_swap_follow_share = 0.500 "
+                           "> 0.4; 30 of 60 probe images follow the background, not the object. Next: train on varied "
+                           "backgrounds")
     assert "cue" not in line
 
 
@@ -125,8 +159,8 @@ def test_a_fit_writes_a_custom_scalars_layout_with_the_alarm_first(tmp_path, dat
     alarm, score, judged = layout.category[0].chart
     assert alarm.title.startswith("alarm") and [alarm.margin.series[0].value, alarm.margin.series[0].lower,
                                                 alarm.margin.series[0].upper] == ["spurious/alarm"] * 3
-    assert score.title == "score (caap/background_swap_ratio), unsmoothed"
-    # The watched swap ratio is judged only where the model tells the swap images apart: the 0/1 series unsmoothed.
+    assert score.title == "score (caap/background_swap_follow_share), unsmoothed"
+    # The watched follow share is judged only where the model tells the swap images apart: the 0/1 series unsmoothed.
     assert judged.title.startswith("check judged") and judged.margin.series[0].value == "spurious/judged"
     ratios, shares, skill = layout.category[1].chart
     assert list(ratios.multiline.tag) == ["caap/background_swap_ratio", "caap/border_swap_ratio"]

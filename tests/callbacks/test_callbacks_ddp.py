@@ -69,9 +69,9 @@ def test_ddp_two_processes_log_once_and_match_one_process(
     # The model tests' per-image values, gathered rank by rank, come back in the probe's order.
     per_image = torch.load(tmp_path / "per_image.pt")
     # Each swap test's follow share too (issue 29): 1 where the pair follows the swapped region, 0 where not.
-    assert set(per_image) == {f"caap/{region}_{test}_ratio" for region in ("background", "cue", "border")
-                              for test in ("insertion", "swap")} | {f"caap/{region}_swap_follow_share"
-                                                                    for region in ("background", "cue", "border")}
+    regions = ("background", "cue", "border", "surround")
+    assert set(per_image) == {f"caap/{region}_{test}_ratio" for region in regions
+                              for test in ("insertion", "swap")} | {f"caap/{region}_swap_follow_share" for region in regions}
     for name, values in per_image.items():
         # Every image of the test's own probe (a swap's: the whole swap probe), as one process computes them.
         torch.testing.assert_close(values, single.last.model_test_image_values[name], rtol=1e-4, atol=1e-5,

@@ -286,10 +286,12 @@ def test_nan_outputs_at_a_check_are_named_and_the_monitor_counts_nothing(vit_fac
     module = Diverging(vit_factory(num_classes=0), nn.Linear(DIM, 3))
     caap = CAAPCallback(num_images=4, mean=HALF, std=HALF, log_images=False)
     monitor = SpuriousCueMonitor()
-    with pytest.warns(UserWarning, match=r"the check at epoch 0 is not counted: caap/border_swap_ratio was not logged "
-                      r"there \(the model's outputs on the probe images were not finite \(NaN or inf\)\)") as record:
+    # The default watches the border swap test's follow share (issue 29).
+    with pytest.warns(UserWarning, match=r"the check at epoch 0 is not counted: caap/border_swap_follow_share was not "
+                      r"logged there \(the model's outputs on the probe images were not finite \(NaN or inf\)\)") as record:
         quiet_trainer(tmp_path, caap, monitor).fit(module, *loaders())
-    assert monitor.history == [] and caap.last.unscored["caap/border_swap_ratio"].startswith("the model's outputs")
+    assert monitor.monitor_key == "caap/border_swap_follow_share" and monitor.history == []
+    assert caap.last.unscored["caap/border_swap_ratio"].startswith("the model's outputs")
     assert not any("class of its partner" in str(w.message) for w in record)
 
 

@@ -12,10 +12,14 @@ import pytest
 import torch
 
 from caap_lightning.callbacks import ProbeResult, SpuriousCueMonitor
-from caap_lightning.callbacks.metric_table import logged_table
+from caap_lightning.callbacks.metric_table import logged_table, resolve_metrics
+from caap_lightning.callbacks.spurious_cue_monitor import (
+    DEFAULT_SWAP_IMAGES, DEFAULT_THRESHOLD, default_key, default_threshold_warning,
+)
 from caap_lightning.datamodules.base import ProbeBatch
+from caap_lightning.model_tests import JUDGED_SKILL
 
-KEY = "caap/background_swap_ratio"
+KEY = "caap/background_swap_follow_share"  # the default: the background swap test's follow share
 SKILL_KEY = "caap/swap_probe_skill"
 
 
@@ -61,22 +65,24 @@ def test_the_monitor_counts_and_reports_a_hand_made_result_without_a_trainer(tmp
     monitor = SpuriousCueMonitor(num_images=3, strategies=False)
     monitor.watch([source])
     assert monitor.monitor_key == KEY and monitor.part == "background"
-    per_image = torch.tensor([1.0, 3.0, torch.nan, 2.0])
+    # Per pair: 1 follows the donor's background, 0 does not, NaN not scored.
+    per_image = torch.tensor([0.0, 1.0, torch.nan, 1.0])
     trainer = stand_in(tmp_path)
-    monitor.read(trainer, result(0, 1.0, probe, per_image))
-    assert monitor.history == [{"epoch": 0, "step": 0, "score": 1.0, "alarm": 0.0}] and monitor.alarms == []
+    monitor.read(trainer, result(0, 0.25, probe, per_image))
+    assert monitor.history == [{"epoch": 0, "step": 0, "score": 0.25, "alarm": 0.0}] and monitor.alarms == []
     # One console line (issue 29): the region and a next step; what the score means is in the text entry.
-    with pytest.warns(UserWarning, match=r"alarm at epoch 1 \(step 10\): caap/background_swap_ratio = 1\.500 .* the "
-                      r"model relies on the background\. Next: ") as record:
-        monitor.read(trainer, result(1, 1.5, probe, per_image))
+    with pytest.warns(UserWarning, match=r"alarm at epoch 1 \(step 10\): caap/background_swap_follow_share = 0\.600 "
+                      r"> 0\.4; 2 of 3 probe images follow the background, not the object\. Next: ") as record:
+        monitor.read(trainer, result(1, 0.6, probe, per_image))
     assert all(len(str(w.message)) <= 300 and "\n" not in str(w.message) for w in record)
-    assert monitor.alarms == [{"epoch": 1, "step": 10, "score": 1.5}] and monitor.alarmed
+    assert monitor.alarms == [{"epoch": 1, "step": 10, "score": 0.6}] and monitor.alarmed
     text = (tmp_path / "caap_images" / "version_0" / "spurious_alarm_step10.md").read_text()
-    assert "The score is on probe images given the background" in text
+    assert "The score is the share of probe images given the background" in text
     rows = [line for line in text.splitlines() if line.startswith("| #")]
-    # The images named by the published per-image values, highest first; the unscored image last.
+    # The images named by the published per-image values, highest first (stable among ties); the unscored image last.
     assert [row.split("|")[1].strip() for row in rows] == ["#1", "#3", "#0"]
-    assert rows[0].endswith("| 3.000 |") and "the image with another probe image's background" in text
+    assert rows[0].endswith("| 1.000 |") and rows[2].endswith("| 0.000 |")
+    assert "the image with another probe image's background" in text
     assert (tmp_path / "caap_images" / "version_0" / "spurious_alarm_images_step10.png").is_file()
 
 
@@ -100,9 +106,9 @@ def test_a_check_the_model_cannot_judge_is_not_counted_and_is_said(tmp_path, cap
     """Issue 29: a swap check whose skill is under min_skill leaves the count, history and alarm as they were, however
     far past the threshold its score, and says why; the same score from a model that is sure of the probe alarms."""
     probe = probe_of()
-    monitor = SpuriousCueMonitor(num_images=2, strategies=False, patience=1, min_skill=0.5)
+    monitor = SpuriousCueMonitor(num_images=2, strategies=False, patience=1)
     monitor.watch([Published(probe)])
-    assert monitor.judges_skill
+    assert monitor.judges_skill and monitor.min_skill == JUDGED_SKILL == 0.3
     logger = Recorder(tmp_path)
     trainer = SimpleNamespace(loggers=[logger], is_global_zero=True, world_size=1, global_rank=0,
                               default_root_dir=str(tmp_path))
@@ -111,25 +117,25 @@ def test_a_check_the_model_cannot_judge_is_not_counted_and_is_said(tmp_path, cap
     counted = list(monitor.history)
     assert counted == [{"epoch": 0, "step": 0, "score": 0.3, "alarm": 0.0}]
     assert logger.logged[-1] == (0, {"spurious/score": 0.3, "spurious/alarm": 0.0, "spurious/judged": 1.0})
-    for epoch, skill, shown in ((1, 0.2, "0.20"), (2, None, "unknown")):
+    for epoch, skill, shown in ((1, 0.29, "0.29"), (2, None, "unknown")):
         with caplog.at_level(logging.INFO), warnings.catch_warnings():
             warnings.simplefilter("error")  # not counted is not an alarm
-            monitor.read(trainer, result(epoch, 50.0, probe, per_image, skill=skill))
+            monitor.read(trainer, result(epoch, 1.0, probe, per_image, skill=skill))
         assert monitor.history == counted and monitor.wait == 0 and monitor.alarms == [] and not monitor.alarmed
         assert monitor.best == 0.3
-        assert logger.logged[-1] == (10 * epoch, {"spurious/score": 50.0, "spurious/judged": 0.0})
+        assert logger.logged[-1] == (10 * epoch, {"spurious/score": 1.0, "spurious/judged": 0.0})
         said = caplog.records[-1].getMessage()
-        assert f"the check at epoch {epoch} is not judged (caap/background_swap_ratio 50.000)" in said
-        assert f"skill on the clean swap probe is {shown}, below min_skill=0.5" in said
+        assert f"the check at epoch {epoch} is not judged (caap/background_swap_follow_share 1.000)" in said
+        assert f"skill on the clean swap probe is {shown}, below min_skill=0.3" in said
         assert "the count stays at 0 of 1" in said
         text = (tmp_path / "caap_images" / f"spurious_not_judged_step{10 * epoch}.md").read_text()
-        assert text.startswith(f"Epoch {epoch}: not judged: ") and f"is {shown}, below min_skill=0.5" in text
+        assert text.startswith(f"Epoch {epoch}: not judged: ") and f"is {shown}, below min_skill=0.3" in text
     # The same score at a skill of min_skill counts, and alarms.
-    with pytest.warns(UserWarning, match=r"alarm at epoch 3 \(step 30\): caap/background_swap_ratio = 50\.000"):
-        monitor.read(trainer, result(3, 50.0, probe, per_image, skill=0.5))
-    assert monitor.history[-1] == {"epoch": 3, "step": 30, "score": 50.0, "alarm": 1.0} and len(monitor.history) == 2
-    assert monitor.alarms == [{"epoch": 3, "step": 30, "score": 50.0}]
-    assert logger.logged[-1] == (30, {"spurious/score": 50.0, "spurious/alarm": 1.0, "spurious/judged": 1.0})
+    with pytest.warns(UserWarning, match=r"alarm at epoch 3 \(step 30\): caap/background_swap_follow_share = 1\.000"):
+        monitor.read(trainer, result(3, 1.0, probe, per_image, skill=0.3))
+    assert monitor.history[-1] == {"epoch": 3, "step": 30, "score": 1.0, "alarm": 1.0} and len(monitor.history) == 2
+    assert monitor.alarms == [{"epoch": 3, "step": 30, "score": 1.0}]
+    assert logger.logged[-1] == (30, {"spurious/score": 1.0, "spurious/alarm": 1.0, "spurious/judged": 1.0})
 
 
 def test_without_min_skill_or_off_a_swap_test_every_check_counts(tmp_path):
@@ -139,7 +145,7 @@ def test_without_min_skill_or_off_a_swap_test_every_check_counts(tmp_path):
         monitor.watch([Published(probe)])
         assert not monitor.judges_skill
         with pytest.warns(UserWarning, match="alarm at epoch 0"):
-            monitor.read(stand_in(tmp_path), result(0, 50.0, probe, torch.ones(len(probe)), skill=0.0))
+            monitor.read(stand_in(tmp_path), result(0, 1.0, probe, torch.ones(len(probe)), skill=0.0))
         assert len(monitor.history) == 1 and monitor.alarmed
 
 
@@ -147,3 +153,73 @@ def test_without_min_skill_or_off_a_swap_test_every_check_counts(tmp_path):
 def test_a_min_skill_outside_zero_to_one_is_refused(min_skill):
     with pytest.raises(ValueError, match=r"min_skill=.* must be in \[0, 1\) \(0: chance, 1: certain\) or None"):
         SpuriousCueMonitor(min_skill=min_skill)
+
+
+def default_source(probe: ProbeBatch) -> SimpleNamespace:
+    """What a default CAAPCallback publishes on ``probe`` (its default metrics, the probe its own swap probe)."""
+    metrics = resolve_metrics(None, probe, len(probe))
+    return SimpleNamespace(methods=["caap"], logged=logged_table(["caap"], metrics, lambda method, scalar: f"caap/{scalar}",
+                                                                 probe, probe))
+
+
+@pytest.mark.parametrize("masks, cue_masks, expected", [
+    (True, True, "caap/background_swap_follow_share"),  # object masks first, cue masks or not
+    (True, False, "caap/background_swap_follow_share"),
+    (False, True, "caap/cue_swap_follow_share"),
+    (False, False, "caap/border_swap_follow_share"),
+])
+def test_the_default_key_is_the_follow_share_the_masks_allow(masks, cue_masks, expected):
+    """Issue 29: the default watches a swap test's follow share, matched by its tag (its metric is the swap ratio's)."""
+    probe = probe_of(8)
+    corner = torch.zeros(8, 16, 16, dtype=torch.bool)
+    corner[:, :3, :3] = True
+    probe = ProbeBatch(images=probe.images, labels=probe.labels, masks=probe.masks if masks else None,
+                       cue_masks=corner if cue_masks else None)
+    source = default_source(probe)
+    key = default_key([source], sorted(source.logged))
+    assert key == expected and source.logged[key].metric == expected.split("/")[1].replace("_follow_share", "_ratio")
+    assert key.replace("_follow_share", "_ratio") in source.logged  # the ratio is logged too, and not chosen
+
+
+def test_the_default_key_names_the_follow_shares_when_none_is_logged():
+    probe = probe_of(8)
+    source = SimpleNamespace(methods=["caap"], logged=logged_table(["caap"], ["background_mass"],
+                                                                   lambda method, scalar: f"caap/{scalar}", probe, probe))
+    with pytest.raises(ValueError, match=r"default watches caap/background_swap_follow_share \(with object masks\), "
+                       r"caap/cue_swap_follow_share \(with cue masks\) or caap/border_swap_follow_share"):
+        default_key([source], sorted(source.logged))
+
+
+def test_the_default_threshold_warns_off_a_follow_share_on_a_full_swap_probe():
+    """Issue 29: 0.4 was chosen for the follow shares on DEFAULT_SWAP_IMAGES (64) swap images: silent there; a follow
+    share on fewer, or any other score (a swap ratio included), is warned about."""
+    assert DEFAULT_SWAP_IMAGES == 64 and DEFAULT_THRESHOLD == 0.4
+
+    def table(n: int):
+        probe = probe_of(n)
+        return logged_table(["caap"], ["background_swap_ratio", "background_density_ratio"],
+                            lambda method, scalar: f"caap/{scalar}", probe, probe)
+
+    full, small = table(64), table(16)
+    assert default_threshold_warning(full["caap/background_swap_follow_share"]) is None
+    few = default_threshold_warning(small["caap/background_swap_follow_share"])
+    assert few is not None and ("watching caap/background_swap_follow_share at the default threshold 0.4 on 16 swap "
+                                "images; it was chosen on 64, and on fewer the share is noisy") in few
+    for other in ("caap/background_swap_ratio", "caap/background_density_ratio"):
+        for images in (full, small):
+            said = default_threshold_warning(images[other])
+            assert said is not None and said.startswith(
+                f"SpuriousCueMonitor: watching {other} at the default threshold 0.4, which was chosen for the swap "
+                "tests' follow shares")
+
+
+def test_a_swap_ratio_watched_at_the_default_threshold_warns_once(tmp_path):
+    probe = probe_of(64)
+    monitor = SpuriousCueMonitor(monitor=KEY.replace("_follow_share", "_ratio"), strategies=False)
+    with pytest.warns(UserWarning, match=r"watching caap/background_swap_ratio at the default threshold 0\.4, which "
+                      r"was chosen for the swap tests' follow shares") as record:
+        monitor.watch([Published(probe)])
+    assert sum("default threshold" in str(w.message) for w in record) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default follow share on 64 swap images: nothing to say
+        SpuriousCueMonitor(strategies=False).watch([Published(probe)])

@@ -27,7 +27,8 @@ def test_the_own_module_example_runs_and_logs_heatmaps_and_the_monitors_score(tm
     assert len(events["images"]["caap/heatmaps"]) == 2
     last = events["scalars"]["caap/insdel"][max(events["scalars"]["caap/insdel"])]
     assert last == pytest.approx(caap.last.metrics["caap/insdel"], rel=1e-6)  # float32 in the event file
-    # Without masks the monitor watches the border swap ratio: its score at every check where the ratio was logged.
-    border, scores = events["scalars"]["caap/border_swap_ratio"], events["scalars"]["spurious/score"]
+    # Without masks the monitor watches the border swap test's follow share: its score at every check where the share
+    # was logged.
+    border, scores = events["scalars"]["caap/border_swap_follow_share"], events["scalars"]["spurious/score"]
     assert border and sorted(scores) == sorted(border)
     assert all(scores[step] == pytest.approx(border[step]) for step in border)

@@ -46,7 +46,7 @@ def test_the_skill_by_hand_and_across_updates():
     half = torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.0, 1.0, 0.0, 0.0]])
     assert skill_of(half) == pytest.approx(0.5)
     assert skill_of(half[:1], half[1:]) == pytest.approx(0.5)  # split equals whole
-    assert is_judged(0.5) and not is_judged(0.5 - 1e-9) and JUDGED_SKILL == 0.5
+    assert is_judged(0.5) and JUDGED_SKILL == 0.3 and is_judged(0.3) and not is_judged(0.3 - 1e-9)
     # Two classes: top 0.75 -> (0.75 - 0.5) / 0.5 = 0.5.
     assert skill_of(torch.tensor([[0.25, 0.75]])) == pytest.approx(0.5)
 
