@@ -66,7 +66,7 @@ GAP_POINTS = 10.0
 SHORTCUT_RELIANCE = 40.0
 CONTROL_RELIANCE = 25.0
 CONTROL_ACCURACY = 85.0
-# Lead target: median lead >= 0 epochs, and no alarm later than this many epochs after the gap.
+# Lead target: median lead >= 0 epochs, and no alarm later than this many epochs after the onset (the due epoch).
 LATEST_LEAD = -1
 
 # ---------------------------------------------------------------------- recipes
