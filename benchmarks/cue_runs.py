@@ -221,7 +221,8 @@ def pretrained_weights(dataset: str, seed: int, settings: Dict[str, Any]) -> Pat
 
     The same file serves every cue set of that dataset and seed; ``run_jobs`` makes each once before the runs."""
     pretrain = recipe_of(dataset, "pretrained", settings)["pretrain"]
-    path = PRETRAINED_DIR / f"{dataset}-seed{seed}-{pretrain['epochs']}x{RECIPES[dataset]['batches_per_epoch']}-n{pretrain['data']['num_train']}.pt"
+    schedule = f"{pretrain['epochs']}x{RECIPES[dataset]['batches_per_epoch']}-n{pretrain['data']['num_train']}"
+    path = PRETRAINED_DIR / f"{dataset}-seed{seed}-{schedule}.pt"
     if path.exists():
         return path
     L.seed_everything(seed, verbose=False)

@@ -403,7 +403,8 @@ class CAAPCallback(Callback):
     def _classify(self, steps: CheckSteps, pl_module: L.LightningModule) -> Optional[ProbeShard]:
         """This rank's share of the probe, classified; ``None`` on every rank where any rank failed."""
         shard = steps.attempt("classifying the probe images", classify_shard, pl_module.trainer, self._classifier,
-                              self.probe, self.swap_probe, self.target == "label", pl_module.device, self._swap_views)
+                              self.probe, self.swap_probe, self.target == "label", pl_module.device,
+                              self._swap_views)
         return steps.agree({} if shard is None else {CLASSIFYING: shard}, [CLASSIFYING]).get(CLASSIFYING)
 
     def _attribute_and_test(self, steps: CheckSteps, pl_module: L.LightningModule, shard: ProbeShard) -> Dict[str, Any]:

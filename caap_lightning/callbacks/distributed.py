@@ -76,7 +76,8 @@ def classify_shard(
         donor_images, donor_masks = rows_on_device(pairs.donors_of(rows))
         with torch.no_grad(), eval_mode(classifier):
             donor_top1 = classifier(donor_images).float().argmax(-1)
-    views = {name: trainer.precision_plugin.convert_input(view[rows].to(device)) for name, view in (swap_views or {}).items()}
+    views = {name: trainer.precision_plugin.convert_input(view[rows].to(device))
+             for name, view in (swap_views or {}).items()}
     shard.swaps = SwapShard(images, masks, top1, donor_images, donor_masks, donor_top1, probs[: len(rows)], views)
     return shard
 

@@ -36,7 +36,8 @@ def swap_views(metrics: Sequence[str], swap_probe: Optional[ProbeBatch]) -> Dict
     """Each swap test of ``metrics``: its swapped images of the whole swap probe, by name (none without one)."""
     if swap_probe is None:
         return {}
-    return {m: MODEL_TESTS[m].swapped(swap_probe) for m in metrics if m in MODEL_TESTS and MODEL_TESTS[m].kind == "swap"}
+    swaps = [m for m in metrics if m in MODEL_TESTS and MODEL_TESTS[m].kind == "swap"]
+    return {m: MODEL_TESTS[m].swapped(swap_probe) for m in swaps}
 
 
 def probe_size(metrics: Optional[Sequence[str]], num_images: int, swap_images: int) -> int:

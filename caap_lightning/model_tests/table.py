@@ -15,7 +15,9 @@ from caap_lightning.model_tests.insertion_ratio import InsertionRatio
 from caap_lightning.model_tests.pooled_region_ratio import PooledRegionRatio
 from caap_lightning.model_tests.swap_pairs import SwapPairs
 from caap_lightning.model_tests.swap_ratio import SwapRatio
-from caap_lightning.model_tests.views import BORDER_SHARE, CENTRE_SHARE, border_masks, centre_masks, rest_colour, suspect_views
+from caap_lightning.model_tests.views import (
+    BORDER_SHARE, CENTRE_SHARE, border_masks, centre_masks, rest_colour, suspect_views,
+)
 
 TestKind = Literal["insertion", "swap"]
 Part = Literal["background", "cue", "border", "surround"]
