@@ -69,7 +69,7 @@ def test_demo_runs_through_the_cli_and_prints_the_summary(tmp_path, monkeypatch,
     assert "caap-lightning demo: 2 epochs" in out
     assert "probe images (16): cue-consistent" in out and "all validation images (32)" in out
     assert "predicted as the cue's class" in out
-    assert "caap/cue_swap_ratio" in out and "caap/cue_density_ratio" in out and "SpuriousCueMonitor:" in out
+    assert "caap/cue_swap_follow_share" in out and "caap/cue_density_ratio" in out and "SpuriousCueMonitor:" in out
     assert "insertion_ratio" not in out  # computed where named only
     assert "tensorboard --logdir runs" in out
     events = events_reader(tmp_path / "runs" / "demo")
