@@ -24,6 +24,7 @@ import lightning as L
 import torch
 
 from caap_lightning.callbacks import CAAPCallback, SpuriousCueMonitor
+from caap_lightning.callbacks.meters import SKILL
 from caap_lightning.callbacks.spurious_cue_monitor import DEFAULT_SCORES
 from caap_lightning.model_tests import MODEL_TESTS, is_judged
 from caap_lightning.datamodules import FashionCanvasDataModule, SyntheticSpuriousDataModule
@@ -52,8 +53,8 @@ MAP_REGIMES = {
 FOLLOW_REGIMES = {regime: key.replace("_ratio", "_follow_share") for regime, key in REGIMES.items()}
 # What each fit's CAAPCallback runs: every model test and the map-based scores.
 RUN_METRICS = (*MODEL_TESTS, *MAP_REGIMES.values())
-# The swap probe's skill: whether a swap-test check is judged (SpuriousCueMonitor's min_skill).
-SKILL = "swap_probe_skill"
+# The swap tests' scalars: the monitor judges their checks by the swap probe's skill (SKILL, its min_skill).
+SWAP_SCALARS = {scalar for test in MODEL_TESTS.values() if test.kind == "swap" for scalar in test.scalars}
 # Every score each fit records: the model tests' scalars (ratios and follow shares), the map-based scores, the skill.
 RECORDED = (*(scalar for test in MODEL_TESTS.values() for scalar in test.scalars), *MAP_REGIMES.values(), SKILL)
 # What the live monitor of each fit watches: the monitor's own default score with object masks.
@@ -343,7 +344,7 @@ def counted(row: Dict[str, Any], key: str, min_skill: Optional[float]) -> bool:
     a swap test the swap probe's skill reached ``min_skill`` (``SpuriousCueMonitor``'s rule)."""
     if row.get(key) is None:  # an epoch without a score (a failed check) is no check at all
         return False
-    return "_swap_" not in key or is_judged(row.get(SKILL), min_skill)
+    return key not in SWAP_SCALARS or is_judged(row.get(SKILL), min_skill)
 
 
 def replay_alarms(

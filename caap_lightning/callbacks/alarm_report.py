@@ -73,10 +73,9 @@ def carrying_entry(result: ProbeResult, logged: Dict[str, LoggedScalar], watched
     test = watched.model_test
     if test is None or test.kind != "swap" or test.part == "cue":
         return watched
-    cue_scalar = watched.tag.rsplit("/", 1)[-1].replace(f"{test.part}_", "cue_", 1)
     for tag, entry in logged.items():
         cue = entry.model_test
-        if cue is not None and cue.kind == "swap" and cue.part == "cue" and tag.endswith(f"/{cue_scalar}"):
+        if cue is not None and cue.kind == "swap" and cue.part == "cue" and entry.detail == watched.detail:
             value = result.metrics.get(tag)
             if value is not None and math.isfinite(value) and past(value):
                 return entry

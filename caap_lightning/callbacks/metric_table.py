@@ -181,6 +181,13 @@ class LoggedScalar:
         return self.model_test.part if self.model_test is not None else self.spec.part
 
     @property
+    def detail(self) -> str:
+        """The key of its meter's ``compute_details()`` it logs: what kind of scalar it is (a swap test's
+        ``"swap_ratio"`` or ``"follow_share"``, a map metric's ``"density_ratio"``, ...)."""
+        scalars = self.model_test.scalars if self.model_test is not None else self.spec.scalars
+        return scalars[self.tag.rsplit("/", 1)[-1]]
+
+    @property
     def meaning(self) -> str:
         return self.model_test.meaning_of(self.tag.rsplit("/", 1)[-1]) if self.model_test is not None else self.spec.meaning
 

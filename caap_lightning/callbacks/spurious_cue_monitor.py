@@ -346,7 +346,7 @@ def default_threshold_warning(watched: LoggedScalar) -> Optional[str]:
     a swap probe of ``DEFAULT_SWAP_IMAGES``: another kind of score, or a follow share on fewer images (``None``:
     nothing)."""
     test, images = watched.model_test, len(watched.probe)
-    if test is not None and test.kind == "swap" and watched.tag.endswith("_follow_share"):
+    if test is not None and watched.detail == "follow_share":
         if images >= DEFAULT_SWAP_IMAGES:
             return None
         return (f"SpuriousCueMonitor: watching {watched.tag} at the default threshold {DEFAULT_THRESHOLD} on {images} "
