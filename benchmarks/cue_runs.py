@@ -36,11 +36,12 @@ from harness import TINY_VIT, TINY_VIT_RECIPE, fmt, init_worker, median, percent
 
 DATASETS = ("shapes", "fashion")
 # Mask regime -> the callback metric its monitor watches by default (SpuriousCueMonitor's DEFAULT_SCORES): with
-# object masks the background test, with or without cue masks (the cue test alone is in the report's table of
-# every score). These test the model (the same for every method); the map-based scores read a method's maps.
+# object masks the background test, with or without cue masks; with cue masks only the cue test. These test the
+# model (the same for every method); the map-based scores read a method's maps.
 REGIMES = {
     "cue+object masks": "background_swap_ratio",
     "object masks only": "background_swap_ratio",
+    "cue masks only": "cue_swap_ratio",
     "no masks: border ring": "border_swap_ratio",
     "no masks: surround": "surround_swap_ratio",
 }

@@ -1,13 +1,13 @@
 """What the shortcut alarm shows on a real run where the probe has object masks only, or no masks.
 
 Trains the ViT of ``spurious.py``'s recipe (``--data shapes`` or ``fashion``) on images whose cue
-(``--cue``: by default a background colour) names the label in every training image, with two
-``CAAPCallback``/``SpuriousCueMonitor`` pairs on one fit, each on the monitor's defaults: one whose
-probe has the objects' masks but no cue masks (it watches ``background_swap_ratio``), one
-whose probe has images and labels only (it watches ``border_swap_ratio`` and discovers
-strategies). A ``CSVLogger`` makes the callbacks save their figures as PNG files; the ones the
-README shows are copied to ``--out`` (named by ``--name``), and a JSON summary of the scores and
-alarms is printed and saved.
+(``--cue``: by default a background colour) names the label in every training image, with three
+``CAAPCallback``/``SpuriousCueMonitor`` pairs on one fit, each watching what the monitor's defaults watch for
+its probe: one whose probe has the objects' masks but no cue masks (``background_swap_follow_share``), one whose
+probe has the cue masks only (``cue_swap_follow_share``), and one whose probe has images and labels only
+(``border_swap_follow_share``; it also discovers strategies). A ``CSVLogger`` makes the callbacks save their
+figures as PNG files; the ones the docs show are copied to ``--out`` (named by ``--name``), and a JSON summary of
+the scores and alarms is printed and saved.
 
     python benchmarks/shortcut_pictures.py --data fashion --cue background --name shortcut-background
     python benchmarks/shortcut_pictures.py --data fashion --cue border --name shortcut-border
@@ -28,6 +28,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from caap_lightning.callbacks import CAAPCallback, SpuriousCueMonitor
+from caap_lightning.datamodules.base import ProbeBatch
 from caap_lightning.models import ViTClassifier
 
 from cue_runs import RECIPES, build_data
@@ -62,16 +63,20 @@ def main() -> Dict[str, Any]:
     data = build_data(args.data, args.cue, args.cue_correlation, args.seed, settings)
     data.prepare_data()
     data.setup("fit")
-    masked = unmasked = data.probe_batch(args.probe_images)
+    probe = data.probe_batch(args.probe_images)
+    objects = ProbeBatch(images=probe.images, labels=probe.labels, masks=probe.masks)
+    cues = ProbeBatch(images=probe.images, labels=probe.labels, cue_masks=probe.cue_masks)
     model = ViTClassifier(**recipe["model"], num_classes=data.num_classes, img_size=data.img_size,
                           mean=data.mean, std=data.std)
+    # Each monitor named: with several CAAPCallbacks the default would take the first one's score.
+    unmasked = SpuriousCueMonitor(monitor="caap_none/border_swap_follow_share", prefix="spurious_none")
     callbacks = [
-        CAAPCallback(probe=(masked.images, masked.labels, masked.masks), prefix="caap_object", max_images_logged=6),
-        SpuriousCueMonitor(monitor="caap_object/background_swap_ratio", prefix="spurious_object"),
-        CAAPCallback(probe=(unmasked.images, unmasked.labels), num_images=len(unmasked), prefix="caap_none",
-                     max_images_logged=6),
-        # Named: with two CAAPCallbacks the default would take the first one's score.
-        SpuriousCueMonitor(monitor="caap_none/border_swap_ratio", prefix="spurious_none"),
+        CAAPCallback(probe=objects, prefix="caap_object", max_images_logged=6),
+        SpuriousCueMonitor(monitor="caap_object/background_swap_follow_share", prefix="spurious_object"),
+        CAAPCallback(probe=cues, prefix="caap_cue", max_images_logged=6),
+        SpuriousCueMonitor(monitor="caap_cue/cue_swap_follow_share", prefix="spurious_cue"),
+        CAAPCallback(probe=(probe.images, probe.labels), num_images=len(probe), prefix="caap_none", max_images_logged=6),
+        unmasked,  # it also discovers the strategies, among the maps of all the probe's images
     ]
     with tempfile.TemporaryDirectory() as tmp:
         logger = CSVLogger(tmp, name="shortcut")
@@ -83,8 +88,8 @@ def main() -> Dict[str, Any]:
         images = Path(logger.log_dir) / "caap_images"
         args.out.mkdir(parents=True, exist_ok=True)
         copied = []
-        for pattern in ("spurious_object_alarm_images_step*.png", "spurious_none_alarm_images_step*.png",
-                        "spurious_none_strategies_all_step*.png"):
+        for pattern in ("spurious_object_alarm_images_step*.png", "spurious_cue_alarm_images_step*.png",
+                        "spurious_none_alarm_images_step*.png", "spurious_none_strategies_all_step*.png"):
             found = sorted(images.glob(pattern), key=lambda p: int(p.stem.rsplit("step", 1)[1]))
             if found:  # the first alarm's figure, and the last check's strategies
                 chosen = found[0] if "alarm" in pattern else found[-1]
@@ -100,7 +105,7 @@ def main() -> Dict[str, Any]:
         "watched": {cb.prefix: cb.monitor_key for cb in callbacks if isinstance(cb, SpuriousCueMonitor)},
         "alarm_epochs": {cb.prefix: [row["epoch"] for row in cb.alarms] for cb in callbacks
                          if isinstance(cb, SpuriousCueMonitor)},
-        "strategies": {group: len(found.strategies) for group, found in callbacks[3].last_strategies.items()},
+        "strategies": {group: len(found.strategies) for group, found in unmasked.last_strategies.items()},
         "pictures": copied,
     }
     (args.out / f"{args.name}.json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -43,21 +43,60 @@ class RegionSwap(NamedTuple):
     scored: Tensor  # (B,) bool: both masks mark part of their image and the two classes differ
 
 
+# A donor mask is a backdrop (a background cue, whose mask is all but the object) when it covers more than this share
+# of the frame, is not the image's own pixels and would stay mostly in view behind the image's rest: laid on top, it
+# would cover the image's object and cut it to the donor object's outline.
+BACKDROP_SHARE = 1 / 4
+
+
 def swapped_images(images: Tensor, masks: Tensor, donor_images: Tensor, donor_masks: Tensor, region: str) -> Tensor:
     """Each image with its suspect part taken from its donor, and no trace of any other part of the donor.
 
-    ``region="mask"`` (the mask is the suspect: a cue, the border ring): the donor's mask pixels laid on the
-    image, whose own mask, with an edge around it (:func:`~caap_lightning.model_tests.views.edge_width`
-    pixels), is first filled from the image's own rest
-    (:func:`~caap_lightning.model_tests.views.fill_from_surroundings`): nothing of the donor but its mask.
     ``"outside"`` (the background of an object mask is the suspect): the image's object laid on the donor,
-    whose own object and its edge are filled from the donor's background, so that no silhouette of the donor's
-    object is left.
+    whose own object and its edge (:func:`~caap_lightning.model_tests.views.edge_width` pixels) are filled from the
+    donor's background (:func:`~caap_lightning.model_tests.views.fill_from_surroundings`), so that no silhouette of
+    the donor's object is left. ``region="mask"`` (the mask is the suspect: a cue, the border ring): the donor's
+    mask laid on the image (:func:`cue_on_top`), or, where it is a backdrop (:func:`is_backdrop`), behind the
+    image's rest: the ``"outside"`` swap of the masks' complements, so that a background cue is the donor's
+    background behind the image's own object, as with object masks.
     """
     check_choice("region", region, MASS_REGIONS)
     if region == "outside":
-        hole = dilate(donor_masks, edge_width(tuple(images.shape[-2:])))
-        return torch.where(masks[:, None], images, fill_from_surroundings(donor_images, hole))
+        return on_donor_background(images, masks, donor_images, donor_masks)
+    backdrop = is_backdrop(masks, donor_masks)
+    if not bool(backdrop.any()):
+        return cue_on_top(images, masks, donor_images, donor_masks)
+    behind = on_donor_background(images, ~masks, donor_images, ~donor_masks)
+    if bool(backdrop.all()):
+        return behind
+    return torch.where(backdrop[:, None, None, None], behind, cue_on_top(images, masks, donor_images, donor_masks))
+
+
+def is_backdrop(masks: Tensor, donor_masks: Tensor) -> Tensor:
+    """``(B,)`` bool: whether each donor's mask goes behind the image's rest in the swap rather than on top of it.
+
+    It does where it covers more than :data:`BACKDROP_SHARE` of the frame, differs from the image's own mask, and
+    no more than half of it would be hidden behind the image's rest. A marker or a watermark is small; the border
+    ring is the same pixels in every image, so it simply replaces the image's own; a large cue elsewhere than the
+    image's own would be mostly hidden, so it goes on top.
+    """
+    area = donor_masks.sum((1, 2))
+    hidden = (donor_masks & ~masks).sum((1, 2))
+    large = area > BACKDROP_SHARE * donor_masks.shape[-2] * donor_masks.shape[-1]
+    differs = (donor_masks != masks).flatten(1).any(1)
+    return large & differs & (2 * hidden <= area)
+
+
+def on_donor_background(images: Tensor, keep: Tensor, donor_images: Tensor, donor_keep: Tensor) -> Tensor:
+    """The images' ``keep`` pixels laid on their donors, whose own ``donor_keep`` pixels and an edge around them are
+    first filled from the rest of the donor."""
+    hole = dilate(donor_keep, edge_width(tuple(images.shape[-2:])))
+    return torch.where(keep[:, None], images, fill_from_surroundings(donor_images, hole))
+
+
+def cue_on_top(images: Tensor, masks: Tensor, donor_images: Tensor, donor_masks: Tensor) -> Tensor:
+    """The donors' mask pixels laid on the images, whose own masks and an edge around them are first filled from
+    the rest of the image: nothing of the donor but its mask."""
     own = fill_from_surroundings(images, dilate(masks, edge_width(tuple(images.shape[-2:]))))
     return torch.where(donor_masks[:, None], donor_images, own)
 

@@ -262,3 +262,24 @@ def test_rescore_refuses_the_single_cue_format(spurious, tmp_path):
     old.write_text(json.dumps({"setup": {"monitor": {}}, "runs": []}))
     with pytest.raises(ValueError, match="single-cue version"):
         spurious.rescore(old, {})
+
+
+def test_amend_takes_the_named_scores_from_a_rerun_of_the_same_fits_only(spurious, tmp_path):
+    def grid_file(name, cue_share, accuracy=90.0, command="python benchmarks/spurious.py"):
+        rows = history([90, 90], [80, 80], accuracy=[accuracy] * 2, cue_swap_follow_share=[cue_share] * 2)
+        runs = [run("background", 0.25, 0, rows, control=True) | {"init": "scratch"},
+                run("marker", 0.25, 0, history([90, 90], [80, 80])) | {"init": "scratch"}]
+        path = tmp_path / name
+        path.write_text(json.dumps({"setup": {"command": command}, "runs": runs[:1] if "rerun" in name else runs}))
+        return path
+
+    grid, rerun = grid_file("grid.json", 0.9), grid_file("rerun.json", 0.1, command="python benchmarks/spurious.py --cues background")
+    spurious.main(["--amend", str(grid), str(rerun), "--amend-scores", "cue_swap_follow_share"])
+    amended = json.loads(grid.read_text())
+    assert [row["cue_swap_follow_share"] for r in amended["runs"] for row in r["history"]] == [0.1, 0.1, 1.0, 1.0]
+    assert "`cue_swap_follow_share` of the 1 runs of `python benchmarks/spurious.py --cues background`" in amended["setup"]["amended"][0]
+    # A rerun that is not the same fit (another accuracy) is refused, and so is a score the grid does not record.
+    with pytest.raises(ValueError, match=r"differs on \['accuracy'\]"):
+        spurious.amend(grid_file("grid.json", 0.9), grid_file("rerun.json", 0.1, accuracy=50.0), ["cue_swap_follow_share"])
+    with pytest.raises(ValueError, match="must name recorded scores"):
+        spurious.amend(grid, rerun, ["accuracy"])

@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from caap_lightning.datamodules import SyntheticSpuriousDataModule
 from caap_lightning.datamodules.base import ProbeBatch
 from caap_lightning.model_tests import MODEL_TESTS, SwapPairs, border_masks, centre_masks, swapped_images
+from caap_lightning.model_tests.swap_ratio import is_backdrop
 from caap_lightning.model_tests.views import dilate, edge_width, fill_from_surroundings
 
 SIZE = 32
@@ -76,6 +78,44 @@ def test_the_cue_swap_carries_the_donor_cue_and_nothing_else_of_the_donor():
     assert_continues_texture(swapped, hole, textured(2, 3))
     untouched = ~hole & ~donor_cues
     assert torch.equal(swapped[:, :, untouched[0]], images[:, :, untouched[0]])
+
+
+def test_a_background_cue_swap_shows_the_own_object_on_the_donor_background_without_the_donor_object():
+    # Cue masks only, the cue a background: each mask is everything but the object. Laid on top, the donor's
+    # background would cut the image's object to the donor object's outline; it goes behind the object instead.
+    objects, donor_objects = disc(2, 10, 10, 5), disc(2, 20, 19, 7)
+    images = paint(textured(2, 7), objects, torch.tensor([0.2, 0.9, 0.4]))
+    donors = paint(textured(2, 8), donor_objects, UNIQUE)
+    swapped = swapped_images(images, ~objects, donors, ~donor_objects, "mask")
+    assert torch.equal(swapped[:, :, objects[0]], images[:, :, objects[0]])
+    assert not has_colour(swapped, UNIQUE)
+    hole = dilate(donor_objects, edge_width((SIZE, SIZE))) & ~objects
+    assert_continues_texture(swapped, hole, textured(2, 8))
+    assert torch.equal(swapped, swapped_images(images, objects, donors, donor_objects, "outside"))
+    # The image's object inside the donor's: still the donor's background around it, not the donor's outline.
+    inner = disc(2, 20, 19, 3)
+    inside = swapped_images(paint(textured(2, 7), inner, UNIQUE * 0), ~inner, donors, ~donor_objects, "mask")
+    assert not has_colour(inside, UNIQUE)
+    assert_continues_texture(inside, dilate(donor_objects, edge_width((SIZE, SIZE))) & ~inner, textured(2, 8))
+
+
+def test_which_donor_masks_go_behind_the_image_rest():
+    def box(top: int, left: int, side: int) -> torch.Tensor:
+        mask = torch.zeros(1, SIZE, SIZE, dtype=torch.bool)
+        mask[:, top:top + side, left:left + side] = True
+        return mask
+
+    ring = border_masks(1, (SIZE, SIZE))
+    background, donor_background = ~disc(1, 12, 12, 8), ~disc(1, 18, 18, 9)
+    cases = {
+        "a background": (background, donor_background, True),
+        "a marker elsewhere": (box(2, 2, 6), box(24, 24, 6), False),
+        "a letter in the same corner": (box(2, 2, 6), box(3, 2, 5), False),
+        "the border ring": (ring, ring, False),
+        "a large patch elsewhere": (box(0, 0, 18), box(14, 14, 18), False),  # behind, most of it would be hidden
+    }
+    for name, (masks, donor_masks, backdrop) in cases.items():
+        assert is_backdrop(masks, donor_masks).tolist() == [backdrop], name
 
 
 def test_the_border_swap_carries_the_donor_border_and_nothing_else_of_the_donor():
@@ -148,3 +188,14 @@ def test_the_surround_swap_test_reads_the_centre_box_and_shows_the_same_view():
     for k, (row, donor) in enumerate(zip(rows, donors.tolist())):
         assert torch.equal(view[k][:, centre], images[row][:, centre])
         assert copied_from(view[k][:, ~centre], images[donor][:, ~near])  # nothing of the donor's centre
+
+
+def test_with_background_cue_masks_the_cue_swap_shows_the_background_swap_images():
+    # The benchmark's background cue: its mask is every pixel but the object, so with cue masks only the cue swap
+    # must show the model what the background swap shows it with object masks, on every pair.
+    data = SyntheticSpuriousDataModule(num_classes=4, img_size=32, cue_size=6, object_size=(0.55, 0.9), num_train=8,
+                                       num_val=64, num_test=8, cue="background", cue_correlation=0.25)
+    data.setup("fit")
+    probe = data.probe_batch(64)
+    assert torch.equal(probe.cue_masks, ~probe.masks)
+    assert torch.equal(MODEL_TESTS["cue_swap_ratio"].swapped(probe), MODEL_TESTS["background_swap_ratio"].swapped(probe))
