@@ -1046,7 +1046,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     jobs = grid(args, settings)
     started = (os.getloadavg()[0], time.perf_counter())
     runs = run_jobs(jobs, settings, args.workers)
-    stem = "spurious" if args.construction == "parallel" else f"spurious-{args.construction}"
+    stem = "-".join(["spurious",
+                     *([] if args.construction == "parallel" else [args.construction]),
+                     *([] if args.swap_images == CAAPCallback().swap_images else [f"swap{args.swap_images}"])])
     setup = run_setup(args, argv, settings, jobs, runs, stem, started)
     if output is not None:  # the runs first: a report that fails is rebuilt from them with --rescore
         output.mkdir(parents=True, exist_ok=True)
