@@ -958,8 +958,11 @@ def amend(path: Path, rerun_path: Path, scores: Sequence[str]) -> None:
     result, rerun = json.loads(path.read_text()), json.loads(rerun_path.read_text())
     runs = {grid_cell(run): run for run in result["runs"]}
     for new in rerun["runs"]:
-        old = runs[grid_cell(new)]
-        for before, after in zip(old["history"], new["history"], strict=True):
+        old = runs.get(grid_cell(new))
+        if old is None or len(old["history"]) != len(new["history"]):
+            raise ValueError(f"{'/'.join(map(str, grid_cell(new)))} is not a run of {path.name}'s grid "
+                             "(or ran other epochs); --amend takes scores from a rerun of the same grid cells")
+        for before, after in zip(old["history"], new["history"]):
             differ = [k for k in before if k not in (*scores, *UNCOMPARED) and before[k] != after.get(k)]
             if differ:
                 raise ValueError(f"{'/'.join(map(str, grid_cell(new)))} epoch {before['epoch']}: the rerun differs on "

@@ -283,5 +283,9 @@ def test_amend_takes_the_named_scores_from_a_rerun_of_the_same_fits_only(spuriou
     # A rerun that is not the same fit (another accuracy) is refused, and so is a score the grid does not record.
     with pytest.raises(ValueError, match=r"differs on \['accuracy'\]"):
         spurious.amend(grid_file("grid.json", 0.9), grid_file("rerun.json", 0.1, accuracy=50.0), ["cue_swap_follow_share"])
+    other = grid_file("rerun.json", 0.1)
+    other.write_text(other.read_text().replace('"seed": 0', '"seed": 5'))
+    with pytest.raises(ValueError, match="is not a run of grid.json's grid"):
+        spurious.amend(grid, other, ["cue_swap_follow_share"])
     with pytest.raises(ValueError, match="must name recorded scores"):
         spurious.amend(grid, rerun, ["accuracy"])
