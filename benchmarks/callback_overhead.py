@@ -17,6 +17,7 @@ and reports their check and ``attribute`` times side by side.
     python benchmarks/callback_overhead.py
     python benchmarks/callback_overhead.py --epochs 2
     python benchmarks/callback_overhead.py --epochs 2 --rounds 0 --paired parallel windowed
+    python benchmarks/callback_overhead.py --swap-images 256
 """
 
 from __future__ import annotations
@@ -122,6 +123,8 @@ def main() -> Dict[str, Any]:
     parser.add_argument("--paired", nargs="+", default=[], metavar="CONSTRUCTION",
                         help="after the fit, alternate checks with these CAAP constructions (e.g. parallel windowed)")
     parser.add_argument("--paired-rounds", type=int, default=8)
+    parser.add_argument("--swap-images", type=int, default=None,
+                        help="the CAAPCallback's swap probe (default: the callback's own default)")
     args, extra = parser.parse_known_args()
     torch.set_num_threads(args.threads)
     clock = EpochClock()
@@ -136,6 +139,9 @@ def main() -> Dict[str, Any]:
             ],
             run=False,
         )
+        if args.swap_images is not None:  # the config's CAAPCallback takes no arguments: one with this swap probe
+            index = next(i for i, cb in enumerate(run.trainer.callbacks) if isinstance(cb, CAAPCallback))
+            run.trainer.callbacks[index] = CAAPCallback(swap_images=args.swap_images)
         run.trainer.callbacks.insert(0, clock)
         run.trainer.fit(run.model, datamodule=run.datamodule)
         interleaved = interleave(run, clock, args.rounds) if args.rounds else {}
