@@ -9,7 +9,7 @@ import torch
 from caap_lightning.datamodules import SyntheticSpuriousDataModule
 from caap_lightning.datamodules.base import ProbeBatch
 from caap_lightning.model_tests import MODEL_TESTS, SwapPairs, border_masks, centre_masks, swapped_images
-from caap_lightning.model_tests.swap_ratio import is_backdrop
+from caap_lightning.model_tests.swap_ratio import cue_on_top, is_backdrop
 from caap_lightning.model_tests.views import dilate, edge_width, fill_from_surroundings
 
 SIZE = 32
@@ -116,6 +116,16 @@ def test_which_donor_masks_go_behind_the_image_rest():
     }
     for name, (masks, donor_masks, backdrop) in cases.items():
         assert is_backdrop(masks, donor_masks).tolist() == [backdrop], name
+    # A batch that mixes the two swaps each pair as it would be swapped alone.
+    masks, donor_masks = torch.cat([background, box(2, 2, 6)]), torch.cat([donor_background, box(24, 24, 6)])
+    images, donors = textured(2, 9), textured(2, 10)
+    mixed = swapped_images(images, masks, donors, donor_masks, "mask")
+    for i in range(2):
+        alone = swapped_images(images[i:i + 1], masks[i:i + 1], donors[i:i + 1], donor_masks[i:i + 1], "mask")
+        assert torch.equal(mixed[i:i + 1], alone)
+    # ... the background behind the image's object, the marker on top.
+    assert not torch.equal(mixed[:1], cue_on_top(images[:1], masks[:1], donors[:1], donor_masks[:1]))
+    assert torch.equal(mixed[1:], cue_on_top(images[1:], masks[1:], donors[1:], donor_masks[1:]))
 
 
 def test_the_border_swap_carries_the_donor_border_and_nothing_else_of_the_donor():
