@@ -62,7 +62,8 @@ from lightning.pytorch.utilities import disable_possible_user_warnings
 
 from caap_lightning.attribution.caap import CONSTRUCTIONS
 from caap_lightning.attribution.registry import available_methods
-from caap_lightning.callbacks import CAAPCallback, SpuriousCueMonitor
+from caap_lightning.callbacks import SpuriousCueMonitor
+from caap_lightning.callbacks.arguments import DEFAULT_SWAP_IMAGES
 from caap_lightning.callbacks.spurious_cue_monitor import DEFAULT_SCORES
 from caap_lightning.model_tests import MODEL_TESTS, is_judged
 from caap_lightning.datamodules import CUE_KINDS
@@ -820,7 +821,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--construction", default="parallel", choices=CONSTRUCTIONS, help="CAAP's construction in the callback")
     parser.add_argument("--num-val", type=int, default=512, help="validation images, all used for the accuracies and reliance")
     parser.add_argument("--num-images", type=int, default=16, help="CAAPCallback's probe batch (its default)")
-    parser.add_argument("--swap-images", type=int, default=CAAPCallback().swap_images,
+    parser.add_argument("--swap-images", type=int, default=DEFAULT_SWAP_IMAGES,
                         help="CAAPCallback's swap probe (its default)")
     parser.add_argument("--threshold", type=float, default=None, help="default: SpuriousCueMonitor's")
     parser.add_argument("--patience", type=int, default=None, help="default: SpuriousCueMonitor's")
@@ -1051,7 +1052,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     runs = run_jobs(jobs, settings, args.workers)
     stem = "-".join(["spurious",
                      *([] if args.construction == "parallel" else [args.construction]),
-                     *([] if args.swap_images == CAAPCallback().swap_images else [f"swap{args.swap_images}"])])
+                     *([] if args.swap_images == DEFAULT_SWAP_IMAGES else [f"swap{args.swap_images}"])])
     setup = run_setup(args, argv, settings, jobs, runs, stem, started)
     if output is not None:  # the runs first: a report that fails is rebuilt from them with --rescore
         output.mkdir(parents=True, exist_ok=True)
