@@ -60,3 +60,8 @@ def quality() -> ModuleType:
 @pytest.fixture(scope="session")
 def swap_probe_size() -> ModuleType:
     return load_script("swap_probe_size")
+
+
+@pytest.fixture(scope="session")
+def spurious_compare() -> ModuleType:
+    return load_script("spurious_compare")

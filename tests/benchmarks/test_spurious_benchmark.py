@@ -289,3 +289,36 @@ def test_amend_takes_the_named_scores_from_a_rerun_of_the_same_fits_only(spuriou
         spurious.amend(grid, other, ["cue_swap_follow_share"])
     with pytest.raises(ValueError, match="must name recorded scores"):
         spurious.amend(grid, rerun, ["accuracy"])
+
+
+def test_compare_checks_the_fits_and_correlates_the_controls_readings(spurious_compare, tmp_path):
+    """spurious_compare.py: a file whose training values differ is named; the controls' judged readings on two
+    probes are correlated over the checks judged on both; the cue swap is set against the background swap."""
+    def grid_file(name, shares, accuracy=90.0, swap_images=64):
+        control = history([90] * 4, [80] * 4, accuracy=[accuracy] * 4, skill=[0.1, 0.9, 0.9, 0.9],
+                          background_swap_follow_share=shares, cue_swap_follow_share=[*shares[:3], 0.5])
+        rows = [run("background", 0.25, 0, control, control=True) | {"init": "scratch"},
+                run("background", 1.0, 0, history([90] * 4, [80] * 4)) | {"init": "scratch"}]
+        regime = {"alarmed": 1, "shortcut_runs": 1, "false_alarms": 0, "controls": 1,
+                  "window": {"low": 0.3, "high": 0.4, "width": 1.33}, "control_peak": None}
+        summary = {"follow": {"skill_sweep": [{"min_skill": 0.3, "regimes": {r: regime for r in spurious_compare.FOLLOW_REGIMES}}]}}
+        path = tmp_path / name
+        path.write_text(json.dumps({"setup": {"swap_images": swap_images, "monitor_defaults": {"min_skill": 0.3}},
+                                    "runs": rows, "summary": summary}))
+        return path
+
+    first = grid_file("a.json", [0.9, 0.1, 0.2, 0.3])
+    same = grid_file("b.json", [0.0, 0.2, 0.4, 0.6], swap_images=256)  # the unjudged first check is left out
+    other = grid_file("c.json", [0.0, 0.2, 0.0, 0.1], accuracy=50.0)
+    comparison = spurious_compare.compare([first, same, other])
+    a, b, c = comparison["files"]
+    assert (a["training"], b["training"]["differ"]) == ({"checks": 8, "differ": []}, [])
+    assert c["training"]["differ"] == [f"scratch/shapes/background/0.25/seed 0 epoch {e}: accuracy" for e in range(1, 5)]
+    assert b["controls_against_first"]["object masks only"] == {"checks": 3, "r": 1.0}
+    assert c["controls_against_first"]["object masks only"] == {"checks": 3, "r": -0.5}
+    assert [t["score"] for t in b["highest_control_readings"]] == [0.6, 0.4, 0.2]
+    # Background-cue runs only: the control's cue swap equals its background swap but at the last check, the
+    # shortcut run's (both 1.0) at all four.
+    assert b["cue_against_background"] == {"checks": 8, "equal": 7, "largest_gap": 0.1}
+    report = "\n".join(spurious_compare.report(comparison))
+    assert "| 256 swap images | `" in report and "| 0.6 | scratch/shapes/background/0.25/seed 0 | 4 | 90% |" in report
