@@ -115,6 +115,13 @@ def timed(fn: Callable, spent: List[float]) -> Callable:
     return wrapper
 
 
+def with_swap_images(run: Any, swap_images: int) -> None:
+    """Build the config's ``CAAPCallback`` again from its own arguments, with ``swap_images`` swap images."""
+    index = next(i for i, cb in enumerate(run.trainer.callbacks) if isinstance(cb, CAAPCallback))
+    spec = next(spec for spec in run.config["trainer"]["callbacks"] if spec.class_path.endswith(".CAAPCallback"))
+    run.trainer.callbacks[index] = CAAPCallback(**{**spec.init_args.as_dict(), "swap_images": swap_images})
+
+
 def main() -> Dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=4)
@@ -139,9 +146,8 @@ def main() -> Dict[str, Any]:
             ],
             run=False,
         )
-        if args.swap_images is not None:  # the config's CAAPCallback takes no arguments: one with this swap probe
-            index = next(i for i, cb in enumerate(run.trainer.callbacks) if isinstance(cb, CAAPCallback))
-            run.trainer.callbacks[index] = CAAPCallback(swap_images=args.swap_images)
+        if args.swap_images is not None:
+            with_swap_images(run, args.swap_images)
         run.trainer.callbacks.insert(0, clock)
         run.trainer.fit(run.model, datamodule=run.datamodule)
         interleaved = interleave(run, clock, args.rounds) if args.rounds else {}
