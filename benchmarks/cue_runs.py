@@ -52,10 +52,6 @@ MAP_REGIMES = {
 }
 # The same regimes watched through the swap tests' follow shares (the share of swap pairs that follow the region).
 FOLLOW_REGIMES = {regime: key.replace("_ratio", "_follow_share") for regime, key in REGIMES.items()}
-# ... and through their follow shares above what the other classes score (the excess over chance).
-EXCESS_REGIMES = {regime: key.replace("_ratio", "_excess_share") for regime, key in REGIMES.items()}
-TOP1_REGIMES = {regime: key.replace("_ratio", "_top1_share") for regime, key in REGIMES.items()}
-TOP1_EXCESS_REGIMES = {regime: key.replace("_ratio", "_top1_excess") for regime, key in REGIMES.items()}
 # What each fit's CAAPCallback runs: every model test and the map-based scores.
 RUN_METRICS = (*MODEL_TESTS, *MAP_REGIMES.values())
 # The swap tests' scalars: the monitor judges their checks by the swap probe's skill (SKILL, its min_skill).

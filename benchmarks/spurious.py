@@ -72,7 +72,7 @@ from caap_lightning.datamodules.fashion import find_fashion_mnist
 import cue_runs
 from cue_runs import (
     INITS, Job, CONTROL_ACCURACY, CONTROL_RELIANCE, DATASETS, FASHION_ROOT, GAP_POINTS, LATEST_LEAD, LIVE_SCORE,
-    EXCESS_REGIMES, TOP1_REGIMES, TOP1_EXCESS_REGIMES, FOLLOW_REGIMES, MAP_REGIMES, MODEL, RECORDED, REGIMES, SHORTCUT_RELIANCE, SKILL, control_of, control_problems,
+    FOLLOW_REGIMES, MAP_REGIMES, MODEL, RECORDED, REGIMES, SHORTCUT_RELIANCE, SKILL, control_of, control_problems,
     counted, detection, due_epoch, gap_epoch, is_late, label, lead_time, onset_epoch, recipe, replay_alarm_epoch,
     run_jobs, run_kind, settings_of,
 )
@@ -104,12 +104,6 @@ class Watch(NamedTuple):
 WATCHES = {
     "follow": Watch("caap", FOLLOW_REGIMES, "Swap follow shares (the share of swap pairs that follow the swapped "
                     "region; they test the model, not a map)", SHARE_SWEEP, SHARE_WINDOW_GRID),
-    "excess": Watch("caap", EXCESS_REGIMES, "Swap follow shares over chance (the follow share less the share with "
-                    "which the other classes rank above the own)", SHARE_SWEEP, SHARE_WINDOW_GRID),
-    "top1": Watch("caap", TOP1_REGIMES, "Swap top-1 shares (the share of swap pairs whose top-1 class is the "
-                  "donor's)", SHARE_SWEEP, SHARE_WINDOW_GRID),
-    "top1excess": Watch("caap", TOP1_EXCESS_REGIMES, "Swap top-1 shares over chance (less the share whose top-1 "
-                        "is a given other class)", SHARE_SWEEP, SHARE_WINDOW_GRID),
     "swap": Watch("caap", REGIMES, "Swap ratios (they test the model, not a map)"),
     "insertion": Watch("caap", INSERTION_REGIMES, "Insertion ratios (they test the model)"),
     "caap": Watch("caap", MAP_REGIMES, "CAAP maps (density ratios and the fixed-position ratio)"),
@@ -678,9 +672,7 @@ def scores_section(runs: Sequence[Dict[str, Any]], summary: Dict[str, Any]) -> L
 
 def settings_for(key: str, summary: Dict[str, Any]) -> Dict[str, Any]:
     """The chosen monitor setting for a score of ``key``'s kind: a follow share's, or the swap ratios'."""
-    kinds = {"_follow_share": "follow", "_excess_share": "excess", "_top1_share": "top1", "_top1_excess": "top1excess"}
-    kind = next((kind for end, kind in kinds.items() if key.endswith(end)), "swap")
-    return summary[kind]["settings"]
+    return summary["follow" if key.endswith("_follow_share") else "swap"]["settings"]
 
 
 def runs_section(runs: Sequence[Dict[str, Any]], summary: Dict[str, Any]) -> List[str]:

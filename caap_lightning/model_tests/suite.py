@@ -60,7 +60,7 @@ class ModelTestSuite:
             ratios = details["image_ratios"]
             follows = torch.where(ratios.isnan(), ratios, (ratios > 1).to(ratios.dtype))
             for scalar, key in MODEL_TESTS[name].scalars.items():
-                out[scalar] = (details[key], follows if key.endswith("follow_share") else ratios)
+                out[scalar] = (details[key], follows if key == "follow_share" else ratios)
         return out
 
     def skill(self) -> Optional[float]:

@@ -41,12 +41,6 @@ class RegionSwap(NamedTuple):
     target: Tensor  # (B,) the images' classes
     donor_target: Tensor  # (B,) the donors' classes
     scored: Tensor  # (B,) bool: both masks mark part of their image and the two classes differ
-    # (B,) float64: the share of the other classes (neither the image's nor the donor's) given a higher probability
-    # than the own: what the donor's class would score if nothing in the view named it (0 with two classes)
-    chance: Tensor
-    top1: Tensor  # (B,) the swapped image's top-1 class
-    # (B,) float64: 1 / (classes - 2) where the top-1 class is neither the image's nor the donor's (0 with two classes)
-    third_top1: Tensor
 
 
 # A donor mask is a backdrop (a background cue, whose mask is all but the object) when it covers more than this share
@@ -162,36 +156,13 @@ def region_swap(
     for given in (targets, donor_targets):
         check_target_range(given, probs.shape[1])
     swapped = probs[:b]
-    rest = swapped.gather(1, targets[:, None])[:, 0]
     return RegionSwap(
         suspect=swapped.gather(1, donor_targets[:, None])[:, 0],
-        rest=rest,
+        rest=swapped.gather(1, targets[:, None])[:, 0],
         target=targets,
         donor_target=donor_targets,
         scored=scored.to(images.device) & (targets != donor_targets),
-        chance=chance_follows(swapped, rest, targets, donor_targets),
-        top1=swapped.argmax(1),
-        third_top1=third_top1(swapped.argmax(1), targets, donor_targets, probs.shape[1]),
     )
-
-
-def third_top1(top1: Tensor, targets: Tensor, donor_targets: Tensor, classes: int) -> Tensor:
-    """Per pair: ``1 / (classes - 2)`` where ``top1`` is neither class of the pair, else 0 (0 with two classes)."""
-    third = (top1 != targets) & (top1 != donor_targets)
-    return torch.where(third, 1.0 / max(classes - 2, 1), 0.0).double() * (classes > 2)
-
-
-def chance_follows(probs: Tensor, rest: Tensor, targets: Tensor, donor_targets: Tensor) -> Tensor:
-    """Per pair: the share of the classes that are neither the image's nor the donor's that ``probs`` ranks above
-    the image's own (``rest``), 0 where there are none. The donor's class is one of these to a model that nothing
-    in the swapped view points to it: a model that the swap merely confuses ranks it above the own as often as
-    them, a model that follows the swapped region more often."""
-    others = torch.ones_like(probs, dtype=torch.bool)
-    others[torch.arange(len(probs)), targets] = False
-    others[torch.arange(len(probs)), donor_targets] = False
-    count = others.sum(1)
-    above = ((probs > rest[:, None]) & others).sum(1)
-    return torch.where(count > 0, above / count.clamp(min=1), 0.0).to(probs.dtype)
 
 
 class SwapRatio(PooledRegionRatio):
@@ -220,9 +191,6 @@ class SwapRatio(PooledRegionRatio):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.add_state("follows", torch.tensor(0), dist_reduce_fx="sum")
-        self.add_state("chance_follows", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("top1_follows", torch.tensor(0), dist_reduce_fx="sum")
-        self.add_state("top1_thirds", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(
         self,
@@ -238,16 +206,9 @@ class SwapRatio(PooledRegionRatio):
                             self.batch_size, swapped)
         self._add(found.suspect, found.rest, found.scored)
         self.follows += int((found.scored & follows_region(found.suspect, found.rest)).sum())
-        self.chance_follows += found.chance[found.scored].sum().to(self.chance_follows)
-        self.top1_follows += int((found.scored & (found.top1 == found.donor_target)).sum())
-        self.top1_thirds += found.third_top1[found.scored].sum().to(self.top1_thirds)
 
     def _details(self) -> Dict[str, Tensor]:
-        return {**super()._details(), "follows": self.follows, "follow_share": self.follows / self.count,
-                "chance_follow_share": self.chance_follows / self.count,
-                "excess_follow_share": (self.follows - self.chance_follows) / self.count,
-                "top1_follow_share": self.top1_follows / self.count,
-                "top1_excess_share": (self.top1_follows - self.top1_thirds) / self.count}
+        return {**super()._details(), "follows": self.follows, "follow_share": self.follows / self.count}
 
 
 def follows_region(suspect: Tensor, rest: Tensor) -> Tensor:

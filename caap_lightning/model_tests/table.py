@@ -70,10 +70,7 @@ class ModelTest:
         """Each scalar it logs (``<prefix>/<scalar>``) by the key of its meter's ``compute_details()``: the ratio, and
         for a swap the share of probe pairs that follow the swapped region (``<part>_swap_follow_share``)."""
         if self.kind == "swap":
-            return {self.name: "swap_ratio", f"{self.part}_swap_follow_share": "follow_share",
-                    f"{self.part}_swap_excess_share": "excess_follow_share",
-                    f"{self.part}_swap_top1_share": "top1_follow_share",
-                    f"{self.part}_swap_top1_excess": "top1_excess_share"}
+            return {self.name: "swap_ratio", f"{self.part}_swap_follow_share": "follow_share"}
         return {self.name: "insertion_ratio"}
 
     @property
