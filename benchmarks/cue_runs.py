@@ -54,8 +54,9 @@ MAP_REGIMES = {
 FOLLOW_REGIMES = {regime: key.replace("_ratio", "_follow_share") for regime, key in REGIMES.items()}
 # What each fit's CAAPCallback runs: every model test and the map-based scores.
 RUN_METRICS = (*MODEL_TESTS, *MAP_REGIMES.values())
-# The swap tests' scalars: the monitor judges their checks by the swap probe's skill (SKILL, its min_skill).
-SWAP_SCALARS = {scalar for test in MODEL_TESTS.values() if test.kind == "swap" for scalar in test.scalars}
+# The swap tests' scalars ("<part>_swap_<statistic>", any statistic a results file recorded): the monitor judges
+# their checks by the swap probe's skill (SKILL, its min_skill).
+SWAP_PREFIXES = tuple(f"{test.part}_swap_" for test in MODEL_TESTS.values() if test.kind == "swap")
 # Every score each fit records: the model tests' scalars (ratios and follow shares), the map-based scores, the skill.
 RECORDED = (*(scalar for test in MODEL_TESTS.values() for scalar in test.scalars), *MAP_REGIMES.values(), SKILL)
 # What the live monitor of each fit watches: the monitor's own default score with object masks.
@@ -345,7 +346,7 @@ def counted(row: Dict[str, Any], key: str, min_skill: Optional[float]) -> bool:
     a swap test the swap probe's skill reached ``min_skill`` (``SpuriousCueMonitor``'s rule)."""
     if row.get(key) is None:  # an epoch without a score (a failed check) is no check at all
         return False
-    return key not in SWAP_SCALARS or is_judged(row.get(SKILL), min_skill)
+    return not key.startswith(SWAP_PREFIXES) or is_judged(row.get(SKILL), min_skill)
 
 
 def replay_alarms(

@@ -75,6 +75,9 @@ def test_a_swap_check_below_min_skill_is_not_replayed(cue_runs):
     # A row without a recorded skill is not judged.
     missing = [{**row, "swap_probe_skill": None} for row in rows]
     assert cue_runs.replay_alarm_epoch(missing, "background_swap_ratio", **settings, min_skill=0.5) is None
+    # A swap statistic that only an older results file records (a candidate) is judged as the swap tests' are.
+    candidates = [{**row, "background_swap_top1_excess": 9.0} for row in rows]
+    assert cue_runs.replay_alarm_epoch(candidates, "background_swap_top1_excess", **settings, min_skill=0.5) == 4
 
 
 def test_each_regime_replays_its_own_score_through_the_monitor(cue_runs):
@@ -298,12 +301,15 @@ def test_compare_checks_the_fits_and_correlates_the_controls_readings(spurious_c
         control = history([90] * 4, [80] * 4, accuracy=[accuracy] * 4, skill=[0.1, 0.9, 0.9, 0.9],
                           background_swap_follow_share=shares, cue_swap_follow_share=[*shares[:3], 0.5])
         rows = [run("background", 0.25, 0, control, control=True) | {"init": "scratch"},
-                run("background", 1.0, 0, history([90] * 4, [80] * 4)) | {"init": "scratch"}]
+                run("background", 1.0, 0, history([90] * 4, [80] * 4, reliance=[10, 50, 60, 70],
+                                                  background_swap_follow_share=[0.1, 0.5, 0.7, 0.9],
+                                                  cue_swap_follow_share=[0.1, 0.5, 0.7, 0.9])) | {"init": "scratch"}]
         regime = {"alarmed": 1, "shortcut_runs": 1, "false_alarms": 0, "controls": 1,
                   "window": {"low": 0.3, "high": 0.4, "width": 1.33}, "control_peak": None}
         summary = {"follow": {"skill_sweep": [{"min_skill": 0.3, "regimes": {r: regime for r in spurious_compare.FOLLOW_REGIMES}}]}}
         path = tmp_path / name
-        path.write_text(json.dumps({"setup": {"swap_images": swap_images, "monitor_defaults": {"min_skill": 0.3}},
+        defaults = {"threshold": 0.4, "patience": 1, "min_delta": 0.1, "min_skill": 0.3}
+        path.write_text(json.dumps({"setup": {"swap_images": swap_images, "monitor_defaults": defaults},
                                     "runs": rows, "summary": summary}))
         return path
 
@@ -320,5 +326,10 @@ def test_compare_checks_the_fits_and_correlates_the_controls_readings(spurious_c
     # Background-cue runs only: the control's cue swap equals its background swap but at the last check, the
     # shortcut run's (both 1.0) at all four.
     assert b["cue_against_background"] == {"checks": 8, "equal": 7, "largest_gap": 0.1}
+    # The shortcut run follows the cue from epoch 2 (0.5), so a threshold below 0.5 catches it in time; the control's
+    # judged readings (0.2, 0.4, 0.6) stay quiet from 0.6: no window. No run has a border-ring cue.
+    assert b["window_ends"]["follow_share"]["object masks only"] == {
+        "catches_every_run_up_to": 0.49, "no_control_from": 0.6, "ratio": 0.82, "control_peak": 0.6}
+    assert b["window_ends"]["follow_share"]["no masks: border ring"]["catches_every_run_up_to"] is None
     report = "\n".join(spurious_compare.report(comparison))
-    assert "| 256 swap images | `" in report and "| 0.6 | scratch/shapes/background/0.25/seed 0 | 4 | 90% |" in report
+    assert f"| `{b['file']}` (256 swap images) |" in report and "| 0.6 | scratch/shapes/background/0.25/seed 0 | 4 | 90% |" in report
