@@ -37,7 +37,7 @@ TOP_READINGS = 10
 # The regime whose score the highest readings are listed for: object masks, the monitor's first default.
 LISTED_REGIME = "object masks only"
 # The regimes whose ends are listed (cue and object masks read the object masks' test, as object masks only do).
-END_REGIMES = ("object masks only", "cue masks only", "no masks: border ring")
+END_REGIMES = ("object masks only", "cue masks only", "no masks: border ring", "no masks: surround")
 # What a swap test's scalars are called after "<part>_swap_": the share statistics are all but the ratio.
 SWAP_INFIX = "_swap_"
 # Two follow shares closer than this are equal (they are counts over the same pairs, recorded to 4 decimals).
