@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import spurious
-from cue_runs import FOLLOW_REGIMES, MAP_REGIMES, REGIMES, label
+from cue_runs import FOLLOW_REGIMES, MAP_REGIMES, REGIMES, counted, label
 from harness import RESULTS, fmt, rounded, table
 
 # What training alone decides (the probe's accuracy and reliance, the map-based scores): equal in every file.
@@ -38,8 +38,6 @@ TOP_READINGS = 10
 LISTED_REGIME = "object masks only"
 # The regimes whose ends are listed (cue and object masks read the object masks' test, as object masks only do).
 END_REGIMES = ("object masks only", "cue masks only", "no masks: border ring", "no masks: surround")
-# What a swap test's scalars are called after "<part>_swap_": the share statistics are all but the ratio.
-SWAP_INFIX = "_swap_"
 # Two follow shares closer than this are equal (they are counts over the same pairs, recorded to 4 decimals).
 EQUAL = 1e-9
 
@@ -95,8 +93,7 @@ def judged_control_readings(result: Dict[str, Any], key: str) -> Dict[Tuple[str,
         if not run["control"]:
             continue
         for row in run["history"]:
-            skill = row.get("swap_probe_skill")
-            if row.get(key) is not None and skill is not None and (min_skill is None or skill >= min_skill):
+            if counted(row, key, min_skill):
                 out[(name, row["epoch"])] = (row[key], row["accuracy"])
     return out
 
@@ -122,7 +119,7 @@ def cue_against_background(result: Dict[str, Any]) -> Dict[str, Any]:
 
 def share_statistics(result: Dict[str, Any]) -> List[str]:
     """The share statistics the file's swap tests recorded (``"follow_share"``, and any candidates beside it)."""
-    row = caap_runs(result)[label(result["runs"][0])]["history"][0]
+    row = next(iter(caap_runs(result).values()))["history"][0]
     prefix = REGIMES["object masks only"].replace("_ratio", "")
     return [key[len(prefix) + 1:] for key in row if key.startswith(prefix) and not key.endswith("_ratio")]
 
