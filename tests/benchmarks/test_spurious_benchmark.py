@@ -331,5 +331,7 @@ def test_compare_checks_the_fits_and_correlates_the_controls_readings(spurious_c
     assert b["window_ends"]["follow_share"]["object masks only"] == {
         "catches_every_run_up_to": 0.49, "no_control_from": 0.6, "ratio": 0.82, "control_peak": 0.6}
     assert b["window_ends"]["follow_share"]["no masks: border ring"]["catches_every_run_up_to"] is None
+    # Every run here is a shapes run: the shapes' ends are the first file's own, and no other dataset is listed.
+    assert comparison["first_file_ends_by_dataset"] == {"shapes": a["window_ends"]["follow_share"]}
     report = "\n".join(spurious_compare.report(comparison))
     assert f"| `{b['file']}` (256 swap images) |" in report and "| 0.6 | scratch/shapes/background/0.25/seed 0 | 4 | 90% |" in report
