@@ -29,6 +29,7 @@ COLOUR_BAR = 10  # the colour bar's height under an overlay column's title
 OUTLINE_COLOUR = (0.0, 0.85, 0.0)
 OUTLINE_WIDTH = 2  # pixels of the drawn tile
 TITLE_LINES = 2  # a column title's lines at most, so that grids of the same rows have the same height
+ROW_LINES = 2  # a row caption's lines at most: an image's title after a strategy's, say, on a narrow grid
 
 
 def grid_font_size(tile_width: int) -> int:
@@ -91,7 +92,7 @@ def heatmap_grid(
     a column whose masks are ``None`` is left out; the cue masks are also outlined in green on the
     image and the overlays, where the overlay would hide a red or blue cue. Each row is captioned
     with its title, in a font sized to the tiles (:func:`grid_font_size`) so that it reads on a
-    TensorBoard card.
+    TensorBoard card, on up to :data:`ROW_LINES` lines where one does not hold it.
     Drawn with numpy and PIL: a matplotlib grid costs seconds per check on a CPU.
     """
     from matplotlib import colormaps
@@ -105,9 +106,12 @@ def heatmap_grid(
     columns = ["image"] + [name for name, _ in overlays] + [name for name, _ in mask_columns] + [name for name, _ in view_columns]
     n, _, h, w = images.shape
     scale = max(1, -(-min_tile // min(h, w)))  # nearest-neighbour upscaling of small images
-    th, tw, gap, caption = h * scale, w * scale, GRID_GAP, grid_line(w * scale)
+    th, tw, gap, line = h * scale, w * scale, GRID_GAP, grid_line(w * scale)
+    font = ImageFont.load_default(size=grid_font_size(tw))
     header = grid_header(tw)
     width = len(columns) * tw + (len(columns) - 1) * gap
+    captions = [wrap(title, font, width - 4, most=ROW_LINES) for title in titles]
+    caption = line * max((len(lines) for lines in captions), default=1)  # every row alike: the tiles line up
     canvas = np.full((header + n * (caption + th + gap), width, 3), 255, dtype=np.uint8)
     pixels = images.permute(0, 2, 3, 1).float().cpu().numpy()
     heats = [m.float().cpu().numpy() for _, m in overlays]
@@ -130,23 +134,31 @@ def heatmap_grid(
             left = col * (tw + gap)
             canvas[top : top + th, left : left + tw] = np.clip(big * 255 + 0.5, 0, 255).astype(np.uint8)
     bar = (cmap(np.linspace(0, 1, tw))[None, :, :3] * 255 + 0.5).astype(np.uint8)
-    bar_top = header - COLOUR_BAR - caption
+    bar_top = header - COLOUR_BAR - line
     for col in range(1, len(overlays) + 1):
         canvas[bar_top : bar_top + COLOUR_BAR, col * (tw + gap) : col * (tw + gap) + tw] = bar
     image = Image.fromarray(canvas)
     draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=grid_font_size(tw))
     for col, name in enumerate(columns):
-        for line, text in enumerate(wrap(name, font, tw)):
-            draw.text((col * (tw + gap) + 2, 1 + line * caption), text, fill=(0, 0, 0), font=font)
+        for row, text in enumerate(wrap(name, font, tw)):
+            draw.text((col * (tw + gap) + 2, 1 + row * line), text, fill=(0, 0, 0), font=font)
     for col, limit in enumerate(limits, start=1):
-        left, y = col * (tw + gap), bar_top + COLOUR_BAR + 1
-        draw.text((left, y), f"-{limit:.2g}", fill=(0, 0, 0), font=font)  # the bar's middle, white, is 0
-        draw.text((left + tw, y), f"+{limit:.2g}", fill=(0, 0, 0), font=font, anchor="ra")
-    for i, title in enumerate(titles):
-        (text,) = wrap(title, font, width - 4, most=1)
-        draw.text((2, header + i * (caption + th + gap) + 1), text, fill=(0, 0, 0), font=font)
+        draw_bar_ends(draw, font, col * (tw + gap), bar_top + COLOUR_BAR + 1, tw, limit)
+    for i, lines in enumerate(captions):
+        for row, text in enumerate(lines):
+            draw.text((2, header + i * (caption + th + gap) + 1 + row * line), text, fill=(0, 0, 0), font=font)
     return np.asarray(image)
+
+
+def draw_bar_ends(draw: Any, font: Any, left: int, top: int, width: int, limit: float) -> None:
+    """Under a colour bar ``width`` pixels wide: ``-limit`` at its blue end and ``+limit`` at its red end (the white
+    middle is 0), or one centred ``±limit`` where the two would run into each other."""
+    low, high = f"-{limit:.2g}", f"+{limit:.2g}"
+    if font.getlength(low) + font.getlength(high) + font.getlength(" ") <= width:
+        draw.text((left, top), low, fill=(0, 0, 0), font=font)
+        draw.text((left + width, top), high, fill=(0, 0, 0), font=font, anchor="ra")
+    else:
+        draw.text((left + width // 2, top), f"±{limit:.2g}", fill=(0, 0, 0), font=font, anchor="ma")
 
 
 # matplotlib's "tab10", the colours its line plots cycle through.

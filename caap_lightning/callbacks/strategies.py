@@ -357,8 +357,10 @@ def strategy_grid(result: Any, group: StrategyGroup, maps: Tensor, map_title: st
         for i in strategy.members[:examples].tolist():
             rows.append(i)
             means.append(strategy.mean_map)
-            caption = f"strategy {j + 1}/{k} ({len(strategy.members)} images, {strategy.place})"
-            titles.append(f"{caption} {result.row_title(i)}")
+            # The image's own title first: on a narrow grid the caption's end is cut, and the strategy's part
+            # repeats on every row of the strategy (and in the text entry).
+            titles.append(f"{result.row_title(i)} · strategy {j + 1}/{k} ({len(strategy.members)} images, "
+                          f"{strategy.place})")
     probe = result.probe
     index = torch.as_tensor(rows, dtype=torch.long)
     size = tuple(probe.images.shape[-2:])

@@ -284,3 +284,37 @@ def test_heatmap_grid_outlines_the_cue_masks_over_the_overlays():
         tile = grid[top : top + 128, left : left + 128].astype(int)
         assert (tile[16, 16:48] == green).all()  # the outline's top edge, 4x upscaled
         assert not (tile[20, 20] == green).all() and not (tile[100, 100] == green).all()  # inside, outside: none
+
+
+def test_heatmap_grid_wraps_a_long_row_caption_onto_a_second_line_for_every_row():
+    images, maps = torch.full((2, 3, 32, 32), 0.5), {"CAAP": torch.ones(2, 32, 32)}
+    short = figures.heatmap_grid(images, maps, ["a", "b"])
+    long = figures.heatmap_grid(images, maps, ["#3 bag -> bag p=0.98, cue: shirt · strategy 1/2 (40 images)", "b"])
+    line = figures.grid_line(128)
+    assert long.shape[0] == short.shape[0] + 2 * line  # one more caption line on each of the two rows
+    # The rows' tiles are drawn alike, each lower by the longer captions above it (below the top few pixel rows,
+    # which a caption's descenders may reach).
+    top = figures.grid_header(128) + 2 * line + 8
+    assert (long[top : top + 120] == short[top - line : top - line + 120]).all()
+    second = figures.grid_header(128) + 2 * (2 * line) + 128 + figures.GRID_GAP
+    assert (long[second : second + 128] == short[second - 2 * line : second - 2 * line + 128]).all()
+    # The second caption line holds text (dark pixels) on the long grid only.
+    caption = long[figures.grid_header(128) + line : figures.grid_header(128) + 2 * line]
+    assert (caption < 100).any()
+
+
+def test_colour_bar_ends_fall_back_to_one_centred_label_where_both_do_not_fit():
+    from PIL import ImageFont
+
+    drawn = []
+
+    class Recorder:
+        def text(self, xy, text, **kwargs):
+            drawn.append((xy, text, kwargs.get("anchor")))
+
+    font = ImageFont.load_default(size=20)
+    figures.draw_bar_ends(Recorder(), font, 10, 0, 300, 0.063)
+    assert drawn == [((10, 0), "-0.063", None), ((310, 0), "+0.063", "ra")]
+    drawn.clear()
+    figures.draw_bar_ends(Recorder(), font, 10, 0, 60, 0.063)
+    assert drawn == [((40, 0), "±0.063", "ma")]
