@@ -232,14 +232,22 @@ def compact(check: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
+def threshold_checks(
+    runs: Sequence[Dict[str, Any]], regime: str, monitor: Dict[str, Any], watch: Watch
+) -> List[Tuple[float, Dict[str, Any]]]:
+    """Each threshold of ``watch.window_grid`` (at ``monitor``'s other settings) with ``regime``'s targets on ``runs``
+    (:func:`target_check`)."""
+    return [(t, target_check(with_alarms(runs, regime, {**monitor, "threshold": t}, watch.regimes), regime))
+            for t in watch.window_grid]
+
+
 def threshold_window(
     runs: Sequence[Dict[str, Any]], regime: str, monitor: Dict[str, Any], watch: Watch
 ) -> Dict[str, Any]:
     """The thresholds of ``watch.window_grid`` (at ``monitor``'s patience) that meet every target of ``regime`` on
     every run, on scratch runs and fine-tunes alike: the widest unbroken stretch of them, and its width
     (highest over lowest; the issue asks for at least 2)."""
-    met = [t for t in watch.window_grid
-           if all_met(target_check(with_alarms(runs, regime, {**monitor, "threshold": t}, watch.regimes), regime))]
+    met = [t for t, check in threshold_checks(runs, regime, monitor, watch) if all_met(check)]
     stretches: List[List[float]] = []
     for t in met:
         grid = watch.window_grid

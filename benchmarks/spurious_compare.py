@@ -77,9 +77,10 @@ def min_skill_of(result: Dict[str, Any]) -> Optional[float]:
 
 
 def regime_rows(result: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
-    """The follow shares' report per regime at the monitor's own ``min_skill``: detections, window, control peak."""
+    """The default watch's report (the follow shares) per regime at the monitor's own ``min_skill``: detections,
+    window, control peak."""
     wanted = min_skill_of(result)
-    for row in result["summary"]["follow"]["skill_sweep"]:
+    for row in result["summary"][spurious.DEFAULT_WATCH]["skill_sweep"]:
         if row["min_skill"] == wanted:
             return row["regimes"]
     raise SystemExit(f"the report holds no min_skill sweep row for {wanted}")
@@ -135,15 +136,9 @@ def window_ends(result: Dict[str, Any], statistic: str, dataset: Optional[str] =
     monitor = {k: v for k, v in result["setup"]["monitor_defaults"].items() if k != "threshold"}
     out = {}
     for regime in END_REGIMES:
-        catching, quiet = [], []
-        for threshold in watch.window_grid:
-            check = spurious.target_check(spurious.with_alarms(runs, regime, {**monitor, "threshold": threshold},
-                                                               regimes), regime)
-            if check["all_shortcuts_alarmed"] and check["lead"]:
-                catching.append(threshold)
-            if check["no_control_alarm"]:
-                quiet.append(threshold)
-        high, low = max(catching, default=None), min(quiet, default=None)
+        checks = spurious.threshold_checks(runs, regime, monitor, watch)
+        high = max((t for t, check in checks if check["all_shortcuts_alarmed"] and check["lead"]), default=None)
+        low = min((t for t, check in checks if check["no_control_alarm"]), default=None)
         peak = spurious.control_peaks(runs, regimes[regime], monitor["min_skill"])["judged"]
         out[regime] = {"catches_every_run_up_to": high, "no_control_from": low,
                        "ratio": rounded(high / low, 2) if high and low else None,
