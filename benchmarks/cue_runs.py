@@ -52,10 +52,6 @@ MAP_REGIMES = {
 }
 # The same regimes watched through the swap tests' follow shares (the share of swap pairs that follow the region).
 FOLLOW_REGIMES = {regime: key.replace("_ratio", "_follow_share") for regime, key in REGIMES.items()}
-# Experiment: the follow share among the pairs whose two clean images the model is sure of, and weighted by that.
-SURE_REGIMES = {regime: key.replace("_ratio", "_sure_share") for regime, key in REGIMES.items()}
-SURE80_REGIMES = {regime: key.replace("_ratio", "_sure80_share") for regime, key in REGIMES.items()}
-WEIGHTED_REGIMES = {regime: key.replace("_ratio", "_weighted_share") for regime, key in REGIMES.items()}
 # What each fit's CAAPCallback runs: every model test and the map-based scores.
 RUN_METRICS = (*MODEL_TESTS, *MAP_REGIMES.values())
 # The swap tests' scalars ("<part>_swap_<statistic>", any statistic a results file recorded): the monitor judges

@@ -72,7 +72,7 @@ from caap_lightning.datamodules.fashion import find_fashion_mnist
 import cue_runs
 from cue_runs import (
     INITS, Job, CONTROL_ACCURACY, CONTROL_RELIANCE, DATASETS, FASHION_ROOT, GAP_POINTS, LATEST_LEAD, LIVE_SCORE,
-    FOLLOW_REGIMES, SURE_REGIMES, SURE80_REGIMES, WEIGHTED_REGIMES, MAP_REGIMES, MODEL, RECORDED, REGIMES, SHORTCUT_RELIANCE, SKILL, control_of, control_problems,
+    FOLLOW_REGIMES, MAP_REGIMES, MODEL, RECORDED, REGIMES, SHORTCUT_RELIANCE, SKILL, control_of, control_problems,
     counted, detection, due_epoch, gap_epoch, is_late, label, lead_time, onset_epoch, recipe, replay_alarm_epoch,
     run_jobs, run_kind, settings_of,
 )
@@ -104,11 +104,6 @@ class Watch(NamedTuple):
 WATCHES = {
     "follow": Watch("caap", FOLLOW_REGIMES, "Swap follow shares (the share of swap pairs that follow the swapped "
                     "region; they test the model, not a map)", SHARE_SWEEP, SHARE_WINDOW_GRID),
-    "sure": Watch("caap", SURE_REGIMES, "Swap follow shares of sure pairs (the follow share among the pairs whose "
-                  "two clean images get their class at probability 0.5 or more)", SHARE_SWEEP, SHARE_WINDOW_GRID),
-    "sure80": Watch("caap", SURE80_REGIMES, "Swap follow shares of sure pairs at 0.8", SHARE_SWEEP, SHARE_WINDOW_GRID),
-    "weighted": Watch("caap", WEIGHTED_REGIMES, "Swap follow shares weighted by the pair's chance-corrected clean "
-                      "confidence", SHARE_SWEEP, SHARE_WINDOW_GRID),
     "swap": Watch("caap", REGIMES, "Swap ratios (they test the model, not a map)"),
     "insertion": Watch("caap", INSERTION_REGIMES, "Insertion ratios (they test the model)"),
     "caap": Watch("caap", MAP_REGIMES, "CAAP maps (density ratios and the fixed-position ratio)"),
@@ -685,9 +680,7 @@ def scores_section(runs: Sequence[Dict[str, Any]], summary: Dict[str, Any]) -> L
 
 def settings_for(key: str, summary: Dict[str, Any]) -> Dict[str, Any]:
     """The chosen monitor setting for a score of ``key``'s kind: a follow share's, or the swap ratios'."""
-    kinds = {"_follow_share": "follow", "_sure_share": "sure", "_sure80_share": "sure80", "_weighted_share": "weighted"}
-    kind = next((kind for end, kind in kinds.items() if key.endswith(end)), "swap")
-    return summary[kind]["settings"]
+    return summary["follow" if key.endswith("_follow_share") else "swap"]["settings"]
 
 
 def runs_section(runs: Sequence[Dict[str, Any]], summary: Dict[str, Any]) -> List[str]:

@@ -41,9 +41,6 @@ class RegionSwap(NamedTuple):
     target: Tensor  # (B,) the images' classes
     donor_target: Tensor  # (B,) the donors' classes
     scored: Tensor  # (B,) bool: both masks mark part of their image and the two classes differ
-    # (B,) float64: the lower of the clean image's probability of its class and the clean donor's of its own
-    confidence: Tensor
-    classes: int
 
 
 # A donor mask is a backdrop (a background cue, whose mask is all but the object) when it covers more than this share
@@ -148,13 +145,14 @@ def region_swap(
     if swapped is not None and tuple(swapped.shape) != tuple(images.shape):
         raise ValueError(f"swapped {tuple(swapped.shape)} do not match the images {tuple(images.shape)}")
     views = [swapped_images(images, masks, donor_images, donor_masks, region) if swapped is None else swapped.to(images)]
-    views += [images, donor_images]
+    # The clean images are classified only where no target is given.
+    views += ([images] if targets is None else []) + ([donor_images] if donor_targets is None else [])
     with eval_mode(model), torch.no_grad():
         chunks = torch.cat(views).split(batch_size)
         probs = torch.cat([output_logits(model(chunk)).float().softmax(1) for chunk in chunks]).double()
-    clean, donor_clean = probs[b : 2 * b], probs[2 * b :]
-    targets = clean.argmax(1) if targets is None else targets.to(images.device)
-    donor_targets = donor_clean.argmax(1) if donor_targets is None else donor_targets.to(images.device)
+    clean = iter(probs[lo : lo + b].argmax(1) for lo in range(b, len(probs), b))
+    targets = next(clean) if targets is None else targets.to(images.device)
+    donor_targets = next(clean) if donor_targets is None else donor_targets.to(images.device)
     for given in (targets, donor_targets):
         check_target_range(given, probs.shape[1])
     swapped = probs[:b]
@@ -164,8 +162,6 @@ def region_swap(
         target=targets,
         donor_target=donor_targets,
         scored=scored.to(images.device) & (targets != donor_targets),
-        confidence=torch.minimum(clean.gather(1, targets[:, None])[:, 0], donor_clean.gather(1, donor_targets[:, None])[:, 0]),
-        classes=probs.shape[1],
     )
 
 
@@ -195,11 +191,6 @@ class SwapRatio(PooledRegionRatio):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.add_state("follows", torch.tensor(0), dist_reduce_fx="sum")
-        for name in ("sure", "sure80"):
-            self.add_state(f"{name}_follows", torch.tensor(0), dist_reduce_fx="sum")
-            self.add_state(f"{name}_count", torch.tensor(0), dist_reduce_fx="sum")
-        self.add_state("weighted_follows", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("weight_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(
         self,
@@ -214,25 +205,10 @@ class SwapRatio(PooledRegionRatio):
         found = region_swap(self.model, images, masks, donor_images, donor_masks, self.region, target, donor_target,
                             self.batch_size, swapped)
         self._add(found.suspect, found.rest, found.scored)
-        follow = found.scored & follows_region(found.suspect, found.rest)
-        self.follows += int(follow.sum())
-        for name, level in (("sure", 0.5), ("sure80", 0.8)):
-            sure = found.scored & (found.confidence >= level)
-            setattr(self, f"{name}_follows", getattr(self, f"{name}_follows") + int((sure & follow).sum()))
-            setattr(self, f"{name}_count", getattr(self, f"{name}_count") + int(sure.sum()))
-        chance = 1.0 / found.classes
-        weight = ((found.confidence - chance) / (1 - chance)).clamp(min=0) * found.scored
-        self.weighted_follows += (weight * follow).sum().to(self.weighted_follows)
-        self.weight_sum += weight.sum().to(self.weight_sum)
+        self.follows += int((found.scored & follows_region(found.suspect, found.rest)).sum())
 
     def _details(self) -> Dict[str, Tensor]:
-        def share(follows: Tensor, count: Tensor) -> Tensor:
-            return torch.where(count > 0, follows / count.clamp(min=1e-12), torch.zeros((), dtype=torch.float64))
-        return {**super()._details(), "follows": self.follows, "follow_share": self.follows / self.count,
-                "sure_follow_share": share(self.sure_follows, self.sure_count),
-                "sure_pair_share": self.sure_count / self.count,
-                "sure80_follow_share": share(self.sure80_follows, self.sure80_count),
-                "weighted_follow_share": share(self.weighted_follows, self.weight_sum)}
+        return {**super()._details(), "follows": self.follows, "follow_share": self.follows / self.count}
 
 
 def follows_region(suspect: Tensor, rest: Tensor) -> Tensor:

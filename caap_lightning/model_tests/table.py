@@ -70,11 +70,7 @@ class ModelTest:
         """Each scalar it logs (``<prefix>/<scalar>``) by the key of its meter's ``compute_details()``: the ratio, and
         for a swap the share of probe pairs that follow the swapped region (``<part>_swap_follow_share``)."""
         if self.kind == "swap":
-            return {self.name: "swap_ratio", f"{self.part}_swap_follow_share": "follow_share",
-                    f"{self.part}_swap_sure_share": "sure_follow_share",
-                    f"{self.part}_swap_sure_pairs": "sure_pair_share",
-                    f"{self.part}_swap_sure80_share": "sure80_follow_share",
-                    f"{self.part}_swap_weighted_share": "weighted_follow_share"}
+            return {self.name: "swap_ratio", f"{self.part}_swap_follow_share": "follow_share"}
         return {self.name: "insertion_ratio"}
 
     @property
