@@ -268,15 +268,19 @@ def fit_run(
     monitor = SpuriousCueMonitor(monitor="caap/" + LIVE_SCORE, **settings["monitor"], num_images=0)
     data.setup("fit")
     recorder = EpochRecorder(data.probe_batch(data.num_val), caap, monitor)
-    trainer = quiet_trainer(
-        max_epochs=run_recipe["epochs"],
-        # The accuracies are the recorder's, on every validation image; the loop only triggers the check.
-        limit_val_batches=1,
-        limit_train_batches=run_recipe["batches_per_epoch"] if snapshots is None else 1,
-        callbacks=[caap, monitor, recorder],
-    )
     start, cpu = time.perf_counter(), time.process_time()
-    trainer.fit(model, datamodule=data)
+    # Without a logger the monitor writes its notes (a check not judged) under default_root_dir: the recorder holds
+    # all the benchmark reads, so they go to a folder removed after the fit, not into the working directory.
+    with tempfile.TemporaryDirectory(prefix="caap-cue-run-") as root:
+        trainer = quiet_trainer(
+            max_epochs=run_recipe["epochs"],
+            # The accuracies are the recorder's, on every validation image; the loop only triggers the check.
+            limit_val_batches=1,
+            limit_train_batches=run_recipe["batches_per_epoch"] if snapshots is None else 1,
+            callbacks=[caap, monitor, recorder],
+            default_root_dir=root,
+        )
+        trainer.fit(model, datamodule=data)
     record = {
         "dataset": dataset,
         "cue": cue,

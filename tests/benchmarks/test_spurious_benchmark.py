@@ -212,12 +212,18 @@ def test_a_quick_run_writes_its_report_and_rescores_it(spurious, cue_runs, tmp_p
     each run records its init, each epoch its swap probe's skill and whether the check was judged (issue 29)."""
     monkeypatch.setattr(cue_runs, "QUICK", dict(cue_runs.QUICK, num_train=64, num_val=32))
     monkeypatch.setattr(cue_runs, "PRETRAINED_DIR", tmp_path / "pretrained")  # this test's own pretraining
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
     result = spurious.main(["--quick", "--data", "shapes", "--cues", "watermark", "--cue-correlations", "1.0",
                             "--init", "scratch", "pretrained", "--num-images", "4", "--output-dir", str(tmp_path)])
     runs = result["runs"]
     assert [(r["init"], r["method"]) for r in runs] == [("pretrained", "caap"), ("pretrained", "gradcam"),
                                                       ("scratch", "caap"), ("scratch", "gradcam")]
     assert all(len(r["history"]) == 2 for r in runs) and len(list((tmp_path / "pretrained").glob("*.pt"))) == 1
+    # Checks at chance are not judged, and their notes (files, without a logger) leave with each fit's own folder.
+    assert not all(row["judged"] for r in runs for row in r["history"])
+    assert list(workdir.iterdir()) == []
     assert result["setup"]["baselines_replay_caap_weights"] and result["setup"]["replay_matches_live"]
     min_skill = result["setup"]["monitor"]["min_skill"]
     assert min_skill == SpuriousCueMonitor().min_skill
