@@ -13,7 +13,7 @@ swap.
 
     python benchmarks/spurious_compare.py benchmarks/results/spurious.json \\
         benchmarks/results/spurious-swap128.json benchmarks/results/spurious-swap256.json \\
-        benchmarks/results/spurious-chance.json
+        benchmarks/results/spurious-chance.json benchmarks/results/spurious-sure.json
 
 writes ``benchmarks/results/spurious-compare.md`` and ``.json`` (``--output`` for another stem).
 """
@@ -38,6 +38,8 @@ TOP_READINGS = 10
 LISTED_REGIME = "object masks only"
 # The regimes whose ends are listed (cue and object masks read the object masks' test, as object masks only do).
 END_REGIMES = ("object masks only", "cue masks only", "no masks: border ring", "no masks: surround")
+# The end of a candidate's scalar that gives the share of pairs it counted (e.g. the pairs the model is sure of).
+COUNTED_PAIRS = "_pairs"
 # Two follow shares closer than this are equal (they are counts over the same pairs, recorded to 4 decimals).
 EQUAL = 1e-9
 
@@ -118,11 +120,22 @@ def cue_against_background(result: Dict[str, Any]) -> Dict[str, Any]:
             "largest_gap": rounded(max(gaps), 4) if gaps else None}
 
 
+def candidates_at(result: Dict[str, Any], run: str, epoch: int) -> Dict[str, Any]:
+    """What the file's candidate statistics read at one check of the listed regime's swap test (its follow share and
+    ratio aside), counted pairs included: e.g. how many pairs a candidate read where the follow share is high."""
+    row = next(row for row in caap_runs(result)[run]["history"] if row["epoch"] == epoch)
+    prefix = REGIMES[LISTED_REGIME].replace("_ratio", "_")
+    return {key[len(prefix):]: row[key] for key in row
+            if key.startswith(prefix) and not key.endswith(("_ratio", "_follow_share"))}
+
+
 def share_statistics(result: Dict[str, Any]) -> List[str]:
-    """The share statistics the file's swap tests recorded (``"follow_share"``, and any candidates beside it)."""
+    """The share statistics the file's swap tests recorded (``"follow_share"``, and any candidates beside it); not a
+    share of the pairs that a candidate counted (``*_pairs``), which says how many it read, not whether they follow."""
     row = next(iter(caap_runs(result).values()))["history"][0]
     prefix = REGIMES["object masks only"].replace("_ratio", "")
-    return [key[len(prefix) + 1:] for key in row if key.startswith(prefix) and not key.endswith("_ratio")]
+    return [key[len(prefix) + 1:] for key in row
+            if key.startswith(prefix) and not key.endswith(("_ratio", COUNTED_PAIRS))]
 
 
 def window_ends(result: Dict[str, Any], statistic: str, dataset: Optional[str] = None) -> Dict[str, Dict[str, Any]]:
@@ -166,7 +179,8 @@ def compare(paths: Sequence[Path]) -> Dict[str, Any]:
                 for regime, key in FOLLOW_REGIMES.items()
             },
             "highest_control_readings": [
-                {"run": run, "epoch": epoch, "score": score, "accuracy": accuracy}
+                {"run": run, "epoch": epoch, "score": score, "accuracy": accuracy,
+                 "candidates": candidates_at(result, run, epoch)}
                 for (run, epoch), (score, accuracy) in top
             ],
             "cue_against_background": cue_against_background(result),
@@ -209,12 +223,15 @@ def report(comparison: Dict[str, Any]) -> List[str]:
                          f"{fmt(corr['r'])} over {corr['checks']}"])
     lines += table(["regime", "file", "shortcut runs alarmed", "controls alarmed", "window", "controls' peak",
                     "controls' readings vs the first file (r)"], rows)
-    lines += ["", f"## The highest judged control readings of `{comparison['listed_score']}`", ""]
+    lines += ["", f"## The highest judged control readings of `{comparison['listed_score']}`", "",
+              "With what a file's candidate statistics of the same swap test read at that check.", ""]
     for n, f in zip(name, files):
         lines += [f"{n}:", ""]
-        lines += table(["reading", "run", "epoch", "probe accuracy"],
-                       [[fmt(t["score"]), t["run"], t["epoch"], f"{fmt(t['accuracy'], 1)}%"]
-                        for t in f["highest_control_readings"]])
+        top = f["highest_control_readings"]
+        candidates = list(top[0]["candidates"]) if top else []
+        lines += table(["reading", "run", "epoch", "probe accuracy", *(f"`{c}`" for c in candidates)],
+                       [[fmt(t["score"]), t["run"], t["epoch"], f"{fmt(t['accuracy'], 1)}%",
+                         *(fmt(t["candidates"][c], 3) for c in candidates)] for t in top])
         lines.append("")
     lines += ["## Both ends of the window, per share statistic", "",
               "Per file and share statistic each swap test recorded, at the file's monitor defaults: the highest "

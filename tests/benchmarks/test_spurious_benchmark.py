@@ -341,3 +341,15 @@ def test_compare_checks_the_fits_and_correlates_the_controls_readings(spurious_c
     assert comparison["first_file_ends_by_dataset"] == {"shapes": a["window_ends"]["follow_share"]}
     report = "\n".join(spurious_compare.report(comparison))
     assert f"| `{b['file']}` (256 swap images) |" in report and "| 0.6 | scratch/shapes/background/0.25/seed 0 | 4 | 90% |" in report
+
+
+def test_compare_lists_each_recorded_share_statistic_but_not_a_count_of_pairs(spurious_compare):
+    """A candidate's share of the pairs it counted (``*_pairs``) has no threshold: it is not a statistic whose window
+    the comparison reports."""
+    row = {"epoch": 1, "background_swap_ratio": 1.0, "background_swap_follow_share": 0.5, "background_swap_sure_share": 0.4,
+           "background_swap_sure_pairs": 0.8, "background_swap_top1_excess": 0.1, "cue_swap_follow_share": 0.5}
+    result = {"runs": [run("background", 1.0, 0, [row])]}
+    assert spurious_compare.share_statistics(result) == ["follow_share", "sure_share", "top1_excess"]
+    # The highest control readings list them all, the count of pairs too.
+    assert spurious_compare.candidates_at({"runs": [run("background", 1.0, 0, [row])]}, "scratch/shapes/background/1.0/seed 0", 1) == {
+        "sure_share": 0.4, "sure_pairs": 0.8, "top1_excess": 0.1}
