@@ -124,18 +124,22 @@ def candidates_at(result: Dict[str, Any], run: str, epoch: int) -> Dict[str, Any
     """What the file's candidate statistics read at one check of the listed regime's swap test (its follow share and
     ratio aside), counted pairs included: e.g. how many pairs a candidate read where the follow share is high."""
     row = next(row for row in caap_runs(result)[run]["history"] if row["epoch"] == epoch)
-    prefix = REGIMES[LISTED_REGIME].replace("_ratio", "_")
+    prefix = listed_prefix()
     return {key[len(prefix):]: row[key] for key in row
             if key.startswith(prefix) and not key.endswith(("_ratio", "_follow_share"))}
+
+
+def listed_prefix() -> str:
+    """``"background_swap_"``: the start of every scalar the listed regime's swap test records."""
+    return REGIMES[LISTED_REGIME].replace("_ratio", "_")
 
 
 def share_statistics(result: Dict[str, Any]) -> List[str]:
     """The share statistics the file's swap tests recorded (``"follow_share"``, and any candidates beside it); not a
     share of the pairs that a candidate counted (``*_pairs``), which says how many it read, not whether they follow."""
     row = next(iter(caap_runs(result).values()))["history"][0]
-    prefix = REGIMES["object masks only"].replace("_ratio", "")
-    return [key[len(prefix) + 1:] for key in row
-            if key.startswith(prefix) and not key.endswith(("_ratio", COUNTED_PAIRS))]
+    prefix = listed_prefix()
+    return [key[len(prefix):] for key in row if key.startswith(prefix) and not key.endswith(("_ratio", COUNTED_PAIRS))]
 
 
 def window_ends(result: Dict[str, Any], statistic: str, dataset: Optional[str] = None) -> Dict[str, Dict[str, Any]]:
