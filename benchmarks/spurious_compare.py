@@ -38,6 +38,8 @@ TOP_READINGS = 10
 LISTED_REGIME = "object masks only"
 # The regimes whose ends are listed (cue and object masks read the object masks' test, as object masks only do).
 END_REGIMES = ("object masks only", "cue masks only", "no masks: border ring", "no masks: surround")
+# The callback's share statistic: the share of pairs that follow the swapped region.
+FOLLOW_SHARE = "follow_share"
 # The end of a candidate's scalar that gives the share of pairs it counted (e.g. the pairs the model is sure of).
 COUNTED_PAIRS = "_pairs"
 # Two follow shares closer than this are equal (they are counts over the same pairs, recorded to 4 decimals).
@@ -120,26 +122,25 @@ def cue_against_background(result: Dict[str, Any]) -> Dict[str, Any]:
             "largest_gap": rounded(max(gaps), 4) if gaps else None}
 
 
-def candidates_at(result: Dict[str, Any], run: str, epoch: int) -> Dict[str, Any]:
-    """What the file's candidate statistics read at one check of the listed regime's swap test (its follow share and
-    ratio aside), counted pairs included: e.g. how many pairs a candidate read where the follow share is high."""
-    row = next(row for row in caap_runs(result)[run]["history"] if row["epoch"] == epoch)
-    prefix = listed_prefix()
-    return {key[len(prefix):]: row[key] for key in row
-            if key.startswith(prefix) and not key.endswith(("_ratio", "_follow_share"))}
+def swap_statistics(row: Dict[str, Any]) -> Dict[str, Any]:
+    """What the listed regime's swap test recorded at one check, by statistic, its ratio aside: ``follow_share``, any
+    candidate a results file recorded beside it, and a candidate's share of the pairs it counted (``*_pairs``)."""
+    prefix = REGIMES[LISTED_REGIME].replace("_ratio", "_")
+    return {key[len(prefix):]: value for key, value in row.items()
+            if key.startswith(prefix) and not key.endswith("_ratio")}
 
 
-def listed_prefix() -> str:
-    """``"background_swap_"``: the start of every scalar the listed regime's swap test records."""
-    return REGIMES[LISTED_REGIME].replace("_ratio", "_")
+def candidates_at(row: Dict[str, Any]) -> Dict[str, Any]:
+    """What the file's candidate statistics read at a check, counted pairs included (the follow share aside): e.g.
+    how many pairs a candidate read where the follow share is high."""
+    return {statistic: value for statistic, value in swap_statistics(row).items() if statistic != FOLLOW_SHARE}
 
 
 def share_statistics(result: Dict[str, Any]) -> List[str]:
     """The share statistics the file's swap tests recorded (``"follow_share"``, and any candidates beside it); not a
     share of the pairs that a candidate counted (``*_pairs``), which says how many it read, not whether they follow."""
     row = next(iter(caap_runs(result).values()))["history"][0]
-    prefix = listed_prefix()
-    return [key[len(prefix):] for key in row if key.startswith(prefix) and not key.endswith(("_ratio", COUNTED_PAIRS))]
+    return [statistic for statistic in swap_statistics(row) if not statistic.endswith(COUNTED_PAIRS)]
 
 
 def window_ends(result: Dict[str, Any], statistic: str, dataset: Optional[str] = None) -> Dict[str, Dict[str, Any]]:
@@ -168,30 +169,31 @@ def compare(paths: Sequence[Path]) -> Dict[str, Any]:
     first = results[0]
     listed = FOLLOW_REGIMES[LISTED_REGIME]
     files = []
+    first_readings = {regime: judged_control_readings(first, key) for regime, key in FOLLOW_REGIMES.items()}
     for path, result in zip(paths, results):
         path = path.resolve()
         checks, differ = training_differences(first, result)
         readings = {regime: judged_control_readings(result, key) for regime, key in FOLLOW_REGIMES.items()}
         top = sorted(readings[LISTED_REGIME].items(), key=lambda item: -item[1][0])[:TOP_READINGS]
+        histories = {name: {row["epoch"]: row for row in run["history"]} for name, run in caap_runs(result).items()}
         files.append({
             "file": str(path.relative_to(RESULTS) if path.is_relative_to(RESULTS) else path),
             "swap_images": swap_images(result),
             "training": {"checks": checks, "differ": differ},
             "regimes": regime_rows(result),
             "controls_against_first": {
-                regime: correlation(judged_control_readings(first, key), readings[regime])
-                for regime, key in FOLLOW_REGIMES.items()
+                regime: correlation(first_readings[regime], readings[regime]) for regime in FOLLOW_REGIMES
             },
             "highest_control_readings": [
                 {"run": run, "epoch": epoch, "score": score, "accuracy": accuracy,
-                 "candidates": candidates_at(result, run, epoch)}
+                 "candidates": candidates_at(histories[run][epoch])}
                 for (run, epoch), (score, accuracy) in top
             ],
             "cue_against_background": cue_against_background(result),
             "window_ends": {statistic: window_ends(result, statistic) for statistic in share_statistics(result)},
         })
     # Per dataset: whether a regime has a window where the objects sit in the centre (Fashion-MNIST) or anywhere.
-    by_dataset = {dataset: window_ends(first, "follow_share", dataset)
+    by_dataset = {dataset: window_ends(first, FOLLOW_SHARE, dataset)
                   for dataset in dict.fromkeys(run["dataset"] for run in first["runs"])}
     return {"command": "python benchmarks/spurious_compare.py " + " ".join(str(p) for p in paths),
             "listed_score": listed, "files": files, "first_file_ends_by_dataset": by_dataset}
@@ -272,9 +274,10 @@ def main() -> None:
                         help="the stem of the .md and .json written")
     args = parser.parse_args()
     comparison = compare(args.results)
+    text = "\n".join(report(comparison))
     args.output.with_suffix(".json").write_text(json.dumps(comparison, indent=1) + "\n")
-    args.output.with_suffix(".md").write_text("\n".join(report(comparison)))
-    print("\n".join(report(comparison)))
+    args.output.with_suffix(".md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -351,5 +351,5 @@ def test_compare_lists_each_recorded_share_statistic_but_not_a_count_of_pairs(sp
     result = {"runs": [run("background", 1.0, 0, [row])]}
     assert spurious_compare.share_statistics(result) == ["follow_share", "sure_share", "top1_excess"]
     # The highest control readings list them all, the count of pairs too.
-    assert spurious_compare.candidates_at({"runs": [run("background", 1.0, 0, [row])]}, "scratch/shapes/background/1.0/seed 0", 1) == {
+    assert spurious_compare.candidates_at(row) == {
         "sure_share": 0.4, "sure_pairs": 0.8, "top1_excess": 0.1}
